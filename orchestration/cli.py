@@ -1,0 +1,370 @@
+"""``diffractflow``: the operator's command line (embedded topology, queues, dead letters, watcher)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffractflow import __version__
+
+from .embedded import SERVICE_COMMANDS, SERVICES, Topology, default_home
+
+app = typer.Typer(name="diffractflow", help="Operate the diffractflow platform: start/stop the embedded topology, "
+                  "inspect queues and dead letters, watch a directory for new data.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+dlq_app = typer.Typer(help="Dead letters: jobs the services gave up on, with the reason.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+console = Console()
+
+HomeOpt = typer.Option(None, "--home", envvar="DIFFRACTFLOW_HOME",
+                       help="Run directory of the embedded topology (default ./.diffractflow).")
+
+
+def _topo(home: Optional[Path]) -> Topology:
+    return Topology(Path(home).resolve() if home else default_home())
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"diffractflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                                 help="Print the version and exit.")):
+    pass
+
+
+@app.command()
+def up(
+    home: Optional[Path] = HomeOpt,
+    service: List[str] = typer.Option(None, "--service", "-s", help="Services to start (default: all six)."),
+    replicas: List[str] = typer.Option(None, "--replicas", "-r", help="SERVICE=N replicas, e.g. stills-processor=2."),
+    volume: Optional[Path] = typer.Option(None, help="Shared volume root (default HOME/volume)."),
+    prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Start Prefect's local server too."),
+):
+    """Start the embedded topology: nats-server (JetStream, auth), the services' workers, Prefect's server."""
+    services = list(service) if service else list(SERVICES)
+    unknown = [s for s in services if s not in SERVICE_COMMANDS]
+    if unknown:
+        raise typer.BadParameter(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(SERVICE_COMMANDS)}")
+    reps = {}
+    for r in replicas or []:
+        name, _, n = r.partition("=")
+        if name not in services or not n.isdigit() or int(n) < 1:
+            raise typer.BadParameter(f"--replicas {r!r}: expected SERVICE=N with a started service and N >= 1")
+        reps[name] = int(n)
+    topo = _topo(home)
+    try:
+        topo.up(services, reps, volume=volume, prefect=prefect, log=console.print)
+    except Exception as exc:
+        console.print(f"[red]up failed:[/red] {exc}; stopping what was started")
+        topo.down(log=console.print)
+        raise typer.Exit(1)
+    console.print(f"[green]up[/green]: state in {topo.state_file}; `diffractflow env` prints the client settings, "
+                  "`diffractflow down` stops everything")
+
+
+@app.command()
+def down(home: Optional[Path] = HomeOpt):
+    """Stop everything `up` started (SIGTERM, then SIGKILL after a grace period)."""
+    left = _topo(home).down(log=console.print)
+    if left:
+        raise typer.Exit(1)
+
+
+@app.command()
+def env(home: Optional[Path] = HomeOpt):
+    """Print shell exports that point clients (CLIs, Prefect, tests) at the running topology."""
+    topo = _topo(home)
+    state = topo.load()
+    if not state:
+        console.print("nothing is up", style="red")
+        raise typer.Exit(1)
+    typer.echo(f"export DIFFRACTFLOW_NATS_URL={state['nats']['url']}")
+    typer.echo("export DIFFRACTFLOW_NATS_USER=admin")
+    typer.echo(f"export DIFFRACTFLOW_NATS_PASSWORD_FILE={Path(state['credentials_dir']) / 'admin'}")
+    typer.echo(f"export DIFFRACTFLOW_VOLUME={state['volume']}")
+    if state.get("prefect"):
+        typer.echo(f"export PREFECT_API_URL={state['prefect']['api_url']}")
+
+
+@app.command()
+def status(home: Optional[Path] = HomeOpt, runs: int = typer.Option(10, help="Recent flow runs to show.")):
+    """Services (alive?), queue depths, dead letters and recent flow runs."""
+    topo = _topo(home)
+    state = topo.load()
+    if not state:
+        console.print("nothing is up (no state file in %s)" % topo.home)
+        raise typer.Exit(1)
+    topo.apply_env()
+    from .embedded import _group_alive
+
+    t = Table(title="processes")
+    for col in ("what", "pid", "alive"):
+        t.add_column(col)
+    t.add_row("nats-server", str(state["nats"]["pid"]), _yes(_group_alive(state["nats"]["pid"])))
+    if state.get("prefect"):
+        t.add_row("prefect server", str(state["prefect"]["pid"]), _yes(_group_alive(state["prefect"]["pid"])))
+    for s in state["services"]:
+        t.add_row(f"{s['service']}[{s['replica']}]", str(s["pid"]), _yes(_group_alive(s["pid"])))
+    console.print(t)
+    services = sorted({s["service"] for s in state["services"]})
+    queues, dead = asyncio.run(_queues(topo, services))
+    q = Table(title="queues")
+    for col in ("service", "pending", "in progress", "redelivered", "waiting pulls"):
+        q.add_column(col)
+    for st in queues:
+        q.add_row(st.service, str(st.pending), str(st.ack_pending), str(st.redelivered), str(st.waiting))
+    console.print(q)
+    console.print(f"dead letters: {dead}")
+    if state.get("prefect"):
+        try:
+            console.print(_flow_runs_table(runs))
+        except Exception as exc:  # the server may still be starting
+            console.print(f"flow runs unavailable: {exc}")
+
+
+def _yes(b: bool) -> str:
+    return "[green]yes[/green]" if b else "[red]no[/red]"
+
+
+async def _queues(topo: Topology, services):
+    from diffractflow import bus
+
+    nc = await bus.connect(topo.settings(), name="status")
+    js = nc.jetstream()
+    try:
+        out = [st for s in services if (st := await bus.queue_status(js, s))]
+        info = await js.stream_info(bus.DLQ)
+        return out, info.state.messages
+    finally:
+        await nc.drain()
+
+
+def _flow_runs_table(limit: int) -> Table:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async def _read():
+        async with get_client() as client:
+            return await client.read_flow_runs(limit=limit, sort=FlowRunSort.START_TIME_DESC)
+
+    t = Table(title="recent flow runs")
+    for col in ("name", "state", "start", "seconds"):
+        t.add_column(col)
+    for fr in asyncio.run(_read()):
+        t.add_row(fr.name, fr.state.name if fr.state else "?", str(fr.start_time or ""),
+                  f"{fr.total_run_time.total_seconds():.1f}" if fr.total_run_time else "")
+    return t
+
+
+# ------------------------------------------------------------------------ dead letters
+@dlq_app.command("list")
+def dlq_list(home: Optional[Path] = HomeOpt, service: Optional[str] = typer.Option(None, help="Only this service."),
+             limit: int = typer.Option(50), as_json: bool = typer.Option(False, "--json")):
+    """List dead letters (sequence, service, kind, job, reason)."""
+    rows = asyncio.run(_dlq_rows(_topo(home), service, limit))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    t = Table(title="dead letters")
+    for col in ("seq", "service", "kind", "job_id", "reason"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["seq"]), str(r.get("service")), str(r.get("kind")), str(r.get("job_id") or ""),
+                  str(r.get("reason"))[:100])
+    console.print(t)
+
+
+async def _dlq_rows(topo: Topology, service, limit):
+    from diffractflow import bus
+
+    nc = await bus.connect(topo.settings(), name="dlq")
+    js = nc.jetstream()
+    rows = []
+    try:
+        async for seq, subject, data in bus.iter_stream(js, bus.DLQ, limit=100000):
+            try:
+                row = bus.describe_dead_letter(subject, data)
+            except Exception as exc:
+                row = {"service": "?", "kind": "unreadable", "reason": str(exc)}
+            if service and row.get("service") != service:
+                continue
+            row["seq"] = seq
+            rows.append(row)
+            if len(rows) >= limit:
+                break
+    finally:
+        await nc.drain()
+    return rows
+
+
+@dlq_app.command("show")
+def dlq_show(seq: int, home: Optional[Path] = HomeOpt):
+    """Show one dead letter in full."""
+    rows = [r for r in asyncio.run(_dlq_rows(_topo(home), None, 100000)) if r["seq"] == seq]
+    if not rows:
+        console.print(f"no dead letter with sequence {seq}", style="red")
+        raise typer.Exit(1)
+    typer.echo(json.dumps(rows[0], indent=2, default=str))
+
+
+@dlq_app.command("reinject")
+def dlq_reinject(seq: int, home: Optional[Path] = HomeOpt):
+    """Put a dead-lettered job back on its service's queue (as the next attempt) and remove the letter."""
+    job_id = asyncio.run(_reinject(_topo(home), seq))
+    console.print(f"re-injected job {job_id}")
+
+
+async def _reinject(topo: Topology, seq: int) -> str:
+    from diffractflow import bus
+    from diffractflow.messages import DeadLetter, JobRequest
+
+    nc = await bus.connect(topo.settings(), name="dlq")
+    js = nc.jetstream()
+    try:
+        msg = await js.get_msg(bus.DLQ, seq)
+        if msg.subject.startswith("$JS.EVENT.ADVISORY"):
+            adv = json.loads(msg.data)
+            orig = await js.get_msg(bus.JOBS, adv["stream_seq"])
+            job = JobRequest.from_bytes(orig.data)
+            await js.delete_msg(bus.JOBS, adv["stream_seq"])
+        else:
+            letter = DeadLetter.from_bytes(msg.data)
+            job = JobRequest.from_bytes(letter.raw.encode())
+        job = job.model_copy(update={"attempt": job.attempt + 1})
+        await bus.publish_job(js, job)
+        await js.delete_msg(bus.DLQ, seq)
+        return job.job_id
+    finally:
+        await nc.drain()
+
+
+# ------------------------------------------------------------------------ jobs and data
+@app.command()
+def submit(
+    service: str,
+    input: List[str] = typer.Option(None, "--input", "-i", help="NAME=PATH (absolute, or relative to the volume)."),
+    param: List[str] = typer.Option(None, "--param", "-p", help="KEY=VALUE (VALUE parsed as JSON when it can be)."),
+    job_id: Optional[str] = typer.Option(None, help="Default: a new id."),
+    run_id: str = typer.Option("adhoc"),
+    timeout: float = typer.Option(600.0, help="Seconds to wait for the result."),
+    home: Optional[Path] = HomeOpt,
+):
+    """Submit one job to a service on the bus and print its result (debugging)."""
+    from diffractflow.messages import new_id
+
+    from .tasks import JobRejected, StageFailed, submit_and_wait
+
+    topo = _topo(home)
+    topo.apply_env()
+    inputs = dict(_kv(i, "--input") for i in input or [])
+    params = {k: _json_or_str(v) for k, v in (_kv(p, "--param") for p in param or [])}
+    try:
+        res = asyncio.run(submit_and_wait(service, inputs, params, run_id=run_id, job_id=job_id or new_id("job-"),
+                                          timeout=timeout, settings=topo.settings()))
+    except (JobRejected, StageFailed) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
+    typer.echo(res.model_dump_json(indent=2))
+
+
+def _kv(s: str, opt: str) -> tuple[str, str]:
+    k, sep, v = s.partition("=")
+    if not sep or not k:
+        raise typer.BadParameter(f"{opt} {s!r}: expected NAME=VALUE")
+    return k, v
+
+
+def _json_or_str(v: str):
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
+@app.command()
+def watch(
+    directory: Path = typer.Argument(..., help="Incoming directory (must be on the shared volume)."),
+    run_id: str = typer.Option(..., help="The run these files belong to."),
+    flow: str = typer.Option("echo", help="Flow to run per file (see orchestration.flows.FLOWS)."),
+    pattern: str = typer.Option("*", help="Only files matching this glob."),
+    expected: Optional[int] = typer.Option(None, help="The run is complete after this many files."),
+    quiet_timeout: Optional[float] = typer.Option(None, help="...or after this many seconds without a new file."),
+    settle: float = typer.Option(1.0, help="Seconds a file's size must be stable before it counts as landed."),
+    dispatch: bool = typer.Option(True, "--dispatch/--no-dispatch", help="Also turn events into flow runs here."),
+    home: Optional[Path] = HomeOpt,
+):
+    """Watch DIRECTORY: each new file becomes an event on the bus, and (with --dispatch) a flow run."""
+    from .flows import FLOWS
+    from .watcher import WatchRule, dispatch as run_dispatch, watch as run_watch
+
+    if flow not in FLOWS:
+        raise typer.BadParameter(f"unknown flow {flow!r}; known: {', '.join(FLOWS)}")
+    if not directory.is_dir():
+        raise typer.BadParameter(f"{directory} is not a directory")
+    topo = _topo(home)
+    topo.apply_env()
+    settings = topo.settings()
+    rule = WatchRule(directory.resolve(), run_id, pattern, settle, expected, quiet_timeout)
+    on_file, on_end = FLOWS[flow]
+
+    async def _main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [asyncio.create_task(run_watch(rule, settings, stop))]
+        if dispatch:
+            tasks.append(asyncio.create_task(run_dispatch(settings, on_file, on_end, stop)))
+        await tasks[0]
+        console.print(f"watch of {directory} ended (run {run_id})")
+        if dispatch:
+            await _drain_events(settings, stop)
+            stop.set()
+            await tasks[1]
+
+    asyncio.run(_main())
+
+
+async def _drain_events(settings, stop, poll: float = 0.5):
+    """Wait until the dispatcher has taken (and acked) every event."""
+    from diffractflow import bus
+
+    nc = await bus.connect(settings, name="watch-drain")
+    js = nc.jetstream()
+    try:
+        while not stop.is_set():
+            info = await js.consumer_info(bus.EVENTS, "dispatcher")
+            if not info.num_pending and not info.num_ack_pending:
+                return
+            await asyncio.sleep(poll)
+    finally:
+        await nc.drain()
+
+
+@app.command()
+def demo(
+    what: str = typer.Argument("all", help="all | diffuse | stem | refine"),
+    out: Path = typer.Option(Path("demo-output"), help="Where the demo's outputs go."),
+):
+    """Run the platform's demos on embedded defaults (what `make demo` runs)."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(what, out.resolve(), console))
+
+
+def main():  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

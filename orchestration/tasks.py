@@ -1,0 +1,92 @@
+"""Prefect tasks that run a stage through the bus: publish a job, await its result with a timeout.
+
+A failed or timed-out stage raises; Prefect's retries (with backoff) re-submit the *same* job_id
+with the next attempt number, which is safe because stages are idempotent. A rejected job
+(bad input or parameters) raises :class:`JobRejected`, which is not retried.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Mapping
+
+from prefect import task
+from prefect.runtime import task_run as _task_run
+
+from diffractflow import bus
+from diffractflow.artifacts import Volume
+from diffractflow.config import Settings
+from diffractflow.messages import ArtifactRef, JobRequest, JobResult
+
+
+class StageFailed(RuntimeError):
+    """The stage failed (after the worker's own retries) or did not answer in time: retry."""
+
+
+class JobRejected(RuntimeError):
+    """The stage rejected the job as bad input: retrying cannot help."""
+
+
+def as_refs(volume: Volume, inputs: Mapping[str, ArtifactRef | str | Path]) -> dict[str, ArtifactRef]:
+    """Turn paths (absolute or volume-relative) into hashed references; pass references through."""
+    refs = {}
+    for name, value in inputs.items():
+        if isinstance(value, ArtifactRef):
+            refs[name] = value
+        elif isinstance(value, dict):
+            refs[name] = ArtifactRef(**value)
+        else:
+            p = Path(value)
+            refs[name] = volume.ref(p if p.is_absolute() else volume.resolve(p))
+    return refs
+
+
+async def submit_and_wait(service: str, inputs: Mapping[str, Any], params: Mapping[str, Any], *, run_id: str,
+                          job_id: str, attempt: int = 1, timeout: float = 600.0,
+                          settings: Settings | None = None, nc=None) -> JobResult:
+    """Publish one job and wait for its result. Raises StageFailed / JobRejected; returns the ok result."""
+    settings = settings or Settings()
+    volume = Volume(settings.volume)
+    job = JobRequest(job_id=job_id, run_id=run_id, service=service, attempt=attempt,
+                     inputs=as_refs(volume, inputs), params=dict(params))
+    own = nc is None
+    if own:
+        nc = await bus.connect(settings, name=f"submit-{service}")
+    try:
+        js = nc.jetstream()
+        waiter = asyncio.create_task(bus.await_result(nc, js, service, job_id, timeout, min_attempt=attempt))
+        await asyncio.sleep(0)  # let the waiter subscribe before the job can finish
+        await bus.publish_job(js, job)
+        try:
+            result = await waiter
+        except bus.ResultTimeout as exc:
+            raise StageFailed(str(exc)) from exc
+    finally:
+        if own:
+            await nc.drain()
+    if result.status == "rejected":
+        raise JobRejected(f"{service} rejected job {job_id}: {result.error.message if result.error else '?'}")
+    if result.status != "ok":
+        raise StageFailed(f"{service} job {job_id} failed: {result.error.message if result.error else '?'}")
+    return result
+
+
+def _retry_unless_rejected(task_, task_run, state) -> bool:
+    try:
+        state.result()
+    except JobRejected:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="run-stage", retries=2, retry_delay_seconds=[1, 5, 20], retry_condition_fn=_retry_unless_rejected,
+      task_run_name="{service}:{job_id}")
+async def run_stage(service: str, inputs: dict[str, Any], params: dict[str, Any], run_id: str, job_id: str,
+                    timeout: float = 600.0) -> dict[str, Any]:
+    """Run one stage job on the bus; returns the result as a dict (outputs, metrics)."""
+    attempt = int(_task_run.run_count or 1)
+    result = await submit_and_wait(service, inputs, params, run_id=run_id, job_id=job_id, attempt=attempt,
+                                   timeout=timeout)
+    return result.model_dump(mode="json")

@@ -1,0 +1,205 @@
+"""New data on disk -> events on the bus -> flow runs.
+
+The watcher polls an incoming directory (polling works on every shared filesystem) and publishes a
+``DataEvent`` for each file once it has stopped growing (size and mtime unchanged for ``settle_s``).
+It also announces the end of a run: an end-of-run marker file, all ``expected`` files seen, or no new
+file for ``quiet_timeout_s``. Like Zocalo's file watcher it limits bursts (``max_events_per_s``).
+
+The dispatcher consumes events with a durable consumer and turns them into flow runs: a per-file flow
+as each file lands, and an end-of-run flow once the run is complete.
+"""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from diffractflow import bus
+from diffractflow.artifacts import Volume, atomic_write_json
+from diffractflow.config import Settings
+from diffractflow.messages import DataEvent, MessageError
+
+log = logging.getLogger("diffractflow.watcher")
+END_MARKERS = ("END_OF_RUN", "end_of_run", "*.end")
+
+
+@dataclass
+class WatchRule:
+    directory: Path
+    run_id: str
+    pattern: str = "*"
+    settle_s: float = 1.0
+    expected: int | None = None
+    quiet_timeout_s: float | None = None
+    max_events_per_s: float = 50.0
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime: float
+    since: float
+
+
+@dataclass
+class DirectoryWatcher:
+    """Polls one directory; yields files once they are complete."""
+
+    rule: WatchRule
+    published: set[str] = field(default_factory=set)
+    _pending: dict[str, _Seen] = field(default_factory=dict)
+    last_new: float = field(default_factory=time.monotonic)
+    ended: bool = False
+
+    def state_file(self) -> Path:
+        return self.rule.directory / f".diffractflow-watch-{self.rule.run_id}.json"
+
+    def load_state(self) -> None:
+        f = self.state_file()
+        if f.exists():
+            data = json.loads(f.read_text())
+            self.published = set(data.get("published", []))
+            self.ended = bool(data.get("ended", False))
+
+    def save_state(self) -> None:
+        atomic_write_json(self.state_file(), {"published": sorted(self.published), "ended": self.ended})
+
+    def poll(self, now: float | None = None) -> tuple[list[Path], bool]:
+        """(files that became ready, whether the run just ended)."""
+        now = time.monotonic() if now is None else now
+        ready, marker = [], False
+        for p in sorted(self.rule.directory.iterdir()):
+            name = p.name
+            if name.startswith(".") or name.endswith(".part") or not p.is_file():
+                continue
+            if any(fnmatch.fnmatch(name, m) for m in END_MARKERS):
+                marker = True
+                continue
+            if name in self.published or not fnmatch.fnmatch(name, self.rule.pattern):
+                continue
+            st = p.stat()
+            seen = self._pending.get(name)
+            if seen is None or seen.size != st.st_size or seen.mtime != st.st_mtime:
+                self._pending[name] = _Seen(st.st_size, st.st_mtime, now)
+                self.last_new = now
+            elif now - seen.since >= self.rule.settle_s:
+                ready.append(p)
+        for p in ready:
+            self._pending.pop(p.name, None)
+        ended = False
+        if not self.ended and not self._pending:
+            complete = self.rule.expected is not None and len(self.published) + len(ready) >= self.rule.expected
+            quiet = (self.rule.quiet_timeout_s is not None and (self.published or ready)
+                     and now - self.last_new >= self.rule.quiet_timeout_s)
+            if marker or complete or quiet:
+                ended = True
+        return ready, ended
+
+
+async def watch(rule: WatchRule, settings: Settings, stop: asyncio.Event, poll_s: float = 0.5) -> int:
+    """Publish DataEvents for ``rule.directory`` until ``stop`` is set or the run ends. Returns events sent."""
+    volume = Volume(settings.volume)
+    volume.relative(rule.directory)  # the incoming directory must be on the volume
+    w = DirectoryWatcher(rule)
+    w.load_state()
+    nc = await bus.connect(settings, name=f"watch-{rule.run_id}")
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    sent = 0
+    try:
+        while not stop.is_set() and not w.ended:
+            ready, ended = w.poll()
+            for p in ready:
+                ev = DataEvent(run_id=rule.run_id, kind="file", path=volume.relative(p), size=p.stat().st_size,
+                               event_id=f"{rule.run_id}:{p.name}")
+                await bus.publish_event(js, ev)
+                w.published.add(p.name)
+                sent += 1
+                log.info("new file", extra={"path": ev.path, "run_id": rule.run_id})
+                await asyncio.sleep(1.0 / rule.max_events_per_s)
+            if ready:
+                w.save_state()
+            if ended:
+                await bus.publish_event(js, DataEvent(run_id=rule.run_id, kind="end_of_run",
+                                                      path=volume.relative(rule.directory),
+                                                      event_id=f"{rule.run_id}:END"))
+                w.ended = True
+                w.save_state()
+                log.info("end of run", extra={"run_id": rule.run_id, "files": len(w.published)})
+                break
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=poll_s)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await nc.drain()
+    return sent
+
+
+FileHandler = Callable[[DataEvent], Awaitable[object]]
+
+
+async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler | None, stop: asyncio.Event,
+                   durable: str = "dispatcher", max_concurrent: int = 8) -> None:
+    """Consume events and start a flow run per event (at most ``max_concurrent`` at once).
+
+    ``on_end`` runs only after every file flow of that run has finished.
+    """
+    nc = await bus.connect(settings, name=durable)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    sub = await js.pull_subscribe("events.>", durable=durable, stream=bus.EVENTS,
+                                  config=ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                                                        ack_wait=3600, deliver_policy=DeliverPolicy.ALL,
+                                                        max_deliver=3))
+    slots = asyncio.Semaphore(max_concurrent)
+    per_run: dict[str, set[asyncio.Task]] = {}
+
+    async def _run(handler, ev, msg):
+        try:
+            await handler(ev)
+        except Exception:
+            log.exception("flow for event failed", extra={"path": ev.path, "run_id": ev.run_id})
+        finally:
+            slots.release()
+            await msg.ack()
+
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(1, timeout=0.5)
+            except (asyncio.TimeoutError, bus.NatsTimeoutError):
+                continue
+            for msg in msgs:
+                try:
+                    ev = DataEvent.from_bytes(msg.data)
+                except MessageError as exc:
+                    log.warning("bad event dropped", extra={"error": str(exc)})
+                    await msg.term()
+                    continue
+                if ev.kind == "end_of_run":
+                    waiting = per_run.pop(ev.run_id, set())
+                    if waiting:
+                        await asyncio.gather(*waiting, return_exceptions=True)
+                    if on_end:
+                        await slots.acquire()
+                        await _run(on_end, ev, msg)
+                    else:
+                        await msg.ack()
+                    continue
+                await slots.acquire()
+                t = asyncio.create_task(_run(on_file, ev, msg))
+                per_run.setdefault(ev.run_id, set()).add(t)
+                t.add_done_callback(lambda t, r=ev.run_id: per_run.get(r, set()).discard(t))
+    finally:
+        pending = [t for ts in per_run.values() for t in ts]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        await nc.drain()

@@ -1,0 +1,180 @@
+"""The shared volume: safe path resolution, atomic writes, hashes, provenance and job manifests.
+
+Rules every service follows:
+- paths in messages are relative to the volume root and are rejected if they escape it;
+- files are written to a temporary name in the same directory and ``os.replace``d into place,
+  so no reader ever sees half a file (and a failed write leaves nothing behind);
+- every HDF5 artifact records schema, producer, job id, parameters and input hashes.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from .messages import ArtifactRef
+
+FILE_MODE = 0o640  # artifacts: owner read/write, group read, nobody else
+DIR_MODE = 0o750
+MANIFEST = "manifest.json"
+
+
+class VolumeError(ValueError):
+    """A reference that escapes the volume root, is missing, or does not match its hash."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write_path(path: str | os.PathLike, mode: int = FILE_MODE) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, mode)
+        os.replace(tmp_path, path)
+        with contextlib.suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_write_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def write_provenance(
+    h5obj,
+    *,
+    schema: str,
+    schema_version: int | str = 1,
+    producer: str,
+    producer_version: str,
+    job_id: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, str] | None = None,
+) -> None:
+    """Store provenance as attributes on an open h5py File or Group."""
+    h5obj.attrs["schema"] = schema
+    h5obj.attrs["schema_version"] = str(schema_version)
+    h5obj.attrs["producer"] = producer
+    h5obj.attrs["producer_version"] = producer_version
+    h5obj.attrs["job_id"] = job_id or ""
+    h5obj.attrs["created"] = datetime.now(timezone.utc).isoformat()
+    h5obj.attrs["parameters"] = json.dumps(dict(parameters or {}), sort_keys=True, default=str)
+    h5obj.attrs["inputs"] = json.dumps(dict(inputs or {}), sort_keys=True)
+
+
+def read_provenance(h5obj) -> dict[str, Any]:
+    out = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5obj.attrs.items()}
+    for key in ("parameters", "inputs"):
+        if isinstance(out.get(key), str):
+            out[key] = json.loads(out[key])
+    return out
+
+
+class Volume:
+    """The shared volume root. All message paths are resolved (and confined) here."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    def __repr__(self) -> str:
+        return f"Volume({str(self.root)!r})"
+
+    def resolve(self, rel: str | os.PathLike, must_exist: bool = False) -> Path:
+        rel = str(rel)
+        if not rel or os.path.isabs(rel) or "\x00" in rel:
+            raise VolumeError(f"artifact path {rel!r} must be relative to the volume root {self.root}")
+        p = (self.root / rel).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise VolumeError(f"artifact path {rel!r} escapes the volume root {self.root}")
+        if must_exist and not p.exists():
+            raise VolumeError(f"artifact {rel!r} not found under the volume root {self.root}")
+        return p
+
+    def relative(self, path: str | os.PathLike) -> str:
+        p = Path(path).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise VolumeError(f"{p} is outside the volume root {self.root}")
+        return p.relative_to(self.root).as_posix()
+
+    def ref(self, path: str | os.PathLike, with_hash: bool = True) -> ArtifactRef:
+        p = Path(path)
+        if not p.is_absolute():
+            p = self.resolve(p)
+        return ArtifactRef(path=self.relative(p), sha256=sha256_file(p) if with_hash else None)
+
+    def open_ref(self, ref: ArtifactRef, verify: bool = True) -> Path:
+        """Resolve a reference; check existence and (if given) its sha256."""
+        p = self.resolve(ref.path, must_exist=True)
+        if verify and ref.sha256 and p.is_file():
+            actual = sha256_file(p)
+            if actual != ref.sha256:
+                raise VolumeError(f"artifact {ref.path!r} has sha256 {actual[:12]}..., expected {ref.sha256[:12]}...")
+        return p
+
+    def job_dir(self, service: str, job_id: str, create: bool = True) -> Path:
+        """Where a job's outputs live: follows from the job id alone (idempotency)."""
+        d = self.resolve(f"jobs/{service}/{job_id}")
+        if create:
+            d.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        return d
+
+
+def write_manifest(job_dir: Path, outputs: Mapping[str, ArtifactRef], metrics: Mapping[str, Any]) -> Path:
+    """The last thing a job writes: its outputs with hashes. Its presence means 'complete'."""
+    payload = {
+        "outputs": {k: v.model_dump() for k, v in outputs.items()},
+        "metrics": dict(metrics),
+        "completed": datetime.now(timezone.utc).isoformat(),
+    }
+    return atomic_write_json(job_dir / MANIFEST, payload)
+
+
+def load_valid_manifest(volume: Volume, job_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a completed job whose outputs still exist with matching hashes, else None."""
+    mpath = job_dir / MANIFEST
+    if not mpath.is_file():
+        return None
+    try:
+        data = json.loads(mpath.read_text())
+        outputs = {k: ArtifactRef(**v) for k, v in data["outputs"].items()}
+        for ref in outputs.values():
+            volume.open_ref(ref, verify=True)
+    except (VolumeError, OSError, ValueError, KeyError, TypeError):
+        return None
+    data["outputs"] = outputs
+    return data

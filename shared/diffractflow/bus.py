@@ -1,0 +1,235 @@
+"""The NATS JetStream bus: streams, per-service work queues, results, events and dead letters.
+
+Subjects (one stream each):
+- ``jobs.<service>``            JOBS     work-queue retention; one durable pull consumer per service,
+                                         shared by all its replicas (explicit ack, max_deliver, backoff)
+- ``results.<service>.<job_id>`` RESULTS  limits retention; a submitter waits on its job's subject
+- ``events.<kind>.<run_id>``    EVENTS   new-data events from the watcher
+- ``dlq.<service>``              DLQ      dead letters with the reason; also JetStream's
+                                         max-deliveries advisories for the JOBS consumers
+Publishing uses ``Nats-Msg-Id`` so JetStream drops duplicates inside its window.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import nats
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from .config import Settings
+from .messages import DataEvent, DeadLetter, JobRequest, JobResult, MessageError
+
+JOBS, RESULTS, EVENTS, DLQ = "JOBS", "RESULTS", "EVENTS", "DLQ"
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + JOBS + ".>"
+DUPLICATE_WINDOW_S = 120.0
+
+
+def job_subject(service: str) -> str:
+    return f"jobs.{service}"
+
+
+def result_subject(service: str, job_id: str) -> str:
+    return f"results.{service}.{job_id}"
+
+
+def dlq_subject(service: str) -> str:
+    return f"dlq.{service}"
+
+
+def event_subject(kind: str, run_id: str) -> str:
+    return f"events.{kind}.{run_id}"
+
+
+def consumer_name(service: str) -> str:
+    return service.replace(".", "_")
+
+
+async def connect(settings: Settings, name: str = "diffractflow", **extra: Any) -> nats.NATS:
+    """Connect with the settings' credentials; reconnect forever by default."""
+
+    async def _quiet(_exc):  # errors are surfaced by the calls that fail; keep logs clean
+        return None
+
+    opts = dict(settings.nats_options())
+    opts.update(
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        error_cb=_quiet,
+    )
+    opts.update(extra)
+    return await nats.connect(**opts)
+
+
+async def ensure_streams(js) -> None:
+    """Create (or leave as they are) the platform's four streams."""
+    wanted = [
+        StreamConfig(name=JOBS, subjects=["jobs.>"], retention=RetentionPolicy.WORK_QUEUE,
+                     storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW_S, max_msg_size=1 << 20),
+        StreamConfig(name=RESULTS, subjects=["results.>"], retention=RetentionPolicy.LIMITS,
+                     storage=StorageType.FILE, max_age=7 * 86400.0, duplicate_window=DUPLICATE_WINDOW_S),
+        StreamConfig(name=EVENTS, subjects=["events.>"], retention=RetentionPolicy.LIMITS,
+                     storage=StorageType.FILE, max_age=7 * 86400.0, duplicate_window=DUPLICATE_WINDOW_S),
+        StreamConfig(name=DLQ, subjects=["dlq.>", MAX_DELIVERIES_ADVISORY], retention=RetentionPolicy.LIMITS,
+                     storage=StorageType.FILE, max_age=30 * 86400.0, discard=DiscardPolicy.OLD),
+    ]
+    for cfg in wanted:
+        try:
+            await js.stream_info(cfg.name)
+        except NotFoundError:
+            with contextlib.suppress(Exception):  # another process may create it at the same moment
+                await js.add_stream(cfg)
+            await js.stream_info(cfg.name)
+
+
+def work_consumer_config(service: str, settings: Settings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=consumer_name(service),
+        filter_subject=job_subject(service),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=settings.max_ack_pending,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+
+
+async def work_subscription(js, service: str, settings: Settings):
+    """The durable pull consumer of one service; replicas bind to the same durable and share the work."""
+    return await js.pull_subscribe(job_subject(service), durable=consumer_name(service), stream=JOBS,
+                                   config=work_consumer_config(service, settings))
+
+
+async def publish_job(js, job: JobRequest) -> None:
+    """Publish a job; the same job_id and attempt published twice is stored once."""
+    await js.publish(job_subject(job.service), job.to_bytes(),
+                     headers={"Nats-Msg-Id": f"{job.job_id}#{job.attempt}"})
+
+
+async def publish_result(js, result: JobResult) -> None:
+    await js.publish(result_subject(result.service, result.job_id), result.to_bytes(),
+                     headers={"Nats-Msg-Id": f"{result.job_id}#{result.attempt}#{result.status}"})
+
+
+async def publish_dead_letter(js, letter: DeadLetter) -> None:
+    await js.publish(dlq_subject(letter.service), letter.to_bytes())
+
+
+async def publish_event(js, event: DataEvent) -> None:
+    await js.publish(event_subject(event.kind, event.run_id), event.to_bytes(),
+                     headers={"Nats-Msg-Id": event.event_id})
+
+
+class ResultTimeout(TimeoutError):
+    pass
+
+
+async def await_result(nc, js, service: str, job_id: str, timeout: float, min_attempt: int = 1) -> JobResult:
+    """Wait for the result of ``job_id``; an ``ok`` result of any attempt counts, others only from ``min_attempt`` on.
+
+    Subscribes first, then looks at what the RESULTS stream already holds, so a result published
+    before we started waiting (a retry after a timeout) is not missed.
+    """
+    subject = result_subject(service, job_id)
+    sub = await nc.subscribe(subject)
+
+    def acceptable(res: JobResult) -> bool:
+        return res.status == "ok" or res.attempt >= min_attempt
+
+    try:
+        with contextlib.suppress(NotFoundError):
+            last = await js.get_last_msg(RESULTS, subject)
+            res = JobResult.from_bytes(last.data)
+            if acceptable(res):
+                return res
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise ResultTimeout(f"no result for {service} job {job_id} within {timeout:.0f} s")
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except NatsTimeoutError:
+                continue
+            try:
+                res = JobResult.from_bytes(msg.data)
+            except MessageError:
+                continue
+            if acceptable(res):
+                return res
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+@dataclass
+class QueueStatus:
+    service: str
+    pending: int
+    ack_pending: int
+    redelivered: int
+    waiting: int
+
+
+async def queue_status(js, service: str) -> QueueStatus | None:
+    try:
+        info = await js.consumer_info(JOBS, consumer_name(service))
+    except NotFoundError:
+        return None
+    return QueueStatus(service, info.num_pending or 0, info.num_ack_pending or 0,
+                       info.num_redelivered or 0, info.num_waiting or 0)
+
+
+async def iter_stream(js, stream: str, subject: str | None = None, limit: int = 1000) -> AsyncIterator[tuple[int, str, bytes]]:
+    """(sequence, subject, data) of the messages a limits stream holds, oldest first."""
+    info = await js.stream_info(stream)
+    first, last = info.state.first_seq, info.state.last_seq
+    count = 0
+    for seq in range(first, last + 1):
+        if count >= limit:
+            return
+        try:
+            msg = await js.get_msg(stream, seq)
+        except NotFoundError:
+            continue
+        if subject and not _subject_matches(subject, msg.subject):
+            continue
+        count += 1
+        yield seq, msg.subject, msg.data or b""
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def describe_dead_letter(subject: str, data: bytes) -> dict[str, Any]:
+    """A dead letter or a max-deliveries advisory, as a flat dict for display."""
+    if subject.startswith("$JS.EVENT.ADVISORY"):
+        adv = json.loads(data)
+        return {"service": adv.get("consumer"), "kind": "max_deliveries",
+                "reason": f"delivered {adv.get('deliveries')} times without an ack (worker crashed each time?)",
+                "stream_seq": adv.get("stream_seq"), "at": adv.get("timestamp")}
+    letter = DeadLetter.from_bytes(data)
+    return letter.model_dump(mode="json")

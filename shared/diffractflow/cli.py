@@ -1,0 +1,49 @@
+"""Shared command-line scaffolding: every service's typer app gets ``--version`` and ``serve``."""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import typer
+
+
+def load_stage(spec: str):
+    """Import ``"package.module:STAGE"``."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr or "STAGE")
+
+
+def service_app(name: str, version: str, stage: str, help: str = "") -> typer.Typer:
+    """A typer app for one service with ``--version`` and ``serve`` already wired to the runtime."""
+    app = typer.Typer(name=name, help=help or name, no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_show_locals=False)
+
+    def _version(value: bool):
+        if value:
+            typer.echo(f"{name} {version}")
+            raise typer.Exit()
+
+    @app.callback()
+    def _main(
+        version_: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit."),
+    ):
+        pass
+
+    @app.command()
+    def serve(
+        nats_url: Optional[str] = typer.Option(None, envvar="DIFFRACTFLOW_NATS_URL", help="NATS server URL."),
+        volume: Optional[str] = typer.Option(None, envvar="DIFFRACTFLOW_VOLUME", help="Shared volume root."),
+        concurrency: Optional[int] = typer.Option(None, envvar="DIFFRACTFLOW_CONCURRENCY", help="Jobs at once in this process."),
+    ):
+        """Run as a bus worker: take jobs from NATS (jobs.<service>) until SIGTERM.
+
+        Credentials come from DIFFRACTFLOW_NATS_USER and DIFFRACTFLOW_NATS_PASSWORD(_FILE).
+        """
+        from .config import Settings
+        from .runtime import serve_stage
+
+        overrides = {k: v for k, v in dict(nats_url=nats_url, volume=volume, concurrency=concurrency).items() if v is not None}
+        serve_stage(load_stage(stage), Settings(**overrides))
+
+    return app
