@@ -54,6 +54,8 @@ async def submit_and_wait(service: str, inputs: Mapping[str, Any], params: Mappi
         nc = await bus.connect(settings, name=f"submit-{service}")
     try:
         js = nc.jetstream()
+        if own:
+            await bus.ensure_streams(js)
         waiter = asyncio.create_task(bus.await_result(nc, js, service, job_id, timeout, min_attempt=attempt))
         await asyncio.sleep(0)  # let the waiter subscribe before the job can finish
         await bus.publish_job(js, job)
@@ -72,13 +74,8 @@ async def submit_and_wait(service: str, inputs: Mapping[str, Any], params: Mappi
 
 
 def _retry_unless_rejected(task_, task_run, state) -> bool:
-    try:
-        state.result()
-    except JobRejected:
-        return False
-    except Exception:
-        return True
-    return False
+    """Prefect retry condition: retry failures and timeouts, never a rejection (bad input)."""
+    return "JobRejected" not in (state.message or "")
 
 
 @task(name="run-stage", retries=2, retry_delay_seconds=[1, 5, 20], retry_condition_fn=_retry_unless_rejected,

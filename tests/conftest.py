@@ -1,0 +1,122 @@
+"""Shared fixtures: a real nats-server (JetStream, auth), a volume, worker processes, Prefect's local server."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run the long variants")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="long variant: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"team data folder {SHARED} is absent (CI always has it)")
+    return SHARED
+
+
+@pytest.fixture
+def nats_server(tmp_path_factory):
+    from diffractflow.natsserver import NatsServer
+
+    srv = NatsServer(tmp_path_factory.mktemp("nats"), extra_services=["echo"]).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def volume(tmp_path) -> Path:
+    v = tmp_path / "volume"
+    v.mkdir()
+    return v
+
+
+@pytest.fixture
+def settings(nats_server, volume):
+    from diffractflow.config import Settings
+
+    return Settings(nats_url=nats_server.url, nats_user="admin", nats_password=nats_server.creds.users["admin"],
+                    volume=volume, ack_wait_s=5, nak_delay_s=0.2)
+
+
+class WorkerProcs:
+    """Start service workers as real subprocesses (the same way `diffractflow up` does)."""
+
+    def __init__(self, nats_server, volume: Path, logdir: Path):
+        self.nats, self.volume, self.logdir = nats_server, volume, logdir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, service: str = "echo", argv: list[str] | None = None, **env_overrides) -> subprocess.Popen:
+        env = dict(os.environ)
+        env.update(self.nats.env_for(service))
+        env["DIFFRACTFLOW_VOLUME"] = str(self.volume)
+        env.setdefault("DIFFRACTFLOW_ACK_WAIT_S", "5")
+        env.setdefault("DIFFRACTFLOW_NAK_DELAY_S", "0.2")
+        env.update({f"DIFFRACTFLOW_{k.upper()}": str(v) for k, v in env_overrides.items()})
+        argv = argv or ([sys.executable, "-m", "diffractflow.toy"] if service == "echo"
+                        else [str(Path(sys.executable).parent / service), "serve"])
+        log = open(self.logdir / f"{service}-{len(self.procs)}.log", "ab")
+        p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def log_text(self) -> str:
+        return "\n".join(f.read_text(errors="replace") for f in sorted(self.logdir.glob("*.log")))
+
+    def stop_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                with_suppress(lambda: os.killpg(p.pid, signal.SIGTERM))
+        deadline = time.monotonic() + 15
+        for p in self.procs:
+            try:
+                p.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with_suppress(lambda: os.killpg(p.pid, signal.SIGKILL))
+                p.wait(5)
+
+
+def with_suppress(fn):
+    try:
+        fn()
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def workers(nats_server, volume, tmp_path):
+    logdir = tmp_path / "worker-logs"
+    logdir.mkdir()
+    w = WorkerProcs(nats_server, volume, logdir)
+    yield w
+    w.stop_all()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """Prefect's real local server (temporary database), shared by the session's flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
