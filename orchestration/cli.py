@@ -351,6 +351,18 @@ async def _drain_events(settings, stop, poll: float = 0.5):
         await nc.drain()
 
 
+@app.command("compose-env")
+def compose_env():
+    """Print a fresh .env for compose.yaml: random passwords for NATS users and PostgreSQL."""
+    import secrets
+
+    from diffractflow.natsserver import env_var_for
+
+    for user in ["admin", *[f"svc-{s}" for s in SERVICES]]:
+        typer.echo(f"{env_var_for(user)}={secrets.token_urlsafe(24)}")
+    typer.echo(f"POSTGRES_PASSWORD={secrets.token_urlsafe(24)}")
+
+
 @app.command()
 def demo(
     what: str = typer.Argument("all", help="all | diffuse | stem | refine"),

@@ -1,0 +1,57 @@
+"""`diffractflow up` starts the whole embedded topology for real; `down` leaves no process behind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from diffractflow.natsserver import SERVICES
+
+BIN = Path(sys.executable).parent
+
+
+def _processes_under(home: Path) -> list[psutil.Process]:
+    """Every live process started for this topology: its state names them, their cwd or argv point at home."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if (p.info["cwd"] or "").startswith(str(home)) or str(home) in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_up_status_down_leaves_nothing(tmp_path):
+    home = tmp_path / "df"
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    up = subprocess.run([BIN / "diffractflow", "up", "--home", home, "--replicas", "stills-processor=2"],
+                        capture_output=True, text=True, env=env, timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((home / "state.json").read_text())
+        started = {s["service"] for s in state["services"]}
+        assert started == set(SERVICES)
+        assert sum(s["service"] == "stills-processor" for s in state["services"]) == 2
+        st = subprocess.run([BIN / "diffractflow", "status", "--home", home], capture_output=True, text=True,
+                            env=env, timeout=300)
+        assert st.returncode == 0, st.stdout + st.stderr
+        for s in SERVICES:
+            assert s in st.stdout
+        assert "dead letters: 0" in st.stdout
+        assert st.stdout.count("yes") == len(SERVICES) + 1 + 2  # 7 worker processes, nats-server, prefect
+        alive = [p for p in _processes_under(home)]
+        assert len(alive) >= len(SERVICES) + 2  # services, nats-server, prefect server
+    finally:
+        down = subprocess.run([BIN / "diffractflow", "down", "--home", home], capture_output=True, text=True,
+                              env=env, timeout=300)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert _processes_under(home) == []
+    assert not (home / "state.json").exists()
