@@ -56,7 +56,9 @@ async def submit_and_wait(service: str, inputs: Mapping[str, Any], params: Mappi
         js = nc.jetstream()
         if own:
             await bus.ensure_streams(js)
-        waiter = asyncio.create_task(bus.await_result(nc, js, service, job_id, timeout, min_attempt=attempt))
+        # a first attempt subscribes before it publishes, so no earlier result can exist; retries look in the stream too
+        waiter = asyncio.create_task(bus.await_result(nc, js, service, job_id, timeout, min_attempt=attempt,
+                                                      check_stream=attempt > 1))
         await asyncio.sleep(0)  # let the waiter subscribe before the job can finish
         await bus.publish_job(js, job)
         try:

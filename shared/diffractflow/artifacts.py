@@ -37,9 +37,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
 
 
 @contextlib.contextmanager
-def atomic_write_path(path: str | os.PathLike, mode: int = FILE_MODE) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``.
+def atomic_write_path(path: str | os.PathLike, mode: int = FILE_MODE, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
+    Readers never see a partial file. ``durable`` also fsyncs file and directory so the artifact
+    survives a power cut (skip it for small bookkeeping files that can be recomputed).
     On any exception the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
@@ -49,10 +51,13 @@ def atomic_write_path(path: str | os.PathLike, mode: int = FILE_MODE) -> Iterato
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
+        if not durable:
+            return
         with contextlib.suppress(OSError):
             dfd = os.open(path.parent, os.O_RDONLY)
             try:
@@ -65,14 +70,14 @@ def atomic_write_path(path: str | os.PathLike, mode: int = FILE_MODE) -> Iterato
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_write_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
+    with atomic_write_path(path, durable=durable) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+def atomic_write_json(path: str | os.PathLike, obj: Any, durable: bool = True) -> Path:
+    return atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), durable)
 
 
 def write_provenance(
@@ -161,7 +166,8 @@ def write_manifest(job_dir: Path, outputs: Mapping[str, ArtifactRef], metrics: M
         "metrics": dict(metrics),
         "completed": datetime.now(timezone.utc).isoformat(),
     }
-    return atomic_write_json(job_dir / MANIFEST, payload)
+    # not fsynced: a manifest lost in a crash only means the (idempotent) job runs again
+    return atomic_write_json(job_dir / MANIFEST, payload, durable=False)
 
 
 def load_valid_manifest(volume: Volume, job_dir: Path) -> dict[str, Any] | None:

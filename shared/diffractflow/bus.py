@@ -140,11 +140,13 @@ class ResultTimeout(TimeoutError):
     pass
 
 
-async def await_result(nc, js, service: str, job_id: str, timeout: float, min_attempt: int = 1) -> JobResult:
+async def await_result(nc, js, service: str, job_id: str, timeout: float, min_attempt: int = 1,
+                       check_stream: bool = True) -> JobResult:
     """Wait for the result of ``job_id``; an ``ok`` result of any attempt counts, others only from ``min_attempt`` on.
 
-    Subscribes first, then looks at what the RESULTS stream already holds, so a result published
-    before we started waiting (a retry after a timeout) is not missed.
+    Subscribes first, then (``check_stream``) looks at what the RESULTS stream already holds, so a result
+    published before we started waiting (a retry after a timeout) is not missed. A first submission that
+    subscribed before publishing its job can skip that look-up.
     """
     subject = result_subject(service, job_id)
     sub = await nc.subscribe(subject)
@@ -154,6 +156,8 @@ async def await_result(nc, js, service: str, job_id: str, timeout: float, min_at
 
     try:
         with contextlib.suppress(NotFoundError):
+            if not check_stream:
+                raise NotFoundError
             last = await js.get_last_msg(RESULTS, subject)
             res = JobResult.from_bytes(last.data)
             if acceptable(res):
