@@ -36,6 +36,7 @@ from .messages import DataEvent, DeadLetter, JobRequest, JobResult, MessageError
 JOBS, RESULTS, EVENTS, DLQ = "JOBS", "RESULTS", "EVENTS", "DLQ"
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + JOBS + ".>"
 DUPLICATE_WINDOW_S = 120.0
+STREAM_RECHECK_S = 3.0
 
 
 def job_subject(service: str) -> str:
@@ -154,22 +155,30 @@ async def await_result(nc, js, service: str, job_id: str, timeout: float, min_at
     def acceptable(res: JobResult) -> bool:
         return res.status == "ok" or res.attempt >= min_attempt
 
-    try:
-        with contextlib.suppress(NotFoundError):
-            if not check_stream:
-                raise NotFoundError
+    async def from_stream() -> JobResult | None:
+        try:
             last = await js.get_last_msg(RESULTS, subject)
             res = JobResult.from_bytes(last.data)
-            if acceptable(res):
-                return res
+            return res if acceptable(res) else None
+        except (NotFoundError, MessageError):
+            return None
+        except Exception:  # disconnected right now: the subscription or the next look will catch it
+            return None
+
+    try:
+        if check_stream and (res := await from_stream()):
+            return res
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise ResultTimeout(f"no result for {service} job {job_id} within {timeout:.0f} s")
             try:
-                msg = await sub.next_msg(timeout=remaining)
+                msg = await sub.next_msg(timeout=min(remaining, STREAM_RECHECK_S))
             except NatsTimeoutError:
+                # a result published while we were disconnected is only in the stream
+                if res := await from_stream():
+                    return res
                 continue
             try:
                 res = JobResult.from_bytes(msg.data)
@@ -203,7 +212,9 @@ async def queue_status(js, service: str) -> QueueStatus | None:
 async def iter_stream(js, stream: str, subject: str | None = None, limit: int = 1000) -> AsyncIterator[tuple[int, str, bytes]]:
     """(sequence, subject, data) of the messages a limits stream holds, oldest first."""
     info = await js.stream_info(stream)
-    first, last = info.state.first_seq, info.state.last_seq
+    if not info.state.messages:
+        return
+    first, last = max(info.state.first_seq, 1), info.state.last_seq
     count = 0
     for seq in range(first, last + 1):
         if count >= limit:

@@ -153,7 +153,7 @@ class Worker:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                task = asyncio.create_task(self._process(msg))
+                task = asyncio.create_task(self._process_safely(msg))
                 self._inflight.add(task)
                 try:
                     await asyncio.shield(task)
@@ -166,6 +166,16 @@ class Worker:
                         self._inflight.discard(task)
 
     # ------------------------------------------------------------------ one job
+    async def _process_safely(self, msg) -> None:
+        """Never let one message stop the worker: a bus error mid-job leaves the message un-acked,
+        so JetStream redelivers it (and the manifest makes the redelivery cheap)."""
+        try:
+            await self._process(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("job processing interrupted; it will be redelivered", extra={"error": repr(exc)})
+
     async def _process(self, msg) -> None:
         deliveries = msg.metadata.num_delivered if msg.metadata else 1
         try:
@@ -215,11 +225,13 @@ class Worker:
                 log.warning("job released at shutdown")
                 raise
         except (BadInput, VolumeError) as exc:
+            _clear_dir(job_dir)
             await self._finish_rejected(msg, job, "bad_input", str(exc), deliveries, started)
             return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            _clear_dir(job_dir)  # a failed attempt leaves no artifact behind; the next one starts clean
             detail = "".join(traceback.format_exception(exc))[-4000:]
             if deliveries >= self.settings.max_deliver:
                 log.error("job failed for the last time", extra={"error": repr(exc)})
@@ -279,6 +291,14 @@ class Worker:
         letter = DeadLetter(service=self.stage.service, reason=reason[:4000], kind=kind, job_id=job_id,
                             run_id=run_id, deliveries=deliveries, raw=raw)
         await bus.publish_dead_letter(self.js, letter)
+
+
+def _clear_dir(d: Path) -> None:
+    import shutil
+
+    for p in d.iterdir():
+        with contextlib.suppress(OSError):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _run_handler(handler, ctx: JobContext, params: BaseModel) -> None:

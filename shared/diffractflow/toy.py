@@ -11,7 +11,7 @@ import time
 
 from pydantic import BaseModel, Field
 
-from .artifacts import atomic_write_json, sha256_file
+from .artifacts import atomic_write_json, atomic_write_path, sha256_file
 from .runtime import BadInput, JobContext, Stage, serve_stage
 
 
@@ -20,11 +20,13 @@ class EchoParams(BaseModel):
     sleep_s: float = Field(0.0, ge=0, le=3600)
     fail_times: int = Field(0, ge=0, le=100, description="fail this many executions before succeeding")
     write_output: bool = True
+    output_bytes: int = Field(0, ge=0, le=1 << 30, description="also write a blob.bin of this size")
 
 
 def handle_echo(ctx: JobContext, params: EchoParams) -> None:
     if params.fail_times:
-        counter = ctx.out_dir / "failures.count"
+        counter = ctx.volume.root / ".toy-failures" / ctx.job.job_id  # outside the job dir, which a failure clears
+        counter.parent.mkdir(exist_ok=True)
         n = int(counter.read_text()) if counter.exists() else 0
         if n < params.fail_times:
             counter.write_text(str(n + 1))
@@ -44,6 +46,16 @@ def handle_echo(ctx: JobContext, params: EchoParams) -> None:
         out = ctx.out_dir / "echo.json"
         atomic_write_json(out, {"job_id": ctx.job.job_id, "message": params.message, "inputs": inputs})
         ctx.add_output("echo", out)
+    if params.output_bytes:
+        blob = ctx.out_dir / "blob.bin"
+        with atomic_write_path(blob) as tmp:
+            with open(tmp, "wb") as f:
+                left = params.output_bytes
+                while left > 0:
+                    n = min(left, 1 << 20)
+                    f.write(b"\0" * n)
+                    left -= n
+        ctx.add_output("blob", blob)
 
 
 STAGE = Stage(service="echo", params_model=EchoParams, handler=handle_echo)

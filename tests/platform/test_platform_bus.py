@@ -186,7 +186,7 @@ def test_transient_failure_is_retried_by_the_bus(settings, workers, volume):
     res = run(submit_and_wait("echo", {"data": src}, {"fail_times": 2}, run_id="r", job_id="flaky", timeout=30,
                               settings=settings))
     assert res.status == "ok"
-    assert (volume / "jobs/echo/flaky/failures.count").read_text() == "2"
+    assert (volume / ".toy-failures/flaky").read_text() == "2"
 
 
 def test_failure_after_max_deliver_is_reported_and_dead_lettered(settings, workers, volume):
