@@ -1,0 +1,229 @@
+"""Throughput of stem-polar on raw uint16 4D-STEM patterns read from an HDF5 file in the page cache.
+
+Measures (GB/s of raw pattern bytes, each figure the best of --repeat runs):
+  read_sum     numpy sum over the same data, chunk by chunk (single-pass read bandwidth baseline)
+  gated_com    one pass: read + float32 + union-gated CoM (one matrix product per chunk)
+  full         the whole seed pipeline (centre sample + stats pass + matched-filter/CoM pass), GB/s counted
+               over the dataset size once (it reads the data twice)
+  libertem_com LiberTEM's CoMUDF on the same file (optional, --libertem: builds a numpy-2 venv)
+Peak RSS of this process is recorded. Results go to benchmarks/results/stem_polar.json.
+
+    .venv/bin/python benchmarks/bench_stem_polar.py --scan 128 --det 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_file(path: Path, h: int, w: int, k: int, seed: int = 0) -> None:
+    """Synthetic uint16 scan: shifted BF disk + 4 clusters of Bragg-spot patterns + Poisson-like noise."""
+    import h5py
+
+    if path.exists():
+        return
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:k, 0:k].astype(np.float32)
+    c = (k - 1) / 2
+    r0 = k / 8
+    tmp = path.with_suffix(".part")
+    with h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("patterns", shape=(h, w, k, k), dtype=np.uint16)
+        for row in range(h):
+            sx = 1.5 * np.sin(2 * np.pi * (np.arange(w) / w + row / h)).astype(np.float32)
+            sy = 1.5 * np.cos(2 * np.pi * np.arange(w) / w).astype(np.float32)
+            rr = np.sqrt((yy[None] - c - sy[:, None, None]) ** 2 + (xx[None] - c - sx[:, None, None]) ** 2)
+            img = 200 * np.clip(r0 - rr + 0.5, 0, 1)
+            dom = (np.arange(w) * 4 // w + row * 4 // h) % 4
+            g = k / 4
+            for d in range(4):
+                a = np.pi * d / 4
+                gy, gx = g * np.sin(a), g * np.cos(a)
+                spot = np.exp(-((yy - c - gy) ** 2 + (xx - c - gx) ** 2) / 4)
+                img += 80 * (dom == d)[:, None, None] * spot[None]
+            img += rng.integers(0, 4, img.shape)
+            ds[row] = img.astype(np.uint16)
+        f.create_dataset("labels", data=((np.arange(w)[None] * 4 // w + np.arange(h)[:, None] * 4 // h) % 4))
+    os.replace(tmp, path)
+
+
+class PeakRSS:
+    def __init__(self):
+        import psutil
+
+        self.p = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.p.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self.t.join()
+
+
+def best_of(fn, repeat):
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts), ts
+
+
+def bench(args) -> dict:
+    sys.path.insert(0, str(ROOT / "services"))
+    from stem_polar.artifacts import H5Source
+    from stem_polar.core.config import PolarConfig
+    from stem_polar.core.pipeline import _prefetch, run_pipeline
+    from stem_polar.core.source import auto_chunk, iter_chunks
+    from stem_polar.core.stages import GatedCoM
+
+    h = w = args.scan
+    k = args.det
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"patterns_{h}x{w}x{k}x{k}_u16.h5"
+    t0 = time.perf_counter()
+    make_file(path, h, w, k)
+    gen_s = time.perf_counter() - t0
+    nbytes = h * w * k * k * 2
+    gb = nbytes / 1e9
+    chunk = args.chunks or auto_chunk((k, k))
+    src = H5Source(path, "patterns")
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        labels = f["labels"][...].ravel()
+
+    def read_sum():
+        tot = 0
+        for _, _, b in iter_chunks(src, chunk):
+            tot += int(b.sum(dtype=np.uint64))
+        return tot
+
+    read_sum()  # warm the page cache
+    out: dict = {"scan": [h, w], "detector": [k, k], "dtype": "uint16", "data_gb": gb, "chunk_frames": chunk,
+                 "file_generation_s": gen_s, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                 "numpy": np.__version__, "note": "2 CPU cores shared with other jobs; figures are best-of runs",
+                 "load_average_1min_at_start": os.getloadavg()[0]}
+    t, ts = best_of(read_sum, args.repeat)
+    out["read_sum"] = {"seconds": t, "gb_per_s": gb / t, "all_s": ts}
+
+    yy, xx = np.mgrid[0:k, 0:k]
+    gate = ((np.hypot(yy - (k - 1) / 2, xx - (k - 1) / 2) < k / 4)).astype(np.float64)
+    com = GatedCoM(gate, (k - 1) / 2, (k - 1) / 2)
+    cxm = np.empty(h * w)
+
+    def gated():
+        for a, b, blk in _prefetch(iter_chunks(src, chunk)):
+            x = blk.reshape(len(blk), -1).astype(np.float32)
+            cx, cy, ok = com.apply(np, x)
+            cxm[a:b] = cx
+
+    t, ts = best_of(gated, args.repeat)
+    out["gated_com"] = {"seconds": t, "gb_per_s": gb / t, "all_s": ts,
+                        "fraction_of_read_bandwidth": out["read_sum"]["seconds"] / t}
+
+    cfg = PolarConfig.model_validate({"dpc": {"gate_mode": "adaptive", "baseline": "median"}})
+    res_holder = {}
+
+    def full():
+        res_holder["r"] = run_pipeline(src, labels, cfg, chunk=chunk, workers=args.workers)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with PeakRSS() as mem:
+            t, ts = best_of(full, args.repeat)
+    r = res_holder["r"]
+    out["full_pipeline"] = {"workers": args.workers, "seconds": t, "gb_per_s": gb / t, "all_s": ts, "passes_over_data": 2,
+                            "timings": r.timings, "peak_rss_gb": mem.peak / 1e9,
+                            "argmax_agreement_with_labels": r.report["clusters"]["argmax_agreement_with_labels"]}
+    src.close()
+    if args.libertem:
+        out["libertem_com"] = libertem_bench(path, work, args.repeat, gb)
+    return out
+
+
+LT_SCRIPT = r"""
+import json, sys, time
+import libertem.api as lt
+from libertem.udf.com import CoMUDF
+path, repeat = sys.argv[1], int(sys.argv[2])
+with lt.Context.make_with("dask", cpus=2, gpus=0) as ctx:
+    ds = ctx.load("hdf5", path=path, ds_path="patterns")
+    udf = CoMUDF.with_params(cy=ds.shape.sig[0] / 2, cx=ds.shape.sig[1] / 2, r=ds.shape.sig[0] / 4)
+    ctx.run_udf(dataset=ds, udf=udf)
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter(); ctx.run_udf(dataset=ds, udf=udf); ts.append(time.perf_counter() - t0)
+import libertem
+print(json.dumps({"seconds": min(ts), "all_s": ts, "libertem": libertem.__version__}))
+"""
+
+
+def libertem_bench(path, work, repeat, gb) -> dict:
+    venv = work / "libertem-venv"
+    py = venv / "bin" / "python"
+    try:
+        if not py.exists():
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+            subprocess.run([str(py), "-m", "ensurepip"], check=True, capture_output=True)
+            subprocess.run([str(py), "-m", "pip", "install", "-q", "libertem", "numpy>=2"], check=True)
+        p = subprocess.run([str(py), "-c", LT_SCRIPT, str(path), str(repeat)], check=True, capture_output=True,
+                           text=True, timeout=3600)
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        res["gb_per_s"] = gb / res["seconds"]
+        return res
+    except Exception as exc:  # the comparison is optional: record why it is missing
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scan", type=int, default=128, help="scan H = W")
+    ap.add_argument("--det", type=int, default=128, help="detector ky = kx")
+    ap.add_argument("--chunks", type=int, default=None, help="frames per chunk")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1, help="pipeline threads per chunk")
+    ap.add_argument("--workdir", default="/tmp/stem_polar_bench", help="where the HDF5 file is made (not the repo)")
+    ap.add_argument("--libertem", action="store_true", help="also run LiberTEM CoMUDF (builds a numpy-2 venv)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/stem_polar.json"))
+    args = ap.parse_args()
+    res = bench(args)
+    if "libertem_com" in res and "gb_per_s" in res["libertem_com"]:
+        lt_gbs = res["libertem_com"]["gb_per_s"]
+        res["ratios"] = {"gated_com_over_libertem_com": res["gated_com"]["gb_per_s"] / lt_gbs,
+                         "full_pipeline_over_libertem_com": res["full_pipeline"]["gb_per_s"] / lt_gbs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prev = json.loads(out.read_text()) if out.exists() else {}
+    prev[f"{args.scan}x{args.scan}x{args.det}x{args.det}"] = res
+    out.write_text(json.dumps(prev, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

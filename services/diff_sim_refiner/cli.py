@@ -1,0 +1,129 @@
+"""diff-sim-refiner command line: ``nanobragg`` (nanoBragg's own flags), ``run`` (config file -> HDF5), ``serve``.
+
+Imports of torch and the simulator happen inside the commands so ``--help`` and flag errors are fast.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from diffractflow.cli import service_app
+
+from . import __version__
+
+app = service_app(
+    "diff-sim-refiner", __version__, stage="diff_sim_refiner.worker:STAGE",
+    help="Differentiable diffraction simulator with nanoBragg's physics (PyTorch).",
+)
+
+
+def _progress_factory():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("rendering"), BarColumn(), TextColumn("{task.completed}/{task.total} px"),
+                   TimeElapsedColumn(), transient=True)
+    bar.__enter__()
+    task = bar.add_task("render", total=None)
+
+    def cb(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, cb
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=True,
+)
+def nanobragg(ctx: typer.Context):
+    """Render like the nanoBragg C program, taking its flags, e.g.
+
+    diff-sim-refiner nanobragg -cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 1 -distance 100
+    -detpixels 256 -pixel 0.1 -floatfile img.bin -nonoise -nopgm
+
+    Units as nanoBragg: Angstrom (cell, -lambda), degrees (angles), mm (-distance, -pixel, -Xbeam,
+    -detsize, -beamsize, -pix0_vector_mm), metres (-pix0_vector), photons/m^2 (-fluence), photons/s (-flux),
+    mrad (divergence), percent (-dispersion).  -floatfile is raw float32 photons/pixel, slow-major, the
+    full detector (zeros outside -roi).  Extensions: -spot_cutoff K (evaluate only near Bragg peaks),
+    -float64.  Unknown or malformed flags exit with code 2.
+    """
+    from .core.io import FormatError
+    from .nbargs import FlagError
+    from .nbrun import run_nanobragg
+
+    argv = list(ctx.args)
+    if not argv:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+    try:
+        run_nanobragg(argv, progress_factory=_progress_factory if sys.stderr.isatty() else None)
+    except FlagError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except FormatError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc.filename}: no such file", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., exists=False, help="YAML or JSON simulation config (crystal/detector/beam "
+                                  "sections in the units of the Python API: Angstrom, degrees, mm, photons/m^2)."),
+    output: Path = typer.Option(Path("simulation.h5"), "--output", "-o", help="HDF5 artifact to write."),
+    float64: bool = typer.Option(False, "--float64", help="Render in double precision (default float32)."),
+    spot_cutoff: Optional[float] = typer.Option(None, "--spot-cutoff", help="Evaluate only within this many "
+                                                "fringes (1/N) of Bragg peaks; see the docs for the error bound."),
+):
+    """Render a simulation described by a config file into an HDF5 artifact (photons/pixel)."""
+    from .artifacts import load_job_config, write_simulation
+    from .core.io import FormatError
+
+    try:
+        job = load_job_config(config)
+    except (FormatError, ValueError, OSError) as exc:
+        typer.echo(f"error: {config}: {exc}", err=True)
+        raise typer.Exit(2)
+    import torch
+
+    from .core.simulator import simulate
+
+    dtype = torch.float64 if float64 else torch.float32
+    with torch.no_grad():
+        img = simulate(job.crystal, job.detector, job.beam, job.hkl, dtype=dtype, spot_cutoff=spot_cutoff)
+    write_simulation(output, img.to(torch.float32).numpy(), job)
+    typer.echo(f"wrote {output}: {img.shape[1]}x{img.shape[0]} pixels, sum {float(img.sum()):.6g} photons")
+
+
+@app.command()
+def geometry(
+    args: Optional[List[str]] = typer.Argument(None, help="nanoBragg flags after '--', e.g. -- -xds -distance 150"),
+):
+    """Print the lab-frame detector vectors nanoBragg's flags give (m), without rendering."""
+    from .nbargs import FlagError, build_job, parse_args
+
+    try:
+        job = build_job(parse_args(list(args or [])), read_tables=False)
+    except FlagError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    from .core.geometry import detector_geometry
+
+    g = detector_geometry(job.detector, job.beam)
+    for name in ("fdet", "sdet", "odet", "pix0", "beam", "polar", "spindle"):
+        v = getattr(g, name).tolist()
+        typer.echo(f"{name:8s} {v[0]: .9g} {v[1]: .9g} {v[2]: .9g}")
+    typer.echo(f"distance {float(g.distance):.9g}  close_distance {float(g.close_distance):.9g}  "
+               f"ORGX {g.orgx:.6g}  ORGY {g.orgy:.6g}")
+
+
+__all__ = ["app"]
+
+from .refine_cli import register as _register_refine  # noqa: E402  (refinement commands, issue 4)
+
+_register_refine(app)

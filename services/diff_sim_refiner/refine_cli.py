@@ -1,0 +1,179 @@
+"""Refinement commands of diff-sim-refiner: ``refine-demo`` (seed 001) and ``refine`` (general refiner).
+
+Registered onto the service's typer app by :func:`register`.  torch is imported inside the commands.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def _parse_init(items: List[str]) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ValueError(f"--init expects NAME=V[,V...], got {it!r}")
+        k, v = it.split("=", 1)
+        out[k.strip()] = [float(x) for x in v.split(",") if x.strip()]
+    return out
+
+
+def _parse_bounds(items: List[str]) -> dict:
+    """NAME=LO:HI[,LO:HI...]"""
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ValueError(f"--bounds expects NAME=LO:HI[,LO:HI...], got {it!r}")
+        k, v = it.split("=", 1)
+        pairs = []
+        for part in v.split(","):
+            lo, hi = part.split(":")
+            pairs.append((float(lo), float(hi)))
+        out[k.strip()] = pairs
+    return out
+
+
+def _progress(total: int, label: str):
+    """A rich progress bar and a refinement callback advancing it (shows the loss)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TimeElapsedColumn(), transient=False, disable=not sys.stderr.isatty())
+    task = bar.add_task(label, total=total, loss="-")
+
+    def cb(it, loss, values):
+        bar.update(task, completed=min(it + 1, total), loss=f"{loss:.4e}")
+
+    return bar, cb
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``refine-demo`` and ``refine`` to the service's app."""
+
+    @app.command("refine-demo")
+    def refine_demo(
+        out: Path = typer.Option(Path("refine_demo"), "--out", "-o", help="Output directory (history.json, "
+                                 "summary.json, refinement_demo.png)."),
+        iterations: int = typer.Option(120, "--iterations", help="Adam iterations (seed 001's loop, lr in degrees)."),
+        lr: float = typer.Option(0.05, "--lr", help="Adam learning rate (degrees per step, roughly)."),
+        lbfgs_steps: int = typer.Option(6, "--lbfgs-steps", help="L-BFGS polish steps after Adam (0 = Adam only)."),
+    ):
+        """Seed 001: recover mosaic spread (0.8 deg) and misset (5, 3, -2) deg from a synthetic image,
+        starting at 0.2 deg and (0, 0, 0). Exit 0 only if the seed's success criteria hold."""
+        import torch
+        from rich.console import Console
+
+        from .refine.demo import results_table, run_demo, write_demo_outputs
+
+        console = Console()
+        torch.set_num_threads(1)  # 64x64 pixels: threads only add overhead on a busy 2-core machine
+        total = iterations + lbfgs_steps + 1
+        bar, cb = _progress(total, "refining")
+        with bar:
+            outcome = run_demo(adam_iterations=iterations, lr=lr, lbfgs_steps=lbfgs_steps, callback=cb)
+        paths = write_demo_outputs(outcome, out)
+        r = outcome.result
+        console.print(results_table(outcome))
+        console.print(f"Convergence: initial loss {r.loss_initial:.4e}, final loss {r.loss_final:.4e}, "
+                      f"reduction {r.loss_reduction:.3g}x; {r.iterations} iterations, {r.evaluations} "
+                      f"evaluations, {r.wall_seconds:.1f} s")
+        for k, ok in outcome.criteria.items():
+            console.print(f"  {'PASS' if ok else 'FAIL'}  {k}")
+        console.print(f"wrote {paths['history']}, {paths['summary']}, {paths['figure']}")
+        if not outcome.passed:
+            raise typer.Exit(1)
+
+    @app.command("refine")
+    def refine_cmd(
+        target: Path = typer.Option(..., "--target", help="Target image, photons per pixel (slow x fast): .npy, "
+                                    ".h5 (e.g. a simulation artifact), .tif, .img/.smv or raw float32 .bin."),
+        config: Path = typer.Option(..., "--config", help="Starting model: the YAML/JSON simulation config of "
+                                    "`run` (Angstrom, degrees, mm, photons/m^2)."),
+        params: str = typer.Option("misset,mosaic", "--params", help="Comma-separated groups to refine: cell, "
+                                   "misset, phi, mosaic, N, distance, beam_center, scale."),
+        mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image, non-zero = use the pixel."),
+        optimizer: str = typer.Option("adam", "--optimizer", help="adam, lbfgs or adam+lbfgs."),
+        iterations: int = typer.Option(100, "--iterations", help="Adam iterations."),
+        lr: float = typer.Option(0.05, "--lr", help="Adam learning rate, in units of each parameter's step "
+                                 "(1 deg angles, 0.1 A / 0.1 deg cell, 1 cell N, 1 mm distance, 0.1 mm beam "
+                                 "centre, log-scale)."),
+        lbfgs_steps: int = typer.Option(10, "--lbfgs-steps", help="L-BFGS steps (each up to 10 evaluations)."),
+        loss: str = typer.Option("mse", "--loss", help="mse or poisson."),
+        init: Optional[List[str]] = typer.Option(None, "--init", help="Override a start value: NAME=V[,V...], "
+                                                 "e.g. --init misset=0,0,0 (physical units)."),
+        bounds: Optional[List[str]] = typer.Option(None, "--bounds", help="NAME=LO:HI[,LO:HI...]"),
+        float32: bool = typer.Option(False, "--float32", help="Compute in float32 (default float64)."),
+        out: Path = typer.Option(Path("refinement"), "--out", "-o", help="Output directory: refined_model.h5, "
+                                 "history.json, convergence.png, summary.json."),
+    ):
+        """Refine chosen simulator parameters against a target image (masked MSE or Poisson loss)."""
+        import numpy as np
+        import torch
+        from rich.console import Console
+        from rich.table import Table
+
+        from diffractflow.artifacts import sha256_file
+
+        from .artifacts import load_job_config
+        from .core.io import FormatError
+        from .refine.artifacts import plot_convergence, write_history, write_refinement
+        from .refine.images import read_image, read_mask
+        from .refine.refiner import Refiner, RefinementError, RefineSettings
+
+        console = Console()
+        try:
+            job = load_job_config(config)
+        except (FormatError, ValueError, OSError) as exc:
+            typer.echo(f"error: {config}: {exc}", err=True)
+            raise typer.Exit(2)
+        shape = (job.detector.spixels, job.detector.fpixels)
+        try:
+            tgt = read_image(target, shape).astype(np.float64)
+            m = read_mask(mask, shape) if mask is not None else None
+        except FormatError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        try:
+            settings = RefineSettings(optimizer=optimizer, iterations=iterations, lr=lr, lbfgs_steps=lbfgs_steps)
+            refiner = Refiner(job.crystal, job.detector, job.beam, tgt, params, hkl=job.hkl, mask=m,
+                              init=_parse_init(init), bounds=_parse_bounds(bounds), loss=loss,
+                              dtype=torch.float32 if float32 else torch.float64)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        n_steps = (iterations if "adam" in settings.optimizer else 0) + \
+            (lbfgs_steps if "lbfgs" in settings.optimizer else 0) + 1
+        bar, cb = _progress(n_steps, "refining")
+        try:
+            with bar:
+                result = refiner.run(settings, callback=cb)
+        except RefinementError as exc:
+            typer.echo(f"error: refinement failed: {exc}", err=True)
+            raise typer.Exit(1)
+        out.mkdir(parents=True, exist_ok=True)
+        model = refiner.model_image()
+        inputs = {"target": sha256_file(target), "config": sha256_file(config)}
+        if mask is not None:
+            inputs["mask"] = sha256_file(mask)
+        write_refinement(out / "refined_model.h5", result, model, tgt, refiner.mask.numpy(), inputs=inputs)
+        write_history(out / "history.json", result.history)
+        write_history(out / "summary.json", result.summary())
+        plot_convergence(result, out / "convergence.png")
+        table = Table(title="refinement")
+        for col in ("parameter", "initial", "refined", "units"):
+            table.add_column(col)
+        for lab in result.labels:
+            table.add_row(lab, f"{result.initial[lab]:.6g}", f"{result.final[lab]:.6g}", result.units[lab])
+        console.print(table)
+        console.print(f"loss {result.loss_initial:.4e} -> {result.loss_final:.4e} ({result.loss_reduction:.3g}x), "
+                      f"{result.iterations} iterations, {result.evaluations} evaluations, {result.wall_seconds:.1f} s")
+        console.print(f"wrote {out / 'refined_model.h5'}, history.json, summary.json, convergence.png")
+        if not result.finite:
+            raise typer.Exit(1)
+
+
+__all__ = ["register"]

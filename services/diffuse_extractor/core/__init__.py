@@ -1,0 +1,1 @@
+"""The science of diffuse extraction: geometry, corrections, masks, per-still extraction."""

@@ -1,0 +1,625 @@
+"""Pixel masks for diffuse extraction, one ``uint8`` bit-field image per detector panel.
+
+A pixel is used only if its flags are 0. Bits (``MaskBit``):
+
+==========  =====  ============================================================
+bit         value  meaning
+==========  =====  ============================================================
+UNTRUSTED   1      module gaps, format pixel mask, panel untrusted rectangles,
+                   values at/below the panel's trusted minimum (dxtbx)
+BEAMSTOP    2      beamstop shadow and its arm (auto-detected or given)
+USER        4      user-given polygons and circles
+HOT         8      hot pixel (always bright across the run's stills)
+DEAD        16     dead pixel (never counts across the run while neighbours do)
+OVERLOAD    32     value at/above the panel's trusted maximum in this still
+BRAGG       64     around predicted and observed Bragg reflections of this still
+==========  =====  ============================================================
+
+Static = UNTRUSTED | BEAMSTOP | USER, dynamic = HOT | DEAD | OVERLOAD, per-still = BRAGG.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+class MaskBit(enum.IntFlag):
+    UNTRUSTED = 1
+    BEAMSTOP = 2
+    USER = 4
+    HOT = 8
+    DEAD = 16
+    OVERLOAD = 32
+    BRAGG = 64
+
+
+STATIC_BITS = MaskBit.UNTRUSTED | MaskBit.BEAMSTOP | MaskBit.USER
+DYNAMIC_BITS = MaskBit.HOT | MaskBit.DEAD | MaskBit.OVERLOAD
+
+
+def empty_flags(detector) -> list[np.ndarray]:
+    """One zeroed uint8 flag image per panel, shaped (ny, nx)."""
+    return [np.zeros(p.get_image_size()[::-1], dtype=np.uint8) for p in detector]
+
+
+# --------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class Shape:
+    """A user mask shape on one panel, in pixel coordinates (x fast, y slow; 0.5 = pixel centre)."""
+
+    kind: str  # "circle" or "polygon"
+    panel: int
+    coords: tuple[float, ...]  # circle: (x, y, r); polygon: (x1, y1, x2, y2, ...)
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        """Parse ``circle:PANEL:X,Y,R`` or ``polygon:PANEL:X1,Y1,X2,Y2,X3,Y3[,...]`` (pixels)."""
+        m = re.fullmatch(r"\s*(circle|polygon)\s*:\s*(\d+)\s*:\s*([-+0-9.eE,\s]+)", text)
+        if not m:
+            raise ValueError(f"bad mask shape {text!r}: expected circle:PANEL:X,Y,R or polygon:PANEL:X1,Y1,X2,Y2,...")
+        kind, panel = m.group(1), int(m.group(2))
+        coords = tuple(float(v) for v in m.group(3).replace(" ", "").split(",") if v)
+        if kind == "circle" and (len(coords) != 3 or coords[2] <= 0):
+            raise ValueError(f"bad circle {text!r}: need X,Y,R with R > 0")
+        if kind == "polygon" and (len(coords) < 6 or len(coords) % 2):
+            raise ValueError(f"bad polygon {text!r}: need at least 3 X,Y vertices")
+        return cls(kind, panel, coords)
+
+    def rasterise(self, shape_yx: tuple[int, int]) -> np.ndarray:
+        """Boolean image of the pixels whose centres lie inside the shape."""
+        from skimage.draw import disk, polygon
+
+        out = np.zeros(shape_yx, dtype=bool)
+        if self.kind == "circle":
+            x, y, r = self.coords
+            rr, cc = disk((y - 0.5, x - 0.5), r, shape=shape_yx)
+        else:
+            xs = np.asarray(self.coords[0::2]) - 0.5
+            ys = np.asarray(self.coords[1::2]) - 0.5
+            rr, cc = polygon(ys, xs, shape=shape_yx)
+        out[rr, cc] = True
+        return out
+
+
+def apply_shapes(flags: list[np.ndarray], shapes: Sequence[Shape], bit: int) -> None:
+    for s in shapes:
+        if not 0 <= s.panel < len(flags):
+            raise ValueError(f"mask shape on panel {s.panel}, detector has {len(flags)} panels")
+        flags[s.panel][s.rasterise(flags[s.panel].shape)] |= np.uint8(bit)
+
+
+# --------------------------------------------------------------------------- untrusted / overload
+def untrusted_and_overload(detector, data: Sequence[np.ndarray], format_mask=None) -> list[np.ndarray]:
+    """UNTRUSTED and OVERLOAD bits from dxtbx: trusted range, untrusted rectangles, format mask.
+
+    ``format_mask``: per-panel boolean (True = good) static mask of the format class / imageset
+    (``imageset.get_static_mask()``), or None.
+    """
+    flags = empty_flags(detector)
+    for i, panel in enumerate(detector):
+        d = data[i]
+        lo, hi = panel.get_trusted_range()
+        f = flags[i]
+        f[d <= lo] |= MaskBit.UNTRUSTED
+        f[d >= hi] |= MaskBit.OVERLOAD
+        for x0, x1, y0, y1 in panel.get_mask():  # untrusted rectangles (pixel, inclusive-exclusive)
+            f[max(y0, 0):y1, max(x0, 0):x1] |= MaskBit.UNTRUSTED
+        if format_mask is not None and format_mask[i] is not None:
+            f[~np.asarray(format_mask[i], dtype=bool)] |= MaskBit.UNTRUSTED
+    return flags
+
+
+# --------------------------------------------------------------------------- hot / dead
+class RunPixelStatistics:
+    """Streaming per-pixel statistics over the stills of a run (bounded memory: 4 images per panel).
+
+    Hot pixels are bright in *every* still (Bragg peaks move between stills, so the per-pixel
+    minimum over the run stays low for them); dead pixels never count while their neighbours do.
+    """
+
+    def __init__(self, detector):
+        shapes = [p.get_image_size()[::-1] for p in detector]
+        self.n = [np.zeros(s, dtype=np.int32) for s in shapes]
+        self.sum = [np.zeros(s, dtype=np.float64) for s in shapes]
+        self.min = [np.full(s, np.inf, dtype=np.float32) for s in shapes]
+        self.max = [np.full(s, -np.inf, dtype=np.float32) for s in shapes]
+        self.n_stills = 0
+
+    def add(self, data: Sequence[np.ndarray], flags: Sequence[np.ndarray]) -> None:
+        """Add one still; only pixels with no UNTRUSTED/OVERLOAD flag count."""
+        bad_bits = np.uint8(MaskBit.UNTRUSTED | MaskBit.OVERLOAD)
+        for i, d in enumerate(data):
+            ok = (flags[i] & bad_bits) == 0
+            d = np.asarray(d)
+            self.n[i] += ok
+            self.sum[i] += np.where(ok, d, 0.0)
+            np.minimum(self.min[i], np.where(ok, d, np.inf).astype(np.float32), out=self.min[i])
+            np.maximum(self.max[i], np.where(ok, d, -np.inf).astype(np.float32), out=self.max[i])
+        self.n_stills += 1
+
+    def hot_dead_flags(self, hot_factor: float = 5.0, hot_nsigma: float = 8.0,
+                       dead_expected_counts: float = 20.0, size: int = 7) -> list[np.ndarray]:
+        """HOT/DEAD flags per panel.
+
+        hot: run minimum > ``hot_factor`` x local median of the run mean and above it by
+        ``hot_nsigma`` Poisson sigmas; dead: run maximum is 0 while the local median of the mean
+        predicts more than ``dead_expected_counts`` counts in total (P(all zero) < e^-20).
+        """
+        out = []
+        for i in range(len(self.n)):
+            n = self.n[i]
+            seen = n > 0
+            mean = np.where(seen, self.sum[i] / np.maximum(n, 1), np.nan)
+            local = _nan_median_filter(mean, size)
+            f = np.zeros(n.shape, dtype=np.uint8)
+            loc = np.nan_to_num(local, nan=0.0)
+            hot = seen & (self.min[i] > np.maximum(hot_factor * loc, loc + hot_nsigma * np.sqrt(np.maximum(loc, 1.0))))
+            dead = seen & (self.max[i] <= 0) & (loc * n > dead_expected_counts)
+            f[hot] |= MaskBit.HOT
+            f[dead] |= MaskBit.DEAD
+            out.append(f)
+        return out
+
+
+def _nan_median_filter(img: np.ndarray, size: int) -> np.ndarray:
+    """Local median ignoring NaNs, computed on 2x2-binned data for speed then expanded back."""
+    ny, nx = img.shape
+    py, px = ny % 2, nx % 2
+    padded = np.pad(img, ((0, py), (0, px)), constant_values=np.nan)
+    binned = np.nanmean(padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2), axis=(1, 3)) \
+        if np.isfinite(padded).any() else padded[::2, ::2]
+    filled = np.where(np.isfinite(binned), binned, np.nanmedian(binned) if np.isfinite(binned).any() else 0.0)
+    med = ndi.median_filter(filled, size=max(3, size // 2 | 1), mode="nearest")
+    return np.repeat(np.repeat(med, 2, axis=0), 2, axis=1)[:ny, :nx]
+
+
+# --------------------------------------------------------------------------- beamstop
+@dataclass
+class BeamstopResult:
+    flags: list[np.ndarray]
+    disk_pixels: int = 0
+    arm_pixels: int = 0
+    arm_azimuth_deg: float | None = None
+    arm_half_width_mm: float | None = None
+    azimuthal_profile: np.ndarray | None = None  # (phi_deg, relative dip) of the arm search
+    notes: list[str] = field(default_factory=list)
+
+
+def detect_beamstop(data: Sequence[np.ndarray], geoms, s0, good: Sequence[np.ndarray], *,
+                    weights: Sequence[np.ndarray] | None = None, binning: int | None = None,
+                    ratio_threshold: float = 0.5, smooth_px: int = 1, centre_radius_mm: float = 15.0,
+                    dilate_px: int = 1, detect_arm: bool = True, arm_min_depth: float = 0.06,
+                    arm_nsigma: float = 6.0, arm_bin_deg: float = 1.0,
+                    arm_baseline_deg: float = 20.0) -> BeamstopResult:
+    """Auto-detect the beamstop shadow (and its arm); see ``_detect_beamstop_binned``.
+
+    Works on ``binning`` x ``binning`` binned panels (mean of good pixels) for speed (default:
+    4 for > 5 Mpixel, 2 for > 1.2 Mpixel, else 1); ``weights`` (e.g. the polarisation correction) multiply the data first so the
+    expected intensity is azimuthally flat. Smoothing and dilation are in binned pixels.
+    """
+    if binning is None:  # ~>= 300k binned pixels keep the azimuthal statistics smooth
+        npx = sum(np.asarray(d).size for d in data)
+        binning = 4 if npx > 5e6 else 2 if npx > 1.2e6 else 1
+    b = max(1, int(binning))
+    bdata, bgood, bgeoms = [], [], []
+    for i, (d, gd) in enumerate(zip(data, good)):
+        dd = np.asarray(d, dtype=np.float64)
+        if weights is not None:
+            dd = dd * weights[i]
+        s, n = _bin_sum(np.where(gd, dd, 0.0), b), _bin_sum(gd.astype(np.float64), b)
+        bdata.append(s / np.maximum(n, 1.0))
+        bgood.append(n >= 0.5 * b * b)
+        bgeoms.append(_BinnedGeom(geoms[i], b, s.shape))
+    res = _detect_beamstop_binned(bdata, bgeoms, s0, bgood, ratio_threshold=ratio_threshold,
+                                  smooth_px=smooth_px, centre_radius_mm=centre_radius_mm,
+                                  dilate_px=dilate_px, detect_arm=detect_arm, arm_min_depth=arm_min_depth,
+                                  arm_nsigma=arm_nsigma, arm_bin_deg=arm_bin_deg,
+                                  arm_baseline_deg=arm_baseline_deg)
+    full = []
+    for i, f in enumerate(res.flags):
+        ny, nx = np.asarray(data[i]).shape
+        full.append(np.repeat(np.repeat(f, b, axis=0), b, axis=1)[:ny, :nx].copy())
+    res.flags = full
+    res.disk_pixels *= b * b
+    res.arm_pixels *= b * b
+    return res
+
+
+def _bin_sum(a: np.ndarray, b: int) -> np.ndarray:
+    if b == 1:
+        return a
+    ny, nx = a.shape
+    a = np.pad(a, ((0, (-ny) % b), (0, (-nx) % b)))
+    return a.reshape(a.shape[0] // b, b, a.shape[1] // b, b).sum(axis=(1, 3))
+
+
+class _BinnedGeom:
+    """Lab coordinates at the centres of binned pixels (taken from the full-resolution geometry)."""
+
+    def __init__(self, g, b: int, shape):
+        ny, nx = g.lab_x.shape
+        iy = np.minimum(np.arange(shape[0]) * b + b // 2, ny - 1)
+        ix = np.minimum(np.arange(shape[1]) * b + b // 2, nx - 1)
+        sel = np.ix_(iy, ix)
+        self.lab_x, self.lab_y, self.lab_z, self.dist = g.lab_x[sel], g.lab_y[sel], g.lab_z[sel], g.dist[sel]
+
+
+def _detect_beamstop_binned(data: Sequence[np.ndarray], geoms, s0, good: Sequence[np.ndarray], *,
+                            ratio_threshold: float, smooth_px: int, centre_radius_mm: float,
+                            dilate_px: int, detect_arm: bool, arm_min_depth: float,
+                            arm_nsigma: float, arm_bin_deg: float, arm_baseline_deg: float) -> BeamstopResult:
+    """Auto-detect the beamstop shadow (and its arm) in one image (or a run-average image).
+
+    1. A radial profile (mean per 2theta bin after clipping bright outliers) gives the expected
+       intensity; a masked-normalised box filter gives the local intensity.
+    2. Shadow = local / expected < ``ratio_threshold``; connected regions reaching within
+       ``centre_radius_mm`` (in the plane perpendicular to the beam) of the direct beam are the
+       beamstop; dilated by ``dilate_px``.
+    3. Arm: azimuthal profile of intensity / expected outside the beamstop; a contiguous run of
+       bins deeper than ``max(arm_min_depth, arm_nsigma * noise)`` below a running-median baseline
+       is masked as a wedge from the beam centre outwards.
+    """
+    s0 = np.asarray(s0, dtype=float)
+    s0_hat = s0 / np.linalg.norm(s0)
+    e1 = np.cross(s0_hat, [0.0, 1.0, 0.0] if abs(s0_hat[1]) < 0.9 else [1.0, 0.0, 0.0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(s0_hat, e1)
+    # radial coordinates per panel
+    tth, rperp, phi, planar_a, planar_b = [], [], [], [], []
+    for g in geoms:
+        along = (g.lab_x * s0_hat[0] + g.lab_y * s0_hat[1] + g.lab_z * s0_hat[2])
+        c = np.clip(along / g.dist, -1.0, 1.0)
+        t = np.arccos(c).astype(np.float32)
+        tth.append(t)
+        a = g.lab_x * e1[0] + g.lab_y * e1[1] + g.lab_z * e1[2]
+        b = g.lab_x * e2[0] + g.lab_y * e2[1] + g.lab_z * e2[2]
+        rperp.append(np.hypot(a, b).astype(np.float32))
+        phi.append(np.degrees(np.arctan2(b, a)).astype(np.float32))
+        planar_a.append(a)
+        planar_b.append(b)
+    # radial profile
+    all_t = np.concatenate([t[gd] for t, gd in zip(tth, good)])
+    all_d = np.concatenate([np.asarray(d, dtype=np.float64)[gd] for d, gd in zip(data, good)])
+    nb = 1000
+    tmax = float(max(t.max() for t in tth)) * 1.0001 + 1e-9
+    idx = np.minimum((all_t / tmax * nb).astype(np.int64), nb - 1)
+    cnt = np.bincount(idx, minlength=nb)
+    m1 = np.bincount(idx, all_d, minlength=nb) / np.maximum(cnt, 1)
+    clip = 2.0 * m1 + 5.0
+    dc = np.minimum(all_d, clip[idx])
+    prof = np.bincount(idx, dc, minlength=nb) / np.maximum(cnt, 1)
+    prof = ndi.uniform_filter1d(prof, 5)
+    # A centred beamstop shadows *every* azimuth at small radii, so there the radial mean is the
+    # shadow itself. Inside ``centre_radius_mm`` the expected level is therefore the maximum of the
+    # profile from that radius out to the edge of the central zone (an inward running maximum).
+    all_r = np.concatenate([r[gd] for r, gd in zip(rperp, good)])
+    r_bin = np.bincount(idx, all_r, minlength=nb) / np.maximum(cnt, 1)
+    central = (cnt > 0) & (r_bin < centre_radius_mm * 1.5)
+    prof_disk = prof.copy()
+    if central.any():
+        last = int(np.flatnonzero(central).max())
+        run_max = np.maximum.accumulate(np.where(cnt[:last + 1] > 0, prof[:last + 1], 0.0)[::-1])[::-1]
+        prof_disk[:last + 1] = np.maximum(prof[:last + 1], run_max)
+    del all_r
+    del all_t, all_d, idx, dc
+    out = [np.zeros(t.shape, dtype=np.uint8) for t in tth]
+    res = BeamstopResult(out)
+    arm_rows = []
+    k = 2 * smooth_px + 1
+    for i, (d, gd) in enumerate(zip(data, good)):
+        pidx = np.minimum((tth[i] / tmax * nb).astype(np.int64), nb - 1)
+        expected = prof[pidx]
+        dcl = np.where(gd, np.minimum(np.asarray(d, dtype=np.float64), clip[pidx]), 0.0)
+        w = ndi.uniform_filter(gd.astype(np.float32), k)
+        local = ndi.uniform_filter(dcl.astype(np.float32), k) / np.maximum(w, 1e-6)
+        ratio = np.where(w > 0.2, local / np.maximum(prof_disk[pidx], 1e-6), 1.0)
+        low = (ratio < ratio_threshold) & (w > 0.2)
+        lab, nlab = ndi.label(low)
+        if nlab:
+            near = np.unique(lab[(rperp[i] < centre_radius_mm) & low])
+            near = near[near > 0]
+            if near.size:
+                shadow = np.isin(lab, near)
+                shadow = ndi.binary_fill_holes(shadow)
+                # a beamstop is a disk: also cover a disk of the shadow's equivalent radius around
+                # its centroid, so bright leaks at its rim (scatter round the stop) stay masked
+                for lbl in near:
+                    comp = lab == lbl
+                    cy, cx = ndi.center_of_mass(comp)
+                    r_eq = 1.15 * np.sqrt(comp.sum() / np.pi) + 1.0
+                    yy, xx = np.ogrid[:comp.shape[0], :comp.shape[1]]
+                    shadow |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r_eq * r_eq
+                if dilate_px:
+                    shadow = ndi.binary_dilation(shadow, iterations=dilate_px)
+                out[i][shadow] |= MaskBit.BEAMSTOP
+                res.disk_pixels += int(shadow.sum())
+        arm_rows.append((i, dcl, expected, gd))
+    if not res.disk_pixels:
+        res.notes.append("no beamstop shadow found near the direct beam")
+    if detect_arm:
+        r_bs = max((float(rperp[i][out[i] > 0].max()) for i in range(len(out)) if (out[i] > 0).any()),
+                   default=0.0)
+        nphi = int(round(360.0 / arm_bin_deg))
+        num = np.zeros(nphi)
+        den = np.zeros(nphi)
+        for i, dcl, expected, gd in arm_rows:
+            sel = gd & (rperp[i] > r_bs + 2.0) & (out[i] == 0) & (expected > 0)
+            b = np.minimum(((phi[i][sel] + 180.0) / arm_bin_deg).astype(np.int64), nphi - 1)
+            num += np.bincount(b, dcl[sel], minlength=nphi)
+            den += np.bincount(b, expected[sel], minlength=nphi)
+        ok = den > 0
+        if ok.sum() > nphi // 2:
+            prof_phi = np.where(ok, num / np.where(ok, den, 1.0), np.nan)
+            filled = np.where(ok, prof_phi, np.nanmedian(prof_phi))
+            nwin = max(3, int(round(arm_baseline_deg / arm_bin_deg)) | 1)
+            base = ndi.median_filter(filled, size=nwin, mode="wrap")
+            rel = filled / base - 1.0
+            noise = 1.4826 * np.median(np.abs(rel[ok] - np.median(rel[ok])))
+            thr = -max(arm_min_depth, arm_nsigma * noise)
+            res.azimuthal_profile = np.stack([(np.arange(nphi) + 0.5) * arm_bin_deg - 180.0, rel])
+            dip = ok & (rel < thr)
+            if dip.any():
+                centre = int(np.argmin(np.where(ok, rel, 0.0)))
+                # grow the contiguous run around the deepest bin (wrapping), to half the threshold
+                lo = hi = centre
+                while ok[(lo - 1) % nphi] and rel[(lo - 1) % nphi] < thr / 2 and hi - lo < nphi // 4:
+                    lo -= 1
+                while ok[(hi + 1) % nphi] and rel[(hi + 1) % nphi] < thr / 2 and hi - lo < nphi // 4:
+                    hi += 1
+                phi_c = np.radians((centre + 0.5) * arm_bin_deg - 180.0)
+                res.arm_azimuth_deg = float(np.degrees(phi_c))
+                # width: profile across the arm direction (perpendicular distance, signed, in mm)
+                ca, sa = np.cos(phi_c), np.sin(phi_c)
+                step = max(float(np.median([np.median(np.diff(g.lab_x, axis=1)) if g.lab_x.shape[1] > 1 else 1.0
+                                            for g in geoms])), 1e-3)
+                step = abs(step)
+                nperp = 201
+                pn = np.zeros(nperp)
+                pd = np.zeros(nperp)
+                for i, dcl, expected, gd in arm_rows:
+                    along = planar_a[i] * ca + planar_b[i] * sa
+                    perp = -planar_a[i] * sa + planar_b[i] * ca
+                    sel = gd & (along > r_bs + 2.0) & (out[i] == 0) & (expected > 0) & (np.abs(perp) < step * nperp / 2)
+                    k = np.clip(np.round(perp[sel] / step).astype(np.int64) + nperp // 2, 0, nperp - 1)
+                    pn += np.bincount(k, dcl[sel], minlength=nperp)
+                    pd += np.bincount(k, expected[sel], minlength=nperp)
+                okp = pd > 0
+                prel = np.where(okp, pn / np.where(okp, pd, 1.0), np.nan)
+                kk = np.abs(np.arange(nperp) - nperp // 2)
+                outer = prel[okp & (kk > 4)]
+                base_p = float(np.median(outer)) if outer.size else 1.0
+                prel = prel / base_p - 1.0
+                c0 = nperp // 2
+                lo_k = hi_k = c0
+                while lo_k > 0 and okp[lo_k - 1] and prel[lo_k - 1] < thr / 2:
+                    lo_k -= 1
+                while hi_k < nperp - 1 and okp[hi_k + 1] and prel[hi_k + 1] < thr / 2:
+                    hi_k += 1
+                half_w = (max(c0 - lo_k, hi_k - c0) + 1.5) * step  # + margin of 1.5 binned pixels
+                res.arm_half_width_mm = float(half_w)
+                res.perp_profile = prel
+                for i in range(len(out)):
+                    along = planar_a[i] * ca + planar_b[i] * sa
+                    perp = -planar_a[i] * sa + planar_b[i] * ca
+                    strip = (along > 0) & (np.abs(perp) <= half_w)
+                    out[i][strip] |= MaskBit.BEAMSTOP
+                    res.arm_pixels += int(strip.sum())
+            else:
+                res.notes.append("no beamstop arm found in the azimuthal profile")
+    return res
+
+
+def _in_wedge(phi_deg: np.ndarray, a0: float, a1: float) -> np.ndarray:
+    """phi in [a0, a1) with wrapping, all angles in degrees."""
+    rel = (phi_deg - a0) % 360.0
+    return rel < (a1 - a0)
+
+
+# --------------------------------------------------------------------------- Bragg
+def spot_radius_px(reflections=None, experiment=None, *, percentile: float = 90.0,
+                   scale: float = 1.0, pad_px: float = 2.0, default_px: float = 4.0,
+                   profile_nsigma: float = 3.0) -> float:
+    """Bragg-mask disk radius (pixels) from the spot profile.
+
+    From observed reflections: the ``percentile`` of half the larger bounding-box side.
+    From a DIALS Gaussian profile model on the experiment (integrated data): ``profile_nsigma``
+    x sigma_b projected at the detector distance. The larger estimate, x ``scale`` + ``pad_px``.
+    """
+    est = []
+    if reflections is not None and len(reflections) and "bbox" in reflections:
+        x0, x1, y0, y1, _, _ = (np.asarray(c) for c in reflections["bbox"].parts())
+        half = 0.5 * np.maximum(x1 - x0, y1 - y0)
+        est.append(float(np.percentile(half, percentile)))
+    if experiment is not None and experiment.profile is not None and hasattr(experiment.profile, "sigma_b"):
+        try:
+            sb = np.radians(float(experiment.profile.sigma_b(deg=True)))
+            p = experiment.detector[0]
+            est.append(profile_nsigma * sb * abs(p.get_distance()) / p.get_pixel_size()[0])
+        except Exception:  # a profile model without sigma_b
+            pass
+    r = max(est) if est else default_px
+    return float(r * scale + pad_px)
+
+
+#: DIALS' stills prediction keeps reflections with |delta psi| below this (rad), see
+#: ``StillsDeltaPsiReflectionPredictor::for_ub`` in dials/algorithms/spot_prediction.
+DIALS_STILLS_DELPSI_MAX = 0.0015
+
+
+def candidate_indices(experiment, d_min: float, delpsi_max: float = DIALS_STILLS_DELPSI_MAX,
+                      margin: float = 2.0) -> np.ndarray:
+    """Non-absent Miller indices within ``d_min`` that lie near the Ewald sphere (numpy prefilter).
+
+    A rotation by ``delta psi`` moves a relp by at most ``|q| delta psi``, so its excitation error
+    ``| |s0 + q| - |s0| |`` is at most that: keeping ``margin`` x this bound is a superset of
+    DIALS' ``|delta psi| < delpsi_max`` selection.
+    """
+    from cctbx import crystal as cr_mod
+    from cctbx import miller
+    from cctbx.array_family import flex as cflex
+
+    cryst = experiment.crystal
+    A = np.asarray(cryst.get_A(), dtype=float).reshape(3, 3)
+    s0 = np.asarray(experiment.beam.get_s0(), dtype=float)
+    uc = cryst.get_unit_cell()
+    a, b, c = uc.parameters()[:3]
+    hm, km, lm = (int(np.floor(x / d_min)) + 1 for x in (a, b, c))
+    h, k = np.meshgrid(np.arange(-hm, hm + 1), np.arange(-km, km + 1), indexing="ij")
+    h, k = h.ravel(), k.ravel()
+    keep = []
+    s0n = np.linalg.norm(s0)
+    for l in range(-lm, lm + 1):  # slab by slab keeps memory small
+        hkl = np.stack([h, k, np.full_like(h, l)])
+        q = A @ hkl
+        qn = np.sqrt((q * q).sum(0))
+        exc = np.abs(np.sqrt(((q + s0[:, None]) ** 2).sum(0)) - s0n)
+        sel = (qn > 0) & (qn <= 1.0 / d_min) & (exc <= margin * delpsi_max * qn + 1e-12)
+        if sel.any():
+            keep.append(hkl[:, sel].T)
+    if not keep:
+        return np.zeros((0, 3), dtype=np.int64)
+    hkl = np.concatenate(keep).astype(np.int64)
+    sym = cr_mod.symmetry(unit_cell=uc, space_group=cryst.get_space_group())
+    ms = miller.set(sym, cflex.miller_index([tuple(map(int, r)) for r in hkl]), anomalous_flag=True)
+    absent = np.asarray(ms.sys_absent_flags().data(), dtype=bool)
+    return hkl[~absent]
+
+
+def predict_reflections(experiment, d_min: float | None = None,
+                        delpsi_max: float = DIALS_STILLS_DELPSI_MAX):
+    """DIALS' stills prediction for the still's crystal model: (panel, x_px, y_px, miller) arrays.
+
+    Same selection as DIALS' ``StillsReflectionPredictor(...).for_ub(A)`` (|delta psi| < 0.0015 rad
+    by default), but DIALS predicts only a numpy-prefiltered candidate list instead of every index
+    within ``d_min``, which is ~20x faster; ``delpsi_max`` may widen the selection.
+    """
+    from dials.algorithms.spot_prediction import StillsReflectionPredictor
+    from dials.array_family import flex
+
+    if d_min is None:
+        d_min = experiment.detector.get_max_resolution(experiment.beam.get_s0())
+    cand = candidate_indices(experiment, d_min, delpsi_max)
+    empty = (np.zeros(0, int), np.zeros(0), np.zeros(0), np.zeros((0, 3), int))
+    if len(cand) == 0:
+        return empty
+    predictor = StillsReflectionPredictor(experiment, dmin=d_min)
+    table = predictor(flex.miller_index([tuple(map(int, r)) for r in cand]))
+    if len(table) == 0:
+        return empty
+    delpsi = np.abs(np.asarray(table["delpsical.rad"]))
+    x, y, _ = (np.asarray(c) for c in table["xyzcal.px"].parts())
+    panel = np.asarray(table["panel"], dtype=np.int64)
+    hkl = np.asarray(table["miller_index"].as_vec3_double(), dtype=np.int64).reshape(-1, 3)
+    sel = delpsi < delpsi_max
+    return panel[sel], x[sel], y[sel], hkl[sel]
+
+
+def project_near_edges(experiment, hkl: np.ndarray, margin_px: float, delpsi_max: float = DIALS_STILLS_DELPSI_MAX):
+    """Spots whose centre lies just *off* a panel (within ``margin_px``) but whose tails reach it.
+
+    DIALS only reports predictions that hit a panel; a peak centred in a module gap still spills
+    onto the neighbouring pixels. Here the diffracted ray of each near-Ewald candidate
+    (``|eps| / |q| < delpsi_max``) is intersected with every panel plane (no parallax: the mask
+    radius has padding). Returns (panel, x_px, y_px) of those landing in the margin band.
+    """
+    if len(hkl) == 0:
+        return np.zeros(0, int), np.zeros(0), np.zeros(0)
+    A = np.asarray(experiment.crystal.get_A(), dtype=float).reshape(3, 3)
+    s0 = np.asarray(experiment.beam.get_s0(), dtype=float)
+    q = hkl @ A.T
+    qn = np.linalg.norm(q, axis=1)
+    s1 = q + s0
+    eps = np.linalg.norm(s1, axis=1) - np.linalg.norm(s0)
+    keep = np.abs(eps) < delpsi_max * qn
+    s1 = s1[keep]
+    out_p, out_x, out_y = [], [], []
+    for ip, panel in enumerate(experiment.detector):
+        D = np.asarray(panel.get_D_matrix(), dtype=float).reshape(3, 3)
+        v = s1 @ D.T
+        front = v[:, 2] > 0
+        if not front.any():
+            continue
+        xm = v[front, 0] / v[front, 2]
+        ym = v[front, 1] / v[front, 2]
+        psx, psy = panel.get_pixel_size()
+        nx, ny = panel.get_image_size()
+        x, y = xm / psx, ym / psy
+        on = (x >= 0) & (x < nx) & (y >= 0) & (y < ny)
+        near = ~on & (x > -margin_px) & (x < nx + margin_px) & (y > -margin_px) & (y < ny + margin_px)
+        out_p.append(np.full(int(near.sum()), ip))
+        out_x.append(x[near])
+        out_y.append(y[near])
+    if not out_p:
+        return np.zeros(0, int), np.zeros(0), np.zeros(0)
+    return np.concatenate(out_p), np.concatenate(out_x), np.concatenate(out_y)
+
+
+def paint_disks(flags: list[np.ndarray], panel: np.ndarray, x: np.ndarray, y: np.ndarray,
+                radius: float, bit: int) -> int:
+    """Set ``bit`` on every pixel whose centre is within ``radius`` px of a spot centre."""
+    r = int(np.ceil(radius))
+    oy, ox = np.mgrid[-r - 1:r + 2, -r - 1:r + 2]
+    n = 0
+    for p in np.unique(panel):
+        sel = panel == p
+        f = flags[int(p)]
+        ny, nx = f.shape
+        cx = x[sel]
+        cy = y[sel]
+        px = np.floor(cx)[:, None] + ox.ravel()[None, :]
+        py = np.floor(cy)[:, None] + oy.ravel()[None, :]
+        inside = ((px + 0.5 - cx[:, None]) ** 2 + (py + 0.5 - cy[:, None]) ** 2) <= radius * radius
+        inside &= (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+        f[py[inside].astype(np.intp), px[inside].astype(np.intp)] |= np.uint8(bit)
+        n += int(sel.sum())
+    return n
+
+
+def bragg_flags(experiment, detector_flags_shape_source, reflections=None, *, radius_px: float | None = None,
+                d_min: float | None = None, bbox_pad_px: int = 2,
+                delpsi_max: float = DIALS_STILLS_DELPSI_MAX) -> tuple[list[np.ndarray], dict]:
+    """BRAGG flags of one still: disks at DIALS-predicted positions + observed spot boxes.
+
+    ``delpsi_max`` (rad) widens DIALS' stills prediction window (0.0015 rad) to catch the weak
+    partials of real mosaic crystals that neither DIALS' default prediction nor spot finding see.
+
+    ``reflections`` (optional DIALS table for this still): observed spots are masked as their
+    bounding boxes grown by ``bbox_pad_px`` (or disks at ``xyzobs.px.value`` without bboxes).
+    """
+    flags = empty_flags(detector_flags_shape_source)
+    radius = radius_px if radius_px is not None else spot_radius_px(reflections, experiment)
+    info = {"bragg_radius_px": radius, "n_predicted": 0, "n_observed": 0}
+    if experiment.crystal is not None:
+        panel, x, y, _ = predict_reflections(experiment, d_min, delpsi_max)
+        info["n_predicted"] = paint_disks(flags, panel, x, y, radius, MaskBit.BRAGG)
+        dm = d_min or experiment.detector.get_max_resolution(experiment.beam.get_s0())
+        ep, ex, ey = project_near_edges(experiment, candidate_indices(experiment, dm, delpsi_max), radius,
+                                        delpsi_max)
+        info["n_predicted_off_edge"] = paint_disks(flags, ep, ex, ey, radius, MaskBit.BRAGG)
+    if reflections is not None and len(reflections):
+        rp = np.asarray(reflections["panel"], dtype=np.int64)
+        if "bbox" in reflections:
+            x0, x1, y0, y1, _, _ = (np.asarray(c, dtype=np.int64) for c in reflections["bbox"].parts())
+            for j in range(len(rp)):
+                f = flags[rp[j]]
+                f[max(y0[j] - bbox_pad_px, 0):max(y1[j] + bbox_pad_px, 0),
+                  max(x0[j] - bbox_pad_px, 0):max(x1[j] + bbox_pad_px, 0)] |= MaskBit.BRAGG
+        elif "xyzobs.px.value" in reflections:
+            ox, oy, _ = (np.asarray(c) for c in reflections["xyzobs.px.value"].parts())
+            paint_disks(flags, rp, ox, oy, radius, MaskBit.BRAGG)
+        info["n_observed"] = int(len(rp))
+    return flags, info
+
+
+def combine(*flag_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Bitwise OR of several per-panel flag lists."""
+    out = [np.array(f, dtype=np.uint8, copy=True) for f in flag_sets[0]]
+    for fs in flag_sets[1:]:
+        for i, f in enumerate(fs):
+            out[i] |= f
+    return out

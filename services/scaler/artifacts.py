@@ -1,0 +1,258 @@
+"""Reading the scaler's inputs and writing its outputs (JSON, PNG, HDF5 with provenance).
+
+Inputs
+- observation table (voxel-merger's ``observations.h5``): root 1-D datasets ``still_id`` (int),
+  ``voxel_id`` (int), ``q_magnitude`` (|s| = 1/d, 1/Å), ``intensity``, ``sigma``; optional
+  ``still_names``.
+- merged map (voxel-merger's ``map.h5``: ``entry/map/{intensity,h,k,l}``, ``entry/crystal/unit_cell``)
+  or any HDF5 with 1-D ``q_magnitude`` and ``intensity`` datasets.
+- Bragg intensities: DIALS ``.refl`` or HDF5 with 1-D ``intensity`` and ``d`` (Å) or ``q_magnitude``.
+
+Outputs (relative): ``scales.json`` {still id: b} with I_obs ~ b * I_ref, ``statistics.json``,
+``scales_per_still.png``, ``r_factor_per_iteration.png``.
+Outputs (absolute): ``absolute_map.h5`` (NeXus, schema ``diffractflow.scaler.absolute_map``),
+``absolute.json`` and ``absolute_profile.png``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import h5py
+import numpy as np
+
+from . import __version__
+
+PRODUCER = "scaler"
+OBS_FIELDS = ("still_id", "voxel_id", "q_magnitude", "intensity", "sigma")
+ABSOLUTE_SCHEMA = "diffractflow.scaler.absolute_map"
+ABSOLUTE_SCHEMA_VERSION = "1.0"
+
+
+class InputError(ValueError):
+    """An input file is missing, unreadable or not in the expected layout (message names the file)."""
+
+
+def read_observations(path: str | Path, float32: Optional[bool] = None) -> dict[str, np.ndarray]:
+    """The flat observation table; floats as float32 when ``float32`` (default: if > 2e7 rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: observation file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: not an HDF5 file ({exc})") from exc
+    with f:
+        missing = [n for n in OBS_FIELDS if n not in f]
+        if missing:
+            raise InputError(f"{path}: missing dataset(s) {missing}; expected 1-D datasets {list(OBS_FIELDS)}")
+        n = f["intensity"].shape
+        for name in OBS_FIELDS:
+            if f[name].ndim != 1 or f[name].shape != n:
+                raise InputError(f"{path}: dataset {name} has shape {f[name].shape}, expected {n} (1-D, equal length)")
+        if float32 is None:
+            float32 = n[0] > 20_000_000
+        ft = np.float32 if float32 else np.float64
+        out = {"still_id": f["still_id"][()].astype(np.int64, copy=False),
+               "voxel_id": f["voxel_id"][()].astype(np.int64, copy=False)}
+        for name in ("q_magnitude", "intensity", "sigma"):
+            out[name] = f[name][()].astype(ft, copy=False)
+        if "still_names" in f:
+            out["still_names"] = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in f["still_names"][()]])
+    if n[0] == 0:
+        raise InputError(f"{path}: the observation table is empty")
+    return out
+
+
+def write_observations(path: str | Path, still_id, voxel_id, q_magnitude, intensity, sigma,
+                       still_names=None) -> Path:
+    """Write an observation table (used by tests, benchmarks and synthetic runs)."""
+    from diffractflow.artifacts import atomic_write_path, write_provenance
+
+    with atomic_write_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            write_provenance(f, schema="diffractflow.voxel_merger.observations", schema_version="1.0",
+                             producer=PRODUCER, producer_version=__version__)
+            for name, data in zip(OBS_FIELDS, (still_id, voxel_id, q_magnitude, intensity, sigma)):
+                f.create_dataset(name, data=np.asarray(data), chunks=True)
+            if still_names is not None:
+                f.create_dataset("still_names", data=np.array(still_names, dtype=h5py.string_dtype()))
+    return Path(path)
+
+
+def write_relative_outputs(out_dir: str | Path, refined: Mapping[int, Mapping[str, float]], statistics: Mapping[str, Any],
+                           still_names: Optional[np.ndarray] = None, plots: bool = True) -> dict[str, Path]:
+    """scales.json ({still id: b}), statistics.json and the two plots; returns name -> path."""
+    from diffractflow.artifacts import atomic_write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scales = {str(k): float(v["multiplicative_scale"]) for k, v in refined.items()}
+    paths = {"scales": atomic_write_json(out / "scales.json", scales)}
+    stats = dict(statistics)
+    stats["convention"] = "I_obs ~ b * g(|q|) * I_reference (DIALS convention); scales.json holds b"
+    stats["producer"] = {"service": PRODUCER, "version": __version__}
+    if still_names is not None:
+        stats["still_names"] = {str(k): str(still_names[int(k)]) for k in refined if 0 <= int(k) < len(still_names)}
+    paths["statistics"] = atomic_write_json(out / "statistics.json", stats)
+    if plots:
+        paths.update(plot_relative(out, scales, stats))
+    return paths
+
+
+def _save_fig(fig, path: Path) -> Path:
+    from diffractflow.artifacts import atomic_write_path
+
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
+def plot_relative(out: Path, scales: Mapping[str, float], stats: Mapping[str, Any]) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = np.array([int(k) for k in scales])
+    vals = np.array(list(scales.values()))
+    order = np.argsort(ids)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(ids[order], vals[order], ".", ms=3)
+    ax.set_xlabel("still id")
+    ax.set_ylabel("scale b (I_obs ≈ b·I_ref)")
+    ax.set_title(f"per-still scales ({len(vals)} stills)")
+    fig.tight_layout()
+    p1 = _save_fig(fig, out / "scales_per_still.png")
+    plt.close(fig)
+    hist = stats.get("r_factor_history", [])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(np.arange(len(hist)), hist, "o-")
+    ax.set_xlabel("iteration (0 = start)")
+    ax.set_ylabel("R = Σ|I − b·g·I_ref| / Σ|I|")
+    ax.set_title("R-factor per iteration")
+    fig.tight_layout()
+    p2 = _save_fig(fig, out / "r_factor_per_iteration.png")
+    plt.close(fig)
+    return {"plot_scales": p1, "plot_r_factor": p2}
+
+
+# ----------------------------------------------------------------------------- absolute scaling I/O
+def _s_from_fractional_hkl(unit_cell, h, k, l) -> np.ndarray:
+    """|s| = 1/d (1/Å) of fractional Miller indices under the cell's reciprocal metric (cctbx uctbx)."""
+    from cctbx import uctbx
+
+    aa, bb, cc, ab, ac, bc = uctbx.unit_cell(tuple(float(x) for x in unit_cell)).reciprocal_metrical_matrix()
+    s2 = h * h * aa + k * k * bb + l * l * cc + 2 * (h * k * ab + h * l * ac + k * l * bc)
+    return np.sqrt(np.maximum(s2, 0.0))
+
+
+def read_map(path: str | Path) -> dict[str, Any]:
+    """Voxel values and |s| from a voxel-merger map.h5 or a flat HDF5 (q_magnitude, intensity)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: map file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: not an HDF5 file ({exc})") from exc
+    with f:
+        if "entry/map/intensity" in f:
+            g = f["entry/map"]
+            inten = g["intensity"][()]
+            h, k, l = (g[a][()] for a in ("h", "k", "l"))
+            H, K, L = np.meshgrid(h, k, l, indexing="ij")
+            if H.shape != inten.shape:
+                raise InputError(f"{path}: map shape {inten.shape} does not match its h,k,l axes {H.shape}")
+            cell = f["entry/crystal/unit_cell"][()] if "entry/crystal/unit_cell" in f else None
+            if cell is None:
+                raise InputError(f"{path}: entry/crystal/unit_cell missing, cannot compute |s|")
+            s = _s_from_fractional_hkl(cell, H, K, L)
+            return {"intensity": inten, "s": s, "unit_cell": np.asarray(cell, dtype=float), "layout": "nexus",
+                    "sigma": g["sigma"][()] if "sigma" in g else None}
+        if "intensity" in f and ("q_magnitude" in f or "d" in f):
+            inten = f["intensity"][()]
+            s = f["q_magnitude"][()] if "q_magnitude" in f else 1.0 / f["d"][()]
+            cell = f.attrs.get("unit_cell")
+            return {"intensity": inten, "s": np.asarray(s, dtype=float),
+                    "unit_cell": None if cell is None else np.asarray(cell, dtype=float), "layout": "flat",
+                    "sigma": f["sigma"][()] if "sigma" in f else None}
+    raise InputError(f"{path}: expected entry/map/intensity (voxel-merger map) or 1-D q_magnitude + intensity")
+
+
+def read_bragg(path: str | Path) -> dict[str, np.ndarray]:
+    """Bragg intensities (per unit cell, relative scale) and |s| from a DIALS .refl or an HDF5 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: Bragg file not found")
+    if path.suffix == ".refl":
+        from dials.array_family import flex
+
+        t = flex.reflection_table.from_file(str(path))
+        col = "intensity.scale.value" if "intensity.scale.value" in t else "intensity.sum.value"
+        if col not in t or "d" not in t:
+            raise InputError(f"{path}: reflection table needs {col} and d columns")
+        return {"intensity": t[col].as_numpy_array(), "s": 1.0 / t["d"].as_numpy_array()}
+    try:
+        with h5py.File(path, "r") as f:
+            if "intensity" not in f or not ("d" in f or "q_magnitude" in f):
+                raise InputError(f"{path}: expected 1-D datasets intensity and d (Å) or q_magnitude (1/Å)")
+            s = f["q_magnitude"][()] if "q_magnitude" in f else 1.0 / f["d"][()]
+            return {"intensity": f["intensity"][()].astype(float), "s": np.asarray(s, dtype=float)}
+    except OSError as exc:
+        raise InputError(f"{path}: not an HDF5 file ({exc})") from exc
+
+
+def write_absolute_map(path: str | Path, values: np.ndarray, s: np.ndarray, compton: np.ndarray,
+                       result: Mapping[str, Any], parameters: Mapping[str, Any], inputs: Mapping[str, str],
+                       unit_cell=None, sigma=None, job_id: Optional[str] = None) -> Path:
+    """NeXus HDF5: entry/absolute/{intensity (e.u./cell, Compton removed), s, compton}."""
+    from diffractflow.artifacts import atomic_write_path, write_provenance
+
+    with atomic_write_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            write_provenance(f, schema=ABSOLUTE_SCHEMA, schema_version=ABSOLUTE_SCHEMA_VERSION, producer=PRODUCER,
+                             producer_version=__version__, job_id=job_id, parameters=parameters, inputs=inputs)
+            f.attrs["default"] = "entry"
+            e = f.create_group("entry")
+            e.attrs["NX_class"] = "NXentry"
+            e.attrs["default"] = "absolute"
+            g = e.create_group("absolute")
+            g.attrs["NX_class"] = "NXdata"
+            g.attrs["signal"] = "intensity"
+            d = g.create_dataset("intensity", data=np.asarray(values, dtype=np.float64), compression="gzip")
+            d.attrs["units"] = "electron units per unit cell"
+            d.attrs["long_name"] = "K * I_relative - I_Compton(|s|)"
+            if sigma is not None:
+                g.create_dataset("sigma", data=np.asarray(sigma, dtype=np.float64), compression="gzip")
+            ds = g.create_dataset("s", data=np.asarray(s, dtype=np.float64), compression="gzip")
+            ds.attrs["units"] = "1/angstrom (|s| = 1/d)"
+            dc = g.create_dataset("compton", data=np.asarray(compton, dtype=np.float64), compression="gzip")
+            dc.attrs["units"] = "electron units per unit cell"
+            if unit_cell is not None:
+                g.create_dataset("unit_cell", data=np.asarray(unit_cell, dtype=float))
+            r = e.create_group("scaling")
+            r.attrs["NX_class"] = "NXcollection"
+            r.attrs["json"] = json.dumps(dict(result), default=str)
+    return Path(path)
+
+
+def plot_absolute(path: Path, edges, profile_abs, theory_coh, theory_inc) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(centres, profile_abs, "o", ms=3, label="K × observed shell mean (Bragg + diffuse)")
+    ax.plot(centres, theory_coh + theory_inc, "-", label="Σf² + Compton (theory)")
+    ax.plot(centres, theory_inc, "--", label="Compton (theory)")
+    ax.set_xlabel("|s| = 1/d (1/Å)")
+    ax.set_ylabel("e.u. per unit cell")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return path

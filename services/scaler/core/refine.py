@@ -1,0 +1,492 @@
+"""Levenberg-Marquardt refinement of per-still scales b_s and a shared resolution smoother g(|q|).
+
+Model (DIALS convention, I_obs ~ scale * I_reference):
+
+    I_k  ~  b_{s(k)} * g(q_k) * I_h(k)
+
+with one group h per diffuse voxel (or Bragg reflection). As in DIALS' scaling target, each iteration
+first recomputes the reference of every group as the weighted least-squares value given the current
+scales, I_h = sum w t I / sum w t^2 (t = b g, w = 1/sigma^2), then takes one damped Gauss-Newton step on
+sum w (I - t I_h)^2 with I_h held fixed (analytic derivatives: dr/db_s = -g I_h,
+dr/dc_j = -b I_h W_j(q)).
+
+The Jacobian has one per-still column and <= 3 smoother columns per row, so J^T W J is an "arrow"
+matrix: diagonal in the still block, dense N x M coupling, M x M smoother block. It is accumulated in
+bounded-memory chunks with ``np.bincount`` (never materialising J) and solved as a ``scipy.sparse``
+system. The smoother is evaluated on a fine |q| grid (``n_q_bins`` bins; relative quantisation error
+~ 1e-4 for a factor that varies by 50 % across the range) so the smoother parts of J^T W J reduce to
+bincounts over (still, q-bin) pairs. The ``sparse_jacobian`` helper builds the explicit J for small
+problems; tests check the accumulated normal equations against J^T W J.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from .errors import RefinementFailure
+from .smoother import GaussianSmoother1D
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 1 << 20
+DEFAULT_THREADS = min(2, os.cpu_count() or 1)
+
+
+@dataclass
+class ObservationSet:
+    """Flat observations, already indexed: still_index in [0, n_stills), group_index in [0, n_groups).
+
+    ``weight`` is 1/sigma^2. ``still_ids`` maps still_index -> the caller's still id; ``group_keys``
+    maps group_index -> voxel id (diffuse groups first) or Miller index (Bragg groups after
+    ``n_diffuse_groups``).
+    """
+
+    still_index: np.ndarray
+    group_index: np.ndarray
+    q: np.ndarray
+    intensity: np.ndarray
+    weight: np.ndarray
+    still_ids: np.ndarray
+    n_groups: int
+    group_keys: Optional[list] = None
+    n_diffuse_groups: Optional[int] = None
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.intensity.shape[0])
+
+    @property
+    def n_stills(self) -> int:
+        return int(len(self.still_ids))
+
+    def select(self, mask: np.ndarray) -> "ObservationSet":
+        """Subset of observations (indices and group numbering unchanged)."""
+        return ObservationSet(self.still_index[mask], self.group_index[mask], self.q[mask],
+                              self.intensity[mask], self.weight[mask], self.still_ids, self.n_groups,
+                              self.group_keys, self.n_diffuse_groups)
+
+
+def reorder_for_locality(obs: ObservationSet, block: int = 16384, min_obs: int = 2_000_000,
+                         inplace: bool = False) -> ObservationSet:
+    """Group observations into blocks of ``block`` consecutive groups (O(n) radix argsort on 16-bit keys).
+
+    Every pass scatters into / gathers from per-group arrays; with random group order each access is a
+    cache miss once there are ~1e6 groups. Within a block the group arrays (128 kB) stay in cache,
+    which makes those passes ~3x faster. Order does not change any result.
+    """
+    if obs.n_obs < min_obs:
+        return obs
+    n_blocks = obs.n_groups // block + 1
+    key = (obs.group_index // block).astype(np.uint16 if n_blocks < 65536 else np.uint32)
+    order = np.argsort(key, kind="stable")
+    del key
+    if inplace:  # one temporary array at a time instead of a second copy of the whole table
+        for a in (obs.still_index, obs.group_index, obs.q, obs.intensity, obs.weight):
+            a[...] = a[order]
+        return obs
+    return ObservationSet(obs.still_index[order], obs.group_index[order], obs.q[order], obs.intensity[order],
+                          obs.weight[order], obs.still_ids, obs.n_groups, obs.group_keys, obs.n_diffuse_groups)
+
+
+@dataclass
+class SmootherSetup:
+    """Shared resolution smoother and its restraint weights (relative to the data curvature)."""
+
+    smoother: GaussianSmoother1D
+    smoothness_weight: float = 1e-2
+    ridge_weight: float = 1e-4
+    n_q_bins: int = 2048
+
+    def bin_centres(self) -> np.ndarray:
+        edges = np.linspace(self.smoother.x0, self.smoother.x1, self.n_q_bins + 1)
+        return 0.5 * (edges[:-1] + edges[1:])
+
+    def bin_index(self, q: np.ndarray) -> np.ndarray:
+        s = self.smoother
+        k = np.floor((np.asarray(q, dtype=np.float64) - s.x0) * (self.n_q_bins / (s.x1 - s.x0)))
+        return np.clip(k, 0, self.n_q_bins - 1).astype(np.int16 if self.n_q_bins < 32768 else np.int32)
+
+    def derivative_table(self) -> np.ndarray:
+        """(n_q_bins, M): d g / d c_j at each bin centre (rows sum to 1)."""
+        return self.smoother.dense_derivatives(self.bin_centres())
+
+
+def second_difference(m: int) -> np.ndarray:
+    """(m-2, m) second-difference operator for the smoothness restraint."""
+    d = np.zeros((max(m - 2, 0), m))
+    for i in range(m - 2):
+        d[i, i:i + 3] = (1.0, -2.0, 1.0)
+    return d
+
+
+@dataclass
+class RefinementResult:
+    b: np.ndarray
+    c: Optional[np.ndarray]
+    reference: np.ndarray
+    reference_var: np.ndarray
+    n_iterations: int
+    converged: bool
+    r_factor_history: list = field(default_factory=list)
+    objective_history: list = field(default_factory=list)
+    final_r_factor: float = float("nan")
+    shift_history: list = field(default_factory=list)
+    final_normal_equations: Optional[dict] = None
+
+
+class ScalingProblem:
+    """Chunked evaluation of references, residuals and normal equations."""
+
+    def __init__(self, obs: ObservationSet, smoother: Optional[SmootherSetup] = None,
+                 chunk: Optional[int] = None, n_threads: Optional[int] = None):
+        self.obs = obs
+        self.sm = smoother
+        self.chunk = int(chunk or DEFAULT_CHUNK)
+        self.n_threads = int(n_threads or DEFAULT_THREADS)
+        self.N = obs.n_stills
+        self.G = int(obs.n_groups)
+        if smoother is not None:
+            self.M = smoother.smoother.n_values
+            self.K = smoother.n_q_bins
+            self.qbin = smoother.bin_index(obs.q)
+            self.Wtab = smoother.derivative_table()
+            st, ws = smoother.smoother.weights(smoother.bin_centres())
+            self.start_tab, self.wslot = st.astype(np.int64), ws
+        else:
+            self.M, self.K, self.qbin, self.Wtab = 0, 0, None, None
+        self.sum_abs_I = float(np.sum(np.abs(obs.intensity), dtype=np.float64))
+
+    # ------------------------------------------------------------------ helpers
+    def _slices(self):
+        n = self.obs.n_obs
+        for a in range(0, n, self.chunk):
+            yield slice(a, min(a + self.chunk, n))
+
+    def g_bins(self, c: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        return None if self.sm is None else self.Wtab @ np.asarray(c, dtype=float)
+
+    def _t(self, sl, b, gb):
+        t = b[self.obs.still_index[sl]]
+        if gb is not None:
+            t = t * gb[self.qbin[sl]]
+        return t
+
+    # ------------------------------------------------------------------ passes
+    def _map_reduce(self, fn):
+        """Sum the dicts ``fn(slice)`` over all chunks; chunks are shared round-robin by ``n_threads``
+        threads (numpy releases the GIL in ufuncs, gathers and bincount), each with its own accumulator."""
+        slices = list(self._slices())
+        nt = max(1, min(self.n_threads, len(slices)))
+
+        def run(part):
+            acc = None
+            for sl in part:
+                r = fn(sl)
+                if acc is None:
+                    acc = r
+                else:
+                    for k, v in r.items():
+                        acc[k] += v
+            return acc
+
+        if nt == 1:
+            return run(slices)
+        with ThreadPoolExecutor(nt) as ex:
+            parts = list(ex.map(run, [slices[i::nt] for i in range(nt)]))
+        acc = parts[0]
+        for p in parts[1:]:
+            for k, v in p.items():
+                acc[k] += v
+        return acc
+
+    def reference(self, b: np.ndarray, gb: Optional[np.ndarray]):
+        """Weighted LSQ reference per group and its variance 1/sum(w t^2) (inf where unmeasured)."""
+        o = self.obs
+        G = self.G
+
+        def chunk(sl):
+            t = self._t(sl, b, gb)
+            wt = o.weight[sl] * t
+            gi = o.group_index[sl]
+            return {"num": np.bincount(gi, wt * o.intensity[sl], minlength=G),
+                    "den": np.bincount(gi, wt * t, minlength=G)}
+
+        acc = self._map_reduce(chunk)
+        num, den = acc["num"], acc["den"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ih = np.where(den > 0, num / den, 0.0)
+            var = np.where(den > 0, 1.0 / den, np.inf)
+        return ih, var
+
+    def normal_equations(self, b, c, gb, ih, var=None, refine_b=True):
+        """Data objective, R-factor, J^T W J blocks and rhs = -J^T W r.
+
+        Per-still columns hold I_h fixed (DIALS). With a smoother and ``var`` (= 1/sum w t^2 per group)
+        given, the smoother columns are projected as in variable projection (Kaufman): J_c minus its
+        component along each group's reference, so a change of g that the references can absorb is
+        recognised as (nearly) free and the restraint decides it in one step instead of slow zig-zag.
+        """
+        N, M, K = self.N, self.M, self.K
+        o = self.obs
+        project = bool(M) and var is not None
+
+        def chunk(sl):
+            out = {}
+            s = o.still_index[sl]
+            w = o.weight[sl]
+            ihk = ih[o.group_index[sl]]
+            bk = b[s]
+            if gb is not None:
+                kb = self.qbin[sl]
+                gk = gb[kb]
+                t = bk * gk
+            else:
+                gk = None
+                t = bk
+            r = o.intensity[sl] - t * ihk
+            wr = w * r
+            out["f"] = np.array(np.dot(wr, r))
+            out["ar"] = np.array(np.sum(np.abs(r)))
+            wih = w * ihk
+            wih2 = wih * ihk
+            if refine_b:
+                if gk is None:
+                    out["Ass"] = np.bincount(s, wih2, minlength=N)
+                    out["rs"] = np.bincount(s, wr * ihk, minlength=N)
+                else:
+                    out["Ass"] = np.bincount(s, wih2 * gk * gk, minlength=N)
+                    out["rs"] = np.bincount(s, wr * ihk * gk, minlength=N)
+            if M:
+                kb32 = kb.astype(np.int64)
+                if refine_b:
+                    out["Usk"] = np.bincount(s.astype(np.int64) * K + kb32, wih2 * gk * bk, minlength=N * K)
+                out["Ak"] = np.bincount(kb32, wih2 * bk * bk, minlength=K)
+                out["rk"] = np.bincount(kb32, wr * ihk * bk, minlength=K)
+                if project:
+                    # Y[v, j] = sum_{k in v} w t x_kj with x_kj = -b I_h W_j(q_k)
+                    wtx = -(w * t * bk * ihk)
+                    base = o.group_index[sl].astype(np.int64) * M + self.start_tab[kb32]
+                    Y = np.zeros(self.G * M)
+                    for m_ in range(self.wslot.shape[1]):
+                        Y += np.bincount(base + m_, wtx * self.wslot[kb32, m_], minlength=self.G * M)
+                    out["Y"] = Y
+            return out
+
+        acc = self._map_reduce(chunk)
+        f, ar = float(acc["f"]), float(acc["ar"])
+        Rf = ar / self.sum_abs_I if self.sum_abs_I > 0 else float("nan")
+        out = {"f": f, "R": Rf, "Ass": acc.get("Ass", np.zeros(N)), "rs": acc.get("rs", np.zeros(N))}
+        if M:
+            W = self.Wtab
+            out["Asc"] = acc["Usk"].reshape(N, K) @ W if refine_b else np.zeros((N, M))
+            out["Acc"] = (W * acc["Ak"][:, None]).T @ W
+            out["rc"] = W.T @ acc["rk"]
+            if project:
+                Y = acc["Y"].reshape(self.G, M)
+                den = np.where(np.isfinite(var) & (var > 0), 1.0 / np.where(np.isfinite(var) & (var > 0), var, 1.0), 0.0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    Yd = np.where(den[:, None] > 0, Y / den[:, None], 0.0)
+                out["Acc"] = out["Acc"] - Y.T @ Yd
+                if refine_b:
+                    out["Asc"] = out["Asc"] + self._cross_correction(b, gb, ih, Yd)
+        return out
+
+    def _cross_correction(self, b, gb, ih, Yd):
+        """sum_{k in still s} w g I_h t Yd[v_k, j]: the projected part of the still/smoother coupling."""
+        N, M = self.N, self.M
+        o = self.obs
+
+        def chunk(sl):
+            s = o.still_index[sl]
+            gi = o.group_index[sl]
+            gk = gb[self.qbin[sl]]
+            t = b[s] * gk
+            u = o.weight[sl] * gk * ih[gi] * t
+            return {"x": np.stack([np.bincount(s, u * Yd[gi, j], minlength=N) for j in range(M)], axis=1)}
+
+        return self._map_reduce(chunk)["x"]
+
+
+def sparse_jacobian(problem: ScalingProblem, b, c, ih) -> sp.csr_matrix:
+    """Explicit J = d r / d (b, c) with I_h fixed, as scipy.sparse CSR (n_obs x (N + M)); small data only."""
+    o = problem.obs
+    n = o.n_obs
+    rows = np.arange(n)
+    ihk = ih[o.group_index]
+    gb = problem.g_bins(c)
+    gk = gb[problem.qbin] if gb is not None else np.ones(n)
+    data = [-(gk * ihk)]
+    rr = [rows]
+    cc = [o.still_index.astype(np.int64)]
+    if problem.M:
+        start, wts = problem.sm.smoother.weights(problem.sm.bin_centres()[problem.qbin])
+        bk = b[o.still_index]
+        for m in range(wts.shape[1]):
+            data.append(-(bk * ihk * wts[:, m]))
+            rr.append(rows)
+            cc.append(problem.N + start + m)
+    J = sp.coo_matrix((np.concatenate(data), (np.concatenate(rr), np.concatenate(cc))),
+                      shape=(n, problem.N + problem.M))
+    return J.tocsr()
+
+
+def _assemble(ne: dict, N: int, M: int, refine_b: bool, restraint: Optional[tuple], c) -> tuple:
+    """Sparse arrow normal matrix (with restraints) and right-hand side for the free parameters."""
+    blocks_rhs = []
+    if refine_b:
+        blocks_rhs.append(ne["rs"])
+    if M:
+        Acc = ne["Acc"].copy()
+        rc = ne["rc"].copy()
+        if restraint is not None:
+            R, c_ref = restraint
+            Acc += R
+            rc -= R @ (c - c_ref) if c_ref is not None else R @ c
+        blocks_rhs.append(rc)
+    rhs = np.concatenate(blocks_rhs)
+    if refine_b and M:
+        A = sp.bmat([[sp.diags(ne["Ass"]), sp.csr_matrix(ne["Asc"])],
+                     [sp.csr_matrix(ne["Asc"].T), sp.csr_matrix(Acc)]], format="csc")
+    elif refine_b:
+        A = sp.diags(ne["Ass"]).tocsc()
+    else:
+        A = sp.csc_matrix(Acc)
+    return A, rhs
+
+
+def refine(problem: ScalingProblem, b0: np.ndarray, c0: Optional[np.ndarray], *,
+           max_iterations: int = 30, convergence_tolerance: float = 1e-6,
+           minimizer: str = "lm", refine_b: bool = True, normalise_b: bool = True,
+           progress: Optional[Callable[[int, float], None]] = None) -> RefinementResult:
+    """Iterate reference update + damped Gauss-Newton step until the R-factor change < tolerance."""
+    if minimizer not in ("lm", "gauss_newton"):
+        raise ValueError(f"minimizer_type must be 'lm' or 'gauss_newton', got {minimizer!r}")
+    N, M = problem.N, problem.M
+    b = np.array(b0, dtype=float)
+    c = None if c0 is None else np.array(c0, dtype=float)
+    if np.any(~np.isfinite(b)) or np.any(b <= 0):
+        raise RefinementFailure("initial per-still scales must be finite and > 0")
+    # restraint on the smoother: smoothness (second differences) + weak ridge to unity (which also
+    # fixes the exact g <-> reference degeneracy); weights are relative to the data curvature.
+    restraint = None
+    lam_scale = None
+
+    def restraint_value(cv):
+        if restraint is None:
+            return 0.0
+        R, cref = restraint
+        d = cv - cref
+        return float(d @ R @ d)
+
+    gb = problem.g_bins(c)
+    ih, var = problem.reference(b, gb)
+    ne = problem.normal_equations(b, c, gb, ih, var, refine_b)
+    if M:
+        lam_scale = max(np.trace(ne["Acc"]) / M, 1e-300)
+        D2 = second_difference(M)
+        R = lam_scale * (problem.sm.smoothness_weight * D2.T @ D2 + problem.sm.ridge_weight * np.eye(M))
+        # smoothness acts on c itself (D2 @ 1 = 0), the ridge pulls towards 1: use c_ref = 1 for both
+        restraint = (R, np.ones(M))
+    F = ne["f"] + restraint_value(c)
+    if not math.isfinite(F):
+        raise RefinementFailure("objective is not finite at the starting parameters")
+    res = RefinementResult(b=b, c=c, reference=ih, reference_var=var, n_iterations=0, converged=False)
+    res.r_factor_history.append(ne["R"])
+    res.objective_history.append(F)
+    mu = 1e-3 if minimizer == "lm" else 0.0
+    converged = False
+    it = 0
+    for it in range(1, max_iterations + 1):
+        A, rhs = _assemble(ne, N, M, refine_b, restraint, c)
+        diagA = A.diagonal()
+        if not np.all(np.isfinite(diagA)) or not np.all(np.isfinite(rhs)):
+            raise RefinementFailure("non-finite normal equations")
+        # free parameters: refine_b -> b then c; else only c
+        n_b = N if refine_b else 0
+        accepted = False
+        step_scale = 1.0
+        gn_step = None
+        if minimizer == "gauss_newton":
+            tiny = 1e-12 * max(float(diagA.max()), 1e-300)
+            gn_step = spla.spsolve(A + sp.identity(A.shape[0], format="csc") * tiny, rhs)
+        for _attempt in range(40):
+            if minimizer == "lm":
+                Ad = A + sp.diags(mu * np.where(diagA > 0, diagA, 1.0)).tocsc()
+                delta = spla.spsolve(Ad, rhs)
+            else:
+                delta = gn_step * step_scale
+            if not np.all(np.isfinite(delta)):
+                delta = None
+            if delta is not None:
+                b_new = b + delta[:n_b] if refine_b else b
+                c_new = c + delta[n_b:] if M else c
+                gb_new = problem.g_bins(c_new)
+                valid = np.all(b_new > 0) and (gb_new is None or (np.all(c_new > 0) and np.all(gb_new > 0)))
+            else:
+                valid = False
+            if valid:
+                ih_new, var_new = problem.reference(b_new, gb_new)
+                ne_new = problem.normal_equations(b_new, c_new, gb_new, ih_new, var_new, refine_b)
+                F_new = ne_new["f"] + restraint_value(c_new)
+                if math.isfinite(F_new) and F_new <= F * (1 + 1e-13):
+                    accepted = True
+                    break
+            if minimizer == "lm":
+                mu = max(mu, 1e-6) * 4.0
+                if mu > 1e12:
+                    break
+            else:
+                step_scale *= 0.5
+        if not accepted:
+            grad_norm = float(np.linalg.norm(rhs))
+            scale = float(np.sqrt(np.sum(diagA)) * max(np.sqrt(F), 1e-300))
+            if grad_norm <= 1e-8 * max(scale, 1e-300) or F == 0.0:
+                converged = True
+                break
+            raise RefinementFailure(
+                f"no step reduces the objective after damping (iteration {it}, |grad|={grad_norm:.3g})")
+        shifts = {"per_still_scale": float(np.max(np.abs(b_new - b))) if refine_b else 0.0}
+        if M:
+            shifts["resolution_smoother"] = float(np.max(np.abs(c_new - c)))
+        b, c, gb, ih, var, ne = b_new, c_new, gb_new, ih_new, var_new, ne_new
+        if normalise_b and refine_b:
+            # exact gauge b -> k b, I_h -> I_h / k: keep mean(b) = 1 (objective unchanged)
+            k = float(np.mean(b))
+            b = b / k
+            ih = ih * k
+            var = var * k * k
+            # J^T W J and J^T W r transform with the column scaling of J (no extra data pass)
+            ne = dict(ne)
+            ne["Ass"] = ne["Ass"] * k * k
+            ne["rs"] = ne["rs"] * k
+            if M:
+                ne["Asc"] = ne["Asc"] * k
+                # restraint scale and the projected Acc are invariant under this gauge
+        dR = abs(res.r_factor_history[-1] - ne["R"])
+        dF = (F - F_new) / max(F, 1e-300)
+        F = F_new
+        res.r_factor_history.append(ne["R"])
+        res.objective_history.append(F)
+        res.shift_history.append(shifts)
+        if minimizer == "lm":
+            mu = mu / 3.0
+        if progress is not None:
+            progress(it, ne["R"])
+        log.debug("iteration %d: R=%.6f F=%.6g mu=%.3g", it, ne["R"], F, mu)
+        if dR < convergence_tolerance or dF < 1e-12:
+            converged = True
+            break
+    res.b, res.c, res.reference, res.reference_var = b, c, ih, var
+    res.final_normal_equations = ne
+    res.n_iterations = it
+    res.converged = converged
+    res.final_r_factor = res.r_factor_history[-1]
+    return res

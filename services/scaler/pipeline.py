@@ -1,0 +1,130 @@
+"""File-level steps shared by the CLI and the worker: relative scaling and absolute scaling."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from . import artifacts
+from .core import absolute as ab
+from .core.model import DiffuseScalingModel, compact_ids
+from .core.refine import ObservationSet
+
+log = logging.getLogger(__name__)
+
+
+def observation_set_from_table(table: Mapping[str, np.ndarray]) -> ObservationSet:
+    """Index a flat observation table (still_id, voxel_id, q_magnitude, intensity, sigma) without copies of Python objects."""
+    sidx, skeys = compact_ids(table["still_id"])
+    gidx, gkeys = compact_ids(table["voxel_id"])
+    sig = table["sigma"]
+    inten = table["intensity"]
+    ft = sig.dtype if np.issubdtype(sig.dtype, np.floating) else np.float64
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = (1.0 / (sig.astype(ft, copy=False) ** 2)).astype(ft, copy=False)
+    bad = ~(np.isfinite(w) & np.isfinite(inten) & np.isfinite(table["q_magnitude"]) & (sig > 0))
+    if bad.any():
+        w[bad] = 0
+        inten = np.where(bad, 0, inten).astype(inten.dtype, copy=False)
+    return ObservationSet(sidx, gidx, table["q_magnitude"], inten, w, skeys, len(gkeys), None, len(gkeys))
+
+
+def build_config(smoother: bool = False, n_control_points: int = 3, q_range: Optional[tuple[float, float]] = None,
+                 smoothness_weight: float = 1e-2, partiality_threshold: float = 0.1,
+                 q_values: Optional[np.ndarray] = None) -> dict:
+    """A seed-003 configdict (smoother range from the data's |q| range when not given)."""
+    cfg = {"per_still_scale": {"enabled": True, "initial_values": {}},
+           "resolution_smoother": {"enabled": bool(smoother)},
+           "experimental_components": {"panel_scale": {"enabled": False}, "spatial_scale": {"enabled": False},
+                                       "additive_offset": {"enabled": False}},
+           "partiality_threshold": float(partiality_threshold)}
+    if smoother:
+        if q_range is None:
+            if q_values is None:
+                raise ValueError("resolution smoother needs a q range")
+            q_range = (float(np.nanmin(q_values)), float(np.nanmax(q_values)))
+            if q_range[1] <= q_range[0]:
+                q_range = (q_range[0], q_range[0] + 1e-3)
+        cfg["resolution_smoother"].update({"n_control_points": int(n_control_points),
+                                           "resolution_range": [float(q_range[0]), float(q_range[1])],
+                                           "smoothness_weight": float(smoothness_weight)})
+    return cfg
+
+
+def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: bool = False, n_control_points: int = 3,
+                 q_range: Optional[tuple[float, float]] = None, smoothness_weight: float = 1e-2,
+                 refinement: Optional[dict] = None, plots: bool = True,
+                 progress: Optional[Callable[[int, float], None]] = None) -> tuple[dict[str, Path], dict]:
+    """Read OBS.h5, refine the v1 model, write scales.json / statistics.json / plots."""
+    t0 = time.perf_counter()
+    table = artifacts.read_observations(observations)
+    t_read = time.perf_counter() - t0
+    names = table.pop("still_names", None)
+    obs = observation_set_from_table(table)
+    q = table["q_magnitude"]
+    del table
+    cfg = build_config(smoother, n_control_points, q_range, smoothness_weight, q_values=q if smoother else None)
+    model = DiffuseScalingModel(cfg, still_ids=obs.still_ids.tolist())
+    refined, stats = model.refine_observation_set(obs, refinement or {}, progress=progress,
+                                                  reorder_inplace=True)
+    stats = dict(stats)
+    stats["timing_s"] = {"read": round(t_read, 3), "total": round(time.perf_counter() - t0, 3)}
+    stats["input"] = str(observations)
+    paths = artifacts.write_relative_outputs(out_dir, refined, stats, names, plots=plots)
+    return paths, stats
+
+
+def run_absolute(map_path: str | Path, out_dir: str | Path, *, formula: Optional[str] = None,
+                 sequence: Optional[str] = None, pdb: Optional[str | Path] = None, copies: float = 1.0,
+                 extra_formula: Optional[str] = None, cell_volume: Optional[float] = None,
+                 wavelength: Optional[float] = None, bragg: Optional[str | Path] = None, n_shells: int = 30,
+                 s_max: Optional[float] = None, job_id: Optional[str] = None,
+                 inputs_hashes: Optional[Mapping[str, str]] = None) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Scale a relatively scaled map to e.u. per unit cell (Krogh-Moe / Norman) and subtract Compton."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m = artifacts.read_map(map_path)
+    comp, vol_pdb = ab.composition_from_spec(formula, sequence, pdb, copies, extra_formula)
+    vol = cell_volume or vol_pdb
+    if vol is None and m.get("unit_cell") is not None:
+        from cctbx import uctbx
+
+        vol = float(uctbx.unit_cell(tuple(m["unit_cell"])).volume())
+    if vol is None:
+        raise artifacts.InputError(f"{map_path}: no unit cell in the map; give --cell-volume or a PDB model")
+    vals = np.asarray(m["intensity"], dtype=float)
+    s = np.asarray(m["s"], dtype=float)
+    ok = np.isfinite(vals) & (s > 0)
+    br = artifacts.read_bragg(bragg) if bragg is not None else None
+    smax = s_max or float(np.max(s[ok]))
+    edges = ab.shell_edges(smax, n_shells, 0.0)
+    prof, nd, nb = ab.shell_profile(edges, s[ok], vals[ok], None if br is None else br["s"],
+                                    None if br is None else br["intensity"])
+    res = ab.krogh_moe_scale(edges, prof, comp, vol, wavelength)
+    k = res["scale"]
+    compton = ab.incoherent_scattering(s, comp, wavelength)
+    absolute = np.where(np.isfinite(vals), k * vals - compton, np.nan)
+    sigma = None if m.get("sigma") is None else k * np.asarray(m["sigma"], dtype=float)
+    res.update({"composition": comp, "wavelength": wavelength, "n_shells": n_shells,
+                "bragg_included": br is not None, "n_voxels_used": int(ok.sum()),
+                "compton_model": "Waller-Hartree with f/Z one-electron factors: Z - f0^2/Z"
+                                 + (" x Breit-Dirac" if wavelength else ""),
+                "f0_table": "cctbx.eltbx.xray_scattering.wk1995"})
+    params = {"formula": formula, "sequence": sequence is not None, "pdb": str(pdb) if pdb else None, "copies": copies,
+              "extra_formula": extra_formula, "cell_volume": vol, "wavelength": wavelength, "n_shells": n_shells}
+    paths = {"absolute_map": artifacts.write_absolute_map(out / "absolute_map.h5", absolute, s, compton, res, params,
+                                                          dict(inputs_hashes or {}), m.get("unit_cell"), sigma, job_id)}
+    from diffractflow.artifacts import atomic_write_json
+
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    res["profile"] = {"s_centre": centres.tolist(), "observed_scaled": (k * prof).tolist(),
+                      "theory_coherent": ab.coherent_sum_f2(centres, comp, wavelength).tolist(),
+                      "theory_compton": ab.incoherent_scattering(centres, comp, wavelength).tolist()}
+    paths["absolute"] = atomic_write_json(out / "absolute.json", res)
+    paths["plot_profile"] = artifacts.plot_absolute(out / "absolute_profile.png", edges, k * prof,
+                                                    np.array(res["profile"]["theory_coherent"]),
+                                                    np.array(res["profile"]["theory_compton"]))
+    return paths, res

@@ -1,0 +1,535 @@
+"""The cluster-guided polarisation pipeline over a streamed scan.
+
+Passes over the data (each chunk is read, processed, and dropped):
+  0. sample   - a few blocks spread over the scan: finiteness check, mean pattern, beam centre (detected once,
+                used by preprocessing, gates and CoM alike).
+  1. stats    - additive partial sums (global / per-cluster / per split-half) -> mu, sigma, mu_c.
+  2. maps     - matched filter S_c, softmax confidence and argmax, gated CoM (union or adaptive).
+  (r. descan  - optional reference (vacuum) scan -> CoM per position and gate, subtracted.)
+Then real-space corrections (rotation/flip, baseline), field conversion, iCoM and the reports.
+
+Usage: ``p = PolarPipeline(source, labels, cfg); p.prepare(); [interactive tweaks of p.cfg]; res = p.run()``.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import stages as st
+from .calibration import (
+    CenterEstimate,
+    deflection_to_field,
+    detect_center,
+    electron_wavelength_angstrom,
+    radial_mask,
+)
+from .config import PolarConfig
+from .source import auto_chunk, iter_chunks
+from .xp import get_xp, to_numpy
+
+
+class InputError(ValueError):
+    """Bad input detected before the heavy work starts (or while reading a chunk)."""
+
+
+@dataclass
+class PolarResult:
+    scan_shape: tuple[int, int]
+    cluster_ids: list[int]  # label values of the clusters that were analysed (order of all per-cluster arrays)
+    center: CenterEstimate
+    stats: st.Stats
+    templates: np.ndarray  # (C, ky, kx)
+    gates: np.ndarray  # (C, ky, kx)
+    union_gate: np.ndarray  # (ky, kx)
+    S: np.ndarray  # (C, H, W) matched-filter scores
+    argmax: np.ndarray  # (H, W) cluster id (label value)
+    confidence: np.ndarray  # (H, W) max softmax probability
+    com_x_raw: np.ndarray  # (H, W) raw CoM, detector frame, calibrated k units
+    com_y_raw: np.ndarray
+    com_x: np.ndarray  # corrected CoM (descan, rotation, baseline), scan frame, k units
+    com_y: np.ndarray
+    ex: np.ndarray
+    ey: np.ndarray
+    icom: Optional[np.ndarray]
+    labels: np.ndarray  # (H, W) labels used (given or computed)
+    report: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+    @property
+    def e_mag(self) -> np.ndarray:
+        return np.hypot(self.ex, self.ey)
+
+    @property
+    def e_angle_deg(self) -> np.ndarray:
+        return np.degrees(np.arctan2(self.ey, self.ex))
+
+
+def _prefetch(gen, enabled: bool = True):
+    """Read the next chunk in a background thread while the current one is processed (I/O overlap)."""
+    if not enabled:
+        yield from gen
+        return
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        it = iter(gen)
+        fut = ex.submit(next, it, None)
+        while True:
+            item = fut.result()
+            if item is None:
+                return
+            fut = ex.submit(next, it, None)
+            yield item
+
+
+class PolarPipeline:
+    def __init__(
+        self,
+        source,
+        labels: Optional[np.ndarray] = None,
+        cfg: Optional[PolarConfig] = None,
+        device: str = "cpu",
+        chunk: Optional[int] = None,
+        reference=None,
+        declared_ids: Optional[list[int]] = None,
+        progress: Optional[Callable[[str, int, int], None]] = None,
+        prefetch: bool = True,
+        workers: Optional[int] = None,
+    ):
+        self.cfg = cfg if cfg is not None else PolarConfig()
+        self.source = source
+        self.xp = get_xp(device)
+        self.device = device
+        self.chunk = int(chunk) if chunk else auto_chunk(source.frame_shape)
+        if self.chunk < 1:
+            raise InputError(f"chunk size must be >= 1 frames, got {chunk}")
+        self.reference = reference
+        self.progress = progress or (lambda *a: None)
+        self.prefetch = prefetch
+        self.workers = int(workers) if workers else 1  # >1: split chunks over threads (map/merge)
+        self._pool = None
+        self.warnings: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.center: Optional[CenterEstimate] = None
+        self.mean_sample: Optional[np.ndarray] = None
+        self.report: dict = {}
+        n = source.n_frames
+        if len(source.frame_shape) != 2 or min(source.frame_shape) < 2:
+            raise InputError(f"{source.name}: detector frames must be 2-D, got {source.frame_shape}")
+        if reference is not None:
+            if tuple(reference.frame_shape) != tuple(source.frame_shape):
+                raise InputError(
+                    f"reference scan {reference.name}: detector {reference.frame_shape} != data {source.frame_shape}")
+            if tuple(reference.scan_shape) != tuple(source.scan_shape):
+                raise InputError(
+                    f"reference scan {reference.name}: scan {reference.scan_shape} != data {source.scan_shape}")
+        self.labels = None
+        self.declared_ids = list(declared_ids) if declared_ids is not None else None
+        self._plan = None
+        if labels is not None:
+            self.labels = self._check_labels(labels, n)
+            self._plan = self._clusters()  # empty clusters reported (and all-empty rejected) before any read
+        self._check_physical_inputs()
+
+    # ------------------------------------------------------------------ validation
+    def _check_labels(self, labels, n) -> np.ndarray:
+        lab = np.asarray(labels)
+        if lab.ndim == 2 and tuple(lab.shape) != tuple(self.source.scan_shape):
+            raise InputError(f"labels have shape {lab.shape}, expected the scan shape {tuple(self.source.scan_shape)}")
+        lab = lab.ravel()
+        if lab.size != n:
+            raise InputError(f"labels have {lab.size} entries, expected {n} (H*W = "
+                             f"{self.source.scan_shape[0]}*{self.source.scan_shape[1]})")
+        if lab.dtype.kind == "f":
+            if not np.all(np.isfinite(lab)):
+                raise InputError("labels contain NaN or inf")
+            if not np.all(lab == np.round(lab)):
+                raise InputError("labels must be integer cluster ids (got non-integer floats)")
+        elif lab.dtype.kind not in "iub":
+            raise InputError(f"labels must be integers, got dtype {lab.dtype}")
+        return lab.astype(np.int64)
+
+    def _check_physical_inputs(self):
+        ph = self.cfg.physical
+        cal = self.cfg.calibration
+        if ph.enabled and ph.mrad_per_px is None and cal.convergence_angle is None and cal.k_units != "1/Å":
+            raise InputError("physical units need the detector's angular pixel size: set physical.mrad_per_px, "
+                             "calibration.convergence_angle (mrad, with the BF disk radius detected) or an "
+                             "absolute k calibration (--known-spacing)")
+
+    def _clusters(self):
+        """Decide the analysed clusters; declared clusters without (enough) members are reported and skipped."""
+        cc = self.cfg.clusters
+        lab = self.labels
+        use = lab[lab >= 0] if cc.ignore_negative else lab
+        found, counts = np.unique(use, return_counts=True)
+        count_of = dict(zip(found.tolist(), counts.tolist()))
+        declared = set(cc.ids or []) | set(self.declared_ids or [])
+        ids = sorted(set(count_of) | declared)
+        valid, skipped = [], []
+        for c in ids:
+            k = count_of.get(c, 0)
+            if k < cc.min_count:
+                skipped.append({"id": int(c), "count": int(k), "reason": "empty cluster" if k == 0 else
+                                f"fewer than clusters.min_count={cc.min_count} members"})
+            else:
+                valid.append(int(c))
+        for s in skipped:
+            st.warn(f"cluster {s['id']}: {s['reason']} ({s['count']} members); skipped", self.warnings)
+        if not valid:
+            raise InputError("no cluster has members: every label is unassigned or below clusters.min_count")
+        self.n_unassigned = int(np.sum(lab < 0)) if cc.ignore_negative else 0
+        return valid, skipped, count_of
+
+    # ------------------------------------------------------------------ pass 0
+    def prepare(self) -> CenterEstimate:
+        """Sample the scan: check values, build the mean pattern, detect the beam centre (once)."""
+        t0 = time.perf_counter()
+        src = self.source
+        n = src.n_frames
+        budget = min(self.cfg.calibration.center_sample_frames, n)
+        nblocks = max(1, min(8, budget))
+        per = max(1, budget // nblocks)
+        starts = np.unique(np.linspace(0, n - per, nblocks).astype(int))
+        acc = np.zeros(src.frame_shape, dtype=np.float64)
+        cnt = 0
+        for s in starts:
+            block = np.asarray(src.read(int(s), int(s) + per))
+            self._check_finite(block, int(s))
+            acc += block.sum(axis=0, dtype=np.float64)
+            cnt += len(block)
+        self.mean_sample = acc / cnt
+        cal = self.cfg.calibration
+        auto = detect_center(self.mean_sample)
+        self.auto_center = auto
+        if cal.center_y is not None and cal.center_x is not None:
+            self.center = CenterEstimate(cal.center_y, cal.center_x, auto.radius, "config")
+        else:
+            self.center = auto
+        self.timings["sample_and_center"] = time.perf_counter() - t0
+        return self.center
+
+    def set_center(self, cy: float, cx: float, method: str) -> None:
+        """Override the centre (interactive picking); it is then used everywhere."""
+        r = self.center.radius if self.center else 0.0
+        self.center = CenterEstimate(float(cy), float(cx), r, method)
+        self.cfg.calibration.center_y = float(cy)
+        self.cfg.calibration.center_x = float(cx)
+
+    def _check_finite(self, block, start):
+        if block.dtype.kind in "fc" and not np.all(np.isfinite(block)):
+            bad = np.argwhere(~np.isfinite(block.reshape(len(block), -1)).all(axis=1)).ravel()
+            raise InputError(f"{self.source.name}: NaN or inf in pattern(s) at flat scan index "
+                             f"{[int(start + b) for b in bad[:5]]}{' ...' if len(bad) > 5 else ''}")
+
+    def _map_sub(self, fn, a, b, block):
+        """Run ``fn(a', b', sub_block)`` on ``workers`` contiguous parts of a chunk in threads (numpy's
+        kernels and BLAS release the GIL); returns the list of results in order."""
+        k = self.workers if self.xp is np else 1
+        if k <= 1 or b - a < 2 * k:
+            return [fn(a, b, block)]
+        edges = np.linspace(0, b - a, k + 1).astype(int)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=k)
+        futs = [self._pool.submit(fn, a + int(i), a + int(j), block[i:j]) for i, j in zip(edges[:-1], edges[1:])]
+        return [f.result() for f in futs]
+
+    def _block(self, block):
+        xp = self.xp
+        n = block.shape[0]
+        return xp.asarray(block.reshape(n, -1)).astype(xp.float32)
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> PolarResult:
+        try:
+            return self._run()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def _run(self) -> PolarResult:
+        cfg = self.cfg
+        xp = self.xp
+        if self.center is None:
+            self.prepare()
+        src = self.source
+        n = src.n_frames
+        h, w = src.scan_shape
+        shp = tuple(src.frame_shape)
+        P = shp[0] * shp[1]
+        cy, cx = self.center.cy, self.center.cx
+        t_all = time.perf_counter()
+
+        autolabel_info = None
+        if self.labels is None:
+            from .autolabel import autolabel
+
+            t0 = time.perf_counter()
+            lab, autolabel_info = autolabel(src, cfg.autolabel, self.chunk, self.progress)
+            self.labels = lab
+            self.timings["autolabel"] = time.perf_counter() - t0
+        if self._plan is None:
+            self._plan = self._clusters()
+        ids, skipped, count_of = self._plan
+        skipped = list(skipped)
+        C = len(ids)
+        id_to_idx = {c: i for i, c in enumerate(ids)}
+        lab_idx = np.full(n, -1, dtype=np.int64)
+        for c, i in id_to_idx.items():
+            lab_idx[self.labels == c] = i
+        # split halves: a stream of its own (not default_rng(seed), which user tools often also use for labels)
+        half_rng = np.random.default_rng(np.random.SeedSequence(cfg.validation.split_seed, spawn_key=(0x5417,)))
+        half = half_rng.integers(0, 2, n).astype(np.int8)
+
+        roi_t = cfg.templates.roi_r
+        pre = st.Preprocessor(cfg.preprocess, shp, cy, cx, bg_radius=roi_t[1] if roi_t else None)
+        e0, bg0 = pre.transform(np, self.mean_sample.reshape(1, -1).astype(np.float32))
+        ref = (e0 - bg0[:, None])[0]  # shift for stable sums: preprocessed sample mean, before masking
+        ref_x = xp.asarray(ref)
+        split = cfg.validation.enable_split_half
+
+        # ---- pass 1: statistics
+        t0 = time.perf_counter()
+        part = st.StatsPartial.zeros(C, P)
+        lab_x = xp.asarray(lab_idx)
+        half_x = xp.asarray(half)
+
+        nonneg = np.dtype(src.dtype).kind in "ub"
+
+        def map1(a, b, block):
+            x = self._block(block)
+            raw = st.raw_sums(xp, x, lab_x[a:b], C)
+            e, bg = pre.transform(xp, x, inplace=True, nonneg=nonneg)  # x is consumed
+            return st.stats_map(xp, raw, e, bg, lab_x[a:b], half_x[a:b], ref_x, C, split)
+
+        for a, b, block in _prefetch(iter_chunks(src, self.chunk), self.prefetch):
+            self._check_finite(block, a)
+            for p_ in self._map_sub(map1, a, b, block):  # merge by addition
+                part = part + p_
+            self.progress("pass 1/2: statistics", b, n)
+        stats = st.finalize_stats(part, ref, shp, C, keep=pre.keep)
+        self.timings["pass1_stats"] = time.perf_counter() - t0
+
+        # ---- templates and gates
+        t0 = time.perf_counter()
+        eps = cfg.templates.eps
+        T, norms = st.make_templates(stats.mu_c, stats.mu, stats.sigma, eps)
+        keep = norms > 0
+        for i in np.flatnonzero(~keep):
+            skipped.append({"id": ids[i], "count": int(stats.counts[i]), "reason": "template is identically zero"})
+            st.warn(f"cluster {ids[i]}: template is identically zero (cluster mean equals global mean); skipped",
+                    self.warnings)
+        roi_mask = radial_mask(shp, cy, cx, roi_t) if roi_t is not None else None
+        G = st.make_gates(T, cfg.templates.top_percent, cfg.templates.smooth_sigma, roi_mask)
+        ssim = None
+        if cfg.validation.enable_split_half:
+            ssim = st.split_half_ssim(stats, eps, keep)
+            for i, s in enumerate(ssim):
+                if s is not None and s < cfg.validation.ssim_warn:
+                    st.warn(f"cluster {ids[i]}: split-half template SSIM {s:.3f} < {cfg.validation.ssim_warn} "
+                            "(unstable template: overfitting or noise)", self.warnings)
+        sel = np.flatnonzero(keep)
+        if len(sel) == 0:
+            raise InputError("no cluster gives a non-zero template")
+        ids_v = [ids[i] for i in sel]
+        Tv, Gv = T[sel], G[sel]
+        stats_v = st.Stats(stats.mu, stats.sigma, stats.mu_c[sel], stats.counts[sel], stats.mu_raw,
+                           stats.mu_c_raw[sel], stats.halves)
+        union = Gv.max(axis=0)
+        dpc_mask = radial_mask(shp, cy, cx, cfg.dpc.roi) if cfg.dpc.roi is not None else None
+        com_gates = (Gv if cfg.dpc.gate_mode == "adaptive" else union[None]) * (
+            dpc_mask if dpc_mask is not None else 1.0)
+        if np.any(com_gates.reshape(len(com_gates), -1).sum(axis=1) <= 0):
+            raise InputError("a CoM gate is empty after dpc.roi: widen dpc.roi or templates.roi_r")
+        mf = st.MatchedFilter(Tv, stats.mu, stats.sigma, eps, cfg.preprocess.whiten)
+        com = st.GatedCoM(com_gates, cy, cx)
+        self.timings["templates_gates"] = time.perf_counter() - t0
+
+        # ---- pass 2: maps
+        t0 = time.perf_counter()
+        Cv = len(ids_v)
+        S = np.empty((n, Cv), dtype=np.float32)
+        amax = np.empty(n, dtype=np.int64)
+        conf = np.empty(n, dtype=np.float32)
+        cxp = np.empty(n, dtype=np.float64)
+        cyp = np.empty(n, dtype=np.float64)
+        valid = np.empty(n, dtype=bool)
+        adaptive = cfg.dpc.gate_mode == "adaptive"
+
+        def map2(a, b, block):
+            x = self._block(block)
+            r = com.products(xp, x)  # gated moments first: the log below reuses x's memory
+            e, bg = pre.transform(xp, x, inplace=True, nonneg=nonneg)
+            s = mf.scores(xp, e, bg)
+            del e, x
+            _, idx, cmax = st.softmax_confidence(xp, s, cfg.matched_filter.softmax_temp)
+            ccx, ccy, ok = com.select(xp, r, idx if adaptive else None)
+            S[a:b], amax[a:b], conf[a:b] = to_numpy(s), to_numpy(idx), to_numpy(cmax)
+            cxp[a:b], cyp[a:b], valid[a:b] = to_numpy(ccx), to_numpy(ccy), to_numpy(ok)
+
+        for a, b, block in _prefetch(iter_chunks(src, self.chunk), self.prefetch):
+            self._map_sub(map2, a, b, block)  # disjoint output slices
+            self.progress("pass 2/2: matched filter + gated CoM", b, n)
+        self.timings["pass2_maps"] = time.perf_counter() - t0
+        n_invalid = int((~valid).sum())
+        if n_invalid:
+            st.warn(f"{n_invalid} pattern(s) have no intensity inside their CoM gate; CoM set to 0 there",
+                    self.warnings)
+
+        # ---- optional descan reference
+        descan_info = None
+        if self.reference is not None:
+            t0 = time.perf_counter()
+            rx = np.empty((n, com.n_gates))
+            ry = np.empty((n, com.n_gates))
+            for a, b, block in _prefetch(iter_chunks(self.reference, self.chunk), self.prefetch):
+                self._check_finite(block, a)
+                x = self._block(block)
+                gx, gy, _ = com.apply_all(xp, x)
+                rx[a:b], ry[a:b] = to_numpy(gx), to_numpy(gy)
+                self.progress("descan reference", b, n)
+            if cfg.descan.fit == "plane":
+                for g in range(com.n_gates):
+                    rx[:, g] = st.fit_plane(rx[:, g].reshape(h, w)).ravel()
+                    ry[:, g] = st.fit_plane(ry[:, g].reshape(h, w)).ravel()
+            gi = amax if adaptive else np.zeros(n, dtype=np.int64)
+            dx = rx[np.arange(n), gi]
+            dy = ry[np.arange(n), gi]
+            cx_corr, cy_corr = cxp - dx, cyp - dy
+            descan_info = {"reference": self.reference.name, "fit": cfg.descan.fit,
+                           "mean_descan_px": [float(dy.mean()), float(dx.mean())],
+                           "descan_range_px": [float(np.ptp(dy)), float(np.ptp(dx))]}
+            self.timings["descan_reference"] = time.perf_counter() - t0
+        else:
+            cx_corr, cy_corr = cxp, cyp
+
+        # ---- real-space post-processing
+        t0 = time.perf_counter()
+        cal = cfg.calibration
+        kx, ky = cal.kx, cal.ky
+        com_x_raw = (cxp * kx).reshape(h, w)
+        com_y_raw = (cyp * ky).reshape(h, w)
+        ccx_k = (cx_corr * kx).reshape(h, w)
+        ccy_k = (cy_corr * ky).reshape(h, w)
+        rot = cfg.scan.rotation_deg
+        flip = cfg.scan.flip
+        rot_info = {"rotation_deg": rot, "flip": flip, "source": "config"}
+        if rot == "auto" or flip == "auto":
+            flips = (False, True) if flip == "auto" else (bool(flip),)
+            est = st.estimate_rotation(ccx_k - np.median(ccx_k), ccy_k - np.median(ccy_k), flips)
+            rot_info = dict(est, source="minimum curl of the CoM field (angle modulo 180 deg)")
+            rot = est["rotation_deg"] if rot == "auto" else rot
+            flip = est["flip"] if flip == "auto" else flip
+            rot_info.update(rotation_deg=float(rot), flip=bool(flip))
+        rx_, ry_ = st.rotate_vectors(ccx_k, ccy_k, float(rot), bool(flip))
+        bcx = st.apply_baseline(rx_, cfg.dpc.baseline, cfg.dpc.baseline_roi)
+        bcy = st.apply_baseline(ry_, cfg.dpc.baseline, cfg.dpc.baseline_roi)
+        units = {"com": f"k ({cal.k_units}) per detector px calibration: ky={ky}, kx={kx}"}
+        phys_info = None
+        if cfg.physical.enabled:
+            mx, my, how = self._mrad_per_px()
+            ax_, ay_ = st.rotate_vectors((cx_corr * mx).reshape(h, w), (cy_corr * my).reshape(h, w),
+                                         float(rot), bool(flip))
+            ax_ = st.apply_baseline(ax_, cfg.dpc.baseline, cfg.dpc.baseline_roi)
+            ay_ = st.apply_baseline(ay_, cfg.dpc.baseline, cfg.dpc.baseline_roi)
+            ph = cfg.physical
+            ex = deflection_to_field(ax_ * 1e-3, ph.accelerating_voltage_kv, ph.thickness_nm)
+            ey = deflection_to_field(ay_ * 1e-3, ph.accelerating_voltage_kv, ph.thickness_nm)
+            units["E"] = "V/m (E = -theta p v / (e t))"
+            phys_info = {"mrad_per_px_x": mx, "mrad_per_px_y": my, "mrad_source": how,
+                         "accelerating_voltage_kv": ph.accelerating_voltage_kv, "thickness_nm": ph.thickness_nm}
+        else:
+            ex = cfg.dpc.field_scale * bcx
+            ey = cfg.dpc.field_scale * bcy
+            units["E"] = f"field_scale x CoM ({cfg.dpc.field_scale} x k units)"
+        icom = None
+        if cfg.icom:
+            step = cal.scan_step_nm or 1.0
+            icom = st.integrate_com(bcx, bcy, step)
+            units["iCoM"] = f"k units x {'nm' if cal.scan_step_nm else 'scan px'}"
+        self.timings["postprocess"] = time.perf_counter() - t0
+        self.timings["total_after_sample"] = time.perf_counter() - t_all
+
+        # ---- reports
+        argmax_ids = np.asarray(ids_v)[amax].reshape(h, w)
+        coverage = st.gate_coverage(Gv)
+        for c, cov in zip(ids_v, coverage):
+            if cov["status"].startswith("too broad"):
+                st.warn(f"cluster {c}: gate covers {100 * cov['coverage']:.0f}% of the detector "
+                        "(poor template discrimination)", self.warnings)
+        conf_rep = {
+            "mean": float(conf.mean()), "median": float(np.median(conf)),
+            "p05": float(np.percentile(conf, 5)), "p95": float(np.percentile(conf, 95)),
+            "fraction_above_0.9": float((conf > 0.9).mean()),
+            "chance_level": 1.0 / Cv,
+            "per_cluster_mean": {str(c): float(conf[amax == i].mean()) if np.any(amax == i) else None
+                                 for i, c in enumerate(ids_v)},
+        }
+        if Cv > 1 and conf_rep["mean"] > 0.95:
+            conf_rep["note"] = "saturated (~1): over-fitting or poorly separated templates; raise softmax_temp"
+            st.warn("mean confidence > 0.95: saturated confidence map; consider a higher softmax_temp", self.warnings)
+        elif Cv > 1 and conf_rep["mean"] < 1.0 / Cv + 0.05:
+            conf_rep["note"] = "near chance level: clusters are not separated by the templates"
+        else:
+            conf_rep["note"] = "non-saturated: clusters separated"
+        given = self.labels
+        agree = float(np.mean(argmax_ids.ravel()[np.isin(given, ids_v)] == given[np.isin(given, ids_v)])) \
+            if np.any(np.isin(given, ids_v)) else None
+        self.report = {
+            "scan_shape": [h, w],
+            "frame_shape": list(shp),
+            "n_frames": n,
+            "dtype": str(src.dtype),
+            "device": self.device,
+            "chunk_frames": self.chunk,
+            "center": {"y": self.center.cy, "x": self.center.cx, "method": self.center.method,
+                       "auto_detected": {"y": self.auto_center.cy, "x": self.auto_center.cx},
+                       "bf_disk_radius_px": self.center.radius},
+            "calibration": {"pixel_size_ky": ky, "pixel_size_kx": kx, "k_units": cal.k_units,
+                            "scan_step_nm": cal.scan_step_nm, "convergence_angle_mrad": cal.convergence_angle},
+            "clusters": {"ids": ids_v, "counts": {str(c): int(count_of.get(c, 0)) for c in ids_v},
+                         "skipped": skipped, "n_unassigned": self.n_unassigned,
+                         "labels_source": "computed (autolabel)" if autolabel_info else "given",
+                         "autolabel": autolabel_info,
+                         "argmax_agreement_with_labels": agree},
+            "gate_coverage": {str(c): cov for c, cov in zip(ids_v, coverage)},
+            "union_gate_coverage": st.gate_coverage(union[None])[0],
+            "confidence": conf_rep,
+            "split_half_ssim": ({str(ids[i]): s for i, s in enumerate(ssim)} if ssim is not None else None),
+            "dpc": {"gate_mode": cfg.dpc.gate_mode, "baseline": cfg.dpc.baseline, "invalid_frames": n_invalid,
+                    "rotation": rot_info, "descan": descan_info, "physical": phys_info},
+            "units": units,
+            "preprocess_background_radius_px": pre.bg_radius,
+            "warnings": self.warnings,
+        }
+        return PolarResult(
+            scan_shape=(h, w), cluster_ids=ids_v, center=self.center, stats=stats_v, templates=Tv, gates=Gv,
+            union_gate=union, S=S.T.reshape(Cv, h, w), argmax=argmax_ids, confidence=conf.reshape(h, w),
+            com_x_raw=com_x_raw, com_y_raw=com_y_raw, com_x=bcx, com_y=bcy, ex=ex, ey=ey, icom=icom,
+            labels=self.labels.reshape(h, w), report=self.report, timings=dict(self.timings),
+            warnings=self.warnings,
+        )
+
+    def _mrad_per_px(self):
+        ph, cal = self.cfg.physical, self.cfg.calibration
+        if ph.mrad_per_px is not None:
+            return ph.mrad_per_px, ph.mrad_per_px, "physical.mrad_per_px"
+        if cal.k_units == "1/Å":
+            lam = electron_wavelength_angstrom(ph.accelerating_voltage_kv)
+            return lam * cal.kx * 1e3, lam * cal.ky * 1e3, "absolute k calibration x electron wavelength"
+        if cal.convergence_angle is not None and self.center.radius > 0:
+            m = cal.convergence_angle / self.center.radius
+            return m, m, "convergence_angle / detected BF disk radius"
+        raise InputError("cannot convert CoM to mrad: no mrad_per_px, absolute k calibration or usable BF disk radius")
+
+
+def run_pipeline(source, labels=None, cfg: Optional[PolarConfig] = None, **kw) -> PolarResult:
+    """One-call convenience: prepare (centre) and run."""
+    p = PolarPipeline(source, labels, cfg, **kw)
+    p.prepare()
+    return p.run()

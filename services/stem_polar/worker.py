@@ -1,0 +1,93 @@
+"""Bus handler for stem-polar: the same pipeline as ``stem-polar run``, inputs/outputs on the shared volume.
+
+Inputs: ``data`` (required), ``labels`` (optional: PCA + k-means when absent), ``reference`` (optional vacuum
+scan for descan correction), ``config`` (optional YAML; ``params.config`` overrides it key by key).
+Outputs: every file of the seed's layout plus ``polar_maps.h5`` (all maps, provenance).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, Field, field_validator
+
+from diffractflow.runtime import BadInput, JobContext, Stage
+
+from . import __version__
+
+
+class Params(BaseModel):
+    dset: Optional[str] = Field(None, description="HDF5 dataset path of the patterns")
+    reference_dset: Optional[str] = None
+    scan_shape: Optional[tuple[int, int]] = Field(None, description="scan H W (needed for 3-D data)")
+    chunks: Optional[int] = Field(None, ge=1, le=1_000_000, description="frames per streamed chunk")
+    center: Optional[tuple[float, float]] = Field(None, description="beam centre y x (detector px)")
+    config: dict[str, Any] = Field(default_factory=dict, description="config sections as in config.yaml")
+
+    @field_validator("config")
+    @classmethod
+    def _valid_config(cls, v):
+        from .core.config import PolarConfig
+
+        PolarConfig.model_validate(v)  # bad keys/values reject the job before any work
+        return v
+
+
+def handle(ctx: JobContext, params: Params) -> None:
+    from .artifacts import DataError, load_labels, open_source, write_h5_summary, write_outputs
+    from .core.config import load_config
+    from .core.pipeline import InputError, PolarPipeline
+
+    inputs = ctx.job.inputs
+    data_path = ctx.input_path("data")
+    try:
+        cfg = load_config(ctx.input_path("config") if "config" in inputs else None, params.config)
+    except (ValueError, FileNotFoundError) as exc:
+        raise BadInput(f"config: {exc}") from exc
+    if params.center is not None:
+        cfg.calibration.center_y, cfg.calibration.center_x = params.center
+    src = ref = None
+    try:
+        src = open_source(data_path, params.dset, params.scan_shape)
+        lab, declared = load_labels(ctx.input_path("labels")) if "labels" in inputs else (None, None)
+        if "reference" in inputs:
+            ref = open_source(ctx.input_path("reference"), params.reference_dset or params.dset, src.scan_shape)
+        last = [0.0]
+
+        def progress(stage, done, total):
+            import time
+
+            now = time.monotonic()
+            if now - last[0] > 2.0:
+                last[0] = now
+                ctx.heartbeat()
+
+        pipe = PolarPipeline(src, lab, cfg, device="cpu", chunk=params.chunks, reference=ref,
+                             declared_ids=declared, progress=progress)
+        pipe.prepare()
+        res = pipe.run()
+    except (DataError, InputError) as exc:
+        raise BadInput(str(exc)) from exc
+    finally:
+        for s in (src, ref):
+            if s is not None and hasattr(s, "close"):
+                s.close()
+    hashes = {name: (ref_.sha256 or "") for name, ref_ in inputs.items()}
+    run_info = {"service": "stem-polar", "version": __version__, "job_id": ctx.job.job_id,
+                "inputs": {n: r.path for n, r in inputs.items()}, "input_sha256": hashes,
+                "data_gb": src.n_frames * src.frame_shape[0] * src.frame_shape[1] * src.dtype.itemsize / 1e9}
+    written = write_outputs(res, ctx.out_dir, pipe.cfg, run_info)
+    h5 = write_h5_summary(res, ctx.out_dir / "polar_maps.h5", pipe.cfg, job_id=ctx.job.job_id, inputs=hashes)
+    ctx.add_output("polar_maps", h5)
+    for name, p in written.items():
+        ctx.add_output(name, p)
+    r = res.report
+    ctx.metrics.update({
+        "n_frames": r["n_frames"], "scan_shape": r["scan_shape"], "clusters": res.cluster_ids,
+        "skipped_clusters": [s["id"] for s in r["clusters"]["skipped"]],
+        "mean_confidence": r["confidence"]["mean"], "center_yx": [res.center.cy, res.center.cx],
+        "seconds": res.timings.get("total_after_sample"), "n_warnings": len(res.warnings),
+    })
+
+
+STAGE = Stage(service="stem-polar", params_model=Params, handler=handle, version=__version__)

@@ -1,0 +1,141 @@
+"""Command line: ``stills-processor run`` (images in, DIALS files + summary.h5 out), ``show``, ``serve``."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+
+_HELP = "DIALS processing of true stills and rotation sequences (spot finding, indexing, refinement, integration)."
+try:
+    from diffractflow.cli import service_app
+
+    app = service_app("stills-processor", __version__, stage="stills_processor.worker:STAGE", help=_HELP)
+except Exception:  # platform library not importable: a plain app keeps `run` usable
+    app = typer.Typer(name="stills-processor", no_args_is_help=True, help=_HELP)
+
+
+def _fail(msg: str, code: int = 2):
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _fmt(v, nd=2):
+    try:
+        return "-" if v != v else f"{v:.{nd}f}"  # NaN -> "-"
+    except TypeError:
+        return str(v)
+
+
+def print_table(rows, console=None) -> None:
+    """A rich table of the summary rows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    colour = {"indexed": "green", "non_hit": "yellow", "failed": "red", "error": "bold red"}
+    t = Table(title="stills-processor summary", show_lines=False)
+    for col in ("name", "kind", "status", "spots", "indexed", "integr.", "a b c (Å)", "α β γ (°)", "SG",
+                "rmsd x,y (px)", "Δq med (1/Å)", "valid", "reason"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        uc = r["unit_cell"]
+        cell = "-" if uc[0] != uc[0] else f"{uc[0]:.2f} {uc[1]:.2f} {uc[2]:.2f}"
+        ang = "-" if uc[0] != uc[0] else f"{uc[3]:.1f} {uc[4]:.1f} {uc[5]:.1f}"
+        st = r["status"]
+        t.add_row(r["name"], r["kind"], f"[{colour.get(st, 'white')}]{st}[/]", str(r["n_spots"]), str(r["n_indexed"]),
+                  str(r["n_integrated"]), cell, ang, r["space_group"] or "-",
+                  f"{_fmt(r['rmsd_x_px'])},{_fmt(r['rmsd_y_px'])}", _fmt(r["q_median_error"], 5),
+                  ("yes" if r["validation_passed"] else "no") if r["status"] == "indexed" else "-", r["reason"])
+    console.print(t)
+
+
+@app.command()
+def run(
+    images: List[Path] = typer.Argument(..., help="Image files dxtbx reads (mini-CBF, full CBF, NeXus/HDF5 master, SMV). "
+                                        "Stills are processed one image at a time; oscillation images are grouped into sequences."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: <name>.expt, <name>.refl, <name>_indexed.refl, summary.h5."),
+    space_group: Optional[str] = typer.Option(None, "--space-group", help="Known space group for indexing, e.g. P41212."),
+    unit_cell: Optional[str] = typer.Option(None, "--unit-cell", help="Known cell a,b,c,alpha,beta,gamma (Angstrom, degrees)."),
+    phil: List[str] = typer.Option([], "--phil", help="Any DIALS parameter KEY=VALUE (repeatable), e.g. spotfinder.threshold.dispersion.gain=1.5."),
+    nproc: int = typer.Option(0, "--nproc", "-j", help="Worker processes, each keeping DIALS loaded (0 = all CPUs)."),
+    min_spots: int = typer.Option(16, "--min-spots", help="Fewer strong spots than this: reported as a non-hit, not indexed."),
+    q_tolerance: float = typer.Option(0.005, "--q-tolerance", help="Validation bound on the median |q_obs - q_pred| (1/Angstrom)."),
+    px_tolerance: float = typer.Option(2.0, "--px-tolerance", help="Validation bound on the median detector offset (pixels)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+):
+    """Process IMAGES with DIALS; write per-image .expt/.refl and summary.h5 under --out.
+
+    Exit code 0 when every input could be read (non-hits and images that do not index are
+    reported in the summary, not errors), 1 when some input files were unreadable, 2 for usage errors.
+    """
+    from .batch import default_nproc, run_job
+    from .core.params import PhilError, ProcessingSettings, Symmetry, check_space_group, parse_unit_cell, validate_phil
+
+    try:
+        sg = check_space_group(space_group) if space_group else None
+        uc = parse_unit_cell(unit_cell) if unit_cell else None
+    except ValueError as exc:
+        _fail(str(exc))
+    if min_spots < 1 or q_tolerance <= 0 or px_tolerance <= 0:
+        _fail("--min-spots must be >= 1 and the tolerances > 0")
+    settings = ProcessingSettings(symmetry=Symmetry(sg, uc), phil=tuple(phil), min_spots=min_spots,
+                                  q_tolerance=q_tolerance, px_tolerance=px_tolerance)
+    try:
+        validate_phil(settings)
+    except PhilError as exc:
+        _fail(str(exc))
+    missing = [str(p) for p in images if not p.exists()]
+    if missing and len(missing) == len(images):
+        _fail(f"no input file exists: {', '.join(missing[:5])}")
+    nproc = nproc or default_nproc()
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[last]}"), console=console, disable=quiet)
+    with progress:
+        task = progress.add_task("routing", total=None, last="")
+
+        def planned(units):
+            progress.update(task, description=f"processing ({nproc} proc)", total=len(units))
+
+        def done(i, row):
+            progress.update(task, advance=1, last=f"{row['name']}: {row['status']}")
+
+        rows, summary, metrics = run_job([str(p) for p in images], out, settings, nproc=nproc, on_planned=planned,
+                                         on_done=done)
+    if not quiet:
+        print_table(rows, Console())
+        typer.echo(f"{metrics['n_indexed']} indexed, {metrics['n_non_hit']} non-hits, {metrics['n_failed']} failed, "
+                   f"{metrics['n_error']} unreadable in {metrics['wall_s']:.1f} s; summary: {summary}")
+    for r in rows:
+        if r["status"] == "error":
+            typer.secho(f"error: {r['reason']}", fg=typer.colors.RED, err=True)
+    if metrics["n_error"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def show(summary: Path = typer.Argument(..., help="A summary.h5 written by `run` or the service.")):
+    """Print the summary table of a finished job."""
+    from .artifacts import read_summary
+
+    try:
+        rows = read_summary(summary)
+    except (OSError, ValueError, KeyError) as exc:
+        _fail(f"{summary}: {exc}")
+    print_table(rows)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The two DIALS workflows, in-process, on DIALS' Python API (no subprocesses, no log parsing).
+
+Stills (one image of a file): import as a still (dxtbx ``ExperimentListFactory.from_filenames``,
+then ``ImageSetFactory.imageset_from_anyset`` with scan and goniometer removed, as
+``dials.import convert_sequences_to_stills=True`` does), spot finding
+(``flex.reflection_table.from_observations(..., is_stills=True)``), indexing
+(``Indexer.from_parameters`` with the ``sequences`` stills indexer and known symmetry), refinement
+(``RefinerFactory.from_parameters_data_experiments``) and stills integration
+(``ProfileModelFactory.create`` + ``reflection_table.from_predictions_multi`` + ``create_integrator``),
+mirroring ``dials.stills_process``' ``Processor``.
+
+Sequences (a rotation scan): ``from_observations``, ``dials.command_line.index.index``,
+``dials.command_line.refine.run_dials_refine`` and ``dials.command_line.integrate.run_integration``
+(the functional interfaces of the DIALS programs).
+
+Every step's numbers (spot counts, cells, A matrices, RMSDs) are read from the DIALS objects.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .params import ProcessingSettings, sequence_params, stills_params
+from .validation import QValidation, validate_q_vectors
+
+log = logging.getLogger("stills_processor.pipeline")
+
+# statuses of one image (or one sequence)
+INDEXED = "indexed"  # indexed, refined and integrated
+NON_HIT = "non_hit"  # too few strong spots to try indexing (blank, or beam off)
+FAILED = "failed"  # readable with spots, but indexing / refinement / integration failed
+ERROR = "error"  # the file could not be read (corrupt, truncated, not an image)
+
+
+class UnreadableImage(RuntimeError):
+    """An input file dxtbx cannot read (corrupt, truncated, unknown format)."""
+
+
+@dataclass
+class Outcome:
+    """Result of one still or one sequence: summary numbers and the DIALS objects to save."""
+
+    kind: str  # "still" | "sequence"
+    status: str
+    reason: str = ""
+    n_spots: int = 0
+    n_indexed: int = 0
+    n_integrated: int = 0
+    unit_cell: tuple[float, ...] | None = None
+    space_group: str = ""
+    A_matrix: np.ndarray | None = None  # 3x3, 1/Angstrom, lab frame at the goniometer datum
+    rmsd_x_px: float = math.nan
+    rmsd_y_px: float = math.nan
+    rmsd_z: float = math.nan  # stills: DeltaPsi (deg); sequences: phi (deg)
+    validation: QValidation | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    experiments: Any = None  # dxtbx ExperimentList (refined / integrated)
+    strong: Any = None  # reflection tables
+    indexed: Any = None
+    integrated: Any = None
+
+
+# ------------------------------------------------------------------------------------ import
+def import_still(path: str, frame: int = 0):
+    """One image of ``path`` as a still ExperimentList (no scan, no goniometer)."""
+    from dxtbx.imageset import ImageSetFactory
+    from dxtbx.model.experiment_list import Experiment, ExperimentList, ExperimentListFactory
+
+    try:
+        found = ExperimentListFactory.from_filenames([path], load_models=False)
+    except Exception as exc:  # dxtbx raises various types for corrupt headers
+        raise UnreadableImage(f"{path}: dxtbx cannot read it ({type(exc).__name__}: {exc})") from exc
+    if len(found) == 0:
+        raise UnreadableImage(f"{path}: not an image format dxtbx understands")
+    imagesets = [ImageSetFactory.imageset_from_anyset(e.imageset) for e in found]
+    offsets = np.cumsum([0] + [len(s) for s in imagesets])
+    if not 0 <= frame < offsets[-1]:
+        raise UnreadableImage(f"{path}: has {offsets[-1]} images, frame {frame} requested")
+    k = int(np.searchsorted(offsets, frame, side="right") - 1)
+    iset, j = imagesets[k], frame - int(offsets[k])
+    one = iset[j : j + 1]
+    one.set_scan(None, 0)
+    one.set_goniometer(None, 0)
+    expts = ExperimentList([Experiment(imageset=one, beam=one.get_beam(0), detector=one.get_detector(0))])
+    _check_readable(expts, path)
+    return expts
+
+
+def import_sequence(paths: list[str]):
+    """A rotation sequence from its image files (one ImageSequence)."""
+    from dxtbx.imageset import ImageSequence
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    try:
+        expts = ExperimentListFactory.from_filenames(list(paths))
+    except Exception as exc:
+        raise UnreadableImage(f"{paths[0]}...: dxtbx cannot read the sequence ({type(exc).__name__}: {exc})") from exc
+    if len(expts) != 1 or not isinstance(expts[0].imageset, ImageSequence):
+        raise UnreadableImage(f"{paths[0]}...: the {len(paths)} files do not form one rotation sequence")
+    _check_readable(expts, paths[0])
+    return expts
+
+
+def _check_readable(expts, name: str) -> None:
+    """Decode every image once, so a corrupt or truncated file fails here with its name."""
+    iset = expts[0].imageset
+    for i in range(len(iset)):
+        try:
+            data = iset.get_raw_data(i)
+        except Exception as exc:
+            path = iset.get_path(i) if hasattr(iset, "get_path") else name
+            raise UnreadableImage(f"{path}: image data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        if not data or any(d.size() == 0 for d in data):
+            raise UnreadableImage(f"{name}: image {i} has no pixel data")
+
+
+# ------------------------------------------------------------------------------- helpers
+def _crystal_summary(out: Outcome, crystal) -> None:
+    out.unit_cell = tuple(float(v) for v in crystal.get_unit_cell().parameters())
+    out.space_group = str(crystal.get_space_group().info())
+    out.A_matrix = np.array(crystal.get_A(), dtype=float).reshape(3, 3)
+
+
+def _rmsds(refl, stills: bool) -> tuple[float, float, float]:
+    """Unweighted RMSDs observed-predicted: x, y (px) and DeltaPsi or phi (deg)."""
+    obs = np.array(refl["xyzobs.px.value"]).reshape(-1, 3)
+    cal = np.array(refl["xyzcal.px"]).reshape(-1, 3)
+    if len(obs) == 0:
+        return math.nan, math.nan, math.nan
+    rx = float(np.sqrt(np.mean((obs[:, 0] - cal[:, 0]) ** 2)))
+    ry = float(np.sqrt(np.mean((obs[:, 1] - cal[:, 1]) ** 2)))
+    if stills and "delpsical.rad" in refl:
+        rz = float(np.degrees(np.sqrt(np.mean(np.array(refl["delpsical.rad"]) ** 2))))
+    elif not stills:
+        omm = np.array(refl["xyzobs.mm.value"]).reshape(-1, 3)
+        cmm = np.array(refl["xyzcal.mm"]).reshape(-1, 3)
+        rz = float(np.degrees(np.sqrt(np.mean((omm[:, 2] - cmm[:, 2]) ** 2))))
+    else:
+        rz = math.nan
+    return rx, ry, rz
+
+
+def _indexed_only(refl):
+    from dials.array_family import flex
+
+    sel = refl.get_flags(refl.flags.indexed) & (refl["miller_index"] != (0, 0, 0))
+    sel &= refl["id"] >= 0
+    return refl.select(sel) if sel.count(True) < len(refl) else refl
+
+
+class _Timer:
+    def __init__(self, out: Outcome):
+        self.out = out
+
+    def __call__(self, name: str):
+        out = self.out
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                out.timings[name] = time.perf_counter() - self.t
+
+        return _T()
+
+
+# ------------------------------------------------------------------------------- stills
+def process_still(path: str, frame: int, settings: ProcessingSettings, params=None) -> Outcome:
+    """Import, find spots, index, refine, integrate and validate one still image.
+
+    Raises :class:`UnreadableImage` for a file that cannot be read; every other failure is
+    returned as an Outcome with status ``non_hit`` / ``failed`` and a reason.
+    """
+    from dials.algorithms.indexing.indexer import Indexer
+    from dials.array_family import flex
+
+    params = params or stills_params(settings)
+    out = Outcome(kind="still", status=FAILED)
+    timer = _Timer(out)
+    with timer("import"):
+        expts = import_still(path, frame)
+    out.experiments = expts
+
+    with timer("find_spots"):
+        strong = flex.reflection_table.from_observations(expts, params, is_stills=True)
+    out.strong = strong
+    out.n_spots = len(strong)
+    if out.n_spots < settings.min_spots:
+        out.status = NON_HIT
+        out.reason = f"too few strong spots to index ({out.n_spots} < {settings.min_spots})"
+        return out
+
+    try:
+        with timer("index"):
+            idxr = Indexer.from_parameters(strong, expts, params=params)
+            idxr.index()
+    except Exception as exc:
+        out.reason = f"indexing failed: {_msg(exc)}"
+        return out
+    experiments, indexed = idxr.refined_experiments, _indexed_only(idxr.refined_reflections)
+    if len(experiments) > 1:  # keep the lattice with the most spots (max_lattices > 1 requested)
+        counts = [int((indexed["id"] == i).count(True)) for i in range(len(experiments))]
+        best = int(np.argmax(counts))
+        from dxtbx.model.experiment_list import ExperimentList
+
+        indexed = indexed.select(indexed["id"] == best)
+        indexed["id"] = flex.int(len(indexed), 0)
+        experiments = ExperimentList([experiments[best]])
+        indexed.experiment_identifiers()[0] = experiments[0].identifier
+        for k in list(indexed.experiment_identifiers().keys()):
+            if k != 0:
+                del indexed.experiment_identifiers()[k]
+
+    try:
+        with timer("refine"):
+            experiments, indexed = _refine(params, experiments, indexed)
+    except Exception as exc:
+        out.reason = f"refinement failed: {_msg(exc)}"
+        return out
+    out.experiments, out.indexed = experiments, indexed
+    out.n_indexed = len(indexed)
+    _crystal_summary(out, experiments[0].crystal)
+    out.rmsd_x_px, out.rmsd_y_px, out.rmsd_z = _rmsds(indexed, stills=True)
+    with timer("validate"):
+        out.validation = validate_q_vectors(experiments[0], indexed, settings.q_tolerance, settings.px_tolerance)
+
+    try:
+        with timer("integrate"):
+            experiments, integrated = _integrate_stills(params, experiments, indexed)
+    except Exception as exc:
+        out.reason = f"integration failed: {_msg(exc)}"
+        return out
+    out.experiments, out.integrated = experiments, integrated
+    out.n_integrated = int(integrated.get_flags(integrated.flags.integrated_sum).count(True))
+    out.status, out.reason = INDEXED, ""
+    return out
+
+
+def _refine(params, experiments, indexed):
+    """Static refinement of the indexed still (``RefinerFactory``); updates predictions."""
+    from dials.algorithms.refinement import RefinerFactory
+
+    refiner = RefinerFactory.from_parameters_data_experiments(params, indexed, experiments)
+    refiner.run()
+    experiments = refiner.get_experiments()
+    predicted = refiner.predict_for_indexed()
+    for col in ("xyzcal.mm", "xyzcal.px", "delpsical.rad", "s1", "entering"):
+        if col in predicted:
+            indexed[col] = predicted[col]
+    indexed = indexed.select(refiner.selection_used_for_refinement())
+    return experiments, indexed
+
+
+def _integrate_stills(params, experiments, indexed):
+    """Stills integration as ``dials.stills_process`` does it (summation, simple background)."""
+    from dials.algorithms.integration.integrator import create_integrator
+    from dials.algorithms.profile_model.factory import ProfileModelFactory
+    from dials.array_family import flex
+    from dials.command_line.integrate import process_reference
+
+    reference, _ = process_reference(indexed.copy())
+    experiments = ProfileModelFactory.create(params, experiments, reference)
+    cutoff = params.profile.gaussian_rs.parameters.sigma_b_cutoff
+    if cutoff is not None and experiments[0].profile.sigma_b() >= cutoff:
+        raise RuntimeError(f"profile sigma_b {experiments[0].profile.sigma_b():.3f} deg >= cutoff {cutoff}")
+    predicted = flex.reflection_table.from_predictions_multi(
+        experiments,
+        dmin=params.prediction.d_min,
+        dmax=params.prediction.d_max,
+        margin=params.prediction.margin,
+        force_static=params.prediction.force_static,
+    )
+    predicted.match_with_reference(reference)
+    integrator = create_integrator(params, experiments, predicted)
+    integrated = integrator.integrate()
+    if params.integration.debug.delete_shoeboxes and "shoebox" in integrated:
+        del integrated["shoebox"]
+    return experiments, integrated
+
+
+# ----------------------------------------------------------------------------- sequences
+def process_sequence(paths: list[str], settings: ProcessingSettings) -> Outcome:
+    """Import, find spots, index, refine (static then scan-varying) and integrate a rotation scan."""
+    from dials.array_family import flex
+    from dials.command_line.index import index
+    from dials.command_line.integrate import run_integration
+    from dials.command_line.refine import run_dials_refine
+    from dxtbx.model.experiment_list import ExperimentList
+
+    p = sequence_params(settings)
+    out = Outcome(kind="sequence", status=FAILED)
+    timer = _Timer(out)
+    with timer("import"):
+        expts = import_sequence(paths)
+    out.experiments = expts
+    with timer("find_spots"):
+        strong = flex.reflection_table.from_observations(expts, p.find_spots)
+    out.strong = strong
+    out.n_spots = len(strong)
+    if out.n_spots < settings.min_spots:
+        out.status = NON_HIT
+        out.reason = f"too few strong spots to index ({out.n_spots} < {settings.min_spots})"
+        return out
+    try:
+        with timer("index"):
+            experiments, indexed = index(expts, [strong], p.index)
+    except Exception as exc:
+        out.reason = f"indexing failed: {_msg(exc)}"
+        return out
+    if len(experiments) > 1:
+        keep = int(np.argmax([int((indexed["id"] == i).count(True)) for i in range(len(experiments))]))
+        indexed = indexed.select(indexed["id"] == keep)
+        indexed["id"] = flex.int(len(indexed), 0)
+        experiments = ExperimentList([experiments[keep]])
+        indexed.experiment_identifiers()[0] = experiments[0].identifier
+        for k in list(indexed.experiment_identifiers().keys()):
+            if k != 0:
+                del indexed.experiment_identifiers()[k]
+    indexed = _indexed_only(indexed)
+    try:
+        with timer("refine"):
+            experiments, refined, _refiner, _history = run_dials_refine(experiments, indexed, p.refine)
+    except Exception as exc:
+        out.reason = f"refinement failed: {_msg(exc)}"
+        return out
+    refined = _indexed_only(refined)
+    out.experiments, out.indexed = experiments, refined
+    out.n_indexed = len(refined)
+    _crystal_summary(out, experiments[0].crystal)
+    out.rmsd_x_px, out.rmsd_y_px, out.rmsd_z = _rmsds(refined, stills=False)
+    with timer("validate"):
+        out.validation = validate_q_vectors(experiments[0], refined, settings.q_tolerance, settings.px_tolerance)
+    try:
+        with timer("integrate"):
+            experiments, integrated, _report = run_integration(p.integrate, experiments, reference=refined)
+    except Exception as exc:
+        out.reason = f"integration failed: {_msg(exc)}"
+        return out
+    if "shoebox" in integrated:
+        del integrated["shoebox"]
+    out.experiments, out.integrated = experiments, integrated
+    out.n_integrated = int(integrated.get_flags(integrated.flags.integrated_sum).count(True))
+    out.status, out.reason = INDEXED, ""
+    return out
+
+
+def _msg(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__

@@ -1,0 +1,473 @@
+"""Reading the voxel merger's inputs and writing its outputs (HDF5 / NeXus, JSON, PNG).
+
+Input (one still, from the diffuse-extractor): a per-pixel table read by :func:`open_still`.
+Its dataset names are configurable through :class:`StillSchema` and common aliases are
+tried, so the reader is the one place to adjust when the upstream schema moves.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from .core.grid import CrystalModel, GlobalGrid
+from .core.sources import ObservationChunk
+
+MAP_SCHEMA = "diffractflow.voxel_merger.map"
+MAP_SCHEMA_VERSION = "1.0"
+TABLE_SCHEMA = "diffractflow.voxel_merger.observations"
+TABLE_SCHEMA_VERSION = "1.0"
+PRODUCER = "voxel-merger"
+
+
+class InputError(ValueError):
+    """An input file is missing, unreadable or does not follow the expected schema."""
+
+
+# ====================================================================== stills
+@dataclass
+class StillSchema:
+    """Where a still's per-pixel table lives. First name that exists wins for each field."""
+
+    groups: Sequence[str] = ("/entry/diffuse", "/entry/data", "/diffuse", "/")
+    h: Sequence[str] = ("h", "H", "miller_h")
+    k: Sequence[str] = ("k", "K", "miller_k")
+    l: Sequence[str] = ("l", "L", "miller_l")
+    intensity: Sequence[str] = ("intensity", "I", "corrected_intensity", "intensity_corrected", "data")
+    sigma: Sequence[str] = ("sigma", "sigma_intensity", "sigmas", "intensity_errors", "errors")
+    variance: Sequence[str] = ("variance", "variance_intensity")
+    q_magnitude: Sequence[str] = ("q_magnitude", "q", "s_magnitude")
+    q_vector: Sequence[str] = ("q_vector", "s_vector", "s")  # (n, 3) in the lab frame, used if hkl are absent
+    q_is_2pi: bool = False  # True when q = 2π/d rather than 1/d (only for hkl from q_vector)
+    still_id_attr: Sequence[str] = ("still_id", "image_id", "frame_id")
+    crystal_groups: Sequence[str] = ("/entry/crystal", "/crystal")
+
+
+def _first(group: h5py.Group, names: Sequence[str]):
+    for n in names:
+        if n in group:
+            return group[n]
+    return None
+
+
+def _attr_str(v) -> str:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray) and v.shape == ():
+        v = v[()]
+        return v.decode() if isinstance(v, bytes) else str(v)
+    return str(v)
+
+
+def read_crystal(f: h5py.File, schema: StillSchema, path: Path) -> CrystalModel | None:
+    """Crystal model of a still (A matrix in 1/Å, unit cell Å/deg, space group symbol), or None."""
+    for gname in schema.crystal_groups:
+        if gname not in f:
+            continue
+        g = f[gname]
+
+        def get(name):
+            if name in g:
+                return g[name][()]
+            if name in g.attrs:
+                return g.attrs[name]
+            return None
+
+        A = get("A_matrix")
+        if A is None:
+            A = get("A")
+        uc = get("unit_cell")
+        sg = get("space_group")
+        sg = _attr_str(sg) if sg is not None else "P 1"
+        if uc is not None:
+            uc = tuple(float(x) for x in np.asarray(uc, dtype=float).ravel())
+            if len(uc) != 6:
+                raise InputError(f"{path}: {gname}/unit_cell has {len(uc)} numbers, expected 6")
+            A_t = None if A is None else tuple(tuple(float(x) for x in r) for r in np.asarray(A, float).reshape(3, 3))
+            return CrystalModel(uc, sg, A_t)
+        if A is not None:
+            return CrystalModel.from_A(np.asarray(A, float).reshape(3, 3), sg)
+    return None
+
+
+class H5Still:
+    """A still's per-pixel table in an HDF5 file, streamed in chunks (bounded memory)."""
+
+    def __init__(self, path: str | Path, schema: StillSchema | None = None):
+        self.path = Path(path)
+        self.schema = schema or StillSchema()
+        if not self.path.exists():
+            raise InputError(f"input still not found: {self.path}")
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise InputError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+        self._f = f
+        s = self.schema
+        grp = None
+        for g in s.groups:
+            if g in f and _first(f[g], s.intensity) is not None:
+                grp = f[g]
+                break
+        if grp is None:
+            raise InputError(f"{self.path}: no per-pixel table found (looked for an intensity dataset "
+                             f"{list(s.intensity)} in groups {list(s.groups)})")
+        self.group = grp
+        self.crystal = read_crystal(f, s, self.path)
+        self._I = _first(grp, s.intensity)
+        self._sig = _first(grp, s.sigma)
+        self._var = _first(grp, s.variance) if self._sig is None else None
+        if self._sig is None and self._var is None:
+            raise InputError(f"{self.path}: {grp.name} has no sigma/variance dataset ({list(s.sigma)} / {list(s.variance)})")
+        self._h, self._k, self._l = (_first(grp, s.h), _first(grp, s.k), _first(grp, s.l))
+        self._qv = None
+        if self._h is None or self._k is None or self._l is None:
+            self._qv = _first(grp, s.q_vector)
+            if self._qv is None:
+                raise InputError(f"{self.path}: {grp.name} has neither h/k/l nor a q_vector dataset")
+            if self.crystal is None or self.crystal.A_matrix is None:
+                raise InputError(f"{self.path}: hkl must be computed from q_vector but no crystal A_matrix is stored")
+            self._Ainv = np.linalg.inv(np.array(self.crystal.A_matrix, dtype=float))
+        self._q = _first(grp, s.q_magnitude)
+        self.n_obs = int(self._I.shape[0])
+        for name, d in (("sigma", self._sig or self._var), ("h", self._h), ("k", self._k), ("l", self._l),
+                        ("q_magnitude", self._q)):
+            if d is not None and d.shape[0] != self.n_obs:
+                raise InputError(f"{self.path}: {d.name} has {d.shape[0]} rows, {grp.name}/intensity has {self.n_obs}")
+        sid = None
+        for holder in (f, grp, f.get("/entry")):
+            if holder is None:
+                continue
+            for a in s.still_id_attr:
+                if a in holder.attrs:
+                    sid = _attr_str(holder.attrs[a])
+                    break
+            if sid is not None:
+                break
+        self.still_id = sid if sid is not None else self.path.stem
+
+    def iter_chunks(self, chunk: int = 1 << 22) -> Iterator[ObservationChunk]:
+        for a in range(0, self.n_obs, chunk):
+            z = min(a + chunk, self.n_obs)
+            I = np.asarray(self._I[a:z], dtype=np.float64)
+            if self._sig is not None:
+                sig = np.asarray(self._sig[a:z], dtype=np.float64)
+            else:
+                sig = np.sqrt(np.asarray(self._var[a:z], dtype=np.float64))
+            if self._qv is None:
+                h = np.asarray(self._h[a:z], dtype=np.float64)
+                k = np.asarray(self._k[a:z], dtype=np.float64)
+                l = np.asarray(self._l[a:z], dtype=np.float64)
+            else:
+                sv = np.asarray(self._qv[a:z], dtype=np.float64).reshape(-1, 3)
+                if self.schema.q_is_2pi:
+                    sv = sv / (2 * np.pi)
+                hkl = sv @ self._Ainv.T  # s = A h  ->  h = A^-1 s
+                h, k, l = (np.ascontiguousarray(hkl[:, i]) for i in range(3))
+            q = None if self._q is None else np.asarray(self._q[a:z], dtype=np.float64)
+            yield ObservationChunk(h, k, l, I, sig, q)
+
+    def hkl_abs_max(self, chunk: int = 1 << 22) -> np.ndarray:
+        out = np.zeros(3)
+        for c in self.iter_chunks(chunk):
+            if len(c):
+                out = np.maximum(out, [np.nanmax(np.abs(c.h)), np.nanmax(np.abs(c.k)), np.nanmax(np.abs(c.l))])
+        return out
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_still(path: str | Path, schema: StillSchema | None = None) -> H5Still:
+    """Open one still's per-pixel HDF5 table (the single place that knows the upstream schema)."""
+    return H5Still(path, schema)
+
+
+def write_still(path: str | Path, still_id: str, h, k, l, intensity, sigma, q_magnitude=None,
+                crystal: CrystalModel | None = None) -> Path:
+    """Write a still in the expected input schema (used by tests, demos and benchmarks)."""
+    from diffractflow.artifacts import atomic_write_path
+
+    path = Path(path)
+    with atomic_write_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["still_id"] = str(still_id)
+        e = f.create_group("entry")
+        e.attrs["NX_class"] = "NXentry"
+        g = e.create_group("diffuse")
+        g.attrs["NX_class"] = "NXdata"
+        g.attrs["signal"] = "intensity"
+        for name, v in (("h", h), ("k", k), ("l", l), ("intensity", intensity), ("sigma", sigma),
+                        ("q_magnitude", q_magnitude)):
+            if v is not None:
+                g.create_dataset(name, data=np.asarray(v, dtype=np.float64))
+        if crystal is not None:
+            c = e.create_group("crystal")
+            c.attrs["NX_class"] = "NXcollection"
+            c.create_dataset("unit_cell", data=np.asarray(crystal.unit_cell, dtype=float))
+            c.create_dataset("space_group", data=crystal.space_group)
+            if crystal.A_matrix is not None:
+                c.create_dataset("A_matrix", data=np.asarray(crystal.A_matrix, dtype=float))
+    return path
+
+
+# ====================================================================== scales / grid
+def read_scales(path: str | Path) -> dict[str, float]:
+    """Per-still multiplicative scales b (I_obs ≈ b·I_ref) from the scaler's scales.json.
+
+    Accepts {still: b}, {"scales": {still: b}} or {still: {"multiplicative_scale": b, ...}}.
+    Keys are still ids (names) or table indices, as strings.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read scales JSON ({exc})") from exc
+    if isinstance(data, dict) and isinstance(data.get("scales"), dict):
+        data = data["scales"]
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object mapping still id -> scale")
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            v = v.get("multiplicative_scale", v.get("scale", v.get("b")))
+        try:
+            b = float(v)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{path}: scale for still {k!r} is not a number: {v!r}") from exc
+        if not np.isfinite(b) or b <= 0:
+            raise InputError(f"{path}: scale for still {k!r} must be positive and finite, got {b}")
+        out[str(k)] = b
+    return out
+
+
+def scale_for(scales: Mapping[str, float] | None, still_id: str, index: int | None = None) -> float | None:
+    """Look a still's scale up by name, then by table index; None when no scales were given."""
+    if not scales:
+        return None
+    if still_id in scales:
+        return scales[still_id]
+    if index is not None and str(index) in scales:
+        return scales[str(index)]
+    raise InputError(f"scales file has no entry for still {still_id!r} (index {index})")
+
+
+def write_grid(path: str | Path, grid: GlobalGrid, extra: Mapping[str, Any] | None = None) -> Path:
+    from diffractflow.artifacts import atomic_write_json
+
+    return atomic_write_json(path, {"schema": "diffractflow.voxel_merger.grid", "schema_version": "1.0",
+                                    "grid": grid.to_dict(), **(extra or {})})
+
+
+def read_grid(path: str | Path) -> GlobalGrid:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+        return GlobalGrid.from_dict(d["grid"] if "grid" in d else d)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: not a voxel-merger grid JSON ({exc})") from exc
+
+
+# ====================================================================== observation table
+class ObservationTableWriter:
+    """Flat per-observation table for the scaler, written in appended chunks.
+
+    Root datasets (1-D, equal length): ``still_id`` (int32 index into ``still_names``),
+    ``voxel_id`` (int64 flat id on the grid, ASU voxel when symmetry merging), ``q_magnitude``
+    (|s| = 1/d, Å⁻¹), ``intensity`` and ``sigma`` (unscaled, as measured).
+    """
+
+    FIELDS = (("still_id", "i4"), ("voxel_id", "i8"), ("q_magnitude", "f8"), ("intensity", "f8"), ("sigma", "f8"))
+
+    def __init__(self, path: Path, grid: GlobalGrid, parameters: Mapping[str, Any] | None = None,
+                 inputs: Mapping[str, str] | None = None, job_id: str | None = None, chunk: int = 1 << 18):
+        from diffractflow.artifacts import atomic_write_path, write_provenance
+        from . import __version__
+
+        self.path = Path(path)
+        self._ctx = atomic_write_path(self.path)
+        tmp = self._ctx.__enter__()
+        self._f = h5py.File(tmp, "w")
+        write_provenance(self._f, schema=TABLE_SCHEMA, schema_version=TABLE_SCHEMA_VERSION, producer=PRODUCER,
+                         producer_version=__version__, job_id=job_id, parameters=parameters or {}, inputs=inputs or {})
+        self._f.attrs["grid"] = json.dumps(grid.to_dict())
+        self._f.attrs["q_units"] = "1/angstrom (|s| = 1/d)"
+        self._d = {n: self._f.create_dataset(n, shape=(0,), maxshape=(None,), dtype=t, chunks=(chunk,))
+                   for n, t in self.FIELDS}
+        self.names: list[str] = []
+        self.n = 0
+
+    def still_index(self, still_id: str) -> int:
+        if still_id not in self.names:
+            self.names.append(still_id)
+        return self.names.index(still_id)
+
+    def append(self, still_index: int, voxel_id, q_magnitude, intensity, sigma):
+        m = len(voxel_id)
+        if m == 0:
+            return
+        for n, v in (("still_id", np.full(m, still_index, dtype=np.int32)), ("voxel_id", voxel_id),
+                     ("q_magnitude", q_magnitude), ("intensity", intensity), ("sigma", sigma)):
+            d = self._d[n]
+            d.resize((self.n + m,))
+            d[self.n:] = v
+        self.n += m
+
+    def close(self, ok: bool = True):
+        if self._f.id.valid:
+            self._f.create_dataset("still_names", data=np.array(self.names, dtype=h5py.string_dtype()))
+            self._f.attrs["n_observations"] = self.n
+            self._f.close()
+        if ok:
+            self._ctx.__exit__(None, None, None)
+        else:
+            import sys
+            self._ctx.__exit__(*sys.exc_info())
+
+
+def read_observation_table(path: str | Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        out = {n: f[n][()] for n, _ in ObservationTableWriter.FIELDS}
+        out["still_names"] = np.array([x.decode() if isinstance(x, bytes) else x for x in f["still_names"][()]])
+    return out
+
+
+# ====================================================================== merged map
+def write_map(path: str | Path, grid: GlobalGrid, intensity: np.ndarray, sigma: np.ndarray, counts: np.ndarray,
+              statistics: Mapping[str, Any] | None = None, parameters: Mapping[str, Any] | None = None,
+              inputs: Mapping[str, str] | None = None, job_id: str | None = None) -> Path:
+    """Merged 3-D map as NeXus NXdata (axes h, k, l; signal intensity; errors sigma; counts)."""
+    from diffractflow.artifacts import atomic_write_path, write_provenance
+    from . import __version__
+
+    path = Path(path)
+    shp = grid.shape
+    chunks = (1, min(shp[1], 256), min(shp[2], 256))
+    with atomic_write_path(path) as tmp, h5py.File(tmp, "w") as f:
+        write_provenance(f, schema=MAP_SCHEMA, schema_version=MAP_SCHEMA_VERSION, producer=PRODUCER,
+                         producer_version=__version__, job_id=job_id, parameters=parameters or {}, inputs=inputs or {})
+        f.attrs["default"] = "entry"
+        e = f.create_group("entry")
+        e.attrs["NX_class"] = "NXentry"
+        e.attrs["default"] = "map"
+        g = e.create_group("map")
+        g.attrs["NX_class"] = "NXdata"
+        g.attrs["signal"] = "intensity"
+        g.attrs["axes"] = ["h", "k", "l"]
+        for i, ax in enumerate("hkl"):
+            g.attrs[f"{ax}_indices"] = i
+            d = g.create_dataset(ax, data=grid.axis(i))
+            d.attrs["long_name"] = f"{ax} (fractional Miller index, voxel centre)"
+        kw = dict(chunks=chunks, compression="gzip", compression_opts=1, shuffle=True)
+        d = g.create_dataset("intensity", data=np.asarray(intensity, dtype=np.float64).reshape(shp), **kw)
+        d.attrs["long_name"] = "inverse-variance weighted mean intensity (NaN = no data)"
+        g.create_dataset("sigma", data=np.asarray(sigma, dtype=np.float64).reshape(shp), **kw)
+        g["intensity_errors"] = g["sigma"]
+        g.create_dataset("counts", data=np.asarray(counts).astype(np.int32).reshape(shp), **kw)
+        c = e.create_group("crystal")
+        c.attrs["NX_class"] = "NXcollection"
+        c.create_dataset("unit_cell", data=np.asarray(grid.unit_cell))
+        c.create_dataset("space_group", data=grid.space_group)
+        c.attrs["subdivisions"] = grid.ndiv
+        c.attrs["grid"] = json.dumps(grid.to_dict())
+        if statistics:
+            s = e.create_group("statistics")
+            s.attrs["NX_class"] = "NXcollection"
+            s.attrs["json"] = json.dumps(statistics, default=_json_default)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+@dataclass
+class MergedMapFile:
+    grid: GlobalGrid
+    intensity: np.ndarray
+    sigma: np.ndarray
+    counts: np.ndarray
+    statistics: dict
+    provenance: dict
+
+
+def read_map(path: str | Path) -> MergedMapFile:
+    from diffractflow.artifacts import read_provenance
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("schema") != MAP_SCHEMA:
+                raise InputError(f"{path}: not a voxel-merger map (schema={f.attrs.get('schema')!r})")
+            g = f["entry/map"]
+            grid = GlobalGrid.from_dict(json.loads(f["entry/crystal"].attrs["grid"]))
+            stats = json.loads(f["entry/statistics"].attrs["json"]) if "entry/statistics" in f else {}
+            return MergedMapFile(grid, g["intensity"][()], g["sigma"][()], g["counts"][()], stats, read_provenance(f))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read map ({exc})") from exc
+
+
+# ====================================================================== figures
+def write_slice_pngs(out_dir: Path, grid: GlobalGrid, intensity: np.ndarray) -> dict[str, Path]:
+    """PNG images of the h=0, k=0 and l=0 planes (colour range: 1st-99th percentile)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from diffractflow.artifacts import atomic_write_path
+
+    out = {}
+    names = "hkl"
+    for ax in range(3):
+        i0 = -grid.lo[ax]
+        if not (0 <= i0 < grid.shape[ax]):
+            continue
+        sl = np.take(intensity, i0, axis=ax)
+        others = [a for a in range(3) if a != ax]
+        finite = sl[np.isfinite(sl)]
+        vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0, 1))
+        fig, axs = plt.subplots(figsize=(6, 5.4), dpi=100)
+        x, y = grid.axis(others[1]), grid.axis(others[0])
+        im = axs.imshow(sl, origin="lower", extent=(x[0], x[-1], y[0], y[-1]), vmin=vmin, vmax=vmax,
+                        cmap="viridis", interpolation="nearest", aspect="auto")
+        axs.set_xlabel(names[others[1]])
+        axs.set_ylabel(names[others[0]])
+        axs.set_title(f"{names[ax]} = 0 plane")
+        fig.colorbar(im, ax=axs, label="intensity")
+        p = out_dir / f"slice_{names[ax]}0.png"
+        with atomic_write_path(p) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        out[f"slice_{names[ax]}0"] = p
+    return out
+
+
+def write_radial_png(path: Path, profile: Mapping[str, Any]) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from diffractflow.artifacts import atomic_write_path
+
+    s = np.asarray(profile["s_centres"], dtype=float)
+    m = np.array([np.nan if v is None else v for v in profile["mean_intensity"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(s, m, ".-")
+    ax.set_xlabel("|s| = 1/d (1/Å)")
+    ax.set_ylabel("mean voxel intensity")
+    ax.set_title("radial profile")
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

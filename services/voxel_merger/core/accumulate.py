@@ -1,0 +1,377 @@
+"""Per-voxel sums of inverse-variance weighted observations, combinable by addition.
+
+State per voxel and per half-dataset: ``count``, ``sum_w``, ``sum_wi``, ``sum_wi2`` with
+w = 1/σ².  These sums are associative, so one accumulator per still (or per replica)
+merges into the whole by plain addition (LiberTEM-style map + reduce).
+
+A per-still multiplicative scale b (I_obs ≈ b·I_ref, so I → I/b, σ → σ/b) rescales the
+sums exactly: sum_w → b²·sum_w, sum_wi → b·sum_wi, sum_wi2 unchanged.  So a
+single-still accumulator can be scaled after the fact, at merge time.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .grid import GlobalGrid
+
+__all__ = [
+    "FIELDS",
+    "VoxelAccumulator",
+    "observation_weights",
+    "blocked_sums",
+    "block_shift_for",
+    "half_of_still",
+    "scale_sums",
+]
+
+FIELDS = ("count", "sum_w", "sum_wi", "sum_wi2")
+N_FIELDS = len(FIELDS)
+
+
+def half_of_still(still_id: str | int, seed: int = 0) -> int:
+    """Deterministic pseudo-random half (0 or 1) of a still: the same in every job and partition."""
+    digest = hashlib.blake2b(f"{seed}:{still_id}".encode(), digest_size=8).digest()
+    return digest[0] & 1
+
+
+def observation_weights(intensity: np.ndarray, sigma: np.ndarray, scale=None):
+    """(w, w·I, w·I²) with w = 1/σ², after dividing I and σ by the scale b (scalar or per observation)."""
+    intensity = np.asarray(intensity, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    w = sigma * sigma
+    np.reciprocal(w, out=w)
+    wi = w * intensity
+    wi2 = wi * intensity
+    if scale is not None and not (np.isscalar(scale) and scale == 1.0):
+        b = np.asarray(scale, dtype=np.float64)
+        w *= b * b
+        wi *= b
+    return w, wi, wi2
+
+
+def scale_sums(sums: np.ndarray, b: float) -> np.ndarray:
+    """Apply I → I/b to accumulated sums of shape (4, ...) in place and return them."""
+    sums[1] *= b * b
+    sums[2] *= b
+    return sums
+
+
+def block_shift_for(n_voxels: int, min_shift: int = 16) -> int:
+    """log2 block size: >= 2**min_shift voxels and at most 65535 blocks (so block keys fit uint16)."""
+    shift = min_shift
+    while (n_voxels >> shift) >= 65535:
+        shift += 1
+    return shift
+
+
+def blocked_sums(ids: np.ndarray, weights: Sequence[np.ndarray | None], shift: int
+                 ) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """Group observations by voxel block (2**shift voxels) and bincount inside each block.
+
+    Yields (block, length, [sum per field]) where a field weight of None means counts.
+    Grouping uses a stable radix sort on uint16 block keys (O(n)), so total cost is
+    O(n + touched blocks · block size), independent of the full grid size.
+    """
+    bsize = 1 << shift
+    keys = ids >> shift
+    kmin, kmax = int(keys.min()), int(keys.max())
+    if kmin == kmax:
+        local = ids - (kmin << shift)
+        length = int(local.max()) + 1
+        yield kmin, length, [np.bincount(local, weights=w, minlength=length).astype(np.float64, copy=False)
+                             for w in weights]
+        return
+    order = np.argsort(keys.astype(np.uint16 if kmax < 65536 else np.uint32), kind="stable")
+    ks = keys[order]
+    sid = ids[order]
+    sw = [None if w is None else w[order] for w in weights]
+    bounds = np.flatnonzero(np.diff(ks)) + 1
+    starts = np.concatenate(([0], bounds))
+    stops = np.concatenate((bounds, [len(ks)]))
+    for a, z in zip(starts.tolist(), stops.tolist()):
+        blk = int(ks[a])
+        local = sid[a:z] - (blk << shift)
+        length = min(bsize, int(local.max()) + 1)
+        yield blk, length, [np.bincount(local, weights=None if w is None else w[a:z],
+                                        minlength=length).astype(np.float64, copy=False) for w in sw]
+
+
+_TORCH = None
+
+
+def _torch():
+    """torch if importable (in-place scatter-add without grid-sized temporaries), else False."""
+    global _TORCH
+    if _TORCH is None:
+        try:
+            import torch
+
+            _TORCH = torch
+        except ImportError:  # pragma: no cover - torch is a project dependency
+            _TORCH = False
+    return _TORCH
+
+
+def _valid_mask(ids: np.ndarray, intensity: np.ndarray, sigma: np.ndarray):
+    """None when every observation is usable (fast path), else a boolean mask."""
+    ok = True
+    if ids.size:
+        if ids.min() < 0:
+            ok = False
+        elif not (sigma.min() > 0 and np.isfinite(sigma.max())):
+            ok = False
+        elif not np.isfinite(intensity.sum()):
+            ok = False
+    if ok:
+        return None
+    return (ids >= 0) & (sigma > 0) & np.isfinite(sigma) & np.isfinite(intensity)
+
+
+class _SumStore:
+    """Shared logic of the in-memory and HDF5-backed accumulators (see ``add_sums`` / ``iter_blocks``)."""
+
+    grid: GlobalGrid
+    n_halves: int
+
+    def _init_meta(self):
+        self.still_ids: list[str] = []
+        self.n_obs = 0
+        self.n_dropped = 0
+
+    # subclasses implement: add_sums(ids, half, sums(list of 4 arrays or None for count)),
+    # read_range(start, stop) -> (4, n_halves, stop-start), iter_blocks(), _bump_meta
+
+    def add_ids(self, ids: np.ndarray, intensity: np.ndarray, sigma: np.ndarray,
+                half: int | np.ndarray = 0, scale=None, still_id: str | None = None) -> int:
+        """Accumulate observations already mapped to voxel ids (-1 = outside). Returns number used."""
+        ids = np.asarray(ids, dtype=np.int64)
+        intensity = np.asarray(intensity, dtype=np.float64)
+        sigma = np.asarray(sigma, dtype=np.float64)
+        if not (ids.shape == intensity.shape == sigma.shape):
+            raise ValueError(f"ids, intensity and sigma must have the same shape: "
+                             f"{ids.shape}, {intensity.shape}, {sigma.shape}")
+        n_in = ids.size
+        mask = _valid_mask(ids, intensity, sigma)
+        if mask is not None:
+            ids, intensity, sigma = ids[mask], intensity[mask], sigma[mask]
+            if scale is not None and np.ndim(scale):
+                scale = np.asarray(scale)[mask]
+            if np.ndim(half):
+                half = np.asarray(half)[mask]
+        if still_id is not None and str(still_id) not in self.still_ids:
+            self.still_ids.append(str(still_id))
+        self.n_obs += ids.size
+        self.n_dropped += n_in - ids.size
+        if ids.size == 0:
+            return 0
+        w, wi, wi2 = observation_weights(intensity, sigma, scale)
+        if np.ndim(half) == 0:
+            self.add_sums(ids, int(half), [None, w, wi, wi2])
+        else:
+            half = np.asarray(half)
+            for hh in range(self.n_halves):
+                m = half == hh
+                if m.any():
+                    self.add_sums(ids[m], hh, [None, w[m], wi[m], wi2[m]])
+        return int(ids.size)
+
+    def add(self, h, k, l, intensity, sigma, half=0, scale=None, still_id=None, chunk: int | None = None) -> int:
+        """Accumulate observations at fractional hkl (in cache-sized chunks when the scatter is O(n))."""
+        h, k, l = np.asarray(h), np.asarray(k), np.asarray(l)
+        intensity, sigma = np.asarray(intensity), np.asarray(sigma)
+        n = h.size
+        if chunk is None:
+            chunk = (1 << 18) if getattr(self, "use_torch", False) and _torch() else (1 << 22)
+        if n <= chunk:
+            return self.add_ids(self.grid.voxel_ids(h, k, l), intensity, sigma, half, scale, still_id)
+        used = 0
+        for a in range(0, n, chunk):
+            z = a + chunk
+            sc = scale[a:z] if scale is not None and np.ndim(scale) else scale
+            hf = half[a:z] if np.ndim(half) else half
+            used += self.add_ids(self.grid.voxel_ids(h[a:z], k[a:z], l[a:z]), intensity[a:z], sigma[a:z],
+                                 hf, sc, still_id)
+        return used
+
+    def totals_range(self, start: int, stop: int) -> np.ndarray:
+        """Sums over halves, shape (4, stop-start)."""
+        return self.read_range(start, stop).sum(axis=1)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Total sums (4, n) at the given voxel ids (all must be valid)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.zeros((N_FIELDS, ids.size))
+        if ids.size == 0:
+            return out
+        shift = self.block_shift
+        keys = ids >> shift
+        order = np.argsort(keys, kind="stable")
+        ks = keys[order]
+        bounds = np.flatnonzero(np.diff(ks)) + 1
+        for a, z in zip(np.r_[0, bounds].tolist(), np.r_[bounds, ids.size].tolist()):
+            blk = int(ks[a])
+            start = blk << shift
+            stop = min(start + (1 << shift), self.grid.n_voxels)
+            tot = self.totals_range(start, stop)
+            sel = order[a:z]
+            out[:, sel] = tot[:, ids[sel] - start]
+        return out
+
+
+class VoxelAccumulator(_SumStore):
+    """In-memory accumulator: dense arrays (4, n_halves, n_voxels) float64 (counts exact below 2**53)."""
+
+    def __init__(self, grid: GlobalGrid, n_halves: int = 1, use_torch: bool = True, kernel: str = "auto"):
+        """``kernel``: "numba" (fused one-pass loop), "vector" (torch index_add_ / np.bincount) or "auto"."""
+        from . import kernels
+
+        if n_halves not in (1, 2):
+            raise ValueError(f"n_halves must be 1 or 2, got {n_halves}")
+        if kernel not in ("auto", "numba", "vector"):
+            raise ValueError(f"kernel must be 'auto', 'numba' or 'vector', got {kernel!r}")
+        if kernel == "numba" and not kernels.available():
+            raise RuntimeError("kernel='numba' requested but numba cannot be imported")
+        self.kernel = "numba" if (kernel == "numba" or (kernel == "auto" and kernels.available())) else "vector"
+        self.use_torch = use_torch
+        self._tsums = None
+        self._ones = None
+        self.grid = grid
+        self.n_halves = n_halves
+        self.sums = np.zeros((N_FIELDS, n_halves, grid.n_voxels), dtype=np.float64)
+        self.block_shift = block_shift_for(grid.n_voxels)
+        self._init_meta()
+
+    def _fused(self, half, scale) -> bool:
+        return self.kernel == "numba" and np.ndim(half) == 0
+
+    def _book(self, n_in: int, used: int, still_id):
+        if still_id is not None and str(still_id) not in self.still_ids:
+            self.still_ids.append(str(still_id))
+        self.n_obs += used
+        self.n_dropped += n_in - used
+
+    def add(self, h, k, l, intensity, sigma, half=0, scale=None, still_id=None, chunk: int | None = None) -> int:
+        if not self._fused(half, scale):
+            return super().add(h, k, l, intensity, sigma, half, scale, still_id, chunk)
+        from .kernels import accumulate_hkl
+
+        h = np.asarray(h)
+        if not (h.shape == np.shape(k) == np.shape(l) == np.shape(intensity) == np.shape(sigma)):
+            raise ValueError("h, k, l, intensity and sigma must have the same shape")
+        used = accumulate_hkl(self.grid, self.sums[:, int(half), :], h.ravel(), np.ravel(k), np.ravel(l),
+                              np.ravel(intensity), np.ravel(sigma), scale)
+        self._book(h.size, used, still_id)
+        return used
+
+    def add_ids(self, ids, intensity, sigma, half=0, scale=None, still_id=None) -> int:
+        if not self._fused(half, scale):
+            return super().add_ids(ids, intensity, sigma, half, scale, still_id)
+        from .kernels import accumulate_ids
+
+        ids = np.asarray(ids)
+        if not (ids.shape == np.shape(intensity) == np.shape(sigma)):
+            raise ValueError(f"ids, intensity and sigma must have the same shape: "
+                             f"{ids.shape}, {np.shape(intensity)}, {np.shape(sigma)}")
+        used = accumulate_ids(self.sums[:, int(half), :], ids.ravel(), np.ravel(intensity), np.ravel(sigma), scale)
+        self._book(ids.size, used, still_id)
+        return used
+
+    def add_sums(self, ids: np.ndarray, half: int, sums: Sequence[np.ndarray | None]) -> None:
+        """Add per-observation (or per-voxel) sums; None in ``sums`` means one count each.
+
+        Uses torch's in-place ``index_add_`` on the shared numpy buffer when available (cost
+        O(n), no grid-sized temporaries); otherwise np.bincount, dense or per voxel block.
+        """
+        n = self.grid.n_voxels
+        torch = _torch() if self.use_torch else False
+        if torch:
+            if self._tsums is None:
+                self._tsums = torch.from_numpy(self.sums)
+            ti = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+            for f, w in enumerate(sums):
+                if w is None:
+                    if self._ones is None or self._ones.numel() < ids.size:
+                        self._ones = torch.ones(max(ids.size, 1 << 18), dtype=torch.float64)
+                    src = self._ones[:ids.size]
+                else:
+                    src = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64))
+                self._tsums[f, half].index_add_(0, ti, src)
+            return
+        target = self.sums[:, half, :]
+        if ids.size * 4 >= n:  # dense bincount over the whole grid is cheapest
+            for f, w in enumerate(sums):
+                target[f] += np.bincount(ids, weights=w, minlength=n)
+            return
+        for blk, length, parts in blocked_sums(ids, sums, self.block_shift):
+            start = blk << self.block_shift
+            seg = target[:, start:start + length]
+            for f in range(N_FIELDS):
+                seg[f] += parts[f]
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return self.sums[:, :, start:stop]
+
+    def iter_blocks(self, block: int = 1 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, sums (4, n_halves, len)) for blocks holding any observation."""
+        for start in range(0, self.grid.n_voxels, block):
+            s = self.sums[:, :, start:start + block]
+            if s[0].any():
+                yield start, s
+
+    # ------------------------------------------------------------ combining
+    def _check_compatible(self, other: "_SumStore"):
+        if other.grid != self.grid:
+            raise ValueError("cannot combine accumulators on different grids")
+
+    def merge(self, other: "_SumStore", scale: float | None = None, half: int | None = None) -> "VoxelAccumulator":
+        """Add another accumulator (in-memory or HDF5) into this one, in place.
+
+        ``scale`` applies a still's multiplicative scale to the other's sums; ``half``
+        routes a one-half accumulator into one half of a two-half accumulator.
+        """
+        self._check_compatible(other)
+        for start, s in other.iter_blocks():
+            s = np.array(s, dtype=np.float64)
+            if scale is not None:
+                scale_sums(s, scale)
+            stop = start + s.shape[-1]
+            if half is not None:
+                self.sums[:, half, start:stop] += s.sum(axis=1)
+            elif other.n_halves == self.n_halves:
+                self.sums[:, :, start:stop] += s
+            else:
+                self.sums[:, 0, start:stop] += s.sum(axis=1)
+        for sid in other.still_ids:
+            if sid not in self.still_ids:
+                self.still_ids.append(sid)
+        self.n_obs += other.n_obs
+        self.n_dropped += other.n_dropped
+        return self
+
+    def __iadd__(self, other):
+        return self.merge(other)
+
+    def __add__(self, other):
+        out = self.copy()
+        out.merge(other)
+        return out
+
+    def copy(self) -> "VoxelAccumulator":
+        out = VoxelAccumulator(self.grid, self.n_halves, self.use_torch, self.kernel)
+        out.sums[...] = self.sums
+        out.still_ids = list(self.still_ids)
+        out.n_obs, out.n_dropped = self.n_obs, self.n_dropped
+        return out
+
+    def scaled(self, b: float) -> "VoxelAccumulator":
+        """Copy with the scale b applied (valid for a single-still accumulator)."""
+        out = self.copy()
+        scale_sums(out.sums, b)
+        return out
+
+    def totals(self) -> np.ndarray:
+        """Sums over halves, shape (4, n_voxels)."""
+        return self.sums.sum(axis=1)

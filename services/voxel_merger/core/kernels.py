@@ -1,0 +1,108 @@
+"""Optional fused accumulation kernels (numba, from Debian's python3-numba when present).
+
+One pass per observation: validity check, voxel id from fractional hkl, w = 1/σ² and the
+four scatter-adds, with no temporaries.  Arithmetic follows the numpy path operation for
+operation (t = h·ndiv + (0.5 − lo), floor; w = 1/(σ·σ), w·I, (w·I)·I, then the scale), so
+results match it to rounding of the summation order.  ``available()`` is False when numba
+cannot be imported; callers then use torch/np.bincount.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:  # pragma: no cover - depends on the machine
+    from numba import njit
+
+    _HAVE_NUMBA = True
+except Exception:  # noqa: BLE001 - any import problem means "not available"
+    _HAVE_NUMBA = False
+
+__all__ = ["available", "accumulate_hkl", "accumulate_ids"]
+
+
+def available() -> bool:
+    return _HAVE_NUMBA
+
+
+if _HAVE_NUMBA:
+
+    @njit(nogil=True, cache=True)
+    def _add_one(sums, vid, x, s, b, use_b):
+        w = 1.0 / (s * s)
+        wi = w * x
+        wi2 = wi * x
+        if use_b:
+            w = w * (b * b)
+            wi = wi * b
+        sums[0, vid] += 1.0
+        sums[1, vid] += w
+        sums[2, vid] += wi
+        sums[3, vid] += wi2
+
+    @njit(nogil=True, cache=True)
+    def _hkl_kernel(h, k, l, I, sig, scale, scale_is_array, b0, use_b, nd, c0, c1, c2, nh, nk, nl, sums):
+        n = h.shape[0]
+        used = 0
+        for i in range(n):
+            s = sig[i]
+            x = I[i]
+            if not (s > 0.0 and s < math.inf and math.isfinite(x)):
+                continue
+            th = math.floor(h[i] * nd + c0)
+            tk = math.floor(k[i] * nd + c1)
+            tl = math.floor(l[i] * nd + c2)
+            if not (th >= 0.0 and th < nh and tk >= 0.0 and tk < nk and tl >= 0.0 and tl < nl):
+                continue
+            vid = (int(th) * nk + int(tk)) * nl + int(tl)
+            b = scale[i] if scale_is_array else b0
+            _add_one(sums, vid, x, s, b, use_b)
+            used += 1
+        return used
+
+    @njit(nogil=True, cache=True)
+    def _ids_kernel(ids, I, sig, scale, scale_is_array, b0, use_b, nvox, sums):
+        n = ids.shape[0]
+        used = 0
+        for i in range(n):
+            s = sig[i]
+            x = I[i]
+            vid = ids[i]
+            if not (s > 0.0 and s < math.inf and math.isfinite(x) and vid >= 0 and vid < nvox):
+                continue
+            b = scale[i] if scale_is_array else b0
+            _add_one(sums, vid, x, s, b, use_b)
+            used += 1
+        return used
+
+
+def _scale_args(scale, n):
+    if scale is None or (np.ndim(scale) == 0 and float(scale) == 1.0):
+        return np.ones(1), False, 1.0, False
+    if np.ndim(scale) == 0:
+        return np.ones(1), False, float(scale), True
+    arr = np.ascontiguousarray(scale, dtype=np.float64)
+    if arr.shape != (n,):
+        raise ValueError(f"per-observation scale has shape {arr.shape}, expected ({n},)")
+    return arr, True, 1.0, True
+
+
+def accumulate_hkl(grid, sums: np.ndarray, h, k, l, intensity, sigma, scale=None) -> int:
+    """Add observations at fractional hkl into ``sums`` (4, n_voxels). Returns the number used."""
+    f64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
+    h, k, l, intensity, sigma = f64(h), f64(k), f64(l), f64(intensity), f64(sigma)
+    sc, is_arr, b0, use_b = _scale_args(scale, h.size)
+    nd = float(grid.ndiv)
+    return int(_hkl_kernel(h, k, l, intensity, sigma, sc, is_arr, b0, use_b, nd,
+                           0.5 - grid.lo[0], 0.5 - grid.lo[1], 0.5 - grid.lo[2],
+                           grid.shape[0], grid.shape[1], grid.shape[2], sums))
+
+
+def accumulate_ids(sums: np.ndarray, ids, intensity, sigma, scale=None) -> int:
+    """Add observations already mapped to voxel ids (-1 = skip) into ``sums`` (4, n_voxels)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    sc, is_arr, b0, use_b = _scale_args(scale, ids.size)
+    return int(_ids_kernel(ids, np.ascontiguousarray(intensity, dtype=np.float64),
+                           np.ascontiguousarray(sigma, dtype=np.float64), sc, is_arr, b0, use_b,
+                           sums.shape[1], sums))

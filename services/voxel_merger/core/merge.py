@@ -1,0 +1,276 @@
+"""Merging accumulated voxel sums: inverse-variance means, symmetry, outliers, CC½, radial profile.
+
+All functions stream over an accumulator's blocks (``iter_blocks`` / ``read_range``),
+so they work the same for the in-memory and the HDF5-backed accumulator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .accumulate import N_FIELDS, VoxelAccumulator, observation_weights
+from .grid import GlobalGrid
+
+__all__ = [
+    "merge_sums",
+    "laue_group",
+    "AsuMapper",
+    "symmetry_merge",
+    "expand_from_asu",
+    "leave_one_out_z",
+    "cc_half_by_shell",
+    "radial_profile",
+    "dense_map",
+    "pearson_cc",
+]
+
+
+def merge_sums(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, sigma, count) from sums (4, ...): mean = Σw·I/Σw, σ = 1/√Σw; NaN where empty."""
+    count, sw, swi = sums[0], sums[1], sums[2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(sw > 0, swi / np.where(sw > 0, sw, 1.0), np.nan)
+        sigma = np.where(sw > 0, 1.0 / np.sqrt(np.where(sw > 0, sw, 1.0)), np.nan)
+    return mean, sigma, count.astype(np.int64)
+
+
+# ------------------------------------------------------------------ symmetry
+def laue_group(space_group: str):
+    """cctbx space group of the Laue class (centrosymmetric point group + lattice) of ``space_group``."""
+    from cctbx import sgtbx
+
+    return sgtbx.space_group_info(space_group).group().build_derived_laue_group()
+
+
+class AsuMapper:
+    """Map voxel ids onto the voxel of their asymmetric-unit equivalent (cctbx ``miller.map_to_asu``).
+
+    Voxel centres are integer multiples of 1/ndiv, so ndiv·hkl are integers; the Laue
+    group's rotations act linearly and cctbx's reciprocal-space ASU is a cone defined by
+    homogeneous inequalities, so mapping ndiv·hkl with cctbx and dividing by ndiv gives the
+    ASU equivalent of the fractional index.  Friedel mates are merged (centrosymmetric Laue
+    group, ``anomalous_flag=False``).  Ids whose equivalent falls outside the grid map to -1.
+    """
+
+    def __init__(self, grid: GlobalGrid, space_group: str | None = None):
+        from cctbx import sgtbx
+
+        self.grid = grid
+        self.space_group = space_group or grid.space_group
+        self.group = laue_group(self.space_group)
+        self.sg_type = sgtbx.space_group_type(self.group)
+        # rotation parts acting on row-vector Miller indices: h' = h · R (unique, inversion included)
+        mats = {tuple(int(x) for x in op.r().num()) for op in self.group.all_ops()}
+        self.rotations = np.array(sorted(mats), dtype=np.int64).reshape(-1, 3, 3)
+
+    def equivalents_scaled(self, H: np.ndarray) -> np.ndarray:
+        """All symmetry equivalents (n_ops, n, 3) of ndiv·hkl rows H (duplicates for special positions)."""
+        H = np.asarray(H, dtype=np.int64)
+        return np.einsum("ni,oij->onj", H, self.rotations)
+
+    def map_scaled(self, H: np.ndarray) -> np.ndarray:
+        """ndiv·hkl (n, 3) integers -> their ASU representatives (n, 3)."""
+        from cctbx import miller
+        from cctbx.array_family import flex
+
+        H = np.ascontiguousarray(H, dtype=np.int64)
+        out = np.empty_like(H)
+        step = 1 << 20
+        for a in range(0, len(H), step):
+            part = H[a:a + step]
+            mi = flex.miller_index(*[flex.int(np.ascontiguousarray(part[:, c], dtype=np.int32)) for c in range(3)])
+            miller.map_to_asu(self.sg_type, False, mi)
+            out[a:a + step] = np.rint(mi.as_vec3_double().as_double().as_numpy_array()).astype(np.int64).reshape(-1, 3)
+        return out
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size == 0:
+            return ids.copy()
+        return self.grid.ids_from_scaled_hkl(self.map_scaled(self.grid.voxel_hkl_scaled(ids)))
+
+    def map_observations(self, ids: np.ndarray) -> np.ndarray:
+        """Like ``__call__`` for many (repeated) observation ids: maps each distinct voxel once."""
+        ids = np.asarray(ids, dtype=np.int64)
+        valid = ids >= 0
+        out = np.full(ids.shape, -1, dtype=np.int64)
+        if valid.any():
+            u, inv = np.unique(ids[valid], return_inverse=True)
+            out[valid] = self(u)[inv]
+        return out
+
+
+def symmetry_merge(src, dst, mapper: AsuMapper, progress: Callable[[], None] | None = None) -> int:
+    """Add every voxel's sums of ``src`` into its ASU voxel in ``dst`` (same grid). Returns voxels lost off-grid."""
+    lost = 0
+    for start, s in src.iter_blocks():
+        s = np.asarray(s)
+        occupied = np.flatnonzero(s[0].sum(axis=0) > 0)
+        if occupied.size == 0:
+            continue
+        asu = mapper(start + occupied)
+        ok = asu >= 0
+        lost += int((~ok).sum())
+        for hh in range(src.n_halves):
+            tgt = hh if dst.n_halves == src.n_halves else 0
+            part = s[:, hh, occupied[ok]]
+            keep = part[0] > 0
+            if keep.any():
+                dst.add_sums(asu[ok][keep], tgt, [part[f][keep] for f in range(N_FIELDS)])
+        if progress:
+            progress()
+    dst.still_ids = list(src.still_ids)
+    dst.n_obs, dst.n_dropped = src.n_obs, src.n_dropped
+    return lost
+
+
+def expand_from_asu(store, ids: np.ndarray, mapper: AsuMapper) -> np.ndarray:
+    """Total sums (4, n) at every voxel id, read from its ASU equivalent in ``store``."""
+    asu = mapper(ids)
+    out = np.zeros((N_FIELDS, len(ids)))
+    ok = asu >= 0
+    if ok.any():
+        out[:, ok] = store.gather(asu[ok])
+    return out
+
+
+# ------------------------------------------------------------------ outliers
+def leave_one_out_z(intensity: np.ndarray, sigma: np.ndarray, totals: np.ndarray, scale=None) -> np.ndarray:
+    """Normalised deviation of each observation from the weighted mean of the *other* observations in its voxel.
+
+    z = (I − ⟨I⟩_others) / √(σ² + 1/Σw_others), with I, σ divided by the still scale.
+    ``totals`` are the voxel sums (4, n) at each observation's voxel, including it.
+    Returns NaN where no other observation exists.
+    """
+    w, wi, _ = observation_weights(intensity, sigma, scale)
+    sw_o = totals[1] - w
+    swi_o = totals[2] - wi
+    b = 1.0 if scale is None else np.asarray(scale, dtype=np.float64)
+    i_s = np.asarray(intensity, dtype=np.float64) / b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        has = (totals[0] >= 2) & (sw_o > 1e-300 * np.maximum(totals[1], 1.0))
+        mean_o = np.where(has, swi_o / np.where(has, sw_o, 1.0), np.nan)
+        var = 1.0 / w + np.where(has, 1.0 / np.where(has, sw_o, 1.0), np.nan)
+        return (i_s - mean_o) / np.sqrt(var)
+
+
+# ------------------------------------------------------------------ statistics
+def pearson_cc(n, sa, sb, saa, sbb, sab):
+    """Pearson correlation from streamed sums (NaN when undefined)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cov = sab - sa * sb / n
+        va = saa - sa * sa / n
+        vb = sbb - sb * sb / n
+        return np.where((n > 1) & (va > 0) & (vb > 0), cov / np.sqrt(va * vb), np.nan)
+
+
+def _s_range(store, grid: GlobalGrid, need_both_halves: bool):
+    smin, smax = np.inf, 0.0
+    for start, s in store.iter_blocks():
+        c = np.asarray(s)[0]
+        occ = (c > 0).all(axis=0) if need_both_halves else (c.sum(axis=0) > 0)
+        idx = np.flatnonzero(occ)
+        if idx.size:
+            sv = grid.s_of_voxels(start + idx)
+            smin, smax = min(smin, float(sv.min())), max(smax, float(sv.max()))
+    return smin, smax
+
+
+def shell_edges(s_min: float, s_max: float, n_shells: int) -> np.ndarray:
+    """Shell edges in |s| (Å⁻¹) of equal reciprocal-space volume between s_min and s_max."""
+    return np.cbrt(np.linspace(s_min ** 3, s_max ** 3, n_shells + 1))
+
+
+def cc_half_by_shell(store, grid: GlobalGrid, n_shells: int = 10, min_count: int = 1) -> dict:
+    """CC½ (Pearson) between the two half-dataset voxel means, per resolution shell and overall.
+
+    Only voxels measured in both halves (≥ ``min_count`` observations each) count.
+    Shells have equal volume in reciprocal space. |s| = 1/d in Å⁻¹.
+    """
+    if store.n_halves != 2:
+        raise ValueError("CC1/2 needs an accumulator with two half-datasets (n_halves=2)")
+    s_lo, s_hi = _s_range(store, grid, True)
+    if not np.isfinite(s_lo):
+        return {"s_edges": [], "cc_half": [], "n_voxels": [], "overall": float("nan"), "n_voxels_total": 0}
+    edges = shell_edges(s_lo, s_hi * (1 + 1e-12), n_shells)
+    acc = np.zeros((6, n_shells + 1))  # last row: overall
+    for start, s in store.iter_blocks():
+        s = np.asarray(s)
+        both = (s[0] >= min_count).all(axis=0)
+        idx = np.flatnonzero(both)
+        if idx.size == 0:
+            continue
+        a = s[2, 0, idx] / s[1, 0, idx]
+        b = s[2, 1, idx] / s[1, 1, idx]
+        shell = np.clip(np.searchsorted(edges, grid.s_of_voxels(start + idx), side="right") - 1, 0, n_shells - 1)
+        for row, v in enumerate((np.ones_like(a), a, b, a * a, b * b, a * b)):
+            acc[row, :n_shells] += np.bincount(shell, weights=v, minlength=n_shells)
+            acc[row, n_shells] += v.sum()
+    cc = pearson_cc(*acc)
+    return {
+        "s_edges": edges.tolist(),
+        "d_edges": [None if e <= 0 else float(1.0 / e) for e in edges],
+        "cc_half": [None if not np.isfinite(x) else float(x) for x in cc[:n_shells]],
+        "n_voxels": acc[0, :n_shells].astype(int).tolist(),
+        "overall": float(cc[n_shells]) if np.isfinite(cc[n_shells]) else float("nan"),
+        "n_voxels_total": int(acc[0, n_shells]),
+    }
+
+
+def radial_profile(store, grid: GlobalGrid, n_bins: int = 50, mapper: AsuMapper | None = None) -> dict:
+    """Mean merged voxel intensity versus |s| (Å⁻¹), equal-width bins; each measured voxel counts once."""
+    s_lo, s_hi = _s_range(store, grid, False)
+    if not np.isfinite(s_lo):
+        return {"s_centres": [], "mean_intensity": [], "n_voxels": []}
+    edges = np.linspace(0.0, s_hi * (1 + 1e-9), n_bins + 1)
+    n = np.zeros(n_bins)
+    tot = np.zeros(n_bins)
+    for start, s in store.iter_blocks():
+        t = np.asarray(s).sum(axis=1)
+        idx = np.flatnonzero(t[1] > 0)
+        if idx.size == 0:
+            continue
+        mean = t[2, idx] / t[1, idx]
+        b = np.clip(np.searchsorted(edges, grid.s_of_voxels(start + idx), side="right") - 1, 0, n_bins - 1)
+        n += np.bincount(b, minlength=n_bins)
+        tot += np.bincount(b, weights=mean, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prof = np.where(n > 0, tot / np.maximum(n, 1), np.nan)
+    return {"s_centres": (0.5 * (edges[1:] + edges[:-1])).tolist(),
+            "mean_intensity": [None if not np.isfinite(x) else float(x) for x in prof],
+            "n_voxels": n.astype(int).tolist()}
+
+
+def dense_map(store, mapper: AsuMapper | None = None, progress: Callable[[], None] | None = None):
+    """Merged map on the whole grid: (mean, sigma, count) arrays of shape grid.shape, NaN where empty.
+
+    With a ``mapper`` the store holds ASU-merged sums and each ASU voxel's value is copied
+    to all its symmetry equivalents (numpy, with cctbx's Laue-group rotations).  The map
+    is dense in memory (20 bytes per voxel); the accumulation itself is not.
+    """
+    grid = store.grid
+    n = grid.n_voxels
+    mean = np.full(n, np.nan)
+    sigma = np.full(n, np.nan)
+    count = np.zeros(n, dtype=np.int64)
+    for start, s in store.iter_blocks():
+        t = np.asarray(s).sum(axis=1)
+        idx = np.flatnonzero(t[0] > 0)
+        if idx.size == 0:
+            continue
+        m, sg, c = merge_sums(t[:, idx])
+        ids = start + idx
+        if mapper is None:
+            mean[ids], sigma[ids], count[ids] = m, sg, c
+        else:
+            eq = mapper.equivalents_scaled(grid.voxel_hkl_scaled(ids))
+            for e in eq:
+                tgt = grid.ids_from_scaled_hkl(e)
+                ok = tgt >= 0
+                mean[tgt[ok]], sigma[tgt[ok]], count[tgt[ok]] = m[ok], sg[ok], c[ok]
+        if progress:
+            progress()
+    shp = grid.shape
+    return mean.reshape(shp), sigma.reshape(shp), count.reshape(shp)
