@@ -11,13 +11,8 @@ from prefect import flow
 
 from diffractflow.messages import DataEvent
 
-from .tasks import run_stage
-
-
-def job_id_for(run_id: str, stage: str, key: str) -> str:
-    """Deterministic job ids: a re-run of the same still re-uses (and so skips) finished work."""
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)[-120:]
-    return f"{run_id}.{stage}.{safe}"
+from .diffuse import diffuse_on_end, diffuse_on_file
+from .tasks import job_id_for, run_stage
 
 
 @flow(name="echo-file", flow_run_name="echo-{run_id}-{path}")
@@ -35,4 +30,5 @@ async def echo_on_file(ev: DataEvent) -> Any:
 # name -> (per-file handler, end-of-run handler); the dispatcher looks flows up here.
 FLOWS: dict[str, tuple] = {
     "echo": (echo_on_file, None),
+    "diffuse-pipeline": (diffuse_on_file, diffuse_on_end),
 }

@@ -27,6 +27,12 @@ class JobRejected(RuntimeError):
     """The stage rejected the job as bad input: retrying cannot help."""
 
 
+def job_id_for(run_id: str, stage: str, key: str) -> str:
+    """Deterministic job ids: a re-run of the same still re-uses (and so skips) finished work."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)[-120:]
+    return f"{run_id}.{stage}.{safe}"
+
+
 def as_refs(volume: Volume, inputs: Mapping[str, ArtifactRef | str | Path]) -> dict[str, ArtifactRef]:
     """Turn paths (absolute or volume-relative) into hashed references; pass references through."""
     refs = {}

@@ -1,0 +1,200 @@
+"""The diffuse-scattering pipeline as Prefect flows over the bus.
+
+Per still, as each file lands (flow ``diffuse-still``):
+    stills-processor -> diffuse-extractor -> voxel-merger (accumulate this still onto the run's grid)
+At the end of the run (flow ``diffuse-merge``):
+    voxel-merger (merge the partial accumulators; observation table)
+    -> scaler (relative scales) -> voxel-merger (merge again with the scales applied)
+    -> scaler (absolute scale, Compton subtraction)
+and the merged map, its figures and a summary land in ``runs/<run_id>/output/``.
+
+State lives on the volume, not in the flow: each still's outcome is a small JSON file under
+``runs/<run_id>/stills/``, so the end-of-run flow (or a re-run) sees every still, whichever
+process handled it. A still that fails after its retries is recorded with the reason and the
+run completes with the others.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from diffractflow.artifacts import Volume, atomic_write_json
+from diffractflow.config import Settings
+from diffractflow.messages import ArtifactRef, DataEvent
+
+from .tasks import JobRejected, StageFailed, job_id_for, run_stage
+
+
+class DiffuseRunConfig(BaseModel):
+    """What a run needs to know (``runs/<run_id>/config.json``; defaults otherwise)."""
+
+    space_group: str | None = None
+    unit_cell: list[float] | None = None
+    d_min: float = Field(2.0, gt=0, description="grid resolution limit, Angstrom")
+    subdivisions: int = Field(3, ge=1, le=15)
+    symmetry: str | None = None  # merge onto the asymmetric unit of this space group
+    formula: str | None = None  # unit-cell contents for the absolute scale, e.g. "C400H600N100O120S4"
+    smoother: bool = True
+    extractor: dict[str, Any] = Field(default_factory=dict)
+    stage_timeout_s: float = 900.0
+    expected_stills: int | None = None
+
+
+def run_dir(volume: Volume, run_id: str) -> Path:
+    d = volume.resolve(f"runs/{run_id}")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def load_config(volume: Volume, run_id: str) -> DiffuseRunConfig:
+    f = run_dir(volume, run_id) / "config.json"
+    return DiffuseRunConfig.model_validate_json(f.read_text()) if f.exists() else DiffuseRunConfig()
+
+
+def grid_definition(cfg: DiffuseRunConfig) -> dict:
+    """The run's reciprocal grid, fixed up front so each still can be accumulated as it lands.
+
+    Voxel centres at multiples of 1/ndiv in h, k, l, bounded by the resolution limit along each axis.
+    """
+    if not cfg.unit_cell:
+        raise ValueError("the diffuse pipeline needs the run's unit cell (config.json: unit_cell)")
+    ndiv = cfg.subdivisions
+    hmax = [int(math.ceil(cfg.unit_cell[i] / cfg.d_min)) + 1 for i in range(3)]
+    return {"ndiv": ndiv, "lo": [-h * ndiv for h in hmax], "shape": [2 * h * ndiv + 1 for h in hmax],
+            "unit_cell": list(cfg.unit_cell), "space_group": cfg.space_group or "P 1"}
+
+
+def _summary_row(path: Path) -> dict:
+    """The first unit of a stills-processor summary.h5 (status, reason, spots, DIALS file paths)."""
+    with h5py.File(path, "r") as f:
+        g = f["summary"]
+
+        def col(name, default=""):
+            if name not in g:
+                return default
+            v = g[name][0]
+            return v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
+
+        row = {k: col(k) for k in ("status", "reason", "expt_path", "refl_path")}
+        row["n_spots"] = int(col("n_spots", 0))
+        row["n_indexed"] = int(col("n_indexed", 0))
+    for k in ("expt_path", "refl_path"):
+        row[k] = str(path.parent / row[k]) if row[k] else ""
+    return row
+
+
+@flow(name="diffuse-still", flow_run_name="still-{run_id}-{image}")
+async def diffuse_still_flow(image: str, run_id: str) -> dict:
+    """One still through stills-processor, diffuse-extractor and per-still voxel accumulation."""
+    log = get_run_logger()
+    volume = Volume(Settings().volume)
+    cfg = load_config(volume, run_id)
+    stem = Path(image).stem
+    record = {"image": image, "status": "failed", "reason": "", "stage_seconds": {}}
+    out_file = run_dir(volume, run_id) / "stills" / f"{stem}.json"
+    t0 = time.monotonic()
+    try:
+        params = {k: v for k, v in {"space_group": cfg.space_group, "unit_cell": cfg.unit_cell}.items() if v}
+        res = await run_stage("stills-processor", {"image0": image}, params, run_id,
+                              job_id_for(run_id, "index", stem), timeout=cfg.stage_timeout_s)
+        record["stage_seconds"]["stills-processor"] = round(time.monotonic() - t0, 2)
+        row = _summary_row(volume.open_ref(ArtifactRef(**res["outputs"]["summary"])))
+        record.update(n_spots=row["n_spots"], n_indexed=row["n_indexed"])
+        if row["status"] != "indexed":
+            record.update(status=row["status"], reason=row["reason"] or "not indexed")
+            log.warning(f"{image}: {record['status']} ({record['reason']})")
+            return record
+        t1 = time.monotonic()
+        inputs = {"experiments": row["expt_path"]}
+        if row["refl_path"]:
+            inputs["reflections"] = row["refl_path"]
+        res = await run_stage("diffuse-extractor", inputs, {**cfg.extractor, "pngs": False}, run_id,
+                              job_id_for(run_id, "extract", stem), timeout=cfg.stage_timeout_s)
+        record["stage_seconds"]["diffuse-extractor"] = round(time.monotonic() - t1, 2)
+        still_ref = next(v for k, v in res["outputs"].items() if not k.endswith("_png"))
+        t2 = time.monotonic()
+        res = await run_stage("voxel-merger", {"still": ArtifactRef(**still_ref)},
+                              {"mode": "accumulate", "subdivisions": cfg.subdivisions, "grid": grid_definition(cfg)},
+                              run_id, job_id_for(run_id, "accumulate", stem), timeout=cfg.stage_timeout_s)
+        record["stage_seconds"]["voxel-merger"] = round(time.monotonic() - t2, 2)
+        record.update(status="ok", diffuse=still_ref, partial=res["outputs"]["partial"])
+        return record
+    except (JobRejected, StageFailed) as exc:
+        record["reason"] = str(exc)
+        log.error(f"{image}: {exc}")
+        return record
+    finally:
+        record["seconds"] = round(time.monotonic() - t0, 2)
+        atomic_write_json(out_file, record)
+
+
+@flow(name="diffuse-merge", flow_run_name="merge-{run_id}")
+async def diffuse_merge_flow(run_id: str) -> dict:
+    """End of run: merge, relative scaling, merge with scales, absolute scale; outputs to runs/<run>/output."""
+    log = get_run_logger()
+    volume = Volume(Settings().volume)
+    cfg = load_config(volume, run_id)
+    rdir = run_dir(volume, run_id)
+    records = [json.loads(p.read_text()) for p in sorted((rdir / "stills").glob("*.json"))]
+    ok = [r for r in records if r["status"] == "ok"]
+    summary: dict[str, Any] = {"run_id": run_id, "stills_total": len(records), "stills_processed": len(ok),
+                               "stills_failed": len(records) - len(ok),
+                               "failed": {r["image"]: f"{r['status']}: {r['reason']}" for r in records if r["status"] != "ok"},
+                               "stage_seconds": {}}
+    if not ok:
+        raise RuntimeError(f"run {run_id}: no still was processed ({len(records)} failed)")
+    partials = {f"partial{i:05d}": ArtifactRef(**r["partial"]) for i, r in enumerate(ok)}
+    merge_params = {"mode": "merge", "subdivisions": cfg.subdivisions, "symmetry": cfg.symmetry}
+    t = time.monotonic()
+    first = await run_stage("voxel-merger", partials, merge_params, run_id, job_id_for(run_id, "merge", "unscaled"),
+                            timeout=cfg.stage_timeout_s)
+    summary["stage_seconds"]["merge_unscaled"] = round(time.monotonic() - t, 2)
+    t = time.monotonic()
+    scaled = await run_stage("scaler", {"observations": ArtifactRef(**first["outputs"]["observations"])},
+                             {"mode": "relative", "smoother": cfg.smoother}, run_id,
+                             job_id_for(run_id, "scale", "relative"), timeout=cfg.stage_timeout_s)
+    summary["stage_seconds"]["scale_relative"] = round(time.monotonic() - t, 2)
+    summary["scaling"] = scaled["metrics"]
+    t = time.monotonic()
+    final = await run_stage("voxel-merger", {**partials, "scales": ArtifactRef(**scaled["outputs"]["scales"])},
+                            merge_params, run_id, job_id_for(run_id, "merge", "scaled"), timeout=cfg.stage_timeout_s)
+    summary["stage_seconds"]["merge_scaled"] = round(time.monotonic() - t, 2)
+    summary["merging"] = final["metrics"]
+    out = rdir / "output"
+    out.mkdir(exist_ok=True)
+    if cfg.formula:
+        t = time.monotonic()
+        absolute = await run_stage("scaler", {"map": ArtifactRef(**final["outputs"]["map"])},
+                                   {"mode": "absolute", "formula": cfg.formula}, run_id,
+                                   job_id_for(run_id, "scale", "absolute"), timeout=cfg.stage_timeout_s)
+        summary["stage_seconds"]["scale_absolute"] = round(time.monotonic() - t, 2)
+        summary["absolute"] = absolute["metrics"]
+        _copy_outputs(volume, absolute["outputs"], out)
+    _copy_outputs(volume, final["outputs"], out)
+    _copy_outputs(volume, {k: v for k, v in scaled["outputs"].items()}, out)
+    summary["outputs"] = sorted(p.name for p in out.iterdir())
+    atomic_write_json(out / "run_summary.json", summary)
+    log.info(f"run {run_id}: {len(ok)}/{len(records)} stills merged; outputs in {out}")
+    return summary
+
+
+def _copy_outputs(volume: Volume, outputs: dict, dest: Path) -> None:
+    for ref in outputs.values():
+        src = volume.open_ref(ArtifactRef(**ref) if isinstance(ref, dict) else ref)
+        shutil.copy2(src, dest / src.name)
+
+
+async def diffuse_on_file(ev: DataEvent) -> Any:
+    return await diffuse_still_flow(ev.path, ev.run_id)
+
+
+async def diffuse_on_end(ev: DataEvent) -> Any:
+    return await diffuse_merge_flow(ev.run_id)
