@@ -44,6 +44,7 @@ class DiffuseRunConfig(BaseModel):
     formula: str | None = None  # unit-cell contents for the absolute scale, e.g. "C400H600N100O120S4"
     smoother: bool = True
     extractor: dict[str, Any] = Field(default_factory=dict)
+    stills_nproc: int = Field(1, ge=0, description="DIALS processes per stills-processor replica (0 = all CPUs)")
     stage_timeout_s: float = 900.0
     expected_stills: int | None = None
 
@@ -103,6 +104,7 @@ async def diffuse_still_flow(image: str, run_id: str) -> dict:
     t0 = time.monotonic()
     try:
         params = {k: v for k, v in {"space_group": cfg.space_group, "unit_cell": cfg.unit_cell}.items() if v}
+        params["nproc"] = cfg.stills_nproc
         res = await run_stage("stills-processor", {"image0": image}, params, run_id,
                               job_id_for(run_id, "index", stem), timeout=cfg.stage_timeout_s)
         record["stage_seconds"]["stills-processor"] = round(time.monotonic() - t0, 2)
