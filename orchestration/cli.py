@@ -351,6 +351,23 @@ async def _drain_events(settings, stop, poll: float = 0.5):
         await nc.drain()
 
 
+@app.command("serve-flows")
+def serve_flows(home: Optional[Path] = HomeOpt, limit: int = typer.Option(8, help="Flow runs at once.")):
+    """Serve the flows as Prefect deployments (echo-file, diffuse-still, diffuse-merge) until Ctrl-C.
+
+    Start runs from Prefect's UI or `prefect deployment run diffuse-merge/diffuse-merge -p run_id=RUN`.
+    """
+    from prefect import serve
+
+    from .diffuse import diffuse_merge_flow, diffuse_still_flow
+    from .flows import echo_file_flow
+
+    _topo(home).apply_env()
+    serve(echo_file_flow.to_deployment(name="echo-file"),
+          diffuse_still_flow.to_deployment(name="diffuse-still"),
+          diffuse_merge_flow.to_deployment(name="diffuse-merge"), limit=limit)
+
+
 @app.command("compose-env")
 def compose_env():
     """Print a fresh .env for compose.yaml: random passwords for NATS users and PostgreSQL."""

@@ -116,7 +116,7 @@ class Worker:
         self.volume.root.mkdir(parents=True, exist_ok=True)
         self.nc = await bus.connect(self.settings, name=self.worker_name)
         self.js = self.nc.jetstream()
-        await bus.ensure_streams(self.js)
+        await self._wait_for_streams()
         sub = await bus.work_subscription(self.js, self.stage.service, self.settings)
         log.info("serving", extra={"worker": self.worker_name, "concurrency": self.settings.concurrency,
                                    "volume": str(self.volume.root)})
@@ -136,6 +136,20 @@ class Worker:
         with contextlib.suppress(Exception):
             await self.nc.drain()
         log.info("stopped")
+
+    async def _wait_for_streams(self) -> None:
+        """Create the streams if our credentials allow it, else wait for the operator to create them."""
+        waited = 0.0
+        while not self._stopping.is_set():
+            try:
+                await bus.ensure_streams(self.js)
+                return
+            except Exception as exc:
+                if waited == 0.0:
+                    log.warning("streams not there yet (created by `diffractflow up` or an admin); waiting",
+                                extra={"error": repr(exc)})
+                await asyncio.sleep(1.0)
+                waited += 1.0
 
     def stop(self) -> None:
         self._stopping.set()

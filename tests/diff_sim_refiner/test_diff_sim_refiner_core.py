@@ -213,3 +213,67 @@ def test_smv_and_float_round_trip(tmp_path):
     assert np.array_equal(nbio.read_floatfile(tmp_path / "f.bin", 9, 5), f)
     with pytest.raises(nbio.FormatError):
         nbio.read_floatfile(tmp_path / "f.bin", 10, 5)
+
+
+def test_fast_and_general_kernels_agree():
+    """The square-crystal fast path and the general per-option path give the same photons."""
+    from diff_sim_refiner.core.simulator import render
+
+    c = CrystalConfig(cell_a=40, cell_b=50, cell_c=60, N_cells=(6, 4, 5), default_F=10.0, misset_deg=(3, 40, 9),
+                      mosaic_spread_deg=0.5, mosaic_domains=3, phi_steps=2, osc_range_deg=0.4)
+    table = nbio.HKLTable.from_reflections(np.array([[h, k, l] for h in range(-5, 6) for k in range(-5, 6)
+                                                     for l in range(-5, 6)]), np.arange(11 ** 3) % 17 + 1.0)
+    det = DetectorConfig(fpixels=50, spixels=40, oversample=2, distance_mm=70)
+    beam = BeamConfig(wavelength_A=0.9, polarization_factor=0.9, dispersion_pct=0.2, dispersion_steps=2)
+    p = prepare(c, det, beam, table, dtype=F64)
+    fast = render(p, det)
+    p.force_general = True
+    general = render(p, det)
+    assert float(fast.max()) > 0
+    assert torch.allclose(fast, general, rtol=1e-10, atol=1e-14)
+
+
+def test_spot_cutoff_is_exact_near_peaks_and_bounded_elsewhere():
+    from diff_sim_refiner.core.compare import compare
+
+    c = CrystalConfig(N_cells=(10, 10, 10), default_F=100.0, misset_deg=(5, 3, -2))
+    det = DetectorConfig(fpixels=128, spixels=128)
+    full = simulate(c, det, dtype=F64).numpy()
+    wide = simulate(c, det, dtype=F64, spot_cutoff=1e6).numpy()
+    assert np.allclose(wide, full, rtol=1e-12)
+    sparse = simulate(c, det, dtype=F64, spot_cutoff=4.0).numpy()
+    m = compare(sparse, full)
+    assert m["pearson"] > 0.999 and m["max_peak_offset_px"] < 0.05
+    assert 0.85 < m["sum_ratio"] <= 1.0  # the skipped sincg tails hold a few % of the photons
+    assert (sparse <= full * (1 + 1e-12) + 1e-300).all()
+    # every skipped term is below the stated bound relative to the peak height N^6 * F^2 * scale
+    bound = 1.0 / (10 ** 2 * math.sin(math.pi * 4.0 / 10) ** 2)
+    assert float((full - sparse).max()) <= bound * float(full.max()) * 1.5
+
+
+def test_divergence_and_dispersion_source_grid_follows_nanobragg():
+    from diff_sim_refiner.core.geometry import beam_sources
+
+    g = detector_geometry(DetectorConfig(fpixels=8, spixels=8))
+    rnd = BeamConfig(hdiv_range_mrad=2.0, vdiv_range_mrad=2.0, hdiv_steps=3, vdiv_steps=3)
+    dirs, lams = beam_sources(rnd, g)
+    assert dirs.shape == (5, 3)  # the four corners fall outside nanoBragg's elliptical cut
+    sq, _ = beam_sources(rnd.replace(round_div=False), g)
+    assert sq.shape == (9, 3)
+    ang = torch.rad2deg(torch.arccos((sq @ g.beam).clamp(-1, 1)))
+    assert torch.allclose(torch.linalg.vector_norm(sq, dim=1), torch.ones(9, dtype=F64))
+    assert float(ang.max()) == pytest.approx(math.degrees(math.hypot(1e-3, 1e-3)), rel=1e-6)
+    _, lams = beam_sources(BeamConfig(wavelength_A=1.0, dispersion_pct=1.0, dispersion_steps=3), g)
+    np.testing.assert_allclose(lams.numpy() * 1e10, [0.995, 1.0, 1.005], rtol=1e-12)
+
+
+def test_curved_detector_puts_every_pixel_at_the_distance():
+    from diff_sim_refiner.core.simulator import _subpixel_positions
+
+    det = DetectorConfig(fpixels=30, spixels=20, curved_detector=True, distance_mm=90.0)
+    p = prepare(CrystalConfig(default_F=1.0), det, BeamConfig(), dtype=F64)
+    f, s = torch.meshgrid(torch.arange(30), torch.arange(20), indexing="ij")
+    pos = _subpixel_positions(p, f.reshape(-1), s.reshape(-1))
+    assert torch.allclose(torch.linalg.vector_norm(pos, dim=-1), torch.full((600, 1), 0.09, dtype=F64), rtol=1e-12)
+    img = simulate(CrystalConfig(N_cells=(5, 5, 5), default_F=10.0), det, dtype=F64)
+    assert torch.isfinite(img).all() and float(img.max()) > 0

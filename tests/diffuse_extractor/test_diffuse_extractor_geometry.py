@@ -136,3 +136,37 @@ def test_q_and_hkl_conventions():
     # |q| = 1/d for a reflection
     uc = expt.crystal.get_unit_cell()
     np.testing.assert_allclose(np.linalg.norm(q, axis=0), [1 / uc.d(tuple(map(int, c))) for c in hkl.T], rtol=1e-10)
+
+
+def test_rotation_data_lorentz_polarisation_match_dials():
+    """Rotation frames (scan width > 0): L/P equals DIALS' Corrections(beam, goniometer, detector).lp."""
+    from dials.algorithms.integration import Corrections
+    from dxtbx.model import Experiment, GoniometerFactory, ScanFactory
+
+    from diffuse_extractor.core.extract import lab_setting_matrix, rotation_goniometer
+
+    det = synthetic.make_detector()
+    beam = synthetic._beam(1.0, 0.95)
+    gonio = GoniometerFactory.known_axis((1.0, 0.0, 0.0))
+    scan = ScanFactory.make_scan((1, 10), 0.1, (0.0, 0.5), list(range(10)))
+    e = Experiment(beam=beam, detector=det, goniometer=gonio, scan=scan, crystal=synthetic.make_crystal())
+    assert rotation_goniometer(e) is gonio
+    pix = static_pixels(det, beam, ExtractionParams(), gonio)
+    ref = Corrections(beam, gonio, det)
+    for pp in pix:
+        sel = np.arange(0, pp.u.shape[1], 97)
+        s1 = pp.geom
+        lab = np.stack([s1.lab_x.ravel()[sel], s1.lab_y.ravel()[sel], s1.lab_z.ravel()[sel]], 1)
+        lab /= np.linalg.norm(lab, axis=1)[:, None]
+        dials_lp = np.array([ref.lp(tuple(v)) for v in lab])
+        np.testing.assert_allclose(pp.lorentz[sel] * pp.polarisation[sel], dials_lp, rtol=1e-6)
+        assert np.ptp(pp.lorentz[sel]) > 0.05
+    # the frame's setting matrix is the crystal's A rotated to the frame's mid-angle (image 3: 1.75 deg)
+    A = np.asarray(e.crystal.get_A()).reshape(3, 3)
+    t = np.radians(1.75)
+    R = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    np.testing.assert_allclose(lab_setting_matrix(e, 3), R @ A, atol=1e-12)
+    # stills: no goniometer rotation, A unchanged
+    e.scan = ScanFactory.make_scan((1, 1), 0.1, (0.0, 0.0), [0])
+    assert rotation_goniometer(e) is None
+    np.testing.assert_allclose(lab_setting_matrix(e, 0), A)

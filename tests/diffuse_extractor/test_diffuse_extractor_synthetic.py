@@ -56,6 +56,7 @@ def test_sigma_is_counting_noise_through_corrections(synthetic_still):
     np.testing.assert_allclose(t["intensity"], (raw - b) * t["correction"], rtol=1e-5)
     var = 2.0 * np.maximum(raw, 2.0) + 0.5 * 2.0 * b
     np.testing.assert_allclose(t["sigma"], np.sqrt(var) * t["correction"], rtol=1e-5)
+    assert (t["lorentz"] == 1).all()  # stills: no Lorentz factor
     np.testing.assert_allclose(t["correction"], t["polarisation"] * t["efficiency"] * t["solid_angle"] * t["air"],
                                rtol=1e-6)
 
@@ -143,3 +144,22 @@ def test_hot_and_dead_pixels_from_run_statistics(synthetic_still):
     hd = stats.hot_dead_flags()
     assert hd[0][77, 33] & MaskBit.HOT and hd[1][12, 140] & MaskBit.DEAD
     assert int((hd[0] != 0).sum() + (hd[1] != 0).sum()) == 2
+
+
+def test_unpredicted_bright_spot_is_masked_as_outlier(synthetic_still):
+    s = synthetic_still
+    data = [d.copy() for d in s.data]
+    yy, xx = np.mgrid[0:160, 0:160]
+    spot = 400.0 * np.exp(-((xx + 0.5 - 120.0) ** 2 + (yy + 0.5 - 130.0) ** 2) / 2.0)
+    data[0] = data[0] + spot  # e.g. a second lattice's reflection: neither predicted nor in the table
+    on = extract_still(s.experiment, data, s.reflections, params=ExtractionParams(beamstop="none"))
+    off = extract_still(s.experiment, data, s.reflections,
+                        params=ExtractionParams(beamstop="none", outlier_nsigma=None))
+    core = spot > 0.2 * s.data[0]  # where the spot clearly dominates
+    assert core.sum() >= 5
+    assert (on.flags[0][core] & MaskBit.BRAGG).all()
+    assert not (off.flags[0][core] & MaskBit.BRAGG).any()
+    assert on.info["n_outlier_pixels"] >= 5
+    # the smooth planted diffuse itself raises no outliers elsewhere
+    clean = extract_still(s.experiment, s.data, s.reflections, params=ExtractionParams(beamstop="none"))
+    assert clean.info["n_outlier_pixels"] == 0

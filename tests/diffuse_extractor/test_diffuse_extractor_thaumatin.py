@@ -123,11 +123,11 @@ def test_hot_and_dead_pixels_on_real_stills(thaumatin_cbfs):
         det = el[0].detector
         data = [r.as_numpy_array().astype(np.float32) for r in el[0].imageset.get_raw_data(0)]
         data[0][600, 700] = 3000.0  # planted hot pixel
-        data[0][1800, 300] = 0.0  # planted dead pixel (neighbours ~5 counts per still)
+        data[0][1420, 1150] = 0.0  # planted dead pixel (neighbours ~8 counts per still)
         stats = stats or RunPixelStatistics(det)
         stats.add(data, untrusted_and_overload(det, data))
     f = stats.hot_dead_flags()[0]
-    assert f[600, 700] & MaskBit.HOT and f[1800, 300] & MaskBit.DEAD
+    assert f[600, 700] & MaskBit.HOT and f[1420, 1150] & MaskBit.DEAD
     assert (f != 0).sum() < 200  # few false alarms over 6.2 Mpixel and 3 stills
 
 
@@ -178,3 +178,33 @@ def test_cli_inspect(cli_output):
     assert res.exit_code == 0, res.output
     assert "all finite: True" in res.output and "P 41 21 2" in res.output
     assert (out / "insp" / "indexed_0000_masks.png").is_file()
+
+
+def test_run_of_unindexed_stills_with_hot_dead_statistics(thaumatin_cbfs, tmp_path):
+    """Three stills of a run: hot/dead statistics first, beamstop found once, no crystal -> no hkl."""
+    from dxtbx.imageset import ImageSetFactory
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from diffuse_extractor import ExtractionParams, pipeline
+    from diffuse_extractor.artifacts import read_still
+
+    el = ExperimentListFactory.from_filenames([str(p) for p in thaumatin_cbfs])
+    iset = ImageSetFactory.imageset_from_anyset(el[0].imageset)
+    for j in range(len(iset)):
+        iset.set_scan(None, j)
+        iset.set_goniometer(None, j)
+    el = ExperimentListFactory.from_imageset_and_crystal(iset, None)
+    expt = tmp_path / "run.expt"
+    el.as_file(str(expt))
+    res = pipeline.process(expt, tmp_path / "out", image_indices=[0, 1, 2], params=ExtractionParams(),
+                           hot_dead=True, pngs=False)
+    assert [r["index"] for r in res] == [0, 1, 2]
+    a = [read_still(r["artifact"], columns=["intensity", "h", "x", "y"]) for r in res]
+    assert all(x["provenance"]["parameters"]["hot_dead"] for x in a)
+    assert a[1]["info"]["beamstop_mode"].startswith("auto (from the run")
+    assert np.isnan(a[0]["pixels"]["h"]).all() and "crystal" not in a[0]
+    # the three stills share static masks but their images differ
+    assert np.array_equal(a[0]["masks"][0] & 3, a[2]["masks"][0] & 3)
+    assert a[0]["attrs"]["image_path"].endswith("thau_3_2_0001.cbf")
+    assert a[2]["attrs"]["image_path"].endswith("thau_3_2_0003.cbf")
+    assert np.isfinite(a[2]["pixels"]["intensity"]).all()

@@ -129,9 +129,7 @@ def test_stats_partials_add_up(frames, split):
     ref = pre.apply(np, x[:10]).mean(axis=0)
 
     def part(sl):
-        raw = st.raw_sums(np, x[sl], lab[sl], 3)
-        e, bg = pre.transform(np, x[sl].copy(), inplace=True, nonneg=True)
-        return st.stats_map(np, raw, e, bg, lab[sl], half[sl], ref, 3, split)
+        return st.stats_map(np, x[sl].copy(), lab[sl], half[sl], pre, ref, 3, split, nonneg=True)
 
     whole = part(slice(0, 60))
     parts = part(slice(0, 25)) + part(slice(25, 60))
@@ -254,3 +252,15 @@ def test_cuda_device_without_cupy_is_a_clear_error():
     with pytest.raises(DeviceError, match="unknown device"):
         get_xp("tpu")
     assert get_xp("cpu") is np
+
+
+def test_stream_gated_com_matches_direct_formula(scan, frames):
+    from stem_polar.core.pipeline import stream_gated_com
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    gate = (np.hypot(yy - 15.3, xx - 16.2) < 9).astype(float)
+    cx, cy, ok = stream_gated_com(ArraySource(scan["data"]), gate, 15.3, 16.2, chunk=50, tile=7)
+    w = frames.astype(float) * gate
+    np.testing.assert_allclose(cx, (w * (xx - 16.2)).sum(axis=(1, 2)) / w.sum(axis=(1, 2)), atol=1e-4)
+    np.testing.assert_allclose(cy, (w * (yy - 15.3)).sum(axis=(1, 2)) / w.sum(axis=(1, 2)), atol=1e-4)
+    assert ok.all()

@@ -42,3 +42,23 @@ def test_clicks_outside_axes_are_ignored_and_too_few_clicks_error():
 def test_no_gui_backend_without_driver_is_a_clear_error():
     with pytest.raises(RuntimeError, match="GUI matplotlib backend"):
         it.pick_center(np.ones((16, 16)), (8, 8))
+
+
+def test_kspace_calibration_updates_config_unless_explicit(scan):
+    from stem_polar.cli import apply_kspace_calibration
+    from stem_polar.core.config import PolarConfig
+    from stem_polar.core.pipeline import PolarPipeline
+    from stem_polar.core.source import ArraySource
+
+    clicks = [(15.0, 5.0), (15.0, 27.0)]  # 22 px apart -> radius 11 px
+    pipe = PolarPipeline(ArraySource(scan["data"]), scan["labels"])
+    pipe.prepare()
+    res = apply_kspace_calibration(pipe, None, 1, driver=it.click_driver(clicks))
+    assert res["applied"] and pipe.cfg.calibration.kx == pytest.approx(1 / 11, rel=1e-2)  # relative: r -> 1
+    assert pipe.cfg.calibration.k_units == "relative"
+    cfg = PolarConfig.model_validate({"calibration": {"pixel_size_kx": 0.5, "pixel_size_ky": 0.4}})
+    pipe = PolarPipeline(ArraySource(scan["data"]), scan["labels"], cfg)
+    pipe.prepare()
+    res = apply_kspace_calibration(pipe, 2.0, 1, driver=it.click_driver(clicks))
+    assert not res["applied"] and pipe.cfg.calibration.kx == 0.5 and pipe.cfg.calibration.ky == 0.4
+    assert res["pixel_size_k"] == pytest.approx(2 * 0.5 / 22, rel=1e-2)  # still computed and logged

@@ -217,11 +217,12 @@ def test_single_cluster_everywhere_has_zero_template(scan):
         quiet_run(ArraySource(scan["data"]), np.zeros(576, int), cfg_with(), chunk=100)
 
 
-def test_float_input_is_not_modified_and_workers_agree(scan):
+def test_float_input_is_not_modified_and_tiling_agrees(scan):
     d = scan["data"].astype(np.float32)
     before = d.copy()
-    one = quiet_run(ArraySource(d), scan["labels"], cfg_with(), chunk=64, workers=1, prefetch=False)
-    two = quiet_run(ArraySource(d), scan["labels"], cfg_with(), chunk=64, workers=2)
+    one = quiet_run(ArraySource(d), scan["labels"], cfg_with(), chunk=64, tile=1, prefetch=False)
+    two = quiet_run(ArraySource(d), scan["labels"], cfg_with(), chunk=576, tile=100)
     np.testing.assert_array_equal(d, before)  # in-place work happens on per-chunk copies only
-    np.testing.assert_allclose(one.ex, two.ex, atol=1e-6)
-    np.testing.assert_allclose(one.templates, two.templates, atol=1e-6)
+    np.testing.assert_allclose(one.ex, two.ex, atol=2e-5)  # float32 sums in a different order
+    np.testing.assert_allclose(one.templates, two.templates, atol=2e-5)
+    np.testing.assert_array_equal(one.argmax, two.argmax)

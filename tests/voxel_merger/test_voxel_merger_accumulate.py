@@ -150,13 +150,15 @@ def test_per_still_scale_applied_to_sums_equals_scaling_the_observations():
     _assert_sums_close(direct.sums, manual.sums)
 
 
-def test_hdf5_backend_equals_in_memory_with_eviction_and_reopen(tmp_path):
+@pytest.mark.parametrize("cache_bytes", [64 * 1024, 1 << 30], ids=["blocked-tiny-cache", "dense-fast-path"])
+def test_hdf5_backend_equals_in_memory_with_eviction_and_reopen(tmp_path, cache_bytes):
     grid = _grid()
     stills = _stills(5, smooth, seed=6, sigma0=2.0)
     mem = VoxelAccumulator(grid, n_halves=2)
-    # tiny blocks and a tiny cache force many evictions and reloads
-    with H5VoxelAccumulator(tmp_path / "acc.h5", grid, n_halves=2, mode="w", cache_bytes=64 * 1024,
-                            block_shift=12) as h5:
+    # tiny blocks and a tiny cache force many evictions and reloads; a big cache takes the dense path
+    with H5VoxelAccumulator(tmp_path / "acc.h5", grid, n_halves=2, mode="w", cache_bytes=cache_bytes,
+                            block_shift=12, buffer_obs=5000) as h5:
+        assert (h5._dense is None) == (cache_bytes < 1 << 20)
         for s in stills:
             half = half_of_still(s.still_id)
             mem.add(s.h, s.k, s.l, s.intensity, s.sigma, half=half, still_id=s.still_id)
@@ -170,6 +172,14 @@ def test_hdf5_backend_equals_in_memory_with_eviction_and_reopen(tmp_path):
         stored = int(h5._nonempty.sum())
         assert stored < h5.n_blocks  # sparse: untouched blocks were never written
     _assert_sums_close(back.sums, mem.sums)
+    # reopening for append continues where the file left off
+    extra = stills[0]
+    with H5VoxelAccumulator(tmp_path / "acc.h5", mode="a", cache_bytes=cache_bytes) as h5:
+        h5.add(extra.h, extra.k, extra.l, extra.intensity, extra.sigma, half=1)
+    mem.add(extra.h, extra.k, extra.l, extra.intensity, extra.sigma, half=1)
+    with H5VoxelAccumulator(tmp_path / "acc.h5", mode="r") as h5:
+        _assert_sums_close(h5.to_memory().sums, mem.sums)
+        assert h5.n_obs == mem.n_obs
 
 
 def test_hdf5_partials_merge_like_in_memory_parts(tmp_path):

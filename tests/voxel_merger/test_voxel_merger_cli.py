@@ -81,12 +81,20 @@ def test_accumulate_then_merge_equals_run(stills, tmp_path):
         partials.append(part)
     res = runner.invoke(app, ["inspect", str(partials[0])])
     assert res.exit_code == 0 and "accumulator" in res.output
-    common = ["--scales", str(d / "scales.json"), "--symmetry", "auto"]
+    res = runner.invoke(app, ["run", *map(str, paths), "--out", str(tmp_path / "r"), "--symmetry", "auto",
+                              "--scales", str(d / "scales.json")])
+    assert res.exit_code == 0, res.output
+    # the scaler keys scales.json by the table's integer still_id; the table's still_names map them back
+    names = read_observation_table(tmp_path / "r" / "observations.h5")["still_names"]
+    by_index = {str(i): json.loads((d / "scales.json").read_text())[n] for i, n in enumerate(names)}
+    (tmp_path / "scales_int.json").write_text(json.dumps(by_index))
     res = runner.invoke(app, ["merge", *map(str, partials[::-1]), "--out", str(tmp_path / "m"), "--backend", "hdf5",
-                              *common])
+                              "--symmetry", "auto", "--scales", str(tmp_path / "scales_int.json"),
+                              "--table", str(tmp_path / "r" / "observations.h5")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["run", *map(str, paths), "--out", str(tmp_path / "r"), "--no-table", *common])
-    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["merge", *map(str, partials), "--out", str(tmp_path / "m2"),
+                              "--scales", str(tmp_path / "scales_int.json")])
+    assert res.exit_code != 0 and "table" in res.output  # integer keys without the table: clear error
     a, b = read_map(tmp_path / "m" / "map.h5"), read_map(tmp_path / "r" / "map.h5")
     assert a.grid == b.grid
     np.testing.assert_array_equal(a.counts, b.counts)
@@ -153,3 +161,40 @@ def test_worker_accumulate_and_merge_modes(stills, tmp_path):
     ctx = ctx_for("bad", {"still": root / "in" / paths[0].name}, {"mode": "accumulate"})
     with pytest.raises(BadInput, match="grid"):
         STAGE.handler(ctx, Params(**ctx.job.params))
+
+
+def test_reader_accepts_the_diffuse_extractor_layout(tmp_path):
+    """/entry/pixels with float32 columns, Blosc compression, crystal A + space_group attr, q components."""
+    import hdf5plugin
+
+    from voxel_merger.artifacts import open_still
+
+    rng = np.random.default_rng(3)
+    s = synthetic_still("x", CELL, flat, rng, space_group="P 21 21 21", n_side=30, pixel=1.0)
+    q = np.linalg.norm(np.stack([s.h, s.k, s.l], 1) @ np.array(s.crystal.A_matrix).T, axis=1)
+    comp = dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    for with_hkl in (True, False):
+        p = tmp_path / f"ext_{with_hkl}.h5"
+        with h5py.File(p, "w") as f:
+            e = f.create_group("entry")
+            e.attrs.update(image_path="/data/thau_3_2_0007.cbf", image_index=0, experiment_index=0)
+            px = e.create_group("pixels")
+            cols = {"intensity": s.intensity, "sigma": s.sigma, "q": q}
+            svec = np.stack([s.h, s.k, s.l], 1) @ np.array(s.crystal.A_matrix).T
+            cols.update(qx=svec[:, 0], qy=svec[:, 1], qz=svec[:, 2])
+            if with_hkl:
+                cols.update(h=s.h, k=s.k, l=s.l)
+            for n, v in cols.items():
+                px.create_dataset(n, data=np.asarray(v, np.float32), chunks=(256,), **comp)
+            cg = e.create_group("crystal")
+            cg["A"] = np.array(s.crystal.A_matrix)
+            cg["unit_cell"] = np.array(s.crystal.unit_cell)
+            cg.attrs["space_group"] = "P 21 21 21"
+        with open_still(p) as st:
+            assert st.still_id == "thau_3_2_0007.cbf#0" and st.n_obs == s.n_obs
+            assert st.crystal.space_group == "P 21 21 21"
+            np.testing.assert_allclose(st.crystal.unit_cell, s.crystal.unit_cell, rtol=1e-9)
+            (c,) = list(st.iter_chunks())
+            np.testing.assert_allclose(c.h, s.h, atol=2e-4)  # float32 storage
+            np.testing.assert_allclose(c.l, s.l, atol=2e-4)
+            np.testing.assert_allclose(c.q_magnitude, q, rtol=1e-6)

@@ -215,3 +215,31 @@ def test_outlier_rejection_removes_planted_outliers(symmetry):
     off_ref = int((np.abs(m_ref - 100) / s_ref > 5)[judged].sum())
     off_clean = int((np.abs(m_clean - 100) / s_clean > 5)[judged & (c_clean > 0)].sum())
     assert off_ref > 100 and off_clean <= 0.05 * off_ref, (off_ref, off_clean)
+
+
+def test_stills_in_a_non_reference_setting_are_reindexed_onto_the_reference_grid():
+    from voxel_merger.core.grid import hkl_change_of_basis_matrix, reindex_to_reference
+    from voxel_merger.pipeline import MergeOptions, accumulate_still, define_grid
+
+    cell_c = (30.0, 36.0, 42.0, 90.0, 90.0, 105.0)  # P 1 1 21: unique axis c
+    M = hkl_change_of_basis_matrix(reindex_to_reference(CrystalModel(cell_c, "P 1 1 21")))
+
+    def f_ref(h, k, l):  # planted in the reference (b-unique) setting, piecewise constant per voxel
+        hr = np.round(3 * (np.stack([h, k, l], 1) @ M)) / 3
+        return 100 + 20 * np.cos(hr[:, 0]) + 10 * np.sin(hr[:, 1] + 2 * hr[:, 2])
+
+    rng = np.random.default_rng(8)
+    stills = [synthetic_still(f"m{i}", cell_c, f_ref, rng, space_group="P 1 1 21", n_side=70, pixel=1.0,
+                              sigma0=0.5) for i in range(4)]
+    grid, info = define_grid(stills, MergeOptions(d_min=2.5))
+    assert grid.space_group == "P 1 21 1" and info["n_reindexed"] == 4
+    assert grid.unit_cell[4] == pytest.approx(105.0)
+    acc = VoxelAccumulator(grid)
+    for s in stills:
+        accumulate_still(s, grid, acc)
+    mean, sigma, count = merge_sums(acc.totals())
+    ids = np.flatnonzero(count > 0)
+    hr = grid.voxel_hkl(ids)
+    truth = 100 + 20 * np.cos(hr[:, 0]) + 10 * np.sin(hr[:, 1] + 2 * hr[:, 2])
+    z = (mean[ids] - truth) / sigma[ids]
+    assert z.std() == pytest.approx(1.0, abs=0.1)
