@@ -60,7 +60,8 @@ def main():
     ap.add_argument("--stills", type=int, default=3, help="distinct synthetic stills (orientations)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the stills")
     ap.add_argument("--stream-obs", type=float, default=5e7, help="observations streamed through the HDF5 backend")
-    ap.add_argument("--cache-mb", type=int, default=128, help="HDF5 backend block cache, MiB")
+    ap.add_argument("--stream-obs-small", type=float, default=1e7, help="observations streamed with the small cache")
+    ap.add_argument("--cache-mb", type=int, default=64, help="small HDF5 block cache for the bounded-memory run, MiB")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "voxel_merger.json")
     args = ap.parse_args()
     _one_core()
@@ -112,32 +113,41 @@ def main():
     res["voxel_ids_only_Mobs_per_s"] = round(args.repeats * s0.n_obs / (time.perf_counter() - t0) / 1e6, 2)
 
     with tempfile.TemporaryDirectory() as td:
-        timed(lambda: H5VoxelAccumulator(Path(td) / "t.h5", grid, mode="w", cache_bytes=args.cache_mb * 2**20),
-              "hdf5_Mobs_per_s")
+        grid_mb = grid.n_voxels * 4 * 8 / 2**20
+        timed(lambda: H5VoxelAccumulator(Path(td) / "t.h5", grid, mode="w", cache_bytes=int(grid_mb * 1.2 + 16) * 2**20),
+              "hdf5_cache_holds_grid_Mobs_per_s")
+        timed(lambda: H5VoxelAccumulator(Path(td) / "t2.h5", grid, mode="w", cache_bytes=args.cache_mb * 2**20),
+              "hdf5_small_cache_Mobs_per_s")
         # stream many observations through the HDF5 backend and watch memory
-        target = int(args.stream_obs)
-        done = 0
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            with H5VoxelAccumulator(Path(td) / "stream.h5", grid, mode="w", cache_bytes=args.cache_mb * 2**20) as acc:
-                i = 0
-                while done < target:
-                    s = stills[i % len(stills)]
-                    acc.add(s.h, s.k, s.l, s.intensity, s.sigma)
-                    done += s.n_obs
-                    i += 1
-            dt = time.perf_counter() - t0
-            size = (Path(td) / "stream.h5").stat().st_size
-        res["hdf5_stream"] = {
-            "observations": done, "seconds": round(dt, 1), "Mobs_per_s": round(done / dt / 1e6, 2),
-            "cache_mb": args.cache_mb, "rss_before_mb": round(mem.start / 2**20, 1),
-            "rss_peak_mb": round(mem.peak / 2**20, 1), "rss_growth_mb": round((mem.peak - mem.start) / 2**20, 1),
-            "file_mb": round(size / 2**20, 1),
-            "dense_grid_would_need_mb": round(grid.n_voxels * 4 * 8 / 2**20, 1),
-            "note": "memory is bounded by the block cache plus one still's temporaries, independent of the "
-                    "number of observations; 1e9 observations take ~ observations / Mobs_per_s seconds at the same RSS",
-        }
-        print(json.dumps(res["hdf5_stream"], indent=1))
+        def stream(label, target, cache_mb):
+            done = 0
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                with H5VoxelAccumulator(Path(td) / f"{label}.h5", grid, mode="w", cache_bytes=cache_mb * 2**20) as acc:
+                    i = 0
+                    while done < target:
+                        s = stills[i % len(stills)]
+                        acc.add(s.h, s.k, s.l, s.intensity, s.sigma)
+                        done += s.n_obs
+                        i += 1
+                dt = time.perf_counter() - t0
+            size = (Path(td) / f"{label}.h5").stat().st_size
+            res[label] = {
+                "observations": done, "seconds": round(dt, 1), "Mobs_per_s": round(done / dt / 1e6, 2),
+                "cache_mb": cache_mb, "rss_before_mb": round(mem.start / 2**20, 1),
+                "rss_peak_mb": round(mem.peak / 2**20, 1), "rss_growth_mb": round((mem.peak - mem.start) / 2**20, 1),
+                "file_mb": round(size / 2**20, 1),
+                "dense_grid_mb": round(grid.n_voxels * 4 * 8 / 2**20, 1),
+                "projected_seconds_for_1e9_obs": round(1e9 / (done / dt)),
+            }
+            print(label, json.dumps(res[label]))
+
+        stream("hdf5_stream_cache_holds_grid", int(args.stream_obs), int(grid_mb * 1.2) + 16)
+        stream("hdf5_stream_small_cache", int(args.stream_obs_small), args.cache_mb)
+        res["note"] = ("RSS growth is bounded by the block cache plus the staging buffer (2M observations) and one "
+                       "still's arrays, whatever the number of observations streamed; with a cache smaller than the "
+                       "touched grid every flush re-reads and re-writes the touched blocks, so throughput drops but "
+                       "memory does not grow. Timings were taken on a shared 2-core machine (see load_avg_1min).")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out}")

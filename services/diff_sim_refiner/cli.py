@@ -48,7 +48,8 @@ def nanobragg(ctx: typer.Context):
     -detsize, -beamsize, -pix0_vector_mm), metres (-pix0_vector), photons/m^2 (-fluence), photons/s (-flux),
     mrad (divergence), percent (-dispersion).  -floatfile is raw float32 photons/pixel, slow-major, the
     full detector (zeros outside -roi).  Extensions: -spot_cutoff K (evaluate only near Bragg peaks),
-    -float64.  Unknown or malformed flags exit with code 2.
+    -float64, -threads N (default: torch's, or 1 when the machine is saturated).  Unknown or malformed
+    flags exit with code 2.
     """
     from .core.io import FormatError
     from .nbargs import FlagError

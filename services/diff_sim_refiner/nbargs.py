@@ -454,7 +454,7 @@ def build_job(a: NanoBraggArgs, read_tables: bool = True) -> NanoBraggJob:
     hkl_source = None
     if a.hkl is not None:
         hkl_source = "hkl"
-    elif a.default_F == 0.0:
+    elif a.default_F == 0.0 and read_tables:
         from pathlib import Path
 
         if Path(a.dump).is_file():

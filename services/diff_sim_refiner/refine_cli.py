@@ -4,7 +4,6 @@ Registered onto the service's typer app by :func:`register`.  torch is imported 
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional

@@ -40,6 +40,8 @@ def run(
     background: Optional[Path] = typer.Option(None, "--background", help="Background image (dxtbx-readable, or .npy for one panel), same units as the data (counts), subtracted before correction."),
     background_scale: float = typer.Option(1.0, "--background-scale", help="Multiplier for the background image (e.g. exposure ratio)."),
     bragg_radius: Optional[float] = typer.Option(None, "--bragg-radius", help="Bragg mask radius in pixels (default: from the spot profile)."),
+    bragg_delpsi: float = typer.Option(0.003, "--bragg-delpsi", help="Predicted-reflection window |delta psi| in rad (DIALS' stills prediction uses 0.0015)."),
+    outlier_nsigma: float = typer.Option(8.0, "--outlier-nsigma", help="Also mask unpredicted bright pixels this many Poisson sigmas above their |q| shell (0 = off)."),
     gain: float = typer.Option(1.0, "--gain", help="Detector gain in ADU per photon (counting statistics)."),
     air_path_fraction: float = typer.Option(1.0, "--air-path-fraction", help="Fraction of the sample-to-pixel path in air (0 = vacuum/helium)."),
     hot_dead: bool = typer.Option(True, "--hot-dead/--no-hot-dead", help="Find hot/dead pixels from the selected stills' statistics (needs >= 3 stills)."),
@@ -58,7 +60,8 @@ def run(
     else:
         bs_param = _shapes(bs, "--beamstop")
     params = ExtractionParams(beamstop=bs_param, detect_arm=not no_arm, user_shapes=_shapes(mask_shape, "--mask"),
-                              bragg_radius_px=bragg_radius, gain=gain, air_path_fraction=air_path_fraction,
+                              bragg_radius_px=bragg_radius, bragg_delpsi_max=bragg_delpsi,
+                              outlier_nsigma=outlier_nsigma or None, gain=gain, air_path_fraction=air_path_fraction,
                               background_scale=background_scale)
     try:
         indices = list(range(len(load_experiments(expt)))) if all_images else list(image_index)

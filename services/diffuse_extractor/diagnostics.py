@@ -8,10 +8,6 @@ import numpy as np
 from .core.masks import MaskBit
 
 
-def _panel_images(n_panels, getter):
-    return [getter(i) for i in range(n_panels)]
-
-
 def radial_profile(q: np.ndarray, intensity: np.ndarray, n_bins: int = 200):
     """Mean corrected intensity per |q| bin: (bin centres 1/A, mean, count)."""
     if q.size == 0:
@@ -122,7 +118,7 @@ def summarise(artifact: dict) -> str:
     for b in MaskBit:
         lines.append(f"  masked {b.name.lower():9s} {info.get('n_masked_' + b.name.lower(), 0)}")
     if len(px["intensity"]):
-        for c in ("q", "intensity", "sigma", "polarisation", "efficiency", "solid_angle", "air", "correction"):
+        for c in ("q", "intensity", "sigma", "polarisation", "lorentz", "efficiency", "solid_angle", "air", "correction"):
             if c in px:
                 v = px[c]
                 lines.append(f"  {c:12s} min {np.nanmin(v):.4g}  median {np.nanmedian(v):.4g}  max {np.nanmax(v):.4g}")

@@ -57,7 +57,7 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
         data, fmask = art.read_image(expt, j)
         refl = art.load_reflections(refl_path, experiment_index=i, identifier=expt.identifier) if refl_path else None
         res = extract_still(expt, data, refl, params=params, background=background, dynamic_flags=dyn,
-                            format_mask=fmask, geometry_cache=cache)
+                            format_mask=fmask, geometry_cache=cache, image_index=j)
         image_path = art._image_path(expt, j)
         h5 = out_dir / f"{stem}_{i:04d}.h5"
         art.write_still(h5, res, expt, parameters={**params.as_dict(), "hot_dead": dyn is not None},

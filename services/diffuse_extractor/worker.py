@@ -19,6 +19,8 @@ class Params(BaseModel):
     detect_arm: bool = True
     mask_shapes: List[str] = Field(default_factory=list)
     bragg_radius_px: Optional[float] = Field(None, gt=0)
+    bragg_delpsi_max: float = Field(0.003, gt=0, le=0.1)
+    outlier_nsigma: Optional[float] = Field(8.0, gt=0)
     gain: float = Field(1.0, gt=0)
     air_path_fraction: float = Field(1.0, ge=0, le=1)
     background_scale: float = 1.0
@@ -58,7 +60,8 @@ def handle(ctx: JobContext, params: Params) -> None:
     bs = params.beamstop if isinstance(params.beamstop, str) else [Shape.parse(t) for t in params.beamstop]
     ep = ExtractionParams(beamstop=bs, detect_arm=params.detect_arm,
                           user_shapes=[Shape.parse(t) for t in params.mask_shapes],
-                          bragg_radius_px=params.bragg_radius_px, gain=params.gain,
+                          bragg_radius_px=params.bragg_radius_px, bragg_delpsi_max=params.bragg_delpsi_max,
+                          outlier_nsigma=params.outlier_nsigma, gain=params.gain,
                           air_path_fraction=params.air_path_fraction, background_scale=params.background_scale)
     try:
         indices = list(range(len(load_experiments(expt)))) if params.all_images else params.image_indices

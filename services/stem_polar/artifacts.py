@@ -112,6 +112,18 @@ class H5Source(_RowSource):
     def _get(self, sl):
         return self.ds[sl]
 
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Read frames [start, stop) into ``out`` (shape (stop - start, ky, kx)) without allocating."""
+        if self.four_d:
+            w = self.scan_shape[1]
+            if start % w or (stop % w and stop != self.n_frames):
+                out[...] = self.read(start, stop)
+                return out
+            self.ds.read_direct(out.reshape(-1, w, *self.frame_shape), np.s_[start // w:-(-stop // w)])
+        else:
+            self.ds.read_direct(out, np.s_[start:stop])
+        return out
+
     def close(self):
         self.file.close()
 

@@ -96,8 +96,6 @@ def run(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda:N (CuPy)"),
     chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="frames per streamed chunk "
                                          "(default: ~64 MB of float32)"),
-    workers: int = typer.Option(1, "--workers", min=1, help="threads per chunk on CPU (sub-chunks merged by "
-                                "addition)"),
     interactive_center: bool = typer.Option(False, "--interactive-center", help="click the beam centre on the "
                                             "mean pattern"),
     interactive_kspace: bool = typer.Option(False, "--interactive-kspace", help="click pairs of opposite Bragg "
@@ -138,7 +136,7 @@ def run(
         with _Progress(quiet) as prog, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # collected in the report and shown in the summary
             pipe = PolarPipeline(src, lab, cfg, device=device, chunk=chunks, reference=ref,
-                                 declared_ids=declared, progress=prog, workers=workers)
+                                 declared_ids=declared, progress=prog)
             pipe.prepare()
             interactive = {}
             if interactive_center:

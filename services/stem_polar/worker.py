@@ -7,9 +7,10 @@ Outputs: every file of the seed's layout plus ``polar_maps.h5`` (all maps, prove
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffractflow.runtime import BadInput, JobContext, Stage
 
@@ -17,12 +18,15 @@ from . import __version__
 
 
 class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     dset: Optional[str] = Field(None, description="HDF5 dataset path of the patterns")
     reference_dset: Optional[str] = None
     scan_shape: Optional[tuple[int, int]] = Field(None, description="scan H W (needed for 3-D data)")
     chunks: Optional[int] = Field(None, ge=1, le=1_000_000, description="frames per streamed chunk")
     center: Optional[tuple[float, float]] = Field(None, description="beam centre y x (detector px)")
     config: dict[str, Any] = Field(default_factory=dict, description="config sections as in config.yaml")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu or cuda:N (CuPy)")
 
     @field_validator("config")
     @classmethod
@@ -37,6 +41,7 @@ def handle(ctx: JobContext, params: Params) -> None:
     from .artifacts import DataError, load_labels, open_source, write_h5_summary, write_outputs
     from .core.config import load_config
     from .core.pipeline import InputError, PolarPipeline
+    from .core.xp import DeviceError
 
     inputs = ctx.job.inputs
     data_path = ctx.input_path("data")
@@ -54,19 +59,17 @@ def handle(ctx: JobContext, params: Params) -> None:
             ref = open_source(ctx.input_path("reference"), params.reference_dset or params.dset, src.scan_shape)
         last = [0.0]
 
-        def progress(stage, done, total):
-            import time
-
+        def progress(stage, done, total):  # heartbeat at most every 2 s while chunks stream
             now = time.monotonic()
             if now - last[0] > 2.0:
                 last[0] = now
                 ctx.heartbeat()
 
-        pipe = PolarPipeline(src, lab, cfg, device="cpu", chunk=params.chunks, reference=ref,
+        pipe = PolarPipeline(src, lab, cfg, device=params.device, chunk=params.chunks, reference=ref,
                              declared_ids=declared, progress=progress)
         pipe.prepare()
         res = pipe.run()
-    except (DataError, InputError) as exc:
+    except (DataError, InputError, DeviceError) as exc:
         raise BadInput(str(exc)) from exc
     finally:
         for s in (src, ref):

@@ -7,6 +7,8 @@ segfault in a C++ reader) is replaced and the units it held are retried once.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -52,7 +54,15 @@ def _stills_params(settings: ProcessingSettings):
 
 
 def process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) -> dict[str, Any]:
-    """Process one unit and write its files; returns its summary row (never raises)."""
+    """Process one unit and write its files; returns its summary row (never raises).
+
+    DIALS' stray ``print`` output is swallowed (results come from its objects, not its text).
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        return _process_unit(unit, out_dir, settings)
+
+
+def _process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) -> dict[str, Any]:
     from .core.pipeline import ERROR, FAILED, UnreadableImage, process_sequence, process_still
 
     t0 = time.perf_counter()
@@ -81,7 +91,7 @@ def process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) -> 
         return rec
 
     rec.update(status=out.status, reason=out.reason, n_spots=out.n_spots, n_indexed=out.n_indexed,
-               n_integrated=out.n_integrated, space_group=out.space_group,
+               n_refined=out.n_refined, n_integrated=out.n_integrated, space_group=out.space_group,
                rmsd_x_px=out.rmsd_x_px, rmsd_y_px=out.rmsd_y_px, rmsd_z=out.rmsd_z)
     if out.unit_cell is not None:
         crystal = out.experiments[0].crystal

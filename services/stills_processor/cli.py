@@ -38,7 +38,7 @@ def print_table(rows, console=None) -> None:
     console = console or Console()
     colour = {"indexed": "green", "non_hit": "yellow", "failed": "red", "error": "bold red"}
     t = Table(title="stills-processor summary", show_lines=False)
-    for col in ("name", "kind", "status", "spots", "indexed", "integr.", "a b c (Å)", "α β γ (°)", "SG",
+    for col in ("name", "kind", "status", "spots", "indexed", "refined", "integr.", "a b c (Å)", "α β γ (°)", "SG",
                 "rmsd x,y (px)", "Δq med (1/Å)", "valid", "reason"):
         t.add_column(col, overflow="fold")
     for r in rows:
@@ -47,9 +47,10 @@ def print_table(rows, console=None) -> None:
         ang = "-" if uc[0] != uc[0] else f"{uc[3]:.1f} {uc[4]:.1f} {uc[5]:.1f}"
         st = r["status"]
         t.add_row(r["name"], r["kind"], f"[{colour.get(st, 'white')}]{st}[/]", str(r["n_spots"]), str(r["n_indexed"]),
-                  str(r["n_integrated"]), cell, ang, r["space_group"] or "-",
+                  str(r["n_refined"]), str(r["n_integrated"]), cell, ang, r["space_group"] or "-",
                   f"{_fmt(r['rmsd_x_px'])},{_fmt(r['rmsd_y_px'])}", _fmt(r["q_median_error"], 5),
-                  ("yes" if r["validation_passed"] else "no") if r["status"] == "indexed" else "-", r["reason"])
+                  ("yes" if r["validation_passed"] else "no") if r["status"] == "indexed" else "-",
+                  r["reason"] if len(r["reason"]) <= 90 else r["reason"][:87] + "...")
     console.print(t)
 
 
@@ -111,7 +112,7 @@ def run(
         rows, summary, metrics = run_job([str(p) for p in images], out, settings, nproc=nproc, on_planned=planned,
                                          on_done=done)
     if not quiet:
-        print_table(rows, Console())
+        print_table(rows, Console(width=None if sys.stdout.isatty() else 200))
         typer.echo(f"{metrics['n_indexed']} indexed, {metrics['n_non_hit']} non-hits, {metrics['n_failed']} failed, "
                    f"{metrics['n_error']} unreadable in {metrics['wall_s']:.1f} s; summary: {summary}")
     for r in rows:
@@ -124,13 +125,15 @@ def run(
 @app.command()
 def show(summary: Path = typer.Argument(..., help="A summary.h5 written by `run` or the service.")):
     """Print the summary table of a finished job."""
+    from rich.console import Console
+
     from .artifacts import read_summary
 
     try:
         rows = read_summary(summary)
     except (OSError, ValueError, KeyError) as exc:
         _fail(f"{summary}: {exc}")
-    print_table(rows)
+    print_table(rows, Console(width=None if sys.stdout.isatty() else 200))
 
 
 def main() -> None:  # pragma: no cover

@@ -14,6 +14,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
+try:  # registers Blosc/LZ4 etc. so compressed upstream tables read transparently
+    import hdf5plugin  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
 from .core.grid import CrystalModel, GlobalGrid
 from .core.sources import ObservationChunk
 
@@ -33,7 +38,7 @@ class InputError(ValueError):
 class StillSchema:
     """Where a still's per-pixel table lives. First name that exists wins for each field."""
 
-    groups: Sequence[str] = ("/entry/diffuse", "/entry/data", "/diffuse", "/")
+    groups: Sequence[str] = ("/entry/diffuse", "/entry/pixels", "/entry/data", "/diffuse", "/")
     h: Sequence[str] = ("h", "H", "miller_h")
     k: Sequence[str] = ("k", "K", "miller_k")
     l: Sequence[str] = ("l", "L", "miller_l")
@@ -42,6 +47,7 @@ class StillSchema:
     variance: Sequence[str] = ("variance", "variance_intensity")
     q_magnitude: Sequence[str] = ("q_magnitude", "q", "s_magnitude")
     q_vector: Sequence[str] = ("q_vector", "s_vector", "s")  # (n, 3) in the lab frame, used if hkl are absent
+    q_components: Sequence[str] = ("qx", "qy", "qz")  # or three 1-D lab-frame components
     q_is_2pi: bool = False  # True when q = 2π/d rather than 1/d (only for hkl from q_vector)
     still_id_attr: Sequence[str] = ("still_id", "image_id", "frame_id")
     crystal_groups: Sequence[str] = ("/entry/crystal", "/crystal")
@@ -125,10 +131,14 @@ class H5Still:
             raise InputError(f"{self.path}: {grp.name} has no sigma/variance dataset ({list(s.sigma)} / {list(s.variance)})")
         self._h, self._k, self._l = (_first(grp, s.h), _first(grp, s.k), _first(grp, s.l))
         self._qv = None
+        self._qc = None
         if self._h is None or self._k is None or self._l is None:
             self._qv = _first(grp, s.q_vector)
-            if self._qv is None:
-                raise InputError(f"{self.path}: {grp.name} has neither h/k/l nor a q_vector dataset")
+            if self._qv is None and all(c in grp for c in s.q_components):
+                self._qc = [grp[c] for c in s.q_components]
+            if self._qv is None and self._qc is None:
+                raise InputError(f"{self.path}: {grp.name} has neither h/k/l nor a q vector dataset "
+                                 f"({list(s.q_vector)} or {list(s.q_components)})")
             if self.crystal is None or self.crystal.A_matrix is None:
                 raise InputError(f"{self.path}: hkl must be computed from q_vector but no crystal A_matrix is stored")
             self._Ainv = np.linalg.inv(np.array(self.crystal.A_matrix, dtype=float))
@@ -148,6 +158,12 @@ class H5Still:
                     break
             if sid is not None:
                 break
+        if sid is None:  # the diffuse-extractor names the image instead: file name + index in it
+            e = f.get("/entry")
+            if e is not None and "image_path" in e.attrs and _attr_str(e.attrs["image_path"]):
+                sid = f"{Path(_attr_str(e.attrs['image_path'])).name}#{int(e.attrs.get('image_index', 0))}"
+                if int(e.attrs.get("experiment_index", 0)):
+                    sid += f".{int(e.attrs['experiment_index'])}"
         self.still_id = sid if sid is not None else self.path.stem
 
     def iter_chunks(self, chunk: int = 1 << 22) -> Iterator[ObservationChunk]:
@@ -158,12 +174,15 @@ class H5Still:
                 sig = np.asarray(self._sig[a:z], dtype=np.float64)
             else:
                 sig = np.sqrt(np.asarray(self._var[a:z], dtype=np.float64))
-            if self._qv is None:
+            if self._qv is None and self._qc is None:
                 h = np.asarray(self._h[a:z], dtype=np.float64)
                 k = np.asarray(self._k[a:z], dtype=np.float64)
                 l = np.asarray(self._l[a:z], dtype=np.float64)
             else:
-                sv = np.asarray(self._qv[a:z], dtype=np.float64).reshape(-1, 3)
+                if self._qv is not None:
+                    sv = np.asarray(self._qv[a:z], dtype=np.float64).reshape(-1, 3)
+                else:
+                    sv = np.stack([np.asarray(c[a:z], dtype=np.float64) for c in self._qc], axis=1)
                 if self.schema.q_is_2pi:
                     sv = sv / (2 * np.pi)
                 hkl = sv @ self._Ainv.T  # s = A h  ->  h = A^-1 s
@@ -250,15 +269,44 @@ def read_scales(path: str | Path) -> dict[str, float]:
     return out
 
 
-def scale_for(scales: Mapping[str, float] | None, still_id: str, index: int | None = None) -> float | None:
-    """Look a still's scale up by name, then by table index; None when no scales were given."""
-    if not scales:
+def resolve_scales(scales: Mapping[str, float] | None, still_names: Sequence[str] | None) -> dict[str, float] | None:
+    """Key scales by still name: keys that are names stay, integer keys index ``still_names``.
+
+    The scaler writes scales.json keyed by the observation table's integer ``still_id``;
+    ``still_names`` (the table's dataset of that name) turns them back into still ids.
+    """
+    if scales is None:
+        return None
+    names = list(still_names or [])
+    out = {}
+    for key, b in scales.items():
+        if key in names or not names:
+            out[key] = b
+        elif key.lstrip("-").isdigit() and 0 <= int(key) < len(names):
+            out[names[int(key)]] = b
+        else:
+            out[key] = b
+    return out
+
+
+def scale_for(scales: Mapping[str, float] | None, still_id: str) -> float | None:
+    """A still's scale (None when no scales were given); a missing still is an error."""
+    if scales is None:
         return None
     if still_id in scales:
         return scales[still_id]
-    if index is not None and str(index) in scales:
-        return scales[str(index)]
-    raise InputError(f"scales file has no entry for still {still_id!r} (index {index})")
+    hint = " (scales keyed by table index: give the observation table so indices map to still ids)" \
+        if any(k.isdigit() for k in scales) else ""
+    raise InputError(f"scales file has no entry for still {still_id!r}{hint}")
+
+
+def read_still_names(table_path: str | Path) -> list[str]:
+    """``still_names`` of an observation table (index = integer still_id)."""
+    try:
+        with h5py.File(table_path, "r") as f:
+            return [x.decode() if isinstance(x, bytes) else str(x) for x in f["still_names"][()]]
+    except (OSError, KeyError) as exc:
+        raise InputError(f"{table_path}: no still_names in this observation table ({exc})") from exc
 
 
 def write_grid(path: str | Path, grid: GlobalGrid, extra: Mapping[str, Any] | None = None) -> Path:
@@ -342,10 +390,14 @@ def read_observation_table(path: str | Path) -> dict[str, np.ndarray]:
 
 
 # ====================================================================== merged map
-def write_map(path: str | Path, grid: GlobalGrid, intensity: np.ndarray, sigma: np.ndarray, counts: np.ndarray,
-              statistics: Mapping[str, Any] | None = None, parameters: Mapping[str, Any] | None = None,
-              inputs: Mapping[str, str] | None = None, job_id: str | None = None) -> Path:
-    """Merged 3-D map as NeXus NXdata (axes h, k, l; signal intensity; errors sigma; counts)."""
+def write_map(path: str | Path, grid: GlobalGrid, intensity: np.ndarray | None, sigma: np.ndarray | None,
+              counts: np.ndarray | None, statistics: Mapping[str, Any] | None = None, parameters: Mapping[str, Any] | None = None,
+              inputs: Mapping[str, str] | None = None, job_id: str | None = None, slabs=None) -> Path:
+    """Merged 3-D map as NeXus NXdata (axes h, k, l; signal intensity; errors sigma; counts).
+
+    Give dense arrays, or ``slabs``: an iterable of (h index, mean (nk, nl), sigma, count)
+    written one h-plane at a time (bounded memory).
+    """
     from diffractflow.artifacts import atomic_write_path, write_provenance
     from . import __version__
 
@@ -368,11 +420,22 @@ def write_map(path: str | Path, grid: GlobalGrid, intensity: np.ndarray, sigma: 
             d = g.create_dataset(ax, data=grid.axis(i))
             d.attrs["long_name"] = f"{ax} (fractional Miller index, voxel centre)"
         kw = dict(chunks=chunks, compression="gzip", compression_opts=1, shuffle=True)
-        d = g.create_dataset("intensity", data=np.asarray(intensity, dtype=np.float64).reshape(shp), **kw)
+        if slabs is None:
+            d = g.create_dataset("intensity", data=np.asarray(intensity, dtype=np.float64).reshape(shp), **kw)
+            g.create_dataset("sigma", data=np.asarray(sigma, dtype=np.float64).reshape(shp), **kw)
+            dc = g.create_dataset("counts", data=np.asarray(counts).astype(np.int32).reshape(shp), **kw)
+        else:
+            d = g.create_dataset("intensity", shape=shp, dtype="f8", fillvalue=np.nan, **kw)
+            ds = g.create_dataset("sigma", shape=shp, dtype="f8", fillvalue=np.nan, **kw)
+            dc = g.create_dataset("counts", shape=shp, dtype="i4", fillvalue=0, **kw)
+            for i, m_i, s_i, c_i in slabs:
+                if (c_i > 0).any():
+                    d[i], ds[i], dc[i] = m_i, s_i, c_i.astype(np.int32)
         d.attrs["long_name"] = "inverse-variance weighted mean intensity (NaN = no data)"
-        g.create_dataset("sigma", data=np.asarray(sigma, dtype=np.float64).reshape(shp), **kw)
         g["intensity_errors"] = g["sigma"]
-        g.create_dataset("counts", data=np.asarray(counts).astype(np.int32).reshape(shp), **kw)
+        d = dc
+        d.attrs["long_name"] = "observations merged (with symmetry: into the voxel's asymmetric-unit equivalent)"
+        g["sigma"].attrs["long_name"] = "1/sqrt(sum of weights), weights 1/sigma_obs^2"
         c = e.create_group("crystal")
         c.attrs["NX_class"] = "NXcollection"
         c.create_dataset("unit_cell", data=np.asarray(grid.unit_cell))
@@ -421,8 +484,23 @@ def read_map(path: str | Path) -> MergedMapFile:
 
 
 # ====================================================================== figures
-def write_slice_pngs(out_dir: Path, grid: GlobalGrid, intensity: np.ndarray) -> dict[str, Path]:
-    """PNG images of the h=0, k=0 and l=0 planes (colour range: 1st-99th percentile)."""
+def map_planes(grid: GlobalGrid, intensity) -> dict[int, np.ndarray]:
+    """The h=0, k=0 and l=0 planes of a dense array or of an open HDF5 dataset (axis -> 2-D array)."""
+    planes = {}
+    for ax in range(3):
+        i0 = -grid.lo[ax]
+        if 0 <= i0 < grid.shape[ax]:
+            sel = [slice(None)] * 3
+            sel[ax] = i0
+            planes[ax] = np.asarray(intensity[tuple(sel)])
+    return planes
+
+
+def write_slice_pngs(out_dir: Path, grid: GlobalGrid, intensity) -> dict[str, Path]:
+    """PNG images of the h=0, k=0 and l=0 planes (colour range: 1st-99th percentile).
+
+    ``intensity``: the dense map, an h5py dataset, or a dict axis -> plane (see :func:`map_planes`).
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -430,11 +508,8 @@ def write_slice_pngs(out_dir: Path, grid: GlobalGrid, intensity: np.ndarray) -> 
 
     out = {}
     names = "hkl"
-    for ax in range(3):
-        i0 = -grid.lo[ax]
-        if not (0 <= i0 < grid.shape[ax]):
-            continue
-        sl = np.take(intensity, i0, axis=ax)
+    planes = intensity if isinstance(intensity, dict) else map_planes(grid, intensity)
+    for ax, sl in planes.items():
         others = [a for a in range(3) if a != ax]
         finite = sl[np.isfinite(sl)]
         vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0, 1))

@@ -140,6 +140,8 @@ def merge(
     partials: List[Path] = typer.Argument(..., help="Partial accumulator files (one per still or more)."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
     scales: Optional[Path] = typer.Option(None, "--scales", help="scales.json (still id -> b, I_obs = b * I_ref)."),
+    table: Optional[Path] = typer.Option(None, "--table", help="Observation table whose still_names map integer "
+                                                                "keys of scales.json to still ids."),
     symmetry: Optional[str] = SYMM,
     backend: str = BACKEND,
     cache_mb: int = CACHE,
@@ -152,7 +154,7 @@ def merge(
 
     opt = _options(3, symmetry, None, None, backend, cache_mb, half_seed, shells, table=False)
     try:
-        outputs, stats = merge_partials(partials, out, opt, scales_path=scales)
+        outputs, stats = merge_partials(partials, out, opt, scales_path=scales, table_path=table)
     except (InputError, ValueError) as exc:
         _fail(exc)
     _summary(outputs, stats)
@@ -181,7 +183,8 @@ def inspect(path: Path = typer.Argument(..., help="A map.h5, partial accumulator
             meas = m.counts > 0
             typer.echo(f"map {m.grid.shape} voxels, subdivisions {m.grid.ndiv}, cell {m.grid.unit_cell}, "
                        f"{m.grid.space_group}")
-            typer.echo(f"measured voxels: {int(meas.sum())}, observations: {int(m.counts.sum())}")
+            typer.echo(f"measured voxels: {int(meas.sum())}, observations merged: "
+                       f"{m.statistics.get('n_observations', 'n/a')}, symmetry: {m.statistics.get('symmetry', 'n/a')}")
             if meas.any():
                 typer.echo(f"intensity: median {np.nanmedian(m.intensity):.4g}, range "
                            f"{np.nanmin(m.intensity):.4g} .. {np.nanmax(m.intensity):.4g}")

@@ -17,12 +17,13 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .artifacts import (InputError, ObservationTableWriter, open_still, read_scales, scale_for, write_grid,
-                        write_map, write_radial_png, write_slice_pngs)
+from .artifacts import (InputError, ObservationTableWriter, map_planes, open_still, read_scales, read_still_names,
+                        resolve_scales, scale_for, write_grid, write_map, write_radial_png, write_slice_pngs)
 from .core.accumulate import VoxelAccumulator, half_of_still
 from .core.grid import (CrystalModel, GlobalGrid, average_crystal_model, build_grid, hkl_change_of_basis_matrix,
                         reindex_to_reference, s_max_of_hkl)
-from .core.merge import AsuMapper, cc_half_by_shell, dense_map, leave_one_out_z, radial_profile, symmetry_merge
+from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, leave_one_out_z, map_slabs,
+                         radial_profile, symmetry_merge)
 from .storage import H5VoxelAccumulator
 
 log = logging.getLogger("voxel_merger")
@@ -201,12 +202,21 @@ def finalize(acc, grid: GlobalGrid, out_dir: Path, opt: MergeOptions, *, symmetr
     if mapper is not None and not already_asu:
         store = _new_acc(grid, acc.n_halves, opt, workdir, "asu")
         lost = symmetry_merge(acc, store, mapper, progress)
-    mean, sigma, counts = dense_map(store, mapper, progress)
+    streamed = opt.backend == "hdf5"
+    if streamed:  # bounded memory: expand onto a P1 store and write the map one h-plane at a time
+        view = store
+        if mapper is not None:
+            view = _new_acc(grid, 1, opt, workdir, "expanded")
+            expand_store(store, view, mapper, progress)
+        n_measured = sum(int((np.asarray(s)[0].sum(axis=0) > 0).sum()) for _, s in view.iter_blocks())
+    else:
+        mean, sigma, counts = dense_map(store, mapper, progress)
+        n_measured = int((counts > 0).sum())
     stats = {
         "n_stills": len(store.still_ids),
         "n_observations": int(store.n_obs),
         "n_dropped": int(store.n_dropped),
-        "n_voxels_measured": int((counts > 0).sum()),
+        "n_voxels_measured": n_measured,
         "n_voxels_grid": grid.n_voxels,
         "symmetry": symmetry or "none",
         "voxels_lost_off_grid_by_symmetry": lost,
@@ -218,9 +228,20 @@ def finalize(acc, grid: GlobalGrid, out_dir: Path, opt: MergeOptions, *, symmetr
     if extra_stats:
         stats.update(extra_stats)
     outputs = {}
-    outputs["map"] = write_map(out_dir / "map.h5", grid, mean, sigma, counts, statistics=stats,
-                               parameters=opt.params(), inputs=inputs, job_id=job_id)
-    outputs.update(write_slice_pngs(out_dir, grid, mean))
+    if streamed:
+        outputs["map"] = write_map(out_dir / "map.h5", grid, None, None, None, statistics=stats,
+                                   parameters=opt.params(), inputs=inputs, job_id=job_id, slabs=map_slabs(view))
+        import h5py
+
+        with h5py.File(outputs["map"], "r") as f:
+            planes = map_planes(grid, f["entry/map/intensity"])
+        if view is not store:
+            _close(view)
+        outputs.update(write_slice_pngs(out_dir, grid, planes))
+    else:
+        outputs["map"] = write_map(out_dir / "map.h5", grid, mean, sigma, counts, statistics=stats,
+                                   parameters=opt.params(), inputs=inputs, job_id=job_id)
+        outputs.update(write_slice_pngs(out_dir, grid, mean))
     outputs["radial_profile"] = write_radial_png(out_dir / "radial_profile.png", stats["radial_profile"])
     outputs["stats"] = atomic_write_json(out_dir / "stats.json", stats)
     if store is not acc:
@@ -248,7 +269,9 @@ def run(inputs: Sequence[Path], out_dir: Path, opt: MergeOptions, scales_path: P
             grid, grid_info = define_grid(sources, opt)
             symmetry = _symmetry_symbol(opt, grid)
             mapper = AsuMapper(grid, symmetry) if symmetry else None
-            scale_of = {s.still_id: scale_for(scales, s.still_id, i) for i, s in enumerate(sources)}
+            # the table lists stills in input order, so integer keys of the scaler's scales.json index them
+            scales = resolve_scales(scales, ids)
+            scale_of = {s.still_id: scale_for(scales, s.still_id) for s in sources}
             reference: list = []
             n_pass = 1 + (opt.reject_rounds if opt.reject_sigma else 0)
             for r in range(n_pass - 1):
@@ -326,8 +349,12 @@ def accumulate_one(still: Path, grid: GlobalGrid, out_path: Path, opt: MergeOpti
 
 def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, scales_path: Path | None = None,
                    input_hashes: Mapping[str, str] | None = None, job_id: str | None = None,
-                   heartbeat: Callable[[], None] | None = None) -> tuple[dict[str, Path], dict]:
-    """Add partial accumulators (scaled per still, split into halves per still) and write the map."""
+                   heartbeat: Callable[[], None] | None = None,
+                   table_path: Path | None = None) -> tuple[dict[str, Path], dict]:
+    """Add partial accumulators (scaled per still, split into halves per still) and write the map.
+
+    ``table_path`` (an observation table) maps integer keys of scales.json to still ids.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not partials:
@@ -335,6 +362,8 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     if opt.reject_sigma:
         raise InputError("outlier rejection needs the observations: use `run` on the stills, not `merge` of partials")
     scales = read_scales(scales_path) if scales_path else None
+    if scales is not None and table_path is not None:
+        scales = resolve_scales(scales, read_still_names(table_path))
     tmpdir = Path(tempfile.mkdtemp(prefix=".vm-work-", dir=out_dir)) if opt.backend == "hdf5" else None
     try:
         grid = None
@@ -360,7 +389,7 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                     raise InputError(f"{p}: per-still scales need single-still partials, this one holds "
                                      f"{len(part.still_ids)} stills")
                 sid = part.still_ids[0] if part.still_ids else None
-                b = scale_for(scales, sid, i) if (scales is not None and single) else None
+                b = scale_for(scales, sid) if (scales is not None and single) else None
                 half = half_of_still(sid, opt.half_seed) if single else None
                 merged.merge(part, scale=b, half=half)
             if heartbeat:

@@ -84,6 +84,18 @@ class H5VoxelAccumulator(_SumStore):
                                           compression=compression)
             self._nonempty = np.zeros(self.n_blocks, dtype=bool)
             self._write_meta()
+        # fast path: when the whole grid fits the memory budget, accumulate densely in memory
+        # (fused kernels) and write the touched blocks out on flush/close
+        self._dense = None
+        dense_bytes = N_FIELDS * self.n_halves * self.grid.n_voxels * 8
+        if not self.readonly and dense_bytes <= self.cache_bytes:
+            from .core.accumulate import VoxelAccumulator
+
+            self._dense = VoxelAccumulator(self.grid, self.n_halves)
+            self._dense.still_ids = self.still_ids  # shared list
+            for blk in np.flatnonzero(self._nonempty).tolist():
+                start, stop = self._block_range(blk)
+                self._dense.sums[:, :, start:stop] = self._dset[:, :, start:stop]
 
     # ---------------------------------------------------------------- blocks
     @property
@@ -131,6 +143,28 @@ class H5VoxelAccumulator(_SumStore):
         self._nonempty[blk] = True
 
     # ------------------------------------------------------------ protocol
+    def _dense_call(self, fn, *args, **kw) -> int:
+        n0, d0 = self._dense.n_obs, self._dense.n_dropped
+        used = fn(*args, **kw)
+        self.n_obs += self._dense.n_obs - n0
+        self.n_dropped += self._dense.n_dropped - d0
+        return used
+
+    def add(self, h, k, l, intensity, sigma, half=0, scale=None, still_id=None, chunk=None) -> int:
+        if self.readonly:
+            raise PermissionError(f"{self.path} is open read-only")
+        if self._dense is not None:
+            return self._dense_call(self._dense.add, h, k, l, intensity, sigma, half, scale, still_id, chunk)
+        # blocked path: modest chunks keep the per-call temporaries small next to the cache
+        return super().add(h, k, l, intensity, sigma, half, scale, still_id, chunk or min(1 << 20, self.buffer_obs))
+
+    def add_ids(self, ids, intensity, sigma, half=0, scale=None, still_id=None) -> int:
+        if self.readonly:
+            raise PermissionError(f"{self.path} is open read-only")
+        if self._dense is not None:
+            return self._dense_call(self._dense.add_ids, ids, intensity, sigma, half, scale, still_id)
+        return super().add_ids(ids, intensity, sigma, half, scale, still_id)
+
     def add_sums(self, ids: np.ndarray, half: int, sums: Sequence[np.ndarray | None]) -> None:
         """Stage per-observation sums; every ``buffer_obs`` observations they are applied block by block.
 
@@ -139,6 +173,15 @@ class H5VoxelAccumulator(_SumStore):
         """
         if self.readonly:
             raise PermissionError(f"{self.path} is open read-only")
+        if self._dense is not None:
+            self._dense.add_sums(ids, half, sums)
+            return
+        # bound transient memory: stage at most ``buffer_obs`` observations at a time
+        if len(ids) > self.buffer_obs:
+            for a in range(0, len(ids), self.buffer_obs):
+                z = a + self.buffer_obs
+                self.add_sums(ids[a:z], half, [None if w is None else w[a:z] for w in sums])
+            return
         self._staged.append((half, np.array(ids, dtype=np.int64),
                              [None if w is None else np.array(w, dtype=np.float64) for w in sums]))
         self._n_staged += len(ids)
@@ -170,6 +213,12 @@ class H5VoxelAccumulator(_SumStore):
     def _add_range(self, start: int, s: np.ndarray, half: int | None):
         """Add sums (4, h, n) covering voxels [start, start+n) (h = n_halves, or 1 with ``half``)."""
         stop = start + s.shape[-1]
+        if self._dense is not None:
+            if half is None:
+                self._dense.sums[:, :, start:stop] += s
+            else:
+                self._dense.sums[:, half, start:stop] += s[:, 0]
+            return
         blk = start >> self.block_shift
         while True:
             b0, b1 = self._block_range(blk)
@@ -187,6 +236,8 @@ class H5VoxelAccumulator(_SumStore):
             blk += 1
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
+        if self._dense is not None:
+            return self._dense.read_range(start, stop)
         if self._staged:
             self._apply_staged()
         out = np.zeros((N_FIELDS, self.n_halves, stop - start))
@@ -206,6 +257,13 @@ class H5VoxelAccumulator(_SumStore):
 
     def iter_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(start, sums (4, n_halves, len)) for every block that holds observations."""
+        if self._dense is not None:
+            for blk in range(self.n_blocks):
+                start, stop = self._block_range(blk)
+                blk_sums = self._dense.sums[:, :, start:stop]
+                if blk_sums[0].any():
+                    yield start, blk_sums
+            return
         if self._staged:
             self._apply_staged()
         for blk in np.flatnonzero(self._nonempty).tolist():
@@ -259,6 +317,13 @@ class H5VoxelAccumulator(_SumStore):
             return
         if self._staged:
             self._apply_staged()
+        if self._dense is not None:
+            for blk in range(self.n_blocks):
+                start, stop = self._block_range(blk)
+                blk_sums = self._dense.sums[:, :, start:stop]
+                if self._nonempty[blk] or blk_sums[0].any():
+                    self._dset[:, :, start:stop] = np.ascontiguousarray(blk_sums)
+                    self._nonempty[blk] = True
         for blk in sorted(self._dirty):
             self._write_block(blk, self._cache[blk])
         self._write_meta()
@@ -273,6 +338,7 @@ class H5VoxelAccumulator(_SumStore):
             self.flush()
             self._f.close()
         self._cache.clear()
+        self._dense = None
 
     def __enter__(self):
         return self

@@ -12,7 +12,8 @@ from . import __version__
 
 class Params(BaseModel):
     """Stage parameters. Inputs: accumulate: 'still' + 'grid' (JSON) or ``grid`` param;
-    merge: 'partial*' (+ optional 'scales'); run: 'still*' (+ optional 'scales')."""
+    merge: 'partial*' (+ optional 'scales', and 'observations' whose still_names map integer scale keys);
+    run: 'still*' (+ optional 'scales')."""
 
     mode: Literal["accumulate", "merge", "run"] = "run"
     subdivisions: int = Field(3, ge=1, le=15, description="sub-voxels per reciprocal cell unit (odd)")
@@ -59,8 +60,9 @@ def handle(ctx: JobContext, params: Params) -> None:
             partials = ctx.input_paths("partial")
             if not partials:
                 raise BadInput("merge mode needs inputs named 'partial*'")
+            table = ctx.input_path("observations") if "observations" in ctx.job.inputs else None
             outputs, stats = merge_partials(partials, ctx.out_dir, opt, scales_path=scales, input_hashes=hashes,
-                                            job_id=ctx.job.job_id, heartbeat=ctx.heartbeat)
+                                            job_id=ctx.job.job_id, heartbeat=ctx.heartbeat, table_path=table)
         else:
             stills = ctx.input_paths("still")
             if not stills:

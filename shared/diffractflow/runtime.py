@@ -250,8 +250,8 @@ class Worker:
             if deliveries >= self.settings.max_deliver:
                 log.error("job failed for the last time", extra={"error": repr(exc)})
                 err = JobErrorInfo(kind="failure", message=f"{type(exc).__name__}: {exc}", detail=detail)
-                await self._publish(job, "failed", {}, ctx.metrics, err, started)
                 await self._dead_letter(job.job_id, job.run_id, "failure", err.message, msg, deliveries)
+                await self._publish(job, "failed", {}, ctx.metrics, err, started)
                 await msg.term()
             else:
                 delay = self.settings.nak_delay_s * (2 ** (deliveries - 1))
@@ -285,8 +285,9 @@ class Worker:
 
     async def _finish_rejected(self, msg, job: JobRequest, kind: str, reason: str, deliveries: int, started) -> None:
         log.warning("job rejected", extra={"kind": kind, "reason": reason})
-        await self._publish(job, "rejected", {}, {}, JobErrorInfo(kind=kind, message=reason), started)
+        # the dead letter first: whoever sees the rejected result can already find the letter
         await self._dead_letter(job.job_id, job.run_id, kind, reason, msg, deliveries)
+        await self._publish(job, "rejected", {}, {}, JobErrorInfo(kind=kind, message=reason), started)
         await msg.term()
 
     async def _reject_raw(self, msg, kind: str, reason: str, deliveries: int) -> None:

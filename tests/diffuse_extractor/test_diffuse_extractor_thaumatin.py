@@ -208,3 +208,20 @@ def test_run_of_unindexed_stills_with_hot_dead_statistics(thaumatin_cbfs, tmp_pa
     assert a[0]["attrs"]["image_path"].endswith("thau_3_2_0001.cbf")
     assert a[2]["attrs"]["image_path"].endswith("thau_3_2_0003.cbf")
     assert np.isfinite(a[2]["pixels"]["intensity"]).all()
+
+
+def test_background_image_reading(thaumatin_cbfs, tmp_path):
+    import dxtbx
+
+    from diffuse_extractor.artifacts import InputError, read_background
+
+    det = dxtbx.load(str(thaumatin_cbfs[0])).get_detector()
+    bkg = read_background(thaumatin_cbfs[2], det)  # any dxtbx-readable image of the same detector
+    assert len(bkg) == 1 and bkg[0].shape == (2527, 2463) and bkg[0].max() > 10
+    bad = tmp_path / "small.npy"
+    np.save(bad, np.zeros((10, 10)))
+    with pytest.raises(InputError, match="small.npy"):
+        read_background(bad, det)
+    good = tmp_path / "flat.npy"
+    np.save(good, np.ones((2527, 2463)))
+    assert read_background(good, det)[0].sum() == 2527 * 2463

@@ -272,3 +272,15 @@ def test_blockfile_via_rosettasciio_lazy(tmp_path, scan, files, corrcoef):
                 "--set", "dpc.gate_mode=union", "--set", "dpc.baseline=median", "--set", "dpc.roi=[0, 9]", "-q")
     assert r.exit_code == 0, r.output
     assert corrcoef(tifffile.imread(out / "realspace/Ex.tif"), scan["fx"]) > 0.95
+
+
+def test_worker_params_are_strict():
+    from pydantic import ValidationError
+
+    from stem_polar.worker import Params
+
+    with pytest.raises(ValidationError, match="scan_shap"):
+        Params.model_validate({"scan_shap": [1, 2]})
+    with pytest.raises(ValidationError):
+        Params.model_validate({"device": "tpu"})
+    assert Params.model_validate({"device": "cuda:1", "scan_shape": [4, 5]}).scan_shape == (4, 5)

@@ -11,6 +11,8 @@ from stem_polar.core.config import PolarConfig
 from stem_polar.core.pipeline import InputError, PolarPipeline, run_pipeline
 from stem_polar.core.source import ArraySource
 
+pytestmark = pytest.mark.filterwarnings("ignore:mean confidence > 0.95:UserWarning")
+
 BASE = {"dpc": {"baseline": "median", "roi": [0, 9], "gate_mode": "union"}}
 
 

@@ -16,7 +16,7 @@ def test_sequence_is_routed_indexed_and_integrated(sequence_run):
     assert row["input_files"] == [str(p.resolve()) for p in truth.paths]
     assert row["space_group"] == "P 41 21 2"
     np.testing.assert_allclose(row["unit_cell"], truth.unit_cell, rtol=2e-3)
-    assert row["n_indexed"] > 0.8 * row["n_spots"]
+    assert row["n_indexed"] > 0.8 * row["n_spots"] and row["n_refined"] > 0.8 * row["n_indexed"]
     assert row["n_integrated"] > 0.5 * truth.n_reflections
     assert row["rmsd_x_px"] < 0.5 and row["rmsd_y_px"] < 0.5 and row["rmsd_z"] < 0.1  # deg
     assert row["validation_passed"] and row["q_median_error"] < 5e-4

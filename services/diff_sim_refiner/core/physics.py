@@ -88,10 +88,24 @@ class FTable:
         k = hi[..., 2] - self.mins[2]
         inside = (i >= 0) & (i < hr) & (j >= 0) & (j < kr) & (k >= 0) & (k < lr)
         lin = (i * kr + j) * lr + k
-        lin = torch.where(inside, lin, torch.zeros_like(lin))
+        lin = torch.where(inside, lin, 0)
         vals = torch.take(self.flat, lin)
         default = torch.as_tensor(self.default_F, dtype=vals.dtype, device=vals.device)
         return torch.where(inside, vals, default)
+
+    def nearest_cols(self, H0: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`nearest` for integer-valued indices laid out as (O, 3, M) (returns (O, M))."""
+        hr, kr, lr = self.dims
+        if hr * kr * lr >= (1 << 24) and H0.dtype == torch.float32:
+            return self.nearest(H0.permute(0, 2, 1))
+        mins = torch.tensor(self.mins, dtype=H0.dtype, device=H0.device).view(1, 3, 1)
+        rel = H0 - mins
+        hi = torch.tensor((hr - 1, kr - 1, lr - 1), dtype=H0.dtype, device=H0.device).view(1, 3, 1)
+        inside = ((rel >= 0) & (rel <= hi)).all(1)
+        lin = (rel[:, 0] * kr + rel[:, 1]) * lr + rel[:, 2]     # exact in float below 2^24 entries
+        lin = torch.where(inside, lin, 0.0).to(torch.int64)
+        vals = torch.take(self.flat, lin)
+        return torch.where(inside, vals, torch.as_tensor(self.default_F, dtype=vals.dtype, device=vals.device))
 
     def lookup(self, hkl: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
         if not self.interpolate:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..core.config import BeamConfig, CrystalConfig, DetectorConfig, DetectorConvention, fval
-from ..core.simulator import prepare, render
+from ..core.simulator import DEFAULT_CHUNK_ELEMENTS, prepare, render
 from .params import PARAM_SPECS, ParamSpec, parse_param_list, resolve_bounds
 
 
@@ -151,6 +151,7 @@ class Refiner:
         self.mask = m
         self.target_values = tgt[m]
         ss, fs = torch.nonzero(m, as_tuple=True)
+        self._f, self._s = fs, ss   # masked pixels in mask (row-major) order
         # render only the bounding box of the mask
         self._roi = (int(fs.min()), int(fs.max()), int(ss.min()), int(ss.max()))
         if background is None:
@@ -278,9 +279,12 @@ class Refiner:
         crystal, detector, beam, scale = self.configs(values)
         detector = dataclasses.replace(detector, roi=self._roi)
         p = prepare(crystal, detector, beam, self.hkl, dtype=self.dtype, spot_cutoff=self.spot_cutoff)
-        img = render(p, detector, pixel_batch_size=self.pixel_batch_size, pixel_mask=self.mask)
         self.evaluations += 1
-        return img[self.mask] * scale + self.background_values
+        vals = _render_pixels(p, self._f, self._s, self.pixel_batch_size)
+        if vals is None:  # fall back on the simulator's full-frame renderer
+            img = render(p, detector, pixel_batch_size=self.pixel_batch_size, pixel_mask=self.mask)
+            vals = img[self.mask]
+        return vals * scale + self.background_values
 
     def model_image(self, values: Optional[dict] = None) -> np.ndarray:
         """Full model image (photons, zeros outside the mask's bounding box), numpy float64."""
@@ -393,6 +397,33 @@ class Refiner:
             evaluations=self.evaluations, wall_seconds=wall, finite=finite, crystal=crystal, detector=detector,
             beam=beam, scale=float(scale), settings=settings,
         )
+
+
+def _render_pixels(p, f: torch.Tensor, s: torch.Tensor, batch: Optional[int]) -> Optional[torch.Tensor]:
+    """Photons of the listed pixels only (chunked, check-pointed under autograd as the simulator's render).
+
+    Avoids building a full-frame image when the mask holds a few boxes spread over a large detector.
+    Returns None if the simulator's per-chunk kernel is not available.
+    """
+    try:
+        from torch.utils.checkpoint import checkpoint
+
+        from ..core.simulator import _chunk_intensity
+    except ImportError:  # pragma: no cover - depends on the simulator's internals
+        return None
+    per_pixel = p.oversample ** 2 * p.n_orient * int(p.src_dirs.shape[0]) * (24 if p.ftable.interpolate else 1)
+    batch = batch or max(1, DEFAULT_CHUNK_ELEMENTS // per_pixel)
+    diff = [t for t in (p.A, p.pix0, p.fdet, p.sdet, p.px, p.close_distance, p.N, p.scale, p.src_dirs, p.src_lams,
+                        p.ftable.F, p.recip, p.distance, p.beam) if isinstance(t, torch.Tensor) and t.requires_grad]
+    use_ckpt = torch.is_grad_enabled() and bool(diff) and f.numel() > batch
+    outs = []
+    for start in range(0, f.numel(), batch):
+        fc, sc = f[start:start + batch], s[start:start + batch]
+        if use_ckpt:
+            outs.append(checkpoint(_chunk_intensity, p, fc, sc, *diff, use_reentrant=False))
+        else:
+            outs.append(_chunk_intensity(p, fc, sc))
+    return torch.cat(outs)
 
 
 def refine(crystal: CrystalConfig, detector: DetectorConfig, beam: BeamConfig, target, params, *,

@@ -32,10 +32,11 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "x": ("uint16", "pixel column (fast), 0-based"),
     "y": ("uint16", "pixel row (slow), 0-based"),
     "polarisation": ("float32", "multiplier 1/P"),
+    "lorentz": ("float32", "multiplier L (1 for stills; rotation data: |s1.(m2 x s0)|/(|s0||s1|) as DIALS)"),
     "efficiency": ("float32", "multiplier 1/QE"),
     "solid_angle": ("float32", "multiplier Omega_ref/Omega"),
     "air": ("float32", "multiplier 1/transmission"),
-    "correction": ("float32", "product of the four multipliers"),
+    "correction": ("float32", "product of the five multipliers"),
 }
 
 
@@ -51,6 +52,8 @@ class ExtractionParams:
     bragg_radius_px: float | None = None  # None: from the spot profile
     bragg_d_min: float | None = None  # None: the detector's corner resolution
     bragg_delpsi_max: float = 0.003  # rad; DIALS' stills prediction keeps |delta psi| < 0.0015
+    outlier_nsigma: float | None = 8.0  # mask unpredicted bright pixels (None: off)
+    outlier_grow_px: float = 2.0
     use_observed_spots: bool = True
     air_path_fraction: float = 1.0  # fraction of the sample-pixel path in air
     air_density_g_cm3: float = corr.DRY_AIR_DENSITY_G_CM3
@@ -92,11 +95,13 @@ class PanelPixels:
     geom: geo.PanelGeometry
     u: np.ndarray  # (3, npix) float32 unit vectors sample -> pixel
     polarisation: np.ndarray  # (npix,) float32 multipliers (computed in float64)
+    lorentz: np.ndarray
     efficiency: np.ndarray
     solid_angle: np.ndarray
     air: np.ndarray
-    correction: np.ndarray  # product of the four
+    correction: np.ndarray  # product of the multipliers
     efficiency_known: bool
+    radial_bin: np.ndarray  # (ny, nx) int32 index of the pixel's |q| shell (outlier statistics)
 
 
 class GeometryCache:
@@ -108,29 +113,39 @@ class GeometryCache:
 
     def __init__(self, max_entries: int = 1):
         self._store: dict[str, list[PanelPixels]] = {}
+        #: auto-detected beamstop flags (and info) per detector+beam key: a run's beamstop does not move
+        self.beamstop: dict[str, tuple[list[np.ndarray], dict]] = {}
         self.max_entries = max_entries
         self.hits = 0
         self.misses = 0
 
     @staticmethod
-    def key(detector, beam, params: "ExtractionParams") -> str:
-        text = repr((detector.to_dict(), beam.to_dict(), params.air_path_fraction, params.air_density_g_cm3))
+    def key(detector, beam, params: "ExtractionParams", goniometer=None) -> str:
+        text = repr((detector.to_dict(), beam.to_dict(), goniometer.to_dict() if goniometer is not None else None,
+                     params.air_path_fraction, params.air_density_g_cm3))
         return hashlib.sha1(text.encode()).hexdigest()
 
-    def get(self, detector, beam, params: "ExtractionParams") -> list[PanelPixels]:
-        k = self.key(detector, beam, params)
+    def get(self, detector, beam, params: "ExtractionParams", goniometer=None) -> list[PanelPixels]:
+        """``goniometer``: only for rotation data (adds the Lorentz factor); None for stills."""
+        k = self.key(detector, beam, params, goniometer)
         if k in self._store:
             self.hits += 1
             return self._store[k]
         self.misses += 1
         if len(self._store) >= self.max_entries:
-            self._store.pop(next(iter(self._store)))
-        self._store[k] = static_pixels(detector, beam, params)
+            old = next(iter(self._store))
+            self._store.pop(old)
+            self.beamstop.pop(old, None)
+        self._store[k] = static_pixels(detector, beam, params, goniometer)
         return self._store[k]
 
 
-def static_pixels(detector, beam, params: "ExtractionParams") -> list[PanelPixels]:
-    """Geometry and the four correction multipliers for every pixel of every panel."""
+def static_pixels(detector, beam, params: "ExtractionParams", goniometer=None) -> list[PanelPixels]:
+    """Geometry and the correction multipliers for every pixel of every panel.
+
+    With a ``goniometer`` (rotation data) the Lorentz factor is DIALS' ``|s1.(m2 x s0)|/(|s0||s1|)``
+    for rotation axis ``m2``; stills have none (factor 1), as in DIALS.
+    """
     wl = beam.get_wavelength()
     s0 = np.asarray(beam.get_s0(), dtype=float)
     mu_air = corr.air_attenuation_coefficient(wl, params.air_density_g_cm3)
@@ -148,15 +163,54 @@ def static_pixels(detector, beam, params: "ExtractionParams") -> list[PanelPixel
         eff = np.ones_like(dist) if qe is None else 1.0 / qe
         sa = omega_ref / corr.solid_angle(g.pixel_area, dist, cos_o)
         air = corr.air_correction(dist, mu_air, params.air_path_fraction)
-        total = pol * eff * sa * air
+        if goniometer is not None:
+            m2 = np.asarray(goniometer.get_rotation_axis(), dtype=float)
+            c = np.cross(m2, s0)
+            lor = np.abs(ux * c[0] + uy * c[1] + uz * c[2]) / np.linalg.norm(s0)
+        else:
+            lor = np.ones_like(dist)
+        total = pol * lor * eff * sa * air
         u = np.stack([ux, uy, uz]).astype(np.float32)
-        f32 = [a.astype(np.float32) for a in (pol, eff, sa, air, total)]
-        out.append(PanelPixels(g, u, *f32, qe is not None))
+        f32 = [a.astype(np.float32) for a in (pol, lor, eff, sa, air, total)]
+        qn = np.sqrt((ux * k - s0[0]) ** 2 + (uy * k - s0[1]) ** 2 + (uz * k - s0[2]) ** 2)
+        rbin = np.minimum((qn / (2.0 * k) * 2000).astype(np.int32), 1999).reshape(g.shape)
+        out.append(PanelPixels(g, u, *f32, qe is not None, rbin))
     return out
 
 
-def static_flags(experiment, data, pixels: list[PanelPixels], params: "ExtractionParams", format_mask=None):
-    """UNTRUSTED | OVERLOAD | USER | BEAMSTOP flags, and info on the beamstop."""
+def rotation_goniometer(experiment):
+    """The goniometer if this is rotation data (scan with oscillation width > 0), else None."""
+    scan, gonio = experiment.scan, experiment.goniometer
+    if gonio is None or scan is None or scan.get_oscillation()[1] == 0:
+        return None
+    return gonio
+
+
+def lab_setting_matrix(experiment, image_index: int = 0) -> np.ndarray:
+    """``A`` in the lab frame for this image: ``S R(phi) F U B`` at the frame's mid-angle for
+    rotation data (DIALS' convention), plain ``U B`` for stills."""
+    A = np.asarray(experiment.crystal.get_A(), dtype=float).reshape(3, 3)
+    gonio = rotation_goniometer(experiment)
+    if gonio is None:
+        return A
+    from scitbx import matrix
+
+    scan = experiment.scan
+    phi = scan.get_angle_from_array_index(image_index + 0.5, deg=False)
+    axis = matrix.col(gonio.get_rotation_axis_datum())
+    R = np.asarray(axis.axis_and_angle_as_r3_rotation_matrix(phi, deg=False), dtype=float).reshape(3, 3)
+    S = np.asarray(gonio.get_setting_rotation(), dtype=float).reshape(3, 3)
+    F = np.asarray(gonio.get_fixed_rotation(), dtype=float).reshape(3, 3)
+    return S @ R @ F @ A
+
+
+def static_flags(experiment, data, pixels: list[PanelPixels], params: "ExtractionParams", format_mask=None,
+                 beamstop_cache: dict | None = None, cache_key: str | None = None):
+    """UNTRUSTED | OVERLOAD | USER | BEAMSTOP flags, and info on the beamstop.
+
+    With ``beamstop="auto"`` and a ``beamstop_cache``, the shadow found on the first still of a
+    run (same detector and beam) is reused for the following stills.
+    """
     det = experiment.detector
     flags = mk.untrusted_and_overload(det, data, format_mask)
     mk.apply_shapes(flags, params.user_shapes, mk.MaskBit.USER)
@@ -164,16 +218,25 @@ def static_flags(experiment, data, pixels: list[PanelPixels], params: "Extractio
     if isinstance(params.beamstop, str):
         mode = params.beamstop.lower()
         if mode == "auto":
-            good = [f == 0 for f in flags]
-            # the polarisation multiplier flattens the azimuthal anisotropy before shadows are sought
-            pol = [pp.polarisation.reshape(pp.geom.shape) for pp in pixels]
-            bs = mk.detect_beamstop(data, [pp.geom for pp in pixels], experiment.beam.get_s0(), good, weights=pol,
-                                    ratio_threshold=params.beamstop_ratio, detect_arm=params.detect_arm)
-            for i, f in enumerate(bs.flags):
+            cached = beamstop_cache.get(cache_key) if beamstop_cache is not None and cache_key else None
+            if cached is None:
+                good = [f == 0 for f in flags]
+                # the polarisation multiplier flattens the azimuthal anisotropy before shadows are sought
+                pol = [pp.polarisation.reshape(pp.geom.shape) for pp in pixels]
+                bs = mk.detect_beamstop(data, [pp.geom for pp in pixels], experiment.beam.get_s0(), good,
+                                        weights=pol, ratio_threshold=params.beamstop_ratio,
+                                        detect_arm=params.detect_arm)
+                binfo = dict(beamstop_mode="auto", beamstop_disk_pixels=bs.disk_pixels,
+                             beamstop_arm_pixels=bs.arm_pixels, beamstop_arm_azimuth_deg=bs.arm_azimuth_deg,
+                             beamstop_arm_half_width_mm=bs.arm_half_width_mm, beamstop_notes=bs.notes)
+                cached = (bs.flags, binfo)
+                if beamstop_cache is not None and cache_key:
+                    beamstop_cache[cache_key] = cached
+            else:
+                cached = (cached[0], {**cached[1], "beamstop_mode": "auto (from the run's first still)"})
+            for i, f in enumerate(cached[0]):
                 flags[i] |= f
-            info.update(beamstop_mode="auto", beamstop_disk_pixels=bs.disk_pixels,
-                        beamstop_arm_pixels=bs.arm_pixels, beamstop_arm_azimuth_deg=bs.arm_azimuth_deg, beamstop_arm_half_width_mm=bs.arm_half_width_mm,
-                        beamstop_notes=bs.notes)
+            info.update(cached[1])
         elif mode == "none":
             info["beamstop_mode"] = "none"
         else:
@@ -187,7 +250,7 @@ def static_flags(experiment, data, pixels: list[PanelPixels], params: "Extractio
 def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
                   params: ExtractionParams | None = None, background: Sequence[np.ndarray] | None = None,
                   dynamic_flags: Sequence[np.ndarray] | None = None, format_mask=None,
-                  geometry_cache: GeometryCache | None = None) -> StillExtraction:
+                  geometry_cache: GeometryCache | None = None, image_index: int = 0) -> StillExtraction:
     """Mask, correct and tabulate every usable pixel of one still.
 
     ``data``: raw counts per panel, (ny, nx) arrays in the detector's panel order.
@@ -203,9 +266,12 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
     for i, (d, p) in enumerate(zip(data, det)):
         if d.shape != tuple(p.get_image_size()[::-1]):
             raise ValueError(f"panel {i}: image shape {d.shape} != detector {p.get_image_size()[::-1]}")
-    pixels = (geometry_cache or GeometryCache(1)).get(det, beam, params)
+    gonio = rotation_goniometer(experiment)
+    cache = geometry_cache or GeometryCache(1)
+    pixels = cache.get(det, beam, params, gonio)
 
-    flags, info = static_flags(experiment, data, pixels, params, format_mask)
+    flags, info = static_flags(experiment, data, pixels, params, format_mask, cache.beamstop,
+                               cache.key(det, beam, params, gonio))
     if dynamic_flags is not None:
         for i, f in enumerate(dynamic_flags):
             flags[i] |= f
@@ -218,10 +284,20 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
             flags[i] |= f
     else:
         info["bragg"] = "no crystal model: no Bragg mask, no hkl"
+    if params.outlier_nsigma:
+        out_f, n_out = mk.outlier_flags(data, flags, [pp.radial_bin for pp in pixels],
+                                        [pp.polarisation.reshape(pp.geom.shape) for pp in pixels],
+                                        nsigma=params.outlier_nsigma, grow_px=params.outlier_grow_px,
+                                        gain=params.gain)
+        for i, f in enumerate(out_f):
+            flags[i] |= f
+        info["n_outlier_pixels"] = n_out
 
     wl = beam.get_wavelength()
     s0 = np.asarray(beam.get_s0(), dtype=float)
-    Ainv = np.linalg.inv(np.asarray(crystal.get_A(), dtype=float).reshape(3, 3)) if crystal is not None else None
+    Ainv = np.linalg.inv(lab_setting_matrix(experiment, image_index)) if crystal is not None else None
+    if gonio is not None:
+        info["rotation"] = "Lorentz factor applied; hkl at the frame's mid-angle"
     info.update(wavelength_A=wl, mu_air_per_mm=corr.air_attenuation_coefficient(wl, params.air_density_g_cm3),
                 omega_ref_sr=corr.reference_solid_angle(det),
                 polarization_fraction=beam.get_polarization_fraction(),
@@ -255,7 +331,7 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
             "q": np.sqrt(np.einsum("ij,ij->j", q, q)),
             "intensity": net * total, "sigma": var, "raw": raw, "background": b,
             "panel": np.full(raw.shape, i, dtype=np.uint16), "x": xx, "y": yy,
-            "polarisation": pp.polarisation[flat], "efficiency": pp.efficiency[flat],
+            "polarisation": pp.polarisation[flat], "lorentz": pp.lorentz[flat], "efficiency": pp.efficiency[flat],
             "solid_angle": pp.solid_angle[flat], "air": pp.air[flat], "correction": total,
         }
         for c, (dt, _) in COLUMNS.items():

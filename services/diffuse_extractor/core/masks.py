@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -171,8 +172,9 @@ def _nan_median_filter(img: np.ndarray, size: int) -> np.ndarray:
     ny, nx = img.shape
     py, px = ny % 2, nx % 2
     padded = np.pad(img, ((0, py), (0, px)), constant_values=np.nan)
-    binned = np.nanmean(padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2), axis=(1, 3)) \
-        if np.isfinite(padded).any() else padded[::2, ::2]
+    with warnings.catch_warnings():  # all-NaN 2x2 blocks (gaps) are expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        binned = np.nanmean(padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2), axis=(1, 3))
     filled = np.where(np.isfinite(binned), binned, np.nanmedian(binned) if np.isfinite(binned).any() else 0.0)
     med = ndi.median_filter(filled, size=max(3, size // 2 | 1), mode="nearest")
     return np.repeat(np.repeat(med, 2, axis=0), 2, axis=1)[:ny, :nx]
@@ -187,6 +189,7 @@ class BeamstopResult:
     arm_azimuth_deg: float | None = None
     arm_half_width_mm: float | None = None
     azimuthal_profile: np.ndarray | None = None  # (phi_deg, relative dip) of the arm search
+    perp_profile: np.ndarray | None = None  # relative dip across the arm (bins of one binned pixel)
     notes: list[str] = field(default_factory=list)
 
 
@@ -260,9 +263,10 @@ def _detect_beamstop_binned(data: Sequence[np.ndarray], geoms, s0, good: Sequenc
     2. Shadow = local / expected < ``ratio_threshold``; connected regions reaching within
        ``centre_radius_mm`` (in the plane perpendicular to the beam) of the direct beam are the
        beamstop; dilated by ``dilate_px``.
-    3. Arm: azimuthal profile of intensity / expected outside the beamstop; a contiguous run of
-       bins deeper than ``max(arm_min_depth, arm_nsigma * noise)`` below a running-median baseline
-       is masked as a wedge from the beam centre outwards.
+    3. Arm: azimuthal profile of intensity / expected outside the beamstop; the deepest contiguous
+       run of bins below ``-max(arm_min_depth, arm_nsigma * noise)`` relative to a running-median
+       baseline gives the arm's direction; a profile across that direction gives its width; a
+       strip of that width (plus 1.5 binned pixels) from the beam centre outwards is masked.
     """
     s0 = np.asarray(s0, dtype=float)
     s0_hat = s0 / np.linalg.norm(s0)
@@ -371,13 +375,15 @@ def _detect_beamstop_binned(data: Sequence[np.ndarray], geoms, s0, good: Sequenc
                     lo -= 1
                 while ok[(hi + 1) % nphi] and rel[(hi + 1) % nphi] < thr / 2 and hi - lo < nphi // 4:
                     hi += 1
-                phi_c = np.radians((centre + 0.5) * arm_bin_deg - 180.0)
+                phi_c = np.radians((0.5 * (lo + hi) + 0.5) * arm_bin_deg - 180.0)  # centre of the dip
                 res.arm_azimuth_deg = float(np.degrees(phi_c))
                 # width: profile across the arm direction (perpendicular distance, signed, in mm)
                 ca, sa = np.cos(phi_c), np.sin(phi_c)
-                step = max(float(np.median([np.median(np.diff(g.lab_x, axis=1)) if g.lab_x.shape[1] > 1 else 1.0
-                                            for g in geoms])), 1e-3)
-                step = abs(step)
+                # bin width: the (binned) pixel pitch in mm
+                step = max(float(np.median([np.median(np.sqrt(np.diff(g.lab_x, axis=1) ** 2
+                                                              + np.diff(g.lab_y, axis=1) ** 2
+                                                              + np.diff(g.lab_z, axis=1) ** 2))
+                                            if g.lab_x.shape[1] > 1 else 1.0 for g in geoms])), 1e-3)
                 nperp = 201
                 pn = np.zeros(nperp)
                 pd = np.zeros(nperp)
@@ -412,12 +418,6 @@ def _detect_beamstop_binned(data: Sequence[np.ndarray], geoms, s0, good: Sequenc
             else:
                 res.notes.append("no beamstop arm found in the azimuthal profile")
     return res
-
-
-def _in_wedge(phi_deg: np.ndarray, a0: float, a1: float) -> np.ndarray:
-    """phi in [a0, a1) with wrapping, all angles in degrees."""
-    rel = (phi_deg - a0) % 360.0
-    return rel < (a1 - a0)
 
 
 # --------------------------------------------------------------------------- Bragg
@@ -491,7 +491,7 @@ def candidate_indices(experiment, d_min: float, delpsi_max: float = DIALS_STILLS
 
 
 def predict_reflections(experiment, d_min: float | None = None,
-                        delpsi_max: float = DIALS_STILLS_DELPSI_MAX):
+                        delpsi_max: float = DIALS_STILLS_DELPSI_MAX, candidates: np.ndarray | None = None):
     """DIALS' stills prediction for the still's crystal model: (panel, x_px, y_px, miller) arrays.
 
     Same selection as DIALS' ``StillsReflectionPredictor(...).for_ub(A)`` (|delta psi| < 0.0015 rad
@@ -503,7 +503,7 @@ def predict_reflections(experiment, d_min: float | None = None,
 
     if d_min is None:
         d_min = experiment.detector.get_max_resolution(experiment.beam.get_s0())
-    cand = candidate_indices(experiment, d_min, delpsi_max)
+    cand = candidate_indices(experiment, d_min, delpsi_max) if candidates is None else candidates
     empty = (np.zeros(0, int), np.zeros(0), np.zeros(0), np.zeros((0, 3), int))
     if len(cand) == 0:
         return empty
@@ -595,11 +595,11 @@ def bragg_flags(experiment, detector_flags_shape_source, reflections=None, *, ra
     radius = radius_px if radius_px is not None else spot_radius_px(reflections, experiment)
     info = {"bragg_radius_px": radius, "n_predicted": 0, "n_observed": 0}
     if experiment.crystal is not None:
-        panel, x, y, _ = predict_reflections(experiment, d_min, delpsi_max)
-        info["n_predicted"] = paint_disks(flags, panel, x, y, radius, MaskBit.BRAGG)
         dm = d_min or experiment.detector.get_max_resolution(experiment.beam.get_s0())
-        ep, ex, ey = project_near_edges(experiment, candidate_indices(experiment, dm, delpsi_max), radius,
-                                        delpsi_max)
+        cand = candidate_indices(experiment, dm, delpsi_max)
+        panel, x, y, _ = predict_reflections(experiment, dm, delpsi_max, candidates=cand)
+        info["n_predicted"] = paint_disks(flags, panel, x, y, radius, MaskBit.BRAGG)
+        ep, ex, ey = project_near_edges(experiment, cand, radius, delpsi_max)
         info["n_predicted_off_edge"] = paint_disks(flags, ep, ex, ey, radius, MaskBit.BRAGG)
     if reflections is not None and len(reflections):
         rp = np.asarray(reflections["panel"], dtype=np.int64)
@@ -614,6 +614,41 @@ def bragg_flags(experiment, detector_flags_shape_source, reflections=None, *, ra
             paint_disks(flags, rp, ox, oy, radius, MaskBit.BRAGG)
         info["n_observed"] = int(len(rp))
     return flags, info
+
+
+def outlier_flags(data: Sequence[np.ndarray], flags: Sequence[np.ndarray], radial_bin: Sequence[np.ndarray],
+                  weights: Sequence[np.ndarray] | None = None, *, nsigma: float = 8.0, grow_px: float = 2.0,
+                  gain: float = 1.0) -> tuple[list[np.ndarray], int]:
+    """BRAGG flags for isolated bright pixels that prediction and spot finding missed (weak partials,
+    a second lattice, ice), grown by ``grow_px``.
+
+    A pixel is an outlier if its (polarisation-flattened) value exceeds the mean of its |q| shell
+    (over unflagged pixels, bright values clipped) by ``nsigma`` Poisson sigmas.
+    """
+    nb = int(max(int(r.max()) for r in radial_bin)) + 1
+    num = np.zeros(nb)
+    cnt = np.zeros(nb)
+    vals = []
+    for i, d in enumerate(data):
+        v = np.asarray(d, dtype=np.float32).ravel()
+        if weights is not None:
+            v = v * weights[i].ravel()
+        ok = flags[i].ravel() == 0
+        b = radial_bin[i].ravel()
+        num += np.bincount(b[ok], v[ok], minlength=nb)
+        cnt += np.bincount(b[ok], minlength=nb)
+        vals.append((v, ok, b))
+    mean = num / np.maximum(cnt, 1)
+    thr = mean + nsigma * np.sqrt(gain * np.maximum(mean, 1.0))
+    out = [np.zeros(f.shape, np.uint8) for f in flags]
+    n = 0
+    for i, (v, ok, b) in enumerate(vals):
+        hit = np.flatnonzero(ok & (v > thr[b]))
+        if hit.size:
+            y, x = np.divmod(hit, flags[i].shape[1])
+            paint_disks(out, np.full(hit.size, i), x + 0.5, y + 0.5, grow_px, MaskBit.BRAGG)
+            n += int(hit.size)
+    return out, n
 
 
 def combine(*flag_sets: Sequence[np.ndarray]) -> list[np.ndarray]:

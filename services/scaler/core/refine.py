@@ -142,6 +142,15 @@ class RefinementResult:
     final_normal_equations: Optional[dict] = None
 
 
+class _Slab:
+    """A chunk's partial sum over the index range [offset, offset + len(data)) of a length-``size`` array."""
+
+    __slots__ = ("offset", "data", "size")
+
+    def __init__(self, offset: int, data: np.ndarray, size: int):
+        self.offset, self.data, self.size = offset, data, size
+
+
 class ScalingProblem:
     """Chunked evaluation of references, residuals and normal equations."""
 
@@ -182,19 +191,23 @@ class ScalingProblem:
     # ------------------------------------------------------------------ passes
     def _map_reduce(self, fn):
         """Sum the dicts ``fn(slice)`` over all chunks; chunks are shared round-robin by ``n_threads``
-        threads (numpy releases the GIL in ufuncs, gathers and bincount), each with its own accumulator."""
+        threads (numpy releases the GIL in ufuncs, gathers and bincount), each with its own accumulator.
+        :class:`_Slab` values (a local bincount over the chunk's index range) are added in place."""
         slices = list(self._slices())
         nt = max(1, min(self.n_threads, len(slices)))
 
         def run(part):
-            acc = None
+            acc = {}
             for sl in part:
-                r = fn(sl)
-                if acc is None:
-                    acc = r
-                else:
-                    for k, v in r.items():
+                for k, v in fn(sl).items():
+                    if isinstance(v, _Slab):
+                        if k not in acc:
+                            acc[k] = np.zeros(v.size)
+                        acc[k][v.offset:v.offset + len(v.data)] += v.data
+                    elif k in acc:
                         acc[k] += v
+                    else:
+                        acc[k] = v
             return acc
 
         if nt == 1:
@@ -216,8 +229,10 @@ class ScalingProblem:
             t = self._t(sl, b, gb)
             wt = o.weight[sl] * t
             gi = o.group_index[sl]
-            return {"num": np.bincount(gi, wt * o.intensity[sl], minlength=G),
-                    "den": np.bincount(gi, wt * t, minlength=G)}
+            lo = int(gi.min())
+            gl = gi - lo
+            return {"num": _Slab(lo, np.bincount(gl, wt * o.intensity[sl]), G),
+                    "den": _Slab(lo, np.bincount(gl, wt * t), G)}
 
         acc = self._map_reduce(chunk)
         num, den = acc["num"], acc["den"]
@@ -266,18 +281,23 @@ class ScalingProblem:
                     out["rs"] = np.bincount(s, wr * ihk * gk, minlength=N)
             if M:
                 kb32 = kb.astype(np.int64)
+                ws = self.wslot[kb32].T  # (na, n): smoother weights of each observation's window
+                st = self.start_tab[kb32]
+                slots = np.arange(ws.shape[0])[:, None]
                 if refine_b:
-                    out["Usk"] = np.bincount(s.astype(np.int64) * K + kb32, wih2 * gk * bk, minlength=N * K)
+                    # J_b^T W J_c: column start(q) + m of still s gets u * W_m(q)
+                    u = wih2 * gk * bk
+                    idx = (s.astype(np.int64) * M + st)[None, :] + slots
+                    out["Usc"] = np.bincount(idx.ravel(), (ws * u).ravel(), minlength=N * M)
                 out["Ak"] = np.bincount(kb32, wih2 * bk * bk, minlength=K)
                 out["rk"] = np.bincount(kb32, wr * ihk * bk, minlength=K)
                 if project:
                     # Y[v, j] = sum_{k in v} w t x_kj with x_kj = -b I_h W_j(q_k)
                     wtx = -(w * t * bk * ihk)
-                    base = o.group_index[sl].astype(np.int64) * M + self.start_tab[kb32]
-                    Y = np.zeros(self.G * M)
-                    for m_ in range(self.wslot.shape[1]):
-                        Y += np.bincount(base + m_, wtx * self.wslot[kb32, m_], minlength=self.G * M)
-                    out["Y"] = Y
+                    gi = o.group_index[sl]
+                    lo = int(gi.min())
+                    idx = ((gi - lo).astype(np.int64) * M + st)[None, :] + slots
+                    out["Y"] = _Slab(lo * M, np.bincount(idx.ravel(), (ws * wtx).ravel()), self.G * M)
             return out
 
         acc = self._map_reduce(chunk)
@@ -286,7 +306,7 @@ class ScalingProblem:
         out = {"f": f, "R": Rf, "Ass": acc.get("Ass", np.zeros(N)), "rs": acc.get("rs", np.zeros(N))}
         if M:
             W = self.Wtab
-            out["Asc"] = acc["Usk"].reshape(N, K) @ W if refine_b else np.zeros((N, M))
+            out["Asc"] = acc["Usc"].reshape(N, M) if refine_b else np.zeros((N, M))
             out["Acc"] = (W * acc["Ak"][:, None]).T @ W
             out["rc"] = W.T @ acc["rk"]
             if project:
@@ -310,7 +330,9 @@ class ScalingProblem:
             gk = gb[self.qbin[sl]]
             t = b[s] * gk
             u = o.weight[sl] * gk * ih[gi] * t
-            return {"x": np.stack([np.bincount(s, u * Yd[gi, j], minlength=N) for j in range(M)], axis=1)}
+            ydg = (Yd[gi] * u[:, None]).T  # (M, n)
+            idx = s.astype(np.int64)[None, :] * M + np.arange(M)[:, None]
+            return {"x": np.bincount(idx.ravel(), ydg.ravel(), minlength=N * M).reshape(N, M)}
 
         return self._map_reduce(chunk)["x"]
 

@@ -13,6 +13,7 @@ Usage: ``p = PolarPipeline(source, labels, cfg); p.prepare(); [interactive tweak
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,6 +87,41 @@ def _prefetch(gen, enabled: bool = True):
             yield item
 
 
+def _blas_one_thread(xp):
+    """Single-threaded BLAS for the tile products on CPU: they are skinny (a few output columns or rows),
+    memory-bound and faster without thread hand-offs; the second core reads the next chunk meanwhile."""
+    if xp is not np:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+class Tiler:
+    """Cache-sized tiles of a chunk, copied (and cast to float32) into one reusable device buffer."""
+
+    def __init__(self, xp, n_pix: int, chunk: int, tile: Optional[int] = None, tile_bytes: int = 4 << 20,
+                 stats_bytes: int = 16 << 20):
+        self.xp = xp
+        self.tile = int(tile) if tile else (max(1, tile_bytes // (4 * n_pix)) if xp is np else chunk)
+        # statistics accumulate a (3 + 3C + 1..3, P) block per tile: larger tiles keep that overhead small
+        self.tile_stats = max(self.tile, stats_bytes // (4 * n_pix)) if xp is np and not tile else self.tile
+        self.buf = xp.empty((max(self.tile, self.tile_stats), n_pix), dtype=xp.float32)
+
+    def ranges(self, n: int, stats: bool = False):
+        t = self.tile_stats if stats else self.tile
+        for u0 in range(0, n, t):
+            yield u0, min(u0 + t, n)
+
+    def load(self, frames):
+        """(n, P) raw frames of any dtype -> float32 view of the buffer (valid until the next load)."""
+        out = self.buf[:frames.shape[0]]
+        out[...] = self.xp.asarray(frames)
+        return out
+
+
 class PolarPipeline:
     def __init__(
         self,
@@ -98,7 +134,7 @@ class PolarPipeline:
         declared_ids: Optional[list[int]] = None,
         progress: Optional[Callable[[str, int, int], None]] = None,
         prefetch: bool = True,
-        workers: Optional[int] = None,
+        tile: Optional[int] = None,
     ):
         self.cfg = cfg if cfg is not None else PolarConfig()
         self.source = source
@@ -110,8 +146,11 @@ class PolarPipeline:
         self.reference = reference
         self.progress = progress or (lambda *a: None)
         self.prefetch = prefetch
-        self.workers = int(workers) if workers else 1  # >1: split chunks over threads (map/merge)
-        self._pool = None
+        w = source.scan_shape[1]
+        if self.chunk > w:  # whole scan rows: HDF5 (H, W, ky, kx) blocks are then read without a copy
+            self.chunk -= self.chunk % w
+        # tiles: a few MB of float32 on CPU (cache-resident work), the whole chunk on a GPU
+        self.tiler = Tiler(self.xp, int(np.prod(source.frame_shape)), self.chunk, tile)
         self.warnings: list[str] = []
         self.timings: dict[str, float] = {}
         self.center: Optional[CenterEstimate] = None
@@ -226,31 +265,10 @@ class PolarPipeline:
             raise InputError(f"{self.source.name}: NaN or inf in pattern(s) at flat scan index "
                              f"{[int(start + b) for b in bad[:5]]}{' ...' if len(bad) > 5 else ''}")
 
-    def _map_sub(self, fn, a, b, block):
-        """Run ``fn(a', b', sub_block)`` on ``workers`` contiguous parts of a chunk in threads (numpy's
-        kernels and BLAS release the GIL); returns the list of results in order."""
-        k = self.workers if self.xp is np else 1
-        if k <= 1 or b - a < 2 * k:
-            return [fn(a, b, block)]
-        edges = np.linspace(0, b - a, k + 1).astype(int)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=k)
-        futs = [self._pool.submit(fn, a + int(i), a + int(j), block[i:j]) for i, j in zip(edges[:-1], edges[1:])]
-        return [f.result() for f in futs]
-
-    def _block(self, block):
-        xp = self.xp
-        n = block.shape[0]
-        return xp.asarray(block.reshape(n, -1)).astype(xp.float32)
-
     # ------------------------------------------------------------------ main
     def run(self) -> PolarResult:
-        try:
+        with _blas_one_thread(self.xp):
             return self._run()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
 
     def _run(self) -> PolarResult:
         cfg = self.cfg
@@ -300,17 +318,14 @@ class PolarPipeline:
         half_x = xp.asarray(half)
 
         nonneg = np.dtype(src.dtype).kind in "ub"
-
-        def map1(a, b, block):
-            x = self._block(block)
-            raw = st.raw_sums(xp, x, lab_x[a:b], C)
-            e, bg = pre.transform(xp, x, inplace=True, nonneg=nonneg)  # x is consumed
-            return st.stats_map(xp, raw, e, bg, lab_x[a:b], half_x[a:b], ref_x, C, split)
-
-        for a, b, block in _prefetch(iter_chunks(src, self.chunk), self.prefetch):
+        for a, b, block in _prefetch(iter_chunks(src, self.chunk, buffers=3), self.prefetch):
             self._check_finite(block, a)
-            for p_ in self._map_sub(map1, a, b, block):  # merge by addition
-                part = part + p_
+            flat = block.reshape(b - a, -1)
+            acc = st.StatsAccumulator(xp, C, P, split)
+            for u0, u1 in self.tiler.ranges(b - a, stats=True):
+                acc.add(self.tiler.load(flat[u0:u1]), lab_x[a + u0:a + u1], half_x[a + u0:a + u1], pre, ref_x,
+                        nonneg)
+            part = part + acc.partial()  # merge by addition
             self.progress("pass 1/2: statistics", b, n)
         stats = st.finalize_stats(part, ref, shp, C, keep=pre.keep)
         self.timings["pass1_stats"] = time.perf_counter() - t0
@@ -361,19 +376,18 @@ class PolarPipeline:
         valid = np.empty(n, dtype=bool)
         adaptive = cfg.dpc.gate_mode == "adaptive"
 
-        def map2(a, b, block):
-            x = self._block(block)
-            r = com.products(xp, x)  # gated moments first: the log below reuses x's memory
-            e, bg = pre.transform(xp, x, inplace=True, nonneg=nonneg)
-            s = mf.scores(xp, e, bg)
-            del e, x
-            _, idx, cmax = st.softmax_confidence(xp, s, cfg.matched_filter.softmax_temp)
-            ccx, ccy, ok = com.select(xp, r, idx if adaptive else None)
-            S[a:b], amax[a:b], conf[a:b] = to_numpy(s), to_numpy(idx), to_numpy(cmax)
-            cxp[a:b], cyp[a:b], valid[a:b] = to_numpy(ccx), to_numpy(ccy), to_numpy(ok)
-
-        for a, b, block in _prefetch(iter_chunks(src, self.chunk), self.prefetch):
-            self._map_sub(map2, a, b, block)  # disjoint output slices
+        for a, b, block in _prefetch(iter_chunks(src, self.chunk, buffers=3), self.prefetch):
+            flat = block.reshape(b - a, -1)
+            for u0, u1 in self.tiler.ranges(b - a):
+                x = self.tiler.load(flat[u0:u1])
+                r = com.products(xp, x)  # gated moments first: the log below reuses x's memory
+                e, bg = pre.transform(xp, x, inplace=True, nonneg=nonneg)
+                s = mf.scores(xp, e, bg)
+                _, idx, cmax = st.softmax_confidence(xp, s, cfg.matched_filter.softmax_temp)
+                ccx, ccy, ok = com.select(xp, r, idx if adaptive else None)
+                i0, i1 = a + u0, a + u1
+                S[i0:i1], amax[i0:i1], conf[i0:i1] = to_numpy(s), to_numpy(idx), to_numpy(cmax)
+                cxp[i0:i1], cyp[i0:i1], valid[i0:i1] = to_numpy(ccx), to_numpy(ccy), to_numpy(ok)
             self.progress("pass 2/2: matched filter + gated CoM", b, n)
         self.timings["pass2_maps"] = time.perf_counter() - t0
         n_invalid = int((~valid).sum())
@@ -387,11 +401,12 @@ class PolarPipeline:
             t0 = time.perf_counter()
             rx = np.empty((n, com.n_gates))
             ry = np.empty((n, com.n_gates))
-            for a, b, block in _prefetch(iter_chunks(self.reference, self.chunk), self.prefetch):
+            for a, b, block in _prefetch(iter_chunks(self.reference, self.chunk, buffers=3), self.prefetch):
                 self._check_finite(block, a)
-                x = self._block(block)
-                gx, gy, _ = com.apply_all(xp, x)
-                rx[a:b], ry[a:b] = to_numpy(gx), to_numpy(gy)
+                flat = block.reshape(b - a, -1)
+                for u0, u1 in self.tiler.ranges(b - a):
+                    gx, gy, _ = com.apply_all(xp, self.tiler.load(flat[u0:u1]))
+                    rx[a + u0:a + u1], ry[a + u0:a + u1] = to_numpy(gx), to_numpy(gy)
                 self.progress("descan reference", b, n)
             if cfg.descan.fit == "plane":
                 for g in range(com.n_gates):
@@ -526,6 +541,32 @@ class PolarPipeline:
             m = cal.convergence_angle / self.center.radius
             return m, m, "convergence_angle / detected BF disk radius"
         raise InputError("cannot convert CoM to mrad: no mrad_per_px, absolute k calibration or usable BF disk radius")
+
+
+def stream_gated_com(source, gates, cy: float, cx: float, chunk: Optional[int] = None, tile: Optional[int] = None,
+                     device: str = "cpu", prefetch: bool = True):
+    """Gated CoM alone over a streamed scan (one pass): returns (com_x, com_y, valid) per frame, detector px.
+
+    ``gates`` is one (ky, kx) gate (or (K, ky, kx), the first is used); the same tiled path as the pipeline.
+    """
+    xp = get_xp(device)
+    g = np.asarray(gates, dtype=np.float64)
+    com = st.GatedCoM(g if g.ndim == 2 else g[0], cy, cx)
+    chunk = chunk or auto_chunk(source.frame_shape)
+    w = source.scan_shape[1]
+    if chunk > w:
+        chunk -= chunk % w
+    tiler = Tiler(xp, int(np.prod(source.frame_shape)), chunk, tile, tile_bytes=1 << 20)  # one skinny product
+    n = source.n_frames
+    cxs, cys, oks = np.empty(n), np.empty(n), np.empty(n, dtype=bool)
+    with _blas_one_thread(xp):
+        for a, b, block in _prefetch(iter_chunks(source, chunk, buffers=3), prefetch):
+            flat = block.reshape(b - a, -1)
+            for u0, u1 in tiler.ranges(b - a):
+                gx, gy, ok = com.apply(xp, tiler.load(flat[u0:u1]))
+                cxs[a + u0:a + u1], cys[a + u0:a + u1], oks[a + u0:a + u1] = (
+                    to_numpy(gx), to_numpy(gy), to_numpy(ok))
+    return cxs, cys, oks
 
 
 def run_pipeline(source, labels=None, cfg: Optional[PolarConfig] = None, **kw) -> PolarResult:

@@ -55,12 +55,24 @@ def check_scan_shape(n_frames: int, scan_shape, name: str) -> None:
         raise ValueError(f"{name}: scan shape {h} x {w} = {h * w} positions but the data hold {n_frames} patterns")
 
 
-def iter_chunks(source, chunk: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield (start, stop, block) over ``source`` in blocks of ``chunk`` frames."""
+def iter_chunks(source, chunk: int, start: int = 0, stop: int | None = None,
+                buffers: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (start, stop, block) over ``source`` in blocks of ``chunk`` frames.
+
+    With ``buffers`` > 0 and a source offering ``read_into``, blocks are read into a ring of that many
+    preallocated arrays (no page faults from fresh allocations): a block is valid until ``buffers`` - 1
+    further blocks have been taken.
+    """
     stop = source.n_frames if stop is None else stop
-    for a in range(start, stop, chunk):
+    ring = None
+    if buffers and hasattr(source, "read_into"):
+        ring = [np.empty((chunk,) + tuple(source.frame_shape), dtype=source.dtype) for _ in range(buffers)]
+    for i, a in enumerate(range(start, stop, chunk)):
         b = min(a + chunk, stop)
-        yield a, b, source.read(a, b)
+        if ring is not None:
+            yield a, b, source.read_into(a, b, ring[i % len(ring)][:b - a])
+        else:
+            yield a, b, source.read(a, b)
 
 
 def auto_chunk(frame_shape, target_bytes: int = 64 << 20) -> int:

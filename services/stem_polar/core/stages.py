@@ -127,42 +127,67 @@ def membership_matrix(xp, lab_idx, half, n_clusters: int):
     return xp.concatenate([ones, h0, h1, inc, inc * h0, inc * h1], axis=0)
 
 
-def raw_sums(xp, x_raw, lab_idx, n_clusters: int):
-    """(1 + C, P) raw-intensity sums [all, clusters...] of a chunk (for the true mean patterns)."""
-    inc = (lab_idx[None, :] == xp.arange(n_clusters)[:, None]).astype(xp.float32)
-    a = xp.concatenate([xp.ones((1, x_raw.shape[0]), dtype=xp.float32), inc], axis=0)
-    return a @ x_raw
+class StatsAccumulator:
+    """Accumulates one chunk's sums tile by tile in float32 on the device; ``partial()`` hands a float64
+    ``StatsPartial`` to the host (once per chunk). Tiles are small (cache-sized), so each tile's
+    conversion, log and products run while it is hot in cache.
 
-
-def stats_map(xp, raw, e, bg, lab_idx, half, ref, n_clusters: int, split: bool = True) -> StatsPartial:
-    """Partial sums of one chunk (see ``StatsPartial``); arrays are xp arrays, result is on the host.
-
-    ``raw`` is ``raw_sums`` of the chunk (computed before e, which may reuse the raw block's memory);
-    ``e``, ``bg`` come from ``Preprocessor.transform`` (the frame is e - bg); ``e`` is overwritten (shifted by
-    ``ref`` in place). With D_i = e_i - ref - bg_i and membership rows a:
+    With D_i = e_i - ref - bg_i (``Preprocessor.transform`` gives e, bg) and membership rows a:
     sum a_i D_i = a.e' - (a.bg) 1 and sum r_i D_i^2 = sum r_i e'_i^2 - 2 (r bg).e' + r.bg^2 (e' = e - ref),
-    so one matrix product and one sum of squares cover every row. Split-half squares only when ``split``.
+    so one matrix product and one sum of squares per tile cover every row. Split-half squares only when
+    ``split``.
     """
-    from .xp import to_numpy
 
-    a = membership_matrix(xp, lab_idx, half, n_clusters)
-    m = a.shape[0]
-    e -= ref[None, :]
-    r = a[:3] if split else a[:1]
-    f = xp.concatenate([a, r * bg[None, :]], axis=0) @ e  # (m + rows(r), P)
-    first = f[:m] - (a @ bg)[:, None]
-    if split:
-        sq = r @ (e * e)
-    else:
-        sq = xp.einsum("ij,ij->j", e, e)[None, :]
-    second = sq - 2 * f[m:] + (r @ (bg * bg))[:, None]
-    s2 = np.zeros((3, e.shape[1]))
-    s2[:second.shape[0]] = to_numpy(second)
-    fh = to_numpy(first).astype(np.float64)
-    return StatsPartial(
-        s1=fh[:3], s2=s2, cs=fh[3:],
-        cnt=to_numpy(a.sum(axis=1)).astype(np.float64), raw_c=to_numpy(raw).astype(np.float64),
-    )
+    def __init__(self, xp, n_clusters: int, n_pix: int, split: bool):
+        c = n_clusters
+        self.xp, self.c, self.split = xp, c, split
+        self.m = 3 + 3 * c
+        self.rr = 3 if split else 1
+        f32 = xp.float32
+        self.first = xp.zeros((self.m + self.rr, n_pix), dtype=f32)  # a.e' rows, then (r bg).e' rows
+        self.sq = xp.zeros((self.rr, n_pix), dtype=f32)
+        self.raw = xp.zeros((1 + c, n_pix), dtype=f32)
+        self.abg = xp.zeros(self.m, dtype=f32)
+        self.rbg2 = xp.zeros(self.rr, dtype=f32)
+        self.cnt = xp.zeros(self.m, dtype=f32)
+        self._raw_rows = xp.asarray(np.r_[0, 3:3 + c])
+
+    def add(self, x, lab_idx, half, pre, ref, nonneg: bool = False) -> None:
+        """Add a (n, P) float32 tile of raw frames; ``x`` is consumed (reused for the log in place)."""
+        xp = self.xp
+        a = membership_matrix(xp, lab_idx, half, self.c)
+        self.raw += a[self._raw_rows] @ x
+        e, bg = pre.transform(xp, x, inplace=True, nonneg=nonneg)
+        e -= ref[None, :]
+        r = a[:self.rr]
+        self.first += xp.concatenate([a, r * bg[None, :]], axis=0) @ e
+        if self.split:
+            self.sq += r @ (e * e)
+        else:
+            self.sq += xp.einsum("ij,ij->j", e, e)[None, :]
+        self.abg += a @ bg
+        self.rbg2 += r @ (bg * bg)
+        self.cnt += a.sum(axis=1)
+
+    def partial(self) -> StatsPartial:
+        from .xp import to_numpy
+
+        f = to_numpy(self.first).astype(np.float64)
+        abg = to_numpy(self.abg).astype(np.float64)
+        first = f[:self.m] - abg[:, None]
+        second = (to_numpy(self.sq).astype(np.float64) - 2 * f[self.m:]
+                  + to_numpy(self.rbg2).astype(np.float64)[:, None])
+        s2 = np.zeros((3, f.shape[1]))
+        s2[:self.rr] = second
+        return StatsPartial(s1=first[:3], s2=s2, cs=first[3:], cnt=to_numpy(self.cnt).astype(np.float64),
+                            raw_c=to_numpy(self.raw).astype(np.float64))
+
+
+def stats_map(xp, x, lab_idx, half, pre, ref, n_clusters: int, split: bool = True, nonneg: bool = False):
+    """Partial sums (``StatsPartial``) of one block of raw float32 frames (consumed)."""
+    acc = StatsAccumulator(xp, n_clusters, x.shape[1], split)
+    acc.add(x, lab_idx, half, pre, ref, nonneg)
+    return acc.partial()
 
 
 @dataclass

@@ -49,7 +49,8 @@ class Outcome:
     status: str
     reason: str = ""
     n_spots: int = 0
-    n_indexed: int = 0
+    n_indexed: int = 0  # spots given a Miller index by the indexer
+    n_refined: int = 0  # indexed spots kept by the final refinement (outliers removed)
     n_integrated: int = 0
     unit_cell: tuple[float, ...] | None = None
     space_group: str = ""
@@ -217,6 +218,7 @@ def process_still(path: str, frame: int, settings: ProcessingSettings, params=No
             if k != 0:
                 del indexed.experiment_identifiers()[k]
 
+    out.n_indexed = len(indexed)
     try:
         with timer("refine"):
             experiments, indexed = _refine(params, experiments, indexed)
@@ -224,7 +226,7 @@ def process_still(path: str, frame: int, settings: ProcessingSettings, params=No
         out.reason = f"refinement failed: {_msg(exc)}"
         return out
     out.experiments, out.indexed = experiments, indexed
-    out.n_indexed = len(indexed)
+    out.n_refined = len(indexed)
     _crystal_summary(out, experiments[0].crystal)
     out.rmsd_x_px, out.rmsd_y_px, out.rmsd_z = _rmsds(indexed, stills=True)
     with timer("validate"):
@@ -323,6 +325,7 @@ def process_sequence(paths: list[str], settings: ProcessingSettings) -> Outcome:
             if k != 0:
                 del indexed.experiment_identifiers()[k]
     indexed = _indexed_only(indexed)
+    out.n_indexed = len(indexed)
     try:
         with timer("refine"):
             experiments, refined, _refiner, _history = run_dials_refine(experiments, indexed, p.refine)
@@ -331,7 +334,7 @@ def process_sequence(paths: list[str], settings: ProcessingSettings) -> Outcome:
         return out
     refined = _indexed_only(refined)
     out.experiments, out.indexed = experiments, refined
-    out.n_indexed = len(refined)
+    out.n_refined = len(refined)
     _crystal_summary(out, experiments[0].crystal)
     out.rmsd_x_px, out.rmsd_y_px, out.rmsd_z = _rmsds(refined, stills=False)
     with timer("validate"):

@@ -237,10 +237,11 @@ class VoxelAccumulator(_SumStore):
         self.kernel = "numba" if (kernel == "numba" or (kernel == "auto" and kernels.available())) else "vector"
         self.use_torch = use_torch
         self._tsums = None
-        self._ones = None
         self.grid = grid
         self.n_halves = n_halves
-        self.sums = np.zeros((N_FIELDS, n_halves, grid.n_voxels), dtype=np.float64)
+        # fields interleaved per voxel (one cache line per scatter-add); ``sums`` is the (4, halves, voxels) view
+        self._data = np.zeros((n_halves, grid.n_voxels, N_FIELDS), dtype=np.float64)
+        self.sums = self._data.transpose(2, 0, 1)
         self.block_shift = block_shift_for(grid.n_voxels)
         self._init_meta()
 
@@ -261,7 +262,7 @@ class VoxelAccumulator(_SumStore):
         h = np.asarray(h)
         if not (h.shape == np.shape(k) == np.shape(l) == np.shape(intensity) == np.shape(sigma)):
             raise ValueError("h, k, l, intensity and sigma must have the same shape")
-        used = accumulate_hkl(self.grid, self.sums[:, int(half), :], h.ravel(), np.ravel(k), np.ravel(l),
+        used = accumulate_hkl(self.grid, self._data[int(half)], h.ravel(), np.ravel(k), np.ravel(l),
                               np.ravel(intensity), np.ravel(sigma), scale)
         self._book(h.size, used, still_id)
         return used
@@ -275,7 +276,7 @@ class VoxelAccumulator(_SumStore):
         if not (ids.shape == np.shape(intensity) == np.shape(sigma)):
             raise ValueError(f"ids, intensity and sigma must have the same shape: "
                              f"{ids.shape}, {np.shape(intensity)}, {np.shape(sigma)}")
-        used = accumulate_ids(self.sums[:, int(half), :], ids.ravel(), np.ravel(intensity), np.ravel(sigma), scale)
+        used = accumulate_ids(self._data[int(half)], ids.ravel(), np.ravel(intensity), np.ravel(sigma), scale)
         self._book(ids.size, used, still_id)
         return used
 
@@ -289,16 +290,12 @@ class VoxelAccumulator(_SumStore):
         torch = _torch() if self.use_torch else False
         if torch:
             if self._tsums is None:
-                self._tsums = torch.from_numpy(self.sums)
-            ti = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+                self._tsums = torch.from_numpy(self._data)
+            src = np.empty((ids.size, N_FIELDS))
             for f, w in enumerate(sums):
-                if w is None:
-                    if self._ones is None or self._ones.numel() < ids.size:
-                        self._ones = torch.ones(max(ids.size, 1 << 18), dtype=torch.float64)
-                    src = self._ones[:ids.size]
-                else:
-                    src = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64))
-                self._tsums[f, half].index_add_(0, ti, src)
+                src[:, f] = 1.0 if w is None else w
+            self._tsums[half].index_add_(0, torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
+                                         torch.from_numpy(src))
             return
         target = self.sums[:, half, :]
         if ids.size * 4 >= n:  # dense bincount over the whole grid is cheapest

@@ -36,10 +36,10 @@ if _HAVE_NUMBA:
         if use_b:
             w = w * (b * b)
             wi = wi * b
-        sums[0, vid] += 1.0
-        sums[1, vid] += w
-        sums[2, vid] += wi
-        sums[3, vid] += wi2
+        sums[vid, 0] += 1.0
+        sums[vid, 1] += w
+        sums[vid, 2] += wi
+        sums[vid, 3] += wi2
 
     @njit(nogil=True, cache=True)
     def _hkl_kernel(h, k, l, I, sig, scale, scale_is_array, b0, use_b, nd, c0, c1, c2, nh, nk, nl, sums):
@@ -89,7 +89,7 @@ def _scale_args(scale, n):
 
 
 def accumulate_hkl(grid, sums: np.ndarray, h, k, l, intensity, sigma, scale=None) -> int:
-    """Add observations at fractional hkl into ``sums`` (4, n_voxels). Returns the number used."""
+    """Add observations at fractional hkl into ``sums`` (n_voxels, 4), fields interleaved. Returns the number used."""
     f64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
     h, k, l, intensity, sigma = f64(h), f64(k), f64(l), f64(intensity), f64(sigma)
     sc, is_arr, b0, use_b = _scale_args(scale, h.size)
@@ -100,9 +100,9 @@ def accumulate_hkl(grid, sums: np.ndarray, h, k, l, intensity, sigma, scale=None
 
 
 def accumulate_ids(sums: np.ndarray, ids, intensity, sigma, scale=None) -> int:
-    """Add observations already mapped to voxel ids (-1 = skip) into ``sums`` (4, n_voxels)."""
+    """Add observations already mapped to voxel ids (-1 = skip) into ``sums`` (n_voxels, 4)."""
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     sc, is_arr, b0, use_b = _scale_args(scale, ids.size)
     return int(_ids_kernel(ids, np.ascontiguousarray(intensity, dtype=np.float64),
                            np.ascontiguousarray(sigma, dtype=np.float64), sc, is_arr, b0, use_b,
-                           sums.shape[1], sums))
+                           sums.shape[0], sums))

@@ -85,11 +85,30 @@ class AsuMapper:
             out[a:a + step] = np.rint(mi.as_vec3_double().as_double().as_numpy_array()).astype(np.int64).reshape(-1, 3)
         return out
 
+    MEMO_MAX_BYTES = 256 * 2**20
+
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return ids.copy()
+        memo = self._memo_array()
+        if memo is None:
+            return self._map_ids(ids)
+        out = memo[ids]
+        todo = out == -2
+        if todo.any():
+            out[todo] = memo[ids[todo]] = self._map_ids(ids[todo])
+        return out
+
+    def _map_ids(self, ids: np.ndarray) -> np.ndarray:
         return self.grid.ids_from_scaled_hkl(self.map_scaled(self.grid.voxel_hkl_scaled(ids)))
+
+    def _memo_array(self):
+        """Voxel -> ASU voxel memo (-2 = not yet mapped) when the grid is small enough (8 bytes per voxel)."""
+        if not hasattr(self, "_memo"):
+            n = self.grid.n_voxels
+            self._memo = np.full(n, -2, dtype=np.int64) if n * 8 <= self.MEMO_MAX_BYTES else None
+        return self._memo
 
     def map_observations(self, ids: np.ndarray) -> np.ndarray:
         """Like ``__call__`` for many (repeated) observation ids: maps each distinct voxel once."""
@@ -241,6 +260,43 @@ def radial_profile(store, grid: GlobalGrid, n_bins: int = 50, mapper: AsuMapper 
     return {"s_centres": (0.5 * (edges[1:] + edges[:-1])).tolist(),
             "mean_intensity": [None if not np.isfinite(x) else float(x) for x in prof],
             "n_voxels": n.astype(int).tolist()}
+
+
+def expand_store(asu_store, dst, mapper: AsuMapper, progress: Callable[[], None] | None = None) -> None:
+    """Copy each ASU voxel's total sums onto every symmetry equivalent in ``dst`` (one half), block by block.
+
+    Bounded-memory counterpart of the expansion in :func:`dense_map`: equivalents of one
+    ASU voxel are distinct voxels after de-duplication (special positions), and orbits of
+    different ASU voxels are disjoint, so every target voxel receives exactly one copy.
+    """
+    grid = asu_store.grid
+    for start, s in asu_store.iter_blocks():
+        t = np.asarray(s).sum(axis=1)
+        idx = np.flatnonzero(t[0] > 0)
+        if idx.size == 0:
+            continue
+        eq = mapper.equivalents_scaled(grid.voxel_hkl_scaled(start + idx))  # (ops, n, 3)
+        tgt = np.stack([grid.ids_from_scaled_hkl(e) for e in eq])  # (ops, n)
+        src = np.broadcast_to(np.arange(idx.size), tgt.shape)
+        ok = tgt >= 0
+        tgt, src = tgt[ok], src[ok]
+        tgt, first = np.unique(tgt, return_index=True)
+        src = src[first]
+        dst.add_sums(tgt, 0, [t[f, idx][src] for f in range(N_FIELDS)])
+        if progress:
+            progress()
+    dst.still_ids = list(asu_store.still_ids)
+    dst.n_obs, dst.n_dropped = asu_store.n_obs, asu_store.n_dropped
+
+
+def map_slabs(store):
+    """(h index, mean (nk, nl), sigma, count) per h-plane of a (P1 or expanded) store: bounded memory."""
+    grid = store.grid
+    nh, nk, nl = grid.shape
+    slab = nk * nl
+    for i in range(nh):
+        mean, sigma, count = merge_sums(store.totals_range(i * slab, (i + 1) * slab))
+        yield i, mean.reshape(nk, nl), sigma.reshape(nk, nl), count.reshape(nk, nl)
 
 
 def dense_map(store, mapper: AsuMapper | None = None, progress: Callable[[], None] | None = None):

@@ -1,0 +1,210 @@
+"""Benchmark of diff-sim-refiner on seed 004's geometry (A.mat, scaled.hkl, CUSTOM vectors, 2463 x 2527 Pilatus,
+N = 36/47/29), float32, on this machine.  Writes benchmarks/results/diff_sim_refiner.json.
+
+Measures: forward render with 1 phi step x 1 mosaic domain (wall and CPU seconds); forward + backward
+(gradient of an MSE loss w.r.t. phi and distance) relative to forward; the whole-process time of
+``diff-sim-refiner nanobragg`` for 5 phi steps x 4 mosaic domains; peak resident memory of a 10 x 10 render
+(chunked); the optional spot-cutoff render's time and its error against the full render.
+
+    .venv/bin/python benchmarks/bench_diff_sim_refiner.py [--repeats 2] [--mem-roi-fraction 0.25]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "nanobragg"
+OUT = ROOT / "benchmarks" / "results" / "diff_sim_refiner.json"
+
+
+THREADS = 0  # 0 = torch's default
+
+
+def seed004_flags(phisteps: int = 1, domains: int = 1, roi: str | None = None) -> list[str]:
+    f = (f"-mat {DATA / 'A.mat'} -hkl {DATA / 'scaled.hkl'} -nointerpolate -oversample 1 -exposure 1 -flux 1e18 "
+         "-beamsize 1.0 -spindle_axis -1 0 0 -Xbeam 217.742295 -Ybeam 213.907080 -distance 231.274660 "
+         "-lambda 0.976800 -pixel 0.172 -detpixels_x 2463 -detpixels_y 2527 "
+         "-odet_vector -0.000088 0.004914 -0.999988 -sdet_vector -0.005998 -0.999970 -0.004913 "
+         "-fdet_vector 0.999982 -0.005998 -0.000118 -pix0_vector_mm -216.336293 215.205512 -230.200866 "
+         "-beam_vector 0.00051387949 0.0 -0.99999986 -Na 36 -Nb 47 -Nc 29 -phi 0").split()
+    if phisteps > 1:
+        f += ["-osc", str(0.1 * phisteps), "-phisteps", str(phisteps)]
+    else:
+        f += ["-osc", "0", "-phisteps", "1"]
+    if domains > 1:
+        f += ["-mosaic", "0.2", "-mosaic_domains", str(domains), "-mosaic_seed", "42"]
+    if roi:
+        f += ["-roi", *roi.split()]
+    return f
+
+
+def _job(flags):
+    from diff_sim_refiner.nbargs import build_job, parse_args
+    from diff_sim_refiner.nbrun import load_structure_factors
+
+    job = build_job(parse_args(flags))
+    return job, load_structure_factors(job, write_dump=False, log=lambda m: None)
+
+
+def timed(fn, repeats: int):
+    best_w = best_c = float("inf")
+    out = None
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        best_w = min(best_w, time.perf_counter() - w)
+        best_c = min(best_c, time.process_time() - c)
+    return out, best_w, best_c
+
+
+def bench_forward(repeats: int, only_full: bool = False) -> dict:
+    import torch
+
+    from diff_sim_refiner.core.simulator import prepare, render
+
+    job, tab = _job(seed004_flags())
+
+    def fwd(cutoff=None):
+        with torch.no_grad():
+            return render(prepare(job.crystal, job.detector, job.beam, tab, spot_cutoff=cutoff), job.detector)
+
+    img, w, c = timed(fwd, repeats)
+    res = {"forward_1phi_1domain": {"wall_s": round(w, 3), "cpu_s": round(c, 3), "threads": torch.get_num_threads(),
+                                    "sum_photons": float(img.sum())}}
+    if only_full:
+        return res
+    from diff_sim_refiner.core.compare import compare
+
+    full = img.numpy()
+    for cutoff in (4.0, 10.0):
+        sp, w2, c2 = timed(lambda: fwd(cutoff), repeats)
+        m = compare(sp.numpy(), full, 20)
+        res[f"forward_spot_cutoff_{cutoff:g}"] = {
+            "wall_s": round(w2, 3), "cpu_s": round(c2, 3), "pearson_vs_full": round(m["pearson"], 6),
+            "sum_ratio_vs_full": round(m["sum_ratio"], 5), "max_peak_offset_px": round(m["max_peak_offset_px"], 4),
+            "max_abs_diff_rel_to_max": m["max_abs_diff"] / float(full.max()),
+            "per_term_bound_rel_to_peak": max(1.0 / (n * n * __import__("math").sin(3.141592653589793 * cutoff / n) ** 2)
+                                             for n in (36, 47, 29)),
+        }
+    return res
+
+
+def bench_backward(repeats: int) -> dict:
+    import torch
+
+    from diff_sim_refiner.core.simulator import prepare, render
+
+    job, tab = _job(seed004_flags())
+    with torch.no_grad():
+        target = render(prepare(job.crystal, job.detector, job.beam, tab), job.detector)
+
+    phi = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    dist = torch.tensor(231.3, dtype=torch.float64, requires_grad=True)
+    crystal = job.crystal.replace(phi_start_deg=phi)
+    detector = job.detector.replace(distance_mm=dist)
+
+    def fwd():
+        with torch.no_grad():
+            return render(prepare(crystal, detector, job.beam, tab), detector)
+
+    def fwd_bwd():
+        phi.grad = dist.grad = None
+        img = render(prepare(crystal, detector, job.beam, tab), detector)
+        loss = ((img - target) ** 2).mean()
+        loss.backward()
+        return float(phi.grad), float(dist.grad)
+
+    _, wf, cf = timed(fwd, repeats)
+    grads, wb, cb = timed(fwd_bwd, repeats)
+    return {"forward_backward_1phi_1domain": {"forward_wall_s": round(wf, 3), "forward_cpu_s": round(cf, 3),
+                                              "fwd_bwd_wall_s": round(wb, 3), "fwd_bwd_cpu_s": round(cb, 3),
+                                              "ratio_wall": round(wb / wf, 2), "ratio_cpu": round(cb / cf, 2),
+                                              "grad_phi": grads[0], "grad_distance": grads[1]}}
+
+
+def bench_cli(phisteps: int, domains: int, tmp: Path) -> dict:
+    exe = Path(sys.executable).parent / "diff-sim-refiner"
+    cmd = [str(exe), "nanobragg", *seed004_flags(phisteps, domains), "-threads", str(THREADS or 2),
+           "-floatfile", str(tmp / "img.bin"),
+           "-intfile", str(tmp / "img.smv"), "-nonoise", "-nopgm", "-noprogress"]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr or r.stdout)
+    m = re.search(r"render ([0-9.]+) s", r.stdout)
+    return {"process_wall_s": round(wall, 2), "render_wall_s": float(m.group(1)) if m else None,
+            "children_cpu_s_cumulative": round(ru.ru_utime + ru.ru_stime, 2)}
+
+
+def bench_memory(fraction: float) -> dict:
+    """Peak RSS of a 10 phi x 10 domain forward render in a fresh process (chunked)."""
+    fp, sp = int(2463 * fraction ** 0.5), int(2527 * fraction ** 0.5)
+    f0, s0 = (2463 - fp) // 2, (2527 - sp) // 2
+    roi = f"{f0} {f0 + fp - 1} {s0} {s0 + sp - 1}"
+    code = (
+        "import sys,time,resource;sys.path.insert(0,%r);from diff_sim_refiner.nbrun import tune_malloc;tune_malloc();"
+        "import torch;torch.set_num_threads(%d);import bench_diff_sim_refiner as b;"
+        "from diff_sim_refiner.core.simulator import prepare,render;"
+        "job,tab=b._job(b.seed004_flags(10,10,%r));t=time.perf_counter();c=time.process_time()\n"
+        "with torch.no_grad(): img=render(prepare(job.crystal,job.detector,job.beam,tab),job.detector)\n"
+        "print(time.perf_counter()-t,time.process_time()-c,resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    ) % (str(Path(__file__).parent), THREADS or 2, roi)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr)
+    wall, cpu, rss_kb = r.stdout.split()[-3:]
+    return {"memory_10phi_10domain": {"peak_rss_gb": round(int(rss_kb) / 1024 ** 2, 3), "roi": roi,
+                                      "pixels": fp * sp, "wall_s": round(float(wall), 1), "cpu_s": round(float(cpu), 1),
+                                      "note": "memory is bounded by the chunk size (2^19 terms), not the pixel count"}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--mem-roi-fraction", type=float, default=0.25,
+                    help="fraction of the detector rendered for the 10x10 memory figure (1 = full detector)")
+    ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (this 2-core machine is shared: 1 is "
+                    "faster under load; the 1 x 1 forward is also timed with torch's default)")
+    args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
+    if not (DATA / "A.mat").is_file():
+        sys.exit(f"seed 004 data not found in {DATA}")
+    import tempfile
+
+    import torch
+
+    res: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                             "loadavg_at_start": os.getloadavg()},
+                 "reference_nanoBragg_C_2_threads": {"forward_1phi_1domain_wall_s": 0.5, "forward_5phi_4domain_wall_s": 9.0}}
+    default_threads = torch.get_num_threads()
+    fwd_default = bench_forward(args.repeats, only_full=True)["forward_1phi_1domain"]
+    torch.set_num_threads(args.threads)
+    res["machine"]["threads"] = args.threads
+    res.update(bench_forward(args.repeats))
+    res["forward_1phi_1domain_default_threads"] = {**fwd_default, "threads": default_threads}
+    res.update(bench_backward(args.repeats))
+    if not args.skip_cli:
+        with tempfile.TemporaryDirectory() as td:
+            res["cli_nanobragg_1phi_1domain"] = bench_cli(1, 1, Path(td))
+            res["cli_nanobragg_5phi_4domain"] = bench_cli(5, 4, Path(td))
+    res.update(bench_memory(args.mem_roi_fraction))
+    res["machine"]["loadavg_at_end"] = os.getloadavg()
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
