@@ -127,7 +127,8 @@ def status(home: Optional[Path] = HomeOpt, runs: int = typer.Option(10, help="Re
     console.print(f"dead letters: {dead}")
     if state.get("prefect"):
         try:
-            console.print(_flow_runs_table(runs))
+            with topo.prefect_settings():
+                console.print(_flow_runs_table(runs))
         except Exception as exc:  # the server may still be starting
             console.print(f"flow runs unavailable: {exc}")
 
@@ -332,7 +333,8 @@ def watch(
             stop.set()
             await tasks[1]
 
-    asyncio.run(_main())
+    with topo.prefect_settings():
+        asyncio.run(_main())
 
 
 async def _drain_events(settings, stop, poll: float = 0.5):
@@ -362,10 +364,12 @@ def serve_flows(home: Optional[Path] = HomeOpt, limit: int = typer.Option(8, hel
     from .diffuse import diffuse_merge_flow, diffuse_still_flow
     from .flows import echo_file_flow
 
-    _topo(home).apply_env()
-    serve(echo_file_flow.to_deployment(name="echo-file"),
-          diffuse_still_flow.to_deployment(name="diffuse-still"),
-          diffuse_merge_flow.to_deployment(name="diffuse-merge"), limit=limit)
+    topo = _topo(home)
+    topo.apply_env()
+    with topo.prefect_settings():
+        serve(echo_file_flow.to_deployment(name="echo-file"),
+              diffuse_still_flow.to_deployment(name="diffuse-still"),
+              diffuse_merge_flow.to_deployment(name="diffuse-merge"), limit=limit)
 
 
 @app.command("compose-env")

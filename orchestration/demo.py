@@ -66,13 +66,16 @@ def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo") -
         volume = Volume(out / "volume")
         cfg = DiffuseRunConfig(space_group=spec.space_group, unit_cell=list(spec.unit_cell), d_min=2.0,
                                subdivisions=3, smoother=True, formula=None, expected_stills=n_stills,
-                               stills_nproc=1)
+                               stills_nproc=1,
+                               # the synthetic Bragg spots are broader than DIALS' stills default allows
+                               stills_phil=["profile.gaussian_rs.parameters.sigma_b_cutoff=1.0"])
         rdir = volume.resolve(f"runs/{run_id}")
         rdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(rdir / "config.json", cfg.model_dump())
         incoming = volume.resolve(f"incoming/{run_id}")
         incoming.mkdir(parents=True, exist_ok=True)
-        asyncio.run(_feed_and_watch(topo, incoming, run_id, n_stills, out / "dataset", console))
+        with topo.prefect_settings():
+            asyncio.run(_feed_and_watch(topo, incoming, run_id, n_stills, out / "dataset", console))
         summary_file = rdir / "output" / "run_summary.json"
         if not summary_file.exists():
             console.print("[red]the run did not produce its merged output[/red]")

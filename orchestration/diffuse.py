@@ -45,6 +45,7 @@ class DiffuseRunConfig(BaseModel):
     smoother: bool = True
     extractor: dict[str, Any] = Field(default_factory=dict)
     stills_nproc: int = Field(1, ge=0, description="DIALS processes per stills-processor replica (0 = all CPUs)")
+    stills_phil: list[str] = Field(default_factory=list, description="DIALS parameters for the stills-processor")
     stage_timeout_s: float = 900.0
     expected_stills: int | None = None
 
@@ -105,6 +106,7 @@ async def diffuse_still_flow(image: str, run_id: str) -> dict:
     try:
         params = {k: v for k, v in {"space_group": cfg.space_group, "unit_cell": cfg.unit_cell}.items() if v}
         params["nproc"] = cfg.stills_nproc
+        params["phil"] = list(cfg.stills_phil)
         res = await run_stage("stills-processor", {"image0": image}, params, run_id,
                               job_id_for(run_id, "index", stem), timeout=cfg.stage_timeout_s)
         record["stage_seconds"]["stills-processor"] = round(time.monotonic() - t0, 2)

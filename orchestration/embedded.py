@@ -63,6 +63,18 @@ class Topology:
         return Settings(nats_url=state["nats"]["url"], nats_user=user,
                         nats_password_file=Path(state["credentials_dir"]) / user, volume=Path(state["volume"]))
 
+    def prefect_settings(self):
+        """A context in which Prefect clients talk to this topology's server (settings are read at import,
+        so changing the environment afterwards is not enough)."""
+        import contextlib
+
+        state = self.load()
+        if not state or not state.get("prefect"):
+            return contextlib.nullcontext()
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: state["prefect"]["api_url"]})
+
     def apply_env(self) -> None:
         """Point this process (Prefect client, bus clients) at the running topology."""
         state = self.load()

@@ -45,7 +45,7 @@ class MergeOptions:
     d_min: float | None = None         # resolution limit of the grid (Å); default: from the data
     backend: str = "memory"            # "memory" or "hdf5" (bounded memory)
     cache_mb: int = 256
-    chunk: int = 1 << 22               # observations read per chunk
+    chunk: int = 1 << 20               # observations read per chunk (bounds the memory of reading)
     write_table: bool = True
     reference_setting: bool = True     # reindex stills to their space group's reference setting
 

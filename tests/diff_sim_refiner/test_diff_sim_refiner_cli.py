@@ -158,3 +158,16 @@ def test_worker_handler_renders_job_to_artifact(tmp_path):
         STAGE.handler(ctx, Params(nanobragg=["-cell", "50", "-default_F", "1", "-frobnicate"]))
     with pytest.raises(BadInput, match="max_pixels"):
         STAGE.handler(ctx, Params(nanobragg=SMALL, max_pixels=100))
+
+
+def test_run_command_accepts_nanobragg_flags_in_the_config(tmp_path):
+    cfg = tmp_path / "nb.json"
+    cfg.write_text(json.dumps({"nanobragg": SMALL}))
+    out = tmp_path / "nb.h5"
+    res = runner.invoke(app, ["run", str(cfg), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    from diff_sim_refiner.artifacts import read_simulation
+
+    img, _ = read_simulation(out)
+    j = build_job(parse_args(SMALL))
+    np.testing.assert_allclose(img, simulate(j.crystal, j.detector, j.beam).numpy(), rtol=1e-6)

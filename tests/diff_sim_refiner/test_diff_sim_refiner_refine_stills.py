@@ -45,29 +45,32 @@ def test_dials_geometry_conversion_matches_dxtbx(thaumatin):
     pred = predict_positions(crystal, detector, beam, hkl)
     dials = dials_parallax_free_px(refl, panel)
     d = np.sqrt(((pred - dials) ** 2).sum(1))
-    assert np.sqrt(np.mean(d ** 2)) < 0.3 and np.median(d) < 0.15   # radial projection vs DIALS' delta-psi model
+    assert np.sqrt(np.mean(d ** 2)) < 1e-3   # same stills predictor (delta psi) and geometry as DIALS
 
 
 def test_refine_still_against_measured_pixels(thaumatin):
-    from diff_sim_refiner.refine import RefineSettings
     from diff_sim_refiner.refine.stills import refine_still, rmsd, select_spots
 
     expt, refl, image = thaumatin
     torch.set_num_threads(1)
-    spots = select_spots(refl, image, n_spots=100, half=5)
+    px = expt.detector[0].get_pixel_size()[0]
+    spots = select_spots(refl, image, n_spots=100, half=5, pixel_size_mm=px)
     assert spots.n >= 80
     assert int(spots.mask.sum()) == spots.n * 121 and not (image[spots.mask] < 0).any()
-    res = refine_still(expt, image, spots, ("misset", "N", "mosaic"),
-                       settings=RefineSettings(optimizer="adam+lbfgs", iterations=10, lr=0.1, lbfgs_steps=8))
+    res = refine_still(expt, image, spots, ("misset", "N", "mosaic"))
     r = res.result
-    assert r.finite and r.loss_final < 0.95 * r.loss_initial
+    print(res.summary())
+    assert r.finite and r.loss_final < 0.9 * r.loss_initial
     assert all(2.0 <= r.final[k] <= 2000.0 for k in ("N_a", "N_b", "N_c"))
     assert 0.001 <= r.final["mosaic_spread"] <= 2.0
-    # DIALS' own model: its predictions against its observed centroids (a few tenths of a pixel to ~1 px)
-    assert res.rmsd_dials == pytest.approx(rmsd(spots.cal_px, spots.obs_px))
+    # DIALS' own model: its predictions against its observed centroids
+    assert res.rmsd_dials == pytest.approx(rmsd(spots.cal_mm_px, spots.obs_mm_px))
     assert 0.2 < res.rmsd_dials < 1.5
-    # simulator spot centroids at DIALS' model: as good as DIALS' own predictions (they model partiality)
-    assert res.rmsd_initial <= res.rmsd_dials + 0.05
-    # after refinement the predicted spots stay on the observed ones (a wrong frame or sign would give >> 1 px);
-    # the issue's target (refined <= DIALS) is NOT met yet: see the report (about 0.9 px vs 0.86 px)
-    assert math.isfinite(res.rmsd_refined) and res.rmsd_refined < 1.5
+    # the simulator's geometry at DIALS' model predicts exactly DIALS' positions (independent check of the
+    # conversion and of the stills predictor)
+    assert res.rmsd_initial == pytest.approx(res.rmsd_dials, abs=1e-3)
+    np.testing.assert_allclose(res.pred_initial_px, spots.cal_mm_px, atol=1e-3)
+    # the refined model, fitted to pixels only, predicts the observed centroids no worse than DIALS' model
+    assert res.rmsd_refined <= res.rmsd_dials + 1e-3, (res.rmsd_refined, res.rmsd_dials)
+    # and it moved: orientation changed by a sensible (small) amount
+    assert 0.0 < max(abs(r.final[k]) for k in ("misset_x", "misset_y", "misset_z")) < 0.5

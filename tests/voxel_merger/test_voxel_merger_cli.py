@@ -158,6 +158,10 @@ def test_worker_accumulate_and_merge_modes(stills, tmp_path):
     ctx = ctx_for("merge", partial_refs, {"mode": "merge", "backend": "hdf5"})
     STAGE.handler(ctx, Params(**ctx.job.params))
     assert ctx.outputs["map"].exists() and ctx.metrics["n_stills"] == 3
+    ctx = ctx_for("run", {f"still_{i}": root / "in" / p.name for i, p in enumerate(paths[:3])},
+                  {"mode": "run", "reject_sigma": 6.0, "symmetry": "auto"})
+    STAGE.handler(ctx, Params(**ctx.job.params))
+    assert {"map", "observations", "stats", "slice_l0"} <= set(ctx.outputs) and ctx.metrics["n_stills"] == 3
     ctx = ctx_for("bad", {"still": root / "in" / paths[0].name}, {"mode": "accumulate"})
     with pytest.raises(BadInput, match="grid"):
         STAGE.handler(ctx, Params(**ctx.job.params))

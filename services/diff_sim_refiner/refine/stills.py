@@ -7,9 +7,10 @@ form (weighted linear least squares) at every evaluation; the loss that remains 
 crystal orientation (misset about the lab axes), the number of cells Na, Nb, Nc, the mosaic spread
 and, optionally, the detector distance and beam centre, and is minimised by gradient descent.
 
-Predicted spot positions of the refined model are the centroids of its rendered spot profiles;
-they are compared with DIALS' observed centroids (``xyzobs.px.value``), as is DIALS' own
-prediction (``xyzcal.px``).
+Predicted spot positions of a model come from its crystal and detector as in DIALS' stills predictor
+(:func:`predict_positions`); the refined model's and DIALS' own predictions are both compared with DIALS'
+observed centroids, in DIALS' parallax-free millimetre frame (expressed in pixels).  The simulator has no
+sensor parallax, so the measured boxes are resampled by dxtbx's parallax displacement before fitting.
 """
 from __future__ import annotations
 
@@ -106,6 +107,8 @@ class SpotBoxes:
     boxes: np.ndarray      # (n, 4) inclusive fmin, fmax, smin, smax
     mask: np.ndarray       # (slow, fast) bool: pixels used
     box_id: np.ndarray     # (slow, fast) int: box index, -1 outside
+    obs_mm_px: Optional[np.ndarray] = None   # (n, 2) DIALS xyzobs.mm / pixel size (parallax-free frame)
+    cal_mm_px: Optional[np.ndarray] = None   # (n, 2) DIALS xyzcal.mm / pixel size
 
     @property
     def n(self) -> int:
@@ -119,11 +122,11 @@ class SpotBoxes:
 
 
 def select_spots(refl, image: np.ndarray, n_spots: int = 100, half: int = 5, trusted_max: Optional[float] = None,
-                 seed: int = 0) -> SpotBoxes:
+                 pixel_size_mm: Optional[float] = None) -> SpotBoxes:
     """Pick up to ``n_spots`` indexed spots whose (2 half + 1)^2 boxes lie on valid pixels and do not overlap.
 
     Spots are taken by decreasing summed intensity; pixels < 0 (module gaps, bad pixels) or above
-    ``trusted_max`` disqualify a box.
+    ``trusted_max`` disqualify a box.  With ``pixel_size_mm``, DIALS' mm positions (parallax-free) are kept too.
     """
     obs = np.array(refl["xyzobs.px.value"]).reshape(-1, 3)[:, :2]
     cal = np.array(refl["xyzcal.px"]).reshape(-1, 3)[:, :2]
@@ -153,7 +156,11 @@ def select_spots(refl, image: np.ndarray, n_spots: int = 100, half: int = 5, tru
     if not keep:
         raise ValueError("no indexed spot has a complete box of valid pixels")
     keep = np.array(keep)
-    return SpotBoxes(obs[keep], cal[keep], hkl[keep], np.array(boxes), taken, box_id)
+    obs_mm = cal_mm = None
+    if pixel_size_mm and "xyzobs.mm.value" in refl and "xyzcal.mm" in refl:
+        obs_mm = np.array(refl["xyzobs.mm.value"]).reshape(-1, 3)[keep, :2] / pixel_size_mm
+        cal_mm = np.array(refl["xyzcal.mm"]).reshape(-1, 3)[keep, :2] / pixel_size_mm
+    return SpotBoxes(obs[keep], cal[keep], hkl[keep], np.array(boxes), taken, box_id, obs_mm, cal_mm)
 
 
 class ProfiledSpotLoss:
@@ -331,9 +338,9 @@ class StillRefinement:
     spots: SpotBoxes
     pred_initial_px: np.ndarray      # simulated spot centroids at DIALS' model (start)
     pred_refined_px: np.ndarray      # after refinement
-    rmsd_dials: float                # DIALS xyzcal vs xyzobs, px
-    rmsd_initial: float
-    rmsd_refined: float
+    rmsd_dials: float                # DIALS xyzcal.mm vs xyzobs.mm, in pixels (parallax-free frame)
+    rmsd_initial: float              # simulator predictions at DIALS' model vs xyzobs.mm, pixels
+    rmsd_refined: float              # after refinement
     n_pixels: int
     wall_seconds: float
     extra: dict = field(default_factory=dict)
@@ -351,35 +358,46 @@ def refine_still(experiment, image: np.ndarray, spots: SpotBoxes,
                  params: Sequence[str] = ("misset", "N", "mosaic"), *, N_init=(20, 20, 8),
                  mosaic_init: float = 0.05, mosaic_domains: int = 10, settings=None, callback=None,
                  dtype=torch.float64, shape: str = "SQUARE", weighting: str = "poisson",
-                 psf_sigma_px: float = 0.0) -> StillRefinement:
-    """Refine a DIALS still model against the pixels of ``spots`` (see the module docstring)."""
+                 psf_sigma_px: float = 0.0, parallax: bool = True) -> StillRefinement:
+    """Refine a DIALS still model against the pixels of ``spots`` (see the module docstring).
+
+    Positions are compared in DIALS' parallax-free frame (mm / pixel size): DIALS' ``xyzcal.mm`` and
+    the simulator model's predictions against DIALS' ``xyzobs.mm.value``.  With ``parallax`` the measured
+    boxes are first resampled by dxtbx's parallax displacement so that the (parallax-free) simulator is
+    fitted to counts in that same frame.
+    """
     from .dials_geometry import configs_from_experiment
     from .refiner import Refiner, RefineSettings
 
     t0 = time.perf_counter()
+    panel = experiment.detector[0]
+    if spots.obs_mm_px is None:
+        raise ValueError("select the spots with pixel_size_mm so DIALS' mm positions are available")
     crystal, detector, beam = configs_from_experiment(experiment, N_cells=N_init, mosaic_spread_deg=mosaic_init,
                                                       mosaic_domains=mosaic_domains)
     crystal = crystal.replace(shape=shape)
-    target = torch.as_tensor(image, dtype=dtype)
+    data = parallax_corrected_boxes(image, spots, panel) if parallax else image
+    target = torch.as_tensor(data, dtype=dtype)
     ids = torch.as_tensor(spots.box_id[spots.mask])
     loss = ProfiledSpotLoss(ids, spots.n, target[torch.as_tensor(spots.mask)], weighting=weighting,
                             psf_sigma_px=psf_sigma_px, box_index=torch.as_tensor(spots.box_index()))
     bounds = {"N": [(2.0, 2000.0)] * 3, "mosaic": [(0.001, 2.0)]}
     steps = {"N": [1.0, 1.0, 1.0], "misset": [0.01, 0.01, 0.01], "mosaic": [0.01]}
-    ref = Refiner(crystal, detector, beam, image, list(params), mask=spots.mask, loss=loss, dtype=dtype,
+    ref = Refiner(crystal, detector, beam, data, list(params), mask=spots.mask, loss=loss, dtype=dtype,
                   bounds={k: v for k, v in bounds.items() if k in params},
                   steps={k: v for k, v in steps.items() if k in params})
-    pred0 = model_centroids(crystal, detector, beam, predict_positions(crystal, detector, beam, spots.hkl))
-    settings = settings or RefineSettings(optimizer="adam+lbfgs", iterations=10, lr=0.1, lbfgs_steps=15)
+    pred0 = predict_positions(crystal, detector, beam, spots.hkl)
+    settings = settings or RefineSettings(optimizer="lbfgs", lbfgs_steps=15)
     result = ref.run(settings, callback=callback)
-    ray1 = predict_positions(result.crystal, result.detector, result.beam, spots.hkl)
-    pred1 = model_centroids(result.crystal, result.detector, result.beam, ray1)
-    extra = {"rmsd_refined_ray_px": rmsd(ray1, spots.obs_px)}
+    pred1 = predict_positions(result.crystal, result.detector, result.beam, spots.hkl)
+    cen1 = model_centroids(result.crystal, result.detector, result.beam, pred1)
+    extra = {"rmsd_dials_raw_px": rmsd(spots.cal_px, spots.obs_px),
+             "rmsd_refined_profile_centroids_px": rmsd(cen1, spots.obs_mm_px)}
     wall = time.perf_counter() - t0
     return StillRefinement(result=result, spots=spots, pred_initial_px=pred0, pred_refined_px=pred1,
-                           rmsd_dials=rmsd(spots.cal_px, spots.obs_px), rmsd_initial=rmsd(pred0, spots.obs_px),
-                           rmsd_refined=rmsd(pred1, spots.obs_px), n_pixels=int(spots.mask.sum()), wall_seconds=wall,
-                           extra=extra)
+                           rmsd_dials=rmsd(spots.cal_mm_px, spots.obs_mm_px),
+                           rmsd_initial=rmsd(pred0, spots.obs_mm_px), rmsd_refined=rmsd(pred1, spots.obs_mm_px),
+                           n_pixels=int(spots.mask.sum()), wall_seconds=wall, extra=extra)
 
 
 __all__ = ["parallax_shifts_px", "parallax_corrected_boxes", "model_centroids", "predict_positions", "dials_parallax_free_px", "decompress", "index_still", "raw_image", "select_spots", "SpotBoxes", "ProfiledSpotLoss",

@@ -6,10 +6,9 @@ Job inputs: ``target`` (image: .npy / .h5 / .tif / .img / raw .bin, photons, slo
 the groups to refine and optimiser settings).  Output ``model``: ``refined_model.h5`` (schema
 ``diffractflow.diff_sim_refiner.refinement`` v1), plus ``history`` (JSON) and ``plot`` (PNG).
 
-Hook-up: the service's job dispatch sends ``params["kind"] == "refine"`` jobs here, e.g. in
-``diff_sim_refiner.worker.handle``: ``if ctx.job.params.get("kind") == "refine": return
-handle_refine(ctx, RefineParams.model_validate(ctx.job.params))``, or serve a separate stage
-``REFINE_STAGE`` defined below.
+Hook-up: at the top of ``diff_sim_refiner.worker.handle`` (whose ``Params`` ignores unknown keys):
+``if ctx.job.params.get("kind") == "refine": from .refine.worker import handle_refine_job; return
+handle_refine_job(ctx)``; or serve the separate stage ``REFINE_STAGE`` defined below.
 """
 from __future__ import annotations
 
@@ -120,7 +119,18 @@ def handle_refine(ctx: JobContext, params: RefineParams) -> None:
                        wall_seconds=round(result.wall_seconds, 3), refined=result.final)
 
 
+def handle_refine_job(ctx: JobContext) -> None:
+    """Validate ``ctx.job.params`` as :class:`RefineParams` (bad params -> BadInput) and run the refinement."""
+    from pydantic import ValidationError
+
+    try:
+        params = RefineParams.model_validate(ctx.job.params)
+    except ValidationError as exc:
+        raise BadInput(f"bad refinement parameters: {exc}") from exc
+    handle_refine(ctx, params)
+
+
 REFINE_STAGE = Stage(service="diff-sim-refiner-refine", params_model=RefineParams, handler=handle_refine,
                      version=__version__)
 
-__all__ = ["RefineParams", "handle_refine", "REFINE_STAGE"]
+__all__ = ["RefineParams", "handle_refine", "handle_refine_job", "REFINE_STAGE"]

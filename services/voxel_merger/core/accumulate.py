@@ -222,7 +222,11 @@ class _SumStore:
 
 
 class VoxelAccumulator(_SumStore):
-    """In-memory accumulator: dense arrays (4, n_halves, n_voxels) float64 (counts exact below 2**53)."""
+    """In-memory accumulator: dense float64 sums (counts exact below 2**53).
+
+    Stored as (n_halves, n_voxels, 4) so one observation touches one cache line; ``sums``
+    is the (4, n_halves, n_voxels) view that the rest of the package reads.
+    """
 
     def __init__(self, grid: GlobalGrid, n_halves: int = 1, use_torch: bool = True, kernel: str = "auto"):
         """``kernel``: "numba" (fused one-pass loop), "vector" (torch index_add_ / np.bincount) or "auto"."""
@@ -310,6 +314,10 @@ class VoxelAccumulator(_SumStore):
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         return self.sums[:, :, start:stop]
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Total sums (4, n) at the given voxel ids."""
+        return self._data[:, np.asarray(ids, dtype=np.int64), :].sum(axis=0).T
 
     def iter_blocks(self, block: int = 1 << 20) -> Iterator[tuple[int, np.ndarray]]:
         """(start, sums (4, n_halves, len)) for blocks holding any observation."""
