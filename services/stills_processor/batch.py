@@ -122,8 +122,10 @@ _POOL_LOCK = threading.Lock()
 
 
 def get_pool(nproc: int, persistent: bool = True) -> ProcessPoolExecutor:
-    """A pool of ``nproc`` DIALS-loaded processes (forkserver: no threads inherited)."""
+    """A pool of ``nproc`` DIALS-loaded processes (forkserver: no threads inherited; the server
+    imports DIALS once and forks the workers from it)."""
     ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["stills_processor._preload"])
     if not persistent:
         return ProcessPoolExecutor(max_workers=nproc, mp_context=ctx, initializer=_worker_init)
     with _POOL_LOCK:

@@ -86,7 +86,8 @@ def run(
     settings = ProcessingSettings(symmetry=Symmetry(sg, uc), phil=tuple(phil), min_spots=min_spots,
                                   q_tolerance=q_tolerance, px_tolerance=px_tolerance)
     try:
-        validate_phil(settings)
+        if phil:
+            validate_phil(settings)
     except PhilError as exc:
         _fail(str(exc))
     missing = [str(p) for p in images if not p.exists()]

@@ -147,8 +147,7 @@ def _rmsds(refl, stills: bool) -> tuple[float, float, float]:
 
 
 def _indexed_only(refl):
-    from dials.array_family import flex
-
+    """Rows with a Miller index assigned to a crystal (drops unindexed spots)."""
     sel = refl.get_flags(refl.flags.indexed) & (refl["miller_index"] != (0, 0, 0))
     sel &= refl["id"] >= 0
     return refl.select(sel) if sel.count(True) < len(refl) else refl
