@@ -173,6 +173,10 @@ def evaluate_against_truth(volume, rdir: Path, truth: dict) -> dict:
     planted, recovered = [], []
     scales = json.loads((out / "scales.json").read_text())
     scales = scales.get("scales", scales)
+    # scales.json is keyed by the observation table's still index; statistics.json names each index
+    # (the voxel-merger's still id: "<image path>#<image index>")
+    index_names = json.loads((out / "statistics.json").read_text()).get("still_names", {})
+    names = {Path(v.split("#")[0]).name: k for k, v in index_names.items()}
     for rec_file in sorted((rdir / "stills").glob("*.json")):
         rec = json.loads(rec_file.read_text())
         if rec["status"] != "ok":
@@ -183,8 +187,6 @@ def evaluate_against_truth(volume, rdir: Path, truth: dict) -> dict:
             px = f["entry/pixels"]
             h, k, l = (px[c][()].astype(np.float64) for c in ("h", "k", "l"))
             q = np.stack([px[c][()].astype(np.float64) for c in ("qx", "qy", "qz")])
-            still_id = f.attrs.get("still_id", Path(path).stem)
-            still_id = still_id.decode() if isinstance(still_id, bytes) else str(still_id)
         true_hkl = np.linalg.solve(np.asarray(st["A"]), q)
         value = diffuse_truth(true_hkl[0], true_hkl[1], true_hkl[2], np.linalg.norm(q, axis=0), model)
         idx = [np.rint(c * ndiv).astype(np.int64) - lo[i] for i, c in enumerate((h, k, l))]
@@ -192,8 +194,8 @@ def evaluate_against_truth(volume, rdir: Path, truth: dict) -> dict:
         flat = np.ravel_multi_index([ix[ok] for ix in idx], shape)
         sums += np.bincount(flat, weights=value[ok], minlength=merged.size)
         n += np.bincount(flat, minlength=merged.size)
-        key = _scale_key(scales, still_id, rec)
-        if key is not None:
+        key = names.get(Path(rec["image"]).name)
+        if key is not None and key in scales:
             planted.append(st["scale"])
             recovered.append(float(scales[key]))
     have = (counts.ravel() > 0) & (n > 0) & np.isfinite(merged.ravel())
@@ -205,13 +207,6 @@ def evaluate_against_truth(volume, rdir: Path, truth: dict) -> dict:
     return {"map_cc_vs_truth": round(cc, 4), "scale_error_max": round(float(err.max()), 4) if err.size else None,
             "scale_error_rms": round(float(np.sqrt(np.mean(err ** 2))), 4) if err.size else None,
             "n_voxels": int(have.sum()), "n_scales_compared": int(err.size)}
-
-
-def _scale_key(scales: dict, still_id: str, rec: dict):
-    for key in (still_id, Path(rec["image"]).stem, Path(rec["image"]).name):
-        if key in scales:
-            return key
-    return None
 
 
 # ------------------------------------------------------------------------------- stem / refine

@@ -168,7 +168,8 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     summary["stage_seconds"]["scale_relative"] = round(time.monotonic() - t, 2)
     summary["scaling"] = scaled["metrics"]
     t = time.monotonic()
-    final = await run_stage("voxel-merger", {**partials, "scales": ArtifactRef(**scaled["outputs"]["scales"])},
+    final = await run_stage("voxel-merger", {**partials, "scales": ArtifactRef(**scaled["outputs"]["scales"]),
+                                             "observations": ArtifactRef(**first["outputs"]["observations"])},
                             merge_params, run_id, job_id_for(run_id, "merge", "scaled"), timeout=cfg.stage_timeout_s)
     summary["stage_seconds"]["merge_scaled"] = round(time.monotonic() - t, 2)
     summary["merging"] = final["metrics"]

@@ -7,7 +7,7 @@ tried, so the reader is the one place to adjust when the upstream schema moves.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -377,9 +377,9 @@ class ObservationTableWriter:
             self._f.close()
         if ok:
             self._ctx.__exit__(None, None, None)
-        else:
-            import sys
-            self._ctx.__exit__(*sys.exc_info())
+        else:  # discard the temporary file: nothing half-written is ever renamed into place
+            exc = RuntimeError(f"observation table {self.path} abandoned")
+            self._ctx.__exit__(RuntimeError, exc, None)
 
 
 def read_observation_table(path: str | Path) -> dict[str, np.ndarray]:

@@ -152,9 +152,13 @@ def merge(
     from .artifacts import InputError
     from .pipeline import merge_partials
 
-    opt = _options(3, symmetry, None, None, backend, cache_mb, half_seed, shells, table=False)
+    opt = _options(3, symmetry, None, None, backend, cache_mb, half_seed, shells, table=True)
     try:
-        outputs, stats = merge_partials(partials, out, opt, scales_path=scales, table_path=table)
+        with _progress() as prog:
+            task = prog.add_task("merging partials", total=len(partials))
+            outputs, stats = merge_partials(partials, out, opt, scales_path=scales, table_path=table,
+                                            heartbeat=lambda: prog.update(  # also ticks while writing the map
+                                                task, completed=min(len(partials), prog.tasks[0].completed + 1)))
     except (InputError, ValueError) as exc:
         _fail(exc)
     _summary(outputs, stats)

@@ -11,9 +11,9 @@ import logging
 import shutil
 import tempfile
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -365,6 +365,8 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     if scales is not None and table_path is not None:
         scales = resolve_scales(scales, read_still_names(table_path))
     tmpdir = Path(tempfile.mkdtemp(prefix=".vm-work-", dir=out_dir)) if opt.backend == "hdf5" else None
+    table = None
+    mapper = None
     try:
         grid = None
         merged = None
@@ -378,6 +380,11 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                 if grid is None:
                     grid = part.grid
                     merged = _new_acc(grid, 2, opt, tmpdir, "merged")
+                    symmetry = _symmetry_symbol(opt, grid)
+                    mapper = AsuMapper(grid, symmetry) if symmetry else None
+                    if opt.write_table:
+                        table = ObservationTableWriter(out_dir / "observations.h5", grid, parameters=opt.params(),
+                                                       inputs=input_hashes, job_id=job_id)
                 elif part.grid != grid:
                     raise InputError(f"{p}: grid differs from the first partial's grid")
                 dup = seen.intersection(part.still_ids)
@@ -392,15 +399,47 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                 b = scale_for(scales, sid) if (scales is not None and single) else None
                 half = half_of_still(sid, opt.half_seed) if single else None
                 merged.merge(part, scale=b, half=half)
+                if table is not None:
+                    if single:
+                        _append_partial_observations(table, part, sid, grid, mapper)
+                    else:  # per-still rows need per-still partials: no table for this merge
+                        log.info("no observation table: %s holds %d stills", p, len(part.still_ids))
+                        table.close(ok=False)
+                        table = None
             if heartbeat:
                 heartbeat()
+        table_done = None
+        if table is not None:
+            table.close(ok=True)
+            table, table_done = None, out_dir / "observations.h5"
         symmetry = _symmetry_symbol(opt, grid)
         extra = {"n_partials": len(partials), "scales_applied": scales is not None}
         outputs = finalize(merged, grid, out_dir, opt, symmetry=symmetry, extra_stats=extra, inputs=input_hashes,
                            job_id=job_id, workdir=tmpdir, progress=heartbeat)
         _close(merged)
+        if table_done is not None:
+            outputs["observations"] = table_done
         stats = json.loads(Path(outputs["stats"]).read_text())
         return outputs, stats
+    except BaseException:
+        if table is not None:
+            table.close(ok=False)
+        raise
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _append_partial_observations(table: ObservationTableWriter, part, still_id: str, grid: GlobalGrid,
+                                 mapper) -> None:
+    """One scaler observation per (still, voxel) of a single-still partial: the still's weighted mean
+    intensity in that voxel, its error, and |s| at the voxel centre (ASU voxel when merging symmetry)."""
+    idx = table.still_index(still_id)
+    for start, sums in part.iter_blocks():
+        count, sw, swi = sums[0, 0], sums[1, 0], sums[2, 0]
+        sel = (count > 0) & (sw > 0)
+        if not sel.any():
+            continue
+        ids = start + np.flatnonzero(sel)
+        vox = mapper.map_observations(ids) if mapper is not None else ids
+        table.append(idx, vox, grid.s_of_voxels(ids), swi[sel] / sw[sel], 1.0 / np.sqrt(sw[sel]))

@@ -28,8 +28,6 @@ class Params(BaseModel):
 
 
 def handle(ctx: JobContext, params: Params) -> None:
-    from diffractflow.artifacts import sha256_file
-
     from .artifacts import InputError, read_grid
     from .core.grid import GlobalGrid
     from .pipeline import MergeOptions, accumulate_one, merge_partials, run

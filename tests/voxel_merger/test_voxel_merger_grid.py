@@ -46,8 +46,6 @@ def test_resolution_bounds_hold_the_whole_sphere_for_a_triclinic_cell():
 
 
 def test_average_cell_is_the_symmetrised_mean_metric():
-    from cctbx import uctbx
-
     rng = np.random.default_rng(3)
     cells = []
     for _ in range(50):
@@ -69,7 +67,6 @@ def test_average_cell_is_the_symmetrised_mean_metric():
 
 
 def test_reindexing_to_the_reference_setting_matches_cctbx_on_miller_indices():
-    from cctbx import miller
     from cctbx.array_family import flex
 
     m = CrystalModel((40.0, 50.0, 60.0, 90.0, 90.0, 103.0), "P 1 1 21")  # c-unique monoclinic

@@ -12,8 +12,8 @@ Conventions: ``s = A h`` with A the DIALS reciprocal orientation matrix (1/Å), 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
-from typing import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 

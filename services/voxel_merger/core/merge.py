@@ -5,12 +5,11 @@ so they work the same for the in-memory and the HDF5-backed accumulator.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from .accumulate import N_FIELDS, VoxelAccumulator, observation_weights
+from .accumulate import N_FIELDS, observation_weights
 from .grid import GlobalGrid
 
 __all__ = [

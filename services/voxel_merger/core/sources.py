@@ -6,7 +6,7 @@ read by :func:`voxel_merger.artifacts.open_still`; in-memory arrays use :class:`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import numpy as np
