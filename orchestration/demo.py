@@ -65,6 +65,7 @@ def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo") -
 
         volume = Volume(out / "volume")
         cfg = DiffuseRunConfig(space_group=spec.space_group, unit_cell=list(spec.unit_cell), d_min=2.0,
+                               symmetry=spec.space_group,
                                subdivisions=3, smoother=True, formula=None, expected_stills=n_stills,
                                stills_nproc=1,
                                # the synthetic Bragg spots are broader than DIALS' stills default allows

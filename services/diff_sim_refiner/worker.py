@@ -17,6 +17,9 @@ from . import __version__
 
 
 class Params(BaseModel):
+    kind: Literal["simulate", "refine"] = Field(
+        "simulate", description="simulate: render to HDF5; refine: refine a model against a target image "
+                                "(parameters as diff_sim_refiner.refine.worker.RefineParams)")
     crystal: dict[str, Any] = Field(default_factory=dict, description="CrystalConfig fields (Angstrom, degrees)")
     detector: dict[str, Any] = Field(default_factory=dict, description="DetectorConfig fields (mm)")
     beam: dict[str, Any] = Field(default_factory=dict, description="BeamConfig fields (Angstrom, photons/m^2)")
@@ -28,6 +31,10 @@ class Params(BaseModel):
 
 
 def handle(ctx: JobContext, params: Params) -> None:
+    if params.kind == "refine":
+        from .refine.worker import handle_refine_job
+
+        return handle_refine_job(ctx)
     import torch
 
     from .artifacts import job_from_mapping, write_simulation

@@ -253,3 +253,29 @@ def test_worker_refine_handler(tmp_path, small_target):
                       out_dir=vol.job_dir("diff-sim-refiner", "r2"), settings=Settings(volume=tmp_path))
     with pytest.raises(BadInput, match="target.npy"):
         handle_refine(ctx2, bad)
+
+
+def test_service_stage_dispatches_refinement_jobs(tmp_path, small_target):
+    """`diff-sim-refiner serve` takes refinement jobs: kind=refine goes to the refiner through the one STAGE."""
+    from diffractflow.artifacts import Volume
+    from diffractflow.config import Settings
+    from diffractflow.messages import JobRequest
+    from diffractflow.runtime import run_inline
+
+    from diff_sim_refiner.worker import STAGE
+
+    vol = Volume(tmp_path)
+    np.save(tmp_path / "target.npy", small_target.numpy())
+    params = dict(kind="refine",
+                  crystal=dict(cell_a=40.0, cell_b=50.0, cell_c=60.0, cell_alpha=90.0, cell_beta=100.0,
+                               cell_gamma=90.0, N_cells=[6, 7, 8], default_F=50.0, misset_deg=[10.0, 20.0, 30.0],
+                               mosaic_spread_deg=0.5, mosaic_domains=4, mosaic_seed=7),
+                  detector=dict(fpixels=48, spixels=48, pixel_size_mm=0.2, distance_mm=80.0, beam_center_f=4.9,
+                                beam_center_s=5.1),
+                  beam=dict(wavelength_A=1.2, fluence=1e26), params=["scale"], optimizer="lbfgs", lbfgs_steps=5)
+    job = JobRequest(job_id="stage-refine", service="diff-sim-refiner",
+                     inputs={"target": vol.ref(tmp_path / "target.npy")}, params=params)
+    ctx = run_inline(STAGE, job, Settings(volume=tmp_path))
+    assert set(ctx.outputs) == {"model", "history", "plot"}
+    assert read_refinement(ctx.outputs["model"])["final"]["scale"] == pytest.approx(3.0, rel=1e-6)
+    assert (ctx.out_dir / "manifest.json").is_file()
