@@ -82,7 +82,7 @@ def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo") -
             console.print("[red]the run did not produce its merged output[/red]")
             return 1
         run_summary = json.loads(summary_file.read_text())
-        metrics = evaluate_against_truth(volume, rdir, truth)
+        metrics = evaluate_against_truth(volume, rdir, truth, symmetry=cfg.symmetry)
         summary = {
             "stills_total": run_summary["stills_total"],
             "stills_processed": run_summary["stills_processed"],
@@ -146,12 +146,13 @@ def _stage_seconds(rdir: Path, run_summary: dict) -> dict:
     return out
 
 
-def evaluate_against_truth(volume, rdir: Path, truth: dict) -> dict:
+def evaluate_against_truth(volume, rdir: Path, truth: dict, symmetry: str | None = None) -> dict:
     """Merged map vs the planted diffuse signal, and recovered vs planted per-still scales.
 
-    The reference value of a voxel is the mean of the planted signal over the pixels that landed in it,
-    each evaluated at that pixel's *true* Miller indices (from the generator's own orientation), so the
-    comparison also checks indexing, geometry, corrections and voxelisation.
+    The reference value of a voxel is the inverse-variance weighted mean of the planted signal over the
+    pixels that landed in it (in its symmetry group of voxels when the map was merged with symmetry),
+    each evaluated at that pixel's *true* Miller indices from the generator's own orientation. So the
+    comparison checks indexing, geometry, corrections, scaling and voxelisation together.
     """
     import h5py
     import hdf5plugin  # noqa: F401  (the extractor's tables are Blosc-compressed)
@@ -165,42 +166,45 @@ def evaluate_against_truth(volume, rdir: Path, truth: dict) -> dict:
         counts = g["counts"][()]
         axes = [g[a][()] for a in ("h", "k", "l")]
     ndiv = int(round(1.0 / (axes[0][1] - axes[0][0])))
-    lo = [int(round(a[0] * ndiv)) for a in axes]
+    lo = np.array([int(round(a[0] * ndiv)) for a in axes])
     shape = merged.shape
+    ops = _laue_rotations(symmetry)
     model = DiffuseModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in truth["spec"]["diffuse"].items()})
     stills = {s["file"]: s for s in truth["stills"]}
-    sums = np.zeros(merged.size)
-    n = np.zeros(merged.size)
-    planted, recovered = [], []
     scales = json.loads((out / "scales.json").read_text())
     scales = scales.get("scales", scales)
     # scales.json is keyed by the observation table's still index; statistics.json names each index
     # (the voxel-merger's still id: "<image path>#<image index>")
     index_names = json.loads((out / "statistics.json").read_text()).get("still_names", {})
     names = {Path(v.split("#")[0]).name: k for k, v in index_names.items()}
+    sum_wv = np.zeros(merged.size)
+    sum_w = np.zeros(merged.size)
+    planted, recovered = [], []
     for rec_file in sorted((rdir / "stills").glob("*.json")):
         rec = json.loads(rec_file.read_text())
         if rec["status"] != "ok":
             continue
         st = stills[Path(rec["image"]).name]
-        path = volume.resolve(rec["diffuse"]["path"])
-        with h5py.File(path, "r") as f:
+        key = names.get(Path(rec["image"]).name)
+        b = float(scales[key]) if key in scales else 1.0
+        if key in scales:
+            planted.append(st["scale"])
+            recovered.append(b)
+        with h5py.File(volume.resolve(rec["diffuse"]["path"]), "r") as f:
             px = f["entry/pixels"]
-            h, k, l = (px[c][()].astype(np.float64) for c in ("h", "k", "l"))
+            hkl = np.stack([px[c][()].astype(np.float64) for c in ("h", "k", "l")])
             q = np.stack([px[c][()].astype(np.float64) for c in ("qx", "qy", "qz")])
+            sigma = px["sigma"][()].astype(np.float64)
         true_hkl = np.linalg.solve(np.asarray(st["A"]), q)
         value = diffuse_truth(true_hkl[0], true_hkl[1], true_hkl[2], np.linalg.norm(q, axis=0), model)
-        idx = [np.rint(c * ndiv).astype(np.int64) - lo[i] for i, c in enumerate((h, k, l))]
-        ok = np.all([(ix >= 0) & (ix < shape[i]) for i, ix in enumerate(idx)], axis=0)
-        flat = np.ravel_multi_index([ix[ok] for ix in idx], shape)
-        sums += np.bincount(flat, weights=value[ok], minlength=merged.size)
-        n += np.bincount(flat, minlength=merged.size)
-        key = names.get(Path(rec["image"]).name)
-        if key is not None and key in scales:
-            planted.append(st["scale"])
-            recovered.append(float(scales[key]))
-    have = (counts.ravel() > 0) & (n > 0) & np.isfinite(merged.ravel())
-    ref = sums[have] / n[have]
+        vox = _canonical(np.rint(hkl * ndiv).astype(np.int64), ops) - lo[:, None]
+        ok = np.all((vox >= 0) & (vox < np.array(shape)[:, None]), axis=0)
+        flat = np.ravel_multi_index(tuple(vox[:, ok]), shape)
+        w = (b / sigma[ok]) ** 2  # the merger's weights: 1/sigma^2 after dividing by the still's scale
+        sum_wv += np.bincount(flat, weights=w * value[ok], minlength=merged.size)
+        sum_w += np.bincount(flat, weights=w, minlength=merged.size)
+    have = (sum_w > 0) & (counts.ravel() > 0) & np.isfinite(merged.ravel())
+    ref = sum_wv[have] / sum_w[have]
     cc = float(np.corrcoef(ref, merged.ravel()[have])[0, 1])
     ratio = np.asarray(recovered) / np.asarray(planted)
     ratio /= np.exp(np.mean(np.log(ratio)))  # fix the overall scale
@@ -208,6 +212,25 @@ def evaluate_against_truth(volume, rdir: Path, truth: dict) -> dict:
     return {"map_cc_vs_truth": round(cc, 4), "scale_error_max": round(float(err.max()), 4) if err.size else None,
             "scale_error_rms": round(float(np.sqrt(np.mean(err ** 2))), 4) if err.size else None,
             "n_voxels": int(have.sum()), "n_scales_compared": int(err.size)}
+
+
+def _laue_rotations(symmetry: str | None) -> np.ndarray:
+    """Integer rotation matrices (acting on hkl) of the Laue group of ``symmetry`` (identity if None)."""
+    if not symmetry:
+        return np.eye(3, dtype=np.int64)[None]
+    from cctbx import sgtbx
+
+    laue = sgtbx.space_group_info(symmetry).group().build_derived_laue_group()
+    return np.array([np.array(op.r().as_double()).reshape(3, 3).T for op in laue.all_ops()]).round().astype(np.int64)
+
+
+def _canonical(idx: np.ndarray, ops: np.ndarray) -> np.ndarray:
+    """One representative per symmetry group of voxel indices (3, N): the lexicographic maximum."""
+    cand = np.einsum("oij,jn->oin", ops, idx)  # (n_ops, 3, N)
+    span = int(np.abs(cand).max()) + 1
+    key = (cand[:, 0] * (2 * span) + cand[:, 1]) * (2 * span) + cand[:, 2]
+    best = np.argmax(key, axis=0)
+    return cand[best, :, np.arange(idx.shape[1])].T
 
 
 # ------------------------------------------------------------------------------- stem / refine

@@ -109,8 +109,19 @@ def generate(out_dir: str | Path, spec: DatasetSpec | None = None, progress=None
     beam.set_polarization_fraction(0.999)
     beam.set_polarization_normal((0.0, 1.0, 0.0))
     det = _detector(spec)
+    nf, ns = det[0].get_image_size()
+    # The models as dxtbx will read them back from the CBF (sensor attenuation, parallax, polarisation):
+    # the forward model must use exactly the geometry the pipeline will see.
+    staging = out / ".staging"
+    staging.mkdir(exist_ok=True)
+    probe = staging / "geometry_0001.cbf"
+    FormatCBFMini.as_file(det, beam, None, None, flex.int(flex.grid(ns, nf), 0), str(probe))
+    import dxtbx
+
+    loaded = dxtbx.load(str(probe))
+    det, beam = loaded.get_detector(), loaded.get_beam()
+    probe.unlink()
     panel = det[0]
-    nf, ns = panel.get_image_size()
 
     # per-pixel physics that the diffuse-extractor will divide out again
     pix = static_pixels(det, beam, ExtractionParams(beamstop="none"))[0]
@@ -156,8 +167,7 @@ def generate(out_dir: str | Path, spec: DatasetSpec | None = None, progress=None
         counts = rng.poisson(expected).astype(np.int32)
         counts[gaps] = -1
         path = out / f"still_{i + 1:04d}.cbf"
-        staging = out / ".staging"  # written aside, then renamed: a watcher never sees half a still
-        staging.mkdir(exist_ok=True)
+        # written aside, then renamed: a watcher never sees half a still
         FormatCBFMini.as_file(det, beam, None, None, flex.int(counts), str(staging / path.name))
         (staging / path.name).rename(path)
         stills.append({"file": path.name, "scale": float(scales[i]), "U": U.tolist(), "A": A.tolist()})

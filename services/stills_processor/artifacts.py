@@ -61,6 +61,7 @@ SUMMARY_FIELDS: dict[str, tuple[Any, str, str]] = {
     "refl_path": ("str", "", "integrated reflections, relative to the summary file ('' if none)"),
     "indexed_refl_path": ("str", "", "indexed strong spots, relative to the summary file ('' if none)"),
     "seconds": ("float", "s", "wall time spent on the unit"),
+    "cpu_seconds": ("float", "s", "CPU time of the worker process spent on the unit"),
 }
 
 

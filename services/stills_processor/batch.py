@@ -58,8 +58,11 @@ def process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) -> 
 
     DIALS' stray ``print`` output is swallowed (results come from its objects, not its text).
     """
+    c0 = time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):
-        return _process_unit(unit, out_dir, settings)
+        rec = _process_unit(unit, out_dir, settings)
+    rec["cpu_seconds"] = time.process_time() - c0
+    return rec
 
 
 def _process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) -> dict[str, Any]:
