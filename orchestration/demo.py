@@ -69,7 +69,9 @@ def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo") -
                                subdivisions=3, smoother=True, formula=None, expected_stills=n_stills,
                                stills_nproc=1,
                                # the synthetic Bragg spots are broader than DIALS' stills default allows
-                               stills_phil=["profile.gaussian_rs.parameters.sigma_b_cutoff=1.0"])
+                               stills_phil=["profile.gaussian_rs.parameters.sigma_b_cutoff=1.0",
+                                            # a still cannot pin the distance: keep the known detector fixed
+                                            "refinement.parameterisation.detector.fix=all"])
         rdir = volume.resolve(f"runs/{run_id}")
         rdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(rdir / "config.json", cfg.model_dump())
@@ -157,9 +159,10 @@ def evaluate_against_truth(volume, rdir: Path, truth: dict, symmetry: str | None
     import h5py
     import hdf5plugin  # noqa: F401  (the extractor's tables are Blosc-compressed)
 
-    from diff_sim_refiner.diffuse_dataset import DiffuseModel, diffuse_truth
+    from diff_sim_refiner.diffuse_dataset import DiffuseModel, diffuse_truth, pixel_geometry
 
     out = rdir / "output"
+    q_true = None  # the generator's own pixel geometry: truth does not depend on the pipeline's refinement
     with h5py.File(out / "map.h5", "r") as f:
         g = f["entry/map"]
         merged = g["intensity"][()]
@@ -193,8 +196,11 @@ def evaluate_against_truth(volume, rdir: Path, truth: dict, symmetry: str | None
         with h5py.File(volume.resolve(rec["diffuse"]["path"]), "r") as f:
             px = f["entry/pixels"]
             hkl = np.stack([px[c][()].astype(np.float64) for c in ("h", "k", "l")])
-            q = np.stack([px[c][()].astype(np.float64) for c in ("qx", "qy", "qz")])
+            x, y = px["x"][()].astype(np.int64), px["y"][()].astype(np.int64)
             sigma = px["sigma"][()].astype(np.float64)
+            if q_true is None:
+                q_true = pixel_geometry(f["entry"].attrs["image_path"])[2]
+        q = q_true[:, y, x]
         true_hkl = np.linalg.solve(np.asarray(st["A"]), q)
         value = diffuse_truth(true_hkl[0], true_hkl[1], true_hkl[2], np.linalg.norm(q, axis=0), model)
         vox = _canonical(np.rint(hkl * ndiv).astype(np.int64), ops) - lo[:, None]

@@ -91,6 +91,22 @@ def _bragg_table(rng: np.random.Generator, hmax: int) -> np.ndarray:
     return rng.exponential(1.0, size=(n, n, n))
 
 
+def pixel_geometry(image_path: str | Path):
+    """(detector, beam, q_lab (3, slow, fast) in 1/Angstrom, correction (slow, fast)) of a generated still,
+    from the models dxtbx reads back from the file; ``correction`` is the diffuse-extractor's multiplier."""
+    import dxtbx
+
+    from diffuse_extractor.core.extract import ExtractionParams, static_pixels
+
+    img = dxtbx.load(str(image_path))
+    det, beam = img.get_detector(), img.get_beam()
+    nf, ns = det[0].get_image_size()
+    pix = static_pixels(det, beam, ExtractionParams(beamstop="none"))[0]
+    u = pix.u.reshape(3, ns, nf).astype(np.float64)
+    q_lab = u / beam.get_wavelength() - np.asarray(beam.get_s0())[:, None, None]
+    return det, beam, q_lab, pix.correction.reshape(ns, nf).astype(np.float64)
+
+
 def generate(out_dir: str | Path, spec: DatasetSpec | None = None, progress=None) -> dict:
     """Write ``spec.n_stills`` CBF stills and ``truth.json`` into ``out_dir``; return the truth."""
     from cctbx import crystal, uctbx
@@ -98,8 +114,6 @@ def generate(out_dir: str | Path, spec: DatasetSpec | None = None, progress=None
     from dxtbx.format.FormatCBFMini import FormatCBFMini
     from dxtbx.model import BeamFactory
     from scipy.spatial.transform import Rotation
-
-    from diffuse_extractor.core.extract import ExtractionParams, static_pixels
 
     spec = spec or DatasetSpec()
     out = Path(out_dir)
@@ -116,19 +130,9 @@ def generate(out_dir: str | Path, spec: DatasetSpec | None = None, progress=None
     staging.mkdir(exist_ok=True)
     probe = staging / "geometry_0001.cbf"
     FormatCBFMini.as_file(det, beam, None, None, flex.int(flex.grid(ns, nf), 0), str(probe))
-    import dxtbx
-
-    loaded = dxtbx.load(str(probe))
-    det, beam = loaded.get_detector(), loaded.get_beam()
+    det, beam, q_lab, correction = pixel_geometry(probe)
     probe.unlink()
     panel = det[0]
-
-    # per-pixel physics that the diffuse-extractor will divide out again
-    pix = static_pixels(det, beam, ExtractionParams(beamstop="none"))[0]
-    correction = pix.correction.reshape(ns, nf).astype(np.float64)
-    u = pix.u.reshape(3, ns, nf).astype(np.float64)
-    s0 = np.asarray(beam.get_s0())
-    q_lab = u / spec.wavelength - s0[:, None, None]  # (3, slow, fast), 1/Angstrom
     q_mag = np.linalg.norm(q_lab, axis=0)
     gaps = _gap_mask(nf, ns)
     bc = np.asarray(panel.get_beam_centre_px(beam.get_s0()))
