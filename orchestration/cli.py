@@ -302,9 +302,17 @@ def watch(
     quiet_timeout: Optional[float] = typer.Option(None, help="...or after this many seconds without a new file."),
     settle: float = typer.Option(1.0, help="Seconds a file's size must be stable before it counts as landed."),
     dispatch: bool = typer.Option(True, "--dispatch/--no-dispatch", help="Also turn events into flow runs here."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Run configuration (JSON or YAML) for the flow, "
+                                          "e.g. space_group, unit_cell, d_min, symmetry, formula for diffuse-pipeline; "
+                                          "stored as runs/RUN/config.json on the volume."),
     home: Optional[Path] = HomeOpt,
 ):
-    """Watch DIRECTORY: each new file becomes an event on the bus, and (with --dispatch) a flow run."""
+    """Watch DIRECTORY: each new file becomes an event on the bus, and (with --dispatch) a flow run.
+
+    Real data, e.g. thaumatin stills into the diffuse pipeline:
+    diffractflow watch VOLUME/incoming/thau --run-id thau --flow diffuse-pipeline --pattern '*.cbf' --config thau.yaml
+    with thau.yaml holding space_group: P41212, unit_cell: [57.8, 57.8, 150.3, 90, 90, 90], d_min: 3.0.
+    """
     from .flows import FLOWS
     from .watcher import WatchRule, dispatch as run_dispatch, watch as run_watch
 
@@ -315,6 +323,8 @@ def watch(
     topo = _topo(home)
     topo.apply_env()
     settings = topo.settings()
+    if config is not None:
+        _store_run_config(settings, run_id, config)
     rule = WatchRule(directory.resolve(), run_id, pattern, settle, expected, quiet_timeout)
     on_file, on_end = FLOWS[flow]
 
@@ -335,6 +345,22 @@ def watch(
 
     with topo.prefect_settings():
         asyncio.run(_main())
+
+
+def _store_run_config(settings, run_id: str, config: Path) -> None:
+    """Validate a run configuration and store it where the flows look for it."""
+    import yaml
+
+    from diffractflow.artifacts import Volume, atomic_write_json
+
+    from .diffuse import DiffuseRunConfig, run_dir
+
+    try:
+        data = yaml.safe_load(config.read_text()) or {}
+        cfg = DiffuseRunConfig.model_validate(data)
+    except Exception as exc:
+        raise typer.BadParameter(f"{config}: {exc}") from exc
+    atomic_write_json(run_dir(Volume(settings.volume), run_id) / "config.json", cfg.model_dump())
 
 
 async def _drain_events(settings, stop, poll: float = 0.5):

@@ -45,6 +45,7 @@ class DatasetSpec:
     wavelength: float = 1.0
     bragg_peak: float = 4000.0  # mean peak photons of a Bragg reflection at unit scale
     bragg_sigma_q: float = 0.0018  # 1/Angstrom: reciprocal-space width of a Bragg peak
+    bragg_cutoff_sigma: float = 3.0  # Bragg peaks end here (a real peak's tail is far below the diffuse)
     scale_spread: float = 0.2  # log-normal sigma of the per-still scales
     beamstop_radius_mm: float = 2.5
     seed: int = 2024
@@ -155,10 +156,11 @@ def generate(out_dir: str | Path, spec: DatasetSpec | None = None, progress=None
         diffuse = diffuse_truth(hkl[0], hkl[1], hkl[2], q_mag, spec.diffuse)
         hkl_int = np.round(hkl).astype(int)
         dq = q_lab - np.einsum("ij,jsf->isf", A, hkl_int)
-        peak = np.exp(-0.5 * np.sum(dq * dq, axis=0) / spec.bragg_sigma_q ** 2)
+        r2 = np.sum(dq * dq, axis=0) / spec.bragg_sigma_q ** 2
+        peak = np.where(r2 < spec.bragg_cutoff_sigma ** 2, np.exp(-0.5 * r2), 0.0)  # compact Bragg peaks
         idx = np.clip(hkl_int + hmax, 0, 2 * hmax)
         f2_pix = f2[idx[0], idx[1], idx[2]]
-        hit = peak > 1e-4
+        hit = peak > 0
         f2_hit = f2_pix[hit]
         if f2_hit.size:
             rows, inverse = np.unique(hkl_int[:, hit].T, axis=0, return_inverse=True)
