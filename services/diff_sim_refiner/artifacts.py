@@ -141,7 +141,7 @@ def write_simulation(path: str | os.PathLike, image: np.ndarray, job: SimJob, jo
     """Write the rendered image (photons/pixel) and its configs as an HDF5 artifact, atomically."""
     import h5py
 
-    from diffractflow.artifacts import atomic_write_path, sha256_file, write_provenance
+    from diffractflow.artifacts import atomic_write_path, nexus_data_group, sha256_file, write_provenance
 
     path = Path(path)
     cfgs = config_json(job)
@@ -151,12 +151,8 @@ def write_simulation(path: str | os.PathLike, image: np.ndarray, job: SimJob, jo
             write_provenance(fh, schema=SCHEMA, schema_version=SCHEMA_VERSION, producer="diff-sim-refiner",
                              producer_version=__version__, job_id=job_id,
                              parameters={k: json.loads(v) for k, v in cfgs.items()}, inputs=inputs)
-            entry = fh.create_group("entry")
-            entry.attrs["NX_class"] = "NXentry"
-            entry.attrs["default"] = "data"
-            data = entry.create_group("data")
-            data.attrs["NX_class"] = "NXdata"
-            data.attrs["signal"] = "image"
+            data = nexus_data_group(fh, "data", signal="image")
+            entry = fh["entry"]
             ds = data.create_dataset("image", data=np.asarray(image, dtype=np.float32), compression="gzip",
                                      compression_opts=4, chunks=True)
             ds.attrs["units"] = "photons"

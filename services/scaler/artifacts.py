@@ -208,19 +208,14 @@ def write_absolute_map(path: str | Path, values: np.ndarray, s: np.ndarray, comp
                        result: Mapping[str, Any], parameters: Mapping[str, Any], inputs: Mapping[str, str],
                        unit_cell=None, sigma=None, job_id: Optional[str] = None) -> Path:
     """NeXus HDF5: entry/absolute/{intensity (e.u./cell, Compton removed), s, compton}."""
-    from diffractflow.artifacts import atomic_write_path, write_provenance
+    from diffractflow.artifacts import atomic_write_path, nexus_data_group, write_provenance
 
     with atomic_write_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             write_provenance(f, schema=ABSOLUTE_SCHEMA, schema_version=ABSOLUTE_SCHEMA_VERSION, producer=PRODUCER,
                              producer_version=__version__, job_id=job_id, parameters=parameters, inputs=inputs)
-            f.attrs["default"] = "entry"
-            e = f.create_group("entry")
-            e.attrs["NX_class"] = "NXentry"
-            e.attrs["default"] = "absolute"
-            g = e.create_group("absolute")
-            g.attrs["NX_class"] = "NXdata"
-            g.attrs["signal"] = "intensity"
+            g = nexus_data_group(f, "absolute", signal="intensity")
+            e = f["entry"]
             d = g.create_dataset("intensity", data=np.asarray(values, dtype=np.float64), compression="gzip")
             d.attrs["units"] = "electron units per unit cell"
             d.attrs["long_name"] = "K * I_relative - I_Compton(|s|)"

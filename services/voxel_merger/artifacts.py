@@ -398,7 +398,7 @@ def write_map(path: str | Path, grid: GlobalGrid, intensity: np.ndarray | None, 
     Give dense arrays, or ``slabs``: an iterable of (h index, mean (nk, nl), sigma, count)
     written one h-plane at a time (bounded memory).
     """
-    from diffractflow.artifacts import atomic_write_path, write_provenance
+    from diffractflow.artifacts import atomic_write_path, nexus_data_group, write_provenance
     from . import __version__
 
     path = Path(path)
@@ -407,14 +407,8 @@ def write_map(path: str | Path, grid: GlobalGrid, intensity: np.ndarray | None, 
     with atomic_write_path(path) as tmp, h5py.File(tmp, "w") as f:
         write_provenance(f, schema=MAP_SCHEMA, schema_version=MAP_SCHEMA_VERSION, producer=PRODUCER,
                          producer_version=__version__, job_id=job_id, parameters=parameters or {}, inputs=inputs or {})
-        f.attrs["default"] = "entry"
-        e = f.create_group("entry")
-        e.attrs["NX_class"] = "NXentry"
-        e.attrs["default"] = "map"
-        g = e.create_group("map")
-        g.attrs["NX_class"] = "NXdata"
-        g.attrs["signal"] = "intensity"
-        g.attrs["axes"] = ["h", "k", "l"]
+        g = nexus_data_group(f, "map", signal="intensity", axes=["h", "k", "l"])
+        e = f["entry"]
         for i, ax in enumerate("hkl"):
             g.attrs[f"{ax}_indices"] = i
             d = g.create_dataset(ax, data=grid.axis(i))

@@ -184,3 +184,18 @@ def load_valid_manifest(volume: Volume, job_dir: Path) -> dict[str, Any] | None:
         return None
     data["outputs"] = outputs
     return data
+
+
+def nexus_data_group(h5file, name: str, signal: str, axes=None, entry: str = "entry"):
+    """Create ``/<entry>`` (NXentry) and ``/<entry>/<name>`` (NXdata with ``signal``, optional ``axes``),
+    both marked as the file's default so silx and h5web open the data at once; return the NXdata group."""
+    h5file.attrs["default"] = entry
+    e = h5file.require_group(entry)
+    e.attrs["NX_class"] = "NXentry"
+    e.attrs["default"] = name
+    g = e.create_group(name)
+    g.attrs["NX_class"] = "NXdata"
+    g.attrs["signal"] = signal
+    if axes is not None:
+        g.attrs["axes"] = list(axes)
+    return g
