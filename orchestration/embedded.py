@@ -75,17 +75,22 @@ class Topology:
 
         return temporary_settings(updates={PREFECT_API_URL: state["prefect"]["api_url"]})
 
-    def apply_env(self) -> None:
-        """Point this process (Prefect client, bus clients) at the running topology."""
+    def client_env(self) -> dict[str, str]:
+        """Environment variables that point clients (bus, Prefect) at the running topology."""
         state = self.load()
         if not state:
-            return
-        os.environ["DIFFRACTFLOW_NATS_URL"] = state["nats"]["url"]
-        os.environ["DIFFRACTFLOW_NATS_USER"] = "admin"
-        os.environ["DIFFRACTFLOW_NATS_PASSWORD_FILE"] = str(Path(state["credentials_dir"]) / "admin")
-        os.environ["DIFFRACTFLOW_VOLUME"] = state["volume"]
+            return {}
+        env = {"DIFFRACTFLOW_NATS_URL": state["nats"]["url"], "DIFFRACTFLOW_NATS_USER": "admin",
+               "DIFFRACTFLOW_NATS_PASSWORD_FILE": str(Path(state["credentials_dir"]) / "admin"),
+               "DIFFRACTFLOW_VOLUME": state["volume"]}
         if state.get("prefect"):
-            os.environ["PREFECT_API_URL"] = state["prefect"]["api_url"]
+            env["PREFECT_API_URL"] = state["prefect"]["api_url"]
+        return env
+
+    def apply_env(self) -> None:
+        """Point this process (Prefect client, bus clients) at the running topology."""
+        os.environ.pop("DIFFRACTFLOW_NATS_PASSWORD", None)
+        os.environ.update(self.client_env())
 
     # ----------------------------------------------------------------- up / down
     def up(self, services: list[str], replicas: dict[str, int], volume: Path | None = None,

@@ -114,9 +114,23 @@ def workers(nats_server, volume, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """Prefect's real local server (temporary database), shared by the session's flow tests."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(tmp_path_factory):
+    """Prefect's real server (`prefect server start`, own home and SQLite database) for the session's flow
+    tests; this process's Prefect clients point at it while it runs."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    from diffractflow.natsserver import free_port
+    from orchestration.embedded import _stop_groups, _wait_http, bin_path, prefect_env
+
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    proc = subprocess.Popen([bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=prefect_env(home), stdout=open(home / "server.log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_http(url + "/health", timeout=180)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        _stop_groups([proc.pid], 20)

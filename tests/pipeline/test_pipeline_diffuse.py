@@ -22,8 +22,16 @@ DIFFUSE_SERVICES = ["stills-processor", "diffuse-extractor", "voxel-merger", "sc
 
 
 @pytest.fixture
-def topology(tmp_path):
+def topology(tmp_path, monkeypatch):
+    """An embedded topology; `point_here()` points this process's clients at it (undone after the test)."""
     topo = Topology(tmp_path / "home")
+
+    def point_here():
+        monkeypatch.delenv("DIFFRACTFLOW_NATS_PASSWORD", raising=False)
+        for k, v in topo.client_env().items():
+            monkeypatch.setenv(k, v)
+
+    topo.point_here = point_here
     yield topo
     topo.down(log=lambda *a: None)
 
@@ -39,7 +47,7 @@ def test_run_completes_with_every_still_when_a_replica_is_killed(topology, tmp_p
     spec = DatasetSpec(n_stills=n, seed=77)
     truth = generate(tmp_path / "dataset", spec)
     state = topology.up(DIFFUSE_SERVICES, {"stills-processor": 2}, volume=tmp_path / "volume", log=lambda *a: None)
-    topology.apply_env()
+    topology.point_here()
     volume = Volume(tmp_path / "volume")
     cfg = DiffuseRunConfig(space_group=spec.space_group, unit_cell=list(spec.unit_cell), d_min=2.0,
                            symmetry=spec.space_group, expected_stills=n, stills_nproc=1, stage_timeout_s=300,
@@ -91,7 +99,7 @@ def _thaumatin(shared_dir: Path, dest: Path, numbers) -> list[Path]:
 def test_real_thaumatin_stills_through_the_flows(topology, tmp_path, shared_dir):
     """Real PILATUS 6M stills (3 with a crystal, 1 blank) through the per-still flow and the end-of-run flow."""
     topology.up(DIFFUSE_SERVICES, {}, volume=tmp_path / "volume", log=lambda *a: None)
-    topology.apply_env()
+    topology.point_here()
     volume = Volume(tmp_path / "volume")
     images = _thaumatin(shared_dir, volume.resolve("incoming/thau"), [1, 2, 3, 16])
     cfg = DiffuseRunConfig(space_group="P 41 21 2", unit_cell=[57.8, 57.8, 150.3, 90, 90, 90], d_min=3.0,
