@@ -50,7 +50,12 @@ def test_flow_stage_failing_once_succeeds_on_prefect_retry(prefect_server, bus_e
     runs = asyncio.run(_flow_runs("echo-file"))
     mine = [r for r in runs if "retry-run" in r.name]
     assert mine and mine[0].state.is_completed()
-    tasks = asyncio.run(_task_runs(mine[0].id))
+    tasks = []
+    for _ in range(60):  # task runs reach the server through Prefect's event stream: eventually consistent
+        tasks = asyncio.run(_task_runs(mine[0].id))
+        if tasks and tasks[0].run_count == 2:
+            break
+        time.sleep(0.5)
     assert [t.run_count for t in tasks] == [2]
 
 
