@@ -154,6 +154,8 @@ class Topology:
         state = self.load()
         if not state:
             return []
+        if state.get("prefect"):
+            drain_prefect_clients()
         groups = [s["pid"] for s in state.get("services", [])]
         if state.get("prefect"):
             groups.append(state["prefect"]["pid"])
@@ -172,6 +174,21 @@ def prefect_env(home: Path) -> dict[str, str]:
     env.pop("PREFECT_API_URL", None)
     (home / "prefect").mkdir(parents=True, exist_ok=True)
     return env
+
+
+def drain_prefect_clients(timeout: float = 20.0) -> None:
+    """Send what this process's Prefect clients still hold (logs, events) while the server is up.
+
+    Call before stopping a Prefect server this process talked to: otherwise Prefect drains them at
+    interpreter exit against a server that is gone, retrying for a long time.
+    """
+    for path, name in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
+        try:
+            import importlib
+
+            getattr(importlib.import_module(path), name).drain_all(timeout=timeout, at_exit=False)
+        except Exception:  # best effort: never block a shutdown on it
+            pass
 
 
 async def _create_streams(settings: Settings) -> None:

@@ -120,7 +120,7 @@ def prefect_server(tmp_path_factory):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from diffractflow.natsserver import free_port
-    from orchestration.embedded import _stop_groups, _wait_http, bin_path, prefect_env
+    from orchestration.embedded import _stop_groups, _wait_http, bin_path, drain_prefect_clients, prefect_env
 
     home = tmp_path_factory.mktemp("prefect")
     port = free_port()
@@ -132,5 +132,6 @@ def prefect_server(tmp_path_factory):
         _wait_http(url + "/health", timeout=180)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
+            drain_prefect_clients()  # while the server is still there to receive them
     finally:
         _stop_groups([proc.pid], 20)
