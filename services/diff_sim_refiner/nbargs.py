@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .core.config import (
+    resolve_steps,
     DEFAULT_FLUENCE,
     BeamConfig,
     CrystalConfig,
@@ -417,27 +418,6 @@ def _phi_steps(a: NanoBraggArgs) -> tuple[float, float, int]:
     return osc, step, steps
 
 
-def _resolve_steps_nt(range_: float, step: float, steps: int) -> tuple[float, float, int]:
-    """Same as geometry.resolve_steps without importing torch."""
-    if steps <= 0:
-        if range_ < 0.0:
-            if step <= 0.0:
-                return 0.0, 0.0, 1
-            return step, step, 2
-        if step <= 0.0:
-            return range_, range_, 2
-        return range_, step, int(math.ceil(range_ / step))
-    if range_ < 0.0:
-        if step <= 0.0:
-            return 1.0, 1.0 / steps, steps
-        return step, step, 2
-    if step <= 0.0:
-        if steps <= 1:
-            steps = 2
-        return range_, range_ / (steps - 1), steps
-    return range_, step, steps
-
-
 def _sane(t: tuple[float, float, int]) -> tuple[float, float, int]:
     r, s, n = t
     if r <= 0.0 or s <= 0.0 or n <= 0:
@@ -506,9 +486,9 @@ def build_job(a: NanoBraggArgs, read_tables: bool = True) -> NanoBraggJob:
     detector = DetectorConfig(**det_kw)
 
     osc, phistep, phisteps = _phi_steps(a)
-    hr, hs, hn = _sane(_resolve_steps_nt(a.hdivrange, a.hdivstep, a.hdivsteps))
-    vr, vs, vn = _sane(_resolve_steps_nt(a.vdivrange, a.vdivstep, a.vdivsteps))
-    dr, ds, dn = _sane(_resolve_steps_nt(a.dispersion_pct, a.dispstep_pct, a.dispsteps))
+    hr, hs, hn = _sane(resolve_steps(a.hdivrange, a.hdivstep, a.hdivsteps))
+    vr, vs, vn = _sane(resolve_steps(a.vdivrange, a.vdivstep, a.vdivsteps))
+    dr, ds, dn = _sane(resolve_steps(a.dispersion_pct, a.dispstep_pct, a.dispsteps))
     beam = BeamConfig(
         wavelength_A=a.lambda_A, fluence=a.fluence, flux=a.flux, exposure=a.exposure, beamsize_mm=a.beamsize_mm,
         polarization_factor=a.polar, nopolar=a.nopolar,

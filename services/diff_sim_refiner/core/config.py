@@ -10,6 +10,8 @@ angles, millimetres for detector lengths, photons/m^2 for fluence.  Defaults are
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Optional, Sequence, Union
@@ -286,3 +288,24 @@ __all__ = [
     "CrystalConfig", "DetectorConfig", "BeamConfig", "DetectorConvention", "DetectorPivot",
     "CrystalShape", "DEFAULT_FLUENCE", "R_E_SQR",
 ]
+
+
+def resolve_steps(range_: float, step: float, steps: int) -> tuple[float, float, int]:
+    """nanoBragg's auto-selection of (range, step, steps) for divergence / dispersion (-1 = unset)."""
+    if steps <= 0:
+        if range_ < 0.0:
+            if step <= 0.0:
+                return 0.0, 0.0, 1
+            return step, step, 2
+        if step <= 0.0:
+            return range_, range_, 2
+        return range_, step, int(math.ceil(range_ / step))
+    if range_ < 0.0:
+        if step <= 0.0:
+            return 1.0, 1.0 / steps, steps
+        return step, step, 2
+    if step <= 0.0:
+        if steps <= 1:
+            steps = 2
+        return range_, range_ / (steps - 1), steps
+    return range_, step, steps

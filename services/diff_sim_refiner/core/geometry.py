@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import resolve_steps  # noqa: F401  (torch-free; re-exported here)
+
 from .config import (
     fval,
     BeamConfig,
@@ -356,27 +358,6 @@ def orientation_matrices(cfg: CrystalConfig, lattice: LatticeVectors, spindle: t
     # a_rot = U @ Rphi @ a0 ; rows: A = B0 @ Rphi^T @ U^T
     A = torch.einsum("ij,pkj,mlk->pmil", lattice.real, Rphi, U)
     return A.reshape(-1, 3, 3)
-
-
-def resolve_steps(range_: float, step: float, steps: int) -> tuple[float, float, int]:
-    """nanoBragg's auto-selection of (range, step, steps) for divergence / dispersion (-1 = unset)."""
-    if steps <= 0:
-        if range_ < 0.0:
-            if step <= 0.0:
-                return 0.0, 0.0, 1
-            return step, step, 2
-        if step <= 0.0:
-            return range_, range_, 2
-        return range_, step, int(math.ceil(range_ / step))
-    if range_ < 0.0:
-        if step <= 0.0:
-            return 1.0, 1.0 / steps, steps
-        return step, step, 2
-    if step <= 0.0:
-        if steps <= 1:
-            steps = 2
-        return range_, range_ / (steps - 1), steps
-    return range_, step, steps
 
 
 def beam_sources(beam_cfg: BeamConfig, geom: DetectorGeometry, device=None):
