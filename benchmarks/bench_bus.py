@@ -104,7 +104,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-bus-"))
     volume = work / "volume"
     volume.mkdir()
-    results: dict = {"machine": {"cpus": os.cpu_count()}}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}}
     d = np.array(direct(volume, a.latency_jobs)) * 1e3
     results["direct_call_ms"] = {"p50": float(np.percentile(d, 50)), "p99": float(np.percentile(d, 99))}
     for n_workers in (1, 2):
@@ -129,6 +129,7 @@ def main():
             srv.stop()
     results["targets"] = {"overhead_p50_ms": 5, "jobs_per_s": 500}
     OUT.parent.mkdir(exist_ok=True)
+    results["machine"]["loadavg_at_end"] = os.getloadavg()
     OUT.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

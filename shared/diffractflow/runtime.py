@@ -124,7 +124,9 @@ class Worker:
         await self._stopping.wait()
         log.info("stopping: no new jobs; waiting for jobs in flight",
                  extra={"in_flight": len(self._inflight), "grace_s": self.settings.shutdown_grace_s})
-        for t in pullers:
+        # pullers notice the stop after their current fetch (<= 1 s); one fetched meanwhile is nak'ed back
+        _, slow = await asyncio.wait(pullers, timeout=1.5)
+        for t in slow:
             t.cancel()
         if self._inflight:
             done, pending = await asyncio.wait(self._inflight, timeout=self.settings.shutdown_grace_s)
@@ -133,8 +135,12 @@ class Worker:
             if pending:
                 await asyncio.wait(pending, timeout=5)
                 self.abandoned_threads = True  # handler threads cannot be killed: serve_stage exits hard
+        # flush (acks, naks, results are out) and close; not drain(): nats-py's drain waits for late
+        # pull-status messages nobody reads and can stall for its whole drain timeout
         with contextlib.suppress(Exception):
-            await self.nc.drain()
+            await self.nc.flush(timeout=5)
+        with contextlib.suppress(Exception):
+            await self.nc.close()
         log.info("stopped")
 
     async def _wait_for_streams(self) -> None:
@@ -167,30 +173,39 @@ class Worker:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                task = asyncio.create_task(self._process_safely(msg))
+                if self._stopping.is_set():  # fetched while stopping: give it straight back
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    continue
+                # The slot frees as soon as the handler is done: publishing the result and acking run on
+                # in the job's task while this loop already fetches the next job (pipelined, never more
+                # than `concurrency` handlers at once).
+                slot_free = asyncio.Event()
+                task = asyncio.create_task(self._process_safely(msg, slot_free))
                 self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
                 try:
-                    await asyncio.shield(task)
+                    await asyncio.shield(slot_free.wait())
                 except asyncio.CancelledError:
                     if self._stopping.is_set():
                         return  # the job task itself is awaited (or cancelled) by run()
                     raise
-                finally:
-                    if task.done():
-                        self._inflight.discard(task)
 
     # ------------------------------------------------------------------ one job
-    async def _process_safely(self, msg) -> None:
+    async def _process_safely(self, msg, slot_free: asyncio.Event | None = None) -> None:
         """Never let one message stop the worker: a bus error mid-job leaves the message un-acked,
         so JetStream redelivers it (and the manifest makes the redelivery cheap)."""
+        slot_free = slot_free or asyncio.Event()
         try:
-            await self._process(msg)
+            await self._process(msg, slot_free)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.error("job processing interrupted; it will be redelivered", extra={"error": repr(exc)})
+        finally:
+            slot_free.set()
 
-    async def _process(self, msg) -> None:
+    async def _process(self, msg, slot_free: asyncio.Event) -> None:
         deliveries = msg.metadata.num_delivered if msg.metadata else 1
         try:
             job = JobRequest.from_bytes(msg.data)
@@ -260,6 +275,7 @@ class Worker:
             return
         finally:
             heart.cancel()
+            slot_free.set()
 
         outputs = {name: self.volume.ref(path) for name, path in ctx.outputs.items()}
         write_manifest(job_dir, outputs, ctx.metrics)
