@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffractflow.runtime import BadInput, JobContext, Stage
@@ -55,6 +56,10 @@ def handle(ctx: JobContext, params: Params) -> None:
     try:
         src = open_source(data_path, params.dset, params.scan_shape)
         lab, declared = load_labels(ctx.input_path("labels")) if "labels" in inputs else (None, None)
+        n_scan = int(np.prod(src.scan_shape))
+        if lab is not None and lab.size != n_scan:  # name the file: the core only knows the array
+            raise BadInput(f"{inputs['labels'].path}: {lab.size} labels, expected one per scan position "
+                           f"(H*W = {' * '.join(map(str, src.scan_shape))} = {n_scan})")
         if "reference" in inputs:
             ref = open_source(ctx.input_path("reference"), params.reference_dset or params.dset, src.scan_shape)
         last = [0.0]

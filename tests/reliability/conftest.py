@@ -134,3 +134,44 @@ def _kill_mid_job_and_recover(settings: Settings, workers, job: JobRequest, *, h
         assert sha256_file(volume.resolve(ref.path)) == ref.sha256 == manifest["outputs"][name].sha256
     assert not [p for p in job_dir.rglob("*") if p.name.endswith(".part")]
     return res
+
+
+@dataclass
+class BadCase:
+    """A job that must be rejected: ``kind`` as in the dead letter, ``says`` a fragment of the reason."""
+
+    job_id: str
+    inputs: dict
+    params: dict
+    kind: str
+    says: str
+
+
+@pytest.fixture
+def expect_rejections(settings, workers, probe):
+    """expect_rejections(service, cases): one replica of the real service gets every bad job; each must come
+    back rejected with its reason and leave a dead letter with the same reason; the worker keeps serving."""
+    from orchestration.tasks import JobRejected, submit_and_wait
+
+    def check(service: str, cases: list[tuple]):
+        """cases: (job_id, inputs, params, kind, says) as in ``BadCase``."""
+        cases = [BadCase(*c) for c in cases]
+        proc = workers.start(service)
+        for c in cases:
+            try:
+                res = asyncio.run(submit_and_wait(service, c.inputs, c.params, run_id="bad", job_id=c.job_id,
+                                                  timeout=300, settings=settings))
+                pytest.fail(f"{c.job_id} was not rejected: {res.status} {res.metrics}")
+            except JobRejected as err:
+                assert c.says.lower() in str(err).lower(), (c.job_id, str(err))
+        letters = {l.job_id: l for l in probe.dead_letters() if l.service == service}
+        for c in cases:
+            assert c.job_id in letters, (c.job_id, sorted(letters))
+            assert letters[c.job_id].kind == c.kind, (c.job_id, letters[c.job_id].kind, letters[c.job_id].reason)
+            assert c.says.lower() in letters[c.job_id].reason.lower(), (c.job_id, letters[c.job_id].reason)
+            assert all(r.status == "rejected" for r in probe.results_for(service, c.job_id))
+        assert proc.poll() is None, workers.log_text()[-3000:]  # never a crash
+        assert "Traceback" not in workers.log_text()
+        return proc
+
+    return check
