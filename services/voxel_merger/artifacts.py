@@ -19,6 +19,8 @@ try:  # registers Blosc/LZ4 etc. so compressed upstream tables read transparentl
 except ImportError:  # pragma: no cover
     pass
 
+from diffractflow.reading import reader, reading
+
 from .core.grid import CrystalModel, GlobalGrid
 from .core.sources import ObservationChunk
 
@@ -104,6 +106,10 @@ class H5Still:
     """A still's per-pixel table in an HDF5 file, streamed in chunks (bounded memory)."""
 
     def __init__(self, path: str | Path, schema: StillSchema | None = None):
+        with reading(path, InputError, "still table (HDF5)"):
+            self._open(path, schema)
+
+    def _open(self, path: str | Path, schema: StillSchema | None) -> None:
         self.path = Path(path)
         self.schema = schema or StillSchema()
         if not self.path.exists():
@@ -167,6 +173,10 @@ class H5Still:
         self.still_id = sid if sid is not None else self.path.stem
 
     def iter_chunks(self, chunk: int = 1 << 22) -> Iterator[ObservationChunk]:
+        with reading(self.path, InputError, "still table (HDF5)"):
+            yield from self._iter_chunks(chunk)
+
+    def _iter_chunks(self, chunk: int) -> Iterator[ObservationChunk]:
         for a in range(0, self.n_obs, chunk):
             z = min(a + chunk, self.n_obs)
             I = np.asarray(self._I[a:z], dtype=np.float64)
@@ -240,6 +250,7 @@ def write_still(path: str | Path, still_id: str, h, k, l, intensity, sigma, q_ma
 
 
 # ====================================================================== scales / grid
+@reader("scales JSON", InputError)
 def read_scales(path: str | Path) -> dict[str, float]:
     """Per-still multiplicative scales b (I_obs ≈ b·I_ref) from the scaler's scales.json.
 
@@ -300,6 +311,7 @@ def scale_for(scales: Mapping[str, float] | None, still_id: str) -> float | None
     raise InputError(f"scales file has no entry for still {still_id!r}{hint}")
 
 
+@reader("observation table (HDF5)", InputError)
 def read_still_names(table_path: str | Path) -> list[str]:
     """``still_names`` of an observation table (index = integer still_id)."""
     try:
@@ -316,6 +328,7 @@ def write_grid(path: str | Path, grid: GlobalGrid, extra: Mapping[str, Any] | No
                                     "grid": grid.to_dict(), **(extra or {})})
 
 
+@reader("voxel-merger grid JSON", InputError)
 def read_grid(path: str | Path) -> GlobalGrid:
     path = Path(path)
     try:
@@ -382,6 +395,7 @@ class ObservationTableWriter:
             self._ctx.__exit__(RuntimeError, exc, None)
 
 
+@reader("observation table (HDF5)", InputError)
 def read_observation_table(path: str | Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
         out = {n: f[n][()] for n, _ in ObservationTableWriter.FIELDS}
@@ -461,6 +475,7 @@ class MergedMapFile:
     provenance: dict
 
 
+@reader("voxel-merger map (HDF5)", InputError)
 def read_map(path: str | Path) -> MergedMapFile:
     from diffractflow.artifacts import read_provenance
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .messages import ArtifactRef
+from .reading import reader, reading  # noqa: F401  (re-exported for services)
 
 FILE_MODE = 0o640  # artifacts: owner read/write, group read, nobody else
 DIR_MODE = 0o750
