@@ -69,6 +69,43 @@ def test_nats_server_restart_mid_run_loses_nothing(nats_server, settings, worker
     assert workers.procs[0].poll() is None  # the worker reconnected instead of dying
 
 
+def test_flow_waiting_on_a_stage_survives_a_nats_restart(prefect_server, settings, nats_server, workers, volume,
+                                                         monkeypatch):
+    """A Prefect flow is waiting for a stage's result when nats-server restarts: the worker and the flow's client
+    reconnect, the result arrives, the flow completes, and the job ran once."""
+    import threading
+
+    from prefect import flow
+
+    from orchestration.tasks import run_stage
+
+    for k, v in {"DIFFRACTFLOW_NATS_URL": settings.nats_url, "DIFFRACTFLOW_NATS_USER": "admin",
+                 "DIFFRACTFLOW_NATS_PASSWORD": settings.nats_password.get_secret_value(),
+                 "DIFFRACTFLOW_VOLUME": str(volume)}.items():
+        monkeypatch.setenv(k, v)
+    workers.start("echo")
+    _input(volume)
+
+    def restart_when_started():
+        deadline = time.monotonic() + 60
+        while "job started" not in workers.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        nats_server.restart()
+
+    @flow(name="through-a-restart")
+    async def f():
+        return await run_stage("echo", {"data": "incoming/x.dat"}, {"sleep_s": 2.0}, "rs-flow", "across-restart",
+                               timeout=60)
+
+    t = threading.Thread(target=restart_when_started)
+    t.start()
+    res = asyncio.run(f())
+    t.join()
+    assert res["status"] == "ok"
+    assert workers.log_text().count('"job done"') == 1
+    assert (volume / "jobs/echo/across-restart/echo.json").is_file()
+
+
 def test_stage_timeout_in_prefect_is_retried(prefect_server, settings, workers, volume, monkeypatch):
     from prefect import flow
 
