@@ -88,9 +88,11 @@ class Topology:
         return env
 
     def apply_env(self) -> None:
-        """Point this process (Prefect client, bus clients) at the running topology."""
-        os.environ.pop("DIFFRACTFLOW_NATS_PASSWORD", None)
-        os.environ.update(self.client_env())
+        """Point this process (Prefect client, bus clients) at the running topology, if one is up."""
+        env = self.client_env()
+        if env:
+            os.environ.pop("DIFFRACTFLOW_NATS_PASSWORD", None)
+            os.environ.update(env)
 
     # ----------------------------------------------------------------- up / down
     def up(self, services: list[str], replicas: dict[str, int], volume: Path | None = None,

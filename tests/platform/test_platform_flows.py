@@ -118,13 +118,15 @@ def test_watcher_end_of_run_rules(tmp_path):
     assert w2.poll(now=0.0) == ([], True)
 
 
-def test_flows_served_as_prefect_deployments(prefect_server, tmp_path):
-    """`diffractflow serve-flows` registers the flows as deployments on the Prefect server."""
+def test_flows_served_as_prefect_deployments(prefect_server, bus_env, workers, volume, tmp_path):
+    """`diffractflow serve-flows` registers the flows as deployments on the Prefect server, and a run of the
+    echo-file deployment started through Prefect's API executes in the served process and completes."""
     import subprocess
     import sys
     from pathlib import Path
 
     from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
 
     env = dict(os.environ, PREFECT_API_URL=prefect_server, DIFFRACTFLOW_HOME=str(tmp_path / "nohome"))
     log = open(tmp_path / "serve-flows.log", "wb")
@@ -144,6 +146,14 @@ def test_flows_served_as_prefect_deployments(prefect_server, tmp_path):
                 break
             time.sleep(1)
         assert want <= got, (got, (tmp_path / "serve-flows.log").read_text()[-2000:])
+
+        workers.start("echo")
+        (volume / "incoming").mkdir()
+        (volume / "incoming" / "d.dat").write_text("served")
+        fr = run_deployment("echo-file/echo-file", parameters={"path": "incoming/d.dat", "run_id": "served"},
+                            timeout=180)
+        assert fr.state.is_completed(), (fr.state, (tmp_path / "serve-flows.log").read_text()[-3000:])
+        assert (volume / "jobs/echo/served.echo.incoming_d.dat/echo.json").is_file()
     finally:
         proc.terminate()
         proc.wait(30)
