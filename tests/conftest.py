@@ -60,6 +60,16 @@ def settings(nats_server, volume):
                     volume=volume, ack_wait_s=5, nak_delay_s=0.2)
 
 
+@pytest.fixture
+def bus_env(settings, monkeypatch):
+    """Point Settings() (as used inside Prefect tasks) at the test server and volume."""
+    monkeypatch.setenv("DIFFRACTFLOW_NATS_URL", settings.nats_url)
+    monkeypatch.setenv("DIFFRACTFLOW_NATS_USER", "admin")
+    monkeypatch.setenv("DIFFRACTFLOW_NATS_PASSWORD", settings.nats_password.get_secret_value())
+    monkeypatch.setenv("DIFFRACTFLOW_VOLUME", str(settings.volume))
+    return settings
+
+
 class WorkerProcs:
     """Start service workers as real subprocesses (the same way `diffractflow up` does)."""
 

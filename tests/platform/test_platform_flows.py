@@ -11,16 +11,6 @@ from diffractflow import bus
 from diffractflow.messages import JobResult
 
 
-@pytest.fixture
-def bus_env(settings, monkeypatch):
-    """Point Settings() (used inside Prefect tasks) at the test server and volume."""
-    monkeypatch.setenv("DIFFRACTFLOW_NATS_URL", settings.nats_url)
-    monkeypatch.setenv("DIFFRACTFLOW_NATS_USER", "admin")
-    monkeypatch.setenv("DIFFRACTFLOW_NATS_PASSWORD", settings.nats_password.get_secret_value())
-    monkeypatch.setenv("DIFFRACTFLOW_VOLUME", str(settings.volume))
-    return settings
-
-
 async def _flow_runs(name: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName

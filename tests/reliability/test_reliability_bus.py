@@ -69,8 +69,7 @@ def test_nats_server_restart_mid_run_loses_nothing(nats_server, settings, worker
     assert workers.procs[0].poll() is None  # the worker reconnected instead of dying
 
 
-def test_flow_waiting_on_a_stage_survives_a_nats_restart(prefect_server, settings, nats_server, workers, volume,
-                                                         monkeypatch):
+def test_flow_waiting_on_a_stage_survives_a_nats_restart(prefect_server, bus_env, nats_server, workers, volume):
     """A Prefect flow is waiting for a stage's result when nats-server restarts: the worker and the flow's client
     reconnect, the result arrives, the flow completes, and the job ran once."""
     import threading
@@ -79,10 +78,6 @@ def test_flow_waiting_on_a_stage_survives_a_nats_restart(prefect_server, setting
 
     from orchestration.tasks import run_stage
 
-    for k, v in {"DIFFRACTFLOW_NATS_URL": settings.nats_url, "DIFFRACTFLOW_NATS_USER": "admin",
-                 "DIFFRACTFLOW_NATS_PASSWORD": settings.nats_password.get_secret_value(),
-                 "DIFFRACTFLOW_VOLUME": str(volume)}.items():
-        monkeypatch.setenv(k, v)
     workers.start("echo")
     _input(volume)
 
@@ -106,15 +101,11 @@ def test_flow_waiting_on_a_stage_survives_a_nats_restart(prefect_server, setting
     assert (volume / "jobs/echo/across-restart/echo.json").is_file()
 
 
-def test_stage_timeout_in_prefect_is_retried(prefect_server, settings, workers, volume, monkeypatch):
+def test_stage_timeout_in_prefect_is_retried(prefect_server, bus_env, workers, volume):
     from prefect import flow
 
     from orchestration.tasks import run_stage
 
-    for k, v in {"DIFFRACTFLOW_NATS_URL": settings.nats_url, "DIFFRACTFLOW_NATS_USER": "admin",
-                 "DIFFRACTFLOW_NATS_PASSWORD": settings.nats_password.get_secret_value(),
-                 "DIFFRACTFLOW_VOLUME": str(volume)}.items():
-        monkeypatch.setenv(k, v)
     workers.start("echo")
     _input(volume)
 
