@@ -15,6 +15,7 @@ Outputs (absolute): ``absolute_map.h5`` (NeXus, schema ``diffractflow.scaler.abs
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -22,6 +23,7 @@ from typing import Any, Mapping, Optional
 import h5py
 import numpy as np
 
+from diffractflow.reading import reader
 from . import __version__
 
 PRODUCER = "scaler"
@@ -34,9 +36,9 @@ class InputError(ValueError):
     """An input file is missing, unreadable or not in the expected layout (message names the file)."""
 
 
-def read_observations(path: str | Path, float32: Optional[bool] = None) -> dict[str, np.ndarray]:
-    """The flat observation table; floats as float32 when ``float32`` (default: if > 2e7 rows)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _open_table(path: Path):
+    """An observation table opened and checked: the five columns present, numeric, 1-D, equal length, not empty."""
     if not path.is_file():
         raise InputError(f"{path}: observation file not found")
     try:
@@ -44,24 +46,123 @@ def read_observations(path: str | Path, float32: Optional[bool] = None) -> dict[
     except OSError as exc:
         raise InputError(f"{path}: not an HDF5 file ({exc})") from exc
     with f:
-        missing = [n for n in OBS_FIELDS if n not in f]
+        missing = [n for n in OBS_FIELDS if not isinstance(f.get(n), h5py.Dataset)]
         if missing:
             raise InputError(f"{path}: missing dataset(s) {missing}; expected 1-D datasets {list(OBS_FIELDS)}")
-        n = f["intensity"].shape
         for name in OBS_FIELDS:
-            if f[name].ndim != 1 or f[name].shape != n:
-                raise InputError(f"{path}: dataset {name} has shape {f[name].shape}, expected {n} (1-D, equal length)")
-        if float32 is None:
-            float32 = n[0] > 20_000_000
-        ft = np.float32 if float32 else np.float64
+            if f[name].dtype.kind not in "fiu":
+                raise InputError(f"{path}: dataset {name} must be numeric, got {f[name].dtype}")
+            if f[name].ndim != 1:
+                raise InputError(f"{path}: dataset {name} has shape {f[name].shape}; every column must be 1-D")
+        n = f["intensity"].shape[0]
+        for name in OBS_FIELDS:
+            if f[name].shape[0] != n:
+                raise InputError(f"{path}: dataset {name} has {f[name].shape[0]} rows, intensity has {n}; "
+                                 "the columns must have equal length")
+        if n == 0:
+            raise InputError(f"{path}: the observation table is empty")
+        yield f
+
+
+def _still_names(f) -> Optional[np.ndarray]:
+    if "still_names" not in f:
+        return None
+    return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in f["still_names"][()]])
+
+
+@reader("observation table (HDF5)", InputError)
+def read_observations(path: str | Path, float32: Optional[bool] = None) -> dict[str, np.ndarray]:
+    """The whole flat observation table in memory (tests, small tables; ``scaler run`` streams it instead);
+    floats as float32 when ``float32`` (default: if > 2e7 rows)."""
+    path = Path(path)
+    with _open_table(path) as f:
+        n = f["intensity"].shape[0]
+        ft = np.float32 if (n > 20_000_000 if float32 is None else float32) else np.float64
         out = {"still_id": f["still_id"][()].astype(np.int64, copy=False),
                "voxel_id": f["voxel_id"][()].astype(np.int64, copy=False)}
         for name in ("q_magnitude", "intensity", "sigma"):
             out[name] = f[name][()].astype(ft, copy=False)
-        if "still_names" in f:
-            out["still_names"] = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in f["still_names"][()]])
-    if n[0] == 0:
-        raise InputError(f"{path}: the observation table is empty")
+        names = _still_names(f)
+    if names is not None:
+        out["still_names"] = names
+    return out
+
+
+READ_CHUNK = 1 << 22
+
+
+def _int_column(ds, lo_hi_chunks, path: Path) -> np.ndarray:
+    """An integer dataset read chunk by chunk into int32 when every value fits, else int64."""
+    if ds.dtype.kind not in "iu":
+        raise InputError(f"{path}: dataset {ds.name.lstrip('/')} must hold integers, got {ds.dtype}")
+    n = ds.shape[0]
+    out = np.empty(n, dtype=np.int32)
+    for lo, hi in lo_hi_chunks:
+        a = ds[lo:hi]
+        if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
+            wide = np.empty(n, dtype=np.int64)
+            wide[:lo] = out[:lo]
+            del out
+            for lo2, hi2 in ((x, y) for x, y in lo_hi_chunks if x >= lo):
+                wide[lo2:hi2] = ds[lo2:hi2]
+            return wide
+        out[lo:hi] = a
+    return out
+
+
+@reader("observation table (HDF5)", InputError)
+def stream_observations(path: str | Path, keep_q: bool = True, float32: Optional[bool] = None,
+                        chunk: int = READ_CHUNK) -> dict[str, Any]:
+    """The observation table read in chunks of ``chunk`` rows, ready for indexing (bounded memory).
+
+    Returns ``still_id``/``voxel_id`` (int32 when the ids fit, else int64), ``intensity`` and ``weight``
+    = 1/sigma^2 (float32 when ``float32``, default if > 2e7 rows; rows with sigma <= 0 or a non-finite
+    sigma, intensity or |q| get weight 0 and intensity 0), ``q_magnitude`` (only with ``keep_q``),
+    ``q_range`` (nanmin, nanmax of |q|, 1/Å) and optional ``still_names``. Sigma is never held whole,
+    and no column is converted through a full-length temporary: peak memory is the result plus a chunk.
+    """
+    path = Path(path)
+    with _open_table(path) as f:
+        return _stream_columns(f, path, keep_q, float32, chunk)
+
+
+def _stream_columns(f, path: Path, keep_q: bool, float32: Optional[bool], chunk: int) -> dict[str, Any]:
+    """The columns of an open, checked observation table (see :func:`stream_observations`)."""
+    n = f["intensity"].shape[0]
+    if float32 is None:
+        float32 = n > 20_000_000
+    ft = np.float32 if float32 else np.float64
+    chunks = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+    out: dict[str, Any] = {"still_id": _int_column(f["still_id"], chunks, path),
+                           "voxel_id": _int_column(f["voxel_id"], chunks, path)}
+    inten = np.empty(n, dtype=ft)
+    w = np.empty(n, dtype=ft)
+    q = np.empty(n, dtype=ft) if keep_q else None
+    qmin, qmax = np.inf, -np.inf
+    dq, di, ds = f["q_magnitude"], f["intensity"], f["sigma"]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for lo, hi in chunks:
+            qc = dq[lo:hi].astype(ft, copy=False)
+            ic = di[lo:hi].astype(ft, copy=False)
+            sc = ds[lo:hi]
+            wc = (1.0 / (sc.astype(ft, copy=False) ** 2)).astype(ft, copy=False)
+            bad = ~(np.isfinite(wc) & np.isfinite(ic) & np.isfinite(qc) & (sc > 0))
+            if bad.any():
+                wc[bad] = 0
+                ic[bad] = 0
+            inten[lo:hi] = ic
+            w[lo:hi] = wc
+            if q is not None:
+                q[lo:hi] = qc
+            if np.isfinite(qc).any():
+                qmin = min(qmin, float(np.nanmin(qc)))
+                qmax = max(qmax, float(np.nanmax(qc)))
+    out.update(intensity=inten, weight=w, q_range=(qmin, qmax))
+    if q is not None:
+        out["q_magnitude"] = q
+    names = _still_names(f)
+    if names is not None:
+        out["still_names"] = names
     return out
 
 
@@ -148,6 +249,7 @@ def _s_from_fractional_hkl(unit_cell, h, k, l) -> np.ndarray:
     return np.sqrt(np.maximum(s2, 0.0))
 
 
+@reader("merged map (HDF5)", InputError)
 def read_map(path: str | Path) -> dict[str, Any]:
     """Voxel values and |s| from a voxel-merger map.h5 or a flat HDF5 (q_magnitude, intensity)."""
     path = Path(path)
@@ -181,6 +283,7 @@ def read_map(path: str | Path) -> dict[str, Any]:
     raise InputError(f"{path}: expected entry/map/intensity (voxel-merger map) or 1-D q_magnitude + intensity")
 
 
+@reader("Bragg reference (HDF5)", InputError)
 def read_bragg(path: str | Path) -> dict[str, np.ndarray]:
     """Bragg intensities (per unit cell, relative scale) and |s| from a DIALS .refl or an HDF5 file."""
     path = Path(path)

@@ -32,6 +32,20 @@ def observation_set_from_table(table: Mapping[str, np.ndarray]) -> ObservationSe
     return ObservationSet(sidx, gidx, table["q_magnitude"], inten, w, skeys, len(gkeys), None, len(gkeys))
 
 
+def load_observation_set(path: str | Path, keep_q: bool = True) -> tuple[ObservationSet, dict[str, Any]]:
+    """Stream OBS.h5 (chunked read, see :func:`artifacts.stream_observations`) into an indexed set.
+
+    Without ``keep_q`` (no resolution smoother) |q| is only checked for validity and not kept
+    (the set's ``q`` is None). Returns the set and {"still_names", "q_range"}.
+    """
+    table = artifacts.stream_observations(path, keep_q=keep_q)
+    sidx, skeys = compact_ids(table.pop("still_id"))
+    gidx, gkeys = compact_ids(table.pop("voxel_id"))
+    obs = ObservationSet(sidx, gidx, table.pop("q_magnitude", None), table.pop("intensity"), table.pop("weight"),
+                         skeys, len(gkeys), None, len(gkeys))
+    return obs, {"still_names": table.get("still_names"), "q_range": table["q_range"]}
+
+
 def build_config(smoother: bool = False, n_control_points: int = 3, q_range: Optional[tuple[float, float]] = None,
                  smoothness_weight: float = 1e-2, partiality_threshold: float = 0.1,
                  q_values: Optional[np.ndarray] = None) -> dict:
@@ -60,19 +74,20 @@ def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: boo
                  progress: Optional[Callable[[int, float], None]] = None) -> tuple[dict[str, Path], dict]:
     """Read OBS.h5, refine the v1 model, write scales.json / statistics.json / plots."""
     t0 = time.perf_counter()
-    table = artifacts.read_observations(observations)
+    obs, extra = load_observation_set(observations, keep_q=smoother)
     t_read = time.perf_counter() - t0
-    names = table.pop("still_names", None)
-    obs = observation_set_from_table(table)
-    q = table["q_magnitude"]
-    del table
-    cfg = build_config(smoother, n_control_points, q_range, smoothness_weight, q_values=q if smoother else None)
+    # rows with sigma <= 0 or a NaN/Inf value carry weight 0: excluded, and said so
+    n_excluded = int(np.count_nonzero(obs.weight == 0))
+    names = extra["still_names"]
+    cfg = build_config(smoother, n_control_points, q_range, smoothness_weight,
+                       q_values=np.asarray(extra["q_range"]) if smoother else None)
     model = DiffuseScalingModel(cfg, still_ids=obs.still_ids.tolist())
     refined, stats = model.refine_observation_set(obs, refinement or {}, progress=progress,
                                                   reorder_inplace=True)
     stats = dict(stats)
-    stats["timing_s"] = {"read": round(t_read, 3), "total": round(time.perf_counter() - t0, 3)}
+    stats["timing_s"] = {"read_and_index": round(t_read, 3), "total": round(time.perf_counter() - t0, 3)}
     stats["input"] = str(observations)
+    stats["n_excluded"] = n_excluded
     paths = artifacts.write_relative_outputs(out_dir, refined, stats, names, plots=plots)
     return paths, stats
 

@@ -54,7 +54,8 @@ def handle(ctx: JobContext, params: Params) -> None:
                 progress=lambda it, r: ctx.heartbeat())
             for name, p in paths.items():
                 ctx.add_output(name, p)
-            for k in ("n_iterations", "final_r_factor", "convergence_achieved", "n_stills", "n_observations"):
+            for k in ("n_iterations", "final_r_factor", "convergence_achieved", "n_stills", "n_observations",
+                      "n_excluded"):
                 ctx.metrics[k] = stats[k]
         else:
             map_path = ctx.input_path("map")

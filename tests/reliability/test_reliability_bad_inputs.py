@@ -103,13 +103,15 @@ def test_scaler_bad_tables(expect_rejections, settings, volume):
     (inc / "notes.h5").write_text("not hdf5 at all")
     expect_rejections("scaler", [
         ("sc-ragged", {"observations": inc / "ragged.h5"}, {}, "bad_input", "sigma"),
-        ("sc-2d", {"observations": inc / "twod.h5"}, {}, "bad_input", "twod.h5"),
+        ("sc-2d", {"observations": inc / "twod.h5"}, {}, "bad_input", "dataset intensity has shape (2000, 2)"),
         ("sc-nothdf5", {"observations": inc / "notes.h5"}, {}, "bad_input", "notes.h5"),
         ("sc-points", {"observations": inc / "good.h5"}, {"smoother": True, "n_control_points": 9},
                 "bad_params", "n_control_points"),
         ("sc-qrange", {"observations": inc / "good.h5"}, {"q_range": [0.5, 0.1]}, "bad_params", "q_range"),
     ])
-    assert _ok(settings, "scaler", {"observations": inc / "good.h5"}, {}, "sc-good").status == "ok"
+    assert _ok(settings, "scaler", {"observations": inc / "good.h5"}, {}, "sc-good").metrics["n_excluded"] == 0
+    # one NaN among 4000 observations is excluded (weight 0) and counted, as DIALS drops bad observations
+    assert _ok(settings, "scaler", {"observations": inc / "nan.h5"}, {}, "sc-nan").metrics["n_excluded"] == 1
 
 
 def test_voxel_merger_bad_stills(expect_rejections, settings, volume):

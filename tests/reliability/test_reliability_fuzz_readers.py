@@ -175,7 +175,7 @@ def _fuzz_h5(read, errors, names, attrs=None):
 
 
 def test_fuzz_scaler_observation_table():
-    from scaler.artifacts import InputError, read_observations
+    from scaler.artifacts import InputError, read_observations, stream_observations
 
     _fuzz_h5(read_observations, InputError, ["still_id", "voxel_id", "q_magnitude", "intensity", "sigma",
                                             "still_names"])
@@ -187,6 +187,9 @@ def test_fuzz_scaler_observation_table():
         write_observations(p, np.arange(n) % 5, np.arange(n) % 7, np.linspace(0.1, 0.5, n), np.ones(n), np.ones(n))
 
     _fuzz_bytes(valid, read_observations, InputError, ".h5")
+    _fuzz_h5(lambda p: stream_observations(p, chunk=7), InputError, ["still_id", "voxel_id", "q_magnitude",
+                                                                      "intensity", "sigma"])
+    _fuzz_bytes(valid, lambda p: stream_observations(p, chunk=7), InputError, ".h5")
 
 
 def test_fuzz_stem_polar_patterns():

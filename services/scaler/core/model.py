@@ -23,8 +23,19 @@ from .components import (
     ResolutionSmootherComponent,
     _column,
 )
+from . import kernels
 from .errors import DisabledComponentAccess, ParameterLimitExceeded, RefinementFailure
-from .refine import ObservationSet, ScalingProblem, SmootherSetup, refine, reorder_for_locality
+from .refine import (
+    DEFAULT_THREADS,
+    ObservationSet,
+    ScalingProblem,
+    SmootherSetup,
+    count_per_index,
+    refine,
+    reorder_for_locality,
+    run_parallel,
+    split_ranges,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,22 @@ def compact_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(ids)
     if ids.size == 0:
         return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+    if np.issubdtype(ids.dtype, np.integer) and (ids.dtype.kind == "i" or ids.dtype.itemsize <= 4) \
+            and kernels.available():  # (uint64 - int64 is float in numba: numpy path)
+        ranges = split_ranges(ids.size, DEFAULT_THREADS)
+        mm = np.array(run_parallel(lambda a, b: kernels.min_max(ids[a:b]), ranges))
+        lo, hi = int(mm[:, 0].min()), int(mm[:, 1].max())
+        if hi - lo < 4 * ids.size + (1 << 20):
+            # O(n) in two threaded passes, no temporaries of the table's length except the int32 result
+            # (the threads of the first pass may set the same flag: they only ever write True)
+            present = np.zeros(hi - lo + 1, dtype=bool)
+            run_parallel(lambda a, b: kernels.mark_present(ids[a:b], lo, present), ranges)
+            keys = np.flatnonzero(present) + lo
+            idt = np.int32 if len(keys) < 2**31 else np.int64
+            lut = (np.cumsum(present, dtype=np.int64) - 1).astype(idt)
+            idx = np.empty(ids.shape, dtype=idt)
+            run_parallel(lambda a, b: kernels.lut_gather(ids[a:b], lo, lut, idx[a:b]), ranges)
+            return idx, keys.astype(np.int64)
     if np.issubdtype(ids.dtype, np.integer):
         lo, hi = int(ids.min()), int(ids.max())
         if lo >= 0 and hi < 4 * ids.size + (1 << 20):
@@ -256,7 +283,7 @@ class DiffuseScalingModel(ScalingModelBase):
         vidx, vkeys = compact_ids(diff["voxel_id"])
         n_vox = len(vkeys)
         keys = list(vkeys.tolist())
-        gidx = vidx.astype(np.int64)
+        gidx = vidx
         q, inten, sig = diff["q_magnitude"], diff["intensity"], diff["sigma"]
         if bragg is not None and len(bragg["intensity"]):
             hkl_keys, hidx = np.unique(bragg["hkl"], axis=0, return_inverse=True)
@@ -310,6 +337,8 @@ class DiffuseScalingModel(ScalingModelBase):
         if not refine_b and c0 is None:
             raise ValueError("nothing to refine: per-still scales disabled and no smoother")
         sm = self._smoother_setup()
+        if sm is not None and obs.q is None:
+            raise ValueError("the resolution smoother needs |q| (q_magnitude) of every observation")
         obs = reorder_for_locality(obs, inplace=reorder_inplace)
         b, c = b0, c0
         n_iter, history, n_rejected = 0, [], 0
@@ -332,7 +361,10 @@ class DiffuseScalingModel(ScalingModelBase):
                 if not bad.any():
                     break
                 n_rejected += int(bad.sum())
-                cur = cur.select(~bad)
+                del problem
+                # with reorder_inplace the caller gave up the table: compact it in place (no second copy)
+                cur = cur.drop_inplace(bad) if reorder_inplace else cur.select(~bad)
+                del bad
         except RefinementFailure:
             raise
         except (FloatingPointError, ArithmeticError, np.linalg.LinAlgError, RuntimeError) as exc:
@@ -365,7 +397,7 @@ class DiffuseScalingModel(ScalingModelBase):
                   "additive_offset": 0.0}
         if c is not None:
             shifts["resolution_smoother"] = float(np.max(np.abs(c - c0)))
-        n_per_still = np.bincount(cur.still_index, minlength=obs.n_stills)
+        n_per_still = count_per_index(cur.still_index, obs.n_stills)
         self.statistics = {
             "n_iterations": int(n_iter),
             "final_r_factor": float(history[-1]),
@@ -454,8 +486,20 @@ def outlier_mask(problem: ScalingProblem, b, c, ih, var, zmax: float) -> np.ndar
     """|I - t I_h| / sqrt(sigma^2 + t^2 var(I_h)) > zmax, for groups with >= 3 observations (chunked)."""
     o = problem.obs
     gb = problem.g_bins(c)
-    n = np.bincount(o.group_index, minlength=problem.G)
+    n = problem.group_counts()
     out = np.zeros(o.n_obs, dtype=bool)
+    if problem.use_kernels:
+        bb = np.ascontiguousarray(b, dtype=np.float64)
+        ihc = np.ascontiguousarray(ih, dtype=np.float64)
+        varc = np.ascontiguousarray(var, dtype=np.float64)
+
+        def part(lo, hi):
+            kb, gbv, _, _ = problem._kernel_smoother_args(gb, lo, hi)
+            return kernels.outlier_flags(problem._s[lo:hi], problem._g[lo:hi], problem._I[lo:hi], problem._w[lo:hi],
+                                         bb, ihc, varc, n, kb, gbv, gb is not None, float(zmax), out[lo:hi])
+
+        problem._run(part)
+        return out
     for sl in problem._slices():
         gi = o.group_index[sl]
         t = b[o.still_index[sl]]
