@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from diffractflow.reading import reader
 from .core.source import check_scan_shape
 
 HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".nxs", ".emd", ".h5py"}
@@ -84,6 +86,27 @@ class _RowSource:
         return block[start - r0 * w:stop - r0 * w]
 
 
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault the pages of a range in, in one call
+_libc = None
+
+
+def _populate(view: np.ndarray, view_off: int, lo: int, hi: int) -> bool:
+    """madvise(MADV_POPULATE_READ) on file offsets [lo, hi) of a mapped view, through ctypes so the GIL is
+    released (the pages of the next block are mapped by a helper thread while the current one is processed).
+    False when not available (the caller falls back to MADV_WILLNEED)."""
+    global _libc
+    try:
+        import ctypes
+
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        base = view.ctypes.data - view_off  # address of file offset 0 in the map
+        return _libc.madvise(base + lo, hi - lo, _MADV_POPULATE_READ) == 0
+    except Exception:  # pragma: no cover - hints only
+        return False
+
+
 class H5Source(_RowSource):
     """A dataset in an HDF5 file (any int/float dtype; compressed filters via hdf5plugin). Kept open."""
 
@@ -108,6 +131,9 @@ class H5Source(_RowSource):
         _check_dtype(self.ds.dtype, f"{self.path}:{dset}")
         self.dtype = self.ds.dtype
         self._setup(self.ds.shape, scan_shape, f"{self.path}:{dset}")
+        self._mm = None
+        self._view = None
+        self._off = 0
 
     def _get(self, sl):
         return self.ds[sl]
@@ -124,7 +150,59 @@ class H5Source(_RowSource):
             self.ds.read_direct(out, np.s_[start:stop])
         return out
 
+    def frames_view(self) -> Optional[np.ndarray]:
+        """Read-only (N, ky, kx) view of the dataset's bytes in the file through a memory map (no copy, no
+        HDF5 call per block), or None when the dataset is chunked, compressed, external or not native-endian
+        (the caller then reads blocks with ``read_into``)."""
+        if self._view is not None:
+            return self._view
+        ds = self.ds
+        try:
+            if ds.chunks is not None or ds.external or not ds.dtype.isnative or ds.dtype.kind not in "iuf":
+                return None
+            off = ds.id.get_offset()
+        except Exception:  # pragma: no cover - unusual storage layouts
+            return None
+        count = self.n_frames * self.frame_shape[0] * self.frame_shape[1]
+        if off is None or count == 0:
+            return None
+        try:
+            with open(self.path, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # pragma: no cover - e.g. a file system without mmap
+            return None
+        if off + count * ds.dtype.itemsize > len(mm):
+            mm.close()
+            return None
+        self._mm, self._off = mm, int(off)
+        self._view = np.frombuffer(mm, dtype=ds.dtype, count=count, offset=off).reshape(
+            self.n_frames, *self.frame_shape)
+        return self._view
+
+    def advise(self, what: str, start: int, stop: int) -> None:
+        """Page hints for frames [start, stop) of the map: 'willneed' starts kernel read-ahead, 'done' unmaps
+        them (the page cache keeps the data; this process's resident memory stays bounded)."""
+        if self._mm is None or stop <= start or not hasattr(self._mm, "madvise"):
+            return
+        fb = self.frame_shape[0] * self.frame_shape[1] * self.ds.dtype.itemsize
+        lo, hi = self._off + start * fb, self._off + stop * fb
+        lo -= lo % mmap.PAGESIZE
+        if what == "willneed" and _populate(self._view, self._off, lo, hi):
+            return
+        flag = mmap.MADV_WILLNEED if what == "willneed" else mmap.MADV_DONTNEED
+        try:
+            self._mm.madvise(flag, lo, hi - lo)
+        except (OSError, ValueError):  # pragma: no cover - hints only
+            pass
+
     def close(self):
+        self._view = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still referenced somewhere; the map closes when it is collected
+                pass
+            self._mm = None
         self.file.close()
 
 
@@ -207,6 +285,7 @@ def find_datasets(f) -> list[str]:
 _RSCIIO = {".mib": "rsciio.quantumdetector", ".blo": "rsciio.blockfile", ".emd": "rsciio.emd"}
 
 
+@reader("4D-STEM dataset", DataError)
 def open_source(path, dset: Optional[str] = None, scan_shape=None):
     """Open a 4D-STEM dataset lazily.
 
@@ -249,6 +328,7 @@ def open_source(path, dset: Optional[str] = None, scan_shape=None):
 _LABEL_KEYS = ("labels", "clusters", "cluster_labels", "labels_", "cluster", "assignments")
 
 
+@reader("labels file (.npy/.npz)", DataError)
 def load_labels(path) -> tuple[np.ndarray, Optional[list[int]]]:
     """Cluster labels from ``.npy`` or ``.npz`` (key labels/clusters/..., or the only array).
 

@@ -96,6 +96,8 @@ def run(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda:N (CuPy)"),
     chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="frames per streamed chunk "
                                          "(default: ~64 MB of float32)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU worker threads (default: every "
+                                          "CPU this process may use)"),
     interactive_center: bool = typer.Option(False, "--interactive-center", help="click the beam centre on the "
                                             "mean pattern"),
     interactive_kspace: bool = typer.Option(False, "--interactive-kspace", help="click pairs of opposite Bragg "
@@ -136,7 +138,7 @@ def run(
         with _Progress(quiet) as prog, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # collected in the report and shown in the summary
             pipe = PolarPipeline(src, lab, cfg, device=device, chunk=chunks, reference=ref,
-                                 declared_ids=declared, progress=prog)
+                                 declared_ids=declared, progress=prog, threads=threads)
             pipe.prepare()
             interactive = {}
             if interactive_center:
@@ -348,7 +350,8 @@ def demo(
         "calibration": {"pixel_size": 5.0, "pixel_size_units": "angstrom", "convergence_angle": 21.4},
         "validation": {"enable_split_half": True}}))
     run(data=ds / "patterns.h5", dset="patterns", labels=ds / "labels.npy", scan_shape=(size, size),
-        out=out / "result", config=ds / "config.yaml", device="cpu", chunks=None, interactive_center=False,
+        out=out / "result", config=ds / "config.yaml", device="cpu", chunks=None, threads=None,
+        interactive_center=False,
         interactive_kspace=False, known_spacing=None, kspace_pairs=1, center=None, reference=None,
         reference_dset=None, set_=[], quiet=True)
     rs = out / "result" / "realspace"

@@ -32,6 +32,7 @@ from .calibration import (
 from .config import PolarConfig
 from .source import auto_chunk, iter_chunks
 from .xp import get_xp, to_numpy
+from . import engine as eng
 
 
 class InputError(ValueError):
@@ -135,6 +136,8 @@ class PolarPipeline:
         progress: Optional[Callable[[str, int, int], None]] = None,
         prefetch: bool = True,
         tile: Optional[int] = None,
+        threads: Optional[int] = None,
+        engine: str = "auto",
     ):
         self.cfg = cfg if cfg is not None else PolarConfig()
         self.source = source
@@ -149,8 +152,14 @@ class PolarPipeline:
         w = source.scan_shape[1]
         if self.chunk > w:  # whole scan rows: HDF5 (H, W, ky, kx) blocks are then read without a copy
             self.chunk -= self.chunk % w
-        # tiles: a few MB of float32 on CPU (cache-resident work), the whole chunk on a GPU
-        self.tiler = Tiler(self.xp, int(np.prod(source.frame_shape)), self.chunk, tile)
+        # CPU engine (core.engine: one-group tiles of ~1 MB, worker threads) on numpy unless engine='generic';
+        # the array-module path (core.stages, tiles of a few MB on CPU, the whole chunk on a GPU) otherwise
+        if engine not in ("auto", "fast", "generic"):
+            raise InputError(f"engine must be 'auto', 'fast' or 'generic', got {engine!r}")
+        self.fast = self.xp is np and engine != "generic"
+        self.threads = int(threads) if threads else eng.default_threads()
+        self.tile = int(tile) if tile else eng.default_tile(int(np.prod(source.frame_shape)))
+        self.tiler = None if self.fast else Tiler(self.xp, int(np.prod(source.frame_shape)), self.chunk, tile)
         self.warnings: list[str] = []
         self.timings: dict[str, float] = {}
         self.center: Optional[CenterEstimate] = None
@@ -312,13 +321,18 @@ class PolarPipeline:
         split = cfg.validation.enable_split_half
 
         # ---- pass 1: statistics
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         part = st.StatsPartial.zeros(C, P)
         lab_x = xp.asarray(lab_idx)
         half_x = xp.asarray(half)
 
         nonneg = np.dtype(src.dtype).kind in "ub"
-        for a, b, block in _prefetch(iter_chunks(src, self.chunk, buffers=3), self.prefetch):
+        if self.fast:
+            part = eng.pass1_stats(src, self.chunk, self.tile, self.threads, lab_idx, C, half if split else None,
+                                   pre, ref, check=self._check_finite, prefetch=self.prefetch,
+                                   progress=lambda b, n_: self.progress("pass 1/2: statistics", b, n_))
+        # generic (array-module) path
+        for a, b, block in ([] if self.fast else _prefetch(iter_chunks(src, self.chunk, buffers=3), self.prefetch)):
             self._check_finite(block, a)
             flat = block.reshape(b - a, -1)
             acc = st.StatsAccumulator(xp, C, P, split)
@@ -329,6 +343,7 @@ class PolarPipeline:
             self.progress("pass 1/2: statistics", b, n)
         stats = st.finalize_stats(part, ref, shp, C, keep=pre.keep)
         self.timings["pass1_stats"] = time.perf_counter() - t0
+        self.timings["pass1_stats_cpu"] = time.process_time() - c0  # CPU seconds of this process (all threads)
 
         # ---- templates and gates
         t0 = time.perf_counter()
@@ -366,7 +381,7 @@ class PolarPipeline:
         self.timings["templates_gates"] = time.perf_counter() - t0
 
         # ---- pass 2: maps
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         Cv = len(ids_v)
         S = np.empty((n, Cv), dtype=np.float32)
         amax = np.empty(n, dtype=np.int64)
@@ -375,8 +390,16 @@ class PolarPipeline:
         cyp = np.empty(n, dtype=np.float64)
         valid = np.empty(n, dtype=bool)
         adaptive = cfg.dpc.gate_mode == "adaptive"
-
-        for a, b, block in _prefetch(iter_chunks(src, self.chunk, buffers=3), self.prefetch):
+        if self.fast:
+            pos = {int(i): k for k, i in enumerate(sel)}
+            gate_of_slot = np.array([pos.get(i, -1) for i in range(C)] + [-1], dtype=np.int64)
+            lab_slot = np.where(lab_idx >= 0, lab_idx, C)
+            S, amax, conf, cxp, cyp, valid = eng.pass2_maps(
+                src, self.chunk, self.tile, self.threads, pre, mf, com, cfg.matched_filter.softmax_temp, adaptive,
+                gate_of_slot, lab_slot, prefetch=self.prefetch,
+                progress=lambda b, n_: self.progress("pass 2/2: matched filter + gated CoM", b, n_))
+        # generic (array-module) path
+        for a, b, block in ([] if self.fast else _prefetch(iter_chunks(src, self.chunk, buffers=3), self.prefetch)):
             flat = block.reshape(b - a, -1)
             for u0, u1 in self.tiler.ranges(b - a):
                 x = self.tiler.load(flat[u0:u1])
@@ -390,6 +413,7 @@ class PolarPipeline:
                 cxp[i0:i1], cyp[i0:i1], valid[i0:i1] = to_numpy(ccx), to_numpy(ccy), to_numpy(ok)
             self.progress("pass 2/2: matched filter + gated CoM", b, n)
         self.timings["pass2_maps"] = time.perf_counter() - t0
+        self.timings["pass2_maps_cpu"] = time.process_time() - c0
         n_invalid = int((~valid).sum())
         if n_invalid:
             st.warn(f"{n_invalid} pattern(s) have no intensity inside their CoM gate; CoM set to 0 there",
@@ -401,7 +425,12 @@ class PolarPipeline:
             t0 = time.perf_counter()
             rx = np.empty((n, com.n_gates))
             ry = np.empty((n, com.n_gates))
-            for a, b, block in _prefetch(iter_chunks(self.reference, self.chunk, buffers=3), self.prefetch):
+            if self.fast:
+                rx, ry, _ = eng.com_pass(self.reference, self.chunk, self.tile, self.threads, com, all_gates=True,
+                                         check=self._check_finite, prefetch=self.prefetch,
+                                         progress=lambda b, n_: self.progress("descan reference", b, n_))
+            for a, b, block in ([] if self.fast else
+                                _prefetch(iter_chunks(self.reference, self.chunk, buffers=3), self.prefetch)):
                 self._check_finite(block, a)
                 flat = block.reshape(b - a, -1)
                 for u0, u1 in self.tiler.ranges(b - a):
@@ -544,10 +573,12 @@ class PolarPipeline:
 
 
 def stream_gated_com(source, gates, cy: float, cx: float, chunk: Optional[int] = None, tile: Optional[int] = None,
-                     device: str = "cpu", prefetch: bool = True):
+                     device: str = "cpu", prefetch: bool = True, threads: Optional[int] = None,
+                     engine: str = "auto"):
     """Gated CoM alone over a streamed scan (one pass): returns (com_x, com_y, valid) per frame, detector px.
 
-    ``gates`` is one (ky, kx) gate (or (K, ky, kx), the first is used); the same tiled path as the pipeline.
+    ``gates`` is one (ky, kx) gate (or (K, ky, kx), the first is used); the same tiled path as the pipeline
+    (the CPU engine with ``threads`` workers on numpy, the array-module path with ``engine='generic'`` or CuPy).
     """
     xp = get_xp(device)
     g = np.asarray(gates, dtype=np.float64)
@@ -556,6 +587,11 @@ def stream_gated_com(source, gates, cy: float, cx: float, chunk: Optional[int] =
     w = source.scan_shape[1]
     if chunk > w:
         chunk -= chunk % w
+    if xp is np and engine != "generic":  # the CPU engine (worker threads, memory-mapped reads)
+        tile = int(tile) if tile else eng.default_tile(int(np.prod(source.frame_shape)))
+        with _blas_one_thread(xp):
+            return eng.com_pass(source, chunk, tile, int(threads) if threads else eng.default_threads(), com,
+                                prefetch=prefetch)
     tiler = Tiler(xp, int(np.prod(source.frame_shape)), chunk, tile, tile_bytes=1 << 20)  # one skinny product
     n = source.n_frames
     cxs, cys, oks = np.empty(n), np.empty(n), np.empty(n, dtype=bool)

@@ -46,6 +46,10 @@ class ArraySource:
     def read(self, start: int, stop: int) -> np.ndarray:
         return self.data[start:stop]
 
+    def frames_view(self) -> np.ndarray:
+        """The (N, ky, kx) frames themselves (no copy; readers must not write into them)."""
+        return self.data
+
 
 def check_scan_shape(n_frames: int, scan_shape, name: str) -> None:
     if len(scan_shape) != 2 or min(scan_shape) < 1:

@@ -1,0 +1,510 @@
+"""Fast CPU (numpy) passes over a streamed scan: pass-1 statistics, pass-2 maps, gated CoM.
+
+Same formulas as the array-module code in ``stages`` (which stays the GPU path and the reference), organised
+for a CPU:
+
+* frames come as zero-copy views of a memory-mapped contiguous HDF5 dataset (or of an in-memory array) when
+  the source offers one, else from buffered reads with background prefetch;
+* each chunk is cut into cache-sized tiles that hold frames of ONE group only (cluster label, and split half
+  when asked for): sorting a chunk's frames by group turns every per-cluster sum into a column sum, i.e. a
+  BLAS matrix-vector product (a few x cheaper than a one-hot matrix product with a few rows);
+* tiles are processed by ``threads`` worker threads (numpy and BLAS release the GIL), each with its own
+  float32 buffers and accumulators (float32 for at most 256 frames, then float64), merged by addition at the
+  end (a static split of the tiles, so results do not depend on timing);
+* per tile: one uint16 -> float32 conversion, one log, matrix-vector / skinny matrix products run as BLAS
+  "small matrix" calls (``rmm``), no temporaries the size of a tile.
+
+Pass 2 (adaptive gating) computes each frame's CoM moments with the gate of its *label* first (one 3-column
+product per tile) and redoes, per chunk, only the frames whose matched-filter argmax differs (a few %).
+Softmax, argmax and the CoM ratios run once per chunk, vectorised, not per tile.
+
+The log is the floor of this design: log1p costs ~1 ns per pixel on one core with numpy (a LUT gather through
+``np.take`` is no faster), and the seed's pipeline needs it in both passes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import stages as st
+
+# ----------------------------------------------------------------------------------------- frame blocks
+
+
+def default_threads() -> int:
+    """Worker threads for the CPU passes: the CPUs this process may use (at most 16)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    return max(1, min(16, n))
+
+
+def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch: bool = True):
+    """Yield (start, stop, block) with ``block`` a (stop - start, P) array of raw frames, valid until the next
+    block is taken. Zero-copy views (``source.frames_view()``) when available, else ring-buffer reads with a
+    background prefetch thread. ``check(block, start)`` runs on every block (finiteness of float data)."""
+    from .pipeline import _prefetch
+    from .source import iter_chunks
+
+    n = source.n_frames
+    view = getattr(source, "frames_view", None)
+    arr = view() if view is not None else None
+    if arr is not None and arr.flags.c_contiguous:
+        arr = arr.reshape(n, -1)  # a view (no copy) of the contiguous frames
+        advise = getattr(source, "advise", None)
+        if advise is None:
+            for a in range(0, n, chunk):
+                block = arr[a:min(a + chunk, n)]
+                if check is not None:
+                    check(block, a)
+                yield a, a + len(block), block
+            return
+        with ThreadPoolExecutor(max_workers=1) as helper:
+            advise("willneed", 0, min(chunk, n))
+            for a in range(0, n, chunk):
+                b = min(a + chunk, n)
+                # map (and read ahead) the next block in a helper thread while this one is processed
+                nxt = helper.submit(advise, "willneed", b, min(b + chunk, n)) if b < n else None
+                block = arr[a:b]
+                if check is not None:
+                    check(block, a)
+                yield a, b, block
+                if nxt is not None:
+                    nxt.result()
+                advise("done", a, b)  # unmap pages already used: resident memory stays bounded
+        return
+    for a, b, block in _prefetch(iter_chunks(source, chunk, buffers=3), prefetch):
+        block = block.reshape(b - a, -1)
+        if check is not None:
+            check(block, a)
+        yield a, b, block
+
+
+def group_tiles(keys: np.ndarray, tile: int):
+    """Tiles of one group each: list of (group, selection) with selection a slice (consecutive frames) or an
+    index array, over a chunk whose frames have group ``keys`` (local indices)."""
+    n = len(keys)
+    out = []
+    if n == 0:
+        return out
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    cuts = np.flatnonzero(sk[1:] != sk[:-1]) + 1
+    starts = np.r_[0, cuts]
+    stops = np.r_[cuts, n]
+    for s, e in zip(starts.tolist(), stops.tolist()):
+        g = int(sk[s])
+        for u in range(s, e, tile):
+            v = min(u + tile, e)
+            idx = order[u:v]
+            if idx[-1] - idx[0] == v - u - 1:  # consecutive frames: a view, no gather
+                out.append((g, slice(int(idx[0]), int(idx[-1]) + 1)))
+            else:
+                out.append((g, idx))
+    return out
+
+
+_SMALL_MNK = 1_000_000  # OpenBLAS (SkylakeX) runs sgemm with M*N*K up to 100^3 on unpacked "small matrix" kernels
+
+
+def rmm(at: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """x @ at.T for a skinny (c, P) ``at``: evaluated as at @ x.T over row blocks of x small enough for BLAS'
+    small-matrix kernels (no packing copy of x; ~3x faster than one large product here). Same sums."""
+    c, p = at.shape
+    m = x.shape[0]
+    nsub = int(_SMALL_MNK // (c * p))
+    if nsub < 1 or m <= nsub:
+        return (at @ x.T).T
+    out = np.empty((m, c), dtype=np.result_type(at, x))
+    for u in range(0, m, nsub):
+        np.matmul(at, x[u:u + nsub].T, out=out[u:u + nsub].T)
+    return out
+
+
+def _split_even(items, parts: int):
+    """Contiguous split of a list into ``parts`` lists of near-equal total frame counts."""
+    if parts <= 1 or len(items) <= 1:
+        return [items]
+    sizes = np.array([(s.stop - s.start) if isinstance(s, slice) else len(s) for _, s in items], dtype=float)
+    cum = np.cumsum(sizes)
+    bounds = np.searchsorted(cum, cum[-1] * np.arange(1, parts) / parts, side="left") + 1
+    edges = [0] + [int(min(b, len(items))) for b in bounds] + [len(items)]
+    return [items[edges[i]:edges[i + 1]] for i in range(parts) if edges[i + 1] > edges[i]]
+
+
+class _Worker:
+    """Per-thread buffers: a float32 tile, a second float32 tile (pass 2 log), a gather buffer."""
+
+    def __init__(self, tile: int, n_pix: int, dtype, second: bool = False):
+        self.f = np.empty((tile, n_pix), dtype=np.float32)
+        self.e = np.empty((tile, n_pix), dtype=np.float32) if second else None
+        self.g = np.empty((tile, n_pix), dtype=dtype)
+        self.ones = np.ones(tile, dtype=np.float32)
+        self.a2 = np.ones((2, tile), dtype=np.float32)  # pass 1: rows [1, bg] of a tile
+        self.out4 = np.empty((4, n_pix), dtype=np.float32)
+
+    def load(self, block, sel):
+        """Raw frames of a tile as float32 (a copy: the source is never written)."""
+        if isinstance(sel, slice):
+            src = block[sel]
+        else:
+            src = np.take(block, sel, axis=0, out=self.g[:len(sel)])
+        x = self.f[:src.shape[0]]
+        np.copyto(x, src, casting="unsafe")
+        return x
+
+
+class _Pool:
+    """A fixed set of worker threads, one ``_Worker`` state each.
+
+    ``run_parts(fn, tiles)`` cuts a chunk's tiles into contiguous parts (several per thread, at most
+    ``PART_FRAMES`` frames each) that the threads pull from a shared queue, so a thread that gets less CPU
+    (other jobs on the machine) does not hold the chunk up; fn(state, part_index, part) must make its result
+    depend on the part only (per-part accumulators, merged in part order), which keeps results independent of
+    the scheduling."""
+
+    PARTS_PER_THREAD = 4
+    PART_FRAMES = 256
+
+    def __init__(self, threads: int, make_state: Callable[[], object]):
+        self.threads = max(1, int(threads))
+        self.states = [make_state() for _ in range(self.threads)]
+        self.ex = ThreadPoolExecutor(max_workers=self.threads) if self.threads > 1 else None
+
+    def split(self, tiles):
+        n = sum((s.stop - s.start) if isinstance(s, slice) else len(s) for _, s in tiles)
+        parts = max(self.threads * self.PARTS_PER_THREAD if self.threads > 1 else 1, -(-n // self.PART_FRAMES))
+        return _split_even(tiles, parts)
+
+    def run_parts(self, fn, tiles):
+        parts = self.split(tiles)
+        if self.ex is None or len(parts) == 1:
+            for i, p in enumerate(parts):
+                fn(self.states[0], i, p)
+            return len(parts)
+        queue = iter(enumerate(parts))
+        lock = threading.Lock()
+
+        def work(state):
+            while True:
+                with lock:
+                    nxt = next(queue, None)
+                if nxt is None:
+                    return
+                fn(state, *nxt)
+
+        futs = [self.ex.submit(work, st_) for st_ in self.states]
+        for f in futs:
+            f.result()
+        return len(parts)
+
+    def map_tiles(self, fn, tiles):
+        """fn(state, part) over the parts of ``tiles`` (results written per frame: any order)."""
+        self.run_parts(lambda state, i, part: fn(state, part), tiles)
+
+    def close(self):
+        if self.ex is not None:
+            self.ex.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------------------------------- pass 1
+
+
+class _GroupSums:
+    """float64 sums per group g of the shifted preprocessed frames e' = pre(e) - ref (before the per-frame
+    background), for frames i in g: raw = sum x_i, s1 = sum e'_i, sq = sum e'_i^2, sbe = sum bg_i e'_i,
+    bg1 = sum bg_i, bg2 = sum bg_i^2, cnt."""
+
+    def __init__(self, n_groups: int, n_pix: int):
+        self.vec = np.zeros((n_groups, 4, n_pix))  # rows raw, s1, sq, sbe
+        self.scal = np.zeros((n_groups, 3))  # bg1, bg2, cnt
+
+    def add_part(self, part: dict) -> None:
+        """Add one part's float32 staging sums (at most ``_Pool.PART_FRAMES`` frames each)."""
+        for g in sorted(part):
+            v32, sc = part[g]
+            self.vec[g] += v32
+            self.scal[g] += sc
+
+    @property
+    def raw(self):
+        return self.vec[:, 0]
+
+    @property
+    def s1(self):
+        return self.vec[:, 1]
+
+    @property
+    def sq(self):
+        return self.vec[:, 2]
+
+    @property
+    def sbe(self):
+        return self.vec[:, 3]
+
+    @property
+    def bg1(self):
+        return self.scal[:, 0]
+
+    @property
+    def bg2(self):
+        return self.scal[:, 1]
+
+    @property
+    def cnt(self):
+        return self.scal[:, 2]
+
+
+def _pass1_part(pre, ref32, nonneg: bool, n_pix: int):
+    """fn(state, block, tiles) -> {group: (float32 (4, P) sums [raw, s1, sq, sbe], float64 [bg1, bg2, cnt])}."""
+    c = pre.cfg
+    bgw = pre.bg_weights if c.background_subtract else None
+
+    def run(state, block, tiles):
+        part: dict = {}
+        bgs: dict = {}
+        tmp = state.out4  # rows raw, s1, sbe, sq of one tile (the order of _GroupSums.vec is raw, s1, sq, sbe)
+        for g, sel in tiles:
+            if g not in part:
+                part[g] = np.zeros((4, n_pix), dtype=np.float32)
+                bgs[g] = []
+            x = state.load(block, sel)
+            n = x.shape[0]
+            ones = state.ones[:n]
+            np.matmul(ones, x, out=tmp[0])
+            if c.log_transform:
+                if not nonneg:
+                    np.maximum(x, 0, out=x)
+                np.log1p(x, out=x)
+            if bgw is None:
+                np.subtract(x, ref32, out=x)
+                np.matmul(ones, x, out=tmp[1])
+                tmp[2] = 0
+            else:
+                a2 = state.a2[:, :n]  # rows [1, bg]
+                np.matmul(x, bgw, out=a2[1])  # bg_i = e_i . w_bg (before the shift)
+                bgs[g].append(a2[1].copy())
+                np.subtract(x, ref32, out=x)
+                if 2 * n * n_pix <= _SMALL_MNK:  # [1; bg] @ e' in one small-matrix product
+                    np.matmul(a2, x, out=tmp[1:3])
+                else:
+                    np.matmul(ones, x, out=tmp[1])
+                    np.matmul(a2[1], x, out=tmp[2])
+            np.einsum("ij,ij->j", x, x, out=tmp[3])
+            part[g] += tmp
+        out = {}
+        for g, v in part.items():
+            bg = np.concatenate(bgs[g]).astype(np.float64) if bgs[g] else np.zeros(0)
+            cnt = sum((sl.stop - sl.start) if isinstance(sl, slice) else len(sl) for gg, sl in tiles if gg == g)
+            out[g] = (v[[0, 1, 3, 2]], np.array([bg.sum(), bg @ bg, cnt], dtype=np.float64))
+        return out
+
+    return run
+
+
+def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray, n_clusters: int,
+                half: Optional[np.ndarray], pre, ref: np.ndarray, check=None, progress=None,
+                prefetch: bool = True) -> st.StatsPartial:
+    """Pass 1 over the scan -> ``StatsPartial`` (the layout ``stages.finalize_stats`` expects).
+
+    Groups: cluster slot s (0..C-1, C = unassigned label) times split half when ``half`` is given.
+    Sums of D_i = e'_i - bg_i follow from the group sums exactly: sum D = s1 - bg1, sum D^2 = sq - 2 sbe + bg2.
+    Each part of a chunk sums in float32 (<= 256 frames); parts are added in order into float64 totals.
+    """
+    C = n_clusters
+    n_pix = int(np.prod(source.frame_shape))
+    hf = 2 if half is not None else 1
+    slot = np.where(lab_idx >= 0, lab_idx, C).astype(np.int64)
+    key = slot * hf + (half.astype(np.int64) if half is not None else 0)
+    nonneg = np.dtype(source.dtype).kind in "ub"
+    run = _pass1_part(pre, np.ascontiguousarray(ref, dtype=np.float32), nonneg, n_pix)
+    pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype))
+    tot = _GroupSums((C + 1) * hf, n_pix)
+    try:
+        for a, b, block in frame_blocks(source, chunk, check, prefetch):
+            results: dict = {}
+
+            def fn(state, i, part, block=block, results=results):
+                results[i] = run(state, block, part)
+
+            n_parts = pool.run_parts(fn, group_tiles(key[a:b], tile))
+            for i in range(n_parts):
+                tot.add_part(results[i])
+            if progress:
+                progress(b, source.n_frames)
+    finally:
+        pool.close()
+    return _to_partial(tot, C, hf)
+
+
+def _to_partial(s: _GroupSums, C: int, hf: int) -> st.StatsPartial:
+    """Rows of ``StatsPartial`` as sums of group rows: [all, half0, half1], [clusters, clusters x half0,
+    clusters x half1], counts likewise, raw [all, clusters]. Without halves their rows are 0 (unused)."""
+    slots = C + 1
+    first = (s.s1 - s.bg1[:, None]).reshape(slots, hf, -1)  # sum of D per group
+    second = (s.sq - 2 * s.sbe + s.bg2[:, None]).reshape(slots, hf, -1)  # sum of D^2 per group
+    cnt = s.cnt.reshape(slots, hf)
+    raw = s.raw.reshape(slots, hf, -1).sum(axis=1)
+
+    def halves(a):  # (slots, hf, ...) -> [half0, half1] summed over slots
+        return [a[:, h].sum(axis=0) if hf == 2 else np.zeros_like(a[0, 0]) for h in range(2)]
+
+    def cl_halves(a):  # [cluster c & half h] for h, then c
+        return [a[c, h] if hf == 2 else np.zeros_like(a[0, 0]) for h in range(2) for c in range(C)]
+
+    return st.StatsPartial(
+        s1=np.stack([first.sum(axis=(0, 1))] + halves(first)),
+        s2=np.stack([second.sum(axis=(0, 1))] + halves(second)),
+        cs=np.stack([first[c].sum(axis=0) for c in range(C)] + cl_halves(first)),
+        cnt=np.array([cnt.sum()] + halves(cnt) + [cnt[c].sum() for c in range(C)] + cl_halves(cnt), dtype=np.float64),
+        raw_c=np.stack([raw.sum(axis=0)] + [raw[c] for c in range(C)]),
+    )
+
+
+# ----------------------------------------------------------------------------------------- pass 2
+
+
+def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedFilter, com: st.GatedCoM,
+               softmax_temp: float, adaptive: bool, gate_of_slot: Optional[np.ndarray],
+               lab_slot: Optional[np.ndarray], progress=None, prefetch: bool = True):
+    """Pass 2: matched-filter scores S (n, C), argmax index, max softmax probability, gated CoM (x, y, valid).
+
+    S = e W - b - bg (1 W) with e = log1p(x) (or x) and bg = e . w_bg, evaluated as ONE product e [W | w_bg].
+    CoM moments x M_g use the gate of the frame's label (``gate_of_slot[lab_slot]``, -1 = unknown: all gates)
+    in adaptive mode and are recomputed for frames whose argmax picks another gate; union mode uses gate 0.
+    """
+    n = source.n_frames
+    n_pix = int(np.prod(source.frame_shape))
+    C = mf.W.shape[1]
+    c = pre.cfg
+    bgsub = c.background_subtract
+    W2T = np.ascontiguousarray((np.concatenate([mf.W, pre.bg_weights[:, None]], axis=1) if bgsub else mf.W).T,
+                               dtype=np.float32)  # (C [+1], P)
+    b, colsum = mf.b, mf.colsum
+    MT = np.ascontiguousarray(com.M.T)  # (3K, P)
+    K = com.n_gates
+    MgT = [np.ascontiguousarray(MT[3 * g:3 * g + 3]) for g in range(K)]
+    nonneg = np.dtype(source.dtype).kind in "ub"
+    S = np.empty((n, C), dtype=np.float32)
+    amax = np.empty(n, dtype=np.int64)
+    conf = np.empty(n, dtype=np.float32)
+    cxp = np.empty(n, dtype=np.float64)
+    cyp = np.empty(n, dtype=np.float64)
+    valid = np.empty(n, dtype=bool)
+    if adaptive:
+        key = np.asarray(gate_of_slot)[lab_slot].astype(np.int64)  # guessed gate per frame, -1 unknown
+    else:
+        key = np.zeros(n, dtype=np.int64)  # union: gate 0 for every frame, never redone
+
+    nP = W2T.shape[0]
+    P_chunk = np.empty((chunk, nP), dtype=np.float32)  # per chunk: [e W | e w_bg] and the guessed-gate moments
+    R_chunk = np.empty((chunk, 3), dtype=np.float32)
+
+    def run(state, tiles, block):
+        """Heavy per-tile work only: two skinny products (CoM moments on raw x, scores on e = log1p(x))."""
+        for g, sel in tiles:
+            x = state.load(block, sel)
+            if g >= 0:
+                R_chunk[sel] = rmm(MgT[g], x)
+            if c.log_transform:
+                e = state.e[:x.shape[0]]
+                if nonneg:
+                    np.log1p(x, out=e)
+                else:
+                    np.maximum(x, 0, out=e)
+                    np.log1p(e, out=e)
+            else:
+                e = x
+            P_chunk[sel] = rmm(W2T, e)
+
+    def finish(a, bnd, block):
+        """Per chunk, vectorised: S, softmax, argmax; CoM moments redone (all gates) where the argmax is not the
+        guessed gate (another cluster than the label, or an unassigned label)."""
+        m = bnd - a
+        p = P_chunk[:m]
+        s = p[:, :C] - b[None, :]
+        if bgsub:
+            s -= p[:, C:C + 1] * colsum[None, :]
+        _, idx, cmax = st.softmax_confidence(np, s, softmax_temp)
+        r = R_chunk[:m]
+        if adaptive:
+            bad = np.flatnonzero(idx != key[a:bnd])
+            if len(bad):
+                xb = np.empty((len(bad), n_pix), dtype=np.float32)
+                np.copyto(xb, block[bad], casting="unsafe")
+                rb = rmm(MT, xb).reshape(len(bad), K, 3)
+                r[bad] = np.take_along_axis(rb, idx[bad].reshape(-1, 1, 1), axis=1)[:, 0, :]
+        den = r[:, 2]
+        ok = den > 0
+        safe = np.where(ok, den, 1)
+        S[a:bnd] = s
+        amax[a:bnd] = idx
+        conf[a:bnd] = cmax
+        cxp[a:bnd] = np.where(ok, r[:, 0] / safe, 0)
+        cyp[a:bnd] = np.where(ok, r[:, 1] / safe, 0)
+        valid[a:bnd] = ok
+
+    pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype, second=c.log_transform))
+    try:
+        for a, bnd, block in frame_blocks(source, chunk, None, prefetch):
+            tiles = group_tiles(key[a:bnd], tile)
+            pool.map_tiles(lambda state, part: run(state, part, block), tiles)
+            finish(a, bnd, block)
+            if progress:
+                progress(bnd, n)
+    finally:
+        pool.close()
+    return S, amax, conf, cxp, cyp, valid
+
+
+# ----------------------------------------------------------------------------------------- gated CoM alone
+
+
+def com_pass(source, chunk: int, tile: int, threads: int, com: st.GatedCoM, all_gates: bool = False,
+             check=None, progress=None, prefetch: bool = True):
+    """One pass of gated CoM: (n,) x, y, valid for gate 0, or (n, K) arrays for every gate (``all_gates``)."""
+    n = source.n_frames
+    n_pix = int(np.prod(source.frame_shape))
+    K = com.n_gates if all_gates else 1
+    MT = np.ascontiguousarray(com.M[:, :3 * K].T)
+    R_chunk = np.empty((chunk, 3 * K), dtype=np.float32)
+
+    def run(state, tiles, block):
+        for _, sel in tiles:
+            R_chunk[sel] = rmm(MT, state.load(block, sel))
+
+    cx, cy = np.empty((n, K)), np.empty((n, K))
+    ok_all = np.empty((n, K), dtype=bool)
+    pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype))
+    try:
+        for a, b, block in frame_blocks(source, chunk, check, prefetch):
+            m = b - a
+            pool.map_tiles(lambda state, part: run(state, part, block),
+                           [(0, slice(u, min(u + tile, m))) for u in range(0, m, tile)])
+            r = R_chunk[:m].reshape(m, K, 3)
+            den = r[..., 2]
+            ok = den > 0
+            safe = np.where(ok, den, 1)
+            cx[a:b], cy[a:b], ok_all[a:b] = np.where(ok, r[..., 0] / safe, 0), np.where(ok, r[..., 1] / safe, 0), ok
+            if progress:
+                progress(b, n)
+    finally:
+        pool.close()
+    if not all_gates:
+        cx, cy, ok_all = (np.ascontiguousarray(v[:, 0]) for v in (cx, cy, ok_all))
+    return cx, cy, ok_all
+
+
+def default_tile(n_pix: int, tile_bytes: int = 1 << 20) -> int:
+    """Frames per tile: about ``tile_bytes`` of float32 (stays in a core's L2 cache between the operations)."""
+    return max(1, int(tile_bytes // (4 * n_pix)))
+
+
+__all__ = ["pass1_stats", "pass2_maps", "com_pass", "frame_blocks", "group_tiles", "default_threads",
+           "default_tile"]
