@@ -69,6 +69,7 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
         if pngs:
             summary["pngs"] = diagnostics.write_pngs(out_dir, data, res.flags, res.table, stem=h5.stem)
         results.append(summary)
+        del res, data  # frees the table's workspace memory for the next still
         if progress:
             progress()
     return results

@@ -5,7 +5,11 @@ still's raw panel images and (optionally) its reflections; no files involved.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -14,6 +18,7 @@ import numpy as np
 from . import corrections as corr
 from . import geometry as geo
 from . import masks as mk
+from .workspace import WORKSPACE
 
 #: columns of the per-pixel table, with dtype and unit (the HDF5 schema follows this list)
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -75,6 +80,7 @@ class StillExtraction:
     table: dict[str, np.ndarray]
     flags: list[np.ndarray]  # combined MaskBit flags per panel (0 = used)
     info: dict = field(default_factory=dict)
+    setting_matrix: np.ndarray | None = None  # the A (lab frame, 3x3) that gave hkl = A^-1 q
 
     def __len__(self) -> int:
         return int(self.table["intensity"].shape[0])
@@ -90,30 +96,81 @@ class StillExtraction:
 
 @dataclass
 class PanelPixels:
-    """Static per-pixel quantities of one panel for one detector + beam (flattened, row-major)."""
+    """Static per-pixel quantities of one panel for one detector + beam (flattened, row-major).
 
-    geom: geo.PanelGeometry
-    u: np.ndarray  # (3, npix) float32 unit vectors sample -> pixel
-    polarisation: np.ndarray  # (npix,) float32 multipliers (computed in float64)
-    lorentz: np.ndarray
+    Everything here depends only on the detector, beam (and goniometer) models, never on the
+    image or the crystal. Computed in float64, stored in float32 (relative rounding 6e-8); per
+    still, ``q = u / lambda - s0`` is formed from ``u`` in float32 as the extractor always has,
+    so the tables (and the voxels pixels fall in) do not depend on which path filled the cache.
+    """
+
+    panel: object  # the dxtbx Panel (kept for the lazily computed full geometry)
+    index: int
+    shape: tuple[int, int]  # (ny, nx)
+    wavelength: float
+    s0: np.ndarray  # (3,) beam vector, 1/angstrom
+    u: np.ndarray  # (3, npix) float32 unit vectors sample -> pixel (computed in float64)
+    polarisation: np.ndarray  # (npix,) float32 multipliers
+    lorentz: np.ndarray  # (npix,) float32, or a read-only broadcast 1 for stills
     efficiency: np.ndarray
     solid_angle: np.ndarray
     air: np.ndarray
-    correction: np.ndarray  # product of the multipliers
+    correction: np.ndarray  # product of the multipliers (float64 product, stored float32)
     efficiency_known: bool
-    radial_bin: np.ndarray  # (ny, nx) int32 index of the pixel's |q| shell (outlier statistics)
+    radial_bin: np.ndarray  # (ny, nx) intp index of the pixel's |q| shell (outlier statistics)
+    x_index: np.ndarray  # (npix,) uint16 pixel column of each flat index
+
+    @functools.cached_property
+    def geom(self) -> geo.PanelGeometry:
+        """Full-resolution float64 lab geometry (computed on first use; not needed per still)."""
+        return geo.panel_geometry(self.panel, self.index)
+
+    def frame(self) -> geo.PanelFrame:
+        """Geometry at any sub-grid of pixels (e.g. binned centres for the beamstop search)."""
+        return geo.PanelFrame(self.panel, self.index)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in (self.u, self.polarisation, self.lorentz, self.efficiency,
+                                          self.solid_angle, self.air, self.correction, self.radial_bin,
+                                          self.x_index) if a.strides[-1] != 0))
+
+
+#: Process-wide store of static pixel arrays, keyed by geometry (see ``GeometryCache``). A bus
+#: worker handles one still per job; sharing this store lets the stills of a run that share a
+#: detector and beam model skip the static computation in every job after the first.
+_PROCESS_PIXELS: "OrderedDict[str, list[PanelPixels]]" = OrderedDict()
+_PROCESS_LOCK = threading.RLock()
+#: how many geometries the process-wide store keeps (~11 float32/pixel: ~320 MB for a 6M detector)
+PROCESS_CACHE_ENTRIES = 1
+
+
+def clear_process_cache() -> None:
+    """Drop every geometry from the process-wide store (frees its memory)."""
+    with _PROCESS_LOCK:
+        _PROCESS_PIXELS.clear()
 
 
 class GeometryCache:
-    """Pixel geometry and static correction factors per (detector, beam, air) model.
+    """Static per-pixel quantities (q, |q|, corrections, radial bins) per geometry, and the
+    beamstop found for it.
 
-    A run's stills usually share one detector and beam, so only the orientation-dependent
-    part (hkl) and the masks are recomputed per still.
+    Key: a hash of exactly what the static quantities depend on: the whole detector model
+    (panel frames, pixel sizes, parallax strategy, sensor material, thickness and mu, image size,
+    trusted range and masks), the beam direction, wavelength, polarisation normal and fraction,
+    the goniometer of rotation data, and the air parameters. Stills whose models differ in any of
+    these (e.g. a per-still refined detector distance) get their own entry, so a hit is always
+    exact. The pixel arrays live in a process-wide LRU store (``shared=True``, default) so
+    that successive jobs of one worker reuse them; an evicted entry's memory is recycled for the
+    next geometry. The auto-detected beamstop is per ``GeometryCache`` instance (one instance
+    per run/job, as a beamstop may move between runs) and keyed by the detector's pixel layout:
+    found on the first still, reused for the others even when their refined geometries differ.
     """
 
-    def __init__(self, max_entries: int = 1):
-        self._store: dict[str, list[PanelPixels]] = {}
-        #: auto-detected beamstop flags (and info) per detector+beam key: a run's beamstop does not move
+    def __init__(self, max_entries: int = 1, shared: bool = True):
+        self.shared = shared
+        self._store: "OrderedDict[str, list[PanelPixels]]" = _PROCESS_PIXELS if shared else OrderedDict()
+        #: auto-detected beamstop flags (and info) per detector pixel layout: a run's beamstop does not move
         self.beamstop: dict[str, tuple[list[np.ndarray], dict]] = {}
         self.max_entries = max_entries
         self.hits = 0
@@ -121,60 +178,234 @@ class GeometryCache:
 
     @staticmethod
     def key(detector, beam, params: "ExtractionParams", goniometer=None) -> str:
-        text = repr((detector.to_dict(), beam.to_dict(), goniometer.to_dict() if goniometer is not None else None,
-                     params.air_path_fraction, params.air_density_g_cm3))
+        b = beam.to_dict()
+        beam_part = {k: b.get(k) for k in ("direction", "wavelength", "polarization_normal", "polarization_fraction")}
+        text = repr((detector.to_dict(), beam_part, goniometer.to_dict() if goniometer is not None else None,
+                     float(params.air_path_fraction), float(params.air_density_g_cm3)))
         return hashlib.sha1(text.encode()).hexdigest()
 
-    def get(self, detector, beam, params: "ExtractionParams", goniometer=None) -> list[PanelPixels]:
+    def get(self, detector, beam, params: "ExtractionParams", goniometer=None, key: str | None = None
+            ) -> list[PanelPixels]:
         """``goniometer``: only for rotation data (adds the Lorentz factor); None for stills."""
-        k = self.key(detector, beam, params, goniometer)
+        k = key or self.key(detector, beam, params, goniometer)
+        with _PROCESS_LOCK if self.shared else contextlib.nullcontext():  # workers may run jobs in threads
+            return self._get_locked(k, detector, beam, params, goniometer)
+
+    def _get_locked(self, k, detector, beam, params, goniometer) -> list[PanelPixels]:
         if k in self._store:
             self.hits += 1
+            self._store.move_to_end(k)
             return self._store[k]
         self.misses += 1
-        if len(self._store) >= self.max_entries:
-            old = next(iter(self._store))
-            self._store.pop(old)
-            self.beamstop.pop(old, None)
-        self._store[k] = static_pixels(detector, beam, params, goniometer)
-        return self._store[k]
+        cap = max(self.max_entries, PROCESS_CACHE_ENTRIES if self.shared else 1)
+        while len(self._store) >= cap:
+            _, old = self._store.popitem(last=False)
+            arrays = [a if a.base is None else a.base for pp in old for a in
+                      (pp.u, pp.polarisation, pp.efficiency, pp.solid_angle, pp.air,
+                       pp.correction, pp.lorentz, pp.radial_bin, pp.x_index)]
+            del old
+            WORKSPACE.release(arrays)  # they serve the next geometry (no fresh pages to fault in)
+            del arrays
+        pixels = static_pixels(detector, beam, params, goniometer)
+        self._store[k] = pixels
+        return pixels
 
 
-def static_pixels(detector, beam, params: "ExtractionParams", goniometer=None) -> list[PanelPixels]:
+class _Form:
+    """``scale * v . (c0 + g (a f + b s)) / r - shift`` for a fixed vector ``v`` on blocks of rows.
+
+    ``a`` (fast, 1-D) and ``b`` (slow, 1-D) are in-plane coordinates from the foot ``c0`` of the
+    perpendicular, ``g`` the parallax scale. Zero coefficients are skipped (an axis-aligned
+    detector costs one multiplication per component), and the fast-axis term is pre-tiled to the
+    block shape: numpy's broadcasting loops are several times slower than contiguous ones.
+    """
+
+    def __init__(self, v, c0, f, s, a, b, rows: int, scale: float = 1.0, shift: float = 0.0):
+        self.c = float(np.dot(v, c0)) * scale
+        ca, cb = float(np.dot(v, f)) * scale, float(np.dot(v, s)) * scale
+        self.a_tile = np.tile(a * ca, (rows, 1)) if ca != 0.0 else None
+        self.b = b * cb if cb != 0.0 else None
+        self.shift = shift
+
+    def __call__(self, sl, gi, inv, buf):
+        m = sl.stop - sl.start
+        if self.b is not None:
+            np.copyto(buf[:m], self.b[sl, None])
+            terms = buf[:m]
+            if self.a_tile is not None:
+                terms += self.a_tile[:m]
+        else:
+            terms = self.a_tile[:m] if self.a_tile is not None else None
+        res = np.multiply(terms, gi) if terms is not None else None
+        if self.c != 0.0:
+            if res is None:
+                res = inv * self.c
+            else:
+                res += inv * self.c
+        if res is None:
+            res = np.zeros_like(inv)
+        if self.shift != 0.0:
+            res -= self.shift
+        return res
+
+
+def _tile_x(nx: int, ny: int) -> np.ndarray:
+    """The column index of every flat pixel index (uint16), in recycled memory when possible."""
+    out = WORKSPACE.empty((ny, nx), np.uint16)
+    out[:] = np.arange(nx, dtype=np.uint16)
+    return out.ravel()
+
+
+def static_pixels(detector, beam, params: "ExtractionParams", goniometer=None, rows: int = 16) -> list[PanelPixels]:
     """Geometry and the correction multipliers for every pixel of every panel.
 
     With a ``goniometer`` (rotation data) the Lorentz factor is DIALS' ``|s1.(m2 x s0)|/(|s0||s1|)``
     for rotation axis ``m2``; stills have none (factor 1), as in DIALS.
+
+    Works in float64 over blocks of ``rows`` detector rows (the temporaries stay in cache) and
+    stores float32. For a flat panel with orthonormal fast/slow axes, a pixel at in-plane
+    coordinates (a, b) from the foot of the perpendicular from the sample has
+    ``|r|^2 = a^2 + b^2 + d0^2``, and dxtbx's parallax correction (``geometry.pixel_mm``) moves it
+    radially to ``g (a, b)`` with ``g = 1 - att(|r|)/|r|``: the whole geometry follows from two 1-D
+    arrays and ``|r|`` (cos(incidence) = d0/|r|). Other panels go through the general formulas of
+    :func:`geometry.panel_geometry` per block. The formulas of ``corrections`` are evaluated
+    (same values to float64 rounding; the tests compare both with DIALS).
     """
-    wl = beam.get_wavelength()
+    wl = float(beam.get_wavelength())
+    k = 1.0 / wl
     s0 = np.asarray(beam.get_s0(), dtype=float)
-    mu_air = corr.air_attenuation_coefficient(wl, params.air_density_g_cm3)
+    s0_hat = s0 / np.linalg.norm(s0)
+    pol_n = np.asarray(beam.get_polarization_normal(), dtype=float)
+    pol_f = float(beam.get_polarization_fraction())
+    mu_air = corr.air_attenuation_coefficient(wl, params.air_density_g_cm3) * params.air_path_fraction
     omega_ref = corr.reference_solid_angle(detector)
+    c_axis = None
+    if goniometer is not None:
+        m2 = np.asarray(goniometer.get_rotation_axis(), dtype=float)
+        c_axis = np.cross(m2, s0) / np.linalg.norm(s0)
+    # P = p_a + p_b (n.u)^2 + p_c (s0_hat.u)^2, expanded from corrections.polarisation_correction
+    p_a, p_b, p_c = 1.0 - pol_f, -(1.0 - 2.0 * pol_f), pol_f
     out = []
     for i, panel in enumerate(detector):
-        g = geo.panel_geometry(panel, i)
-        dist = g.dist.ravel()
-        ux, uy, uz = (c.ravel() / dist for c in (g.lab_x, g.lab_y, g.lab_z))
-        cos_o = g.cos_obliquity.ravel()
-        k = 1.0 / wl
-        pol = corr.polarisation_correction(ux * k, uy * k, uz * k, s0,
-                                           beam.get_polarization_normal(), beam.get_polarization_fraction())
-        qe = corr.detector_efficiency(cos_o, panel.get_mu(), panel.get_thickness())
-        eff = np.ones_like(dist) if qe is None else 1.0 / qe
-        sa = omega_ref / corr.solid_angle(g.pixel_area, dist, cos_o)
-        air = corr.air_correction(dist, mu_air, params.air_path_fraction)
-        if goniometer is not None:
-            m2 = np.asarray(goniometer.get_rotation_axis(), dtype=float)
-            c = np.cross(m2, s0)
-            lor = np.abs(ux * c[0] + uy * c[1] + uz * c[2]) / np.linalg.norm(s0)
-        else:
-            lor = np.ones_like(dist)
-        total = pol * lor * eff * sa * air
-        u = np.stack([ux, uy, uz]).astype(np.float32)
-        f32 = [a.astype(np.float32) for a in (pol, lor, eff, sa, air, total)]
-        qn = np.sqrt((ux * k - s0[0]) ** 2 + (uy * k - s0[1]) ** 2 + (uz * k - s0[2]) ** 2)
-        rbin = np.minimum((qn / (2.0 * k) * 2000).astype(np.int32), 1999).reshape(g.shape)
-        out.append(PanelPixels(g, u, *f32, qe is not None, rbin))
+        nx, ny = panel.get_image_size()
+        npix = nx * ny
+        u3 = WORKSPACE.empty((3, npix), np.float32).reshape(3, ny, nx)
+        f32 = {name: WORKSPACE.empty((npix,), np.float32).reshape(ny, nx)
+               for name in ("pol", "eff", "sa", "air", "tot")}
+        lor = WORKSPACE.empty((npix,), np.float32).reshape(ny, nx) if c_axis is not None else None
+        rbin = WORKSPACE.empty((ny, nx), np.intp)
+        mu_s, t_s = float(panel.get_mu()), float(panel.get_thickness())
+        eff_known = mu_s > 0 and t_s > 0
+        frame = geo.PanelFrame(panel, i)
+        area = frame.pixel_area
+        flat = frame.flat_orthonormal
+        if flat:
+            f, s, d0, c0 = frame.f, frame.s, frame.d0, frame.c0
+            psx, psy = panel.get_pixel_size()
+            a = (np.arange(nx) + 0.5) * psx + float(np.dot(frame.o, f))  # mm along fast from the foot
+            b = (np.arange(ny) + 0.5) * psy + float(np.dot(frame.o, s))
+            a2d_tile = np.tile(a * a + d0 * d0, (rows, 1))
+            b2 = b * b
+            buf = np.empty((rows, nx))
+            forms = {name: _Form(v, c0, f, s, a, b, rows) for name, v in
+                     (("p1", pol_n), ("p3", s0_hat), ("lor", c_axis if c_axis is not None else np.zeros(3)))}
+            for j, name in enumerate("xyz"):  # the unit vector's lab components
+                forms[name] = _Form(np.eye(3)[j], c0, f, s, a, b, rows)
+            mu_t0 = frame.parallax
+        for y0 in range(0, ny, rows):
+            y1 = min(ny, y0 + rows)
+            sl = slice(y0, y1)
+            if flat:
+                m = y1 - y0
+                np.copyto(buf[:m], b2[sl, None])
+                R2 = buf[:m] + a2d_tile[:m]
+                if mu_t0 is not None:
+                    mu, t0 = mu_t0
+                    r = np.sqrt(R2)
+                    t = r * (mu * t0 / d0)  # mu t0 / cos(incidence)
+                    e = np.exp(-t)
+                    t += 1.0
+                    t *= e
+                    np.subtract(1.0, t, out=t)  # mu x mean absorption depth
+                    t /= r
+                    t *= 1.0 / mu
+                    g = np.subtract(1.0, t, out=t)  # radial parallax scale g = 1 - att/|r|
+                    R2 -= d0 * d0
+                    R2 *= g
+                    R2 *= g
+                    R2 += d0 * d0
+                    del r, e
+                else:
+                    g = None
+                rp = np.sqrt(R2, out=R2)
+                inv = 1.0 / rp
+                gi = g * inv if g is not None else inv
+                p1 = forms["p1"](sl, gi, inv, buf)
+                p3 = forms["p3"](sl, gi, inv, buf)
+                for j, name in enumerate("xyz"):
+                    u3[j, sl] = forms[name](sl, gi, inv, buf)
+                cos_abs = inv * d0
+                lo = np.abs(forms["lor"](sl, gi, inv, buf)) if c_axis is not None else None
+                sa = rp * rp
+                sa *= rp
+                sa *= omega_ref / (area * d0)  # Omega_ref / Omega, Omega = A d0 / r^3
+            else:
+                gb = frame.block(y0, y1)
+                rp = gb.dist
+                inv = 1.0 / rp
+                ux, uy, uz = gb.lab_x * inv, gb.lab_y * inv, gb.lab_z * inv
+                p1 = ux * pol_n[0] + uy * pol_n[1] + uz * pol_n[2]
+                p3 = ux * s0_hat[0] + uy * s0_hat[1] + uz * s0_hat[2]
+                for j, uc in enumerate((ux, uy, uz)):
+                    u3[j, sl] = uc
+                cos_abs = gb.cos_obliquity
+                lo = np.abs(ux * c_axis[0] + uy * c_axis[1] + uz * c_axis[2]) if c_axis is not None else None
+                sa = rp * rp
+                sa *= omega_ref / area
+                sa /= cos_abs  # Omega_ref / Omega, Omega = A cos / r^2
+            # polarisation 1/P (DIALS' stills convention, corrections.polarisation_correction)
+            P = p1 * p1
+            P *= p_b
+            P += p_a
+            p3sq = p3 * p3
+            p3sq *= p_c
+            P += p3sq
+            pol = np.divide(1.0, P, out=P)
+            f32["pol"][sl] = pol
+            tot = pol
+            if eff_known:  # 1 / QE, QE = 1 - exp(-mu t / |cos|)
+                x = np.divide(-(mu_s * t_s), cos_abs)
+                eff = np.expm1(x, out=x)
+                np.divide(-1.0, eff, out=eff)
+                f32["eff"][sl] = eff
+                tot *= eff
+            f32["sa"][sl] = sa
+            tot *= sa
+            air = rp * mu_air
+            np.exp(air, out=air)
+            f32["air"][sl] = air
+            tot *= air
+            if lo is not None:
+                lor[sl] = lo
+                tot *= lo
+            f32["tot"][sl] = tot
+            # radial shell of |q| = k sqrt(2 (1 - cos 2theta)) (float64: no cancellation trouble)
+            qn = np.subtract(1.0, p3, out=p3sq)
+            qn *= 2.0 * k * k
+            np.sqrt(qn, out=qn)
+            qn *= 1000.0 / k  # 2000 shells of |q| / 2k (the last one only at 2theta = 180 deg)
+            rbin[sl] = qn
+            if qn.max() >= 1999.0:
+                np.minimum(rbin[sl], 1999, out=rbin[sl])
+        one = np.broadcast_to(np.float32(1.0), (npix,))
+        out.append(PanelPixels(
+            panel=panel, index=i, shape=(ny, nx), wavelength=wl, s0=s0, u=u3.reshape(3, npix),
+            polarisation=f32["pol"].ravel(),
+            lorentz=lor.ravel() if lor is not None else one,
+            efficiency=f32["eff"].ravel() if eff_known else one, solid_angle=f32["sa"].ravel(),
+            air=f32["air"].ravel(), correction=f32["tot"].ravel(), efficiency_known=eff_known,
+            radial_bin=rbin, x_index=_tile_x(nx, ny)))
+        del f32
     return out
 
 
@@ -222,8 +453,8 @@ def static_flags(experiment, data, pixels: list[PanelPixels], params: "Extractio
             if cached is None:
                 good = [f == 0 for f in flags]
                 # the polarisation multiplier flattens the azimuthal anisotropy before shadows are sought
-                pol = [pp.polarisation.reshape(pp.geom.shape) for pp in pixels]
-                bs = mk.detect_beamstop(data, [pp.geom for pp in pixels], experiment.beam.get_s0(), good,
+                pol = [pp.polarisation.reshape(pp.shape) for pp in pixels]
+                bs = mk.detect_beamstop(data, [pp.frame() for pp in pixels], experiment.beam.get_s0(), good,
                                         weights=pol, ratio_threshold=params.beamstop_ratio,
                                         detect_arm=params.detect_arm)
                 binfo = dict(beamstop_mode="auto", beamstop_disk_pixels=bs.disk_pixels,
@@ -247,6 +478,16 @@ def static_flags(experiment, data, pixels: list[PanelPixels], params: "Extractio
     return flags, info
 
 
+def _layout_key(detector) -> str:
+    """The detector's pixel layout (panel count and image sizes): what a beamstop shadow is tied to."""
+    return "layout:" + ",".join(f"{p.get_image_size()[0]}x{p.get_image_size()[1]}" for p in detector)
+
+
+def _as_float32(d) -> np.ndarray:
+    """Raw counts as float32 (exact for integer counts below 2^24; rounding 6e-8 relative otherwise)."""
+    return np.asarray(d, dtype=np.float32)
+
+
 def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
                   params: ExtractionParams | None = None, background: Sequence[np.ndarray] | None = None,
                   dynamic_flags: Sequence[np.ndarray] | None = None, format_mask=None,
@@ -257,21 +498,27 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
     ``reflections``: DIALS table of this still's observed spots (for the Bragg mask), optional.
     ``background``: per-panel background image (same units as data), subtracted x ``background_scale``.
     ``dynamic_flags``: HOT/DEAD flags from ``RunPixelStatistics.hot_dead_flags`` for the run.
+
+    Arithmetic per pixel is float32 on float32 inputs (counts, and the static multipliers and unit
+    vectors computed in float64 and rounded once), the same operations as the original per-pixel
+    code, so tables are bit-identical to it (relative rounding of the outputs ~1e-7). Constant
+    columns (Lorentz 1 for stills, background 0 without a background, NaN hkl without a crystal,
+    the panel index of a single-panel detector) are read-only broadcast arrays.
     """
     params = params or ExtractionParams()
     det, beam, crystal = experiment.detector, experiment.beam, experiment.crystal
     if len(data) != len(det):
         raise ValueError(f"image has {len(data)} panels, detector model has {len(det)}")
-    data = [np.asarray(d) for d in data]
+    data = [_as_float32(d) for d in data]
     for i, (d, p) in enumerate(zip(data, det)):
         if d.shape != tuple(p.get_image_size()[::-1]):
             raise ValueError(f"panel {i}: image shape {d.shape} != detector {p.get_image_size()[::-1]}")
     gonio = rotation_goniometer(experiment)
     cache = geometry_cache or GeometryCache(1)
-    pixels = cache.get(det, beam, params, gonio)
+    key = cache.key(det, beam, params, gonio)
+    pixels = cache.get(det, beam, params, gonio, key=key)
 
-    flags, info = static_flags(experiment, data, pixels, params, format_mask, cache.beamstop,
-                               cache.key(det, beam, params, gonio))
+    flags, info = static_flags(experiment, data, pixels, params, format_mask, cache.beamstop, _layout_key(det))
     if dynamic_flags is not None:
         for i, f in enumerate(dynamic_flags):
             flags[i] |= f
@@ -282,67 +529,118 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
         info.update(binfo)
         for i, f in enumerate(bragg):
             flags[i] |= f
+        del bragg
     else:
         info["bragg"] = "no crystal model: no Bragg mask, no hkl"
     if params.outlier_nsigma:
         out_f, n_out = mk.outlier_flags(data, flags, [pp.radial_bin for pp in pixels],
-                                        [pp.polarisation.reshape(pp.geom.shape) for pp in pixels],
+                                        [pp.polarisation.reshape(pp.shape) for pp in pixels],
                                         nsigma=params.outlier_nsigma, grow_px=params.outlier_grow_px,
                                         gain=params.gain)
         for i, f in enumerate(out_f):
-            flags[i] |= f
+            if f is not None:
+                flags[i] |= f
         info["n_outlier_pixels"] = n_out
 
     wl = beam.get_wavelength()
-    s0 = np.asarray(beam.get_s0(), dtype=float)
-    Ainv = np.linalg.inv(lab_setting_matrix(experiment, image_index)) if crystal is not None else None
+    A_lab = lab_setting_matrix(experiment, image_index) if crystal is not None else None
+    Ainv = np.linalg.inv(A_lab) if A_lab is not None else None
     if gonio is not None:
         info["rotation"] = "Lorentz factor applied; hkl at the frame's mid-angle"
     info.update(wavelength_A=wl, mu_air_per_mm=corr.air_attenuation_coefficient(wl, params.air_density_g_cm3),
                 omega_ref_sr=corr.reference_solid_angle(det),
                 polarization_fraction=beam.get_polarization_fraction(),
                 polarization_normal=list(beam.get_polarization_normal()))
-
-    cols: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
-    eff_missing = []
-    for i, (pp, d, f) in enumerate(zip(pixels, data, flags)):
-        flat = np.flatnonzero(f.ravel() == 0)
-        yy, xx = np.divmod(flat, f.shape[1])
-        q = pp.u[:, flat]
-        q *= np.float32(1.0 / wl)
-        q -= s0.astype(np.float32)[:, None]
-        if not pp.efficiency_known:
-            eff_missing.append(i)
-        total = pp.correction[flat]
-        raw = d.ravel()[flat].astype(np.float32)
-        var = corr.counting_variance(raw, np.float32(params.gain))
-        if background is not None:
-            b = np.asarray(background[i]).ravel()[flat].astype(np.float32) * np.float32(params.background_scale)
-            var += np.float32(params.background_scale * params.gain) * np.maximum(b, 0.0)
-            net = raw - b
-        else:
-            b = np.zeros(raw.shape, np.float32)
-            net = raw
-        hkl = Ainv.astype(np.float32) @ q if Ainv is not None else np.full(q.shape, np.nan, np.float32)
-        np.sqrt(var, out=var)
-        var *= total
-        vals = {
-            "h": hkl[0], "k": hkl[1], "l": hkl[2], "qx": q[0], "qy": q[1], "qz": q[2],
-            "q": np.sqrt(np.einsum("ij,ij->j", q, q)),
-            "intensity": net * total, "sigma": var, "raw": raw, "background": b,
-            "panel": np.full(raw.shape, i, dtype=np.uint16), "x": xx, "y": yy,
-            "polarisation": pp.polarisation[flat], "lorentz": pp.lorentz[flat], "efficiency": pp.efficiency[flat],
-            "solid_angle": pp.solid_angle[flat], "air": pp.air[flat], "correction": total,
-        }
-        for c, (dt, _) in COLUMNS.items():
-            cols[c].append(np.asarray(vals[c]).astype(dt, copy=False))
-        del vals, q, hkl
-    table = {c: (np.concatenate(v) if len(v) > 1 else v[0]) if v else np.zeros(0, COLUMNS[c][0])
-             for c, v in cols.items()}
+    table = _tabulate(pixels, data, flags, params, background, Ainv)
+    eff_missing = [i for i, pp in enumerate(pixels) if not pp.efficiency_known]
     if eff_missing:
         info["efficiency_note"] = f"panels {eff_missing} have no sensor mu/thickness: efficiency 1"
     info["n_pixels_total"] = int(sum(f.size for f in flags))
     info["n_pixels_used"] = int(table["intensity"].shape[0])
+    hist = sum(np.bincount(f.ravel(), minlength=256) for f in flags)
+    values = np.arange(256)
     for bit in mk.MaskBit:
-        info[f"n_masked_{bit.name.lower()}"] = int(sum(int(((f & np.uint8(bit)) != 0).sum()) for f in flags))
-    return StillExtraction(table, flags, info)
+        info[f"n_masked_{bit.name.lower()}"] = int(hist[(values & int(bit)) != 0].sum())
+    return StillExtraction(table, flags, info, A_lab)
+
+
+def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.ndarray],
+              params: ExtractionParams, background, Ainv) -> dict[str, np.ndarray]:
+    """The per-pixel table of the unflagged pixels, gathered straight into preallocated columns.
+
+    Columns come from the process workspace (memory reused from the previous still when that
+    result has been dropped); constant columns are read-only broadcasts.
+    """
+    sel = [np.flatnonzero(f.ravel() == 0) for f in flags]
+    counts = [int(s.size) for s in sel]
+    n = int(sum(counts))
+    f32 = np.float32
+    cap = int(sum(f.size for f in flags))  # room for every pixel: the next still fits in the same memory
+
+    def ws(name, shape, dtype=np.float32):
+        return WORKSPACE.get(name, shape, dtype, capacity=cap * (shape[0] if isinstance(shape, tuple) else 1))
+
+    def const(value, dtype=np.float32):
+        return np.broadcast_to(np.asarray(value, dtype=dtype), (n,))
+
+    def varying(attr):  # a static multiplier that is not 1 everywhere
+        return any(getattr(pp, attr).strides[-1] != 0 for pp in pixels)
+
+    q = ws("table.qvec", (3, n))
+    total = ws("table.correction", n)
+    cols = {name: ws(f"table.{name}", n) for name in ("q", "raw", "polarisation", "solid_angle", "air")}
+    cols["x"] = ws("table.x", n, np.uint16)
+    cols["y"] = ws("table.y", n, np.uint16)
+    for name in ("efficiency", "lorentz"):
+        cols[name] = ws(f"table.{name}", n) if varying(name) else const(1.0)
+    bkg = ws("table.background", n) if background is not None else None
+    panel = ws("table.panel", n, np.uint16) if len(pixels) > 1 else const(0, np.uint16)
+    off = 0
+    for i, (pp, d, idx, m) in enumerate(zip(pixels, data, sel, counts)):
+        part = slice(off, off + m)
+        for j in range(3):
+            np.take(pp.u[j], idx, out=q[j, part], mode="clip")
+        np.take(pp.correction, idx, out=total[part], mode="clip")
+        np.take(d.ravel(), idx, out=cols["raw"][part], mode="clip")
+        for name in ("polarisation", "efficiency", "lorentz", "solid_angle", "air"):
+            if cols[name].strides[0] != 0:
+                np.take(getattr(pp, name), idx, out=cols[name][part], mode="clip")
+        np.take(pp.x_index, idx, out=cols["x"][part], mode="clip")
+        ny, nx = pp.shape
+        rows = np.count_nonzero(flags[i] == 0, axis=1)
+        cols["y"][part] = np.repeat(np.arange(ny, dtype=np.uint16), rows)
+        if bkg is not None:
+            np.take(_as_float32(background[i]).ravel(), idx, out=bkg[part], mode="clip")
+        if panel.strides[0] != 0:
+            panel[part] = i
+        off += m
+    del sel
+    # q = s1 - s0 from the float32 unit vectors (float32 arithmetic), |q| from its components
+    q *= f32(1.0 / pixels[0].wavelength)
+    q -= pixels[0].s0.astype(f32)[:, None]
+    np.einsum("ij,ij->j", q, q, out=cols["q"])
+    np.sqrt(cols["q"], out=cols["q"])
+    raw = cols["raw"]
+    gain = f32(params.gain)
+    var = np.maximum(raw, gain, out=ws("table.sigma", n))  # counting_variance: gain * max(raw, gain)
+    var *= gain
+    net = ws("table.intensity", n)
+    if bkg is not None:
+        bkg *= f32(params.background_scale)
+        var += f32(params.background_scale * params.gain) * np.maximum(bkg, f32(0.0))
+        np.subtract(raw, bkg, out=net)
+    else:
+        net[:] = raw
+    net *= total
+    np.sqrt(var, out=var)
+    var *= total
+    if Ainv is not None:
+        hkl = np.matmul(Ainv.astype(f32), q, out=ws("table.hkl", (3, n)))
+        h, k, l = hkl[0], hkl[1], hkl[2]
+    else:
+        h = k = l = const(np.nan)
+    return {"h": h, "k": k, "l": l, "qx": q[0], "qy": q[1], "qz": q[2], "q": cols["q"], "intensity": net,
+            "sigma": var, "raw": raw, "background": bkg if bkg is not None else const(0.0), "panel": panel,
+            "x": cols["x"], "y": cols["y"], "polarisation": cols["polarisation"], "lorentz": cols["lorentz"],
+            "efficiency": cols["efficiency"], "solid_angle": cols["solid_angle"], "air": cols["air"],
+            "correction": total}

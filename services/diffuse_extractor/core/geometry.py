@@ -88,8 +88,71 @@ def panel_geometry(panel, index: int = 0) -> PanelGeometry:
     x = np.arange(nx, dtype=np.float64) + 0.5
     y = np.arange(ny, dtype=np.float64) + 0.5
     xx, yy = np.meshgrid(x, y)  # (ny, nx)
+    return _geometry_from_px(panel, index, xx, yy)
+
+
+class PanelFrame:
+    """A panel's frame, for computing pixel geometry on any sub-grid (blocks of rows, binned centres).
+
+    ``flat_orthonormal``: fast and slow axes are orthonormal, so the plane has unit normal
+    ``n = f x s`` at distance ``d0`` from the sample and ``c0 = (o . n) n`` is the foot of the
+    perpendicular (what the fast path of ``static_pixels`` needs).
+    """
+
+    def __init__(self, panel, index: int = 0):
+        self.panel = panel
+        self.index = index
+        self.f = np.asarray(panel.get_fast_axis(), dtype=float)
+        self.s = np.asarray(panel.get_slow_axis(), dtype=float)
+        self.o = np.asarray(panel.get_origin(), dtype=float)
+        n = np.cross(self.f, self.s)
+        self.flat_orthonormal = bool(abs(np.dot(self.f, self.s)) < 1e-12 and abs(np.linalg.norm(self.f) - 1) < 1e-12
+                                     and abs(np.linalg.norm(self.s) - 1) < 1e-12)
+        if float(np.dot(self.o, n)) < 0:
+            n = -n
+        self.n = n / np.linalg.norm(n)
+        self.d0 = abs(float(np.dot(self.o, self.n)))
+        self.c0 = self.o - np.dot(self.o, self.f) * self.f - np.dot(self.o, self.s) * self.s
+        self.parallax = _parallax_mu_t0(panel)
+        self.pixel_area = float(np.prod(panel.get_pixel_size()))
+        self.nx, self.ny = panel.get_image_size()
+
+    def at(self, iy: np.ndarray, ix: np.ndarray) -> PanelGeometry:
+        """Geometry of the pixel centres ``(ix + 0.5, iy + 0.5)`` on the grid ``iy x ix`` (1-D index arrays).
+
+        Flat orthonormal panels use the separable form (in-plane offsets ``a``, ``b`` from the foot
+        of the perpendicular, parallax as a radial scale ``g``, see ``extract.static_pixels``);
+        the same numbers as :func:`panel_geometry` to float64 rounding.
+        """
+        xx = (np.asarray(ix, dtype=np.float64) + 0.5)[None, :]
+        yy = (np.asarray(iy, dtype=np.float64) + 0.5)[:, None]
+        if not self.flat_orthonormal:
+            xx, yy = (np.ascontiguousarray(v) for v in np.broadcast_arrays(xx, yy))
+            return _geometry_from_px(self.panel, self.index, xx, yy)
+        psx, psy = self.panel.get_pixel_size()
+        a = xx * psx + float(np.dot(self.o, self.f))
+        b = yy * psy + float(np.dot(self.o, self.s))
+        d0 = self.d0
+        ab2 = a * a + b * b  # (ny, nx)
+        if self.parallax is not None:
+            mu, t0 = self.parallax
+            r = np.sqrt(ab2 + d0 * d0)
+            t = r * (mu * t0 / d0)
+            g = 1.0 - (1.0 - (t + 1.0) * np.exp(-t)) / (mu * r)
+        else:
+            g = np.ones_like(ab2)
+        ga, gb = g * a, g * b
+        lab = [self.c0[j] + ga * self.f[j] + gb * self.s[j] for j in range(3)]
+        dist = np.sqrt(g * g * ab2 + d0 * d0)
+        return PanelGeometry(self.index, lab[0], lab[1], lab[2], dist, d0 / dist, self.n, self.pixel_area)
+
+    def block(self, y0: int, y1: int) -> PanelGeometry:
+        """Geometry of rows ``y0:y1`` (all columns)."""
+        return self.at(np.arange(y0, y1), np.arange(self.nx))
+
+
+def _geometry_from_px(panel, index, xx, yy) -> PanelGeometry:
     xm, ym = pixel_mm(panel, xx, yy)
-    del xx, yy
     f = np.asarray(panel.get_fast_axis(), dtype=float)
     s = np.asarray(panel.get_slow_axis(), dtype=float)
     o = np.asarray(panel.get_origin(), dtype=float)

@@ -101,17 +101,21 @@ def untrusted_and_overload(detector, data: Sequence[np.ndarray], format_mask=Non
     ``format_mask``: per-panel boolean (True = good) static mask of the format class / imageset
     (``imageset.get_static_mask()``), or None.
     """
-    flags = empty_flags(detector)
+    flags = []
     for i, panel in enumerate(detector):
-        d = data[i]
+        d = np.asarray(data[i])
         lo, hi = panel.get_trusted_range()
-        f = flags[i]
-        f[d <= lo] |= MaskBit.UNTRUSTED
-        f[d >= hi] |= MaskBit.OVERLOAD
+        f = np.less_equal(d, lo).view(np.uint8)  # True -> 1 == UNTRUSTED
+        over = np.greater_equal(d, hi).view(np.uint8)
+        over *= np.uint8(MaskBit.OVERLOAD)
+        f |= over
+        del over
         for x0, x1, y0, y1 in panel.get_mask():  # untrusted rectangles (pixel, inclusive-exclusive)
             f[max(y0, 0):y1, max(x0, 0):x1] |= MaskBit.UNTRUSTED
         if format_mask is not None and format_mask[i] is not None:
-            f[~np.asarray(format_mask[i], dtype=bool)] |= MaskBit.UNTRUSTED
+            bad = np.logical_not(np.asarray(format_mask[i], dtype=bool)).view(np.uint8)  # 1 == UNTRUSTED
+            f |= bad
+        flags.append(f)
     return flags
 
 
@@ -211,45 +215,99 @@ def detect_beamstop(data: Sequence[np.ndarray], geoms, s0, good: Sequence[np.nda
     b = max(1, int(binning))
     bdata, bgood, bgeoms = [], [], []
     for i, (d, gd) in enumerate(zip(data, good)):
-        dd = np.asarray(d, dtype=np.float64)
-        if weights is not None:
-            dd = dd * weights[i]
-        s, n = _bin_sum(np.where(gd, dd, 0.0), b), _bin_sum(gd.astype(np.float64), b)
+        dd = np.asarray(d, dtype=np.float32)
+        dd = dd * np.asarray(weights[i], dtype=np.float32) if weights is not None else dd.copy()
+        dd[~gd] = 0.0
+        s, n = _bin_sum(dd, b), _bin_count(gd, b)
+        del dd
         bdata.append(s / np.maximum(n, 1.0))
         bgood.append(n >= 0.5 * b * b)
-        bgeoms.append(_BinnedGeom(geoms[i], b, s.shape))
+        bgeoms.append(_BinnedGeom(geoms[i], b, s.shape, np.shape(d)))
     res = _detect_beamstop_binned(bdata, bgeoms, s0, bgood, ratio_threshold=ratio_threshold,
                                   smooth_px=smooth_px, centre_radius_mm=centre_radius_mm,
                                   dilate_px=dilate_px, detect_arm=detect_arm, arm_min_depth=arm_min_depth,
                                   arm_nsigma=arm_nsigma, arm_bin_deg=arm_bin_deg,
                                   arm_baseline_deg=arm_baseline_deg)
-    full = []
-    for i, f in enumerate(res.flags):
-        ny, nx = np.asarray(data[i]).shape
-        full.append(np.repeat(np.repeat(f, b, axis=0), b, axis=1)[:ny, :nx].copy())
-    res.flags = full
+    res.flags = [_expand(f, b, np.shape(data[i])) for i, f in enumerate(res.flags)]
     res.disk_pixels *= b * b
     res.arm_pixels *= b * b
     return res
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` (4-connected background) by one labelling instead of iterated dilation."""
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    return ~np.isin(lab, border[border > 0])
+
+
 def _bin_sum(a: np.ndarray, b: int) -> np.ndarray:
+    """Sums over b x b blocks (float64; partial blocks at the far edges sum what they have).
+
+    Rows first (contiguous adds over b-times fewer rows), then strided columns: no padded copy.
+    """
     if b == 1:
-        return a
+        return np.asarray(a, dtype=np.float64)
     ny, nx = a.shape
-    a = np.pad(a, ((0, (-ny) % b), (0, (-nx) % b)))
-    return a.reshape(a.shape[0] // b, b, a.shape[1] // b, b).sum(axis=(1, 3))
+    rows = np.zeros((-(-ny // b), nx))
+    for j in range(b):
+        part = a[j::b]
+        rows[:part.shape[0]] += part
+    out = np.zeros((rows.shape[0], -(-nx // b)))
+    for j in range(b):
+        part = rows[:, j::b]
+        out[:, :part.shape[1]] += part
+    return out
+
+
+def _bin_count(mask: np.ndarray, b: int) -> np.ndarray:
+    """``_bin_sum`` of a boolean mask, counted in uint8 (exact while b * b <= 255; 8x less memory traffic)."""
+    if b * b > 255:
+        return _bin_sum(mask.view(np.uint8), b)
+    m = np.asarray(mask, dtype=bool).view(np.uint8)
+    ny, nx = m.shape
+    rows = np.zeros((-(-ny // b), nx), np.uint8)
+    for j in range(b):
+        part = m[j::b]
+        rows[:part.shape[0]] += part
+    out = np.zeros((rows.shape[0], -(-nx // b)), np.uint8)
+    for j in range(b):
+        part = rows[:, j::b]
+        out[:, :part.shape[1]] += part
+    return out.astype(np.float64)
+
+
+def _expand(f: np.ndarray, b: int, shape) -> np.ndarray:
+    """Each binned pixel's value over its b x b block, cut to ``shape``."""
+    ny, nx = shape
+    rows = np.take(f, np.arange(ny) // b, axis=0)  # (ny, nxb)
+    full = np.empty((ny, nx), dtype=f.dtype)
+    nxf = (nx // b) * b
+    full[:, :nxf].reshape(ny, nx // b, b)[...] = rows[:, :nx // b, None]
+    if nxf < nx:
+        full[:, nxf:] = rows[:, nx // b, None]
+    return full
 
 
 class _BinnedGeom:
-    """Lab coordinates at the centres of binned pixels (taken from the full-resolution geometry)."""
+    """Lab coordinates at the centres of binned pixels.
 
-    def __init__(self, g, b: int, shape):
-        ny, nx = g.lab_x.shape
+    ``g``: a full-resolution ``PanelGeometry`` (sampled), or a ``PanelFrame`` (computed at those
+    pixels only, same formulas, so the same values without the full-resolution arrays).
+    """
+
+    def __init__(self, g, b: int, shape, full_shape):
+        ny, nx = full_shape
         iy = np.minimum(np.arange(shape[0]) * b + b // 2, ny - 1)
         ix = np.minimum(np.arange(shape[1]) * b + b // 2, nx - 1)
-        sel = np.ix_(iy, ix)
-        self.lab_x, self.lab_y, self.lab_z, self.dist = g.lab_x[sel], g.lab_y[sel], g.lab_z[sel], g.dist[sel]
+        if hasattr(g, "at"):  # a PanelFrame: compute at the binned centres only
+            g = g.at(iy, ix)
+            self.lab_x, self.lab_y, self.lab_z, self.dist = g.lab_x, g.lab_y, g.lab_z, g.dist
+        else:
+            sel = np.ix_(iy, ix)
+            self.lab_x, self.lab_y, self.lab_z, self.dist = g.lab_x[sel], g.lab_y[sel], g.lab_z[sel], g.dist[sel]
 
 
 def _detect_beamstop_binned(data: Sequence[np.ndarray], geoms, s0, good: Sequence[np.ndarray], *,
@@ -329,7 +387,7 @@ def _detect_beamstop_binned(data: Sequence[np.ndarray], geoms, s0, good: Sequenc
             near = near[near > 0]
             if near.size:
                 shadow = np.isin(lab, near)
-                shadow = ndi.binary_fill_holes(shadow)
+                shadow = _fill_holes(shadow)
                 # a beamstop is a disk: also cover a disk of the shadow's equivalent radius around
                 # its centroid, so bright leaks at its rim (scatter round the stop) stay masked
                 for lbl in near:
@@ -451,6 +509,15 @@ def spot_radius_px(reflections=None, experiment=None, *, percentile: float = 90.
 DIALS_STILLS_DELPSI_MAX = 0.0015
 
 
+def _miller_flex(hkl: np.ndarray):
+    """A cctbx ``flex.miller_index`` from an (n, 3) integer array (no per-row Python objects)."""
+    from cctbx.array_family import flex as cflex
+    from dxtbx import flumpy
+
+    cols = [flumpy.from_numpy(np.ascontiguousarray(hkl[:, j], dtype=np.int32)) for j in range(3)]
+    return cflex.miller_index(*cols)
+
+
 def candidate_indices(experiment, d_min: float, delpsi_max: float = DIALS_STILLS_DELPSI_MAX,
                       margin: float = 2.0) -> np.ndarray:
     """Non-absent Miller indices within ``d_min`` that lie near the Ewald sphere (numpy prefilter).
@@ -458,34 +525,64 @@ def candidate_indices(experiment, d_min: float, delpsi_max: float = DIALS_STILLS
     A rotation by ``delta psi`` moves a relp by at most ``|q| delta psi``, so its excitation error
     ``| |s0 + q| - |s0| |`` is at most that: keeping ``margin`` x this bound is a superset of
     DIALS' ``|delta psi| < delpsi_max`` selection.
+
+    For each (h, k), ``G(l) = |q + s0|^2 - |s0|^2`` is a quadratic in l, so the l values whose
+    excitation error can pass (|error| <= tau = margin x delpsi_max / d_min) form at most two
+    intervals, found from the roots; only those (h, k, l) are tested exactly, in the order
+    (l, h, k).
     """
     from cctbx import crystal as cr_mod
     from cctbx import miller
-    from cctbx.array_family import flex as cflex
 
     cryst = experiment.crystal
     A = np.asarray(cryst.get_A(), dtype=float).reshape(3, 3)
     s0 = np.asarray(experiment.beam.get_s0(), dtype=float)
     uc = cryst.get_unit_cell()
-    a, b, c = uc.parameters()[:3]
-    hm, km, lm = (int(np.floor(x / d_min)) + 1 for x in (a, b, c))
+    a_, b_, c_ = uc.parameters()[:3]
+    hm, km, lm = (int(np.floor(x / d_min)) + 1 for x in (a_, b_, c_))
     h, k = np.meshgrid(np.arange(-hm, hm + 1), np.arange(-km, km + 1), indexing="ij")
     h, k = h.ravel(), k.ravel()
-    keep = []
     s0n = np.linalg.norm(s0)
-    for l in range(-lm, lm + 1):  # slab by slab keeps memory small
-        hkl = np.stack([h, k, np.full_like(h, l)])
-        q = A @ hkl
-        qn = np.sqrt((q * q).sum(0))
-        exc = np.abs(np.sqrt(((q + s0[:, None]) ** 2).sum(0)) - s0n)
-        sel = (qn > 0) & (qn <= 1.0 / d_min) & (exc <= margin * delpsi_max * qn + 1e-12)
-        if sel.any():
-            keep.append(hkl[:, sel].T)
-    if not keep:
+    q0 = A[:, 0:1] * h + A[:, 1:2] * k  # (3, N): the l = 0 part
+    cs = A[:, 2]
+    qa = float(cs @ cs)
+    qb = 2.0 * (cs @ (q0 + s0[:, None]))
+    qc = (q0 * q0).sum(0) + 2.0 * (s0 @ q0)
+    tau = margin * delpsi_max / d_min + 1e-12
+    g_hi = (s0n + tau) ** 2 - s0n ** 2
+    g_lo = (s0n - tau) ** 2 - s0n ** 2
+    slack = 1e-6
+    with np.errstate(invalid="ignore"):
+        r_out = np.sqrt(qb * qb - 4.0 * qa * (qc - g_hi))  # G <= g_hi between these roots
+        r_in = np.sqrt(qb * qb - 4.0 * qa * (qc - g_lo))  # G >= g_lo outside these roots
+    l1, l2 = (-qb - r_out) / (2 * qa), (-qb + r_out) / (2 * qa)
+    m1, m2 = (-qb - r_in) / (2 * qa), (-qb + r_in) / (2 * qa)
+    has = np.isfinite(l1)
+    inner = np.isfinite(m1)
+    # intervals [l1, m1] and [m2, l2] (or [l1, l2] without inner roots), clipped to |l| <= lm
+    lo = np.concatenate([l1, np.where(inner, m2, np.nan)])
+    hi = np.concatenate([np.where(inner, m1, l2), np.where(inner, l2, np.nan)])
+    ok = np.concatenate([has, has & inner])
+    lo = np.clip(np.ceil(np.where(ok, lo, 0.0) - slack), -lm, lm + 1).astype(np.int64)
+    hi = np.clip(np.floor(np.where(ok, hi, -1.0) + slack), -lm - 1, lm).astype(np.int64)
+    cnt = np.where(ok, np.maximum(hi - lo + 1, 0), 0)
+    pair = np.tile(np.arange(h.size), 2)
+    if cnt.sum() == 0:
         return np.zeros((0, 3), dtype=np.int64)
-    hkl = np.concatenate(keep).astype(np.int64)
+    rep = np.repeat(pair, cnt)
+    start = np.repeat(lo, cnt)
+    step = np.arange(rep.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    hkl = np.stack([h[rep], k[rep], start + step])
+    hkl = hkl[:, np.unique(hkl[2] * (h.size * 4) + rep * 2, return_index=True)[1]]  # unique, sorted by (l, h, k)
+    q = A @ hkl
+    qn = np.sqrt((q * q).sum(0))
+    exc = np.abs(np.sqrt(((q + s0[:, None]) ** 2).sum(0)) - s0n)
+    sel = (qn > 0) & (qn <= 1.0 / d_min) & (exc <= margin * delpsi_max * qn + 1e-12)
+    hkl = hkl[:, sel].T.astype(np.int64)
+    if len(hkl) == 0:
+        return np.zeros((0, 3), dtype=np.int64)
     sym = cr_mod.symmetry(unit_cell=uc, space_group=cryst.get_space_group())
-    ms = miller.set(sym, cflex.miller_index([tuple(map(int, r)) for r in hkl]), anomalous_flag=True)
+    ms = miller.set(sym, _miller_flex(hkl), anomalous_flag=True)
     absent = np.asarray(ms.sys_absent_flags().data(), dtype=bool)
     return hkl[~absent]
 
@@ -508,7 +605,7 @@ def predict_reflections(experiment, d_min: float | None = None,
     if len(cand) == 0:
         return empty
     predictor = StillsReflectionPredictor(experiment, dmin=d_min)
-    table = predictor(flex.miller_index([tuple(map(int, r)) for r in cand]))
+    table = predictor(_miller_flex(cand))
     if len(table) == 0:
         return empty
     delpsi = np.abs(np.asarray(table["delpsical.rad"]))
@@ -624,26 +721,42 @@ def outlier_flags(data: Sequence[np.ndarray], flags: Sequence[np.ndarray], radia
 
     A pixel is an outlier if its (polarisation-flattened) value exceeds the mean of its |q| shell
     (over unflagged pixels, bright values clipped) by ``nsigma`` Poisson sigmas.
+    One pass of weighted ``bincount`` per panel (flagged pixels weigh 0), float32 values.
     """
+    from .workspace import WORKSPACE
+
     nb = int(max(int(r.max()) for r in radial_bin)) + 1
     num = np.zeros(nb)
     cnt = np.zeros(nb)
     vals = []
     for i, d in enumerate(data):
-        v = np.asarray(d, dtype=np.float32).ravel()
+        npx = np.size(d)
+        v = WORKSPACE.get(f"outlier.v{i}", npx, np.float32)
         if weights is not None:
-            v = v * weights[i].ravel()
+            np.multiply(np.asarray(d, dtype=np.float32).ravel(), np.asarray(weights[i], dtype=np.float32).ravel(),
+                        out=v)
+        else:
+            v[:] = np.asarray(d, dtype=np.float32).ravel()
         ok = flags[i].ravel() == 0
         b = radial_bin[i].ravel()
-        num += np.bincount(b[ok], v[ok], minlength=nb)
-        cnt += np.bincount(b[ok], minlength=nb)
+        w = WORKSPACE.get("outlier.w", npx, np.float64)  # float64 weights: bincount's own type, no copy
+        np.copyto(w, ok)
+        cnt += np.bincount(b, w, minlength=nb)
+        w[:] = v
+        np.copyto(w, 0.0, where=~ok)
+        num += np.bincount(b, w, minlength=nb)
+        del w
         vals.append((v, ok, b))
     mean = num / np.maximum(cnt, 1)
     thr = mean + nsigma * np.sqrt(gain * np.maximum(mean, 1.0))
     out = [np.zeros(f.shape, np.uint8) for f in flags]
     n = 0
     for i, (v, ok, b) in enumerate(vals):
-        hit = np.flatnonzero(ok & (v > thr[b]))
+        t = np.take(thr, b, out=WORKSPACE.get("outlier.w", v.size, np.float64), mode="clip")
+        above = np.greater(v, t)
+        del t
+        above &= ok
+        hit = np.flatnonzero(above)
         if hit.size:
             y, x = np.divmod(hit, flags[i].shape[1])
             paint_disks(out, np.full(hit.size, i), x + 0.5, y + 0.5, grow_px, MaskBit.BRAGG)
