@@ -7,6 +7,9 @@ Measures (GB/s of raw pattern bytes, each figure the best of --repeat runs, with
                over the dataset size once (it reads the data twice)
   libertem_com LiberTEM's CoMUDF on the same file, 2 dask workers (optional, --libertem: builds a numpy-2 venv
                in --workdir, reused on later runs); CPU seconds summed over its process tree
+The engine uses the numba kernels when numba is importable (``--kernels numpy`` measures the engine without
+them, stored under a "_numpy_kernels" key); ``kernels_first_call`` records what a fresh process pays once
+(compile with an empty numba cache, load from a warm one); the timed runs start with the kernels loaded.
 Peak RSS of this process and the 1-minute load average (start and end) are recorded: figures taken while
 other jobs use the cores are inflated; CPU seconds are less sensitive to that than wall seconds.
 Results go to benchmarks/results/stem_polar.json (one entry per scan x detector size).
@@ -159,6 +162,14 @@ def bench(args) -> dict:
     out["gated_com"] = entry(*best_of(gated, args.repeat), gb)
     out["gated_com"]["fraction_of_read_sum_bandwidth"] = out["read_sum"]["seconds"] / out["gated_com"]["seconds"]
 
+    from stem_polar.core import engine as eng_mod
+    from stem_polar.core import kernels
+
+    out["kernels"] = "numba" if eng_mod.use_kernels(np.uint16) else "numpy"
+    if out["kernels"] == "numba":
+        out["kernels_first_call"] = kernel_compile_times()
+        kernels.warmup(np.uint16)  # compiled (or loaded) before timing, as a long-running worker would have it
+
     cfg = PolarConfig.model_validate({"dpc": {"gate_mode": "adaptive", "baseline": "median"}})
     res_holder = {}
 
@@ -179,6 +190,23 @@ def bench(args) -> dict:
         out["libertem_com"] = libertem_bench(path, work, args.repeat, gb)
     out["load_average_1min_at_end"] = os.getloadavg()[0]
     return out
+
+
+def kernel_compile_times() -> dict:
+    """Seconds a fresh process spends on its first kernel call: compiling (empty numba cache) and loading
+    the compiled code from a warm cache (what a user sees once per process)."""
+    import tempfile
+
+    code = ("import time, numpy as np; t0 = time.perf_counter(); from stem_polar.core import kernels; "
+            "t1 = time.perf_counter(); kernels.warmup(np.uint16); print(time.perf_counter() - t1)")
+    res = {}
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, NUMBA_CACHE_DIR=d)
+        for what in ("compile_s", "cached_load_s"):
+            p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+            res[what] = float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+    res["what"] = "first call of the uint16 kernels in a new process (once per process; cached on disk after)"
+    return res
 
 
 LT_SCRIPT = r"""
@@ -245,7 +273,11 @@ def main():
     ap.add_argument("--workdir", default="/tmp/stem_polar_bench", help="where the HDF5 file is made (not the repo)")
     ap.add_argument("--libertem", action="store_true", help="also run LiberTEM CoMUDF (builds a numpy-2 venv)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/stem_polar.json"))
+    ap.add_argument("--kernels", choices=["numba", "numpy"], default="numba",
+                    help="conversion kernels of the CPU engine (numpy: the engine without numba, for comparison)")
     args = ap.parse_args()
+    if args.kernels == "numpy":
+        os.environ["STEM_POLAR_KERNELS"] = "numpy"
     res = bench(args)
     if "libertem_com" in res and "gb_per_s" in res["libertem_com"]:
         lt_gbs = res["libertem_com"]["gb_per_s"]
@@ -260,7 +292,8 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(out.read_text()) if out.exists() else {}
-    prev[f"{args.scan}x{args.scan}x{args.det}x{args.det}"] = res
+    key = f"{args.scan}x{args.scan}x{args.det}x{args.det}" + ("_numpy_kernels" if args.kernels == "numpy" else "")
+    prev[key] = res
     out.write_text(json.dumps(prev, indent=2))
     print(json.dumps(res, indent=2))
 

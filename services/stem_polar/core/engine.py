@@ -18,8 +18,12 @@ Pass 2 (adaptive gating) computes each frame's CoM moments with the gate of its 
 product per tile) and redoes, per chunk, only the frames whose matched-filter argmax differs (a few %).
 Softmax, argmax and the CoM ratios run once per chunk, vectorised, not per tile.
 
-The log is the floor of this design: log1p costs ~1 ns per pixel on one core with numpy (a LUT gather through
-``np.take`` is no faster), and the seed's pipeline needs it in both passes.
+With numba (``core.kernels``; integer data with the log on, unless ``STEM_POLAR_KERNELS=numpy``) each pass
+runs one compiled kernel per tile instead of the numpy conversion + log1p + products: log(I+1) comes from a
+65536-entry table into a cache-resident row per frame, and pass 1 accumulates raw, D = e' - bg and D^2 from
+it, pass 2 forms the scores and the guessed-gate CoM moments as dot products (each raw pixel read once per
+pass). The tiles, threads, part-ordered merges and the per-chunk finish stay the same. Float data, and data
+without the log, keep the numpy path (numpy's log1p; no table applies).
 """
 
 from __future__ import annotations
@@ -31,9 +35,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from . import kernels
 from . import stages as st
 
 # ----------------------------------------------------------------------------------------- frame blocks
+
+
+def use_kernels(dtype) -> bool:
+    """The numba log-table kernel (``core.kernels``) for native-endian integer data, unless numba is missing
+    or ``STEM_POLAR_KERNELS=numpy`` is set (then numpy's log1p)."""
+    return kernels.enabled() and kernels.supports(dtype)
 
 
 def default_threads() -> int:
@@ -108,6 +119,13 @@ def group_tiles(keys: np.ndarray, tile: int):
             else:
                 out.append((g, idx))
     return out
+
+
+def _as_index(sel) -> np.ndarray:
+    """A tile selection (slice or index array) as int64 frame indices (for the kernels)."""
+    if isinstance(sel, slice):
+        return np.arange(sel.start, sel.stop, dtype=np.int64)
+    return np.asarray(sel, dtype=np.int64)
 
 
 _SMALL_MNK = 1_000_000  # OpenBLAS (SkylakeX) runs sgemm with M*N*K up to 100^3 on unpacked "small matrix" kernels
@@ -261,6 +279,36 @@ class _GroupSums:
         return self.scal[:, 2]
 
 
+def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int):
+    """As ``_pass1_part`` for integer data with ``log_transform``, with one compiled kernel per tile
+    (``kernels.pass1_frames``): each raw frame is read once, e' = log1p(x) - ref comes from the log table into
+    a cache-resident row, bg = e' . w_bg + ref . w_bg, and the float32 part sums of raw x, D = e' - bg and D^2
+    are accumulated from it. The group sums then hold D directly: rows [raw, sum D, sum D^2, 0] with
+    bg1 = bg2 = 0 give ``_to_partial`` the same first and second sums (without the sq - 2 sbe + bg2
+    cancellation)."""
+    c = pre.cfg
+    use_bg = bool(c.background_subtract)
+    bgw = pre.bg_weights if use_bg else ref32
+    c0 = float(np.dot(ref32.astype(np.float64), bgw.astype(np.float64))) if use_bg else 0.0
+    lut = kernels.log_table()
+
+    def run(state, block, tiles):
+        part: dict = {}
+        for g, sel in tiles:
+            if g not in part:
+                part[g] = np.zeros((4, n_pix), dtype=np.float32)  # rows raw, sum D, sum D^2, 0
+            idx = _as_index(sel)
+            bg = np.full(len(idx), c0)
+            kernels.pass1_frames(block, idx, wide, lut, ref32, bgw, use_bg, part[g][:3], bg, state.out4[0])
+        out = {}
+        for g, v in part.items():
+            cnt = sum((sl.stop - sl.start) if isinstance(sl, slice) else len(sl) for gg, sl in tiles if gg == g)
+            out[g] = (v, np.array([0.0, 0.0, cnt], dtype=np.float64))
+        return out
+
+    return run
+
+
 def _pass1_part(pre, ref32, nonneg: bool, n_pix: int):
     """fn(state, block, tiles) -> {group: (float32 (4, P) sums [raw, s1, sq, sbe], float64 [bg1, bg2, cnt])}."""
     c = pre.cfg
@@ -323,7 +371,12 @@ def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray
     slot = np.where(lab_idx >= 0, lab_idx, C).astype(np.int64)
     key = slot * hf + (half.astype(np.int64) if half is not None else 0)
     nonneg = np.dtype(source.dtype).kind in "ub"
-    run = _pass1_part(pre, np.ascontiguousarray(ref, dtype=np.float32), nonneg, n_pix)
+    ref32 = np.ascontiguousarray(ref, dtype=np.float32)
+    fused = pre.cfg.log_transform and use_kernels(source.dtype)
+    if fused:
+        run = _pass1_part_fused(pre, ref32, kernels.is_wide(source.dtype), n_pix)
+    else:
+        run = _pass1_part(pre, ref32, nonneg, n_pix)
     pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype))
     tot = _GroupSums((C + 1) * hf, n_pix)
     try:
@@ -406,6 +459,23 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
     P_chunk = np.empty((chunk, nP), dtype=np.float32)  # per chunk: [e W | e w_bg] and the guessed-gate moments
     R_chunk = np.empty((chunk, 3), dtype=np.float32)
 
+    fused = c.log_transform and use_kernels(source.dtype)
+    wide = kernels.is_wide(source.dtype)
+    lut = kernels.log_table() if fused else None
+
+    def run_fused(state, tiles, block):
+        """As ``run`` in one compiled kernel per tile (``kernels.pass2_frames``): each raw frame is read once,
+        e = log1p(x) from the log table into a cache-resident row, scores and CoM moments as dot products."""
+        for g, sel in tiles:
+            idx = _as_index(sel)
+            op = np.empty((len(idx), nP), dtype=np.float32)
+            orr = np.empty((len(idx), 3), dtype=np.float32)
+            kernels.pass2_frames(block, idx, wide, lut, W2T, MgT[g] if g >= 0 else MgT[0], g >= 0, op, orr,
+                                 state.out4[0])
+            P_chunk[sel] = op
+            if g >= 0:
+                R_chunk[sel] = orr
+
     def run(state, tiles, block):
         """Heavy per-tile work only: two skinny products (CoM moments on raw x, scores on e = log1p(x))."""
         for g, sel in tiles:
@@ -451,10 +521,11 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
         valid[a:bnd] = ok
 
     pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype, second=c.log_transform))
+    work = run_fused if fused else run
     try:
         for a, bnd, block in frame_blocks(source, chunk, None, prefetch):
             tiles = group_tiles(key[a:bnd], tile)
-            pool.map_tiles(lambda state, part: run(state, part, block), tiles)
+            pool.map_tiles(lambda state, part: work(state, part, block), tiles)
             finish(a, bnd, block)
             if progress:
                 progress(bnd, n)
