@@ -171,3 +171,25 @@ def test_run_command_accepts_nanobragg_flags_in_the_config(tmp_path):
     img, _ = read_simulation(out)
     j = build_job(parse_args(SMALL))
     np.testing.assert_allclose(img, simulate(j.crystal, j.detector, j.beam).numpy(), rtol=1e-6)
+
+
+def test_console_script_fast_exit_leaves_complete_outputs(tmp_path, monkeypatch):
+    """The real ``diff-sim-refiner`` process ends with os._exit after a run: its log and files must be
+    complete and identical to an in-process run's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "diff-sim-refiner"
+    flags = [*SMALL, "-floatfile", "f.bin", "-intfile", "i.img", "-noisefile", "n.img", "-seed", "3",
+             "-noprogress", "-roi", "4", "40", "2", "30"]
+    (tmp_path / "sub").mkdir()
+    r = subprocess.run([str(exe), "nanobragg", *flags], cwd=tmp_path / "sub", capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "writing n.img" in r.stdout.splitlines()[-1]          # the last log line made it out
+    (tmp_path / "inproc").mkdir()
+    monkeypatch.chdir(tmp_path / "inproc")
+    assert runner.invoke(app, ["nanobragg", *flags]).exit_code == 0
+    for name in ("f.bin", "i.img", "n.img"):
+        assert (tmp_path / "sub" / name).read_bytes() == (tmp_path / "inproc" / name).read_bytes(), name

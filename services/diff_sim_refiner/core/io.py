@@ -12,12 +12,14 @@ from typing import Optional
 
 import numpy as np
 
+from diffractflow.reading import reader
 
 class FormatError(ValueError):
     """A file does not hold what its format promises (message names the file)."""
 
 
 # --------------------------------------------------------------------------- MOSFLM matrix
+@reader("MOSFLM orientation matrix (A.mat)", FormatError)
 def read_mosflm_raw(path: str | os.PathLike) -> np.ndarray:
     """First nine numbers of a MOSFLM matrix file as a 3x3 array (rows x, y, z; columns a*, b*, c* times lambda)."""
     p = Path(path)
@@ -140,6 +142,7 @@ def hkl_cache_dir() -> Path:
     return Path(root)
 
 
+@reader("HKL file", FormatError)
 def read_hkl(path: str | os.PathLike, default_F: float = 0.0, cache: bool = True) -> HKLTable:
     """Read an ``h k l F`` text file into an :class:`HKLTable`.
 
@@ -194,6 +197,7 @@ def write_fdump(path: str | os.PathLike, table: HKLTable) -> None:
         fh.write(padded.tobytes())
 
 
+@reader("HKL binary cache (Fdump)", FormatError)
 def read_fdump(path: str | os.PathLike, default_F: float = 0.0) -> HKLTable:
     """Read nanoBragg's ``Fdump.bin`` (as written by nanoBragg or :func:`write_fdump`)."""
     p = Path(path)
@@ -220,9 +224,10 @@ def write_floatfile(path: str | os.PathLike, image: np.ndarray) -> None:
     """nanoBragg's ``-floatfile``: raw native-endian float32, slow-major, full detector."""
     arr = np.ascontiguousarray(np.asarray(image, dtype=np.float32))
     with open(path, "wb") as fh:
-        fh.write(arr.tobytes())
+        fh.write(memoryview(arr.reshape(-1)).cast("B"))   # no intermediate bytes copy
 
 
+@reader("raw float image", FormatError)
 def read_floatfile(path: str | os.PathLike, fpixels: int, spixels: int) -> np.ndarray:
     """Read a raw float32 image written by nanoBragg (shape (spixels, fpixels))."""
     p = Path(path)
@@ -254,9 +259,10 @@ def write_smv(path: str | os.PathLike, image: np.ndarray, fields: dict) -> None:
     spixels, fpixels = img.shape
     with open(path, "wb") as fh:
         fh.write(smv_header(fpixels, spixels, fields))
-        fh.write(np.ascontiguousarray(img.astype(np.uint16)).tobytes())
+        fh.write(memoryview(np.ascontiguousarray(img, dtype=np.uint16).reshape(-1)).cast("B"))
 
 
+@reader("SMV image", FormatError)
 def read_smv(path: str | os.PathLike) -> tuple[dict, np.ndarray]:
     """Read an SMV image: (header dict of strings, uint16 array (SIZE2, SIZE1))."""
     p = Path(path)

@@ -144,16 +144,22 @@ def polarization_factor(kahn, incident: torch.Tensor, diffracted: torch.Tensor, 
     sin2 = 1.0 - c2
     if not isinstance(kahn, torch.Tensor) and float(kahn) == 0.0:
         return 0.5 * (1.0 + c2)
-    B_in = torch.linalg.cross(axis, incident)
-    B_in = B_in / torch.linalg.vector_norm(B_in)
-    E_in = torch.linalg.cross(incident, B_in)
-    E_in = E_in / torch.linalg.vector_norm(E_in)
+    E_in, B_in = polarization_basis(axis, incident)
     E = diffracted @ E_in
     B = diffracted @ B_in
     den = E * E + B * B
     ok = den > 0
     cos2psi = torch.where(ok, (E * E - B * B) / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
     return 0.5 * (1.0 + c2 - kahn * cos2psi * sin2)
+
+
+def polarization_basis(axis: torch.Tensor, incident: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit vectors (E_in, B_in) of nanoBragg's polarisation frame: B_in = axis x incident, E_in = incident x B_in."""
+    B_in = torch.linalg.cross(axis, incident)
+    B_in = B_in / torch.linalg.vector_norm(B_in)
+    E_in = torch.linalg.cross(incident, B_in)
+    E_in = E_in / torch.linalg.vector_norm(E_in)
+    return E_in, B_in
 
 
 def rotate_about(v: torch.Tensor, axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -163,4 +169,4 @@ def rotate_about(v: torch.Tensor, axis: torch.Tensor, angle: torch.Tensor) -> to
     return v * c + torch.linalg.cross(k, v) * s + k * (v @ axis)[..., None] * (1.0 - c)
 
 
-__all__ = ["sincg_sq", "sinc3", "lattice_factor_sq", "FTable", "polarization_factor", "rotate_about"]
+__all__ = ["sincg_sq", "sinc3", "lattice_factor_sq", "FTable", "polarization_factor", "polarization_basis", "rotate_about"]

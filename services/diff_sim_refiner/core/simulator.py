@@ -13,6 +13,7 @@ about 3 / (pi^2 cutoff) of all photons (7.6 % at 4, 3 % at 10); pixels near Brag
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -32,7 +33,9 @@ from .geometry import (
     t64,
 )
 from .io import HKLTable
-from .physics import FTable, lattice_factor_sq, polarization_factor, rotate_about
+from .physics import FTable, lattice_factor_sq, polarization_basis, polarization_factor, rotate_about
+
+_TWO_PI = 2.0 * math.pi
 
 #: elements (pixels x sub-pixels x orientations) per chunk
 DEFAULT_CHUNK_ELEMENTS = 1 << 19
@@ -82,6 +85,8 @@ class Prepared:
     dtype: torch.dtype
     spot_cutoff: Optional[float] = None
     force_general: bool = False
+    #: under autograd, use the fused kernel with analytic derivatives (False: plain autograd, for tests)
+    fused_backward: bool = True
 
     @property
     def n_orient(self) -> int:
@@ -283,8 +288,9 @@ class _SincgSqProd(torch.autograd.Function):
     """prod_i r_i^2, r_i = sin(N_i x_i) / sin(x_i), x = pi d, with a hand-written backward.
 
     Saves only d and the three ratios; the derivative dr/dx = (N cos(N x) - r cos x) / sin x switches to
-    its series -N (N^2 - 1) x / 3 for |N x| < 1e-2 (where the formula cancels), dr/dN = x cos(N x) / sin x
-    (-> 1 at x = 0).  Keeps forward + backward within about twice the forward.
+    its series -N (N^2 - 1) x / 3 + N (N^2 - 1)(3 N^2 - 7) x^3 / 90 for small |N x| (where the formula
+    cancels: below 0.1 in float32, 1e-3 in float64), dr/dN = x cos(N x) / sin x (-> 1 at x = 0).
+    Used under autograd where the fused kernel does not apply (spot cutoff, refined structure factors).
     """
 
     @staticmethod
@@ -306,9 +312,11 @@ class _SincgSqProd(torch.autograd.Function):
         cx = torch.cos(x)
         Nx = Ncol * x
         cNx = torch.cos(Nx)
-        small = torch.abs(Nx) < 1e-2
+        small = torch.abs(Nx) < (1e-1 if x.dtype == torch.float32 else 1e-3)
         safe = torch.where(small, 1.0, sx)
-        drdx = torch.where(small, -Ncol * (Ncol * Ncol - 1.0) * x / 3.0, (Ncol * cNx - r * cx) / safe)
+        N2 = Ncol * Ncol
+        series = x * (-Ncol * (N2 - 1.0) / 3.0 + Ncol * (N2 - 1.0) * (3.0 * N2 - 7.0) / 90.0 * (x * x))
+        drdx = torch.where(small, series, (Ncol * cNx - r * cx) / safe)
         r2 = r * r
         others = torch.stack([r2[:, 1] * r2[:, 2], r2[:, 0] * r2[:, 2], r2[:, 0] * r2[:, 1]], 1)
         common = (2.0 * g)[:, None] * others * r                    # dL/dr_i
@@ -320,23 +328,33 @@ class _SincgSqProd(torch.autograd.Function):
         return gD, gN
 
 
+def _fast_geometry(ov: int, point_pixel: bool, f: torch.Tensor, s: torch.Tensor, pix0, fdet, sdet, px, cd):
+    """Sub-pixel positions in a (3, M) layout (M = pixels * ov^2, sub-pixel index = subS * ov + subF):
+    offsets Fd, Sd (M,) in m, airpath (M,), unit directions diff (3, M), first-sub-pixel airpath (P,) and
+    the pixel's solid angle omega (P,) in sr."""
+    dt = px.dtype
+    sub = px / ov
+    o = torch.arange(ov, dtype=dt, device=f.device)
+    offF = (o.repeat(ov) + 0.5) * sub
+    offS = (o.repeat_interleave(ov) + 0.5) * sub
+    Fd = ((f.to(dt) * px)[:, None] + offF).reshape(-1)
+    Sd = ((s.to(dt) * px)[:, None] + offS).reshape(-1)
+    pos = pix0[:, None] + fdet[:, None] * Fd + sdet[:, None] * Sd          # (3, M)
+    air = torch.sqrt((pos * pos).sum(0))
+    diff = pos / air
+    air0 = air.view(-1, ov * ov)[:, 0]
+    omega = 1.0 / (air0 * air0) if point_pixel else px * px * cd / (air0 * air0 * air0)
+    return Fd, Sd, air, diff, air0, omega
+
+
 def _chunk_fast(p: Prepared, f: torch.Tensor, s: torch.Tensor, *tensors) -> torch.Tensor:
     """Square-crystal, nearest-F kernel in a (3, pixels*sub-pixels) layout: one GEMM gives h, k, l for all
     orientations; with ``spot_cutoff`` only near-Bragg terms get the lattice transform and F lookup."""
     ov = p.oversample
     n = ov * ov
     dt = p.dtype
-    sub = p.px / ov
-    o = torch.arange(ov, dtype=dt, device=f.device)
-    offF = (o.repeat(ov) + 0.5) * sub
-    offS = (o.repeat_interleave(ov) + 0.5) * sub
-    Fd = ((f.to(dt) * p.px)[:, None] + offF).reshape(-1)
-    Sd = ((s.to(dt) * p.px)[:, None] + offS).reshape(-1)
-    pos = p.pix0[:, None] + p.fdet[:, None] * Fd + p.sdet[:, None] * Sd          # (3, M)
-    air = torch.sqrt((pos * pos).sum(0))
-    diff = pos / air
-    air0 = air.view(-1, n)[:, 0]
-    omega = 1.0 / (air0 * air0) if p.point_pixel else p.px * p.px * p.close_distance / (air0 * air0 * air0)
+    _, _, air, diff, _, omega = _fast_geometry(ov, p.point_pixel, f, s, p.pix0, p.fdet, p.sdet, p.px,
+                                               p.close_distance)
     M = air.shape[0]
     O = p.n_orient
     A2 = p.A.reshape(O * 3, 3)
@@ -379,9 +397,269 @@ def _chunk_fast(p: Prepared, f: torch.Tensor, s: torch.Tensor, *tensors) -> torc
     return out
 
 
+def _dr_dx_series(Ncol: torch.Tensor, dtype) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """|N x| below which dr/dx uses its series, and the series' coefficients (x, x^3) for N (1, 3, 1)."""
+    N2 = Ncol * Ncol
+    return (1e-1 if dtype == torch.float32 else 1e-3), -Ncol * (N2 - 1.0) / 3.0, \
+        Ncol * (N2 - 1.0) * (3.0 * N2 - 7.0) / 90.0
+
+
+def _dr_dx(x, Nx, r, sx, cNx, Ncol, c1, c3, thr) -> torch.Tensor:
+    """d/dx of r = sin(N x) / sin(x) for x, N x, r, sin x, cos N x laid out (O, 3, M), N as (1, 3, 1):
+    (N cos N x - r cos x) / sin x, and where |N x| < thr (the formula cancels there) the series
+    x (c1 + c3 x^2), evaluated on those few terms only."""
+    drdx = (Ncol * cNx).sub_(r * torch.cos(x)).div_(sx)
+    idx = (Nx.abs() < thr).view(-1).nonzero().squeeze(1)
+    if idx.numel():
+        M = x.shape[-1]
+        xs = x.reshape(-1)[idx]
+        axis = torch.div(idx, M, rounding_mode="floor").remainder_(3)
+        drdx.view(-1)[idx] = xs * (c1.reshape(3)[axis] + c3.reshape(3)[axis] * (xs * xs))
+    return drdx
+
+
+@dataclass(frozen=True)
+class _FusedSpec:
+    """Non-tensor settings of the fused kernel."""
+
+    ov: int
+    n_orient: int
+    point_pixel: bool
+    nopolar: bool
+    kahn: object          # the Kahn factor when it is a plain number (tensor factors come as an input)
+    ftable: FTable
+
+
+def _polar_rows(kahn, incident: torch.Tensor, rows: torch.Tensor, E_in, B_in) -> torch.Tensor:
+    """:func:`polarization_factor` for (P, 3) directions with the frame (E_in, B_in) given (None: K = 0)."""
+    cos2t = rows @ incident
+    c2 = cos2t * cos2t
+    sin2 = 1.0 - c2
+    if E_in is None:
+        return 0.5 * (1.0 + c2)
+    E = rows @ E_in
+    B = rows @ B_in
+    den = E * E + B * B
+    ok = den > 0
+    cos2psi = torch.where(ok, (E * E - B * B) / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
+    return 0.5 * (1.0 + c2 - kahn * cos2psi * sin2)
+
+
+class _FusedFastChunk(torch.autograd.Function):
+    """The fast kernel (square crystal, nearest F, flat detector) with hand-written derivatives.
+
+    The forward evaluates exactly the ops of :func:`_chunk_fast` and, for the inputs that need a gradient,
+    the analytic per-term derivatives of the lattice factor (dr/dx = (N cos Nx - r cos x) / sin x, its
+    series -N (N^2-1) x / 3 + N (N^2-1)(3N^2-7) x^3 / 90 where |N x| is small; dr/dN = x cos Nx / sin x),
+    reduced as far as the loss-independent algebra allows: d terms / dH (O*3, M) only when the orientation
+    matrices need a gradient, its projection on the scattering vector (3, M) for the geometry, and the
+    per-axis N derivative summed over orientations (3, M).  The backward is then two small GEMMs and a
+    few (3, M) passes through scattering vector -> unit direction -> pixel position -> detector vectors, the
+    solid angle and the polarisation (whose frame vectors E_in, B_in come in as inputs so autograd carries
+    them back to the beam and polarisation axis).  Saves no autograd graph of the per-term ops: forward +
+    backward costs about twice the forward, against three times and more through autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _FusedSpec, f, s, A2, pix0, fdet, sdet, px, cd, scale, dirs, lams, N, kahn, E_in, B_in):
+        ov, O = spec.ov, spec.n_orient
+        n = ov * ov
+        Fd, Sd, air, diff, air0, omega = _fast_geometry(ov, spec.point_pixel, f, s, pix0, fdet, sdet, px, cd)
+        M = air.shape[0]
+        dt = air.dtype
+        Ncol = N.view(1, 3, 1)
+        need_A = A2.requires_grad
+        need_N = N.requires_grad
+        need_Q = any(t.requires_grad for t in (pix0, fdet, sdet, px, dirs, lams))
+        derive = need_A or need_N or need_Q
+        if derive:
+            thr, c1, c3 = _dr_dx_series(Ncol, dt)
+        ft = spec.ftable
+        acc = torch.zeros(M, dtype=dt, device=f.device)
+        polar = None
+        per_src = []
+        for si in range(dirs.shape[0]):
+            inc = dirs[si]
+            Q = (diff - inc[:, None]) / lams[si]
+            if polar is None and not spec.nopolar:
+                polar = _polar_rows(kahn if kahn is not None else spec.kahn, inc,
+                                    diff.view(3, -1, n)[:, :, 0].T, E_in, B_in)
+            H = torch.mm(A2, Q).view(O, 3, M)
+            H0 = torch.ceil(H - 0.5)
+            D = H - H0
+            x = D * math.pi + 1e-30
+            Nx = x * Ncol
+            sx = torch.sin(x)
+            r = torch.sin(Nx).div_(sx)
+            q = r * r
+            q01 = q[:, 0] * q[:, 1]
+            terms = q01 * q[:, 2]
+            if ft.F is not None:
+                Fc = ft.nearest_cols(H0)
+                F2 = Fc * Fc
+            else:
+                F2 = ft.default_F * ft.default_F
+            terms = terms * F2
+            acc = acc + (terms.sum(0) if O > 1 else terms[0])
+            G = Gq = GN = None
+            if derive:
+                # pi r_i * prod_{j != i} r_j^2 times 2 F^2: d terms / d r_i, times dx/dH = pi
+                rw = torch.stack([q[:, 1] * q[:, 2], q[:, 0] * q[:, 2], q01], 1).mul_(r)
+                rw = rw.mul_(F2[:, None] * _TWO_PI) if isinstance(F2, torch.Tensor) else rw.mul_(_TWO_PI * F2)
+                cNx = torch.cos(Nx)
+                if need_N:
+                    GN = (x * cNx).div_(sx).mul_(rw).sum(0).div_(math.pi)                # (3, M)
+                if need_A or need_Q:
+                    G = _dr_dx(x, Nx, r, sx, cNx, Ncol, c1, c3, thr).mul_(rw).view(O * 3, M)   # d terms / dH
+                    if need_Q:
+                        Gq = torch.mm(A2.T, G)                                          # (3, M)
+                    if not need_A:
+                        G = None
+            per_src += [G, Q if (need_A or lams.requires_grad) else None, Gq, GN]
+        Ipix = acc.view(-1, n).sum(1) if n > 1 else acc
+        out = Ipix * (scale * omega)
+        if polar is not None:
+            out = out * polar
+        ctx.spec = spec
+        ctx.n_src = int(dirs.shape[0])
+        ctx.save_for_backward(A2, pix0, fdet, sdet, px, cd, scale, dirs, lams, kahn, E_in, B_in,
+                              Fd, Sd, air, diff, air0, omega, Ipix, polar, *per_src)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (A2, pix0, fdet, sdet, px, cd, scale, dirs, lams, kahn, E_in, B_in,
+         Fd, Sd, air, diff, air0, omega, Ipix, polar, *per_src) = ctx.saved_tensors
+        spec = ctx.spec
+        nig = ctx.needs_input_grad
+        n = spec.ov * spec.ov
+        P = Ipix.shape[0]
+        M = P * n
+        so = scale * omega
+        gI = g * so
+        if polar is not None:
+            gI = gI * polar
+        g_scale = None
+        if nig[9]:
+            t = g * Ipix * omega
+            g_scale = (t * polar if polar is not None else t).sum()
+        g_acc = gI.repeat_interleave(n) if n > 1 else gI
+        need_pos = any(nig[4:9])
+        need_diff = need_pos or nig[10] or nig[11]
+        gA2 = torch.zeros_like(A2) if nig[3] else None
+        g_dirs = torch.zeros_like(dirs) if nig[10] else None
+        g_lams = torch.zeros_like(lams) if nig[11] else None
+        g_N = torch.zeros(3, dtype=diff.dtype, device=diff.device) if nig[12] else None
+        g_diff = torch.zeros_like(diff) if need_diff else None
+        for si in range(ctx.n_src):
+            G, Q, Gq, GN = per_src[4 * si: 4 * si + 4]
+            lam = lams[si]
+            if G is not None and gA2 is not None:
+                gA2 += torch.mm(G, (Q * g_acc).T)
+            if Gq is not None and need_diff:
+                gd = (Gq * g_acc).div_(lam)                                         # dL/d diff from this source
+                g_diff += gd
+                if g_dirs is not None:
+                    g_dirs[si] -= gd.sum(1)
+                if g_lams is not None:
+                    g_lams[si] -= (gd * Q).sum()
+            if GN is not None and g_N is not None:
+                g_N += (GN * g_acc).sum(1)
+        g_kahn = g_E = g_B = None
+        rows0 = diff.view(3, P, n)[:, :, 0]                                           # (3, P)
+        if polar is not None and (need_diff or any(nig[13:16])):
+            g_pol = g * Ipix * so
+            inc0 = dirs[0]
+            c = inc0 @ rows0
+            dpdc = c
+            g_rows = None
+            if E_in is not None:
+                K = kahn if kahn is not None else spec.kahn
+                E = E_in @ rows0
+                B = B_in @ rows0
+                den = E * E + B * B
+                ok = den > 0
+                safe = torch.where(ok, den, torch.ones_like(den))
+                cos2psi = torch.where(ok, (E * E - B * B) / safe, torch.ones_like(den))
+                sin2 = 1.0 - c * c
+                dpdc = c * (1.0 + K * cos2psi)
+                w = torch.where(ok, g_pol * (-0.5 * K * sin2) * 4.0 / (safe * safe), torch.zeros_like(den))
+                wE = w * E * B * B
+                wB = -(w * B * E * E)
+                if nig[13]:
+                    g_kahn = -(g_pol * 0.5 * cos2psi * sin2).sum()
+                if nig[14]:
+                    g_E = rows0 @ wE
+                if nig[15]:
+                    g_B = rows0 @ wB
+                g_rows = E_in[:, None] * wE + B_in[:, None] * wB
+            wc = g_pol * dpdc
+            if g_dirs is not None:
+                g_dirs[0] += rows0 @ wc
+            if need_diff:
+                gr = inc0[:, None] * wc
+                g_rows = gr if g_rows is None else g_rows + gr
+                g_diff.view(3, P, n)[:, :, 0] += g_rows
+        g_px = g_cd = None
+        g_air0 = None
+        if need_pos:
+            g_om = g * Ipix * scale
+            if polar is not None:
+                g_om = g_om * polar
+            t = g_om * omega
+            if spec.point_pixel:
+                g_air0 = t * (-2.0) / air0
+            else:
+                g_air0 = t * (-3.0) / air0
+                if nig[7]:
+                    g_px = t.sum() * 2.0 / px
+                if nig[8]:
+                    g_cd = t.sum() / cd
+        g_pix0 = g_fdet = g_sdet = None
+        if need_pos:
+            g_pos = (g_diff - diff * (diff * g_diff).sum(0)).div_(air)
+            g_pos.view(3, P, n)[:, :, 0] += g_air0 * rows0
+            if nig[4]:
+                g_pix0 = g_pos.sum(1)
+            if nig[5]:
+                g_fdet = g_pos @ Fd
+            if nig[6]:
+                g_sdet = g_pos @ Sd
+            if nig[7]:
+                t = ((fdet @ g_pos) * Fd + (sdet @ g_pos) * Sd).sum() / px
+                g_px = t if g_px is None else g_px + t
+        return (None, None, None, gA2, g_pix0, g_fdet, g_sdet, g_px, g_cd, g_scale, g_dirs, g_lams, g_N,
+                g_kahn, g_E, g_B)
+
+
+def _fused_ok(p: Prepared) -> bool:
+    """The fused-gradient kernel applies: autograd on, no spot cutoff, structure factors not refined."""
+    if not torch.is_grad_enabled() or p.spot_cutoff is not None or not p.fused_backward:
+        return False
+    for t in (p.ftable.F, p.ftable.default_F):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return False
+    return True
+
+
+def _chunk_fused(p: Prepared, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    O = p.n_orient
+    dt = p.dtype
+    kahn_t = p.kahn if isinstance(p.kahn, torch.Tensor) else None
+    E_in = B_in = None
+    if not p.nopolar and (kahn_t is not None or float(p.kahn) != 0.0):
+        E_in, B_in = polarization_basis(p.polar_axis, p.src_dirs[0])
+    spec = _FusedSpec(ov=p.oversample, n_orient=O, point_pixel=p.point_pixel, nopolar=p.nopolar,
+                      kahn=None if kahn_t is not None else float(p.kahn), ftable=p.ftable)
+    return _FusedFastChunk.apply(spec, f, s, p.A.reshape(O * 3, 3), p.pix0, p.fdet, p.sdet, p.px, p.close_distance,
+                                 p.scale.to(dt), p.src_dirs, p.src_lams, p.N, kahn_t, E_in, B_in)
+
+
 def _chunk_intensity(p: Prepared, f: torch.Tensor, s: torch.Tensor, *tensors) -> torch.Tensor:
     """Photons for a chunk of pixels (f, s indices)."""
     if _fast_ok(p):
+        if _fused_ok(p):
+            return _chunk_fused(p, f, s)
         return _chunk_fast(p, f, s)
     return _chunk_general(p, f, s)
 
@@ -451,10 +729,17 @@ def render(p: Prepared, detector: DetectorConfig, *, pixel_batch_size: Optional[
     batch = pixel_batch_size or max(1, chunk_elements // per_pixel)
     grad = torch.is_grad_enabled()
     if checkpoint is None:
-        # keep the autograd graph while it fits in ~2 GB (about 48 saved values per term); beyond that
-        # re-compute each chunk in the backward pass so memory stays bounded by the chunk size
+        # keep the saved tensors while they fit in ~2 GB (about 48 values per term through plain autograd;
+        # the fused kernel keeps 3 per term and source plus about 9 per sub-pixel and source and 8 per
+        # sub-pixel); beyond that re-compute each chunk in the backward pass so memory stays bounded by the
+        # chunk size
         itemsize = torch.finfo(p.dtype).bits // 8
-        checkpoint = grad and npx > batch and npx * per_pixel * itemsize * 48 > checkpoint_budget_bytes
+        if grad and _fast_ok(p) and _fused_ok(p):
+            n_src = int(p.src_dirs.shape[0])
+            saved = npx * p.oversample ** 2 * (n_src * (3 * p.n_orient + 9) + 8)
+        else:
+            saved = npx * per_pixel * 48
+        checkpoint = grad and npx > batch and saved * itemsize > checkpoint_budget_bytes
     diff_tensors = [t for t in (p.A, p.pix0, p.fdet, p.sdet, p.px, p.close_distance, p.N, p.scale,
                                 p.src_dirs, p.src_lams, p.ftable.F, p.recip, p.distance, p.beam)
                     if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -480,12 +765,81 @@ def render(p: Prepared, detector: DetectorConfig, *, pixel_batch_size: Optional[
         vals = torch.cat(outs) if outs else torch.zeros(0, dtype=p.dtype, device=device)
     if crop and pixel_mask is None:
         return vals.reshape(smax - smin + 1, fmax - fmin + 1)
+    if pixel_mask is None:
+        # the ROI is a rectangle in slow-major order: a reshape (full detector) or one slice copy, no scatter
+        box = vals.reshape(smax - smin + 1, fmax - fmin + 1)
+        if box.shape == (detector.spixels, detector.fpixels):
+            return box
+        img = torch.zeros(detector.spixels, detector.fpixels, dtype=p.dtype, device=device)
+        img[smin:smax + 1, fmin:fmax + 1] = box
+        return img
     img = torch.zeros(detector.spixels * detector.fpixels, dtype=p.dtype, device=device)
     img = img.index_put((s_all * detector.fpixels + f_all,), vals)
     img = img.reshape(detector.spixels, detector.fpixels)
     if crop:
         return img[smin:smax + 1, fmin:fmax + 1]
     return img
+
+
+#: Prepared fields that may carry gradients into the per-chunk kernels
+_PREPARED_TENSORS = ("A", "src_dirs", "src_lams", "N", "fudge", "recip", "kahn", "polar_axis", "scale", "pix0",
+                     "fdet", "sdet", "px", "close_distance", "distance", "beam")
+
+
+def render_loss(p: Prepared, detector: DetectorConfig, loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                torch.Tensor], *, pixel_mask: Optional[torch.Tensor] = None, pixel_batch_size: Optional[int] = None,
+                chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """A loss that is a sum over pixels, and its backward pass, evaluated chunk by chunk.
+
+    ``loss_fn(pred, f, s)`` gets the photons ``pred`` (K,) of one chunk's pixels at fast / slow indices
+    ``f``, ``s`` (K,) and returns that chunk's share of the loss (e.g. ``((pred - target[s, f]) ** 2).sum()``).
+    Each chunk is rendered, its loss evaluated and back-propagated at once into detached stand-ins of the
+    render's parameter tensors, so no chunk's saved tensors outlive it: memory stays bounded by the chunk
+    size for any number of pixels, orientations and sources, with no re-computation (check-pointing
+    renders every chunk twice).  One final backward then carries the summed gradients through
+    ``prepare``'s small graph, so the leaves' ``.grad`` accumulate exactly as after ``loss.backward()``.
+    Returns the total loss (float64, detached).  ROI, ``pixel_mask`` and ``spot_cutoff`` as :func:`render`.
+    """
+    device = p.pix0.device
+    names = [n for n in _PREPARED_TENSORS if isinstance(getattr(p, n), torch.Tensor) and getattr(p, n).requires_grad]
+    stand_in = {n: getattr(p, n).detach().requires_grad_() for n in names}
+    ft = p.ftable
+    ft_orig = [t if isinstance(t, torch.Tensor) and t.requires_grad else None for t in (ft.F, ft.default_F)]
+    ft_new = [t.detach().requires_grad_() if t is not None else None for t in ft_orig]
+    q = dataclasses.replace(p, **stand_in)
+    if any(t is not None for t in ft_new):
+        q.ftable = FTable(ft_new[0] if ft_new[0] is not None else ft.F, ft.mins,
+                          ft_new[1] if ft_new[1] is not None else ft.default_F, ft.interpolate)
+    if p.spot_cutoff is not None and pixel_mask is None and not p.curved:
+        pixel_mask = spot_block_mask(p, detector, p.spot_cutoff)
+    f_all, s_all, _ = _roi_pixels(detector, device)
+    if pixel_mask is not None:
+        m = pixel_mask[s_all, f_all].to(torch.bool)
+        f_all, s_all = f_all[m], s_all[m]
+    npx = f_all.numel()
+    per_pixel = p.oversample ** 2 * p.n_orient * int(p.src_dirs.shape[0]) * (24 if p.ftable.interpolate else 1)
+    batch = pixel_batch_size or max(1, chunk_elements // per_pixel)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.enable_grad():
+        for start in range(0, npx, batch):
+            f = f_all[start:start + batch]
+            s = s_all[start:start + batch]
+            loss = loss_fn(_chunk_intensity(q, f, s), f, s)
+            if loss.requires_grad:
+                loss.backward()
+            total += loss.detach().to(torch.float64)
+            del loss
+            if progress is not None:
+                progress(min(start + batch, npx), npx)
+        outs, grads = [], []
+        for orig, new in [(getattr(p, n), stand_in[n]) for n in names] + list(zip(ft_orig, ft_new)):
+            if new is not None and new.grad is not None:
+                outs.append(orig)
+                grads.append(new.grad)
+        if outs:
+            torch.autograd.backward(outs, grads)
+    return total
 
 
 def simulate(crystal: CrystalConfig, detector: DetectorConfig, beam: BeamConfig | None = None, hkl=None, *,
@@ -580,4 +934,5 @@ class Simulator:
                       checkpoint=checkpoint, progress=progress, crop=crop)
 
 
-__all__ = ["simulate", "prepare", "render", "pixel_positions_and_q", "spot_block_mask", "Prepared", "Crystal", "Detector", "Simulator", "auto_oversample"]
+__all__ = ["simulate", "prepare", "render", "render_loss", "pixel_positions_and_q", "spot_block_mask", "Prepared",
+           "Crystal", "Detector", "Simulator", "auto_oversample"]
