@@ -102,6 +102,9 @@ def run(
     """Render a simulation described by a config file into an HDF5 artifact (photons/pixel)."""
     from .artifacts import load_job_config, write_simulation
     from .core.io import FormatError
+    from .nbrun import tune_malloc
+
+    tune_malloc()
 
     try:
         job = load_job_config(config)

@@ -64,6 +64,10 @@ def register(app: typer.Typer) -> None:
         """Seed 001: recover mosaic spread (0.8 deg) and misset (5, 3, -2) deg from a synthetic image,
         starting at 0.2 deg and (0, 0, 0). Exit 0 only if the seed's success criteria hold."""
         import torch
+
+        from .nbrun import tune_malloc
+
+        tune_malloc()
         from rich.console import Console
 
         from .refine.demo import results_table, run_demo, write_demo_outputs
@@ -119,6 +123,9 @@ def register(app: typer.Typer) -> None:
 
         from .artifacts import load_job_config
         from .core.io import FormatError
+        from .nbrun import tune_malloc
+
+        tune_malloc()
         from .refine.artifacts import plot_convergence, write_history, write_refinement
         from .refine.images import read_image, read_mask
         from .refine.refiner import Refiner, RefinementError, RefineSettings

@@ -31,6 +31,9 @@ class Params(BaseModel):
 
 
 def handle(ctx: JobContext, params: Params) -> None:
+    from .nbrun import tune_malloc
+
+    tune_malloc()  # chunk buffers re-used instead of re-faulted, as in `nanobragg` (idempotent)
     if params.kind == "refine":
         from .refine.worker import handle_refine_job
 
