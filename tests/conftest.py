@@ -1,11 +1,13 @@
 """Shared fixtures: a real nats-server (JetStream, auth), a volume, worker processes, Prefect's local server."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,45 @@ def settings(nats_server, volume):
 
     return Settings(nats_url=nats_server.url, nats_user="admin", nats_password=nats_server.creds.users["admin"],
                     volume=volume, ack_wait_s=5, nak_delay_s=0.2)
+
+
+@dataclass
+class BusProbe:
+    """Read-only views of the streams, as an operator would query them."""
+
+    settings: "Settings"
+
+    async def _with_js(self, fn):
+        from diffractflow import bus
+
+        nc = await bus.connect(self.settings)
+        try:
+            return await fn(nc.jetstream())
+        finally:
+            await nc.drain()
+
+    def dead_letters(self) -> list:
+        from diffractflow import bus
+        from diffractflow.messages import DeadLetter
+
+        async def read(js):
+            return [DeadLetter.from_bytes(d) async for _s, subj, d in bus.iter_stream(js, bus.DLQ, limit=10 ** 5)
+                    if subj.startswith("dlq.")]
+        return asyncio.run(self._with_js(read))
+
+    def results_for(self, service: str, job_id: str) -> list:
+        from diffractflow import bus
+        from diffractflow.messages import JobResult
+
+        async def read(js):
+            return [JobResult.from_bytes(d) async for _s, _subj, d in
+                    bus.iter_stream(js, bus.RESULTS, subject=bus.result_subject(service, job_id))]
+        return asyncio.run(self._with_js(read))
+
+
+@pytest.fixture
+def probe(settings) -> BusProbe:
+    return BusProbe(settings)
 
 
 @pytest.fixture

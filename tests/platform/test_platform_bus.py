@@ -14,7 +14,7 @@ import pytest
 from diffractflow import bus
 from diffractflow.artifacts import Volume, sha256_file
 from diffractflow.config import Settings
-from diffractflow.messages import ArtifactRef, DeadLetter, JobRequest, JobResult, new_id
+from diffractflow.messages import ArtifactRef, JobRequest, new_id
 from orchestration.tasks import JobRejected, StageFailed, submit_and_wait
 
 
@@ -29,36 +29,13 @@ def make_input(volume: Path, name="in.txt", text="hello beamline") -> Path:
     return p
 
 
-async def dead_letters(settings: Settings) -> list[DeadLetter]:
-    nc = await bus.connect(settings)
-    try:
-        js = nc.jetstream()
-        out = []
-        async for _seq, subject, data in bus.iter_stream(js, bus.DLQ):
-            if subject.startswith("dlq."):
-                out.append(DeadLetter.from_bytes(data))
-        return out
-    finally:
-        await nc.drain()
-
-
-async def results_for(settings: Settings, service: str, job_id: str) -> list[JobResult]:
-    nc = await bus.connect(settings)
-    try:
-        js = nc.jetstream()
-        return [JobResult.from_bytes(d) async for _s, _subj, d in
-                bus.iter_stream(js, bus.RESULTS, subject=bus.result_subject(service, job_id))]
-    finally:
-        await nc.drain()
-
-
 async def ensure(settings):
     nc = await bus.connect(settings)
     await bus.ensure_streams(nc.jetstream())
     await nc.drain()
 
 
-def test_job_round_trip(settings, workers, volume):
+def test_job_round_trip(settings, workers, volume, probe):
     workers.start("echo")
     src = make_input(volume)
     res = run(submit_and_wait("echo", {"data": src}, {"message": "hi"}, run_id="r1", job_id="job-1",
@@ -74,7 +51,7 @@ def test_job_round_trip(settings, workers, volume):
     run(submit_and_wait("echo", {"data": src}, {"message": "hi"}, run_id="r1", job_id="job-1", attempt=2,
                         timeout=30, settings=settings))
     for _ in range(100):
-        second = [r for r in run(results_for(settings, "echo", "job-1")) if r.attempt == 2]
+        second = [r for r in probe.results_for("echo", "job-1") if r.attempt == 2]
         if second:
             break
         time.sleep(0.1)
@@ -82,7 +59,7 @@ def test_job_round_trip(settings, workers, volume):
     assert out.stat().st_mtime_ns == mtime
 
 
-def test_sigkill_while_holding_a_job_is_redelivered_once(settings, workers, volume):
+def test_sigkill_while_holding_a_job_is_redelivered_once(settings, workers, volume, probe):
     first = workers.start("echo", ack_wait_s=2)
     src = make_input(volume)
 
@@ -112,12 +89,12 @@ def test_sigkill_while_holding_a_job_is_redelivered_once(settings, workers, volu
     assert res.status == "ok"
     job_dir = volume / "jobs" / "echo" / "slow-1"
     assert sorted(p.name for p in job_dir.iterdir()) == ["echo.json", "manifest.json"]
-    oks = [r for r in run(results_for(settings, "echo", "slow-1")) if r.status == "ok"]
+    oks = [r for r in probe.results_for("echo", "slow-1") if r.status == "ok"]
     assert len(oks) == 1
     assert sha256_file(job_dir / "echo.json") == oks[0].outputs["echo"].sha256
 
 
-def test_malformed_message_is_dead_lettered_and_worker_keeps_serving(settings, workers, volume):
+def test_malformed_message_is_dead_lettered_and_worker_keeps_serving(settings, workers, volume, probe):
     workers.start("echo")
     run(ensure(settings))
 
@@ -132,13 +109,13 @@ def test_malformed_message_is_dead_lettered_and_worker_keeps_serving(settings, w
     src = make_input(volume)
     res = run(submit_and_wait("echo", {"data": src}, {}, run_id="r", job_id="after-bad", timeout=30, settings=settings))
     assert res.status == "ok"
-    letters = run(dead_letters(settings))
+    letters = probe.dead_letters()
     reasons = [(l.kind, l.reason, l.job_id) for l in letters]
     assert any(k == "bad_message" and "invalid JobRequest" in r for k, r, _ in reasons), reasons
     assert any(j == "v99" and "schema version 99" in r for _, r, j in reasons), reasons
 
 
-def test_bad_params_and_bad_input_are_rejected_not_retried(settings, workers, volume):
+def test_bad_params_and_bad_input_are_rejected_not_retried(settings, workers, volume, probe):
     workers.start("echo")
     src = make_input(volume)
     empty = make_input(volume, "empty.txt", "")
@@ -147,7 +124,7 @@ def test_bad_params_and_bad_input_are_rejected_not_retried(settings, workers, vo
                             settings=settings))
     with pytest.raises(JobRejected, match="empty"):
         run(submit_and_wait("echo", {"data": empty}, {}, run_id="r", job_id="badi", timeout=30, settings=settings))
-    kinds = {l.job_id: l.kind for l in run(dead_letters(settings))}
+    kinds = {l.job_id: l.kind for l in probe.dead_letters()}
     assert kinds == {"badp": "bad_params", "badi": "bad_input"}
 
 
@@ -189,13 +166,13 @@ def test_transient_failure_is_retried_by_the_bus(settings, workers, volume):
     assert (volume / ".toy-failures/flaky").read_text() == "2"
 
 
-def test_failure_after_max_deliver_is_reported_and_dead_lettered(settings, workers, volume):
+def test_failure_after_max_deliver_is_reported_and_dead_lettered(settings, workers, volume, probe):
     workers.start("echo", max_deliver=2)
     src = make_input(volume)
     with pytest.raises(StageFailed, match="planned failure 2"):
         run(submit_and_wait("echo", {"data": src}, {"fail_times": 5}, run_id="r", job_id="doomed", timeout=30,
                             settings=settings))
-    letters = run(dead_letters(settings))
+    letters = probe.dead_letters()
     assert [(l.job_id, l.kind, l.deliveries) for l in letters] == [("doomed", "failure", 2)]
 
 

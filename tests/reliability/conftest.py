@@ -16,38 +16,7 @@ import pytest
 from diffractflow import bus
 from diffractflow.artifacts import Volume, load_valid_manifest, sha256_file
 from diffractflow.config import Settings
-from diffractflow.messages import DeadLetter, JobRequest, JobResult
-
-
-@dataclass
-class BusProbe:
-    """Read-only views of the streams, as an operator would query them."""
-
-    settings: Settings
-
-    async def _with_js(self, fn):
-        nc = await bus.connect(self.settings)
-        try:
-            return await fn(nc.jetstream())
-        finally:
-            await nc.drain()
-
-    def dead_letters(self) -> list[DeadLetter]:
-        async def read(js):
-            return [DeadLetter.from_bytes(d) async for _s, subj, d in bus.iter_stream(js, bus.DLQ, limit=10 ** 5)
-                    if subj.startswith("dlq.")]
-        return asyncio.run(self._with_js(read))
-
-    def results_for(self, service: str, job_id: str) -> list[JobResult]:
-        async def read(js):
-            return [JobResult.from_bytes(d) async for _s, _subj, d in
-                    bus.iter_stream(js, bus.RESULTS, subject=bus.result_subject(service, job_id))]
-        return asyncio.run(self._with_js(read))
-
-
-@pytest.fixture
-def probe(settings) -> BusProbe:
-    return BusProbe(settings)
+from diffractflow.messages import JobRequest, JobResult
 
 
 @pytest.fixture

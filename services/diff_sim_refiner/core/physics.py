@@ -139,12 +139,19 @@ class FTable:
 
 def polarization_factor(kahn, incident: torch.Tensor, diffracted: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     """nanoBragg's polarisation factor 0.5 (1 + cos^2 2theta - K cos 2psi sin^2 2theta)."""
+    if not isinstance(kahn, torch.Tensor) and float(kahn) == 0.0:
+        return polarization_factor_in_frame(kahn, incident, diffracted, None, None)
+    E_in, B_in = polarization_basis(axis, incident)
+    return polarization_factor_in_frame(kahn, incident, diffracted, E_in, B_in)
+
+
+def polarization_factor_in_frame(kahn, incident: torch.Tensor, diffracted: torch.Tensor, E_in, B_in) -> torch.Tensor:
+    """:func:`polarization_factor` with the polarisation frame (E_in, B_in) already known (None: K = 0)."""
     cos2t = diffracted @ incident
     c2 = cos2t * cos2t
     sin2 = 1.0 - c2
-    if not isinstance(kahn, torch.Tensor) and float(kahn) == 0.0:
+    if E_in is None:
         return 0.5 * (1.0 + c2)
-    E_in, B_in = polarization_basis(axis, incident)
     E = diffracted @ E_in
     B = diffracted @ B_in
     den = E * E + B * B
@@ -169,4 +176,4 @@ def rotate_about(v: torch.Tensor, axis: torch.Tensor, angle: torch.Tensor) -> to
     return v * c + torch.linalg.cross(k, v) * s + k * (v @ axis)[..., None] * (1.0 - c)
 
 
-__all__ = ["sincg_sq", "sinc3", "lattice_factor_sq", "FTable", "polarization_factor", "polarization_basis", "rotate_about"]
+__all__ = ["sincg_sq", "sinc3", "lattice_factor_sq", "FTable", "polarization_factor", "polarization_factor_in_frame", "polarization_basis", "rotate_about"]

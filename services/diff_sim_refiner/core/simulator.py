@@ -33,7 +33,8 @@ from .geometry import (
     t64,
 )
 from .io import HKLTable
-from .physics import FTable, lattice_factor_sq, polarization_basis, polarization_factor, rotate_about
+from .physics import (FTable, lattice_factor_sq, polarization_basis, polarization_factor,
+                      polarization_factor_in_frame, rotate_about)
 
 _TWO_PI = 2.0 * math.pi
 
@@ -430,21 +431,6 @@ class _FusedSpec:
     ftable: FTable
 
 
-def _polar_rows(kahn, incident: torch.Tensor, rows: torch.Tensor, E_in, B_in) -> torch.Tensor:
-    """:func:`polarization_factor` for (P, 3) directions with the frame (E_in, B_in) given (None: K = 0)."""
-    cos2t = rows @ incident
-    c2 = cos2t * cos2t
-    sin2 = 1.0 - c2
-    if E_in is None:
-        return 0.5 * (1.0 + c2)
-    E = rows @ E_in
-    B = rows @ B_in
-    den = E * E + B * B
-    ok = den > 0
-    cos2psi = torch.where(ok, (E * E - B * B) / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
-    return 0.5 * (1.0 + c2 - kahn * cos2psi * sin2)
-
-
 class _FusedFastChunk(torch.autograd.Function):
     """The fast kernel (square crystal, nearest F, flat detector) with hand-written derivatives.
 
@@ -482,7 +468,7 @@ class _FusedFastChunk(torch.autograd.Function):
             inc = dirs[si]
             Q = (diff - inc[:, None]) / lams[si]
             if polar is None and not spec.nopolar:
-                polar = _polar_rows(kahn if kahn is not None else spec.kahn, inc,
+                polar = polarization_factor_in_frame(kahn if kahn is not None else spec.kahn, inc,
                                     diff.view(3, -1, n)[:, :, 0].T, E_in, B_in)
             H = torch.mm(A2, Q).view(O, 3, M)
             H0 = torch.ceil(H - 0.5)
