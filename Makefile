@@ -15,15 +15,17 @@ setup: $(READY)
 # 1. Debian's DIALS/dxtbx/cctbx (numpy 1.24.2) when missing; 2. a venv over Debian's python3 that
 # sees them, with the libtbx build-dir link; 3. the project, pinned by constraints.txt.
 $(READY): pyproject.toml constraints.txt
-	@if ! /usr/bin/python3 -c "import dials, dxtbx, numba" 2>/dev/null || ! /usr/bin/python3 -c "import ensurepip" 2>/dev/null; then \
-	  echo "== installing Debian packages (python3-dials, python3-numba, python3-venv)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dials python3-numba python3-venv python3-pip >/dev/null; \
+	@if ! /usr/bin/python3 -c "import dials, dxtbx, numba" 2>/dev/null || ! /usr/bin/python3 -c "import ensurepip" 2>/dev/null \
+	    || ! command -v gcc >/dev/null; then \
+	  echo "== installing Debian packages (python3-dials, python3-numba, python3-venv, gcc)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dials python3-numba python3-venv python3-pip gcc libc6-dev >/dev/null; \
 	fi
 	@test -x $(VENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@test -e $(VENV)/lib/cctbx || ln -s /usr/lib/cctbx $(VENV)/lib/cctbx
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	@$(PY) -c "import dials, dxtbx, cctbx, torch, numpy, numba, prefect, nats; assert numpy.__version__ == '1.24.2', numpy.__version__; print('environment ok: numpy', numpy.__version__, 'torch', torch.__version__, 'prefect', prefect.__version__)"
 	@test -x $(VENV)/bin/nats-server || { echo "nats-server missing from $(VENV)/bin" >&2; exit 1; }
+	@$(PY) -c "from stem_polar.core import native; s = native.status(); print('stem-polar native kernels:', s); assert s == 'loaded', s"
 	@touch $(READY)
 
 test: setup

@@ -7,9 +7,10 @@ Measures (GB/s of raw pattern bytes, each figure the best of --repeat runs, with
                over the dataset size once (it reads the data twice)
   libertem_com LiberTEM's CoMUDF on the same file, 2 dask workers (optional, --libertem: builds a numpy-2 venv
                in --workdir, reused on later runs); CPU seconds summed over its process tree
-The engine uses the numba kernels when numba is importable (``--kernels numpy`` measures the engine without
-them, stored under a "_numpy_kernels" key); ``kernels_first_call`` records what a fresh process pays once
-(compile with an empty numba cache, load from a warm one); the timed runs start with the kernels loaded.
+The engine uses the native C kernels for uint16 frames when they build, else numba (``--kernels numba`` and
+``--kernels numpy`` force the slower ones, stored under "_numba_kernels" / "_numpy_kernels" keys);
+``kernels_first_call`` records what a fresh process pays once (build or compile with empty caches, load from
+warm ones); the timed runs start with the kernels loaded.
 Peak RSS of this process and the 1-minute load average (start and end) are recorded: figures taken while
 other jobs use the cores are inflated; CPU seconds are less sensitive to that than wall seconds.
 Results go to benchmarks/results/stem_polar.json (one entry per scan x detector size).
@@ -165,8 +166,8 @@ def bench(args) -> dict:
     from stem_polar.core import engine as eng_mod
     from stem_polar.core import kernels
 
-    out["kernels"] = "numba" if eng_mod.use_kernels(np.uint16) else "numpy"
-    if out["kernels"] == "numba":
+    out["kernels"] = kernels.backend(np.uint16) if eng_mod.use_kernels(np.uint16) else "numpy"
+    if out["kernels"] != "numpy":
         out["kernels_first_call"] = kernel_compile_times()
         kernels.warmup(np.uint16)  # compiled (or loaded) before timing, as a long-running worker would have it
 
@@ -201,11 +202,12 @@ def kernel_compile_times() -> dict:
             "t1 = time.perf_counter(); kernels.warmup(np.uint16); print(time.perf_counter() - t1)")
     res = {}
     with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, NUMBA_CACHE_DIR=d)
+        env = dict(os.environ, NUMBA_CACHE_DIR=d, STEM_POLAR_NATIVE_CACHE=d)
         for what in ("compile_s", "cached_load_s"):
             p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
             res[what] = float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
-    res["what"] = "first call of the uint16 kernels in a new process (once per process; cached on disk after)"
+    res["what"] = ("first call of the uint16 kernels in a new process (numba compile or native build with empty "
+                   "caches; then the load from warm caches, once per process)")
     return res
 
 
@@ -273,11 +275,12 @@ def main():
     ap.add_argument("--workdir", default="/tmp/stem_polar_bench", help="where the HDF5 file is made (not the repo)")
     ap.add_argument("--libertem", action="store_true", help="also run LiberTEM CoMUDF (builds a numpy-2 venv)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/stem_polar.json"))
-    ap.add_argument("--kernels", choices=["numba", "numpy"], default="numba",
-                    help="conversion kernels of the CPU engine (numpy: the engine without numba, for comparison)")
+    ap.add_argument("--kernels", choices=["auto", "native", "numba", "numpy"], default="auto",
+                    help="kernels of the CPU engine: auto (native C for uint16 when it builds, else numba), or one "
+                         "forced for comparison (numba: without the native library; numpy: without compiled code)")
     args = ap.parse_args()
-    if args.kernels == "numpy":
-        os.environ["STEM_POLAR_KERNELS"] = "numpy"
+    if args.kernels in ("numba", "numpy"):
+        os.environ["STEM_POLAR_KERNELS"] = args.kernels
     res = bench(args)
     if "libertem_com" in res and "gb_per_s" in res["libertem_com"]:
         lt_gbs = res["libertem_com"]["gb_per_s"]
@@ -292,7 +295,8 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(out.read_text()) if out.exists() else {}
-    key = f"{args.scan}x{args.scan}x{args.det}x{args.det}" + ("_numpy_kernels" if args.kernels == "numpy" else "")
+    key = f"{args.scan}x{args.scan}x{args.det}x{args.det}" + (
+        f"_{args.kernels}_kernels" if args.kernels in ("numba", "numpy") else "")
     prev[key] = res
     out.write_text(json.dumps(prev, indent=2))
     print(json.dumps(res, indent=2))

@@ -98,9 +98,11 @@ def _passes(src, lab, pre, ref, mf, com, monkeypatch, kern):
     return p, m
 
 
+@pytest.mark.parametrize("kern", ["auto", "numba"])
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])
-def test_engine_passes_same_with_and_without_kernels(scan, monkeypatch, dtype):
-    """Whole passes: numba kernels vs the numpy engine on the same tiles (float32-level differences)."""
+def test_engine_passes_same_with_and_without_kernels(scan, monkeypatch, dtype, kern):
+    """Whole passes: compiled kernels (auto: native C for uint16 where it builds; numba) vs the numpy engine on
+    the same tiles (float32-level differences)."""
     frames = scan["data"].reshape(-1, 32, 32).astype(dtype)
     if dtype == np.int32:
         frames[::11, 0, :3] = [-5, 70000, 3]
@@ -114,7 +116,7 @@ def test_engine_passes_same_with_and_without_kernels(scan, monkeypatch, dtype):
                           rng.uniform(0.2, 1, (32, 32)), 1e-6, "diag")
     com = st.GatedCoM(rng.uniform(0, 1, (3, 32, 32)), 15.3, 16.2)
     assert eng.use_kernels(dtype)
-    pk, mk = _passes(src, lab, pre, ref, mf, com, monkeypatch, "numba")
+    pk, mk = _passes(src, lab, pre, ref, mf, com, monkeypatch, kern)
     pn, mn = _passes(src, lab, pre, ref, mf, com, monkeypatch, "numpy")
     assert not eng.use_kernels(dtype)  # the environment switch forces the numpy engine
     for f in ("s1", "s2", "cs"):

@@ -157,15 +157,35 @@ def _split_even(items, parts: int):
 
 
 class _Worker:
-    """Per-thread buffers: a float32 tile, a second float32 tile (pass 2 log), a gather buffer."""
+    """Per-thread buffers: a float32 tile, a second float32 tile (pass 2 log), a gather buffer (allocated on
+    first use: the compiled kernels need none of them), and a (4, P) float32 scratch row block."""
 
     def __init__(self, tile: int, n_pix: int, dtype, second: bool = False):
-        self.f = np.empty((tile, n_pix), dtype=np.float32)
-        self.e = np.empty((tile, n_pix), dtype=np.float32) if second else None
-        self.g = np.empty((tile, n_pix), dtype=dtype)
+        self._shape = (tile, n_pix)
+        self._dtype = dtype
+        self._second = second
+        self._f = self._e = self._g = None
         self.ones = np.ones(tile, dtype=np.float32)
         self.a2 = np.ones((2, tile), dtype=np.float32)  # pass 1: rows [1, bg] of a tile
         self.out4 = np.empty((4, n_pix), dtype=np.float32)
+
+    @property
+    def f(self):
+        if self._f is None:
+            self._f = np.empty(self._shape, dtype=np.float32)
+        return self._f
+
+    @property
+    def e(self):
+        if self._e is None and self._second:
+            self._e = np.empty(self._shape, dtype=np.float32)
+        return self._e
+
+    @property
+    def g(self):
+        if self._g is None:
+            self._g = np.empty(self._shape, dtype=self._dtype)
+        return self._g
 
     def load(self, block, sel):
         """Raw frames of a tile as float32 (a copy: the source is never written)."""
@@ -290,7 +310,6 @@ def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int):
     use_bg = bool(c.background_subtract)
     bgw = pre.bg_weights if use_bg else ref32
     c0 = float(np.dot(ref32.astype(np.float64), bgw.astype(np.float64))) if use_bg else 0.0
-    lut = kernels.log_table()
 
     def run(state, block, tiles):
         part: dict = {}
@@ -299,7 +318,7 @@ def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int):
                 part[g] = np.zeros((4, n_pix), dtype=np.float32)  # rows raw, sum D, sum D^2, 0
             idx = _as_index(sel)
             bg = np.full(len(idx), c0)
-            kernels.pass1_frames(block, idx, wide, lut, ref32, bgw, use_bg, part[g][:3], bg, state.out4[0])
+            kernels.pass1(block, idx, wide, ref32, bgw, use_bg, part[g][:3], bg, state.out4)
         out = {}
         for g, v in part.items():
             cnt = sum((sl.stop - sl.start) if isinstance(sl, slice) else len(sl) for gg, sl in tiles if gg == g)
@@ -374,6 +393,7 @@ def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray
     ref32 = np.ascontiguousarray(ref, dtype=np.float32)
     fused = pre.cfg.log_transform and use_kernels(source.dtype)
     if fused:
+        tile = max(tile, KERNEL_TILE)
         run = _pass1_part_fused(pre, ref32, kernels.is_wide(source.dtype), n_pix)
     else:
         run = _pass1_part(pre, ref32, nonneg, n_pix)
@@ -461,7 +481,9 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
 
     fused = c.log_transform and use_kernels(source.dtype)
     wide = kernels.is_wide(source.dtype)
-    lut = kernels.log_table() if fused else None
+    if fused:
+        tile = max(tile, KERNEL_TILE)
+
 
     def run_fused(state, tiles, block):
         """As ``run`` in one compiled kernel per tile (``kernels.pass2_frames``): each raw frame is read once,
@@ -470,8 +492,7 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
             idx = _as_index(sel)
             op = np.empty((len(idx), nP), dtype=np.float32)
             orr = np.empty((len(idx), 3), dtype=np.float32)
-            kernels.pass2_frames(block, idx, wide, lut, W2T, MgT[g] if g >= 0 else MgT[0], g >= 0, op, orr,
-                                 state.out4[0])
+            kernels.pass2(block, idx, wide, W2T, MgT[g] if g >= 0 else MgT[0], g >= 0, op, orr, state.out4)
             P_chunk[sel] = op
             if g >= 0:
                 R_chunk[sel] = orr
@@ -570,6 +591,9 @@ def com_pass(source, chunk: int, tile: int, threads: int, com: st.GatedCoM, all_
     if not all_gates:
         cx, cy, ok_all = (np.ascontiguousarray(v[:, 0]) for v in (cx, cy, ok_all))
     return cx, cy, ok_all
+
+
+KERNEL_TILE = 256  # frames per call of a compiled pass kernel: it streams frames, so only call overhead counts
 
 
 def default_tile(n_pix: int, tile_bytes: int = 1 << 20) -> int:

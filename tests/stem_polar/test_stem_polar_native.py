@@ -1,0 +1,164 @@
+"""The native (C) kernels of the CPU engine (``core.native``) against float64 formulas and the numba kernels.
+
+``make setup`` needs a C compiler for these kernels (Debian's gcc is installed with the set-up); the last test
+checks the fallback to numba when there is none.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from stem_polar.core import kernels, native
+from stem_polar.core.config import PolarConfig
+from stem_polar.core.pipeline import run_pipeline
+from stem_polar.core.source import ArraySource
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
+
+
+def _frames(n=41, p=1003, seed=0):
+    """uint16 frames with every regime: all-small vectors (table path), mixed vectors and large counts (polynomial),
+    the 16-bit extremes, and a row length that leaves a partial last vector."""
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(rng.uniform(0.2, 6, p), (n, p))
+    x[:, p // 3:p // 2] = rng.poisson(300, (n, p // 2 - p // 3))  # a bright-field-like block
+    x[::5, ::37] = rng.integers(1000, 65536, x[::5, ::37].shape)  # scattered large counts
+    x[0, :4] = [0, 31, 32, 65535]
+    return np.clip(x, 0, 65535).astype(np.uint16)
+
+
+def test_log_is_within_one_ulp_of_float64_for_every_uint16():
+    x = np.arange(65536, dtype=np.uint16).reshape(1, -1)
+    out = native.log_rows(x, np.array([0]))[0]
+    exact = np.log1p(np.arange(65536, dtype=np.float64))
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    err = np.abs(out.astype(np.float64) - exact)
+    assert out[0] == 0.0
+    assert (err <= ulp).all(), f"max error {np.max(err / ulp):.2f} ulp at x = {int(np.argmax(err / ulp))}"
+
+
+def test_small_count_table_equals_polynomial_bitwise():
+    """A vector of small counts takes the table; the same counts among a large one take the polynomial: the
+    values must be the same bits, so results do not depend on the neighbours of a pixel."""
+    small = np.tile(np.arange(64, dtype=np.uint16), 4).reshape(1, -1)  # vectors with all counts < 32 exist
+    mixed = small.copy()
+    mixed[0, ::16] = 40000  # every vector now holds a large count
+    a = native.log_rows(small, np.array([0]))[0]
+    b = native.log_rows(mixed, np.array([0]))[0]
+    keep = mixed[0] != 40000
+    np.testing.assert_array_equal(a[keep], b[keep])
+
+
+@pytest.mark.parametrize("use_bg", [True, False])
+@pytest.mark.parametrize("n_frames", [1, 2, 29])  # single frame, one pair, pairs plus a single
+def test_pass1_equals_direct_sums(use_bg, n_frames):
+    x = _frames()
+    p = x.shape[1]
+    rng = np.random.default_rng(1)
+    idx = rng.permutation(len(x))[:n_frames].astype(np.int64)
+    ref = rng.normal(2.0, 0.5, p).astype(np.float32)
+    w = (rng.random(p) < 0.3).astype(np.float32)
+    w /= w.sum()
+    c0 = float(ref.astype(np.float64) @ w) if use_bg else 0.0
+    acc = np.zeros((3, p), dtype=np.float32)
+    bg = np.full(n_frames, c0)
+    native.pass1(x, idx, ref, w, use_bg, acc, bg, np.empty((2, p), dtype=np.float32))
+    raw = x[idx].astype(np.float64)
+    e = np.log1p(raw)
+    bg_ref = e @ w if use_bg else np.zeros(n_frames)
+    d = e - ref - bg_ref[:, None]
+    np.testing.assert_allclose(acc[0], raw.sum(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(acc[1], d.sum(axis=0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(acc[2], (d * d).sum(axis=0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(bg, bg_ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_rows", [1, 4, 5, 6, 11])  # one sweep of 5 rows, more sweeps, remainders
+@pytest.mark.parametrize("with_com", [True, False])
+def test_pass2_equals_direct_products(n_rows, with_com):
+    x = _frames()
+    p = x.shape[1]
+    rng = np.random.default_rng(2)
+    idx = np.r_[np.arange(5, 30), [3, 3, 40]].astype(np.int64)  # repeated and odd-count frames
+    W = rng.normal(size=(n_rows, p)).astype(np.float32)
+    M = rng.uniform(-1, 1, (3, p)).astype(np.float32)
+    op = np.full((len(idx), n_rows + 2), np.nan, dtype=np.float32)  # wider than needed: extra columns untouched
+    orr = np.full((len(idx), 3), np.nan, dtype=np.float32)
+    native.pass2(x, idx, W, M, with_com, op, orr, np.empty((2, p), dtype=np.float32))
+    raw = x[idx].astype(np.float64)
+    s_ref = np.log1p(raw) @ W.T.astype(np.float64)
+    np.testing.assert_allclose(op[:, :n_rows], s_ref, rtol=1e-5, atol=1e-5 * np.abs(s_ref).max())
+    assert np.isnan(op[:, n_rows:]).all()
+    if with_com:
+        r_ref = raw @ M.T.astype(np.float64)
+        np.testing.assert_allclose(orr, r_ref, rtol=1e-5, atol=1e-5 * np.abs(r_ref).max())
+    else:
+        assert np.isnan(orr).all()
+
+
+def test_native_equals_numba_kernels():
+    """The two compiled backends on the same frames: float32-level agreement."""
+    x = _frames(n=64, p=4096, seed=3)
+    p = x.shape[1]
+    rng = np.random.default_rng(4)
+    idx = np.arange(64, dtype=np.int64)
+    ref = rng.normal(1, 0.2, p).astype(np.float32)
+    w = np.full(p, 1 / p, dtype=np.float32)
+    a1, a2 = np.zeros((3, p), np.float32), np.zeros((3, p), np.float32)
+    b1, b2 = np.full(64, 0.5), np.full(64, 0.5)
+    kernels.pass1_frames(x, idx, False, kernels.log_table(), ref, w, True, a1, b1, np.empty(p, np.float32))
+    native.pass1(x, idx, ref, w, True, a2, b2, np.empty((2, p), np.float32))
+    np.testing.assert_array_equal(a1[0], a2[0])  # integer sums below 2^24: exact on both
+    for r in (1, 2):
+        np.testing.assert_allclose(a2[r], a1[r], rtol=1e-5, atol=1e-5 * np.abs(a1[r]).max())
+    np.testing.assert_allclose(b2, b1, rtol=1e-6)
+
+
+def test_pipeline_native_equals_numpy_engine(scan, monkeypatch):
+    """The whole seed pipeline on uint16 data: native kernels vs the numpy engine."""
+    d = scan["data"].astype(np.uint16)
+    lab = scan["labels"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert kernels.backend(np.uint16) == "native"
+        a = run_pipeline(ArraySource(d), lab, PolarConfig(), chunk=64, threads=2)
+        monkeypatch.setenv("STEM_POLAR_KERNELS", "numpy")
+        assert kernels.backend(np.uint16) == "numpy"
+        b = run_pipeline(ArraySource(d), lab, PolarConfig(), chunk=64, threads=2)
+    np.testing.assert_allclose(a.stats.sigma, b.stats.sigma, atol=2e-5)
+    np.testing.assert_allclose(a.stats.mu_c, b.stats.mu_c, atol=2e-5)
+    np.testing.assert_allclose(a.stats.mu_c_raw, b.stats.mu_c_raw, rtol=1e-6)
+    np.testing.assert_array_equal(a.gates, b.gates)
+    np.testing.assert_allclose(a.S, b.S, atol=1e-4 * np.abs(b.S).max())
+    np.testing.assert_array_equal(a.argmax, b.argmax)
+    np.testing.assert_allclose(a.com_x_raw, b.com_x_raw, atol=1e-4)
+    np.testing.assert_allclose(a.com_y_raw, b.com_y_raw, atol=1e-4)
+
+
+def test_bad_arguments_raise_before_the_kernel_runs():
+    x = _frames(n=4, p=64)
+    with pytest.raises(IndexError):
+        native.pass2(x, np.array([0, 9]), np.zeros((1, 64), np.float32), np.zeros((3, 64), np.float32), True,
+                     np.empty((2, 1), np.float32), np.empty((2, 3), np.float32), np.empty(128, np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        native.pass1(x, np.array([0]), np.zeros(64, np.float64), np.zeros(64, np.float32), True,
+                     np.zeros((3, 64), np.float32), np.zeros(1), np.empty(128, np.float32))
+
+
+def test_without_a_compiler_the_engine_falls_back_to_numba(tmp_path):
+    """No cc/gcc on PATH and an empty cache: the native library is unavailable, status says why, and uint16 data
+    uses the numba kernels."""
+    env = dict(os.environ, PATH=str(tmp_path), CC="", STEM_POLAR_NATIVE_CACHE=str(tmp_path / "cache"))
+    code = ("import numpy as np; from stem_polar.core import kernels, native; "
+            "print(native.available(), kernels.backend(np.uint16), native.status())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    available, backend, status = out.stdout.strip().split(" ", 2)
+    assert available == "False" and "no C compiler" in status
+    assert backend == ("numba" if kernels._HAVE_NUMBA else "numpy")
