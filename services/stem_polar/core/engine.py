@@ -24,6 +24,13 @@ runs one compiled kernel per tile instead of the numpy conversion + log1p + prod
 it, pass 2 forms the scores and the guessed-gate CoM moments as dot products (each raw pixel read once per
 pass). The tiles, threads, part-ordered merges and the per-chunk finish stay the same. Float data, and data
 without the log, keep the numpy path (numpy's log1p; no table applies).
+
+For native-endian uint16 frames the same kernel calls go to ``core.native`` (C, built at first use) when it
+loads: log(I+1) in SIMD registers (a register table for vectors of counts below 32, a polynomial otherwise),
+frames two or four at a time, pass 1 in one sweep after the frame's background from the outer-ring vectors,
+pass 2's scores and moments in one sweep. Compiled calls stream frames, so their tiles are ``KERNEL_TILE``
+frames (fewer Python calls); pass 2 finishes chunk i (softmax, argmax, redone moments) in a helper thread
+while chunk i + 1 is processed.
 """
 
 from __future__ import annotations
@@ -476,16 +483,17 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
         key = np.zeros(n, dtype=np.int64)  # union: gate 0 for every frame, never redone
 
     nP = W2T.shape[0]
-    P_chunk = np.empty((chunk, nP), dtype=np.float32)  # per chunk: [e W | e w_bg] and the guessed-gate moments
-    R_chunk = np.empty((chunk, 3), dtype=np.float32)
+    # per chunk: [e W | e w_bg] and the guessed-gate moments; two sets, so that one chunk's finish (below, in a
+    # helper thread) overlaps the next chunk's products
+    P_bufs = [np.empty((chunk, nP), dtype=np.float32) for _ in range(2)]
+    R_bufs = [np.empty((chunk, 3), dtype=np.float32) for _ in range(2)]
 
     fused = c.log_transform and use_kernels(source.dtype)
     wide = kernels.is_wide(source.dtype)
     if fused:
         tile = max(tile, KERNEL_TILE)
 
-
-    def run_fused(state, tiles, block):
+    def run_fused(state, tiles, block, P_chunk, R_chunk):
         """As ``run`` in one compiled kernel per tile (``kernels.pass2_frames``): each raw frame is read once,
         e = log1p(x) from the log table into a cache-resident row, scores and CoM moments as dot products."""
         for g, sel in tiles:
@@ -497,7 +505,7 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
             if g >= 0:
                 R_chunk[sel] = orr
 
-    def run(state, tiles, block):
+    def run(state, tiles, block, P_chunk, R_chunk):
         """Heavy per-tile work only: two skinny products (CoM moments on raw x, scores on e = log1p(x))."""
         for g, sel in tiles:
             x = state.load(block, sel)
@@ -514,7 +522,7 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
                 e = x
             P_chunk[sel] = rmm(W2T, e)
 
-    def finish(a, bnd, block):
+    def finish(a, bnd, block, P_chunk, R_chunk):
         """Per chunk, vectorised: S, softmax, argmax; CoM moments redone (all gates) where the argmax is not the
         guessed gate (another cluster than the label, or an unassigned label)."""
         m = bnd - a
@@ -543,14 +551,30 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
 
     pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype, second=c.log_transform))
     work = run_fused if fused else run
+    finisher = ThreadPoolExecutor(max_workers=1) if pool.threads > 1 else None
+    pending = None
     try:
-        for a, bnd, block in frame_blocks(source, chunk, None, prefetch):
+        for i, (a, bnd, block) in enumerate(frame_blocks(source, chunk, None, prefetch)):
+            bufs = (P_bufs[i % 2], R_bufs[i % 2])
             tiles = group_tiles(key[a:bnd], tile)
-            pool.map_tiles(lambda state, part: work(state, part, block), tiles)
-            finish(a, bnd, block)
-            if progress:
-                progress(bnd, n)
+            pool.map_tiles(lambda state, part: work(state, part, block, *bufs), tiles)
+            if pending is not None:
+                pending.result()  # the previous chunk's finish (its buffers are the next chunk's)
+                pending = None
+                if progress:
+                    progress(a, n)
+            if finisher is None:
+                finish(a, bnd, block, *bufs)
+            else:
+                pending = finisher.submit(finish, a, bnd, block, *bufs)
+        if pending is not None:
+            pending.result()
+            pending = None
+        if progress:
+            progress(n, n)
     finally:
+        if finisher is not None:
+            finisher.shutdown(wait=True)
         pool.close()
     return S, amax, conf, cxp, cyp, valid
 

@@ -141,86 +141,86 @@ INLINE vf vlog1p_counts(vf x, smalltab t) {
 
 /* ------------------------------------------------------------------------------------------------ pass 1 */
 
-/* nb (1 or 2) frames ra[, rb]: acc0 += x; e' = log1p(x) - ref; bg = e' . wbg + bg_in; acc1 += D, acc2 += D^2
- * with D = e' - bg (bg = 0 without use_bg). ebuf holds 2 rows of e'. */
-INLINE void pass1_group(const uint16_t *ra, const uint16_t *rb, const uint16_t *na, const uint16_t *nb_,
-                        const int nb, size_t P, const float *ref,
-                        const float *wbg, const int use_bg, float *acc0, float *acc1, float *acc2, float *ebuf,
-                        double *bga, double *bgb) {
-    float *ea = ebuf, *eb = ebuf + P;
-    const smalltab tab = load_small_table();
-    if (!use_bg) { /* one sweep: D = e' */
-        SWEEP(P, {
-            PREFETCH(na, nb_, k);
-            vf xa = ld_u16(ra + k, n), r = ld_f(ref + k, n);
-            vf da = vlog1p_counts(xa, tab) - r;
-            vf s0 = xa, s1 = da, s2 = da * da;
-            if (nb == 2) {
-                vf xb = ld_u16(rb + k, n);
-                vf db = vlog1p_counts(xb, tab) - r;
-                s0 += xb, s1 += db, s2 += db * db;
-            }
-            st_f(acc0 + k, ld_f(acc0 + k, n) + s0, n);
-            st_f(acc1 + k, ld_f(acc1 + k, n) + s1, n);
-            st_f(acc2 + k, ld_f(acc2 + k, n) + s2, n);
-        })
-        return;
+/* Frames per pass-1 sweep: every accumulator row loaded serves four frames. */
+#define P1_FRAMES 4
+
+/* Background levels of nb frames: bg[f] += e'_f . wbg over the listed vectors only (blk: offsets of the
+ * VL-pixel vectors that hold a non-zero weight; the outer ring of the detector, about a third of it). */
+INLINE void pass1_background(const uint16_t *const *rows, const int nb, size_t P, const float *ref,
+                             const float *wbg, const int64_t *blk, size_t nblk, smalltab tab, double *bg) {
+    vf d[P1_FRAMES] = {{0}};
+#define BG_VECTOR(n)                                                             \
+    {                                                                            \
+        vf r = ld_f(ref + k, n), w = ld_f(wbg + k, n);                           \
+        for (int f = 0; f < nb; f++) d[f] += (vlog1p_counts(ld_u16(rows[f] + k, n), tab) - r) * w; \
     }
-    vf da = {0}, db = {0};
+    for (size_t j = 0; j < nblk; j++) {
+        size_t k = (size_t)blk[j];
+        if (k + VL <= P)
+            BG_VECTOR(VL)
+        else
+            BG_VECTOR(P - k)
+    }
+#undef BG_VECTOR
+    for (int f = 0; f < nb; f++) bg[f] += (double)hsum(d[f]);
+}
+
+/* nb (1..P1_FRAMES) frames in one sweep: acc0 += x; acc1 += D, acc2 += D^2 with D = log1p(x) - ref - bg
+ * (bg from pass1_background first when use_bg, else 0); next: the rows of the following frames (prefetched). */
+INLINE void pass1_group(const uint16_t *const *rows, const uint16_t *const *next, const int nb, size_t P,
+                        const float *ref, const float *wbg, const int64_t *blk, size_t nblk, const int use_bg,
+                        float *acc0, float *acc1, float *acc2, double *bg) {
+    const smalltab tab = load_small_table();
+    float fb[P1_FRAMES] = {0};
+    if (use_bg) {
+        pass1_background(rows, nb, P, ref, wbg, blk, nblk, tab, bg);
+        for (int f = 0; f < nb; f++) fb[f] = (float)bg[f];
+    }
     SWEEP(P, {
-        PREFETCH(na, nb_, k);
-        vf xa = ld_u16(ra + k, n), r = ld_f(ref + k, n), w = ld_f(wbg + k, n);
-        vf e1 = vlog1p_counts(xa, tab) - r, s0 = xa;
-        st_f(ea + k, e1, n);
-        da += e1 * w;
-        if (nb == 2) {
-            vf xb = ld_u16(rb + k, n);
-            vf e2 = vlog1p_counts(xb, tab) - r;
-            st_f(eb + k, e2, n);
-            db += e2 * w;
-            s0 += xb;
+        for (int f = 0; f < nb; f++) __builtin_prefetch(next[f] + k, 0, 3);
+        vf r = ld_f(ref + k, n), s0 = {0}, s1 = {0}, s2 = {0};
+        for (int f = 0; f < nb; f++) {
+            vf x = ld_u16(rows[f] + k, n);
+            vf d = (vlog1p_counts(x, tab) - r) - fb[f];
+            s0 += x, s1 += d, s2 += d * d;
         }
         st_f(acc0 + k, ld_f(acc0 + k, n) + s0, n);
-    })
-    double ba = (double)hsum(da) + *bga, bb = nb == 2 ? (double)hsum(db) + *bgb : 0.0;
-    *bga = ba;
-    if (nb == 2) *bgb = bb;
-    float fa = (float)ba, fb = (float)bb;
-    SWEEP(P, {
-        vf va = ld_f(ea + k, n) - fa;
-        vf s1 = va, s2 = va * va;
-        if (nb == 2) {
-            vf vb = ld_f(eb + k, n) - fb;
-            s1 += vb, s2 += vb * vb;
-        }
         st_f(acc1 + k, ld_f(acc1 + k, n) + s1, n);
         st_f(acc2 + k, ld_f(acc2 + k, n) + s2, n);
     })
 }
 
+#define PASS1_GROUP(NB)                                                                                  \
+    do {                                                                                                 \
+        if (use_bg)                                                                                      \
+            pass1_group(rows, next, NB, P, ref, wbg, blk, nblk, 1, a0, a1, a2, bgs + t);                 \
+        else                                                                                             \
+            pass1_group(rows, next, NB, P, ref, wbg, blk, nblk, 0, a0, a1, a2, bgs + t);                 \
+    } while (0)
+
 /* Pass-1 sums of frames base[idx[t]] (one group): acc rows [sum x, sum D, sum D^2] (float32, the caller keeps
- * at most 256 frames per accumulator); bgs[t] holds the constant ref . wbg on entry and bg of frame t on exit.
- * ebuf: 2 * P floats of scratch. */
+ * at most 256 frames per accumulator); bgs[t] holds the constant ref . wbg on entry and bg of frame t on exit;
+ * blk lists the vectors with a non-zero background weight (see pass1_background). */
 void sp_pass1_u16(const uint16_t *base, const int64_t *idx, size_t n, size_t P, const float *ref,
-                  const float *wbg, int use_bg, float *acc, double *bgs, float *ebuf) {
+                  const float *wbg, const int64_t *blk, size_t nblk, int use_bg, float *acc, double *bgs) {
     float *a0 = acc, *a1 = acc + P, *a2 = acc + 2 * P;
-    size_t t = 0;
-    for (; t + 2 <= n; t += 2) {
-        const uint16_t *ra = base + idx[t] * P, *rb = base + idx[t + 1] * P;
-        const uint16_t *na = t + 2 < n ? base + idx[t + 2] * P : rb, *nb_ = t + 3 < n ? base + idx[t + 3] * P : rb;
-        if (use_bg)
-            pass1_group(ra, rb, na, nb_, 2, P, ref, wbg, 1, a0, a1, a2, ebuf, bgs + t, bgs + t + 1);
-        else
-            pass1_group(ra, rb, na, nb_, 2, P, ref, wbg, 0, a0, a1, a2, ebuf, bgs + t, bgs + t + 1);
-    }
-    if (t < n) {
-        const uint16_t *ra = base + idx[t] * P;
-        if (use_bg)
-            pass1_group(ra, ra, ra, ra, 1, P, ref, wbg, 1, a0, a1, a2, ebuf, bgs + t, bgs + t);
-        else
-            pass1_group(ra, ra, ra, ra, 1, P, ref, wbg, 0, a0, a1, a2, ebuf, bgs + t, bgs + t);
+    for (size_t t = 0; t < n; t += P1_FRAMES) {
+        const uint16_t *rows[P1_FRAMES], *next[P1_FRAMES];
+        size_t nb = n - t < P1_FRAMES ? n - t : P1_FRAMES;
+        for (size_t f = 0; f < P1_FRAMES; f++) {
+            rows[f] = base + idx[t + (f < nb ? f : 0)] * P;
+            size_t u = t + P1_FRAMES + f;
+            next[f] = u < n ? base + idx[u] * P : rows[f];
+        }
+        switch (nb) {
+        case 4: PASS1_GROUP(4); break;
+        case 3: PASS1_GROUP(3); break;
+        case 2: PASS1_GROUP(2); break;
+        default: PASS1_GROUP(1); break;
+        }
     }
 }
+#undef PASS1_GROUP
 
 /* ------------------------------------------------------------------------------------------------ pass 2 */
 
@@ -330,6 +330,9 @@ void sp_pass2_u16(const uint16_t *base, const int64_t *idx, size_t n, size_t P, 
                         out_r + t * 3, out_r + t * 3);
     }
 }
+
+/* Pixels per SIMD vector of this build (offsets in the background vector list are multiples of it). */
+int sp_vector_pixels(void) { return VL; }
 
 /* log1p of frames base[idx[t]] into out[t] (float32 rows of P): the values the passes use (for tests). */
 void sp_log_rows_u16(const uint16_t *base, const int64_t *idx, size_t n, size_t P, float *out) {

@@ -108,11 +108,13 @@ def _load():
         try:
             lib = ctypes.CDLL(str(build()))
             V, S, I = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int  # noqa: E741
-            lib.sp_pass1_u16.argtypes = [V, V, S, S, V, V, I, V, V, V]
+            lib.sp_pass1_u16.argtypes = [V, V, S, S, V, V, V, S, I, V, V]
             lib.sp_pass2_u16.argtypes = [V, V, S, S, V, S, V, V, I, V, S, V, V]
             lib.sp_log_rows_u16.argtypes = [V, V, S, S, V]
             for fn in (lib.sp_pass1_u16, lib.sp_pass2_u16, lib.sp_log_rows_u16):
                 fn.restype = None
+            lib.sp_vector_pixels.argtypes = []
+            lib.sp_vector_pixels.restype = I
             _lib, _status = lib, "loaded"
         except Exception as exc:  # noqa: BLE001 - any failure means "use the other kernels"
             _status = f"unavailable: {exc}"
@@ -143,20 +145,33 @@ def _f32(a: np.ndarray, shape) -> None:
         raise ValueError(f"expected a C-contiguous float32 array of shape {shape}, got {a.dtype} {a.shape}")
 
 
-def pass1(block, idx, ref, wbg, use_bg: bool, acc, bgs, ebuf) -> None:
+def pass1(block, idx, ref, wbg, use_bg: bool, acc, bgs, ebuf=None) -> None:
     """As ``kernels.pass1_frames`` for uint16 frames: acc (3, P) += [x, D, D^2] of frames block[idx];
-    bgs (float64, one per frame) holds ref . wbg on entry and each frame's background on exit; ebuf: 2P floats."""
+    bgs (float64, one per frame) holds ref . wbg on entry and each frame's background on exit (``ebuf`` is
+    not needed: one sweep per frame pair after the background from the outer-ring vectors)."""
     n, p = len(idx), block.shape[1]
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     _f32(acc, (3, p))
     _f32(ref, (p,))
     _f32(wbg, (p,))
-    if bgs.dtype != np.float64 or len(bgs) != n or ebuf.size < 2 * p or not ebuf.flags.c_contiguous:
-        raise ValueError("pass1: bgs must be float64 with one value per frame, ebuf 2 * P contiguous floats")
+    if bgs.dtype != np.float64 or len(bgs) != n or not bgs.flags.c_contiguous:
+        raise ValueError("pass1: bgs must be contiguous float64 with one value per frame")
     if n and (idx.min() < 0 or idx.max() >= block.shape[0]):
         raise IndexError("pass1: frame index out of range")
-    _load().sp_pass1_u16(_ptr(block), _ptr(idx), n, p, _ptr(ref), _ptr(wbg), int(bool(use_bg)), _ptr(acc),
-                         _ptr(bgs), _ptr(ebuf))
+    blk = background_vectors(wbg) if use_bg else _NO_BLOCKS
+    _load().sp_pass1_u16(_ptr(block), _ptr(idx), n, p, _ptr(ref), _ptr(wbg), _ptr(blk), len(blk),
+                         int(bool(use_bg)), _ptr(acc), _ptr(bgs))
+
+
+_NO_BLOCKS = np.zeros(1, dtype=np.int64)[:0]
+
+
+def background_vectors(wbg: np.ndarray) -> np.ndarray:
+    """Offsets of the library's SIMD vectors (16 pixels with AVX-512, else 8) that hold a non-zero background
+    weight: the background level of a frame is summed over these only."""
+    vl = _load().sp_vector_pixels()
+    nz = np.flatnonzero(wbg)
+    return np.unique(nz - nz % vl).astype(np.int64)
 
 
 def _zero_row(p: int) -> np.ndarray:
