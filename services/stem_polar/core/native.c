@@ -72,15 +72,15 @@ INLINE float hsum(vf v) {
 }
 
 /* log(1 + x) for integer-valued x in [0, 2^24): y = 1 + x is exact; y = 2^k m, m in [1, 2) from the bits;
- * m is reduced by the nearest c_j = 1 + j/16 (j = 0..16, from the top mantissa bits): log m = log c_j +
- * log(1 + r), r = m / c_j - 1 with |r| <= 1/33, so a degree-5 series suffices. 1/c_j and log c_j come from
+ * m is reduced by the nearest c_j = 1 + j/16 (j = 0..15, from the top mantissa bits): log m = log c_j +
+ * log(1 + r), r = m / c_j - 1 with |r| <= 1/31, so a degree-5 series suffices. 1/c_j and log c_j come from
  * two-register tables (one permute each); ln 2 is split in a high part exact in k ln2_hi and a low part.
  * Within 1 ulp of the float64 value for every uint16 (tested exhaustively); x = 0 gives exactly 0. */
 static float red_inv[2 * VL], red_log[2 * VL];
 
 __attribute__((constructor(150))) static void init_reduction_tables(void) {
     for (int j = 0; j < 2 * VL; j++) {
-        double c = 1.0 + (j <= 16 ? j : 16) / 16.0;
+        double c = 1.0 + (j <= 15 ? j : 15) / 16.0;
         float inv = (float)(1.0 / c);
         red_inv[j] = inv;
         red_log[j] = (float)(-log((double)inv)); /* log of the c that 1/c rounds to: m * inv is exact in r */
@@ -106,7 +106,8 @@ INLINE vf vlog1p(vf x, logtab t) {
     memcpy(&b, &y, sizeof b);
     vi k = (b >> 23) - 0x7f;
     vi mant = b & 0x007fffff;
-    vi j = (mant + (1 << 18)) >> 19; /* nearest sixteenth: 0 .. 16 */
+    vi j = (mant + (1 << 18)) >> 19; /* nearest sixteenth: 0 .. 16, */
+    j -= j >> 4;                      /* 16 -> 15 (|r| <= 1/31 still): 16 table entries fit 2 registers */
     vi mb = mant | 0x3f800000;
     vf m;
     memcpy(&m, &mb, sizeof m);

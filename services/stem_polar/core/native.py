@@ -71,26 +71,27 @@ def cache_dir() -> Path:
     raise OSError("no writable cache directory for the stem-polar native kernels")
 
 
-def library_path(cc: str) -> Path:
+def library_path(cc: str, flags=FLAGS) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_signature().encode()):
         h.update(part)
     return cache_dir() / f"stem_polar_native_{h.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
-    """Compile ``native.c`` (if not already in the cache) and return the library's path; raises on failure."""
+def build(flags=FLAGS) -> Path:
+    """Compile ``native.c`` (if not already in the cache) and return the library's path; raises on failure.
+    ``flags``: the compiler flags (the tests also build a 256-bit variant with ``-mno-avx512f`` added)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    path = library_path(cc)
+    path = library_path(cc, flags)
     if path.exists():
         return path
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                            timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}: {r.stderr.strip()[-500:]}")
