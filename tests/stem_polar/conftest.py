@@ -32,3 +32,21 @@ def corrcoef():
 @pytest.fixture
 def render_frames():
     return render
+
+
+def assert_same_results(a, b):
+    """Two pipeline results (e.g. compiled kernels vs the numpy engine or the generic path) agree at float32
+    level: statistics, gates and argmax exactly or within float32 sums, scores and CoM within 1e-4."""
+    np.testing.assert_allclose(a.stats.sigma, b.stats.sigma, atol=2e-5)
+    np.testing.assert_allclose(a.stats.mu_c, b.stats.mu_c, atol=2e-5)
+    np.testing.assert_allclose(a.stats.mu_c_raw, b.stats.mu_c_raw, rtol=1e-6)
+    np.testing.assert_array_equal(a.gates, b.gates)
+    np.testing.assert_allclose(a.S, b.S, atol=1e-4 * np.abs(b.S).max())
+    np.testing.assert_array_equal(a.argmax, b.argmax)
+    np.testing.assert_allclose(a.com_x_raw, b.com_x_raw, atol=1e-4)
+    np.testing.assert_allclose(a.com_y_raw, b.com_y_raw, atol=1e-4)
+
+
+@pytest.fixture
+def same_results():
+    return assert_same_results

@@ -120,7 +120,7 @@ def test_native_equals_numba_kernels():
     np.testing.assert_allclose(b2, b1, rtol=1e-6)
 
 
-def test_pipeline_native_equals_numpy_engine(scan, monkeypatch):
+def test_pipeline_native_equals_numpy_engine(scan, monkeypatch, same_results):
     """The whole seed pipeline on uint16 data: native kernels vs the numpy engine."""
     d = scan["data"].astype(np.uint16)
     lab = scan["labels"]
@@ -131,14 +131,7 @@ def test_pipeline_native_equals_numpy_engine(scan, monkeypatch):
         monkeypatch.setenv("STEM_POLAR_KERNELS", "numpy")
         assert kernels.backend(np.uint16) == "numpy"
         b = run_pipeline(ArraySource(d), lab, PolarConfig(), chunk=64, threads=2)
-    np.testing.assert_allclose(a.stats.sigma, b.stats.sigma, atol=2e-5)
-    np.testing.assert_allclose(a.stats.mu_c, b.stats.mu_c, atol=2e-5)
-    np.testing.assert_allclose(a.stats.mu_c_raw, b.stats.mu_c_raw, rtol=1e-6)
-    np.testing.assert_array_equal(a.gates, b.gates)
-    np.testing.assert_allclose(a.S, b.S, atol=1e-4 * np.abs(b.S).max())
-    np.testing.assert_array_equal(a.argmax, b.argmax)
-    np.testing.assert_allclose(a.com_x_raw, b.com_x_raw, atol=1e-4)
-    np.testing.assert_allclose(a.com_y_raw, b.com_y_raw, atol=1e-4)
+    same_results(a, b)
 
 
 def test_bad_arguments_raise_before_the_kernel_runs():
