@@ -131,6 +131,8 @@ def test_pipeline_native_equals_numpy_engine(scan, monkeypatch, same_results):
         monkeypatch.setenv("STEM_POLAR_KERNELS", "numpy")
         assert kernels.backend(np.uint16) == "numpy"
         b = run_pipeline(ArraySource(d), lab, PolarConfig(), chunk=64, threads=2)
+    assert a.report["engine"] == {"path": "cpu-engine", "threads": 2, "kernels": "native"}  # recorded in run.json
+    assert b.report["engine"]["kernels"] == "numpy"
     same_results(a, b)
 
 

@@ -275,6 +275,15 @@ class PolarPipeline:
                              f"{[int(start + b) for b in bad[:5]]}{' ...' if len(bad) > 5 else ''}")
 
     # ------------------------------------------------------------------ main
+    def engine_name(self, dtype) -> dict:
+        """Which code ran the passes (for run.json): the CPU engine and its kernels, or the array-module path."""
+        if not self.fast:
+            return {"path": "generic", "array_module": self.xp.__name__}
+        from . import kernels
+
+        return {"path": "cpu-engine", "threads": self.threads,
+                "kernels": kernels.backend(dtype) if self.cfg.preprocess.log_transform else "numpy"}
+
     def run(self) -> PolarResult:
         with _blas_one_thread(self.xp):
             return self._run()
@@ -530,6 +539,7 @@ class PolarPipeline:
             "n_frames": n,
             "dtype": str(src.dtype),
             "device": self.device,
+            "engine": self.engine_name(src.dtype),
             "chunk_frames": self.chunk,
             "center": {"y": self.center.cy, "x": self.center.cx, "method": self.center.method,
                        "auto_detected": {"y": self.auto_center.cy, "x": self.auto_center.cx},
