@@ -15,7 +15,12 @@ file each time, durable write as in production). Reports CPU and wall seconds of
   arrays are recomputed (into recycled memory); the beamstop found on the run's first still is reused,
 - ``bus_job``: as on the bus (one job per still): a refined detector per still and a new
   ``GeometryCache`` per job, so the beamstop is searched for in every still too,
+- ``bus_job_with_read``: ``bus_job`` plus opening the still's CBF with dxtbx and reading it into arrays
+  (what a worker does per job; ``read_cpu_s`` in its row),
 - ``read_image``: reading the CBF into arrays (outside the per-still figure, for reference),
+
+Imports (``import_s``) include the start-up warm-up a worker does (``pipeline.warm_up``: loading the
+compiled kernels, ``warm_up_cpu_s``), so ``cold`` is the first job of a started worker.
 
 plus the peak RSS of the process (ru_maxrss) and the load average.
 
@@ -92,6 +97,15 @@ def summary(rows: list[dict]) -> dict:
     return {k: round(float(np.median([r[k] for r in rows])), 3) for k in keys}
 
 
+def _engine() -> str:
+    """Which per-pixel engine ran: "numba" (fused kernels) or "numpy" (DIFFUSE_EXTRACTOR_KERNELS=numpy)."""
+    try:
+        from diffuse_extractor.core import kernels
+    except ImportError:
+        return "numpy"
+    return "numba" if kernels.enabled() else "numpy"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="warm stills and new-geometry stills to time")
@@ -115,6 +129,14 @@ def main():
     except ImportError:  # an older diffuse_extractor (for before/after comparisons)
         WORKSPACE = None
 
+    c_w = Clock()
+    try:
+        from diffuse_extractor.pipeline import warm_up
+    except ImportError:  # an older diffuse_extractor (for before/after comparisons)
+        warm_up = None
+    if warm_up is not None:
+        warm_up()
+    warm_up_cpu, _ = c_w.lap()
     import_cpu, import_wall = c.lap()
 
     with tempfile.TemporaryDirectory() as td:
@@ -123,20 +145,35 @@ def main():
         c.lap()
         data, fmask = art.read_image(expt, 0)
         read_cpu, read_wall = c.lap()
+        image_path = str(expt.imageset.get_path(0))
         refl = art.load_reflections(args.refl, 0) if args.refl else None
         params = ExtractionParams()
         rss0 = rss_mb()
         counter = iter(range(10 ** 6))
 
-        def one_still(experiment, cache) -> dict:
+        def one_still(experiment, cache, read: bool = False) -> dict:
             clock = Clock()
-            res = extract_still(experiment, data, refl, params=params, format_mask=fmask, geometry_cache=cache)
+            if read:  # the job opens its still's image itself (a new imageset: no dxtbx image cache)
+                from dxtbx.model import Experiment
+                from dxtbx.model.experiment_list import ExperimentListFactory
+
+                iset = ExperimentListFactory.from_filenames([image_path])[0].imageset
+                img, fm = art.read_image(Experiment(imageset=iset, beam=experiment.beam,
+                                                    detector=experiment.detector, crystal=experiment.crystal), 0)
+            else:
+                img, fm = data, fmask
+            r_cpu, r_wall = clock.lap()
+            res = extract_still(experiment, img, refl, params=params, format_mask=fm, geometry_cache=cache)
             e_cpu, e_wall = clock.lap()
             h5 = tmp / f"still_{next(counter):04d}.h5"
             art.write_still(h5, res, experiment, parameters=params.as_dict(), inputs={})
             w_cpu, w_wall = clock.lap()
             row = {"extract_cpu_s": e_cpu, "extract_wall_s": e_wall, "write_cpu_s": w_cpu, "write_wall_s": w_wall,
                    "total_cpu_s": e_cpu + w_cpu, "total_wall_s": e_wall + w_wall}
+            if read:
+                row.update(read_cpu_s=r_cpu, read_wall_s=r_wall, total_cpu_s=r_cpu + e_cpu + w_cpu,
+                           total_wall_s=r_wall + e_wall + w_wall)
+            del img, fm
             one_still.n_used, one_still.size_mb = len(res), h5.stat().st_size / 1e6
             del res
             h5.unlink()
@@ -152,11 +189,14 @@ def main():
         # the bus: one job per still, each with its own GeometryCache (so its own beamstop search)
         # and a per-still refined detector
         bus = [one_still(shifted(expt, 1.0 + 0.05 * k), GeometryCache()) for k in range(args.repeats)]
+        # the same with the CBF read in each job
+        bus_read = [one_still(shifted(expt, 2.0 + 0.05 * k), GeometryCache(), read=True) for k in range(args.repeats)]
         n_used, size_mb = one_still.n_used, one_still.size_mb
     n_pix = sum(d.size for d in data)
     ws = summary(warm)
     ns = summary(newg)
     bs = summary(bus)
+    br = summary(bus_read)
     out = {
         "service": "diffuse-extractor",
         "version": __version__,
@@ -166,6 +206,7 @@ def main():
         "pixels": int(n_pix),
         "pixels_used": int(n_used),
         "threads": 1,
+        "kernels": _engine(),
         "per_still": "extract_still + write_still (new durable HDF5 file); CPU = process time of the one thread",
         "cold_cpu_s": round(cold["total_cpu_s"], 3),
         "cold_wall_s": round(cold["total_wall_s"], 3),
@@ -175,13 +216,18 @@ def main():
         "new_geometry_wall_s_median": ns["total_wall_s"],
         "bus_job_cpu_s_median": bs["total_cpu_s"],
         "bus_job_wall_s_median": bs["total_wall_s"],
+        "bus_job_with_read_cpu_s_median": br["total_cpu_s"],
+        "bus_job_with_read_wall_s_median": br["total_wall_s"],
         "cold": {k: round(v, 3) for k, v in cold.items()},
         "warm_median": ws,
         "new_geometry_median": ns,
         "bus_job_median": bs,
+        "bus_job_with_read_median": br,
+        "bus_job_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in bus],
         "warm_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in warm],
         "new_geometry_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in newg],
         "import_cpu_s": round(import_cpu, 3),
+        "warm_up_cpu_s": round(warm_up_cpu, 3),
         "import_wall_s": round(import_wall, 3),
         "read_image_cpu_s": round(read_cpu, 3),
         "read_image_wall_s": round(read_wall, 3),

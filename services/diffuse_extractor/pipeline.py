@@ -10,6 +10,16 @@ from .core.extract import ExtractionParams, GeometryCache, extract_still
 from .core.masks import RunPixelStatistics, untrusted_and_overload
 
 
+def warm_up() -> None:
+    """Load what the first still would otherwise load: the compiled kernels (numba and its modules,
+    ~0.5 s) and the artifact writer's imports. A worker calls this when it starts."""
+    from diffractflow import artifacts  # noqa: F401  (pydantic etc.)
+
+    from .core import kernels
+
+    kernels.warm_up()
+
+
 def run_stats(experiments, indices: Sequence[int], path="<experiments>", progress: Callable | None = None):
     """HOT/DEAD flags from the statistics of the given stills (one streaming pass)."""
     stats = None
@@ -63,7 +73,8 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
         art.write_still(h5, res, expt, parameters={**params.as_dict(), "hot_dead": dyn is not None},
                         inputs={**inputs, "image": sha256_file(image_path) if Path(image_path).is_file() else ""},
                         image_path=image_path, image_index=j, experiment_index=i, job_id=job_id,
-                        producer_version=__version__)
+                        producer_version=__version__, air_path_fraction=params.air_path_fraction,
+                        air_density_g_cm3=params.air_density_g_cm3)
         summary = {"index": i, "artifact": h5, "n_pixels": len(res), **{k: v for k, v in res.info.items()
                                                                         if k.startswith("n_")}}
         if pngs:

@@ -98,4 +98,11 @@ def handle(ctx: JobContext, params: Params) -> None:
     })
 
 
-STAGE = Stage(service="stem-polar", params_model=Params, handler=handle, version=__version__)
+def warm_up() -> None:
+    """Build or load the compiled pass kernels for uint16 frames once, when the worker starts (``serve``)."""
+    from .core import kernels
+
+    kernels.warmup(np.uint16)
+
+
+STAGE = Stage(service="stem-polar", params_model=Params, handler=handle, version=__version__, warm_up=warm_up)

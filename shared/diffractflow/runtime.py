@@ -50,12 +50,15 @@ class BadInput(ValueError):
 
 @dataclass
 class Stage:
-    """What a service declares: its name, its parameter model and its handler."""
+    """What a service declares: its name, its parameter model and its handler; optionally a ``warm_up`` that
+    ``serve`` runs once before taking jobs (load compiled kernels, heavy imports), so the first job does not
+    pay for it."""
 
     service: str
     params_model: type[BaseModel]
     handler: Callable[["JobContext", BaseModel], None]
     version: str = "0.1.0"
+    warm_up: Callable[[], None] | None = None
 
 
 @dataclass
@@ -348,6 +351,15 @@ def serve_stage(stage: Stage, settings: Settings | None = None) -> None:
     """Entry point of ``<service> serve``: run the worker until SIGTERM/SIGINT."""
     settings = settings or Settings()
     setup_logging(stage.service, settings.log_level)
+    if stage.warm_up is not None:
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            stage.warm_up()
+            logging.getLogger("diffractflow.worker").info("warm-up done in %.2f s", time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - the jobs themselves report real failures
+            logging.getLogger("diffractflow.worker").warning("warm-up failed (%s); continuing", exc)
     worker = Worker(stage, settings)
     loop = asyncio.new_event_loop()
     try:

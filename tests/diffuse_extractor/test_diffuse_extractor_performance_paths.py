@@ -141,7 +141,7 @@ def test_artifact_v2_round_trip_and_voxel_merger_reader(synthetic_still, tmp_pat
     res = extract_still(s.experiment, s.data, s.reflections, params=ExtractionParams(beamstop="none"))
     path = write_still(tmp_path / "still.h5", res, s.experiment, parameters={}, inputs={})
     a = read_still(path)
-    assert int(a["provenance"]["schema_version"]) == SCHEMA_VERSION == 2
+    assert int(a["provenance"]["schema_version"]) == SCHEMA_VERSION == 3
     t = res.table
     for c in ("h", "k", "l", "q", "intensity", "sigma", "panel", "x", "y", "polarisation", "efficiency",
               "solid_angle", "air", "lorentz", "background"):

@@ -250,3 +250,15 @@ def test_duplicate_publish_is_stored_once(settings):
         return info.state.messages
 
     assert run(scenario()) == 1
+
+
+@pytest.mark.parametrize("service", ["stem-polar", "diffuse-extractor"])
+def test_serve_runs_the_stage_warm_up_before_taking_jobs(workers, service):
+    """Services that declare a warm-up (compiled kernels) run it once in `serve`, and log how long it took."""
+    w = workers.start(service)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "warm-up done" not in workers.log_text():
+        assert w.poll() is None, workers.log_text()
+        time.sleep(0.2)
+    text = workers.log_text()
+    assert "warm-up done" in text and "warm-up failed" not in text, text

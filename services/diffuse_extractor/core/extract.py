@@ -17,6 +17,7 @@ import numpy as np
 
 from . import corrections as corr
 from . import geometry as geo
+from . import kernels
 from . import masks as mk
 from .workspace import WORKSPACE
 
@@ -117,8 +118,12 @@ class PanelPixels:
     air: np.ndarray
     correction: np.ndarray  # product of the multipliers (float64 product, stored float32)
     efficiency_known: bool
-    radial_bin: np.ndarray  # (ny, nx) intp index of the pixel's |q| shell (outlier statistics)
-    x_index: np.ndarray  # (npix,) uint16 pixel column of each flat index
+    radial_bin: np.ndarray  # (ny, nx) uint16 index of the pixel's |q| shell (outlier statistics)
+
+    @functools.cached_property
+    def x_index(self) -> np.ndarray:
+        """(npix,) uint16 pixel column of each flat index (for the numpy table path; made on first use)."""
+        return _tile_x(self.shape[1], self.shape[0])
 
     @functools.cached_property
     def geom(self) -> geo.PanelGeometry:
@@ -133,7 +138,7 @@ class PanelPixels:
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in (self.u, self.polarisation, self.lorentz, self.efficiency,
                                           self.solid_angle, self.air, self.correction, self.radial_bin,
-                                          self.x_index) if a.strides[-1] != 0))
+                                          self.__dict__.get("x_index", self.radial_bin[:0])) if a.strides[-1] != 0))
 
 
 #: Process-wide store of static pixel arrays, keyed by geometry (see ``GeometryCache``). A bus
@@ -202,7 +207,8 @@ class GeometryCache:
             _, old = self._store.popitem(last=False)
             arrays = [a if a.base is None else a.base for pp in old for a in
                       (pp.u, pp.polarisation, pp.efficiency, pp.solid_angle, pp.air,
-                       pp.correction, pp.lorentz, pp.radial_bin, pp.x_index)]
+                       pp.correction, pp.lorentz, pp.radial_bin) + (
+                          (pp.__dict__["x_index"],) if "x_index" in pp.__dict__ else ())]
             del old
             WORKSPACE.release(arrays)  # they serve the next geometry (no fresh pages to fault in)
             del arrays
@@ -293,7 +299,7 @@ def static_pixels(detector, beam, params: "ExtractionParams", goniometer=None, r
         f32 = {name: WORKSPACE.empty((npix,), np.float32).reshape(ny, nx)
                for name in ("pol", "eff", "sa", "air", "tot")}
         lor = WORKSPACE.empty((npix,), np.float32).reshape(ny, nx) if c_axis is not None else None
-        rbin = WORKSPACE.empty((ny, nx), np.intp)
+        rbin = WORKSPACE.empty((ny, nx), np.uint16)  # shells 0..1999
         mu_s, t_s = float(panel.get_mu()), float(panel.get_thickness())
         eff_known = mu_s > 0 and t_s > 0
         frame = geo.PanelFrame(panel, i)
@@ -404,7 +410,7 @@ def static_pixels(detector, beam, params: "ExtractionParams", goniometer=None, r
             lorentz=lor.ravel() if lor is not None else one,
             efficiency=f32["eff"].ravel() if eff_known else one, solid_angle=f32["sa"].ravel(),
             air=f32["air"].ravel(), correction=f32["tot"].ravel(), efficiency_known=eff_known,
-            radial_bin=rbin, x_index=_tile_x(nx, ny)))
+            radial_bin=rbin))
         del f32
     return out
 
@@ -557,7 +563,12 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
         info["efficiency_note"] = f"panels {eff_missing} have no sensor mu/thickness: efficiency 1"
     info["n_pixels_total"] = int(sum(f.size for f in flags))
     info["n_pixels_used"] = int(table["intensity"].shape[0])
-    hist = sum(np.bincount(f.ravel(), minlength=256) for f in flags)
+    if kernels.enabled():
+        hist = np.zeros(256, np.int64)
+        for f in flags:
+            kernels.flag_histogram(np.ascontiguousarray(f).ravel(), hist)
+    else:
+        hist = sum(np.bincount(f.ravel(), minlength=256) for f in flags)
     values = np.arange(256)
     for bit in mk.MaskBit:
         info[f"n_masked_{bit.name.lower()}"] = int(hist[(values & int(bit)) != 0].sum())
@@ -571,6 +582,8 @@ def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.
     Columns come from the process workspace (memory reused from the previous still when that
     result has been dropped); constant columns are read-only broadcasts.
     """
+    if kernels.enabled():
+        return _tabulate_fused(pixels, data, flags, params, background, Ainv)
     sel = [np.flatnonzero(f.ravel() == 0) for f in flags]
     counts = [int(s.size) for s in sel]
     n = int(sum(counts))
@@ -618,8 +631,10 @@ def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.
     # q = s1 - s0 from the float32 unit vectors (float32 arithmetic), |q| from its components
     q *= f32(1.0 / pixels[0].wavelength)
     q -= pixels[0].s0.astype(f32)[:, None]
-    np.einsum("ij,ij->j", q, q, out=cols["q"])
-    np.sqrt(cols["q"], out=cols["q"])
+    cq = np.multiply(q[0], q[0], out=cols["q"])  # |q| = sqrt((qx^2 + qy^2) + qz^2), as the fused kernel
+    for j in (1, 2):
+        cq += q[j] * q[j]
+    np.sqrt(cq, out=cq)
     raw = cols["raw"]
     gain = f32(params.gain)
     var = np.maximum(raw, gain, out=ws("table.sigma", n))  # counting_variance: gain * max(raw, gain)
@@ -642,5 +657,75 @@ def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.
     return {"h": h, "k": k, "l": l, "qx": q[0], "qy": q[1], "qz": q[2], "q": cols["q"], "intensity": net,
             "sigma": var, "raw": raw, "background": bkg if bkg is not None else const(0.0), "panel": panel,
             "x": cols["x"], "y": cols["y"], "polarisation": cols["polarisation"], "lorentz": cols["lorentz"],
+            "efficiency": cols["efficiency"], "solid_angle": cols["solid_angle"], "air": cols["air"],
+            "correction": total}
+
+
+_FACTOR_NAMES = ("polarisation", "efficiency", "lorentz", "solid_angle", "air")
+
+
+def _tabulate_fused(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.ndarray],
+                    params: ExtractionParams, background, Ainv) -> dict[str, np.ndarray]:
+    """``_tabulate`` with one fused pass per panel (``kernels.gather_panel``): same values, same columns."""
+    f32 = np.float32
+    flat = [np.ascontiguousarray(f).ravel() for f in flags]
+    n = int(sum(f.size - np.count_nonzero(f) for f in flat))
+    cap = int(sum(f.size for f in flags))
+
+    def ws(name, shape, dtype=np.float32):
+        return WORKSPACE.get(name, shape, dtype, capacity=cap * (shape[0] if isinstance(shape, tuple) else 1))
+
+    def const(value, dtype=np.float32):
+        return np.broadcast_to(np.asarray(value, dtype=dtype), (n,))
+
+    varying = [any(getattr(pp, a).strides[-1] != 0 for pp in pixels) for a in _FACTOR_NAMES]
+    q = ws("table.qvec", (3, n))
+    total = ws("table.correction", n)
+    fac = ws("table.factors", (5, n))
+    raw = ws("table.raw", n)
+    x = ws("table.x", n, np.uint16)
+    y = ws("table.y", n, np.uint16)
+    net = ws("table.intensity", n)
+    sig = ws("table.sigma", n)
+    cq = ws("table.q", n)
+    has_bkg = background is not None
+    bkg = ws("table.background", n) if has_bkg else np.empty(1, f32)
+    panel = ws("table.panel", n, np.uint16) if len(pixels) > 1 else const(0, np.uint16)
+    inv_wl = f32(1.0 / pixels[0].wavelength)
+    s0 = pixels[0].s0.astype(f32)
+    gain = f32(params.gain)
+    bscale = f32(params.background_scale)
+    bvar = f32(params.background_scale * params.gain)
+    dummy = np.empty(1, f32)
+    off = 0
+    for i, (pp, d) in enumerate(zip(pixels, data)):
+        srcs, mode = [], np.zeros(5, np.int64)
+        for j, a in enumerate(_FACTOR_NAMES):
+            arr = getattr(pp, a)
+            if not varying[j]:
+                srcs.append(dummy)
+            elif arr.strides[-1] == 0:
+                srcs.append(np.array([arr[0]], f32))
+                mode[j] = 2
+            else:
+                srcs.append(arr)
+                mode[j] = 1
+        b = np.ascontiguousarray(background[i], dtype=f32).ravel() if has_bkg else dummy
+        m = kernels.gather_panel(flat[i], pp.u, pp.correction, *srcs, mode, np.ascontiguousarray(d).ravel(), b,
+                                 has_bkg, pp.shape[1], inv_wl, s0, gain, bscale, bvar, off, q, cq, total, fac,
+                                 x, y, raw, bkg, net, sig)
+        if panel.strides[0] != 0:
+            panel[off:off + m] = i
+        off += m
+    assert off == n
+    if Ainv is not None:
+        hkl = np.matmul(Ainv.astype(f32), q, out=ws("table.hkl", (3, n)))
+        h, k, l = hkl[0], hkl[1], hkl[2]
+    else:
+        h = k = l = const(np.nan)
+    cols = {a: (fac[j] if varying[j] else const(1.0)) for j, a in enumerate(_FACTOR_NAMES)}
+    return {"h": h, "k": k, "l": l, "qx": q[0], "qy": q[1], "qz": q[2], "q": cq, "intensity": net,
+            "sigma": sig, "raw": raw, "background": bkg if has_bkg else const(0.0), "panel": panel,
+            "x": x, "y": y, "polarisation": cols["polarisation"], "lorentz": cols["lorentz"],
             "efficiency": cols["efficiency"], "solid_angle": cols["solid_angle"], "air": cols["air"],
             "correction": total}

@@ -212,13 +212,22 @@ def detect_beamstop(data: Sequence[np.ndarray], geoms, s0, good: Sequence[np.nda
     if binning is None:  # ~>= 300k binned pixels keep the azimuthal statistics smooth
         npx = sum(np.asarray(d).size for d in data)
         binning = 4 if npx > 5e6 else 2 if npx > 1.2e6 else 1
+    from . import kernels
+
     b = max(1, int(binning))
     bdata, bgood, bgeoms = [], [], []
     for i, (d, gd) in enumerate(zip(data, good)):
-        dd = np.asarray(d, dtype=np.float32)
-        dd = dd * np.asarray(weights[i], dtype=np.float32) if weights is not None else dd.copy()
-        dd[~gd] = 0.0
-        s, n = _bin_sum(dd, b), _bin_count(gd, b)
+        if kernels.enabled():  # one pass: the same float32 products and float64 sums in the same order
+            dd = np.ascontiguousarray(d, dtype=np.float32)
+            w = np.ascontiguousarray(weights[i], dtype=np.float32) if weights is not None else dd
+            shape = (-(-dd.shape[0] // b), -(-dd.shape[1] // b))
+            s, n = np.empty(shape), np.empty(shape)
+            kernels.bin_weighted(dd, w, weights is not None, np.ascontiguousarray(gd, dtype=bool), b, s, n)
+        else:
+            dd = np.asarray(d, dtype=np.float32)
+            dd = dd * np.asarray(weights[i], dtype=np.float32) if weights is not None else dd.copy()
+            dd[~gd] = 0.0
+            s, n = _bin_sum(dd, b), _bin_count(gd, b)
         del dd
         bdata.append(s / np.maximum(n, 1.0))
         bgood.append(n >= 0.5 * b * b)
@@ -232,6 +241,20 @@ def detect_beamstop(data: Sequence[np.ndarray], geoms, s0, good: Sequence[np.nda
     res.disk_pixels *= b * b
     res.arm_pixels *= b * b
     return res
+
+
+def _dilate_cropped(mask: np.ndarray, k: int) -> np.ndarray:
+    """``ndimage.binary_dilation(mask, iterations=k)`` computed on the mask's bounding box grown by ``k``
+    (the rest stays False): the same result, on a few hundred pixels instead of the whole panel."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return np.zeros(mask.shape, bool)
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1 = max(int(rows[0]) - k, 0), min(int(rows[-1]) + k + 1, mask.shape[0])
+    x0, x1 = max(int(cols[0]) - k, 0), min(int(cols[-1]) + k + 1, mask.shape[1])
+    out = np.zeros(mask.shape, bool)
+    out[y0:y1, x0:x1] = ndi.binary_dilation(mask[y0:y1, x0:x1], iterations=k)
+    return out
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -282,6 +305,12 @@ def _bin_count(mask: np.ndarray, b: int) -> np.ndarray:
 def _expand(f: np.ndarray, b: int, shape) -> np.ndarray:
     """Each binned pixel's value over its b x b block, cut to ``shape``."""
     ny, nx = shape
+    from . import kernels
+
+    if kernels.enabled() and f.dtype == np.uint8:
+        full = np.empty((ny, nx), dtype=f.dtype)
+        kernels.expand_blocks(np.ascontiguousarray(f), int(b), full)
+        return full
     rows = np.take(f, np.arange(ny) // b, axis=0)  # (ny, nxb)
     full = np.empty((ny, nx), dtype=f.dtype)
     nxf = (nx // b) * b
@@ -397,7 +426,7 @@ def _detect_beamstop_binned(data: Sequence[np.ndarray], geoms, s0, good: Sequenc
                     yy, xx = np.ogrid[:comp.shape[0], :comp.shape[1]]
                     shadow |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r_eq * r_eq
                 if dilate_px:
-                    shadow = ndi.binary_dilation(shadow, iterations=dilate_px)
+                    shadow = _dilate_cropped(shadow, dilate_px)
                 out[i][shadow] |= MaskBit.BEAMSTOP
                 res.disk_pixels += int(shadow.sum())
         arm_rows.append((i, dcl, expected, gd))
@@ -445,9 +474,11 @@ def _detect_beamstop_binned(data: Sequence[np.ndarray], geoms, s0, good: Sequenc
                 nperp = 201
                 pn = np.zeros(nperp)
                 pd = np.zeros(nperp)
+                frames = {}  # (along, perp) per panel, for the strip below
                 for i, dcl, expected, gd in arm_rows:
                     along = planar_a[i] * ca + planar_b[i] * sa
                     perp = -planar_a[i] * sa + planar_b[i] * ca
+                    frames[i] = (along, perp)
                     sel = gd & (along > r_bs + 2.0) & (out[i] == 0) & (expected > 0) & (np.abs(perp) < step * nperp / 2)
                     k = np.clip(np.round(perp[sel] / step).astype(np.int64) + nperp // 2, 0, nperp - 1)
                     pn += np.bincount(k, dcl[sel], minlength=nperp)
@@ -468,8 +499,8 @@ def _detect_beamstop_binned(data: Sequence[np.ndarray], geoms, s0, good: Sequenc
                 res.arm_half_width_mm = float(half_w)
                 res.perp_profile = prel
                 for i in range(len(out)):
-                    along = planar_a[i] * ca + planar_b[i] * sa
-                    perp = -planar_a[i] * sa + planar_b[i] * ca
+                    along, perp = frames[i] if i in frames else (planar_a[i] * ca + planar_b[i] * sa,
+                                                                 -planar_a[i] * sa + planar_b[i] * ca)
                     strip = (along > 0) & (np.abs(perp) <= half_w)
                     out[i][strip] |= MaskBit.BEAMSTOP
                     res.arm_pixels += int(strip.sum())
@@ -723,9 +754,12 @@ def outlier_flags(data: Sequence[np.ndarray], flags: Sequence[np.ndarray], radia
     (over unflagged pixels, bright values clipped) by ``nsigma`` Poisson sigmas.
     One pass of weighted ``bincount`` per panel (flagged pixels weigh 0), float32 values.
     """
+    from . import kernels
     from .workspace import WORKSPACE
 
     nb = int(max(int(r.max()) for r in radial_bin)) + 1
+    if kernels.enabled():
+        return _outlier_flags_fused(data, flags, radial_bin, weights, nb, nsigma, grow_px, gain)
     num = np.zeros(nb)
     cnt = np.zeros(nb)
     vals = []
@@ -757,6 +791,43 @@ def outlier_flags(data: Sequence[np.ndarray], flags: Sequence[np.ndarray], radia
         del t
         above &= ok
         hit = np.flatnonzero(above)
+        if hit.size:
+            y, x = np.divmod(hit, flags[i].shape[1])
+            paint_disks(out, np.full(hit.size, i), x + 0.5, y + 0.5, grow_px, MaskBit.BRAGG)
+            n += int(hit.size)
+    return out, n
+
+
+def _outlier_flags_fused(data, flags, radial_bin, weights, nb, nsigma, grow_px, gain):
+    """``outlier_flags`` with the shell sums and the threshold test as one pass each per panel
+    (``kernels.shell_sums`` / ``shell_outliers``): the same sums in the same order, the same flags."""
+    from . import kernels
+
+    num = np.zeros(nb)
+    cnt = np.zeros(nb)
+    args = []
+    for i, d in enumerate(data):
+        dd = np.ascontiguousarray(d, dtype=np.float32).ravel()
+        has_w = weights is not None
+        w = np.ascontiguousarray(weights[i], dtype=np.float32).ravel() if has_w else dd[:1]
+        f = np.ascontiguousarray(flags[i]).ravel()
+        b = np.ascontiguousarray(radial_bin[i]).ravel()
+        c_i, n_i = np.zeros(nb), np.zeros(nb)
+        kernels.shell_sums(dd, w, has_w, f, b, c_i, n_i)
+        cnt += c_i
+        num += n_i
+        args.append((dd, w, has_w, f, b))
+    mean = num / np.maximum(cnt, 1)
+    thr = mean + nsigma * np.sqrt(gain * np.maximum(mean, 1.0))
+    out = [np.zeros(f.shape, np.uint8) for f in flags]
+    n = 0
+    for i, (dd, w, has_w, f, b) in enumerate(args):
+        hits = np.empty(max(1, dd.size // 64), np.int64)
+        m = kernels.shell_outliers(dd, w, has_w, f, b, thr, hits)
+        if m > hits.size:  # more than 1/64 of the pixels: count first, then collect
+            hits = np.empty(m, np.int64)
+            kernels.shell_outliers(dd, w, has_w, f, b, thr, hits)
+        hit = hits[:m]
         if hit.size:
             y, x = np.divmod(hit, flags[i].shape[1])
             paint_disks(out, np.full(hit.size, i), x + 0.5, y + 0.5, grow_px, MaskBit.BRAGG)

@@ -1,0 +1,226 @@
+"""Fused one-pass kernels of the per-still path (numba, from Debian's ``python3-numba`` when present).
+
+The numpy path gathers each table column with its own ``np.take`` over an index array, counts mask
+bits and |q|-shell sums with ``np.bincount`` (which converts uint8 / float32 inputs to intp /
+float64 copies first) and bins the beamstop image through float32 and float64 temporaries. Each
+kernel here reads its inputs once, in memory order, and writes only its outputs:
+
+- ``gather_panel``: the per-pixel table of one panel (q = u / lambda - s0, corrected intensity,
+  sigma, the multipliers, raw, background, x, y) straight from the flags, no index array;
+- ``flag_histogram``: the 256-bin histogram of the uint8 flags;
+- ``shell_sums`` / ``shell_outliers``: the outlier test's per-|q|-shell counts and sums, and the
+  pixels above the shell threshold;
+- ``bin_weighted``: the beamstop search's b x b block sums of the weighted good pixels and counts;
+- ``expand_blocks``: a binned image back to full resolution (each value over its b x b block).
+
+Arithmetic follows the numpy path operation by operation (float32 where it is float32, float64
+sums in the same order), so results are bit-identical to it; the tests compare both paths.
+``enabled()`` is False when numba cannot be imported or ``DIFFUSE_EXTRACTOR_KERNELS=numpy`` is set
+(read at each call); callers then use the numpy path. Compiled code is cached on disk when a cache
+directory is writable (``NUMBA_CACHE_DIR`` otherwise).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:  # pragma: no cover - depends on the machine
+    from numba import njit
+
+    _HAVE_NUMBA = True
+except Exception:  # noqa: BLE001 - any import problem means "not available"
+    _HAVE_NUMBA = False
+
+ENV = "DIFFUSE_EXTRACTOR_KERNELS"
+
+
+def available() -> bool:
+    return _HAVE_NUMBA
+
+
+def enabled() -> bool:
+    """The fused kernels unless numba is missing or ``DIFFUSE_EXTRACTOR_KERNELS=numpy`` is set."""
+    return _HAVE_NUMBA and os.environ.get(ENV, "").lower() != "numpy"
+
+
+def _jit(fn):
+    """njit(nogil, cache) with a silent fallback to no disk cache when no cache directory is usable."""
+    try:
+        return njit(nogil=True, cache=True)(fn)
+    except Exception:  # noqa: BLE001 - e.g. "cannot cache function: no locator available"
+        return njit(nogil=True, cache=False)(fn)
+
+
+if _HAVE_NUMBA:
+
+    @_jit
+    def gather_panel(flags, u, corr, pol, eff, lor, sa, air, mode, raw, bkg, has_bkg, nx, inv_wl, s0,
+                     gain, bscale, bvar, off, q, qn, total, cols, x_out, y_out, raw_out, bkg_out, net, sig):
+        """Table rows of the unflagged pixels of one panel, written from row ``off`` on; returns the count.
+
+        Multipliers j = 0..4 (polarisation, efficiency, lorentz, solid_angle, air) go to ``cols[j]``
+        per ``mode[j]``: 0 = not written (a constant table column), 1 = gathered from the panel's
+        array, 2 = filled with its element 0 (a constant panel in a varying column).
+        float32 arithmetic as ``extract._tabulate``: q = u (1/lambda) - s0, |q| = sqrt((qx^2 + qy^2) + qz^2);
+        var = gain max(raw, gain) [+ bvar max(bkg bscale, 0)]; I = (raw [- bkg bscale]) c; sigma = sqrt(var) c.
+        """
+        npix = flags.shape[0]
+        o = off
+        zero = np.float32(0.0)
+        m0, m1, m2, m3, m4 = mode[0], mode[1], mode[2], mode[3], mode[4]
+        s_0, s_1, s_2, s_3, s_4 = (m0 == 1) * 1, (m1 == 1) * 1, (m2 == 1) * 1, (m3 == 1) * 1, (m4 == 1) * 1
+        ny = npix // nx
+        for yy in range(ny):  # (two loops: no division per pixel for x and y)
+            for xx in range(nx):
+                p = yy * nx + xx
+                if flags[p] != 0:
+                    continue
+                c = corr[p]
+                r = raw[p]
+                qx = u[0, p] * inv_wl - s0[0]
+                qy = u[1, p] * inv_wl - s0[1]
+                qz = u[2, p] * inv_wl - s0[2]
+                q[0, o] = qx
+                q[1, o] = qy
+                q[2, o] = qz
+                qn[o] = np.sqrt((qx * qx + qy * qy) + qz * qz)
+                total[o] = c
+                # (written out: a loop over a tuple of arrays costs reference counting per pixel)
+                if m0 != 0:
+                    cols[0, o] = pol[p * s_0]
+                if m1 != 0:
+                    cols[1, o] = eff[p * s_1]
+                if m2 != 0:
+                    cols[2, o] = lor[p * s_2]
+                if m3 != 0:
+                    cols[3, o] = sa[p * s_3]
+                if m4 != 0:
+                    cols[4, o] = air[p * s_4]
+                x_out[o] = xx
+                y_out[o] = yy
+                raw_out[o] = r
+                v = r if not (r < gain) else gain  # np.maximum (NaN propagates)
+                v = v * gain
+                if has_bkg:
+                    b = bkg[p] * bscale
+                    bkg_out[o] = b
+                    bp = b if not (b < zero) else zero
+                    v = v + bvar * bp
+                    net[o] = (r - b) * c
+                else:
+                    net[o] = r * c
+                sig[o] = np.sqrt(v) * c
+                o += 1
+        return o - off
+
+    @_jit
+    def flag_histogram(flags, hist):
+        """hist[v] += number of pixels with flag value v (uint8, flattened)."""
+        for p in range(flags.shape[0]):
+            hist[flags[p]] += 1
+
+    @_jit
+    def shell_sums(d, w, has_w, flags, rbin, cnt, num):
+        """Per |q| shell: cnt += 1 and num += float32(d w) over the unflagged pixels (index order)."""
+        for p in range(d.shape[0]):
+            if flags[p] != 0:
+                continue
+            v = d[p] * w[p] if has_w else d[p]
+            b = rbin[p]
+            cnt[b] += 1.0
+            num[b] += np.float64(v)
+
+    @_jit
+    def shell_outliers(d, w, has_w, flags, rbin, thr, hits):
+        """Flat indices of the unflagged pixels with float32(d w) > thr[shell] into ``hits`` (as many as
+        fit, in index order); returns how many there are."""
+        n = 0
+        nb = thr.shape[0]
+        cap = hits.shape[0]
+        for p in range(d.shape[0]):
+            if flags[p] != 0:
+                continue
+            v = d[p] * w[p] if has_w else d[p]
+            b = min(max(rbin[p], 0), nb - 1)
+            if np.float64(v) > thr[b]:
+                if n < cap:
+                    hits[n] = p
+                n += 1
+        return n
+
+    @_jit
+    def expand_blocks(f, b, out):
+        """out[y, x] = f[y // b, x // b] (``masks._expand``)."""
+        ny, nx = out.shape
+        nfull = nx // b
+        for y in range(ny):
+            row = f[y // b]
+            orow = out[y]
+            for bx in range(nfull):
+                v = row[bx]
+                for j in range(bx * b, bx * b + b):
+                    orow[j] = v
+            for x in range(nfull * b, nx):
+                orow[x] = row[nfull]
+
+    @_jit
+    def bin_weighted(d, w, has_w, good, b, out_sum, out_cnt):
+        """b x b block sums (float64, rows first then columns, as ``masks._bin_sum``) of float32(d w)
+        over the ``good`` pixels (others count 0), and the number of good pixels per block."""
+        ny, nx = d.shape
+        nyb, nxb = out_sum.shape
+        rows = np.empty(nx, np.float64)
+        rcnt = np.empty(nx, np.int64)
+        for by in range(nyb):
+            rows[:] = 0.0
+            rcnt[:] = 0
+            for j in range(b):
+                y = by * b + j
+                if y >= ny:
+                    break
+                for x in range(nx):
+                    if good[y, x]:
+                        v = d[y, x] * w[y, x] if has_w else d[y, x]
+                        rows[x] += np.float64(v)
+                        rcnt[x] += 1
+            for bx in range(nxb):
+                s = 0.0
+                n = 0
+                for j in range(b):
+                    x = bx * b + j
+                    if x >= nx:
+                        break
+                    s += rows[x]
+                    n += rcnt[x]
+                out_sum[by, bx] = s
+                out_cnt[by, bx] = n
+
+
+def warm_up() -> bool:
+    """Load every kernel (from the disk cache, else compile) with the argument types the extraction uses.
+
+    numba imports ~60 of its modules and loads the machine code on a kernel's first call (~0.4 s
+    in all); a worker calls this when it starts so that its first job does not pay for it.
+    Returns whether the kernels are enabled.
+    """
+    if not enabled():
+        return False
+    f32, u8 = np.float32, np.uint8
+    one = np.ones(4, f32)
+    flags = np.zeros(4, u8)
+    cols2 = np.empty((5, 4), f32)
+    q = np.empty((3, 4), f32)
+    u16 = np.empty(4, np.uint16)
+    gather_panel(flags, np.ones((3, 4), f32), one, one, one, one, one, one, np.ones(5, np.int64), one, one,
+                 False, 2, f32(1.0), np.zeros(3, f32), f32(1.0), f32(1.0), f32(1.0), 0, q, one.copy(), one.copy(),
+                 cols2,
+                 u16, u16.copy(), one.copy(), one.copy(), one.copy(), one.copy())
+    flag_histogram(flags, np.zeros(256, np.int64))
+    rbin = np.zeros(4, np.uint16)  # PanelPixels.radial_bin
+    shell_sums(one, one, True, flags, rbin, np.zeros(1), np.zeros(1))
+    shell_outliers(one, one, True, flags, rbin, np.zeros(1), np.zeros(4, np.int64))
+    bin_weighted(np.ones((2, 2), f32), np.ones((2, 2), f32), True, np.ones((2, 2), bool), 2,
+                 np.empty((1, 1)), np.empty((1, 1)))
+    expand_blocks(np.zeros((1, 1), u8), 2, np.empty((2, 2), u8))
+    return True
