@@ -214,29 +214,3 @@ def test_memory_mapped_pass_keeps_resident_memory_bounded(tmp_path):
     np.testing.assert_allclose(cx, (whole.sum(axis=1) @ xx) / whole.sum(axis=(1, 2)), atol=1e-4)
     assert ok.all()
     assert peak[0] < 12 * 2**20, peak[0] / 2**20  # chunks of 256 frames = 2 MB each; the file is 32 MB
-
-
-def test_frame_blocks_keep_the_tail_mapped_for_a_reversed_second_pass(tmp_path):
-    """Pass 1 unmaps every used block except the last ``keep_tail_bytes`` of the scan; pass 2 walks the blocks
-    last first (starting on the pages still mapped) and unmaps them all; every frame comes exactly once."""
-    n, k = 1000, 16
-    data = np.random.default_rng(0).integers(0, 100, (n, k, k), dtype=np.uint16)
-    with h5py.File(tmp_path / "s.h5", "w") as f:
-        f.create_dataset("p", data=data)
-    src = H5Source(tmp_path / "s.h5", "p", scan_shape=(10, 100))
-    calls = []
-    orig = src.advise
-    src.advise = lambda what, a, b: (calls.append((what, a, b)), orig(what, a, b))
-    try:
-        seen = [(a, b) for a, b, blk in eng.frame_blocks(src, 128, keep_tail_bytes=300 * k * k * 2)
-                if np.array_equal(blk, data[a:b].reshape(b - a, -1))]
-        assert seen == [(a, min(a + 128, n)) for a in range(0, n, 128)]
-        done1 = [(a, b) for w, a, b in calls if w == "done"]
-        assert done1 == [(a, b) for a, b in seen if a < n - 300]  # the last 300 frames stay mapped
-        calls.clear()
-        seen2 = [(a, b) for a, b, blk in eng.frame_blocks(src, 128, reverse=True)
-                 if np.array_equal(blk, data[a:b].reshape(b - a, -1))]
-        assert seen2 == seen[::-1]
-        assert [(a, b) for w, a, b in calls if w == "done"] == seen2
-    finally:
-        src.close()

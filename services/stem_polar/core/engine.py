@@ -63,19 +63,10 @@ def default_threads() -> int:
     return max(1, min(16, n))
 
 
-KEEP_MAPPED_BYTES = 1 << 30  # pass 1 leaves up to this much of the scan's end mapped for pass 2
-
-
-def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch: bool = True,
-                 reverse: bool = False, keep_tail_bytes: int = 0):
+def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch: bool = True):
     """Yield (start, stop, block) with ``block`` a (stop - start, P) array of raw frames, valid until the next
     block is taken. Zero-copy views (``source.frames_view()``) when available, else ring-buffer reads with a
-    background prefetch thread. ``check(block, start)`` runs on every block (finiteness of float data).
-
-    Mapped views: the next block's pages are mapped by a helper thread, used ones unmapped (resident memory
-    stays bounded) except the last ``keep_tail_bytes`` of the scan, which pass 1 leaves mapped for pass 2;
-    pass 2 walks the blocks in ``reverse`` so it starts on those (mapping pages costs about as much as a
-    light pass over them)."""
+    background prefetch thread. ``check(block, start)`` runs on every block (finiteness of float data)."""
     from .pipeline import _prefetch
     from .source import iter_chunks
 
@@ -84,35 +75,27 @@ def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch:
     arr = view() if view is not None else None
     if arr is not None and arr.flags.c_contiguous:
         arr = arr.reshape(n, -1)  # a view (no copy) of the contiguous frames
-        starts = list(range(0, n, chunk))
-        if reverse:
-            starts.reverse()
         advise = getattr(source, "advise", None)
         if advise is None:
-            for a in starts:
+            for a in range(0, n, chunk):
                 block = arr[a:min(a + chunk, n)]
                 if check is not None:
                     check(block, a)
                 yield a, a + len(block), block
             return
-        keep_from = n - int(keep_tail_bytes // max(arr.strides[0], 1))  # frames from here on stay mapped
         with ThreadPoolExecutor(max_workers=1) as helper:
-            advise("willneed", starts[0], min(starts[0] + chunk, n))
-            for i, a in enumerate(starts):
+            advise("willneed", 0, min(chunk, n))
+            for a in range(0, n, chunk):
                 b = min(a + chunk, n)
                 # map (and read ahead) the next block in a helper thread while this one is processed
-                nxt = None
-                if i + 1 < len(starts):
-                    c = starts[i + 1]
-                    nxt = helper.submit(advise, "willneed", c, min(c + chunk, n))
+                nxt = helper.submit(advise, "willneed", b, min(b + chunk, n)) if b < n else None
                 block = arr[a:b]
                 if check is not None:
                     check(block, a)
                 yield a, b, block
                 if nxt is not None:
                     nxt.result()
-                if a < keep_from:
-                    advise("done", a, b)  # unmap pages already used
+                advise("done", a, b)  # unmap pages already used: resident memory stays bounded
         return
     for a, b, block in _prefetch(iter_chunks(source, chunk, buffers=3), prefetch):
         block = block.reshape(b - a, -1)
@@ -401,9 +384,8 @@ def _pass1_part(pre, ref32, nonneg: bool, n_pix: int):
 
 def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray, n_clusters: int,
                 half: Optional[np.ndarray], pre, ref: np.ndarray, check=None, progress=None,
-                prefetch: bool = True, keep_tail_bytes: int = KEEP_MAPPED_BYTES) -> st.StatsPartial:
-    """Pass 1 over the scan -> ``StatsPartial`` (the layout ``stages.finalize_stats`` expects); the last
-    ``keep_tail_bytes`` of a memory-mapped scan stay mapped for pass 2 (see ``frame_blocks``).
+                prefetch: bool = True) -> st.StatsPartial:
+    """Pass 1 over the scan -> ``StatsPartial`` (the layout ``stages.finalize_stats`` expects).
 
     Groups: cluster slot s (0..C-1, C = unassigned label) times split half when ``half`` is given.
     Sums of D_i = e'_i - bg_i follow from the group sums exactly: sum D = s1 - bg1, sum D^2 = sq - 2 sbe + bg2.
@@ -425,7 +407,7 @@ def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray
     pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype))
     tot = _GroupSums((C + 1) * hf, n_pix)
     try:
-        for a, b, block in frame_blocks(source, chunk, check, prefetch, keep_tail_bytes=keep_tail_bytes):
+        for a, b, block in frame_blocks(source, chunk, check, prefetch):
             results: dict = {}
 
             def fn(state, i, part, block=block, results=results):
@@ -571,10 +553,8 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
     work = run_fused if fused else run
     finisher = ThreadPoolExecutor(max_workers=1) if pool.threads > 1 else None
     pending = None
-    done = 0
     try:
-        # last chunk first: pass 1 left the end of a mapped scan mapped
-        for i, (a, bnd, block) in enumerate(frame_blocks(source, chunk, None, prefetch, reverse=True)):
+        for i, (a, bnd, block) in enumerate(frame_blocks(source, chunk, None, prefetch)):
             bufs = (P_bufs[i % 2], R_bufs[i % 2])
             tiles = group_tiles(key[a:bnd], tile)
             pool.map_tiles(lambda state, part: work(state, part, block, *bufs), tiles)
@@ -582,8 +562,7 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
                 pending.result()  # the previous chunk's finish (its buffers are the next chunk's)
                 pending = None
                 if progress:
-                    progress(done, n)
-            done += bnd - a
+                    progress(a, n)
             if finisher is None:
                 finish(a, bnd, block, *bufs)
             else:
