@@ -179,3 +179,20 @@ def test_256_bit_build_gives_the_same_log():
     err = np.abs(out[0].astype(np.float64) - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
     assert out[0, 0] == 0.0 and err.max() <= 1.0
     np.testing.assert_allclose(out[0], native.log_rows(x, idx)[0], rtol=2.5e-7, atol=0)
+
+
+def test_without_numba_a_strided_uint16_block_still_uses_the_native_kernels(monkeypatch):
+    """With numba missing, the native kernels are the only compiled backend: a non-contiguous block is copied
+    for them instead of failing."""
+    monkeypatch.setattr(kernels, "_HAVE_NUMBA", False)
+    x = _frames(n=40, p=512)
+    strided = x[::2]  # every other frame: not C-contiguous
+    assert not strided.flags.c_contiguous and kernels.backend(np.uint16) == "native"
+    idx = np.arange(20, dtype=np.int64)
+    W = np.random.default_rng(5).normal(size=(3, 512)).astype(np.float32)
+    M = np.ones((3, 512), dtype=np.float32)
+    op, orr = np.empty((20, 3), np.float32), np.empty((20, 3), np.float32)
+    kernels.pass2(strided, idx, False, W, M, True, op, orr, np.empty((4, 512), np.float32))
+    raw = strided.astype(np.float64)
+    np.testing.assert_allclose(op, np.log1p(raw) @ W.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(orr[:, 0], raw.sum(axis=1), rtol=1e-6)

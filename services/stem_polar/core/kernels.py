@@ -245,15 +245,24 @@ if _HAVE_NUMBA:
                 _row_lut(row, lut, out[t])
 
 
-def _native_block(block, wide: bool) -> bool:
-    return not wide and native.supports(block) and _native_wanted()
+def _native_block(block, wide: bool):
+    """The block as the native kernels take it (C-contiguous uint16), or None when they do not apply (a copy
+    only when numba, the other backend, is missing)."""
+    if wide or not _native_wanted():
+        return None
+    if native.supports(block):
+        return block
+    if not _HAVE_NUMBA and block.dtype == np.uint16 and block.ndim == 2:
+        return np.ascontiguousarray(block)
+    return None
 
 
 def pass1(block, idx, wide: bool, ref, bgw, use_bg: bool, acc, bgs, scratch) -> None:
     """Pass-1 sums of frames block[idx] (see ``pass1_frames``) with the fastest kernel for the block;
     ``scratch``: a C-contiguous (>= 2, P) float32 array."""
-    if _native_block(block, wide):
-        native.pass1(block, idx, ref, bgw, use_bg, acc, bgs, scratch[:2])
+    nb = _native_block(block, wide)
+    if nb is not None:
+        native.pass1(nb, idx, ref, bgw, use_bg, acc, bgs, scratch[:2])
     else:
         pass1_frames(block, idx, wide, log_table(), ref, bgw, use_bg, acc, bgs, scratch[0])
 
@@ -261,8 +270,9 @@ def pass1(block, idx, wide: bool, ref, bgw, use_bg: bool, acc, bgs, scratch) -> 
 def pass2(block, idx, wide: bool, WT, MT, with_com: bool, out_p, out_r, scratch) -> None:
     """Pass-2 products of frames block[idx] (see ``pass2_frames``) with the fastest kernel for the block;
     ``scratch``: a C-contiguous (>= 2, P) float32 array."""
-    if _native_block(block, wide):
-        native.pass2(block, idx, WT, MT, with_com, out_p, out_r, scratch[:2])
+    nb = _native_block(block, wide)
+    if nb is not None:
+        native.pass2(nb, idx, WT, MT, with_com, out_p, out_r, scratch[:2])
     else:
         pass2_frames(block, idx, wide, log_table(), WT, MT, with_com, out_p, out_r, scratch[0])
 
