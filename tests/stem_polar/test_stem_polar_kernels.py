@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stem_polar.core import engine as eng
-from stem_polar.core import kernels
+from stem_polar.core import kernels, native
 from stem_polar.core import stages as st
 from stem_polar.core.config import PolarConfig, PreprocessConfig
 from stem_polar.core.pipeline import run_pipeline
@@ -143,8 +143,13 @@ def test_pipeline_with_kernels_equals_generic_path_on_wide_integers(scan, same_r
     same_results(a, b)
 
 
-def test_float_data_keeps_numpy_log_and_warmup_reports_time():
-    assert not kernels.supports(np.float32) and not eng.use_kernels(np.float64)
+def test_float_data_keeps_numpy_log_and_warmup_reports_time(monkeypatch):
+    """float64 keeps numpy's log1p; float32 has native kernels only (none in numba)."""
+    assert not kernels.supports(np.float64) and not eng.use_kernels(np.float64)
+    assert kernels.supports(np.float32) == native.available()
+    monkeypatch.setenv("STEM_POLAR_KERNELS", "numba")
+    assert not kernels.supports(np.float32) and kernels.backend(np.float32) == "numpy"
+    monkeypatch.delenv("STEM_POLAR_KERNELS")
     assert not kernels.supports(np.dtype(">u2"))  # non-native byte order: numpy path
     assert kernels.supports(np.uint16) and not kernels.is_wide(np.uint16) and kernels.is_wide(np.int16)
     assert kernels.warmup(np.uint16) >= 0.0

@@ -22,15 +22,19 @@ from stem_polar.core.source import ArraySource
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
 
-def _frames(n=41, p=1003, seed=0):
+def _frames(n=41, p=1003, seed=0, dtype=np.uint16):
     """uint16 frames with every regime: all-small vectors (table path), mixed vectors and large counts (polynomial),
-    the 16-bit extremes, and a row length that leaves a partial last vector."""
+    the 16-bit extremes, and a row length that leaves a partial last vector. float32: the same scaled to
+    non-integer values, with negative ones (the log clips them at 0; raw sums and moments keep them)."""
     rng = np.random.default_rng(seed)
     x = rng.poisson(rng.uniform(0.2, 6, p), (n, p))
     x[:, p // 3:p // 2] = rng.poisson(300, (n, p // 2 - p // 3))  # a bright-field-like block
     x[::5, ::37] = rng.integers(1000, 65536, x[::5, ::37].shape)  # scattered large counts
     x[0, :4] = [0, 31, 32, 65535]
-    return np.clip(x, 0, 65535).astype(np.uint16)
+    x = np.clip(x, 0, 65535).astype(np.uint16)
+    if np.dtype(dtype) == np.float32:
+        return (x * np.float32(0.73) - np.float32(0.4)).astype(np.float32)
+    return x
 
 
 def test_log_is_within_one_ulp_of_float64_for_every_uint16():
@@ -41,6 +45,18 @@ def test_log_is_within_one_ulp_of_float64_for_every_uint16():
     err = np.abs(out.astype(np.float64) - exact)
     assert out[0] == 0.0
     assert (err <= ulp).all(), f"max error {np.max(err / ulp):.2f} ulp at x = {int(np.argmax(err / ulp))}"
+
+
+def test_float32_log_matches_float64():
+    """float32 frames: log(1 + max(x, 0)) with 1 + x rounded to float32 first, so the error is absolute
+    (~1e-7) rather than relative for tiny x; negative values give 0."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.uniform(-5, 1e5, 4000), rng.uniform(0, 1e-3, 500), [0.0, -0.0, 1e-30, 3.4e38]])
+    x = x.astype(np.float32)[None, :]
+    out = native.log_rows(x, np.array([0]))[0]
+    exact = np.log1p(np.maximum(x[0].astype(np.float64), 0))
+    np.testing.assert_allclose(out, exact, rtol=2.4e-7, atol=1.2e-7)
+    assert (out[x[0] <= 0] == 0).all()
 
 
 def test_small_count_table_equals_polynomial_bitwise():
@@ -55,10 +71,11 @@ def test_small_count_table_equals_polynomial_bitwise():
     np.testing.assert_array_equal(a[keep], b[keep])
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 @pytest.mark.parametrize("use_bg", [True, False])
 @pytest.mark.parametrize("n_frames", [1, 2, 29])  # single frame, one pair, pairs plus a single
-def test_pass1_equals_direct_sums(use_bg, n_frames):
-    x = _frames()
+def test_pass1_equals_direct_sums(use_bg, n_frames, dtype):
+    x = _frames(dtype=dtype)
     p = x.shape[1]
     rng = np.random.default_rng(1)
     idx = rng.permutation(len(x))[:n_frames].astype(np.int64)
@@ -70,7 +87,7 @@ def test_pass1_equals_direct_sums(use_bg, n_frames):
     bg = np.full(n_frames, c0)
     native.pass1(x, idx, ref, w, use_bg, acc, bg, np.empty((2, p), dtype=np.float32))
     raw = x[idx].astype(np.float64)
-    e = np.log1p(raw)
+    e = np.log1p(np.maximum(raw, 0))
     bg_ref = e @ w if use_bg else np.zeros(n_frames)
     d = e - ref - bg_ref[:, None]
     np.testing.assert_allclose(acc[0], raw.sum(axis=0), rtol=1e-6)
@@ -79,10 +96,11 @@ def test_pass1_equals_direct_sums(use_bg, n_frames):
     np.testing.assert_allclose(bg, bg_ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 @pytest.mark.parametrize("n_rows", [1, 4, 5, 6, 11])  # one sweep of 5 rows, more sweeps, remainders
 @pytest.mark.parametrize("with_com", [True, False])
-def test_pass2_equals_direct_products(n_rows, with_com):
-    x = _frames()
+def test_pass2_equals_direct_products(n_rows, with_com, dtype):
+    x = _frames(dtype=dtype)
     p = x.shape[1]
     rng = np.random.default_rng(2)
     idx = np.r_[np.arange(5, 30), [3, 3, 40]].astype(np.int64)  # repeated and odd-count frames
@@ -92,7 +110,7 @@ def test_pass2_equals_direct_products(n_rows, with_com):
     orr = np.full((len(idx), 3), np.nan, dtype=np.float32)
     native.pass2(x, idx, W, M, with_com, op, orr, np.empty((2, p), dtype=np.float32))
     raw = x[idx].astype(np.float64)
-    s_ref = np.log1p(raw) @ W.T.astype(np.float64)
+    s_ref = np.log1p(np.maximum(raw, 0)) @ W.T.astype(np.float64)
     np.testing.assert_allclose(op[:, :n_rows], s_ref, rtol=1e-5, atol=1e-5 * np.abs(s_ref).max())
     assert np.isnan(op[:, n_rows:]).all()
     if with_com:
@@ -120,16 +138,19 @@ def test_native_equals_numba_kernels():
     np.testing.assert_allclose(b2, b1, rtol=1e-6)
 
 
-def test_pipeline_native_equals_numpy_engine(scan, monkeypatch, same_results):
-    """The whole seed pipeline on uint16 data: native kernels vs the numpy engine."""
-    d = scan["data"].astype(np.uint16)
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_pipeline_native_equals_numpy_engine(scan, monkeypatch, same_results, dtype):
+    """The whole seed pipeline on uint16 and float32 data: native kernels vs the numpy engine."""
+    d = scan["data"].astype(dtype)
+    if dtype == np.float32:
+        d = d * np.float32(0.9) - np.float32(0.2)  # non-integer, some negative values
     lab = scan["labels"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert kernels.backend(np.uint16) == "native"
+        assert kernels.backend(dtype) == "native"
         a = run_pipeline(ArraySource(d), lab, PolarConfig(), chunk=64, threads=2)
         monkeypatch.setenv("STEM_POLAR_KERNELS", "numpy")
-        assert kernels.backend(np.uint16) == "numpy"
+        assert kernels.backend(dtype) == "numpy"
         b = run_pipeline(ArraySource(d), lab, PolarConfig(), chunk=64, threads=2)
     assert a.report["engine"] == {"path": "cpu-engine", "threads": 2, "kernels": "native"}  # recorded in run.json
     assert b.report["engine"]["kernels"] == "numpy"

@@ -16,9 +16,9 @@ written inline in a 2-D kernel or merged into one loop with several outputs (LLV
 slower than the one-output 1-D helpers below), a vectorised float32 log polynomial instead of the table
 (1.3 vs 0.8 ns per pixel) and numba's own uint16 -> float32 conversion (0.7 vs numpy's 0.4 ns per pixel).
 
-Native-endian uint16 frames go to the C kernels of ``native.py`` instead when they build and load (the same
-sums with log(I+1) evaluated in SIMD registers, about 1.6x faster per pass): ``pass1``/``pass2`` below pick
-the backend per block. ``STEM_POLAR_KERNELS`` selects: ``numpy`` (the numpy engine), ``numba`` (these numba
+Native-endian uint16 and float32 frames go to the C kernels of ``native.py`` instead when they build and load
+(the same sums with log(I+1) evaluated in SIMD registers, 2-3x faster per pass; float32 has no numba kernel):
+``pass1``/``pass2`` below pick the backend per block. ``STEM_POLAR_KERNELS`` selects: ``numpy`` (the numpy engine), ``numba`` (these numba
 kernels only), anything else the fastest available. ``available()`` is False when neither numba nor the
 native library can be used. Compiled code is cached on disk (``cache=True``) when a cache directory is writable,
 else compiled once per process (``warmup`` reports the first-call seconds). The kernels release the GIL
@@ -68,7 +68,7 @@ def backend(dtype) -> str:
     dt = np.dtype(dtype)
     if not enabled() or not supports(dt):
         return "numpy"
-    if dt == np.uint16 and dt.isnative and _native_wanted():
+    if native.supports_dtype(dt) and _native_wanted():
         return "native"
     return "numba"
 
@@ -85,12 +85,12 @@ def log_table() -> np.ndarray:
 
 
 def supports(dtype) -> bool:
-    """The compiled kernels handle native-endian integer data (numba: any width; native: uint16); floats keep
-    numpy's log1p."""
+    """The compiled kernels handle native-endian integer data (numba: any width; native: uint16) and float32
+    (native only); other floats keep numpy's log1p."""
     dt = np.dtype(dtype)
-    if not (dt.kind in "iu" and dt.isnative):
-        return False
-    return _HAVE_NUMBA or (dt == np.uint16 and _native_wanted())
+    if native.supports_dtype(dt) and _native_wanted():
+        return True
+    return dt.kind in "iu" and dt.isnative and _HAVE_NUMBA
 
 
 def is_wide(dtype) -> bool:
@@ -245,14 +245,14 @@ if _HAVE_NUMBA:
                 _row_lut(row, lut, out[t])
 
 
-def _native_block(block, wide: bool):
-    """The block as the native kernels take it (C-contiguous uint16), or None when they do not apply (a copy
-    only when numba, the other backend, is missing)."""
-    if wide or not _native_wanted():
+def _native_block(block):
+    """The block as the native kernels take it (C-contiguous uint16 or float32), or None when they do not apply
+    (a copy when it is not contiguous: float32 has no other compiled backend, uint16 none without numba)."""
+    if not (native.supports_dtype(block.dtype) and block.ndim == 2 and _native_wanted()):
         return None
     if native.supports(block):
         return block
-    if not _HAVE_NUMBA and block.dtype == np.uint16 and block.ndim == 2:
+    if block.dtype == np.float32 or not _HAVE_NUMBA:
         return np.ascontiguousarray(block)
     return None
 
@@ -260,7 +260,7 @@ def _native_block(block, wide: bool):
 def pass1(block, idx, wide: bool, ref, bgw, use_bg: bool, acc, bgs, scratch) -> None:
     """Pass-1 sums of frames block[idx] (see ``pass1_frames``) with the fastest kernel for the block;
     ``scratch``: a C-contiguous (>= 2, P) float32 array."""
-    nb = _native_block(block, wide)
+    nb = _native_block(block)
     if nb is not None:
         native.pass1(nb, idx, ref, bgw, use_bg, acc, bgs, scratch[:2])
     else:
@@ -270,7 +270,7 @@ def pass1(block, idx, wide: bool, ref, bgw, use_bg: bool, acc, bgs, scratch) -> 
 def pass2(block, idx, wide: bool, WT, MT, with_com: bool, out_p, out_r, scratch) -> None:
     """Pass-2 products of frames block[idx] (see ``pass2_frames``) with the fastest kernel for the block;
     ``scratch``: a C-contiguous (>= 2, P) float32 array."""
-    nb = _native_block(block, wide)
+    nb = _native_block(block)
     if nb is not None:
         native.pass2(nb, idx, WT, MT, with_com, out_p, out_r, scratch[:2])
     else:

@@ -10,8 +10,8 @@ The shared library is built on first use (about 1 s; ``make setup`` and the cont
 into ``$STEM_POLAR_NATIVE_CACHE``, else ``$XDG_CACHE_HOME/diffractflow``, else ``~/.cache/diffractflow``, else
 the temporary directory, under a name keyed by the source, the flags, the compiler and the CPU, and written
 atomically (concurrent workers may build at once). No compiler, a failed build or a failed load: the engine
-keeps the numba (or numpy) kernels and ``status()`` says why. Only native-endian uint16 frames (the usual
-detector format) use these kernels.
+keeps the numba (or numpy) kernels and ``status()`` says why. Native-endian uint16 frames (the usual
+detector format) and float32 frames use these kernels.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = Path(__file__).with_name("native.c")
+SOURCES = (SOURCE, Path(__file__).with_name("native_passes.h"))  # the passes, included once per pixel type
+TYPES = {np.dtype(np.uint16): "u16", np.dtype(np.float32): "f32"}  # pixel types with native kernels
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared") + (
     ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
 
@@ -75,7 +77,8 @@ def cache_dir() -> Path:
 def library_path(cc: str, flags=FLAGS) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_signature().encode()):
+    for part in (*(f.read_bytes() for f in SOURCES), " ".join(flags).encode(), version.encode(),
+                 _cpu_signature().encode()):
         h.update(part)
     return cache_dir() / f"stem_polar_native_{h.hexdigest()[:16]}.so"
 
@@ -111,11 +114,12 @@ def _load():
         try:
             lib = ctypes.CDLL(str(build()))
             V, S, I = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int  # noqa: E741
-            lib.sp_pass1_u16.argtypes = [V, V, S, S, V, V, V, S, I, V, V]
-            lib.sp_pass2_u16.argtypes = [V, V, S, S, V, S, V, V, I, V, S, V, V]
-            lib.sp_log_rows_u16.argtypes = [V, V, S, S, V]
-            for fn in (lib.sp_pass1_u16, lib.sp_pass2_u16, lib.sp_log_rows_u16):
-                fn.restype = None
+            for sfx in TYPES.values():
+                getattr(lib, f"sp_pass1_{sfx}").argtypes = [V, V, S, S, V, V, V, S, I, V, V]
+                getattr(lib, f"sp_pass2_{sfx}").argtypes = [V, V, S, S, V, S, V, V, I, V, S, V, V]
+                getattr(lib, f"sp_log_rows_{sfx}").argtypes = [V, V, S, S, V]
+                for name in ("sp_pass1", "sp_pass2", "sp_log_rows"):
+                    getattr(lib, f"{name}_{sfx}").restype = None
             lib.sp_vector_pixels.argtypes = []
             lib.sp_vector_pixels.restype = I
             _lib, _status = lib, "loaded"
@@ -134,9 +138,19 @@ def status() -> str:
     return _status
 
 
+def supports_dtype(dtype) -> bool:
+    """Pixel types with native kernels: native-endian uint16 and float32."""
+    dt = np.dtype(dtype)
+    return dt.isnative and dt in TYPES
+
+
 def supports(arr: np.ndarray) -> bool:
-    """Frames the native kernels take: a C-contiguous (n, P) native-endian uint16 array."""
-    return arr.dtype == np.uint16 and arr.dtype.isnative and arr.ndim == 2 and arr.flags.c_contiguous
+    """Frames the native kernels take: a C-contiguous (n, P) array of a supported pixel type."""
+    return supports_dtype(arr.dtype) and arr.ndim == 2 and arr.flags.c_contiguous
+
+
+def _fn(name: str, block: np.ndarray):
+    return getattr(_load(), f"{name}_{TYPES[np.dtype(block.dtype)]}")
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -148,10 +162,17 @@ def _f32(a: np.ndarray, shape) -> None:
         raise ValueError(f"expected a C-contiguous float32 array of shape {shape}, got {a.dtype} {a.shape}")
 
 
+def _check_block(block) -> None:
+    if not supports(block):
+        raise ValueError(f"native kernels take C-contiguous 2-D uint16 or float32 frames, got {block.dtype} "
+                         f"{block.shape}")
+
+
 def pass1(block, idx, ref, wbg, use_bg: bool, acc, bgs, ebuf=None) -> None:
-    """As ``kernels.pass1_frames`` for uint16 frames: acc (3, P) += [x, D, D^2] of frames block[idx];
+    """As ``kernels.pass1_frames`` for uint16 or float32 frames (float: the log clips negative values at 0): acc (3, P) += [x, D, D^2] of frames block[idx];
     bgs (float64, one per frame) holds ref . wbg on entry and each frame's background on exit (``ebuf`` is
     not needed: one sweep per frame pair after the background from the outer-ring vectors)."""
+    _check_block(block)
     n, p = len(idx), block.shape[1]
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     _f32(acc, (3, p))
@@ -162,8 +183,8 @@ def pass1(block, idx, ref, wbg, use_bg: bool, acc, bgs, ebuf=None) -> None:
     if n and (idx.min() < 0 or idx.max() >= block.shape[0]):
         raise IndexError("pass1: frame index out of range")
     blk = background_vectors(wbg) if use_bg else _NO_BLOCKS
-    _load().sp_pass1_u16(_ptr(block), _ptr(idx), n, p, _ptr(ref), _ptr(wbg), _ptr(blk), len(blk),
-                         int(bool(use_bg)), _ptr(acc), _ptr(bgs))
+    _fn("sp_pass1", block)(_ptr(block), _ptr(idx), n, p, _ptr(ref), _ptr(wbg), _ptr(blk), len(blk),
+                           int(bool(use_bg)), _ptr(acc), _ptr(bgs))
 
 
 _NO_BLOCKS = np.zeros(1, dtype=np.int64)[:0]
@@ -185,8 +206,9 @@ def _zero_row(p: int) -> np.ndarray:
 
 
 def pass2(block, idx, WT, MT, with_com: bool, out_p, out_r, ebuf) -> None:
-    """As ``kernels.pass2_frames`` for uint16 frames: out_p[t, c] = log1p(x) . WT[c] and, with ``with_com``,
+    """As ``kernels.pass2_frames`` for uint16 or float32 frames: out_p[t, c] = log1p(x) . WT[c] and, with ``with_com``,
     out_r[t, j] = x . MT[j] for frames block[idx]; ebuf: 2P floats of scratch."""
+    _check_block(block)
     n, p = len(idx), block.shape[1]
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     nP = WT.shape[0]
@@ -198,16 +220,17 @@ def pass2(block, idx, WT, MT, with_com: bool, out_p, out_r, ebuf) -> None:
         raise ValueError("pass2: out_p needs a column per template row, ebuf 2 * P contiguous floats")
     if n and (idx.min() < 0 or idx.max() >= block.shape[0]):
         raise IndexError("pass2: frame index out of range")
-    _load().sp_pass2_u16(_ptr(block), _ptr(idx), n, p, _ptr(WT), nP, _ptr(_zero_row(p)), _ptr(MT),
-                         int(bool(with_com)), _ptr(out_p), out_p.shape[1], _ptr(out_r), _ptr(ebuf))
+    _fn("sp_pass2", block)(_ptr(block), _ptr(idx), n, p, _ptr(WT), nP, _ptr(_zero_row(p)), _ptr(MT),
+                           int(bool(with_com)), _ptr(out_p), out_p.shape[1], _ptr(out_r), _ptr(ebuf))
 
 
 def log_rows(block, idx) -> np.ndarray:
     """log1p of frames block[idx] as the native passes compute it (float32 rows)."""
+    _check_block(block)
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     out = np.empty((len(idx), block.shape[1]), dtype=np.float32)
-    _load().sp_log_rows_u16(_ptr(block), _ptr(idx), len(idx), block.shape[1], _ptr(out))
+    _fn("sp_log_rows", block)(_ptr(block), _ptr(idx), len(idx), block.shape[1], _ptr(out))
     return out
 
 
-__all__ = ["available", "status", "supports", "build", "pass1", "pass2", "log_rows", "cache_dir"]
+__all__ = ["available", "status", "supports", "supports_dtype", "build", "pass1", "pass2", "log_rows", "cache_dir"]

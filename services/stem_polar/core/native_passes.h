@@ -1,0 +1,200 @@
+/* The two passes for one pixel type, included by native.c once per type with
+ *   PIX        the pixel type (uint16_t, float),
+ *   LD_PX      a loader: n pixels -> a float vector (zero-padded),
+ *   LOG_PX     log(1 + x) of such a vector (with the small-count table for integer data),
+ *   F(name)    the name with the type's suffix (sp_pass1_u16, sp_pass1_f32, ...).
+ * See native.c for what the kernels compute. */
+
+/* ------------------------------------------------------------------------------------------------ pass 1 */
+
+/* Background levels of nb frames: bg[f] += e'_f . wbg over the listed vectors only (blk: offsets of the
+ * VL-pixel vectors that hold a non-zero weight; the outer ring of the detector, about a third of it). */
+INLINE void F(pass1_background)(const PIX *const *rows, const int nb, size_t P, const float *ref,
+                             const float *wbg, const int64_t *blk, size_t nblk, smalltab tab, double *bg) {
+    vf d[P1_FRAMES] = {{0}};
+#define BG_VECTOR(n)                                                             \
+    {                                                                            \
+        vf r = ld_f(ref + k, n), w = ld_f(wbg + k, n);                           \
+        for (int f = 0; f < nb; f++) d[f] += (LOG_PX(LD_PX(rows[f] + k, n), tab) - r) * w; \
+    }
+    for (size_t j = 0; j < nblk; j++) {
+        size_t k = (size_t)blk[j];
+        if (k + VL <= P)
+            BG_VECTOR(VL)
+        else
+            BG_VECTOR(P - k)
+    }
+#undef BG_VECTOR
+    for (int f = 0; f < nb; f++) bg[f] += (double)hsum(d[f]);
+}
+
+/* nb (1..P1_FRAMES) frames in one sweep: acc0 += x; acc1 += D, acc2 += D^2 with D = log1p(x) - ref - bg
+ * (bg from pass1_background first when use_bg, else 0); next: the rows of the following frames (prefetched). */
+INLINE void F(pass1_group)(const PIX *const *rows, const PIX *const *next, const int nb, size_t P,
+                        const float *ref, const float *wbg, const int64_t *blk, size_t nblk, const int use_bg,
+                        float *acc0, float *acc1, float *acc2, double *bg) {
+    const smalltab tab = load_small_table();
+    float fb[P1_FRAMES] = {0};
+    if (use_bg) {
+        F(pass1_background)(rows, nb, P, ref, wbg, blk, nblk, tab, bg);
+        for (int f = 0; f < nb; f++) fb[f] = (float)bg[f];
+    }
+    SWEEP(P, {
+        for (int f = 0; f < nb; f++) __builtin_prefetch(next[f] + k, 0, 3);
+        vf r = ld_f(ref + k, n), s0 = {0}, s1 = {0}, s2 = {0};
+        for (int f = 0; f < nb; f++) {
+            vf x = LD_PX(rows[f] + k, n);
+            vf d = (LOG_PX(x, tab) - r) - fb[f];
+            s0 += x, s1 += d, s2 += d * d;
+        }
+        st_f(acc0 + k, ld_f(acc0 + k, n) + s0, n);
+        st_f(acc1 + k, ld_f(acc1 + k, n) + s1, n);
+        st_f(acc2 + k, ld_f(acc2 + k, n) + s2, n);
+    })
+}
+
+#define PASS1_GROUP(NB)                                                                                  \
+    do {                                                                                                 \
+        if (use_bg)                                                                                      \
+            F(pass1_group)(rows, next, NB, P, ref, wbg, blk, nblk, 1, a0, a1, a2, bgs + t);                 \
+        else                                                                                             \
+            F(pass1_group)(rows, next, NB, P, ref, wbg, blk, nblk, 0, a0, a1, a2, bgs + t);                 \
+    } while (0)
+
+/* Pass-1 sums of frames base[idx[t]] (one group): acc rows [sum x, sum D, sum D^2] (float32, the caller keeps
+ * at most 256 frames per accumulator); bgs[t] holds the constant ref . wbg on entry and bg of frame t on exit;
+ * blk lists the vectors with a non-zero background weight (see pass1_background). */
+void F(sp_pass1)(const PIX *base, const int64_t *idx, size_t n, size_t P, const float *ref,
+                  const float *wbg, const int64_t *blk, size_t nblk, int use_bg, float *acc, double *bgs) {
+    float *a0 = acc, *a1 = acc + P, *a2 = acc + 2 * P;
+    for (size_t t = 0; t < n; t += P1_FRAMES) {
+        const PIX *rows[P1_FRAMES], *next[P1_FRAMES];
+        size_t nb = n - t < P1_FRAMES ? n - t : P1_FRAMES;
+        for (size_t f = 0; f < P1_FRAMES; f++) {
+            rows[f] = base + idx[t + (f < nb ? f : 0)] * P;
+            size_t u = t + P1_FRAMES + f;
+            next[f] = u < n ? base + idx[u] * P : rows[f];
+        }
+        switch (nb) {
+        case 4: PASS1_GROUP(4); break;
+        case 3: PASS1_GROUP(3); break;
+        case 2: PASS1_GROUP(2); break;
+        default: PASS1_GROUP(1); break;
+        }
+    }
+}
+#undef PASS1_GROUP
+
+/* ------------------------------------------------------------------------------------------------ pass 2 */
+
+/* One sweep over nb frames: GROUP template rows w0..w4 against e = log1p(x) (from the raw rows when from_raw,
+ * else from the e rows in ebuf), plus the 3 CoM moment rows against raw x when com; stores e rows into ebuf
+ * when keep_e (more template groups follow). */
+INLINE void F(pass2_sweep)(const PIX *ra, const PIX *rb, const PIX *na, const PIX *nb_,
+                        const int nb, size_t P, const float *w0,
+                        const float *w1, const float *w2, const float *w3, const float *w4, const float *M,
+                        const int com, const int from_raw, const int keep_e, float *ebuf, float out_a[8],
+                        float out_b[8]) {
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}, b4 = {0};
+    vf ma0 = {0}, ma1 = {0}, ma2 = {0}, mb0 = {0}, mb1 = {0}, mb2 = {0};
+    float *ea = ebuf, *eb = ebuf + P;
+    const smalltab tab = load_small_table();
+    SWEEP(P, {
+        vf xa = {0}, xb = {0}, e1, e2 = {0};
+        if (from_raw) {
+            PREFETCH(na, nb_, k);
+            xa = LD_PX(ra + k, n);
+            e1 = LOG_PX(xa, tab);
+            if (nb == 2) {
+                xb = LD_PX(rb + k, n);
+                e2 = LOG_PX(xb, tab);
+            }
+            if (keep_e) {
+                st_f(ea + k, e1, n);
+                if (nb == 2) st_f(eb + k, e2, n);
+            }
+        } else {
+            e1 = ld_f(ea + k, n);
+            if (nb == 2) e2 = ld_f(eb + k, n);
+        }
+        vf w;
+        w = ld_f(w0 + k, n), a0 += e1 * w, b0 += e2 * w;
+        w = ld_f(w1 + k, n), a1 += e1 * w, b1 += e2 * w;
+        w = ld_f(w2 + k, n), a2 += e1 * w, b2 += e2 * w;
+        w = ld_f(w3 + k, n), a3 += e1 * w, b3 += e2 * w;
+        w = ld_f(w4 + k, n), a4 += e1 * w, b4 += e2 * w;
+        if (com) {
+            w = ld_f(M + k, n), ma0 += xa * w, mb0 += xb * w;
+            w = ld_f(M + P + k, n), ma1 += xa * w, mb1 += xb * w;
+            w = ld_f(M + 2 * P + k, n), ma2 += xa * w, mb2 += xb * w;
+        }
+    })
+    out_a[0] = hsum(a0), out_a[1] = hsum(a1), out_a[2] = hsum(a2), out_a[3] = hsum(a3), out_a[4] = hsum(a4);
+    out_b[0] = hsum(b0), out_b[1] = hsum(b1), out_b[2] = hsum(b2), out_b[3] = hsum(b3), out_b[4] = hsum(b4);
+    if (com) {
+        out_a[5] = hsum(ma0), out_a[6] = hsum(ma1), out_a[7] = hsum(ma2);
+        out_b[5] = hsum(mb0), out_b[6] = hsum(mb1), out_b[7] = hsum(mb2);
+    }
+}
+
+INLINE void F(pass2_frames_nb)(const PIX *ra, const PIX *rb, const PIX *na, const PIX *nb_,
+                            const int nb, size_t P, const float *WT, size_t nP, const float *zrow, const float *M,
+                            int com, float *ebuf, float *pa, float *pb, float *qa, float *qb) {
+    float oa[8] = {0}, ob[8] = {0};
+    for (size_t c = 0; c < nP; c += GROUP) {
+        const float *w[GROUP];
+        for (int j = 0; j < GROUP; j++) w[j] = c + j < nP ? WT + (c + j) * P : zrow;
+        int first = c == 0, keep = first && nP > GROUP;
+        if (first && com) {
+            if (keep)
+                F(pass2_sweep)(ra, rb, na, nb_, nb, P, w[0], w[1], w[2], w[3], w[4], M, 1, 1, 1, ebuf, oa, ob);
+            else
+                F(pass2_sweep)(ra, rb, na, nb_, nb, P, w[0], w[1], w[2], w[3], w[4], M, 1, 1, 0, ebuf, oa, ob);
+        } else if (first) {
+            if (keep)
+                F(pass2_sweep)(ra, rb, na, nb_, nb, P, w[0], w[1], w[2], w[3], w[4], M, 0, 1, 1, ebuf, oa, ob);
+            else
+                F(pass2_sweep)(ra, rb, na, nb_, nb, P, w[0], w[1], w[2], w[3], w[4], M, 0, 1, 0, ebuf, oa, ob);
+        } else {
+            F(pass2_sweep)(ra, rb, na, nb_, nb, P, w[0], w[1], w[2], w[3], w[4], M, 0, 0, 0, ebuf, oa, ob);
+        }
+        for (int j = 0; j < GROUP && c + j < nP; j++) {
+            pa[c + j] = oa[j];
+            if (nb == 2) pb[c + j] = ob[j];
+        }
+        if (first && com) {
+            for (int j = 0; j < 3; j++) {
+                qa[j] = oa[GROUP + j];
+                if (nb == 2) qb[j] = ob[GROUP + j];
+            }
+        }
+    }
+}
+
+/* Pass-2 products of frames base[idx[t]]: out_p[t * ldp + c] = log1p(x) . WT[c] for c < nP, and with com
+ * out_r[t * 3 + j] = x . M[j] (CoM moments). zrow: P zeros (pads the last template group); ebuf: 2 * P floats. */
+void F(sp_pass2)(const PIX *base, const int64_t *idx, size_t n, size_t P, const float *WT, size_t nP,
+                  const float *zrow, const float *M, int com, float *out_p, size_t ldp, float *out_r,
+                  float *ebuf) {
+    size_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+        const PIX *ra = base + idx[t] * P, *rb = base + idx[t + 1] * P;
+        const PIX *na = t + 2 < n ? base + idx[t + 2] * P : rb, *nb_ = t + 3 < n ? base + idx[t + 3] * P : rb;
+        F(pass2_frames_nb)(ra, rb, na, nb_, 2, P, WT, nP, zrow, M, com, ebuf, out_p + t * ldp, out_p + (t + 1) * ldp,
+                        out_r + t * 3, out_r + (t + 1) * 3);
+    }
+    if (t < n) {
+        const PIX *ra = base + idx[t] * P;
+        F(pass2_frames_nb)(ra, ra, ra, ra, 1, P, WT, nP, zrow, M, com, ebuf, out_p + t * ldp, out_p + t * ldp,
+                        out_r + t * 3, out_r + t * 3);
+    }
+}
+
+/* log1p of frames base[idx[t]] into out[t] (float32 rows of P): the values the passes use (for tests). */
+void F(sp_log_rows)(const PIX *base, const int64_t *idx, size_t n, size_t P, float *out) {
+    const smalltab tab = load_small_table();
+    for (size_t t = 0; t < n; t++) {
+        const PIX *r = base + idx[t] * P;
+        SWEEP(P, { st_f(out + t * P + k, LOG_PX(LD_PX(r + k, n), tab), n); })
+    }
+}
