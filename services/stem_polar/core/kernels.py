@@ -262,7 +262,7 @@ def pass1(block, idx, wide: bool, ref, bgw, use_bg: bool, acc, bgs, scratch) -> 
     ``scratch``: a C-contiguous (>= 2, P) float32 array."""
     nb = _native_block(block)
     if nb is not None:
-        native.pass1(nb, idx, ref, bgw, use_bg, acc, bgs, scratch[:2])
+        native.pass1(nb, idx, ref, bgw, use_bg, acc, bgs)
     else:
         pass1_frames(block, idx, wide, log_table(), ref, bgw, use_bg, acc, bgs, scratch[0])
 

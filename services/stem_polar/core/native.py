@@ -168,10 +168,11 @@ def _check_block(block) -> None:
                          f"{block.shape}")
 
 
-def pass1(block, idx, ref, wbg, use_bg: bool, acc, bgs, ebuf=None) -> None:
-    """As ``kernels.pass1_frames`` for uint16 or float32 frames (float: the log clips negative values at 0): acc (3, P) += [x, D, D^2] of frames block[idx];
-    bgs (float64, one per frame) holds ref . wbg on entry and each frame's background on exit (``ebuf`` is
-    not needed: one sweep per frame pair after the background from the outer-ring vectors)."""
+def pass1(block, idx, ref, wbg, use_bg: bool, acc, bgs) -> None:
+    """As ``kernels.pass1_frames`` for uint16 or float32 frames (float: the log clips negative values at 0):
+    acc (3, P) += [x, D, D^2] of frames block[idx]; bgs (float64, one per frame) holds ref . wbg on entry and
+    each frame's background on exit. No scratch rows: each frame's background comes from the outer-ring
+    vectors first, then one sweep per group of frames forms D."""
     _check_block(block)
     n, p = len(idx), block.shape[1]
     idx = np.ascontiguousarray(idx, dtype=np.int64)
