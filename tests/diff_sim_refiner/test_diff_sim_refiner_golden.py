@@ -41,20 +41,47 @@ def _check(img: np.ndarray, gold: np.ndarray) -> dict:
     return m
 
 
-@pytest.mark.parametrize("name", sorted(_cases()))
-def test_golden_case_reproduced(name):
+def _render(name: str, dtype) -> tuple[np.ndarray, np.ndarray]:
     case = _cases()[name]
     job = build_job(parse_args(_args(case)))
     table = load_structure_factors(job, write_dump=False, log=lambda m: None)
     with torch.no_grad():
-        img = simulate(job.crystal, job.detector, job.beam, table, crop=True, dtype=torch.float32).numpy()
-    gold = np.load(GOLDEN / f"{name}.npy")
+        img = simulate(job.crystal, job.detector, job.beam, table, crop=True, dtype=dtype).numpy()
+    return img, np.load(GOLDEN / f"{name}.npy")
+
+
+#: float32 renders differ from nanoBragg's double-precision image by rounding only, but by how much depends on
+#: the machine (accumulation order, vector width): measured worst |sum ratio - 1| 1.4e-4 (case05, 2463 x 2527,
+#: 1.4e5-count peaks), max pixel difference 4.6e-4 of the peak. The bounds below are those figures x ~7.
+FLOAT32_SUM_BOUND = 1e-3
+FLOAT32_PIXEL_BOUND = 3e-3
+
+
+@pytest.mark.parametrize("name", sorted(_cases()))
+def test_golden_case_reproduced(name):
+    """The physics is nanoBragg's exactly: in float64 the image equals the C program's to 1e-6."""
+    img, gold = _render(name, torch.float64)
     assert img.shape == gold.shape
     m = _check(img, gold)
-    # the physics is reproduced exactly, not just within tolerance: float32 rounding only
+    assert m["pearson"] > 0.9999999
+    assert abs(m["sum_ratio"] - 1.0) < 1e-6, m
+    assert m["max_abs_diff"] <= 1e-5 * gold.max(), m
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", sorted(_cases()))
+def test_golden_case_float32_within_rounding_bound(name, threads):
+    """The default float32 render stays within a measured rounding bound whatever the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        img, gold = _render(name, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    m = _check(img, gold)
     assert m["pearson"] > 0.99999
-    assert abs(m["sum_ratio"] - 1.0) < 1e-4
-    assert m["max_abs_diff"] <= 2e-3 * gold.max()
+    assert abs(m["sum_ratio"] - 1.0) < FLOAT32_SUM_BOUND, m
+    assert m["max_abs_diff"] <= FLOAT32_PIXEL_BOUND * gold.max(), m
 
 
 def test_seed_style_api_reproduces_mosaic_case():
