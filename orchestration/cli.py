@@ -20,6 +20,9 @@ app = typer.Typer(name="diffractflow", help="Operate the diffractflow platform: 
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 dlq_app = typer.Typer(help="Dead letters: jobs the services gave up on, with the reason.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+process_app = typer.Typer(help="Process files already on disk as one run, through the same flows and services "
+                          "as live data.", no_args_is_help=True)
+app.add_typer(process_app, name="process")
 console = Console()
 
 HomeOpt = typer.Option(None, "--home", envvar="DIFFRACTFLOW_HOME",
@@ -396,6 +399,52 @@ def serve_flows(home: Optional[Path] = HomeOpt, limit: int = typer.Option(8, hel
         serve(echo_file_flow.to_deployment(name="echo-file"),
               diffuse_still_flow.to_deployment(name="diffuse-still"),
               diffuse_merge_flow.to_deployment(name="diffuse-merge"), limit=limit)
+
+
+@process_app.command("diffuse")
+def process_diffuse_cmd(
+    directory: Path = typer.Argument(..., help="Directory holding the stills (CBF or any format dxtbx reads)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Run configuration (YAML or JSON): space_group, "
+                                          "unit_cell (Å, °), d_min (Å), subdivisions, symmetry, formula, extractor "
+                                          "and stills-processor parameters; see orchestration/diffuse.py:DiffuseRunConfig."),
+    out: Path = typer.Option(..., "--out", help="Where summary.json, the merged NeXus map and the figures go."),
+    pattern: str = typer.Option("*.cbf", help="Glob of the stills inside DIRECTORY."),
+    background: Optional[str] = typer.Option(None, help="Glob (inside DIRECTORY) of background-only frames: same "
+                                             "geometry, no crystal. Averaged, smoothed and subtracted from every still."),
+    run_id: Optional[str] = typer.Option(None, help="Run id (default: the directory's name)."),
+    space_group: Optional[str] = typer.Option(None, help="Overrides the configuration's space_group."),
+    unit_cell: Optional[str] = typer.Option(None, help="Overrides the configuration's unit_cell: a,b,c,al,be,ga (Å, °)."),
+    d_min: Optional[float] = typer.Option(None, help="Overrides the configuration's d_min (Å)."),
+    home: Optional[Path] = typer.Option(None, "--home", envvar="DIFFRACTFLOW_HOME",
+                                        help="Use the topology already up there; otherwise one is started in "
+                                        "OUT/.diffractflow for this run and stopped after it."),
+):
+    """Process a whole diffuse run from files on disk: stills -> DIALS -> diffuse extraction -> voxels -> scaling
+    -> merged map, through the watcher, Prefect flows and services exactly as live data.
+
+    Example: diffractflow process diffuse /data/thau --config thau.yaml --out thau-out
+    """
+    from .process import ProcessError, process_diffuse
+
+    cell = None
+    if unit_cell:
+        try:
+            cell = [float(x) for x in unit_cell.replace(" ", ",").split(",") if x]
+        except ValueError:
+            raise typer.BadParameter(f"--unit-cell {unit_cell!r}: expected six numbers a,b,c,alpha,beta,gamma")
+    try:
+        summary = process_diffuse(directory, out, console, config=config, pattern=pattern, background=background,
+                                  run_id=run_id, home=home,
+                                  config_overrides={"space_group": space_group, "unit_cell": cell, "d_min": d_min})
+    except ProcessError as exc:
+        console.print(f"[red]process diffuse:[/red] {exc}")
+        raise typer.Exit(2)
+    brief = {k: summary[k] for k in ("stills_total", "stills_processed", "stills_failed", "cc_half_overall",
+                                     "background", "wall_seconds")}
+    console.print_json(json.dumps(brief))
+    console.print(f"summary, merged map and figures: {summary['outputs']}")
+    if summary["stills_processed"] == 0:
+        raise typer.Exit(1)
 
 
 @app.command("compose-env")

@@ -108,34 +108,10 @@ def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo") -
 
 
 async def _feed_and_watch(topo: Topology, incoming: Path, run_id: str, n: int, dataset: Path, console) -> None:
-    """Watcher + dispatcher in this process; stills copied into the incoming directory one by one."""
-    from .flows import FLOWS
-    from .watcher import WatchRule, dispatch, watch
+    """The dataset's stills land in the incoming directory one by one, as from a detector."""
+    from .process import feed_and_dispatch
 
-    settings = topo.settings()
-    stop = asyncio.Event()
-    on_file, on_end = FLOWS["diffuse-pipeline"]
-    done = asyncio.Event()
-
-    async def on_end_and_signal(ev):
-        try:
-            return await on_end(ev)
-        finally:
-            done.set()
-
-    rule = WatchRule(incoming, run_id, pattern="*.cbf", settle_s=0.5, expected=n, quiet_timeout_s=600)
-    disp = asyncio.create_task(dispatch(settings, on_file, on_end_and_signal, stop, max_concurrent=4))
-    watcher = asyncio.create_task(watch(rule, settings, stop, poll_s=0.25))
-    for i, f in enumerate(sorted(dataset.glob("*.cbf"))):
-        tmp = incoming / f".{f.name}.part"
-        shutil.copyfile(f, tmp)
-        tmp.rename(incoming / f.name)
-        console.print(f"  landed {f.name} ({i + 1}/{n})")
-        await asyncio.sleep(0.5)
-    await watcher
-    await asyncio.wait_for(done.wait(), timeout=3600)
-    stop.set()
-    await disp
+    await feed_and_dispatch(topo, incoming, run_id, sorted(dataset.glob("*.cbf"))[:n], console, interval_s=0.5)
 
 
 def _stage_seconds(rdir: Path, run_summary: dict) -> dict:

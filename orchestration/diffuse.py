@@ -42,8 +42,13 @@ class DiffuseRunConfig(BaseModel):
     subdivisions: int = Field(3, ge=1, le=15)
     symmetry: str | None = None  # merge onto the asymmetric unit of this space group
     formula: str | None = None  # unit-cell contents for the absolute scale, e.g. "C400H600N100O120S4"
-    smoother: bool = True
-    extractor: dict[str, Any] = Field(default_factory=dict)
+    smoother: bool = Field(False, description="refine the scaler's resolution smoother (seed 003: off by default; "
+                           "a run of partial observations rarely identifies it)")
+    extractor: dict[str, Any] = Field(default_factory=dict, description="diffuse-extractor parameters for every still")
+    background_frames: list[str] = Field(default_factory=list, description="background-only frames (volume-relative "
+                                         "paths): averaged, smoothed and subtracted from every still")
+    reject_sigma: float | None = Field(5.0, gt=0, description="drop a still's voxel estimate deviating from the "
+                                       "others by more than this many sigma (None: keep all)")
     stills_nproc: int = Field(1, ge=0, description="DIALS processes per stills-processor replica (0 = all CPUs)")
     stills_phil: list[str] = Field(default_factory=list, description="DIALS parameters for the stills-processor")
     stage_timeout_s: float = 900.0
@@ -61,17 +66,39 @@ def load_config(volume: Volume, run_id: str) -> DiffuseRunConfig:
     return DiffuseRunConfig.model_validate_json(f.read_text()) if f.exists() else DiffuseRunConfig()
 
 
-def grid_definition(cfg: DiffuseRunConfig) -> dict:
-    """The run's reciprocal grid, fixed up front so each still can be accumulated as it lands.
-
-    Voxel centres at multiples of 1/ndiv in h, k, l, bounded by the resolution limit along each axis.
-    """
+def grid_spec(cfg: DiffuseRunConfig) -> dict:
+    """What the voxel-merger needs to build the run's grid itself (fixed up front, so each still can be
+    accumulated as it lands): cell, space group, resolution limit, subdivisions."""
     if not cfg.unit_cell:
         raise ValueError("the diffuse pipeline needs the run's unit cell (config.json: unit_cell)")
-    ndiv = cfg.subdivisions
-    hmax = [int(math.ceil(cfg.unit_cell[i] / cfg.d_min)) + 1 for i in range(3)]
-    return {"ndiv": ndiv, "lo": [-h * ndiv for h in hmax], "shape": [2 * h * ndiv + 1 for h in hmax],
-            "unit_cell": list(cfg.unit_cell), "space_group": cfg.space_group or "P 1"}
+    return {"unit_cell": list(cfg.unit_cell), "space_group": cfg.space_group or "P 1", "d_min": cfg.d_min,
+            "subdivisions": cfg.subdivisions}
+
+
+BACKGROUND_RECORD = "background.json"
+
+
+def background_ref(volume: Volume, run_id: str) -> dict | None:
+    """The run's smoothed background artifact (made once by :func:`diffuse_background_flow`), if any."""
+    f = run_dir(volume, run_id) / BACKGROUND_RECORD
+    return json.loads(f.read_text())["artifact"] if f.exists() else None
+
+
+@flow(name="diffuse-background", flow_run_name="background-{run_id}")
+async def diffuse_background_flow(run_id: str) -> dict:
+    """Background-only frames of the run -> one binned, smoothed background (diffuse-extractor), recorded in
+    ``runs/<run>/background.json`` for every extraction of the run to subtract."""
+    volume = Volume(Settings().volume)
+    cfg = load_config(volume, run_id)
+    if not cfg.background_frames:
+        raise ValueError(f"run {run_id}: config.json names no background_frames")
+    inputs = {f"frame{i:04d}": p for i, p in enumerate(cfg.background_frames)}
+    res = await run_stage("diffuse-extractor", inputs, {"mode": "background"}, run_id,
+                          job_id_for(run_id, "background", "frames"), timeout=cfg.stage_timeout_s)
+    record = {"artifact": res["outputs"]["background"], "n_frames": len(cfg.background_frames),
+              "metrics": res.get("metrics", {})}
+    atomic_write_json(run_dir(volume, run_id) / BACKGROUND_RECORD, record)
+    return record
 
 
 def _summary_row(path: Path) -> dict:
@@ -85,7 +112,8 @@ def _summary_row(path: Path) -> dict:
             v = g[name][0]
             return v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
 
-        row = {k: col(k) for k in ("status", "reason", "expt_path", "refl_path")}
+        row = {k: col(k) for k in ("status", "reason", "expt_path", "refl_path", "strategy")}
+        row["validation_passed"] = bool(col("validation_passed", True))
         row["n_spots"] = int(col("n_spots", 0))
         row["n_indexed"] = int(col("n_indexed", 0))
     for k in ("expt_path", "refl_path"):
@@ -111,22 +139,32 @@ async def diffuse_still_flow(image: str, run_id: str) -> dict:
                               job_id_for(run_id, "index", stem), timeout=cfg.stage_timeout_s)
         record["stage_seconds"]["stills-processor"] = round(time.monotonic() - t0, 2)
         row = _summary_row(volume.open_ref(ArtifactRef(**res["outputs"]["summary"])))
-        record.update(n_spots=row["n_spots"], n_indexed=row["n_indexed"])
+        record.update(n_spots=row["n_spots"], n_indexed=row["n_indexed"], strategy=row.get("strategy") or None,
+                      reflections=row["refl_path"] or None)
         if row["status"] != "indexed":
             record.update(status=row["status"], reason=row["reason"] or "not indexed")
             log.warning(f"{image}: {record['status']} ({record['reason']})")
+            return record
+        if not row["validation_passed"]:
+            record.update(status="validation_failed",
+                          reason="q-vector consistency check failed: the crystal model does not map the indexed "
+                                 "spots onto their observed positions; the still is not merged")
+            log.warning(f"{image}: {record['reason']}")
             return record
         t1 = time.monotonic()
         inputs = {"experiments": row["expt_path"]}
         if row["refl_path"]:
             inputs["reflections"] = row["refl_path"]
+        bkg = background_ref(volume, run_id)
+        if bkg is not None:
+            inputs["background"] = bkg
         res = await run_stage("diffuse-extractor", inputs, {**cfg.extractor, "pngs": False}, run_id,
                               job_id_for(run_id, "extract", stem), timeout=cfg.stage_timeout_s)
         record["stage_seconds"]["diffuse-extractor"] = round(time.monotonic() - t1, 2)
         still_ref = next(v for k, v in res["outputs"].items() if not k.endswith("_png"))
         t2 = time.monotonic()
         res = await run_stage("voxel-merger", {"still": ArtifactRef(**still_ref)},
-                              {"mode": "accumulate", "subdivisions": cfg.subdivisions, "grid": grid_definition(cfg)},
+                              {"mode": "accumulate", "grid_spec": grid_spec(cfg)},
                               run_id, job_id_for(run_id, "accumulate", stem), timeout=cfg.stage_timeout_s)
         record["stage_seconds"]["voxel-merger"] = round(time.monotonic() - t2, 2)
         record.update(status="ok", diffuse=still_ref, partial=res["outputs"]["partial"])
@@ -152,13 +190,17 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     summary: dict[str, Any] = {"run_id": run_id, "stills_total": len(records), "stills_processed": len(ok),
                                "stills_failed": len(records) - len(ok),
                                "failed": {r["image"]: f"{r['status']}: {r['reason']}" for r in records if r["status"] != "ok"},
-                               "stage_seconds": {}}
+                               "stage_seconds": {},
+                               "background": {"method": "frames" if cfg.background_frames else
+                                              cfg.extractor.get("background", "none"),
+                                              "n_frames": len(cfg.background_frames)}}
     if not ok:
         raise RuntimeError(f"run {run_id}: no still was processed ({len(records)} failed)")
     partials = {f"partial{i:05d}": ArtifactRef(**r["partial"]) for i, r in enumerate(ok)}
-    merge_params = {"mode": "merge", "subdivisions": cfg.subdivisions, "symmetry": cfg.symmetry}
+    # outliers are judged only once the stills are on one scale (unscaled, a bright still is all "outliers")
+    merge_params = {"mode": "merge", "symmetry": cfg.symmetry, "reject_sigma": cfg.reject_sigma}
     t = time.monotonic()
-    first = await run_stage("voxel-merger", partials, merge_params, run_id, job_id_for(run_id, "merge", "unscaled"),
+    first = await run_stage("voxel-merger", partials, {**merge_params, "reject_sigma": None}, run_id, job_id_for(run_id, "merge", "unscaled"),
                             timeout=cfg.stage_timeout_s)
     summary["stage_seconds"]["merge_unscaled"] = round(time.monotonic() - t, 2)
     t = time.monotonic()

@@ -8,7 +8,7 @@ import numpy as np
 
 from diffractflow.artifacts import Volume
 from diffractflow.messages import ArtifactRef, JobRequest
-from orchestration.diffuse import DiffuseRunConfig, _summary_row, grid_definition
+from orchestration.diffuse import DiffuseRunConfig, _summary_row, grid_spec
 
 
 def _job(volume: Volume, service: str, job_id: str, inputs: dict, params: dict) -> JobRequest:
@@ -36,7 +36,7 @@ def test_sigkill_each_diffuse_stage_mid_job(kill_mid_job_and_recover, thaumatin_
 
     res = kill_mid_job_and_recover(_job(
         v, "voxel-merger", "k-accumulate", {"still": still},
-        {"mode": "accumulate", "subdivisions": cfg.subdivisions, "grid": grid_definition(cfg)}), hold_s=0.2)
+        {"mode": "accumulate", "grid_spec": grid_spec(cfg)}), hold_s=0.2)
     assert "partial" in res.outputs
     assert res.metrics.get("n_observations", 1) > 0
 

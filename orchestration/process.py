@@ -1,0 +1,241 @@
+"""`diffractflow process diffuse`: a whole run of files already on disk, through the live path.
+
+Nothing here processes data itself. The files are landed (hard-linked, or copied when the directory is on
+another filesystem) into the volume's incoming directory, and the same watcher, dispatcher, Prefect flows and
+services that handle live data do the rest; so a re-processing on a workstation and a live run at the beamline
+give the same answer. Background-only frames (``--background``) are turned into one smoothed background by the
+diffuse-extractor before the first still is landed, and every extraction of the run subtracts it.
+
+The embedded topology is started for the run and stopped after it, unless one is already up in ``home``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .embedded import Topology
+
+#: the services a diffuse run needs, and replicas on a small workstation (DIALS indexing is the slow stage)
+DIFFUSE_SERVICES = ["stills-processor", "diffuse-extractor", "voxel-merger", "scaler"]
+DIFFUSE_REPLICAS = {"stills-processor": 2, "diffuse-extractor": 1}
+
+
+class ProcessError(RuntimeError):
+    """The run cannot start (no files, unreadable configuration); the message names the problem."""
+
+
+def select_files(directory: Path, pattern: str, exclude: Iterable[Path] = ()) -> list[Path]:
+    """Regular files of ``directory`` matching ``pattern`` (sorted), without hidden files and ``exclude``."""
+    skip = {Path(p).resolve() for p in exclude}
+    return sorted(p for p in directory.glob(pattern)
+                  if p.is_file() and not p.name.startswith(".") and p.resolve() not in skip)
+
+
+def land(src: Path, dest_dir: Path) -> Path:
+    """Put ``src`` into ``dest_dir`` atomically (a hard link when possible, else a copy), as a detector would."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final = dest_dir / src.name
+    if final.exists():
+        return final
+    tmp = dest_dir / f".{src.name}.part"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.rename(final)
+    return final
+
+
+@contextlib.contextmanager
+def topology_for_run(home: Path, volume: Path | None, console, services: Sequence[str] = DIFFUSE_SERVICES,
+                     replicas: dict[str, int] | None = None):
+    """The running topology in ``home`` if one is up, else a new one that is stopped on exit."""
+    topo = Topology(home)
+    if topo.load():
+        console.print(f"using the topology already up in {home}")
+        topo.apply_env()
+        yield topo
+        return
+    topo.up(list(services), dict(DIFFUSE_REPLICAS if replicas is None else replicas), volume=volume, prefect=True,
+            log=console.print)
+    try:
+        topo.apply_env()
+        yield topo
+    finally:
+        topo.down(log=console.print)
+
+
+async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: Sequence[Path], console,
+                            pattern: str = "*.cbf", interval_s: float = 0.0, timeout_s: float = 6 * 3600) -> None:
+    """Land ``files`` in ``incoming`` one by one while a watcher and a dispatcher (in this process) turn them into
+    flow runs; return once the end-of-run flow has finished."""
+    from .flows import FLOWS
+    from .watcher import WatchRule, dispatch, watch
+
+    settings = topo.settings()
+    stop = asyncio.Event()
+    on_file, on_end = FLOWS["diffuse-pipeline"]
+    done = asyncio.Event()
+
+    async def on_end_and_signal(ev):
+        try:
+            return await on_end(ev)
+        finally:
+            done.set()
+
+    rule = WatchRule(incoming, run_id, pattern=pattern, settle_s=0.5, expected=len(files), quiet_timeout_s=3600)
+    disp = asyncio.create_task(dispatch(settings, on_file, on_end_and_signal, stop, max_concurrent=4))
+    watcher = asyncio.create_task(watch(rule, settings, stop, poll_s=0.25))
+    for i, f in enumerate(files):
+        land(f, incoming)
+        console.print(f"  landed {f.name} ({i + 1}/{len(files)})")
+        if interval_s:
+            await asyncio.sleep(interval_s)
+    await watcher
+    try:
+        await asyncio.wait_for(done.wait(), timeout=timeout_s)
+    finally:
+        stop.set()
+        await disp
+
+
+def load_run_config(path: Path | None, **overrides):
+    """A ``DiffuseRunConfig`` from a YAML/JSON file (or defaults) with ``overrides`` applied."""
+    import yaml
+
+    from .diffuse import DiffuseRunConfig
+
+    data = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ProcessError(f"{path}: cannot read the run configuration ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ProcessError(f"{path}: the run configuration must be a mapping, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return DiffuseRunConfig.model_validate(data)
+    except Exception as exc:
+        raise ProcessError(f"{path or 'run configuration'}: {exc}") from exc
+
+
+def still_status(rdir: Path) -> list[dict]:
+    """Per-still records of a run (image, status, reason, strategy, seconds per stage)."""
+    rows = []
+    for p in sorted((rdir / "stills").glob("*.json")):
+        rec = json.loads(p.read_text())
+        rows.append({k: rec.get(k) for k in ("image", "status", "reason", "strategy", "n_spots", "n_indexed",
+                                             "seconds", "stage_seconds") if k in rec})
+    return rows
+
+
+def stage_seconds(rdir: Path, run_summary: dict) -> dict:
+    """Mean seconds per still of each per-still stage, plus the end-of-run stages."""
+    per_still: dict[str, list[float]] = {}
+    for p in (rdir / "stills").glob("*.json"):
+        for k, v in json.loads(p.read_text()).get("stage_seconds", {}).items():
+            per_still.setdefault(k, []).append(v)
+    out = {f"{k}_per_still_mean": round(sum(v) / len(v), 2) for k, v in per_still.items() if v}
+    out.update(run_summary.get("stage_seconds", {}))
+    return out
+
+
+def run_summary_for_user(rdir: Path, wall_seconds: float) -> dict:
+    """The summary a user reads first: counts, CC½, background, per-still status, where the outputs are."""
+    out = rdir / "output"
+    run_summary = json.loads((out / "run_summary.json").read_text())
+    merging = run_summary.get("merging", {})
+    cc_half = merging.get("cc_half_overall")
+    if cc_half is None and (out / "stats.json").exists():
+        stats = json.loads((out / "stats.json").read_text())
+        cc_half = (stats.get("cc_half") or {}).get("overall")
+    return {
+        "run_id": run_summary.get("run_id"),
+        "stills_total": run_summary["stills_total"],
+        "stills_processed": run_summary["stills_processed"],
+        "stills_failed": run_summary["stills_failed"],
+        "cc_half_overall": cc_half,
+        "background": run_summary.get("background", {"method": "none"}),
+        "symmetry_agreement": run_summary.get("symmetry_agreement"),
+        "wall_seconds": round(wall_seconds, 1),
+        "stage_seconds": stage_seconds(rdir, run_summary),
+        "failed": run_summary.get("failed", {}),
+        "stills": still_status(rdir),
+        "outputs": str(out),
+    }
+
+
+def copy_results(src: Path, dest: Path) -> list[str]:
+    """Copy a run's output directory (merged NeXus map, figures, scales, statistics) to ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    for p in sorted(src.iterdir()):
+        if p.is_file():
+            shutil.copy2(p, dest / p.name)
+            names.append(p.name)
+    return names
+
+
+def process_diffuse(directory: Path, out: Path, console, *, config: Path | None = None, pattern: str = "*.cbf",
+                    background: str | None = None, run_id: str | None = None, home: Path | None = None,
+                    volume: Path | None = None, replicas: dict[str, int] | None = None,
+                    config_overrides: dict | None = None) -> dict:
+    """Process every still of ``directory`` (``pattern``) as one diffuse run; results and summary.json in ``out``.
+
+    ``background``: a glob (relative to ``directory``) of background-only frames. Returns the summary.
+    """
+    from diffractflow.artifacts import Volume, atomic_write_json
+
+    from .diffuse import run_dir
+
+    directory = Path(directory).resolve()
+    out = Path(out).resolve()
+    if not directory.is_dir():
+        raise ProcessError(f"{directory} is not a directory")
+    bkg_files = select_files(directory, background) if background else []
+    if background and not bkg_files:
+        raise ProcessError(f"no background frame matches {background!r} in {directory}")
+    files = select_files(directory, pattern, exclude=bkg_files)
+    if not files:
+        raise ProcessError(f"no file matches {pattern!r} in {directory}")
+    cfg = load_run_config(config, **(config_overrides or {}))
+    cfg = cfg.model_copy(update={"expected_stills": len(files)})
+    run_id = run_id or directory.name
+    out.mkdir(parents=True, exist_ok=True)
+    home = Path(home).resolve() if home else out / ".diffractflow"
+    t0 = time.monotonic()
+    console.print(f"{len(files)} stills" + (f" and {len(bkg_files)} background frames" if bkg_files else "")
+                  + f" from {directory} as run {run_id!r}")
+    with topology_for_run(home, volume, console, replicas=replicas) as topo:
+        vol = Volume(topo.settings().volume)
+        rdir = run_dir(vol, run_id)
+        if (rdir / "output" / "run_summary.json").exists():
+            raise ProcessError(f"run {run_id!r} already has results in {rdir}; choose another --run-id")
+        incoming = vol.resolve(f"incoming/{run_id}")
+        incoming.mkdir(parents=True, exist_ok=True)
+        if bkg_files:
+            landed = [land(f, incoming / "background") for f in bkg_files]
+            cfg = cfg.model_copy(update={"background_frames": [vol.relative(p) for p in landed]})
+        atomic_write_json(rdir / "config.json", cfg.model_dump())
+        with topo.prefect_settings():
+            if bkg_files:
+                from .diffuse import diffuse_background_flow
+
+                console.print(f"background: {len(bkg_files)} frames -> one smoothed background")
+                asyncio.run(diffuse_background_flow(run_id))
+            asyncio.run(feed_and_dispatch(topo, incoming, run_id, files, console, pattern=pattern))
+        if not (rdir / "output" / "run_summary.json").exists():
+            raise ProcessError(f"run {run_id!r} produced no merged output; per-still records in {rdir / 'stills'}")
+        summary = run_summary_for_user(rdir, time.monotonic() - t0)
+        summary["outputs"] = str(out)
+        summary["files"] = copy_results(rdir / "output", out)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
