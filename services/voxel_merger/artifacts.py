@@ -7,6 +7,7 @@ tried, so the reader is the one place to adjust when the upstream schema moves.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -27,8 +28,11 @@ from .core.sources import ObservationChunk
 MAP_SCHEMA = "diffractflow.voxel_merger.map"
 MAP_SCHEMA_VERSION = "1.0"
 TABLE_SCHEMA = "diffractflow.voxel_merger.observations"
-TABLE_SCHEMA_VERSION = "1.0"
+TABLE_SCHEMA_VERSION = "1.1"  # 1.1: weight column
 PRODUCER = "voxel-merger"
+EXTRACTOR_SCHEMA = "diffractflow.diffuse_still"
+log = logging.getLogger("voxel_merger")
+_warned_no_weight: set[str] = set()
 
 
 class InputError(ValueError):
@@ -47,6 +51,8 @@ class StillSchema:
     intensity: Sequence[str] = ("intensity", "I", "corrected_intensity", "intensity_corrected", "data")
     sigma: Sequence[str] = ("sigma", "sigma_intensity", "sigmas", "intensity_errors", "errors")
     variance: Sequence[str] = ("variance", "variance_intensity")
+    # weight independent of the counts: the pixel's exposure = 1/correction (w·I = net counts); absent = 1/σ²
+    weight: Sequence[str] = ("exposure", "weight")
     q_magnitude: Sequence[str] = ("q_magnitude", "q", "s_magnitude")
     q_vector: Sequence[str] = ("q_vector", "s_vector", "s")  # (n, 3) in the lab frame, used if hkl are absent
     q_components: Sequence[str] = ("qx", "qy", "qz")  # or three 1-D lab-frame components
@@ -149,9 +155,12 @@ class H5Still:
                 raise InputError(f"{self.path}: hkl must be computed from q_vector but no crystal A_matrix is stored")
             self._Ainv = np.linalg.inv(np.array(self.crystal.A_matrix, dtype=float))
         self._q = _first(grp, s.q_magnitude)
+        self._w = _first(grp, s.weight)
+        if self._w is None:
+            self._warn_no_weight(f, grp)
         self.n_obs = int(self._I.shape[0])
         for name, d in (("sigma", self._sig or self._var), ("h", self._h), ("k", self._k), ("l", self._l),
-                        ("q_magnitude", self._q)):
+                        ("q_magnitude", self._q), ("weight", self._w)):
             if d is not None and d.shape[0] != self.n_obs:
                 raise InputError(f"{self.path}: {d.name} has {d.shape[0]} rows, {grp.name}/intensity has {self.n_obs}")
         sid = None
@@ -171,6 +180,23 @@ class H5Still:
                 if int(e.attrs.get("experiment_index", 0)):
                     sid += f".{int(e.attrs['experiment_index'])}"
         self.still_id = sid if sid is not None else self.path.stem
+
+    def _warn_no_weight(self, f: h5py.File, grp: h5py.Group) -> None:
+        """Counts-based weights (1/σ²) bias the mean of low-count pixels low: say so once per kind of file."""
+        schema = _attr_str(f.attrs.get("schema", ""))
+        if schema != EXTRACTOR_SCHEMA and "raw" not in grp and "correction" not in grp:
+            return  # a generic table (tests, benchmarks): 1/σ² is the documented default
+        key = f"{schema} v{_attr_str(f.attrs.get('schema_version', '?'))}"
+        if key in _warned_no_weight:
+            return
+        _warned_no_weight.add(key)
+        log.warning("%s: %s has no %s column: weighting pixels by 1/sigma^2 from their own counts, which biases "
+                    "merged means low at a few photons per pixel (diffuse-extractor schema %s; further files "
+                    "of this kind are not reported)", self.path, grp.name, "/".join(self.schema.weight), key)
+
+    @property
+    def has_weight(self) -> bool:
+        return self._w is not None
 
     def iter_chunks(self, chunk: int = 1 << 22) -> Iterator[ObservationChunk]:
         with reading(self.path, InputError, "still table (HDF5)"):
@@ -198,7 +224,8 @@ class H5Still:
                 hkl = sv @ self._Ainv.T  # s = A h  ->  h = A^-1 s
                 h, k, l = (np.ascontiguousarray(hkl[:, i]) for i in range(3))
             q = None if self._q is None else np.asarray(self._q[a:z], dtype=np.float64)
-            yield ObservationChunk(h, k, l, I, sig, q)
+            w = None if self._w is None else np.asarray(self._w[a:z], dtype=np.float64)
+            yield ObservationChunk(h, k, l, I, sig, q, w)
 
     def hkl_abs_max(self, chunk: int = 1 << 22) -> np.ndarray:
         out = np.zeros(3)
@@ -223,8 +250,11 @@ def open_still(path: str | Path, schema: StillSchema | None = None) -> H5Still:
 
 
 def write_still(path: str | Path, still_id: str, h, k, l, intensity, sigma, q_magnitude=None,
-                crystal: CrystalModel | None = None) -> Path:
-    """Write a still in the expected input schema (used by tests, demos and benchmarks)."""
+                crystal: CrystalModel | None = None, weight=None) -> Path:
+    """Write a still in the expected input schema (used by tests, demos and benchmarks).
+
+    ``weight``: optional per-pixel weight independent of the counts (stored as ``weight``).
+    """
     from diffractflow.artifacts import atomic_write_path
 
     path = Path(path)
@@ -344,10 +374,13 @@ class ObservationTableWriter:
 
     Root datasets (1-D, equal length): ``still_id`` (int32 index into ``still_names``),
     ``voxel_id`` (int64 flat id on the grid, ASU voxel when symmetry merging), ``q_magnitude``
-    (|s| = 1/d, Å⁻¹), ``intensity`` and ``sigma`` (unscaled, as measured).
+    (|s| = 1/d, Å⁻¹), ``intensity`` and ``sigma`` (unscaled, as measured) and ``weight`` (the
+    row's merging weight before scaling: exposure Σw of the still in that voxel, or 1/σ² for
+    tables without exposure; lets a scaler use model variances).
     """
 
-    FIELDS = (("still_id", "i4"), ("voxel_id", "i8"), ("q_magnitude", "f8"), ("intensity", "f8"), ("sigma", "f8"))
+    FIELDS = (("still_id", "i4"), ("voxel_id", "i8"), ("q_magnitude", "f8"), ("intensity", "f8"), ("sigma", "f8"),
+              ("weight", "f8"))
 
     def __init__(self, path: Path, grid: GlobalGrid, parameters: Mapping[str, Any] | None = None,
                  inputs: Mapping[str, str] | None = None, job_id: str | None = None, chunk: int = 1 << 18):
@@ -372,12 +405,15 @@ class ObservationTableWriter:
             self.names.append(still_id)
         return self.names.index(still_id)
 
-    def append(self, still_index: int, voxel_id, q_magnitude, intensity, sigma):
+    def append(self, still_index: int, voxel_id, q_magnitude, intensity, sigma, weight=None):
+        """Append rows of one still; ``weight`` None means 1/σ²."""
         m = len(voxel_id)
         if m == 0:
             return
+        if weight is None:
+            weight = 1.0 / np.square(np.asarray(sigma, dtype=np.float64))
         for n, v in (("still_id", np.full(m, still_index, dtype=np.int32)), ("voxel_id", voxel_id),
-                     ("q_magnitude", q_magnitude), ("intensity", intensity), ("sigma", sigma)):
+                     ("q_magnitude", q_magnitude), ("intensity", intensity), ("sigma", sigma), ("weight", weight)):
             d = self._d[n]
             d.resize((self.n + m,))
             d[self.n:] = v
@@ -398,7 +434,7 @@ class ObservationTableWriter:
 @reader("observation table (HDF5)", InputError)
 def read_observation_table(path: str | Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
-        out = {n: f[n][()] for n, _ in ObservationTableWriter.FIELDS}
+        out = {n: f[n][()] for n, _ in ObservationTableWriter.FIELDS if n in f}
         out["still_names"] = np.array([x.decode() if isinstance(x, bytes) else x for x in f["still_names"][()]])
     return out
 
@@ -439,11 +475,11 @@ def write_map(path: str | Path, grid: GlobalGrid, intensity: np.ndarray | None, 
             for i, m_i, s_i, c_i in slabs:
                 if (c_i > 0).any():
                     d[i], ds[i], dc[i] = m_i, s_i, c_i.astype(np.int32)
-        d.attrs["long_name"] = "inverse-variance weighted mean intensity (NaN = no data)"
+        d.attrs["long_name"] = "weighted mean intensity sum(w I)/sum(w), w = exposure or 1/sigma^2 (NaN = no data)"
         g["intensity_errors"] = g["sigma"]
         d = dc
         d.attrs["long_name"] = "observations merged (with symmetry: into the voxel's asymmetric-unit equivalent)"
-        g["sigma"].attrs["long_name"] = "1/sqrt(sum of weights), weights 1/sigma_obs^2"
+        g["sigma"].attrs["long_name"] = "sqrt(sum w^2 sigma_obs^2) / sum w (propagated error of the weighted mean)"
         c = e.create_group("crystal")
         c.attrs["NX_class"] = "NXcollection"
         c.create_dataset("unit_cell", data=np.asarray(grid.unit_cell))

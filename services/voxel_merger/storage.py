@@ -1,6 +1,7 @@
 """HDF5-backed voxel accumulator: sparse, chunked, bounded memory.
 
-The sums live in one dataset ``/accumulator/sums`` of shape (4, n_halves, n_voxels),
+The sums (count, Σw, Σw·I, Σw²σ², see :mod:`voxel_merger.core.accumulate`) live in one
+dataset ``/accumulator/sums`` of shape (4, n_halves, n_voxels),
 chunked per voxel block (2**shift voxels) with fill value 0, so blocks no observation
 touched are never allocated on disk.  A write-back LRU cache holds at most
 ``cache_bytes`` of blocks in memory; observations are grouped by block with an O(n)
@@ -23,8 +24,19 @@ from .core.grid import GlobalGrid
 
 __all__ = ["H5VoxelAccumulator", "ACCUMULATOR_SCHEMA", "ACCUMULATOR_SCHEMA_VERSION"]
 
+
+def _attr_text(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray) and v.shape == ():
+        return _attr_text(v[()])
+    return str(v)
+
 ACCUMULATOR_SCHEMA = "diffractflow.voxel_merger.accumulator"
-ACCUMULATOR_SCHEMA_VERSION = "1.0"
+#: 2.0: fourth field Σw²σ² (was Σw·I² with w = 1/σ² in 1.0), crystal model of the still(s) in attrs
+ACCUMULATOR_SCHEMA_VERSION = "2.0"
 
 
 class H5VoxelAccumulator(_SumStore):
@@ -52,6 +64,11 @@ class H5VoxelAccumulator(_SumStore):
             g = self._f["accumulator"]
             if g.attrs.get("schema") != ACCUMULATOR_SCHEMA:
                 raise ValueError(f"{self.path}: not a voxel-merger accumulator (schema={g.attrs.get('schema')!r})")
+            version = _attr_text(g.attrs.get("schema_version"))
+            if version != ACCUMULATOR_SCHEMA_VERSION:
+                raise ValueError(f"{self.path}: accumulator schema version {version!r} is not supported "
+                                 f"(this voxel-merger reads {ACCUMULATOR_SCHEMA_VERSION!r}: its sums are "
+                                 f"{list(FIELDS)}); re-accumulate the still with this version")
             self.grid = GlobalGrid.from_dict(json.loads(g.attrs["grid"]))
             if grid is not None and grid != self.grid:
                 raise ValueError(f"{self.path}: accumulator grid differs from the requested grid")
@@ -150,20 +167,21 @@ class H5VoxelAccumulator(_SumStore):
         self.n_dropped += self._dense.n_dropped - d0
         return used
 
-    def add(self, h, k, l, intensity, sigma, half=0, scale=None, still_id=None, chunk=None) -> int:
+    def add(self, h, k, l, intensity, sigma, half=0, scale=None, still_id=None, chunk=None, weight=None) -> int:
         if self.readonly:
             raise PermissionError(f"{self.path} is open read-only")
         if self._dense is not None:
-            return self._dense_call(self._dense.add, h, k, l, intensity, sigma, half, scale, still_id, chunk)
+            return self._dense_call(self._dense.add, h, k, l, intensity, sigma, half, scale, still_id, chunk, weight)
         # blocked path: modest chunks keep the per-call temporaries small next to the cache
-        return super().add(h, k, l, intensity, sigma, half, scale, still_id, chunk or min(1 << 20, self.buffer_obs))
+        return super().add(h, k, l, intensity, sigma, half, scale, still_id, chunk or min(1 << 20, self.buffer_obs),
+                           weight)
 
-    def add_ids(self, ids, intensity, sigma, half=0, scale=None, still_id=None) -> int:
+    def add_ids(self, ids, intensity, sigma, half=0, scale=None, still_id=None, weight=None) -> int:
         if self.readonly:
             raise PermissionError(f"{self.path} is open read-only")
         if self._dense is not None:
-            return self._dense_call(self._dense.add_ids, ids, intensity, sigma, half, scale, still_id)
-        return super().add_ids(ids, intensity, sigma, half, scale, still_id)
+            return self._dense_call(self._dense.add_ids, ids, intensity, sigma, half, scale, still_id, weight)
+        return super().add_ids(ids, intensity, sigma, half, scale, still_id, weight)
 
     def add_sums(self, ids: np.ndarray, half: int, sums: Sequence[np.ndarray | None]) -> None:
         """Stage per-observation sums; every ``buffer_obs`` observations they are applied block by block.
@@ -234,6 +252,26 @@ class H5VoxelAccumulator(_SumStore):
                     arr[:, half, lo - b0:hi - b0] += part[:, 0]
                 self._mark(blk)
             blk += 1
+
+    def add_block(self, start: int, s: np.ndarray, half: int | None = None) -> None:
+        """Add sums ``s`` (4, h, n) covering voxels [start, start+n) (see ``VoxelAccumulator.add_block``)."""
+        if self.readonly:
+            raise PermissionError(f"{self.path} is open read-only")
+        if self._staged:
+            self._apply_staged()
+        s = np.asarray(s, dtype=np.float64)
+        if half is not None or s.shape[1] != self.n_halves:
+            self._add_range(start, s.sum(axis=1, keepdims=True), half if half is not None else 0)
+        else:
+            self._add_range(start, s, None)
+
+    # per-file metadata (JSON in the group's attributes): the crystal model(s) of the still(s)
+    def set_meta(self, key: str, value) -> None:
+        self._f["accumulator"].attrs[f"meta_{key}"] = json.dumps(value)
+
+    def get_meta(self, key: str, default=None):
+        v = self._f["accumulator"].attrs.get(f"meta_{key}")
+        return default if v is None else json.loads(_attr_text(v))
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         if self._dense is not None:

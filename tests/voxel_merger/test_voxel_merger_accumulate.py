@@ -20,16 +20,21 @@ def _stills(n, func, seed=0, n_side=90, **kw):
     return [synthetic_still(f"s{i:03d}", CELL, func, rng, n_side=n_side, pixel=1.0, **kw) for i in range(n)]
 
 
-def _reference_sums(grid, stills, scale_of=None):
-    """Brute-force reference: np.add.at over every observation (independent of bincount/blocking)."""
+def _reference_sums(grid, stills, scale_of=None, weight_of=None):
+    """Brute-force reference: np.add.at over every observation (independent of bincount/blocking).
+
+    An observation (I, σ, w) scaled by b is (I/b, σ/b, b·w), w = the given weight or 1/σ² of the
+    unscaled σ; fields (count, Σw, Σw·I, Σw²σ²) of the scaled observation.
+    """
     ref = np.zeros((4, grid.n_voxels))
     for s in stills:
         ids = grid.voxel_ids(s.h, s.k, s.l)
-        ok = (ids >= 0) & np.isfinite(s.intensity) & (s.sigma > 0)
+        w0 = 1.0 / s.sigma ** 2 if weight_of is None else weight_of[s.still_id]
+        ok = (ids >= 0) & np.isfinite(s.intensity) & np.isfinite(s.sigma) & np.isfinite(w0)
+        ok &= (s.sigma > 0) if weight_of is None else ((s.sigma >= 0) & (w0 > 0))
         b = 1.0 if scale_of is None else scale_of[s.still_id]
-        I, sig = s.intensity[ok] / b, s.sigma[ok] / b
-        w = 1.0 / sig ** 2
-        for f, v in enumerate((np.ones_like(w), w, w * I, w * I * I)):
+        I, sig, w = s.intensity[ok] / b, s.sigma[ok] / b, b * w0[ok]
+        for f, v in enumerate((np.ones_like(w), w, w * I, w * w * sig * sig)):
             np.add.at(ref[f], ids[ok], v)
     return ref
 
@@ -70,11 +75,14 @@ if kernels.available():  # the fused loop exists only where numba imports; the v
     KERNELS.append(dict(kernel="numba"))
 
 
+@pytest.mark.parametrize("with_weight", [False, True], ids=["w=1/sigma2", "w=exposure"])
 @pytest.mark.parametrize("kw", KERNELS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
-def test_sums_equal_a_brute_force_reference(kw):
+def test_sums_equal_a_brute_force_reference(kw, with_weight):
     grid = _grid()
     stills = _stills(4, smooth, seed=2, sigma0=3.0)
     scale_of = {s.still_id: 1.0 + 0.25 * i for i, s in enumerate(stills)}
+    rng = np.random.default_rng(12)
+    weight_of = {} if with_weight else None
     acc = VoxelAccumulator(grid, **kw)
     by_ids = VoxelAccumulator(grid, **kw)
     for s in stills:
@@ -82,15 +90,26 @@ def test_sums_equal_a_brute_force_reference(kw):
         I = s.intensity.copy()
         I[::97] = np.nan
         sig = s.sigma.copy()
-        sig[5::101] = 0.0
-        acc.add(s.h, s.k, s.l, I, sig, scale=scale_of[s.still_id])
-        by_ids.add_ids(grid.voxel_ids(s.h, s.k, s.l), I, sig, scale=np.full(I.size, scale_of[s.still_id]))
+        sig[5::101] = 0.0  # invalid with w = 1/σ², valid (zero counts) with a stored weight
+        sig[7::131] = -1.0
+        w = None
+        if with_weight:
+            w = rng.uniform(0.3, 1.0, I.size)
+            w[11::113] = 0.0
+            w[13::127] = np.inf
+            weight_of[s.still_id] = w
+        acc.add(s.h, s.k, s.l, I, sig, scale=scale_of[s.still_id], weight=w)
+        by_ids.add_ids(grid.voxel_ids(s.h, s.k, s.l), I, sig, scale=np.full(I.size, scale_of[s.still_id]), weight=w)
         s.intensity, s.sigma = I, sig
-    ref = _reference_sums(grid, stills, scale_of)
+    ref = _reference_sums(grid, stills, scale_of, weight_of)
     np.testing.assert_allclose(acc.totals(), ref, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(by_ids.totals(), ref, rtol=1e-12, atol=1e-300)
     assert acc.n_obs == by_ids.n_obs == int(ref[0].sum())
     assert acc.n_dropped == sum(s.n_obs for s in stills) - acc.n_obs
+    if with_weight:  # zero-σ observations were kept
+        assert acc.n_obs > sum(int(((grid.voxel_ids(s.h, s.k, s.l) >= 0) & (s.sigma > 0) & np.isfinite(s.intensity)
+                                     & (weight_of[s.still_id] > 0) & np.isfinite(weight_of[s.still_id])).sum())
+                               for s in stills)
 
 
 def _assert_sums_close(a, b):
@@ -137,17 +156,28 @@ def test_blocked_and_dense_scatter_paths_agree():
     np.testing.assert_allclose(out, dense, rtol=1e-13)
 
 
-def test_per_still_scale_applied_to_sums_equals_scaling_the_observations():
+@pytest.mark.parametrize("kw", KERNELS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+@pytest.mark.parametrize("with_weight", [False, True], ids=["w=1/sigma2", "w=exposure"])
+def test_per_still_scale_applied_to_sums_equals_scaling_the_observations(kw, with_weight):
+    """Scale after the fact (on the sums) == scale at accumulation == observations (I/b, σ/b, b·w)."""
     grid = _grid()
     s = _stills(1, smooth, seed=4, sigma0=2.0, scale=2.5)[0]
-    direct = VoxelAccumulator(grid)
-    direct.add(s.h, s.k, s.l, s.intensity, s.sigma, scale=2.5)
-    raw = VoxelAccumulator(grid)
-    raw.add(s.h, s.k, s.l, s.intensity, s.sigma)
+    w = np.random.default_rng(1).uniform(0.2, 1.0, s.n_obs) if with_weight else None
+    direct = VoxelAccumulator(grid, **kw)
+    direct.add(s.h, s.k, s.l, s.intensity, s.sigma, scale=2.5, weight=w)
+    raw = VoxelAccumulator(grid, **kw)
+    raw.add(s.h, s.k, s.l, s.intensity, s.sigma, weight=w)
     _assert_sums_close(raw.scaled(2.5).sums, direct.sums)
-    manual = VoxelAccumulator(grid)
-    manual.add(s.h, s.k, s.l, s.intensity / 2.5, s.sigma / 2.5)
+    manual = VoxelAccumulator(grid, **kw)
+    w0 = 1.0 / s.sigma ** 2 if w is None else w
+    manual.add(s.h, s.k, s.l, s.intensity / 2.5, s.sigma / 2.5, weight=2.5 * w0)
     _assert_sums_close(direct.sums, manual.sums)
+    # the merged means and errors are those of the scaled observations, whatever the path
+    m_d, s_d, _ = merge_sums(direct.totals())
+    m_r, s_r, _ = merge_sums(raw.totals())
+    ok = np.isfinite(m_d)
+    np.testing.assert_allclose(m_d[ok], m_r[ok] / 2.5, rtol=1e-12)
+    np.testing.assert_allclose(s_d[ok], s_r[ok] / 2.5, rtol=1e-12)
 
 
 @pytest.mark.parametrize("cache_bytes", [64 * 1024, 1 << 30], ids=["blocked-tiny-cache", "dense-fast-path"])

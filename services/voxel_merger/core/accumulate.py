@@ -1,12 +1,20 @@
-"""Per-voxel sums of inverse-variance weighted observations, combinable by addition.
+"""Per-voxel sums of weighted observations, combinable by addition.
 
-State per voxel and per half-dataset: ``count``, ``sum_w``, ``sum_wi``, ``sum_wi2`` with
-w = 1/σ².  These sums are associative, so one accumulator per still (or per replica)
+An observation is (I, σ, w) with a weight w that must not depend on the observed counts.
+For the diffuse-extractor's tables w is the pixel's exposure e = 1/correction, so that
+w·I = raw − background (net counts): the merged mean Σw·I/Σw = Σ net counts / Σ exposure is
+the pooled (mdx2-like) estimator, unbiased for Poisson counts.  Weighting by 1/σ² with σ from
+each pixel's own counts would pull the mean towards the harmonic mean (−24 % at 5 photons).
+Without a stored weight, w defaults to 1/σ² (then Σw²σ² = Σw and nothing changes).
+
+State per voxel and per half-dataset: ``count``, ``sum_w`` (Σw), ``sum_wi`` (Σw·I) and
+``sum_w2v`` (Σw²σ²).  mean = Σw·I/Σw, σ = √(Σw²σ²)/Σw (error propagation for any fixed
+weights).  These sums are associative, so one accumulator per still (or per replica)
 merges into the whole by plain addition (LiberTEM-style map + reduce).
 
-A per-still multiplicative scale b (I_obs ≈ b·I_ref, so I → I/b, σ → σ/b) rescales the
-sums exactly: sum_w → b²·sum_w, sum_wi → b·sum_wi, sum_wi2 unchanged.  So a
-single-still accumulator can be scaled after the fact, at merge time.
+A per-still multiplicative scale b (I_obs ≈ b·I_ref, so I → I/b, σ → σ/b) turns the
+weight into b·w (an exposure scales like the signal), so w·I and w²σ² are unchanged and
+only sum_w → b·sum_w: a single-still accumulator can be scaled exactly at merge time.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ __all__ = [
     "scale_sums",
 ]
 
-FIELDS = ("count", "sum_w", "sum_wi", "sum_wi2")
+FIELDS = ("count", "sum_w", "sum_wi", "sum_w2v")
 N_FIELDS = len(FIELDS)
 
 
@@ -37,25 +45,29 @@ def half_of_still(still_id: str | int, seed: int = 0) -> int:
     return digest[0] & 1
 
 
-def observation_weights(intensity: np.ndarray, sigma: np.ndarray, scale=None):
-    """(w, w·I, w·I²) with w = 1/σ², after dividing I and σ by the scale b (scalar or per observation)."""
+def observation_weights(intensity: np.ndarray, sigma: np.ndarray, scale=None, weight=None):
+    """(w, w·I, w²σ²) of observations (I, σ) with weight ``weight`` (default 1/σ²), then the scale b.
+
+    The scale b (scalar or per observation) means I → I/b, σ → σ/b, w → b·w: only w changes.
+    Arithmetic order is the one of the numba kernels (w·I, then w·(w·σ·σ)).
+    """
     intensity = np.asarray(intensity, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
-    w = sigma * sigma
-    np.reciprocal(w, out=w)
+    v = sigma * sigma
+    if weight is None:
+        w = np.reciprocal(v)
+    else:
+        w = np.array(weight, dtype=np.float64)
     wi = w * intensity
-    wi2 = wi * intensity
+    w2v = w * (w * v)
     if scale is not None and not (np.isscalar(scale) and scale == 1.0):
-        b = np.asarray(scale, dtype=np.float64)
-        w *= b * b
-        wi *= b
-    return w, wi, wi2
+        w *= np.asarray(scale, dtype=np.float64)
+    return w, wi, w2v
 
 
 def scale_sums(sums: np.ndarray, b: float) -> np.ndarray:
-    """Apply I → I/b to accumulated sums of shape (4, ...) in place and return them."""
-    sums[1] *= b * b
-    sums[2] *= b
+    """Apply a still's scale b (I → I/b) to accumulated sums of shape (4, ...) in place: Σw → b·Σw."""
+    sums[1] *= b
     return sums
 
 
@@ -115,19 +127,32 @@ def _torch():
     return _TORCH
 
 
-def _valid_mask(ids: np.ndarray, intensity: np.ndarray, sigma: np.ndarray):
-    """None when every observation is usable (fast path), else a boolean mask."""
+def _valid_mask(ids: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, weight: np.ndarray | None = None):
+    """None when every observation is usable (fast path), else a boolean mask.
+
+    Usable: voxel id >= 0, finite I and σ, and either σ > 0 (weight 1/σ²) or, with a stored
+    weight, 0 < w < inf and σ >= 0 (a pixel with zero counts may carry σ = 0; dropping it would
+    bias the mean up).
+    """
     ok = True
     if ids.size:
+        smin = 0.0 if weight is not None else np.nextafter(0.0, 1.0)
         if ids.min() < 0:
             ok = False
-        elif not (sigma.min() > 0 and np.isfinite(sigma.max())):
+        elif not (sigma.min() >= smin and np.isfinite(sigma.max())):
             ok = False
         elif not np.isfinite(intensity.sum()):
             ok = False
+        elif weight is not None and not (weight.min() > 0 and np.isfinite(weight.max())):
+            ok = False
     if ok:
         return None
-    return (ids >= 0) & (sigma > 0) & np.isfinite(sigma) & np.isfinite(intensity)
+    m = (ids >= 0) & np.isfinite(sigma) & np.isfinite(intensity)
+    if weight is None:
+        m &= sigma > 0
+    else:
+        m &= (sigma >= 0) & (weight > 0) & np.isfinite(weight)
+    return m
 
 
 class _SumStore:
@@ -145,18 +170,26 @@ class _SumStore:
     # read_range(start, stop) -> (4, n_halves, stop-start), iter_blocks(), _bump_meta
 
     def add_ids(self, ids: np.ndarray, intensity: np.ndarray, sigma: np.ndarray,
-                half: int | np.ndarray = 0, scale=None, still_id: str | None = None) -> int:
-        """Accumulate observations already mapped to voxel ids (-1 = outside). Returns number used."""
+                half: int | np.ndarray = 0, scale=None, still_id: str | None = None, weight=None) -> int:
+        """Accumulate observations already mapped to voxel ids (-1 = outside). Returns number used.
+
+        ``weight``: per-observation weight independent of the counts (exposure); None = 1/σ².
+        """
         ids = np.asarray(ids, dtype=np.int64)
         intensity = np.asarray(intensity, dtype=np.float64)
         sigma = np.asarray(sigma, dtype=np.float64)
-        if not (ids.shape == intensity.shape == sigma.shape):
-            raise ValueError(f"ids, intensity and sigma must have the same shape: "
-                             f"{ids.shape}, {intensity.shape}, {sigma.shape}")
+        if weight is not None:
+            weight = np.asarray(weight, dtype=np.float64)
+        if not (ids.shape == intensity.shape == sigma.shape) or (weight is not None and weight.shape != ids.shape):
+            raise ValueError(f"ids, intensity, sigma (and weight) must have the same shape: "
+                             f"{ids.shape}, {intensity.shape}, {sigma.shape}"
+                             f"{'' if weight is None else ', ' + str(weight.shape)}")
         n_in = ids.size
-        mask = _valid_mask(ids, intensity, sigma)
+        mask = _valid_mask(ids, intensity, sigma, weight)
         if mask is not None:
             ids, intensity, sigma = ids[mask], intensity[mask], sigma[mask]
+            if weight is not None:
+                weight = weight[mask]
             if scale is not None and np.ndim(scale):
                 scale = np.asarray(scale)[mask]
             if np.ndim(half):
@@ -167,34 +200,41 @@ class _SumStore:
         self.n_dropped += n_in - ids.size
         if ids.size == 0:
             return 0
-        w, wi, wi2 = observation_weights(intensity, sigma, scale)
+        w, wi, w2v = observation_weights(intensity, sigma, scale, weight)
         if np.ndim(half) == 0:
-            self.add_sums(ids, int(half), [None, w, wi, wi2])
+            self.add_sums(ids, int(half), [None, w, wi, w2v])
         else:
             half = np.asarray(half)
             for hh in range(self.n_halves):
                 m = half == hh
                 if m.any():
-                    self.add_sums(ids[m], hh, [None, w[m], wi[m], wi2[m]])
+                    self.add_sums(ids[m], hh, [None, w[m], wi[m], w2v[m]])
         return int(ids.size)
 
-    def add(self, h, k, l, intensity, sigma, half=0, scale=None, still_id=None, chunk: int | None = None) -> int:
+    def add(self, h, k, l, intensity, sigma, half=0, scale=None, still_id=None, chunk: int | None = None,
+            weight=None) -> int:
         """Accumulate observations at fractional hkl (in cache-sized chunks when the scatter is O(n))."""
         h, k, l = np.asarray(h), np.asarray(k), np.asarray(l)
         intensity, sigma = np.asarray(intensity), np.asarray(sigma)
+        weight = None if weight is None else np.asarray(weight)
         n = h.size
         if chunk is None:
             chunk = (1 << 18) if getattr(self, "use_torch", False) and _torch() else (1 << 22)
         if n <= chunk:
-            return self.add_ids(self.grid.voxel_ids(h, k, l), intensity, sigma, half, scale, still_id)
+            return self.add_ids(self.grid.voxel_ids(h, k, l), intensity, sigma, half, scale, still_id, weight)
         used = 0
         for a in range(0, n, chunk):
             z = a + chunk
             sc = scale[a:z] if scale is not None and np.ndim(scale) else scale
             hf = half[a:z] if np.ndim(half) else half
             used += self.add_ids(self.grid.voxel_ids(h[a:z], k[a:z], l[a:z]), intensity[a:z], sigma[a:z],
-                                 hf, sc, still_id)
+                                 hf, sc, still_id, None if weight is None else weight[a:z])
         return used
+
+    def add_block(self, start: int, s: np.ndarray, half: int | None = None) -> None:
+        """Add sums ``s`` (4, n_halves or 1, n) covering voxels [start, start+n); ``half`` routes a
+        one-half block into that half (else halves must match, or a one-half store takes their sum)."""
+        raise NotImplementedError
 
     def totals_range(self, start: int, stop: int) -> np.ndarray:
         """Sums over halves, shape (4, stop-start)."""
@@ -258,29 +298,34 @@ class VoxelAccumulator(_SumStore):
         self.n_obs += used
         self.n_dropped += n_in - used
 
-    def add(self, h, k, l, intensity, sigma, half=0, scale=None, still_id=None, chunk: int | None = None) -> int:
+    def add(self, h, k, l, intensity, sigma, half=0, scale=None, still_id=None, chunk: int | None = None,
+            weight=None) -> int:
         if not self._fused(half, scale):
-            return super().add(h, k, l, intensity, sigma, half, scale, still_id, chunk)
+            return super().add(h, k, l, intensity, sigma, half, scale, still_id, chunk, weight)
         from .kernels import accumulate_hkl
 
         h = np.asarray(h)
-        if not (h.shape == np.shape(k) == np.shape(l) == np.shape(intensity) == np.shape(sigma)):
-            raise ValueError("h, k, l, intensity and sigma must have the same shape")
+        if not (h.shape == np.shape(k) == np.shape(l) == np.shape(intensity) == np.shape(sigma)) or (
+                weight is not None and np.shape(weight) != h.shape):
+            raise ValueError("h, k, l, intensity, sigma (and weight) must have the same shape")
         used = accumulate_hkl(self.grid, self._data[int(half)], h.ravel(), np.ravel(k), np.ravel(l),
-                              np.ravel(intensity), np.ravel(sigma), scale)
+                              np.ravel(intensity), np.ravel(sigma), scale,
+                              None if weight is None else np.ravel(weight))
         self._book(h.size, used, still_id)
         return used
 
-    def add_ids(self, ids, intensity, sigma, half=0, scale=None, still_id=None) -> int:
+    def add_ids(self, ids, intensity, sigma, half=0, scale=None, still_id=None, weight=None) -> int:
         if not self._fused(half, scale):
-            return super().add_ids(ids, intensity, sigma, half, scale, still_id)
+            return super().add_ids(ids, intensity, sigma, half, scale, still_id, weight)
         from .kernels import accumulate_ids
 
         ids = np.asarray(ids)
-        if not (ids.shape == np.shape(intensity) == np.shape(sigma)):
-            raise ValueError(f"ids, intensity and sigma must have the same shape: "
+        if not (ids.shape == np.shape(intensity) == np.shape(sigma)) or (
+                weight is not None and np.shape(weight) != ids.shape):
+            raise ValueError(f"ids, intensity, sigma (and weight) must have the same shape: "
                              f"{ids.shape}, {np.shape(intensity)}, {np.shape(sigma)}")
-        used = accumulate_ids(self._data[int(half)], ids.ravel(), np.ravel(intensity), np.ravel(sigma), scale)
+        used = accumulate_ids(self._data[int(half)], ids.ravel(), np.ravel(intensity), np.ravel(sigma), scale,
+                              None if weight is None else np.ravel(weight))
         self._book(ids.size, used, still_id)
         return used
 
@@ -314,6 +359,15 @@ class VoxelAccumulator(_SumStore):
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         return self.sums[:, :, start:stop]
+
+    def add_block(self, start: int, s: np.ndarray, half: int | None = None) -> None:
+        stop = start + s.shape[-1]
+        if half is not None:
+            self.sums[:, half, start:stop] += s.sum(axis=1)
+        elif s.shape[1] == self.n_halves:
+            self.sums[:, :, start:stop] += s
+        else:
+            self.sums[:, 0, start:stop] += s.sum(axis=1)
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """Total sums (4, n) at the given voxel ids."""

@@ -12,6 +12,7 @@ Conventions: ``s = A h`` with A the DIALS reciprocal orientation matrix (1/Å), 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -22,6 +23,7 @@ __all__ = [
     "GlobalGrid",
     "average_crystal_model",
     "build_grid",
+    "grid_from_spec",
     "reindex_to_reference",
     "s_max_of_hkl",
 ]
@@ -90,7 +92,8 @@ def average_crystal_model(models: Sequence[CrystalModel], space_group: str | Non
         cb = cs.change_of_basis_op_to_reference_setting() if to_reference_setting else sgtbx.change_of_basis_op()
         ops.append(cb)
         gs.append(np.array(cs.change_basis(cb).unit_cell().metrical_matrix()))
-    gmean = np.mean(gs, axis=0)
+    # correctly rounded sums (math.fsum): the average does not depend on the order of the stills
+    gmean = [math.fsum(g[i] for g in gs) / len(gs) for i in range(6)]
     uc = uctbx.unit_cell(metrical_matrix=tuple(float(x) for x in gmean))
     sgi = sgtbx.space_group_info(sg_symbol)
     if to_reference_setting:
@@ -246,3 +249,25 @@ def build_grid(model: CrystalModel, ndiv: int = 3, s_max: float | None = None,
     lo = tuple(-n for n in half)
     shape = tuple(2 * n + 1 for n in half)
     return GlobalGrid(int(ndiv), lo, shape, tuple(float(x) for x in model.unit_cell), model.space_group)
+
+
+def grid_from_spec(spec: dict) -> GlobalGrid:
+    """Grid from ``{unit_cell, space_group, d_min, subdivisions}`` (Å, degrees; Å; odd integer).
+
+    The cell is taken to the reference setting of its space group (as the stills are when
+    accumulated) and the box holds the resolution sphere |s| <= 1/d_min.
+    """
+    try:
+        uc = tuple(float(x) for x in spec["unit_cell"])
+        sg = str(spec.get("space_group") or "P 1")
+        d_min = float(spec["d_min"])
+        ndiv = int(spec.get("subdivisions", 3))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"grid_spec needs unit_cell (6 numbers), d_min (Å) and optionally space_group and "
+                         f"subdivisions: {exc}") from exc
+    if len(uc) != 6:
+        raise ValueError(f"grid_spec unit_cell has {len(uc)} numbers, expected 6")
+    if not d_min > 0:
+        raise ValueError(f"grid_spec d_min must be positive, got {d_min}")
+    model, _ = average_crystal_model([CrystalModel(uc, sg)])
+    return build_grid(model, ndiv, d_min=d_min)

@@ -1,9 +1,10 @@
 """Optional fused accumulation kernels (numba, from Debian's python3-numba when present).
 
-One pass per observation: validity check, voxel id from fractional hkl, w = 1/σ² and the
-four scatter-adds, with no temporaries.  Arithmetic follows the numpy path operation for
-operation (t = h·ndiv + (0.5 − lo), floor; w = 1/(σ·σ), w·I, (w·I)·I, then the scale), so
-results match it to rounding of the summation order.  ``available()`` is False when numba
+One pass per observation: validity check, voxel id from fractional hkl, the weight (stored
+w, or 1/σ² without one) and the four scatter-adds (count, w, w·I, w²σ²), with no temporaries.
+Arithmetic follows the numpy path operation for operation (t = h·ndiv + (0.5 − lo), floor;
+v = σ·σ, w = given or 1/v, w·I, w·(w·v), then w·b for a scale b), so results match it to
+rounding of the summation order.  ``available()`` is False when numba
 cannot be imported; callers then use torch/np.bincount.
 """
 from __future__ import annotations
@@ -29,26 +30,34 @@ def available() -> bool:
 if _HAVE_NUMBA:
 
     @njit(nogil=True, cache=True)
-    def _add_one(sums, vid, x, s, b, use_b):
-        w = 1.0 / (s * s)
+    def _add_one(sums, vid, x, s, w, b, use_b):
+        v = s * s
+        if w < 0.0:  # no stored weight: inverse variance
+            w = 1.0 / v
         wi = w * x
-        wi2 = wi * x
+        w2v = w * (w * v)
         if use_b:
-            w = w * (b * b)
-            wi = wi * b
+            w = w * b
         sums[vid, 0] += 1.0
         sums[vid, 1] += w
         sums[vid, 2] += wi
-        sums[vid, 3] += wi2
+        sums[vid, 3] += w2v
 
     @njit(nogil=True, cache=True)
-    def _hkl_kernel(h, k, l, I, sig, scale, scale_is_array, b0, use_b, nd, c0, c1, c2, nh, nk, nl, sums):
+    def _hkl_kernel(h, k, l, I, sig, wt, has_w, scale, scale_is_array, b0, use_b, nd, c0, c1, c2, nh, nk, nl, sums):
         n = h.shape[0]
         used = 0
         for i in range(n):
             s = sig[i]
             x = I[i]
-            if not (s > 0.0 and s < math.inf and math.isfinite(x)):
+            if not (s >= 0.0 and s < math.inf and math.isfinite(x)):
+                continue
+            w = -1.0
+            if has_w:  # stored weight: sigma = 0 (zero counts) is valid
+                w = wt[i]
+                if not (w > 0.0 and w < math.inf):
+                    continue
+            elif not s > 0.0:
                 continue
             th = math.floor(h[i] * nd + c0)
             tk = math.floor(k[i] * nd + c1)
@@ -57,22 +66,29 @@ if _HAVE_NUMBA:
                 continue
             vid = (int(th) * nk + int(tk)) * nl + int(tl)
             b = scale[i] if scale_is_array else b0
-            _add_one(sums, vid, x, s, b, use_b)
+            _add_one(sums, vid, x, s, w, b, use_b)
             used += 1
         return used
 
     @njit(nogil=True, cache=True)
-    def _ids_kernel(ids, I, sig, scale, scale_is_array, b0, use_b, nvox, sums):
+    def _ids_kernel(ids, I, sig, wt, has_w, scale, scale_is_array, b0, use_b, nvox, sums):
         n = ids.shape[0]
         used = 0
         for i in range(n):
             s = sig[i]
             x = I[i]
             vid = ids[i]
-            if not (s > 0.0 and s < math.inf and math.isfinite(x) and vid >= 0 and vid < nvox):
+            if not (s >= 0.0 and s < math.inf and math.isfinite(x) and vid >= 0 and vid < nvox):
+                continue
+            w = -1.0
+            if has_w:  # stored weight: sigma = 0 (zero counts) is valid
+                w = wt[i]
+                if not (w > 0.0 and w < math.inf):
+                    continue
+            elif not s > 0.0:
                 continue
             b = scale[i] if scale_is_array else b0
-            _add_one(sums, vid, x, s, b, use_b)
+            _add_one(sums, vid, x, s, w, b, use_b)
             used += 1
         return used
 
@@ -88,21 +104,35 @@ def _scale_args(scale, n):
     return arr, True, 1.0, True
 
 
-def accumulate_hkl(grid, sums: np.ndarray, h, k, l, intensity, sigma, scale=None) -> int:
-    """Add observations at fractional hkl into ``sums`` (n_voxels, 4), fields interleaved. Returns the number used."""
+def _weight_args(weight, n):
+    if weight is None:
+        return np.ones(1), False
+    arr = np.ascontiguousarray(weight, dtype=np.float64)
+    if arr.shape != (n,):
+        raise ValueError(f"per-observation weight has shape {arr.shape}, expected ({n},)")
+    return arr, True
+
+
+def accumulate_hkl(grid, sums: np.ndarray, h, k, l, intensity, sigma, scale=None, weight=None) -> int:
+    """Add observations at fractional hkl into ``sums`` (n_voxels, 4), fields interleaved. Returns the number used.
+
+    ``weight``: per-observation weight (exposure), None = 1/σ²; observations with w <= 0 or non-finite are skipped.
+    """
     f64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
     h, k, l, intensity, sigma = f64(h), f64(k), f64(l), f64(intensity), f64(sigma)
     sc, is_arr, b0, use_b = _scale_args(scale, h.size)
+    wt, has_w = _weight_args(weight, h.size)
     nd = float(grid.ndiv)
-    return int(_hkl_kernel(h, k, l, intensity, sigma, sc, is_arr, b0, use_b, nd,
+    return int(_hkl_kernel(h, k, l, intensity, sigma, wt, has_w, sc, is_arr, b0, use_b, nd,
                            0.5 - grid.lo[0], 0.5 - grid.lo[1], 0.5 - grid.lo[2],
                            grid.shape[0], grid.shape[1], grid.shape[2], sums))
 
 
-def accumulate_ids(sums: np.ndarray, ids, intensity, sigma, scale=None) -> int:
+def accumulate_ids(sums: np.ndarray, ids, intensity, sigma, scale=None, weight=None) -> int:
     """Add observations already mapped to voxel ids (-1 = skip) into ``sums`` (n_voxels, 4)."""
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     sc, is_arr, b0, use_b = _scale_args(scale, ids.size)
+    wt, has_w = _weight_args(weight, ids.size)
     return int(_ids_kernel(ids, np.ascontiguousarray(intensity, dtype=np.float64),
-                           np.ascontiguousarray(sigma, dtype=np.float64), sc, is_arr, b0, use_b,
+                           np.ascontiguousarray(sigma, dtype=np.float64), wt, has_w, sc, is_arr, b0, use_b,
                            sums.shape[0], sums))

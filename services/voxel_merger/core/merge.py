@@ -1,4 +1,4 @@
-"""Merging accumulated voxel sums: inverse-variance means, symmetry, outliers, CC½, radial profile.
+"""Merging accumulated voxel sums: weighted means, symmetry, outliers, CC½, radial profile.
 
 All functions stream over an accumulator's blocks (``iter_blocks`` / ``read_range``),
 so they work the same for the in-memory and the HDF5-backed accumulator.
@@ -19,6 +19,7 @@ __all__ = [
     "symmetry_merge",
     "expand_from_asu",
     "leave_one_out_z",
+    "leave_one_out_z_sums",
     "cc_half_by_shell",
     "radial_profile",
     "dense_map",
@@ -27,11 +28,16 @@ __all__ = [
 
 
 def merge_sums(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, sigma, count) from sums (4, ...): mean = Σw·I/Σw, σ = 1/√Σw; NaN where empty."""
-    count, sw, swi = sums[0], sums[1], sums[2]
+    """(mean, sigma, count) from sums (4, ...): mean = Σw·I/Σw, σ = √(Σw²σ²)/Σw; NaN where empty.
+
+    σ is the propagated error of the weighted mean for fixed weights (= 1/√Σw when w = 1/σ²).
+    """
+    count, sw, swi, sw2v = sums[0], sums[1], sums[2], sums[3]
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.where(sw > 0, swi / np.where(sw > 0, sw, 1.0), np.nan)
-        sigma = np.where(sw > 0, 1.0 / np.sqrt(np.where(sw > 0, sw, 1.0)), np.nan)
+        pos = sw > 0
+        safe = np.where(pos, sw, 1.0)
+        mean = np.where(pos, swi / safe, np.nan)
+        sigma = np.where(pos, np.sqrt(np.maximum(sw2v, 0.0)) / safe, np.nan)
     return mean, sigma, count.astype(np.int64)
 
 
@@ -155,23 +161,38 @@ def expand_from_asu(store, ids: np.ndarray, mapper: AsuMapper) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ outliers
-def leave_one_out_z(intensity: np.ndarray, sigma: np.ndarray, totals: np.ndarray, scale=None) -> np.ndarray:
-    """Normalised deviation of each observation from the weighted mean of the *other* observations in its voxel.
+def leave_one_out_z_sums(own: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Deviation of one member (an observation, or one still's voxel sums) from the others in its voxel.
 
-    z = (I − ⟨I⟩_others) / √(σ² + 1/Σw_others), with I, σ divided by the still scale.
-    ``totals`` are the voxel sums (4, n) at each observation's voxel, including it.
-    Returns NaN where no other observation exists.
+    ``own`` (4, n): the member's (count, w, w·I, w²σ²), scale already applied (w → b·w);
+    ``totals`` (4, n): the voxel sums including the member.  With I = w·I/w, σ² = w²σ²/w² and
+    the others' mean m_o = (Σw·I − w·I)/(Σw − w), var_o = (Σw²σ² − w²σ²)/(Σw − w)²:
+    z = (I − m_o)/√(σ² + var_o).  NaN where no other member exists.
     """
-    w, wi, _ = observation_weights(intensity, sigma, scale)
+    own = np.asarray(own, dtype=np.float64)
+    totals = np.asarray(totals, dtype=np.float64)
+    w, wi, w2v = own[1], own[2], own[3]
     sw_o = totals[1] - w
     swi_o = totals[2] - wi
-    b = 1.0 if scale is None else np.asarray(scale, dtype=np.float64)
-    i_s = np.asarray(intensity, dtype=np.float64) / b
+    sw2v_o = np.maximum(totals[3] - w2v, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        has = (totals[0] >= 2) & (sw_o > 1e-300 * np.maximum(totals[1], 1.0))
-        mean_o = np.where(has, swi_o / np.where(has, sw_o, 1.0), np.nan)
-        var = 1.0 / w + np.where(has, 1.0 / np.where(has, sw_o, 1.0), np.nan)
-        return (i_s - mean_o) / np.sqrt(var)
+        has = (totals[0] - own[0] >= 1) & (sw_o > 1e-12 * np.maximum(totals[1], 1e-300))
+        so = np.where(has, sw_o, 1.0)
+        mean_o = np.where(has, swi_o / so, np.nan)
+        var = w2v / (w * w) + np.where(has, sw2v_o / (so * so), np.nan)
+        return (wi / w - mean_o) / np.sqrt(var)
+
+
+def leave_one_out_z(intensity: np.ndarray, sigma: np.ndarray, totals: np.ndarray, scale=None,
+                    weight=None) -> np.ndarray:
+    """Normalised deviation of each observation from the weighted mean of the *other* observations in its voxel.
+
+    Observations (I, σ, w) (w = ``weight`` or 1/σ²), divided by the still scale b; ``totals``
+    are the voxel sums (4, n) at each observation's voxel, including it.  See
+    :func:`leave_one_out_z_sums`; NaN where no other observation exists.
+    """
+    w, wi, w2v = observation_weights(intensity, sigma, scale, weight)
+    return leave_one_out_z_sums(np.stack([np.ones_like(w), w, wi, w2v]), totals)
 
 
 # ------------------------------------------------------------------ statistics

@@ -1,7 +1,8 @@
 """Observation sources: one still's per-pixel table, streamed in chunks.
 
 The core only needs fractional Miller indices (through the still's own A matrix),
-corrected intensity and its σ, and optionally |q| (for the scaler's table).  Files are
+corrected intensity, its σ, optionally a weight independent of the counts (the pixel's
+exposure, 1/correction; None = 1/σ²) and optionally |q| (for the scaler's table).  Files are
 read by :func:`voxel_merger.artifacts.open_still`; in-memory arrays use :class:`ArrayStill`.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ class ObservationChunk:
     intensity: np.ndarray
     sigma: np.ndarray
     q_magnitude: np.ndarray | None = None
+    weight: np.ndarray | None = None  # per-observation weight (exposure); None = 1/σ²
 
     def __len__(self) -> int:
         return int(self.h.size)
@@ -49,6 +51,7 @@ class ArrayStill:
     sigma: np.ndarray
     q_magnitude: np.ndarray | None = None
     crystal: CrystalModel | None = None
+    weight: np.ndarray | None = None
 
     @property
     def n_obs(self) -> int:
@@ -61,5 +64,6 @@ class ArrayStill:
                 return
             z = min(a + chunk, n)
             q = None if self.q_magnitude is None else np.asarray(self.q_magnitude)[a:z]
+            w = None if self.weight is None else np.asarray(self.weight)[a:z]
             yield ObservationChunk(np.asarray(self.h)[a:z], np.asarray(self.k)[a:z], np.asarray(self.l)[a:z],
-                                   np.asarray(self.intensity)[a:z], np.asarray(self.sigma)[a:z], q)
+                                   np.asarray(self.intensity)[a:z], np.asarray(self.sigma)[a:z], q, w)
