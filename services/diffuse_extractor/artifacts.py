@@ -1,13 +1,19 @@
 """Inputs (DIALS experiments, images, reflections) and the per-still HDF5 artifact.
 
-HDF5 schema ``diffractflow.diffuse_still`` v3 (one file per still), readable with h5py after
+HDF5 schema ``diffractflow.diffuse_still`` v4 (one file per still), readable with h5py after
 ``import hdf5plugin`` (datasets are Blosc/LZ4 + byte-shuffle compressed, chunked):
 
 - ``/`` attributes: provenance (schema, producer, job id, parameters, input sha256s).
-- ``/entry`` (NXentry), attrs ``image_path``, ``image_index``, ``experiment_index``.
+- ``/entry`` (NXentry), attrs ``image_path``, ``image_index``, ``experiment_index``,
+  ``background_method`` (v4: "frames", "isotropic", "image" or "none": what was subtracted).
 - ``/entry/pixels`` (NXdata, signal ``intensity``): one 1-D dataset of length ``n_pixels`` (attr)
   per stored column (:data:`STORED_COLUMNS`: h, k, l, q, intensity, sigma, background, panel,
-  x, y, lorentz), each with a ``units`` attribute.
+  x, y, lorentz, exposure), each with a ``units`` attribute.
+  v4 stores ``exposure`` = 1 / correction (float32, computed from the float32 correction the
+  extractor applied), the weight a merger needs to go back to counts: ``intensity * exposure =
+  raw - background`` (net counts, ADU) and ``(sigma * exposure)^2`` = the variance of the net counts
+  (both to float32 rounding, ~1e-7 relative). For v1-v3 files :func:`read_still` derives it as
+  1 / correction (within ~4e-7 relative).
   A column that is one value for every pixel (Lorentz 1 for stills, background 0 without a
   background image, NaN hkl without a crystal, panel 0 of a one-panel detector) is a dataset
   with that HDF5 fill value and no chunk written (attribute ``constant``); h5py reads it back as
@@ -31,7 +37,19 @@ HDF5 schema ``diffractflow.diffuse_still`` v3 (one file per still), readable wit
 - ``/entry/beam``: ``s0`` (1/angstrom), ``wavelength`` (angstrom), ``polarization_normal``,
   attr ``polarization_fraction``.
 - ``/entry/experiment_json``: the DIALS experiment (JSON string) for full-model consumers.
-- ``/entry/info``: attribute ``json`` with summary numbers (mask counts, mu_air, ...).
+- ``/entry/info``: attribute ``json`` with summary numbers (mask counts, mu_air, the background used,
+  ``isotropic_background``: the per-still isotropic estimate's summary, ...).
+- ``/entry/background_profile`` (v4): (n_shells, 3) float64: |q| shell centre (1/angstrom), the
+  per-still isotropic background estimate B(|q|) and its standard error (corrected intensity
+  units); always written (subtracted only when ``background_method`` is "isotropic").
+
+Background artifact ``diffractflow.diffuse_background`` v1 (:func:`write_background`): ``/entry``
+(NXentry, attrs ``n_frames``, ``bin_px``, ``smooth_bins``, ``exposure_time_s``, ``transmission``,
+``frame_paths``), ``/entry/background/panel_NNN`` (float32 (ny, nx): smoothed mean counts per frame,
+ADU, at that exposure and transmission), ``/entry/variance/panel_NNN`` (ADU^2, variance of that
+estimate), ``/entry/binned/panel_NNN`` (the smoothed bin values), ``/entry/frames_used/panel_NNN``
+(int16: frames in which each pixel was good), ``/entry/experiment_json`` (detector, beam),
+``/entry/info`` (attr ``json``).
 
 Precision: every float column is float32 (relative rounding 6e-8; hkl to ~1e-5 absolute,
 q components to ~1e-7 1/angstrom, intensities and corrections to ~4e-7 relative).
@@ -49,7 +67,9 @@ from .core.extract import COLUMNS, StillExtraction
 from .core.masks import MaskBit
 
 SCHEMA = "diffractflow.diffuse_still"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+BACKGROUND_SCHEMA = "diffractflow.diffuse_background"
+BACKGROUND_SCHEMA_VERSION = 1
 CHUNK = 1 << 18  # elements per chunk: 1 MB of float32
 CHECK_STRIDE = 4099  # v3: every CHECK_STRIDE-th value of each recomputed multiplier is kept as a check
 #: the multipliers whose product is ``correction``
@@ -58,9 +78,12 @@ FACTORS = ("polarisation", "efficiency", "solid_angle", "air", "lorentz")
 GEOMETRY_FACTORS = ("polarisation", "efficiency", "solid_angle", "air")
 #: columns computed on reading, per schema version (v1 stored everything)
 DERIVED_BY_VERSION = {
-    2: ("qx", "qy", "qz", "correction", "raw"),
-    3: ("qx", "qy", "qz", "correction", "raw") + GEOMETRY_FACTORS,
+    2: ("qx", "qy", "qz", "correction", "raw", "exposure"),
+    3: ("qx", "qy", "qz", "correction", "raw", "exposure") + GEOMETRY_FACTORS,
+    4: ("qx", "qy", "qz", "correction", "raw") + GEOMETRY_FACTORS,
 }
+#: every column a reader can derive when the file does not store it
+DERIVABLE = DERIVED_BY_VERSION[3]
 #: columns computed from stored ones on reading (this version)
 DERIVED_COLUMNS = DERIVED_BY_VERSION[SCHEMA_VERSION]
 STORED_COLUMNS = tuple(c for c in COLUMNS if c not in DERIVED_COLUMNS)
@@ -219,8 +242,8 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
                 air_density_g_cm3: float | None = None) -> Path:
     """Write one still's artifact atomically (see the module docstring for the schema).
 
-    ``schema_version`` 2 writes the previous layout (the four geometric multipliers stored), for
-    consumers that cannot recompute them. The air parameters of the extraction (v3
+    ``schema_version`` 2 or 3 writes a previous layout (3: no ``exposure`` column; 2: also the four
+    geometric multipliers stored), for consumers that cannot read v4. The air parameters of the extraction (v3
     recomputes the air multiplier from them) default to ``parameters`` or the extraction defaults.
     """
     from diffractflow.artifacts import atomic_write_path, write_provenance
@@ -242,10 +265,21 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
             e = f.create_group("entry")
             e.attrs.update(NX_class="NXentry", default="pixels", image_path=image_path,
                            image_index=int(image_index), experiment_index=int(experiment_index))
+            if schema_version >= 4:
+                e.attrs["background_method"] = str(result.info.get("background_method", "none"))
+                prof = getattr(result, "background_profile", None)
+                if prof is not None:
+                    ds = e.create_dataset("background_profile", data=prof.as_array())
+                    ds.attrs.update(columns=json.dumps(["q", "B", "sigma_B"]),
+                                    units=json.dumps(["1/angstrom", "corrected intensity (as /entry/pixels/intensity)",
+                                                      "same as B"]),
+                                    subtracted=result.info.get("background_method") == "isotropic")
             px = e.create_group("pixels")
             derived = {"qx, qy, qz": "A @ (h, k, l) with /entry/crystal/A (or setting_matrix)",
                        "correction": "polarisation * solid_angle * air * efficiency * lorentz (float32, this order)",
                        "raw": "intensity / correction + background"}
+            if schema_version < 4:
+                derived["exposure"] = "1 / correction"
             if schema_version >= 3:
                 from .core.extract import ExtractionParams
 
@@ -348,7 +382,7 @@ def read_still(path: str | Path, columns: list[str] | None = None) -> dict[str, 
         e = f["entry"]
         g = e["pixels"]
         stored = list(g.keys())
-        derived = [c for c in DERIVED_BY_VERSION[3] if c not in stored]
+        derived = [c for c in DERIVABLE if c not in stored]
         cols = list(columns) if columns else [c for c in COLUMNS if c in stored or c in derived] + \
             [c for c in stored if c not in COLUMNS]
         unknown = [c for c in cols if c not in stored and c not in derived]
@@ -358,8 +392,12 @@ def read_still(path: str | Path, columns: list[str] | None = None) -> dict[str, 
         need = set(cols)
         if any(c in wanted for c in ("qx", "qy", "qz")):
             need |= {"h", "k", "l"}
-        if "correction" in wanted or "raw" in wanted:
+        if "exposure" in wanted and "correction" in stored:  # v1 stored the correction
+            need.add("correction")
+        elif "correction" in wanted or "exposure" in wanted or ("raw" in wanted and "exposure" not in stored):
             need |= set(FACTORS) | {"intensity", "background"}
+        if "raw" in wanted and "exposure" in stored:  # v4: raw = intensity * exposure + background
+            need |= {"intensity", "background", "exposure"}
         wanted = list(dict.fromkeys([c for c in derived if c in need] + wanted))
         pixels = {c: g[c][()] for c in stored if c in need}
         masks = [e["masks"][k][()] for k in sorted(e["masks"].keys())]
@@ -376,6 +414,9 @@ def read_still(path: str | Path, columns: list[str] | None = None) -> dict[str, 
             "attrs": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in e.attrs.items()},
             "beam": {k: e["beam"][k][()] for k in e["beam"].keys()},
         }
+        out["attrs"].setdefault("background_method", "image" if "background" in prov.get("inputs", {}) else "none")
+        if "background_profile" in e:
+            out["background_profile"] = e["background_profile"][()]
         if "crystal" in e:
             out["crystal"] = {k: e["crystal"][k][()] for k in e["crystal"].keys()}
             out["crystal"]["space_group"] = e["crystal"].attrs["space_group"]
@@ -398,7 +439,13 @@ def _derive(pixels: dict, wanted: Sequence[str], entry, masks: Sequence[np.ndarr
         for j, c in enumerate(("qx", "qy", "qz")):
             if c in wanted:
                 pixels[c] = q[j]
-    if "correction" in wanted or "raw" in wanted:  # float32 product of the stored (rounded) factors
+    if "raw" in wanted and "exposure" in pixels and "exposure" not in wanted:  # v4: the stored exposure
+        raw = pixels["intensity"] * pixels["exposure"]
+        raw += pixels["background"]
+        pixels["raw"] = raw
+        wanted = [c for c in wanted if c != "raw"]
+    if "correction" in wanted or "raw" in wanted or ("exposure" in wanted and "correction" not in pixels):
+        # float32 product of the stored (rounded) factors
         total = pixels["polarisation"] * pixels["solid_angle"]
         total *= pixels["air"]
         total *= pixels["efficiency"]
@@ -409,13 +456,17 @@ def _derive(pixels: dict, wanted: Sequence[str], entry, masks: Sequence[np.ndarr
             pixels["raw"] = raw
         if "correction" in wanted:
             pixels["correction"] = total
+        if "exposure" in wanted:
+            pixels["exposure"] = np.divide(np.float32(1.0), total)
+    elif "exposure" in wanted:  # v1: from the stored correction
+        pixels["exposure"] = np.divide(np.float32(1.0), pixels["correction"])
 
 
 def _geometry_factors(entry, masks: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
     """The static multipliers of a v3 artifact at its unflagged pixels, recomputed with
     ``core.extract.static_pixels`` from the stored experiment (the extractor's own code path), and
     checked bit for bit against the sample of values the writer kept."""
-    from .core.extract import ExtractionParams, rotation_goniometer, static_pixels
+    from .core.extract import ExtractionParams, static_pixels
 
     g = entry["pixels"]
     try:
@@ -428,7 +479,7 @@ def _geometry_factors(entry, masks: Sequence[np.ndarray], names: Sequence[str]) 
         raise InputError(f"cannot recompute the geometric multipliers ({exc})") from exc
     if len(expt.detector) != len(masks):
         raise InputError(f"experiment has {len(expt.detector)} panels, /entry/masks {len(masks)}")
-    pixels = static_pixels(expt.detector, expt.beam, params, rotation_goniometer(expt))
+    pixels = static_pixels(expt.detector, expt.beam, params, None)  # (no Lorentz: not among these factors)
     attr = {"polarisation": "polarisation", "efficiency": "efficiency", "solid_angle": "solid_angle", "air": "air"}
     out = {}
     for name in names:

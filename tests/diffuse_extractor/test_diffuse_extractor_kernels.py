@@ -121,7 +121,8 @@ def test_artifact_v3_recomputes_coordinates_and_multipliers_exactly(synthetic_st
     params = ExtractionParams(beamstop="none", air_path_fraction=0.6)
     res = extract_still(s.experiment, s.data, s.reflections, params=params)
     t = {k: np.array(v) for k, v in res.table.items()}
-    p3 = write_still(tmp_path / "v3.h5", res, s.experiment, parameters=params.as_dict(), inputs={})
+    p3 = write_still(tmp_path / "v3.h5", res, s.experiment, parameters=params.as_dict(), inputs={},
+                     schema_version=3)
     p2 = write_still(tmp_path / "v2.h5", res, s.experiment, parameters=params.as_dict(), inputs={},
                      schema_version=2)
     with h5py.File(p3, "r") as f:

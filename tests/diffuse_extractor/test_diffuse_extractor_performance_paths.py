@@ -141,10 +141,10 @@ def test_artifact_v2_round_trip_and_voxel_merger_reader(synthetic_still, tmp_pat
     res = extract_still(s.experiment, s.data, s.reflections, params=ExtractionParams(beamstop="none"))
     path = write_still(tmp_path / "still.h5", res, s.experiment, parameters={}, inputs={})
     a = read_still(path)
-    assert int(a["provenance"]["schema_version"]) == SCHEMA_VERSION == 3
+    assert int(a["provenance"]["schema_version"]) == SCHEMA_VERSION == 4
     t = res.table
     for c in ("h", "k", "l", "q", "intensity", "sigma", "panel", "x", "y", "polarisation", "efficiency",
-              "solid_angle", "air", "lorentz", "background"):
+              "solid_angle", "air", "lorentz", "background", "exposure"):
         np.testing.assert_array_equal(a["pixels"][c], t[c], err_msg=c)  # stored
     for c in ("qx", "qy", "qz"):  # derived: A hkl
         np.testing.assert_allclose(a["pixels"][c], t[c], rtol=0, atol=1e-6)

@@ -43,6 +43,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "solid_angle": ("float32", "multiplier Omega_ref/Omega"),
     "air": ("float32", "multiplier 1/transmission"),
     "correction": ("float32", "product of the five multipliers"),
+    "exposure": ("float32", "1/correction: ADU of net counts per unit of intensity (intensity * exposure = "
+                            "raw - background; (sigma * exposure)^2 = variance of the net counts)"),
 }
 
 
@@ -64,6 +66,14 @@ class ExtractionParams:
     air_path_fraction: float = 1.0  # fraction of the sample-pixel path in air
     air_density_g_cm3: float = corr.DRY_AIR_DENSITY_G_CM3
     background_scale: float = 1.0
+    #: apply DIALS' rotation Lorentz factor to rotation frames. Off by default: the Lorentz factor
+    #: belongs to integrated Bragg intensities (the time a reflection spends in diffracting
+    #: condition); a smooth diffuse signal sampled per pixel needs none (mdx2 applies none either).
+    #: Stills never get one.
+    lorentz: bool = False
+    #: "none" (or a background image/frames given separately) or "isotropic": subtract the per-still
+    #: isotropic estimate B(|q|) (see ``core.background.isotropic_profile``; always computed and reported)
+    isotropic_background: bool = False
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -82,6 +92,8 @@ class StillExtraction:
     flags: list[np.ndarray]  # combined MaskBit flags per panel (0 = used)
     info: dict = field(default_factory=dict)
     setting_matrix: np.ndarray | None = None  # the A (lab frame, 3x3) that gave hkl = A^-1 q
+    #: the per-still isotropic background estimate (``core.background.IsotropicProfile``), always computed
+    background_profile: object = None
 
     def __len__(self) -> int:
         return int(self.table["intensity"].shape[0])
@@ -496,6 +508,7 @@ def _as_float32(d) -> np.ndarray:
 
 def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
                   params: ExtractionParams | None = None, background: Sequence[np.ndarray] | None = None,
+                  background_variance: Sequence[np.ndarray] | None = None, background_method: str | None = None,
                   dynamic_flags: Sequence[np.ndarray] | None = None, format_mask=None,
                   geometry_cache: GeometryCache | None = None, image_index: int = 0) -> StillExtraction:
     """Mask, correct and tabulate every usable pixel of one still.
@@ -503,6 +516,11 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
     ``data``: raw counts per panel, (ny, nx) arrays in the detector's panel order.
     ``reflections``: DIALS table of this still's observed spots (for the Bragg mask), optional.
     ``background``: per-panel background image (same units as data), subtracted x ``background_scale``.
+    ``background_variance``: per-panel variance of that background (ADU^2, e.g. of an estimate from
+    background frames), added x ``background_scale``^2 to each pixel's variance; without it the background
+    image's own Poisson variance is added. ``background_method`` names it in ``info`` ("image" by default).
+    With ``params.isotropic_background`` the per-still isotropic estimate B(|q|) is subtracted instead
+    (it is always computed and reported: ``background_profile``, ``info["isotropic_background"]``).
     ``dynamic_flags``: HOT/DEAD flags from ``RunPixelStatistics.hot_dead_flags`` for the run.
 
     Arithmetic per pixel is float32 on float32 inputs (counts, and the static multipliers and unit
@@ -519,10 +537,13 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
     for i, (d, p) in enumerate(zip(data, det)):
         if d.shape != tuple(p.get_image_size()[::-1]):
             raise ValueError(f"panel {i}: image shape {d.shape} != detector {p.get_image_size()[::-1]}")
+    if params.isotropic_background and background is not None:
+        raise ValueError("give either a background (image or frames) or isotropic_background, not both")
     gonio = rotation_goniometer(experiment)
+    lor_gonio = gonio if params.lorentz else None  # the static pixels get a Lorentz factor only when asked
     cache = geometry_cache or GeometryCache(1)
-    key = cache.key(det, beam, params, gonio)
-    pixels = cache.get(det, beam, params, gonio, key=key)
+    key = cache.key(det, beam, params, lor_gonio)
+    pixels = cache.get(det, beam, params, lor_gonio, key=key)
 
     flags, info = static_flags(experiment, data, pixels, params, format_mask, cache.beamstop, _layout_key(det))
     if dynamic_flags is not None:
@@ -552,12 +573,29 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
     A_lab = lab_setting_matrix(experiment, image_index) if crystal is not None else None
     Ainv = np.linalg.inv(A_lab) if A_lab is not None else None
     if gonio is not None:
-        info["rotation"] = "Lorentz factor applied; hkl at the frame's mid-angle"
+        info["rotation"] = ("Lorentz factor applied" if params.lorentz else "no Lorentz factor (lorentz=False)") + \
+            "; hkl at the frame's mid-angle"
+    info["lorentz_applied"] = lor_gonio is not None
     info.update(wavelength_A=wl, mu_air_per_mm=corr.air_attenuation_coefficient(wl, params.air_density_g_cm3),
                 omega_ref_sr=corr.reference_solid_angle(det),
                 polarization_fraction=beam.get_polarization_fraction(),
                 polarization_normal=list(beam.get_polarization_normal()))
-    table = _tabulate(pixels, data, flags, params, background, Ainv)
+    table = _tabulate(pixels, data, flags, params, background, Ainv, background_variance)
+    n_used = int(table["intensity"].shape[0])
+    exposure = WORKSPACE.get("table.exposure", n_used, np.float32, capacity=int(sum(f.size for f in flags)))
+    np.divide(np.float32(1.0), table["correction"], out=exposure)  # float32: I * exposure = raw - background
+    table["exposure"] = exposure
+    from . import background as bg
+
+    profile = bg.isotropic_profile(table["q"], table["intensity"], exposure, gain=params.gain)
+    info["isotropic_background"] = profile.summary()
+    if params.isotropic_background:
+        table.update(bg.subtract_isotropic(profile, table))
+        info["background_method"] = "isotropic"
+    elif background is not None:
+        info["background_method"] = background_method or "image"
+    else:
+        info["background_method"] = "none"
     eff_missing = [i for i, pp in enumerate(pixels) if not pp.efficiency_known]
     if eff_missing:
         info["efficiency_note"] = f"panels {eff_missing} have no sensor mu/thickness: efficiency 1"
@@ -572,18 +610,18 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
     values = np.arange(256)
     for bit in mk.MaskBit:
         info[f"n_masked_{bit.name.lower()}"] = int(hist[(values & int(bit)) != 0].sum())
-    return StillExtraction(table, flags, info, A_lab)
+    return StillExtraction(table, flags, info, A_lab, profile)
 
 
 def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.ndarray],
-              params: ExtractionParams, background, Ainv) -> dict[str, np.ndarray]:
+              params: ExtractionParams, background, Ainv, background_variance=None) -> dict[str, np.ndarray]:
     """The per-pixel table of the unflagged pixels, gathered straight into preallocated columns.
 
     Columns come from the process workspace (memory reused from the previous still when that
     result has been dropped); constant columns are read-only broadcasts.
     """
     if kernels.enabled():
-        return _tabulate_fused(pixels, data, flags, params, background, Ainv)
+        return _tabulate_fused(pixels, data, flags, params, background, Ainv, background_variance)
     sel = [np.flatnonzero(f.ravel() == 0) for f in flags]
     counts = [int(s.size) for s in sel]
     n = int(sum(counts))
@@ -607,6 +645,7 @@ def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.
     for name in ("efficiency", "lorentz"):
         cols[name] = ws(f"table.{name}", n) if varying(name) else const(1.0)
     bkg = ws("table.background", n) if background is not None else None
+    bgv = ws("table.bgvar", n) if background is not None and background_variance is not None else None
     panel = ws("table.panel", n, np.uint16) if len(pixels) > 1 else const(0, np.uint16)
     off = 0
     for i, (pp, d, idx, m) in enumerate(zip(pixels, data, sel, counts)):
@@ -624,6 +663,8 @@ def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.
         cols["y"][part] = np.repeat(np.arange(ny, dtype=np.uint16), rows)
         if bkg is not None:
             np.take(_as_float32(background[i]).ravel(), idx, out=bkg[part], mode="clip")
+        if bgv is not None:
+            np.take(_as_float32(background_variance[i]).ravel(), idx, out=bgv[part], mode="clip")
         if panel.strides[0] != 0:
             panel[part] = i
         off += m
@@ -642,7 +683,11 @@ def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.
     net = ws("table.intensity", n)
     if bkg is not None:
         bkg *= f32(params.background_scale)
-        var += f32(params.background_scale * params.gain) * np.maximum(bkg, f32(0.0))
+        if bgv is not None:  # the background estimate's own variance, scaled as the background
+            bgv *= f32(params.background_scale ** 2)
+            var += bgv
+        else:  # a plain image: Poisson variance of its counts
+            var += f32(params.background_scale * params.gain) * np.maximum(bkg, f32(0.0))
         np.subtract(raw, bkg, out=net)
     else:
         net[:] = raw
@@ -665,7 +710,7 @@ _FACTOR_NAMES = ("polarisation", "efficiency", "lorentz", "solid_angle", "air")
 
 
 def _tabulate_fused(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.ndarray],
-                    params: ExtractionParams, background, Ainv) -> dict[str, np.ndarray]:
+                    params: ExtractionParams, background, Ainv, background_variance=None) -> dict[str, np.ndarray]:
     """``_tabulate`` with one fused pass per panel (``kernels.gather_panel``): same values, same columns."""
     f32 = np.float32
     flat = [np.ascontiguousarray(f).ravel() for f in flags]
@@ -696,6 +741,8 @@ def _tabulate_fused(pixels: list[PanelPixels], data: list[np.ndarray], flags: li
     gain = f32(params.gain)
     bscale = f32(params.background_scale)
     bvar = f32(params.background_scale * params.gain)
+    bvar2 = f32(params.background_scale ** 2)
+    has_bgvar = has_bkg and background_variance is not None
     dummy = np.empty(1, f32)
     off = 0
     for i, (pp, d) in enumerate(zip(pixels, data)):
@@ -711,9 +758,10 @@ def _tabulate_fused(pixels: list[PanelPixels], data: list[np.ndarray], flags: li
                 srcs.append(arr)
                 mode[j] = 1
         b = np.ascontiguousarray(background[i], dtype=f32).ravel() if has_bkg else dummy
+        bv = np.ascontiguousarray(background_variance[i], dtype=f32).ravel() if has_bgvar else dummy
         m = kernels.gather_panel(flat[i], pp.u, pp.correction, *srcs, mode, np.ascontiguousarray(d).ravel(), b,
-                                 has_bkg, pp.shape[1], inv_wl, s0, gain, bscale, bvar, off, q, cq, total, fac,
-                                 x, y, raw, bkg, net, sig)
+                                 has_bkg, bv, has_bgvar, pp.shape[1], inv_wl, s0, gain, bscale, bvar, bvar2, off, q,
+                                 cq, total, fac, x, y, raw, bkg, net, sig)
         if panel.strides[0] != 0:
             panel[off:off + m] = i
         off += m

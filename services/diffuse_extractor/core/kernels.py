@@ -55,15 +55,16 @@ def _jit(fn):
 if _HAVE_NUMBA:
 
     @_jit
-    def gather_panel(flags, u, corr, pol, eff, lor, sa, air, mode, raw, bkg, has_bkg, nx, inv_wl, s0,
-                     gain, bscale, bvar, off, q, qn, total, cols, x_out, y_out, raw_out, bkg_out, net, sig):
+    def gather_panel(flags, u, corr, pol, eff, lor, sa, air, mode, raw, bkg, has_bkg, bgvar, has_bgvar, nx, inv_wl,
+                     s0, gain, bscale, bvar, bvar2, off, q, qn, total, cols, x_out, y_out, raw_out, bkg_out, net, sig):
         """Table rows of the unflagged pixels of one panel, written from row ``off`` on; returns the count.
 
         Multipliers j = 0..4 (polarisation, efficiency, lorentz, solid_angle, air) go to ``cols[j]``
         per ``mode[j]``: 0 = not written (a constant table column), 1 = gathered from the panel's
         array, 2 = filled with its element 0 (a constant panel in a varying column).
         float32 arithmetic as ``extract._tabulate``: q = u (1/lambda) - s0, |q| = sqrt((qx^2 + qy^2) + qz^2);
-        var = gain max(raw, gain) [+ bvar max(bkg bscale, 0)]; I = (raw [- bkg bscale]) c; sigma = sqrt(var) c.
+        var = gain max(raw, gain) [+ bvar max(bkg bscale, 0), or + bvar2 bgvar with a background variance];
+        I = (raw [- bkg bscale]) c; sigma = sqrt(var) c.
         """
         npix = flags.shape[0]
         o = off
@@ -105,8 +106,11 @@ if _HAVE_NUMBA:
                 if has_bkg:
                     b = bkg[p] * bscale
                     bkg_out[o] = b
-                    bp = b if not (b < zero) else zero
-                    v = v + bvar * bp
+                    if has_bgvar:
+                        v = v + bvar2 * bgvar[p]
+                    else:
+                        bp = b if not (b < zero) else zero
+                        v = v + bvar * bp
                     net[o] = (r - b) * c
                 else:
                     net[o] = r * c
@@ -213,7 +217,8 @@ def warm_up() -> bool:
     q = np.empty((3, 4), f32)
     u16 = np.empty(4, np.uint16)
     gather_panel(flags, np.ones((3, 4), f32), one, one, one, one, one, one, np.ones(5, np.int64), one, one,
-                 False, 2, f32(1.0), np.zeros(3, f32), f32(1.0), f32(1.0), f32(1.0), 0, q, one.copy(), one.copy(),
+                 False, one, False, 2, f32(1.0), np.zeros(3, f32), f32(1.0), f32(1.0), f32(1.0), f32(1.0), 0, q,
+                 one.copy(), one.copy(),
                  cols2,
                  u16, u16.copy(), one.copy(), one.copy(), one.copy(), one.copy())
     flag_histogram(flags, np.zeros(256, np.int64))
