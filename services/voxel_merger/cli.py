@@ -12,7 +12,7 @@ from diffractflow.cli import service_app
 from . import __version__
 
 app = service_app("voxel-merger", __version__, stage="voxel_merger.worker:STAGE",
-                  help="Merge diffuse-scattering stills onto a global reciprocal grid (inverse-variance, HDF5-backed).")
+                  help="Merge diffuse-scattering stills onto a global reciprocal grid (exposure-weighted, HDF5-backed).")
 
 
 def _options(subdivisions, symmetry, reject_sigma, d_min, backend, cache_mb, half_seed, n_shells, table=True):
@@ -43,7 +43,8 @@ SUBDIV = typer.Option(3, "--subdivisions", help="Sub-voxels per unit of h, k and
 SYMM = typer.Option(None, "--symmetry", help="Merge symmetry equivalents (Laue group + Friedel) of this space group "
                                              "symbol, or 'auto' for the stills' own; default: no symmetry merging.")
 DMIN = typer.Option(None, "--d-min", help="Resolution limit of the grid in Å (default: from the data).")
-BACKEND = typer.Option("memory", "--backend", help="'memory' (dense arrays) or 'hdf5' (bounded memory, on disk).")
+BACKEND = typer.Option("hdf5", "--backend", help="'hdf5' (bounded memory, on disk; dense in memory while the grid "
+                                                  "fits --cache-mb) or 'memory' (dense arrays). Same default as the bus worker.")
 CACHE = typer.Option(256, "--cache-mb", help="Block cache of the hdf5 backend, MiB.")
 SEED = typer.Option(0, "--half-seed", help="Seed of the random per-still half-dataset split (CC1/2).")
 SHELLS = typer.Option(10, "--shells", help="Resolution shells for CC1/2 (equal reciprocal volume).")
@@ -66,7 +67,7 @@ def run(
     shells: int = SHELLS,
     table: bool = typer.Option(True, "--table/--no-table", help="Write the scaler's flat observation table."),
 ):
-    """Merge stills end to end: grid, accumulation, inverse-variance merge, map and figures."""
+    """Merge stills end to end: grid, accumulation, weighted merge, map and figures."""
     from .artifacts import InputError
     from .pipeline import run as run_pipeline
 
@@ -88,7 +89,8 @@ def run(
 
 def _summary(outputs, stats):
     typer.echo(f"stills: {stats.get('n_stills')}  observations: {stats.get('n_observations')}  "
-               f"voxels measured: {stats.get('n_voxels_measured')} / {stats.get('n_voxels_grid')}")
+               f"voxels measured: {stats.get('n_voxels_measured')} / {stats.get('n_voxels_grid')}  "
+               f"rejected: {stats.get('n_rejected', 0)}")
     cc = stats.get("cc_half")
     if cc:
         typer.echo(f"CC1/2 overall: {cc['overall']:.4f}")
@@ -143,6 +145,9 @@ def merge(
     table: Optional[Path] = typer.Option(None, "--table", help="Observation table whose still_names map integer "
                                                                 "keys of scales.json to still ids."),
     symmetry: Optional[str] = SYMM,
+    reject_sigma: Optional[float] = typer.Option(None, "--reject-sigma", help="Drop a still's voxel estimate "
+                                                 "further than this many σ from the other stills' mean (voxels "
+                                                 "with >= 3 stills; single-still partials). Default: off."),
     backend: str = BACKEND,
     cache_mb: int = CACHE,
     half_seed: int = SEED,
@@ -152,7 +157,7 @@ def merge(
     from .artifacts import InputError
     from .pipeline import merge_partials
 
-    opt = _options(3, symmetry, None, None, backend, cache_mb, half_seed, shells, table=True)
+    opt = _options(3, symmetry, reject_sigma, None, backend, cache_mb, half_seed, shells, table=True)
     try:
         with _progress() as prog:
             task = prog.add_task("merging partials", total=len(partials))

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,7 +23,8 @@ from .artifacts import (InputError, ObservationTableWriter, map_planes, open_sti
 from .core.accumulate import VoxelAccumulator, half_of_still
 from .core.grid import (CrystalModel, GlobalGrid, average_crystal_model, build_grid, hkl_change_of_basis_matrix,
                         reindex_to_reference, s_max_of_hkl)
-from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, leave_one_out_z, map_slabs,
+from .core.accumulate import observation_weights, scale_sums
+from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, leave_one_out_z_sums, map_slabs,
                          radial_profile, symmetry_merge)
 from .storage import H5VoxelAccumulator
 
@@ -37,13 +39,13 @@ class MergeOptions:
 
     subdivisions: int = 3
     symmetry: str | None = None        # None/"none": no symmetry merging; "auto": the stills' space group; else a symbol
-    reject_sigma: float | None = None  # leave-one-out outlier rejection threshold; None = off
-    reject_min_count: int = 3          # only voxels with at least this many observations are tested
+    reject_sigma: float | None = None  # leave-one-out outlier rejection threshold; None (or 0) = off
+    reject_min_count: int = 3          # only voxels with at least this many observations (merge: stills) are tested
     reject_rounds: int = 2             # iterated rejection rounds (each one more pass over the stills)
     half_seed: int = 0                 # seed of the per-still half-dataset split
     n_shells: int = 10
     d_min: float | None = None         # resolution limit of the grid (Å); default: from the data
-    backend: str = "memory"            # "memory" or "hdf5" (bounded memory)
+    backend: str = "hdf5"              # "hdf5" (bounded memory; dense in memory while the grid fits cache_mb) or "memory"
     cache_mb: int = 256
     chunk: int = 1 << 20               # observations read per chunk (bounds the memory of reading)
     write_table: bool = True
@@ -105,30 +107,36 @@ def _apply_reindex(h, k, l, M):
 
 
 # ------------------------------------------------------------------ accumulation
-def reject_mask(ids, I, sig, scale, references: Sequence, n_sigma: float, min_count: int) -> np.ndarray:
-    """Outlier decision after iterated rejection rounds (True = reject).
+def _iterated_reject(own: np.ndarray, totals_of: Callable, references: Sequence, n_sigma: float,
+                     min_count: int) -> np.ndarray:
+    """Iterated leave-one-out rejection of members ``own`` (4, n) (True = reject).
 
-    Round r compares each observation with reference r: the sums of the observations kept
-    in round r-1 (round 1: all).  An observation inside the reference is compared with the
-    mean of the *others* (leave-one-out); one rejected earlier, hence absent, with the whole
-    mean.  Iterating keeps a strong outlier from dragging its voxel's mean and condemning
-    the good observations beside it.  Voxels with fewer than ``min_count`` observations are
-    not judged.
+    Round r compares each member with reference r: the sums of the members kept in round r-1
+    (round 1: all); ``totals_of(ref)`` gives the reference's voxel sums (4, n) at the members.
+    A member inside the reference is compared with the mean of the *others* (leave-one-out);
+    one rejected earlier, hence absent, with the whole mean.  Iterating keeps a strong outlier
+    from dragging its voxel's mean and condemning the good members beside it.  Voxels with
+    fewer than ``min_count`` members are not judged.
     """
-    from .core.accumulate import observation_weights
-
-    in_ref = np.ones(ids.size, dtype=bool)
-    own = None
+    in_ref = np.ones(own.shape[1], dtype=bool)
     for ref in references:
-        tot = ref.gather(ids)
+        tot = np.array(totals_of(ref), dtype=np.float64)
         if not in_ref.all():
-            if own is None:
-                w, wi, wi2 = observation_weights(I, sig, scale)
-                own = np.stack([np.ones_like(w), w, wi, wi2])
             tot[:, ~in_ref] += own[:, ~in_ref]  # as if present, so leave-one-out gives the plain mean
-        z = leave_one_out_z(I, sig, tot, scale)
+        z = leave_one_out_z_sums(own, tot)
         in_ref = ~((np.abs(z) > n_sigma) & (tot[0] >= min_count))
     return ~in_ref
+
+
+def reject_mask(ids, I, sig, scale, references: Sequence, n_sigma: float, min_count: int,
+                weight=None) -> np.ndarray:
+    """Outlier decision for observations (I, σ, w) after iterated rejection rounds (True = reject).
+
+    See :func:`_iterated_reject`; each observation counts one in its voxel.
+    """
+    w, wi, w2v = observation_weights(I, sig, scale, weight)
+    own = np.stack([np.ones_like(w), w, wi, w2v])
+    return _iterated_reject(own, lambda ref: ref.gather(ids), references, n_sigma, min_count)
 
 
 def accumulate_still(src, grid: GlobalGrid, acc, *, scale: float | None = None, half: int = 0,
@@ -150,22 +158,30 @@ def accumulate_still(src, grid: GlobalGrid, acc, *, scale: float | None = None, 
         n_out += int((ids < 0).sum())
         if mapper is not None:
             ids = mapper.map_observations(ids)
-        I, sig = c.intensity, c.sigma
+        I, sig, wt = c.intensity, c.sigma, c.weight
+        valid = None
+        if (reference is not None and reject_sigma) or table is not None:
+            valid = (ids >= 0) & np.isfinite(sig) & np.isfinite(I)
+            if wt is None:
+                valid &= sig > 0
+            else:
+                valid &= (sig >= 0) & (wt > 0) & np.isfinite(wt)
         if reference is not None and reject_sigma:
-            valid = (ids >= 0) & (sig > 0) & np.isfinite(sig) & np.isfinite(I)
             vi = np.flatnonzero(valid)
             refs = reference if isinstance(reference, (list, tuple)) else [reference]
-            bad = reject_mask(ids[vi], I[vi], sig[vi], scale, refs, reject_sigma, reject_min_count)
+            bad = reject_mask(ids[vi], I[vi], sig[vi], scale, refs, reject_sigma, reject_min_count,
+                              None if wt is None else wt[vi])
             n_rej += int(bad.sum())
             if bad.any():
                 ids = ids.copy()
                 ids[vi[bad]] = -1
-        n_used += acc.add_ids(ids, I, sig, half=half, scale=scale, still_id=src.still_id)
+                valid[vi[bad]] = False
+        n_used += acc.add_ids(ids, I, sig, half=half, scale=scale, still_id=src.still_id, weight=wt)
         if table is not None:
-            keep = (ids >= 0) & (sig > 0) & np.isfinite(sig) & np.isfinite(I)
+            keep = valid
             q = c.q_magnitude[keep] if c.q_magnitude is not None else grid.s_of_hkl(
                 np.stack([h[keep], k[keep], l[keep]], axis=1))
-            table.append(t_index, ids[keep], q, I[keep], sig[keep])
+            table.append(t_index, ids[keep], q, I[keep], sig[keep], None if wt is None else wt[keep])
         if heartbeat:
             heartbeat()
     return {"n_used": n_used, "n_rejected": n_rej, "n_outside_grid": n_out}
@@ -340,11 +356,62 @@ def accumulate_one(still: Path, grid: GlobalGrid, out_path: Path, opt: MergeOpti
                                     heartbeat=heartbeat)
             if not acc.still_ids:
                 acc.still_ids.append(src.still_id)
+            if src.crystal is not None:  # the still's refined model: the merge averages them for |s|
+                acc.set_meta("crystal", _crystal_dict(src.crystal))
+            acc.set_meta("weighting", "exposure" if getattr(src, "has_weight", False) else "inverse_variance")
             write_provenance(acc.h5file, schema=ACCUMULATOR_SCHEMA, schema_version=ACCUMULATOR_SCHEMA_VERSION,
                              producer="voxel-merger", producer_version=__version__, job_id=job_id,
                              parameters=opt.params(), inputs=input_hashes or {})
     info["still_id"] = src.still_id
+    info["weighting"] = "exposure" if getattr(src, "has_weight", False) else "inverse_variance"
     return info
+
+
+def _crystal_dict(c: CrystalModel) -> dict:
+    return {"unit_cell": list(c.unit_cell), "space_group": c.space_group,
+            "A_matrix": None if c.A_matrix is None else [list(r) for r in c.A_matrix]}
+
+
+def _crystal_from_dict(d) -> CrystalModel | None:
+    if not d:
+        return None
+    A = d.get("A_matrix")
+    return CrystalModel(tuple(float(x) for x in d["unit_cell"]), str(d.get("space_group", "P 1")),
+                        None if A is None else tuple(tuple(float(x) for x in r) for r in A))
+
+
+def _open_partial(p: Path) -> H5VoxelAccumulator:
+    try:
+        return H5VoxelAccumulator(p, mode="r")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{p}: not a readable partial accumulator ({exc})") from exc
+
+
+def _partial_blocks(part, b: float | None):
+    """(start, sums (4, n) over halves, scale applied) of a partial's non-empty blocks."""
+    for start, s in part.iter_blocks():
+        t = np.array(s, dtype=np.float64).sum(axis=1)
+        if b is not None:
+            scale_sums(t, b)
+        yield start, t
+
+
+def _reject_still_voxels(start: int, t: np.ndarray, refs: Sequence, n_sigma: float, min_count: int) -> np.ndarray:
+    """Still-voxels of one single-still block ``t`` (4, n) to drop (True = reject), against per-still references.
+
+    Each still's voxel estimate (Σw·I/Σw, σ = √Σw²σ²/Σw) is compared with the others' merged
+    estimate; the references count stills per voxel, so ``min_count`` is a number of stills.
+    """
+    rej = np.zeros(t.shape[1], dtype=bool)
+    idx = np.flatnonzero((t[0] > 0) & (t[1] > 0))
+    if idx.size == 0 or not refs:
+        return rej
+    own = t[:, idx].copy()
+    own[0] = 1.0  # one still
+    stop = start + t.shape[1]
+    rej[idx] = _iterated_reject(own, lambda ref: ref.read_range(start, stop).sum(axis=1)[:, idx], refs,
+                                n_sigma, min_count)
+    return rej
 
 
 def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, scales_path: Path | None = None,
@@ -354,67 +421,131 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     """Add partial accumulators (scaled per still, split into halves per still) and write the map.
 
     ``table_path`` (an observation table) maps integer keys of scales.json to still ids.
+    With ``opt.reject_sigma`` (single-still partials only), still-voxels whose estimate is
+    further than that many σ from the leave-one-out mean of the other stills are dropped
+    (voxels with >= ``reject_min_count`` stills; ``reject_rounds`` reference passes, each one
+    more read of the partials; memory: one partial block plus the reference accumulators).
+    |s| (resolution shells, radial profile, table, map metadata) uses the average of the
+    refined crystal models stored in the partials, when they carry one.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    partials = [Path(p) for p in partials]
     if not partials:
         raise InputError("no partial accumulators given")
-    if opt.reject_sigma:
-        raise InputError("outlier rejection needs the observations: use `run` on the stills, not `merge` of partials")
     scales = read_scales(scales_path) if scales_path else None
     if scales is not None and table_path is not None:
         scales = resolve_scales(scales, read_still_names(table_path))
+    reject = bool(opt.reject_sigma)
+    # scan: grids, still ids, scales, crystal models (metadata only)
+    grid = None
+    seen: set = set()
+    plan = []  # (path, single, still id, scale, half)
+    models = []
+    weighting = set()
+    for p in partials:
+        with _open_partial(p) as part:
+            if grid is None:
+                grid = part.grid
+            elif part.grid != grid:
+                raise InputError(f"{p}: grid differs from the first partial's grid")
+            dup = seen.intersection(part.still_ids)
+            if dup:
+                raise InputError(f"{p}: stills {sorted(dup)} were already merged from another partial")
+            seen.update(part.still_ids)
+            single = len(part.still_ids) == 1 and part.n_halves == 1
+            if scales is not None and not single:
+                raise InputError(f"{p}: per-still scales need single-still partials, this one holds "
+                                 f"{len(part.still_ids)} stills")
+            if reject and not single:
+                raise InputError(f"{p}: outlier rejection compares stills and needs single-still partials, this "
+                                 f"one holds {len(part.still_ids)} stills (merge without reject_sigma)")
+            sid = part.still_ids[0] if part.still_ids else None
+            b = scale_for(scales, sid) if (scales is not None and single) else None
+            plan.append((p, single, sid, b, half_of_still(sid, opt.half_seed) if single else None))
+            m = _crystal_from_dict(part.get_meta("crystal"))
+            if m is not None:
+                models.append(m)
+            weighting.add(part.get_meta("weighting", "unknown"))
+    symmetry = _symmetry_symbol(opt, grid)
+    metric = grid
+    avg_info: dict = {}
+    if models:
+        avg, _ = average_crystal_model(models, to_reference_setting=opt.reference_setting)
+        metric = dataclasses.replace(grid, unit_cell=tuple(float(x) for x in avg.unit_cell))
+        avg_info = {"average_unit_cell": list(avg.unit_cell), "average_space_group": avg.space_group,
+                    "n_stills_with_crystal": len(models)}
+        if avg.space_group.replace(" ", "") != grid.space_group.replace(" ", ""):
+            log.warning("average crystal model space group %s differs from the grid's %s", avg.space_group,
+                        grid.space_group)
+    else:
+        avg_info = {"average_unit_cell": list(grid.unit_cell), "n_stills_with_crystal": 0}
     tmpdir = Path(tempfile.mkdtemp(prefix=".vm-work-", dir=out_dir)) if opt.backend == "hdf5" else None
     table = None
-    mapper = None
+    refs: list = []
     try:
-        grid = None
-        merged = None
-        seen = set()
-        for i, p in enumerate(partials):
-            try:
-                part = H5VoxelAccumulator(p, mode="r")
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{p}: not a readable partial accumulator ({exc})") from exc
-            with part:
-                if grid is None:
-                    grid = part.grid
-                    merged = _new_acc(grid, 2, opt, tmpdir, "merged")
-                    symmetry = _symmetry_symbol(opt, grid)
-                    mapper = AsuMapper(grid, symmetry) if symmetry else None
-                    if opt.write_table:
-                        table = ObservationTableWriter(out_dir / "observations.h5", grid, parameters=opt.params(),
-                                                       inputs=input_hashes, job_id=job_id)
-                elif part.grid != grid:
-                    raise InputError(f"{p}: grid differs from the first partial's grid")
-                dup = seen.intersection(part.still_ids)
-                if dup:
-                    raise InputError(f"{p}: stills {sorted(dup)} were already merged from another partial")
-                seen.update(part.still_ids)
-                single = len(part.still_ids) == 1 and part.n_halves == 1
-                if scales is not None and not single:
-                    raise InputError(f"{p}: per-still scales need single-still partials, this one holds "
-                                     f"{len(part.still_ids)} stills")
-                sid = part.still_ids[0] if part.still_ids else None
-                b = scale_for(scales, sid) if (scales is not None and single) else None
-                half = half_of_still(sid, opt.half_seed) if single else None
-                merged.merge(part, scale=b, half=half)
-                if table is not None:
+        mapper = AsuMapper(metric, symmetry) if symmetry else None
+        # reference passes: per voxel (number of stills, Σw, Σw·I, Σw²σ²) of the still-voxels kept so far
+        for r in range(opt.reject_rounds if reject else 0):
+            ref = _new_acc(metric, 1, opt, tmpdir, f"ref{r + 1}")
+            for p, _single, _sid, b, _half in plan:
+                with _open_partial(p) as part:
+                    for start, t in _partial_blocks(part, b):
+                        bad = _reject_still_voxels(start, t, refs, opt.reject_sigma, opt.reject_min_count)
+                        t[:, bad] = 0.0
+                        t[0] = (t[0] > 0).astype(np.float64)
+                        ref.add_block(start, t[:, None, :], half=0)
+                if heartbeat:
+                    heartbeat()
+            refs.append(ref)
+        merged = _new_acc(metric, 2, opt, tmpdir, "merged")
+        if opt.write_table:
+            table = ObservationTableWriter(out_dir / "observations.h5", metric, parameters=opt.params(),
+                                           inputs=input_hashes, job_id=job_id)
+        n_rej = n_rej_obs = 0
+        per_still_rejected = {}
+        for p, single, sid, b, half in plan:
+            with _open_partial(p) as part:
+                if table is not None and not single:  # per-still rows need per-still partials
+                    log.info("no observation table: %s holds %d stills", p, len(part.still_ids))
+                    table.close(ok=False)
+                    table = None
+                t_index = table.still_index(sid) if table is not None else None
+                n_still = 0
+                for start, t in _partial_blocks(part, b):
+                    if refs:
+                        bad = _reject_still_voxels(start, t, refs, opt.reject_sigma, opt.reject_min_count)
+                        if bad.any():
+                            n_still += int(bad.sum())
+                            n_rej_obs += int(t[0, bad].sum())
+                            t[:, bad] = 0.0
                     if single:
-                        _append_partial_observations(table, part, sid, grid, mapper)
-                    else:  # per-still rows need per-still partials: no table for this merge
-                        log.info("no observation table: %s holds %d stills", p, len(part.still_ids))
-                        table.close(ok=False)
-                        table = None
+                        merged.add_block(start, t[:, None, :], half=half)
+                    else:  # keep the partial's own halves
+                        merged.add_block(start, np.array(part.read_range(start, start + t.shape[1])), half=None)
+                    if table is not None:
+                        _append_partial_block(table, t_index, start, t, b, metric, mapper)
+                merged.still_ids.extend(x for x in part.still_ids if x not in merged.still_ids)
+                merged.n_obs += part.n_obs
+                merged.n_dropped += part.n_dropped
+                n_rej += n_still
+                if n_still:
+                    per_still_rejected[sid] = n_still
             if heartbeat:
                 heartbeat()
+        for ref in refs:
+            _close(ref)
+        refs = []
         table_done = None
         if table is not None:
             table.close(ok=True)
             table, table_done = None, out_dir / "observations.h5"
-        symmetry = _symmetry_symbol(opt, grid)
-        extra = {"n_partials": len(partials), "scales_applied": scales is not None}
-        outputs = finalize(merged, grid, out_dir, opt, symmetry=symmetry, extra_stats=extra, inputs=input_hashes,
+        extra = {"n_partials": len(partials), "scales_applied": scales is not None,
+                 "reject_sigma": opt.reject_sigma if reject else None,
+                 "n_rejected": n_rej, "n_rejected_observations": n_rej_obs,
+                 "n_stills_with_rejections": len(per_still_rejected),
+                 "weighting": sorted(weighting), **avg_info}
+        outputs = finalize(merged, metric, out_dir, opt, symmetry=symmetry, extra_stats=extra, inputs=input_hashes,
                            job_id=job_id, workdir=tmpdir, progress=heartbeat)
         _close(merged)
         if table_done is not None:
@@ -426,20 +557,22 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
             table.close(ok=False)
         raise
     finally:
+        for ref in refs:
+            _close(ref)
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _append_partial_observations(table: ObservationTableWriter, part, still_id: str, grid: GlobalGrid,
-                                 mapper) -> None:
-    """One scaler observation per (still, voxel) of a single-still partial: the still's weighted mean
-    intensity in that voxel, its error, and |s| at the voxel centre (ASU voxel when merging symmetry)."""
-    idx = table.still_index(still_id)
-    for start, sums in part.iter_blocks():
-        count, sw, swi = sums[0, 0], sums[1, 0], sums[2, 0]
-        sel = (count > 0) & (sw > 0)
-        if not sel.any():
-            continue
-        ids = start + np.flatnonzero(sel)
-        vox = mapper.map_observations(ids) if mapper is not None else ids
-        table.append(idx, vox, grid.s_of_voxels(ids), swi[sel] / sw[sel], 1.0 / np.sqrt(sw[sel]))
+def _append_partial_block(table: ObservationTableWriter, t_index: int, start: int, t: np.ndarray,
+                          b: float | None, grid: GlobalGrid, mapper) -> None:
+    """Scaler rows for one block of a single-still partial: per (still, voxel) the still's estimate
+    I = Σw·I/Σw, σ = √(Σw²σ²)/Σw and weight Σw (all unscaled), |s| at the voxel centre (ASU voxel
+    when merging symmetry).  ``t`` holds the sums with the scale b applied (Σw → b·Σw); it is undone."""
+    count, sw, swi, sw2v = t
+    sel = (count > 0) & (sw > 0)
+    if not sel.any():
+        return
+    ids = start + np.flatnonzero(sel)
+    w = sw[sel] / (b if b is not None else 1.0)
+    vox = mapper.map_observations(ids) if mapper is not None else ids
+    table.append(t_index, vox, grid.s_of_voxels(ids), swi[sel] / w, np.sqrt(np.maximum(sw2v[sel], 0.0)) / w, w)

@@ -117,17 +117,22 @@ def test_symmetric_function_recovered_and_expanded_map_is_symmetric():
         np.testing.assert_array_equal(mean.ravel()[tgt[ok]], mean.ravel()[meas[:500]][ok])
 
 
-def test_leave_one_out_z_against_direct_computation():
+@pytest.mark.parametrize("weighted", [False, True], ids=["w=1/sigma2", "w=exposure"])
+def test_leave_one_out_z_against_direct_computation(weighted):
+    """z of each observation against the weighted mean of the others and its propagated variance, computed directly."""
     rng = np.random.default_rng(3)
     I = rng.normal(10, 2, 6)
     sig = rng.uniform(0.5, 2, 6)
-    w = 1 / sig ** 2
-    tot = np.array([[6.0] * 6, [w.sum()] * 6, [(w * I).sum()] * 6, [(w * I * I).sum()] * 6])
-    z = leave_one_out_z(I, sig, tot)
+    w = rng.uniform(0.2, 1.0, 6) if weighted else 1 / sig ** 2
+    b = 1.7
+    Is, ss, ws = I / b, sig / b, b * w  # the scaled observations
+    tot = np.array([[6.0] * 6, [ws.sum()] * 6, [(ws * Is).sum()] * 6, [(ws ** 2 * ss ** 2).sum()] * 6])
+    z = leave_one_out_z(I, sig, tot, scale=b, weight=w if weighted else None)
     for i in range(6):
         o = np.arange(6) != i
-        m = (w[o] * I[o]).sum() / w[o].sum()
-        assert z[i] == pytest.approx((I[i] - m) / np.sqrt(sig[i] ** 2 + 1 / w[o].sum()), rel=1e-10)
+        m = (ws[o] * Is[o]).sum() / ws[o].sum()
+        var_m = (ws[o] ** 2 * ss[o] ** 2).sum() / ws[o].sum() ** 2
+        assert z[i] == pytest.approx((Is[i] - m) / np.sqrt(ss[i] ** 2 + var_m), rel=1e-10)
 
 
 def test_cc_half_tracks_signal_to_noise():
