@@ -354,3 +354,29 @@ def plot_absolute(path: Path, edges, profile_abs, theory_coh, theory_inc) -> Pat
     _save_fig(fig, path)
     plt.close(fig)
     return path
+
+
+def write_bragg_merged(path: str | Path, hkl: np.ndarray, q_magnitude: np.ndarray, intensity: np.ndarray,
+                       sigma: np.ndarray, n_obs: np.ndarray, partiality_threshold: float) -> Path:
+    """Merged Bragg references of the relative scaling (``read_bragg`` reads it for the absolute scale).
+
+    Root 1-D datasets ``h``, ``k``, ``l`` (asymmetric unit), ``q_magnitude`` (1/d, 1/Å), ``d`` (Å),
+    ``intensity`` and ``sigma`` (|F|^2 on the diffuse map's relative scale, partiality-corrected),
+    ``n_observations``.
+    """
+    from diffractflow.artifacts import atomic_write_path, write_provenance
+
+    ok = np.isfinite(intensity) & (n_obs > 0)
+    with atomic_write_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            write_provenance(f, schema="diffractflow.scaler.bragg_merged", schema_version="1.0", producer=PRODUCER,
+                             producer_version=__version__, parameters={"partiality_threshold": partiality_threshold})
+            for i, a in enumerate("hkl"):
+                f.create_dataset(a, data=np.asarray(hkl, dtype=np.int32)[ok, i])
+            f.create_dataset("q_magnitude", data=np.asarray(q_magnitude, dtype=float)[ok]).attrs["units"] = "1/angstrom"
+            f.create_dataset("d", data=1.0 / np.asarray(q_magnitude, dtype=float)[ok]).attrs["units"] = "angstrom"
+            d = f.create_dataset("intensity", data=np.asarray(intensity, dtype=float)[ok])
+            d.attrs["units"] = "diffuse-map units (|F|^2 on the relative scale, I_obs ~ b * I_ref)"
+            f.create_dataset("sigma", data=np.asarray(sigma, dtype=float)[ok])
+            f.create_dataset("n_observations", data=np.asarray(n_obs, dtype=np.int32)[ok])
+    return Path(path)

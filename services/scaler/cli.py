@@ -36,6 +36,16 @@ def run(
     minimizer: str = typer.Option("lm", "--minimizer", help="lm (Levenberg-Marquardt) or gauss_newton."),
     outlier_zmax: float = typer.Option(6.0, "--outlier-zmax", help="Reject |normalised deviation| > this between "
                                        "cycles (0 = off)."),
+    refl: Optional[list[Path]] = typer.Option(None, "--refl", help="Bragg references: a stills-processor <name>.refl "
+                                              "(its <name>.expt beside it); repeatable. Matched to the table's still_names."),
+    partiality_threshold: float = typer.Option(0.1, "--partiality-threshold", help="Seed 003 P_min: Bragg observations "
+                                               "with a smaller partiality are not used."),
+    rlp_sigma: Optional[float] = typer.Option(None, "--rlp-sigma", help="Rocking-curve width in the excitation error "
+                                              "(1/Å); default: estimated per still."),
+    space_group: Optional[str] = typer.Option(None, "--space-group", help="Asymmetric unit for the Bragg Miller indices "
+                                              "(default: each crystal model's space group)."),
+    min_information: float = typer.Option(1e-3, "--smoother-min-information", help="Refuse the smoother when the data's "
+                                          "relative information on its shape is below this."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -43,7 +53,8 @@ def run(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .artifacts import InputError
-    from .core.errors import DisabledComponentAccess, ParameterLimitExceeded, RefinementFailure
+    from .core.errors import (DisabledComponentAccess, ParameterLimitExceeded, RefinementFailure,
+                              SmootherNotIdentifiable)
     from .pipeline import run_relative
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
@@ -63,8 +74,11 @@ def run(
 
             paths, stats = run_relative(observations, out, smoother=smoother, n_control_points=n_control_points,
                                         q_range=q_range, smoothness_weight=smoothness_weight, refinement=refinement,
-                                        plots=not no_plots, progress=progress)
-    except (ParameterLimitExceeded, DisabledComponentAccess) as exc:
+                                        plots=not no_plots, progress=progress,
+                                        bragg=[(p, None) for p in refl] if refl else None,
+                                        partiality_threshold=partiality_threshold, rlp_sigma=rlp_sigma,
+                                        space_group=space_group, min_information=min_information)
+    except (ParameterLimitExceeded, DisabledComponentAccess, SmootherNotIdentifiable) as exc:
         _fail(exc.describe(), 2)
     except RefinementFailure as exc:
         _fail(exc.describe(), 1)

@@ -46,9 +46,39 @@ def load_observation_set(path: str | Path, keep_q: bool = True) -> tuple[Observa
     return obs, {"still_names": table.get("still_names"), "q_range": table["q_range"]}
 
 
+def append_bragg(obs: ObservationSet, bragg: Mapping[str, np.ndarray], min_partiality: float) -> tuple[ObservationSet, dict]:
+    """``obs`` plus the Bragg rows with partiality >= ``min_partiality`` (full intensity I/P, sigma/P), one group
+    per asymmetric-unit Miller index after the diffuse groups; rows of stills the table lacks are dropped."""
+    key_of = {int(k): i for i, k in enumerate(obs.still_ids.tolist())}
+    sidx = np.array([key_of.get(int(s), -1) for s in bragg["still_id"]], dtype=np.int64)
+    P = np.asarray(bragg["partiality"], dtype=float)
+    sig = np.asarray(bragg["sigma"], dtype=float)
+    keep = (sidx >= 0) & (P >= min_partiality) & (P > 0) & (sig > 0) & np.isfinite(bragg["intensity"])
+    info: dict[str, Any] = {"n_bragg_input": int(len(P)), "n_bragg_below_partiality_threshold": int(((P < min_partiality) & (sidx >= 0)).sum()),
+            "n_bragg": int(keep.sum())}
+    if not keep.any():
+        return obs, {**info, "n_bragg_groups": 0}
+    hkl_keys, hidx = np.unique(np.asarray(bragg["miller_index_asu"])[keep], axis=0, return_inverse=True)
+    n0 = int(obs.n_groups)
+    inten = np.asarray(bragg["intensity"], dtype=float)[keep] / P[keep]
+    w = (P[keep] / sig[keep]) ** 2
+    ft = obs.intensity.dtype
+    cat = lambda a, b, dt: np.concatenate([a, np.asarray(b, dtype=dt)])  # noqa: E731
+    q = None if obs.q is None else cat(obs.q, np.asarray(bragg["q_magnitude"])[keep], obs.q.dtype)
+    keys = (list(obs.group_keys) if obs.group_keys is not None else list(range(n0))) + \
+        [tuple(int(v) for v in h) for h in hkl_keys]
+    out = ObservationSet(cat(obs.still_index, sidx[keep], obs.still_index.dtype),
+                         cat(obs.group_index, n0 + hidx.reshape(-1), np.int64 if n0 + len(hkl_keys) >= 2**31 else obs.group_index.dtype),
+                         q, cat(obs.intensity, inten, ft), cat(obs.weight, w, obs.weight.dtype), obs.still_ids,
+                         n0 + len(hkl_keys), keys, n0)
+    qk = np.asarray(bragg["q_magnitude"], dtype=float)[keep]
+    group_q = np.bincount(hidx.reshape(-1), qk) / np.maximum(np.bincount(hidx.reshape(-1)), 1)
+    return out, {**info, "n_bragg_groups": int(len(hkl_keys)), "group_q": group_q}
+
+
 def build_config(smoother: bool = False, n_control_points: int = 3, q_range: Optional[tuple[float, float]] = None,
                  smoothness_weight: float = 1e-2, partiality_threshold: float = 0.1,
-                 q_values: Optional[np.ndarray] = None) -> dict:
+                 q_values: Optional[np.ndarray] = None, min_information: Optional[float] = None) -> dict:
     """A seed-003 configdict (smoother range from the data's |q| range when not given)."""
     cfg = {"per_still_scale": {"enabled": True, "initial_values": {}},
            "resolution_smoother": {"enabled": bool(smoother)},
@@ -65,30 +95,63 @@ def build_config(smoother: bool = False, n_control_points: int = 3, q_range: Opt
         cfg["resolution_smoother"].update({"n_control_points": int(n_control_points),
                                            "resolution_range": [float(q_range[0]), float(q_range[1])],
                                            "smoothness_weight": float(smoothness_weight)})
+        if min_information is not None:
+            cfg["resolution_smoother"]["min_information"] = float(min_information)
     return cfg
 
 
 def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: bool = False, n_control_points: int = 3,
                  q_range: Optional[tuple[float, float]] = None, smoothness_weight: float = 1e-2,
                  refinement: Optional[dict] = None, plots: bool = True,
-                 progress: Optional[Callable[[int, float], None]] = None) -> tuple[dict[str, Path], dict]:
-    """Read OBS.h5, refine the v1 model, write scales.json / statistics.json / plots."""
+                 progress: Optional[Callable[[int, float], None]] = None,
+                 bragg: Optional[list[tuple[str | Path, Optional[str | Path]]]] = None,
+                 partiality_threshold: float = 0.1, rlp_sigma: Optional[float] = None,
+                 space_group: Optional[str] = None,
+                 min_information: Optional[float] = None) -> tuple[dict[str, Path], dict]:
+    """Read OBS.h5 (+ the stills-processor's ``(refl, expt)`` units as Bragg references), refine the v1 model,
+    write scales.json / statistics.json / plots (and bragg_merged.h5 with Bragg references)."""
+    from .core import bragg as bragg_mod
+
     t0 = time.perf_counter()
     obs, extra = load_observation_set(observations, keep_q=smoother)
     t_read = time.perf_counter() - t0
     # rows with sigma <= 0 or a NaN/Inf value carry weight 0: excluded, and said so
     n_excluded = int(np.count_nonzero(obs.weight == 0))
     names = extra["still_names"]
-    cfg = build_config(smoother, n_control_points, q_range, smoothness_weight,
-                       q_values=np.asarray(extra["q_range"]) if smoother else None)
+    bragg_info: dict[str, Any] = {}
+    if bragg:
+        if names is None:
+            raise artifacts.InputError(f"{observations}: no still_names in the observation table; Bragg reflections "
+                                       "are matched to stills by name")
+        table = bragg_mod.read_reflections(bragg, space_group=space_group, rlp_sigma=rlp_sigma,
+                                           error=artifacts.InputError)
+        cols, n_unmatched = table.for_model({str(n): i for i, n in enumerate(names)})
+        obs, bragg_info = append_bragg(obs, cols, partiality_threshold)
+        bragg_q = bragg_info.pop("group_q", None)
+        bragg_info.update({"n_bragg_unmatched_stills": n_unmatched, "partiality_threshold": partiality_threshold,
+                           "bragg_per_still": table.per_still,
+                           "bragg_units": "full intensity x V_cell sqrt(2 pi) sigma_eps Omega_ref / lambda^2 "
+                                          "(|F|^2 on the diffuse map's scale)"})
+    cfg = build_config(smoother, n_control_points, q_range, smoothness_weight, partiality_threshold,
+                       q_values=np.asarray(extra["q_range"]) if smoother else None, min_information=min_information)
     model = DiffuseScalingModel(cfg, still_ids=obs.still_ids.tolist())
     refined, stats = model.refine_observation_set(obs, refinement or {}, progress=progress,
-                                                  reorder_inplace=True)
+                                                  reorder_inplace=not bragg)
     stats = dict(stats)
+    stats.update(bragg_info)
     stats["timing_s"] = {"read_and_index": round(t_read, 3), "total": round(time.perf_counter() - t0, 3)}
     stats["input"] = str(observations)
     stats["n_excluded"] = n_excluded
     paths = artifacts.write_relative_outputs(out_dir, refined, stats, names, plots=plots)
+    if bragg_info.get("n_bragg_groups"):
+        cur = model._last_obs
+        ih, var = model._last_reference
+        nd = cur.n_diffuse_groups
+        g = cur.group_index.astype(np.int64)
+        n = np.bincount(g[g >= nd] - nd, minlength=cur.n_groups - nd)
+        hkl = np.array(cur.group_keys[nd:], dtype=np.int64).reshape(-1, 3)
+        paths["bragg_merged"] = artifacts.write_bragg_merged(Path(out_dir) / "bragg_merged.h5", hkl, bragg_q, ih[nd:],
+                                                             np.sqrt(var[nd:]), n, partiality_threshold)
     return paths, stats
 
 

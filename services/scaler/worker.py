@@ -1,5 +1,7 @@
-"""Bus handler: ``mode="relative"`` (input ``observations``) or ``mode="absolute"`` (input ``map``, optional
-``bragg`` and ``pdb``)."""
+"""Bus handler: ``mode="relative"`` (input ``observations``; optional Bragg references as pairs of inputs
+``refl_<key>`` (a stills-processor ``<name>.refl``) and ``expt_<key>`` (its ``<name>.expt``; default: the
+``.expt`` beside the ``.refl``)) or ``mode="absolute"`` (input ``map``, optional ``bragg`` (the relative
+mode's ``bragg_merged`` output) and ``pdb``)."""
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -21,6 +23,14 @@ class Params(BaseModel):
     convergence_tolerance: float = Field(1e-6, gt=0)
     minimizer_type: Literal["lm", "gauss_newton"] = "lm"
     outlier_zmax: Optional[float] = Field(6.0, gt=0)
+    smoother_min_information: float = Field(1e-3, ge=0, description="refuse the smoother below this relative "
+                                            "information on its shape (core.identifiability)")
+    partiality_threshold: float = Field(0.1, ge=0, le=1, description="seed 003 P_min: Bragg observations with a "
+                                        "smaller partiality are not used")
+    rlp_sigma: Optional[float] = Field(None, gt=0, description="Gaussian rocking-curve width in the excitation "
+                                       "error, 1/Å (default: estimated per still)")
+    space_group: Optional[str] = Field(None, description="map Miller indices to this space group's asymmetric unit "
+                                       "(default: each crystal model's)")
     # absolute
     formula: Optional[str] = None
     sequence: Optional[str] = None
@@ -39,24 +49,33 @@ class Params(BaseModel):
 
 def handle(ctx: JobContext, params: Params) -> None:
     from .artifacts import InputError
-    from .core.errors import DisabledComponentAccess, ParameterLimitExceeded, RefinementFailure
+    from .core.errors import (DisabledComponentAccess, ParameterLimitExceeded, RefinementFailure,
+                              SmootherNotIdentifiable)
     from .pipeline import run_absolute, run_relative
 
     try:
         if params.mode == "relative":
             path = ctx.input_path("observations")
+            refl_names = sorted(n for n in ctx.job.inputs if n.startswith("refl_"))
+            bragg = [(ctx.input_path(n), ctx.input_path("expt_" + n[5:]) if "expt_" + n[5:] in ctx.job.inputs else None)
+                     for n in refl_names]
             paths, stats = run_relative(
                 path, ctx.out_dir, smoother=params.smoother, n_control_points=params.n_control_points,
                 q_range=params.q_range, smoothness_weight=params.smoothness_weight,
                 refinement={"max_iterations": params.max_iterations,
                             "convergence_tolerance": params.convergence_tolerance,
                             "minimizer_type": params.minimizer_type, "outlier_zmax": params.outlier_zmax},
-                progress=lambda it, r: ctx.heartbeat())
+                progress=lambda it, r: ctx.heartbeat(), bragg=bragg or None,
+                partiality_threshold=params.partiality_threshold, rlp_sigma=params.rlp_sigma,
+                space_group=params.space_group, min_information=params.smoother_min_information)
             for name, p in paths.items():
                 ctx.add_output(name, p)
             for k in ("n_iterations", "final_r_factor", "convergence_achieved", "n_stills", "n_observations",
                       "n_excluded"):
                 ctx.metrics[k] = stats[k]
+            for k in ("n_bragg", "n_bragg_groups", "n_bragg_below_partiality_threshold", "n_bragg_unmatched_stills"):
+                if k in stats:
+                    ctx.metrics[k] = stats[k]
         else:
             map_path = ctx.input_path("map")
             bragg = ctx.input_path("bragg") if "bragg" in ctx.job.inputs else None
@@ -72,7 +91,7 @@ def handle(ctx: JobContext, params: Params) -> None:
                 ctx.add_output(name, p)
             ctx.metrics["absolute_scale"] = res["scale"]
             ctx.metrics["F000"] = res["F000"]
-    except (InputError, ParameterLimitExceeded, DisabledComponentAccess) as exc:
+    except (InputError, ParameterLimitExceeded, DisabledComponentAccess, SmootherNotIdentifiable) as exc:
         raise BadInput(exc.describe() if hasattr(exc, "describe") else str(exc)) from exc
     except RefinementFailure as exc:
         # deterministic for the given data: retrying will not help

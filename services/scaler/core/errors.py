@@ -37,3 +37,9 @@ class RefinementFailure(_SeedError, RuntimeError):
     """The minimiser failed (no descent possible, non-finite values) or parameters became invalid."""
 
     MESSAGE = "Parameter refinement failed"
+
+
+class SmootherNotIdentifiable(_SeedError, ValueError):
+    """The resolution smoother was asked for but the observations cannot determine it (see ``detail``)."""
+
+    MESSAGE = "resolution smoother not identifiable from these observations"

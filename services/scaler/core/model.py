@@ -24,7 +24,7 @@ from .components import (
     _column,
 )
 from . import kernels
-from .errors import DisabledComponentAccess, ParameterLimitExceeded, RefinementFailure
+from .errors import DisabledComponentAccess, ParameterLimitExceeded, RefinementFailure, SmootherNotIdentifiable
 from .refine import (
     DEFAULT_THREADS,
     ObservationSet,
@@ -339,6 +339,22 @@ class DiffuseScalingModel(ScalingModelBase):
         sm = self._smoother_setup()
         if sm is not None and obs.q is None:
             raise ValueError("the resolution smoother needs |q| (q_magnitude) of every observation")
+        identifiability = None
+        if sm is not None and self._smoother_cfg.get("check_identifiability", True):
+            from .identifiability import DEFAULT_MIN_INFORMATION, smoother_information
+
+            identifiability = smoother_information(obs, sm)
+            need = float(self._smoother_cfg.get("min_information", DEFAULT_MIN_INFORMATION))
+            identifiability["min_information"] = need
+            if not identifiability["relative_information"] >= need:
+                log.warning("resolution smoother refused: relative information %.3g < %.3g",
+                            identifiability["relative_information"], need)
+                raise SmootherNotIdentifiable(
+                    f"relative information on the smoother's shape {identifiability['relative_information']:.3g} "
+                    f"< {need:g} (1 = as if the references were known; the |q| spread inside voxels/reflections "
+                    f"across stills determines g); median per-still |q| coverage "
+                    f"{identifiability['still_q_coverage_median']:.2f} of the smoother range. Run without the "
+                    "smoother (the default)")
         obs = reorder_for_locality(obs, inplace=reorder_inplace)
         b, c = b0, c0
         n_iter, history, n_rejected = 0, [], 0
@@ -419,7 +435,7 @@ class DiffuseScalingModel(ScalingModelBase):
         if c is not None:
             self.statistics["resolution_smoother"] = {
                 "control_q": self.smoother.smoother.control_q().tolist(),
-                "control_values": [float(v) for v in c]}
+                "control_values": [float(v) for v in c], "identifiability": identifiability}
         self._last_obs = cur
         self._last_reference = (res.reference, res.reference_var)
         return self.refined_parameters, self.statistics
