@@ -417,7 +417,7 @@ def write_outputs(res, out_dir, cfg, run_info: dict) -> dict[str, Path]:
         ax.axis("off")
         _save_fig(fig, ks / f"mu_cluster_{c}.png")
         written[f"mu_cluster_{c}_png"] = ks / f"mu_cluster_{c}.png"
-    _save_npy(ks / "mu_global.npy", res.stats.mu.astype(np.float32))
+    _save_npy(ks / "mu_global.npy", res.stats.mu_raw.astype(np.float32))  # raw mean, like mu_cluster_{c}
     _save_npy(ks / "sigma_global.npy", res.stats.sigma.astype(np.float32))
     written["mu_global"], written["sigma_global"] = ks / "mu_global.npy", ks / "sigma_global.npy"
 
@@ -571,7 +571,7 @@ def write_h5_summary(res, path, cfg, *, job_id=None, inputs=None) -> Path:
             k = e.create_group("kspace")
             k.attrs.update(NX_class="NXdata", signal="templates")
             for name, arr in (("templates", res.templates), ("gates", res.gates), ("mu_cluster", res.stats.mu_c_raw),
-                              ("mu_global", res.stats.mu), ("sigma_global", res.stats.sigma),
+                              ("mu_global", res.stats.mu_raw), ("sigma_global", res.stats.sigma),
                               ("union_gate", res.union_gate)):
                 k.create_dataset(name, data=np.asarray(arr, dtype=np.float32), compression="gzip")
             k.attrs["center_yx"] = [res.center.cy, res.center.cx]

@@ -212,6 +212,8 @@ def _summary(res, out, quiet):
         t.add_row("skipped", "; ".join(f"{s['id']}: {s['reason']}" for s in r["clusters"]["skipped"]))
     t.add_row("mean confidence", f"{r['confidence']['mean']:.3f} ({r['confidence']['note']})")
     t.add_row("gate coverage", ", ".join(f"{c}: {100 * v['coverage']:.0f}%" for c, v in r["gate_coverage"].items()))
+    for name, chk in r.get("quality", {}).get("checks", {}).items():
+        t.add_row(f"check {name}", ("[green]ok[/green] " if chk["ok"] else "[red]FAILED[/red] ") + chk["message"])
     if r.get("split_half_ssim"):
         t.add_row("split-half SSIM", ", ".join(f"{c}: {v:.2f}" for c, v in r["split_half_ssim"].items()
                                                if v is not None))

@@ -40,18 +40,21 @@ def quiet_run(*a, **k):
 @pytest.mark.parametrize("mode", ["union", "adaptive"])
 def test_planted_field_and_domains_recovered(scan, corrcoef, mode):
     res = quiet_run(ArraySource(scan["data"]), scan["labels"], cfg_with(dpc={"gate_mode": mode}), chunk=50)
-    cx, cy = corrcoef(res.ex, scan["fx"]), corrcoef(res.ey, scan["fy"])
+    # E = -field_scale x CoM: the field points against the planted deflection
+    cx, cy = corrcoef(-res.ex, scan["fx"]), corrcoef(-res.ey, scan["fy"])
     if mode == "union":
         assert cx >= 0.95 and cy >= 0.95, (cx, cy)
     else:  # the assigned cluster's gate only sees its own domain's disk edges: still strongly correlated
-        assert cx >= 0.93 and cy >= 0.9, (cx, cy)
+        # (0.92 / 0.92 with gates symmetric about the beam; the former array-centred gates gave 0.96 / 0.93, partly
+        # from per-cluster gate biases that line up with this domain-wise field)
+        assert cx >= 0.9 and cy >= 0.9, (cx, cy)
     # cluster map = planted domains, cluster ids = the label values
     assert res.cluster_ids == [0, 1, 2]
     assert np.mean(res.argmax == scan["domains"]) > 0.98
-    # signs: domain 0 points +x, domain 1 -x, domain 2 +y (field_scale > 0: E along the CoM shift)
+    # signs: domain 0 is deflected +x, domain 1 -x, domain 2 +y; E points against the deflection
     dom = scan["domains"]
-    assert res.ex[dom == 0].mean() > res.ex[dom == 1].mean() + 0.5 * np.ptp(res.ex) * 0.3
-    assert res.ey[dom == 2].mean() > res.ey[dom == 0].mean()
+    assert res.ex[dom == 0].mean() < res.ex[dom == 1].mean() - 0.5 * np.ptp(res.ex) * 0.3
+    assert res.ey[dom == 2].mean() < res.ey[dom == 0].mean()
     assert np.all(np.isfinite(res.e_mag)) and np.all(np.abs(res.e_angle_deg) <= 180)
 
 
@@ -74,7 +77,7 @@ def test_scan_rotation_given_and_estimated(mk_scan, corrcoef, rot, flip):
     s = mk_scan(field="potential", rot_deg=rot, flip=flip, amp=1.5, seed=2)
     given = quiet_run(ArraySource(s["data"]), s["labels"],
                       cfg_with(scan={"rotation_deg": rot, "flip": flip}, templates={"smooth_sigma": 3}), chunk=100)
-    assert corrcoef(given.ex, s["fx"]) > 0.95 and corrcoef(given.ey, s["fy"]) > 0.95
+    assert corrcoef(-given.ex, s["fx"]) > 0.95 and corrcoef(-given.ey, s["fy"]) > 0.95
     # the domain labels do not follow this field: broader (smoothed) gates keep the CoM linear
     auto = quiet_run(ArraySource(s["data"]), s["labels"], cfg_with(scan={"rotation_deg": "auto", "flip": "auto"},
                                                                   templates={"smooth_sigma": 3}), chunk=100)
@@ -100,8 +103,8 @@ def test_descan_correction_from_vacuum_reference(mk_scan, render_frames, corrcoe
     cfg = cfg_with(dpc={"baseline": "none"}, templates={"smooth_sigma": 3})
     bad = quiet_run(ArraySource(data), s["labels"], cfg, chunk=100)
     good = quiet_run(ArraySource(data), s["labels"], cfg, chunk=100, reference=ArraySource(vac))
-    assert corrcoef(bad.ex, s["fx"]) < 0.9
-    assert corrcoef(good.ex, s["fx"]) > 0.95 and corrcoef(good.ey, s["fy"]) > 0.95
+    assert corrcoef(-bad.ex, s["fx"]) < 0.9
+    assert corrcoef(-good.ex, s["fx"]) > 0.95 and corrcoef(-good.ey, s["fy"]) > 0.95
     assert good.report["dpc"]["descan"]["fit"] == "plane"
 
 
@@ -151,6 +154,7 @@ def test_physical_units_pipeline(scan, corrcoef):
 
     np.testing.assert_allclose(res.ex, -plain.com_x * 0.5e-3 * pv_over_e_volts(300) / 20e-9, rtol=1e-6)
     assert corrcoef(res.ex, scan["fx"]) < -0.95  # the electron is deflected against the field
+    assert corrcoef(res.ex, plain.ex) > 0.999 and corrcoef(res.ey, plain.ey) > 0.999  # one sign convention
     assert "V/m" in res.report["units"]["E"]
     with pytest.raises(InputError, match="angular pixel size"):
         PolarPipeline(ArraySource(scan["data"]), scan["labels"],

@@ -1,8 +1,9 @@
 """Run configuration: every key of the seed's ``config.yaml`` plus the service's extensions.
 
 Unknown keys are rejected (``extra='forbid'``) so a typo in a config file is an error, not a silent default.
-Defaults are the values shown in the seed's example configuration, except the radial ROIs which depend on the
-detector size and are therefore off unless given.
+Defaults are the values shown in the seed's example configuration, except: the radial ROIs (they depend on the
+detector size and are off unless given), ``dpc.baseline: median`` (the seed's ``rowcol`` erases stripe-domain
+fields) and ``matched_filter.softmax_temp: auto`` (the seed's 2.0 saturates the confidence map) (issue 22).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class TemplatesConfig(_Section):
     smooth_sigma: Optional[float] = Field(1.5, ge=0, description="Gaussian smoothing of gates (detector px); 0/null = off")
     roi_r: Optional[list[float]] = Field(None, description="radial band [inner, outer] of gates (detector px from centre)")
     eps: float = Field(1e-6, gt=0, description="epsilon in (sigma + eps)")
+    symmetrize: Literal["beam", "array", "none"] = Field(
+        "beam", description="gate symmetrisation: point reflection about the (sub-pixel) beam centre; 'array' = "
+        "the seed's literal G[::-1, ::-1] (biased when the beam is not at the array centre)")
 
     @field_validator("roi_r")
     @classmethod
@@ -46,17 +50,28 @@ class PreprocessConfig(_Section):
 
 
 class MatchedFilterConfig(_Section):
-    softmax_temp: float = Field(2.0, gt=0)
+    softmax_temp: Union[float, Literal["auto"]] = Field(
+        "auto", description="softmax temperature; 'auto' = the standard deviation of the scores S (the seed's "
+        "fixed 2.0 saturates the confidence at ~1 for typical score scales)")
+
+    @field_validator("softmax_temp")
+    @classmethod
+    def _v_temp(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError(f"softmax_temp must be > 0 or 'auto', got {v}")
+        return v
 
 
 class DPCConfig(_Section):
     gate_mode: Literal["union", "adaptive"] = "adaptive"
-    baseline: Literal["median", "rowcol", "roi", "none"] = "rowcol"
+    baseline: Literal["median", "rowcol", "roi", "none"] = Field(
+        "median", description="the seed's example uses 'rowcol', which erases fields of stripe domains along the "
+        "scan axes (the quality report warns); 'median' removes only a global offset")
     roi: Optional[list[float]] = Field(None, description="radial ROI [inner, outer] for CoM (detector px from centre)")
     baseline_roi: Optional[list[int]] = Field(
         None, description="real-space reference (vacuum) region [y0, y1, x0, x1] (scan px) for baseline 'roi'"
     )
-    field_scale: float = Field(1.0, description="alpha in E = alpha * C")
+    field_scale: float = Field(1.0, description="alpha in E = -alpha * C (the electron is deflected against E)")
 
     @field_validator("roi")
     @classmethod
@@ -108,7 +123,18 @@ class CalibrationConfig(_Section):
 class ValidationConfig(_Section):
     enable_split_half: bool = False
     split_seed: int = 0
-    ssim_warn: float = 0.5
+    ssim_warn: float = Field(0.5, description="warn below this split-half SSIM (templates and field maps)")
+    baseline_removed_warn: float = Field(0.5, ge=0, le=1, description="warn when the DPC baseline removes more "
+                                         "than this fraction of the CoM field variance")
+    gate_bias_warn_px: float = Field(0.2, gt=0, description="warn when a CoM gate shifts a deflection-free "
+                                     "pattern by more (detector px)")
+    center_offset_warn_px: float = Field(1.0, gt=0, description="warn when the mean pattern's CoM is further "
+                                         "from the beam centre used (detector px)")
+    confidence_saturated: float = Field(0.98, gt=0, le=1, description="warn when the mean confidence is above")
+    confidence_flat_margin: float = Field(0.05, ge=0, description="warn when the mean confidence is within this "
+                                          "of chance (1 / clusters)")
+    gate_signal_warn: float = Field(0.5, ge=0, le=1, description="warn when a gate holds less than this fraction "
+                                    "of its template's positive energy")
 
 
 class ClustersConfig(_Section):

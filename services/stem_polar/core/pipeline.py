@@ -364,7 +364,8 @@ class PolarPipeline:
             st.warn(f"cluster {ids[i]}: template is identically zero (cluster mean equals global mean); skipped",
                     self.warnings)
         roi_mask = radial_mask(shp, cy, cx, roi_t) if roi_t is not None else None
-        G = st.make_gates(T, cfg.templates.top_percent, cfg.templates.smooth_sigma, roi_mask)
+        sym_mode = cfg.templates.symmetrize
+        G = st.make_gates(T, cfg.templates.top_percent, cfg.templates.smooth_sigma, roi_mask, (cy, cx), sym_mode)
         ssim = None
         if cfg.validation.enable_split_half:
             ssim = st.split_half_ssim(stats, eps, keep)
@@ -379,10 +380,15 @@ class PolarPipeline:
         Tv, Gv = T[sel], G[sel]
         stats_v = st.Stats(stats.mu, stats.sigma, stats.mu_c[sel], stats.counts[sel], stats.mu_raw,
                            stats.mu_c_raw[sel], stats.halves)
-        union = Gv.max(axis=0)
+        # gates built once per run; the union and the dpc.roi cut are re-symmetrised about the beam so every CoM
+        # gate's centroid stays at the centre
+        resym = (lambda g: st.symmetrize_gate(g, cy, cx)) if sym_mode == "beam" else (lambda g: g)
+        union = resym(Gv.max(axis=0))
         dpc_mask = radial_mask(shp, cy, cx, cfg.dpc.roi) if cfg.dpc.roi is not None else None
         com_gates = (Gv if cfg.dpc.gate_mode == "adaptive" else union[None]) * (
             dpc_mask if dpc_mask is not None else 1.0)
+        if dpc_mask is not None:
+            com_gates = np.array([resym(g) for g in com_gates])
         if np.any(com_gates.reshape(len(com_gates), -1).sum(axis=1) <= 0):
             raise InputError("a CoM gate is empty after dpc.roi: widen dpc.roi or templates.roi_r")
         mf = st.MatchedFilter(Tv, stats.mu, stats.sigma, eps, cfg.preprocess.whiten)
@@ -399,12 +405,14 @@ class PolarPipeline:
         cyp = np.empty(n, dtype=np.float64)
         valid = np.empty(n, dtype=bool)
         adaptive = cfg.dpc.gate_mode == "adaptive"
+        temp_auto = cfg.matched_filter.softmax_temp == "auto"
+        temp = 1.0 if temp_auto else float(cfg.matched_filter.softmax_temp)  # auto: set from S after the pass
         if self.fast:
             pos = {int(i): k for k, i in enumerate(sel)}
             gate_of_slot = np.array([pos.get(i, -1) for i in range(C)] + [-1], dtype=np.int64)
             lab_slot = np.where(lab_idx >= 0, lab_idx, C)
             S, amax, conf, cxp, cyp, valid = eng.pass2_maps(
-                src, self.chunk, self.tile, self.threads, pre, mf, com, cfg.matched_filter.softmax_temp, adaptive,
+                src, self.chunk, self.tile, self.threads, pre, mf, com, temp, adaptive,
                 gate_of_slot, lab_slot, prefetch=self.prefetch,
                 progress=lambda b, n_: self.progress("pass 2/2: matched filter + gated CoM", b, n_))
         # generic (array-module) path
@@ -415,12 +423,17 @@ class PolarPipeline:
                 r = com.products(xp, x)  # gated moments first: the log below reuses x's memory
                 e, bg = pre.transform(xp, x, inplace=True, nonneg=nonneg)
                 s = mf.scores(xp, e, bg)
-                _, idx, cmax = st.softmax_confidence(xp, s, cfg.matched_filter.softmax_temp)
+                _, idx, cmax = st.softmax_confidence(xp, s, temp)
                 ccx, ccy, ok = com.select(xp, r, idx if adaptive else None)
                 i0, i1 = a + u0, a + u1
                 S[i0:i1], amax[i0:i1], conf[i0:i1] = to_numpy(s), to_numpy(idx), to_numpy(cmax)
                 cxp[i0:i1], cyp[i0:i1], valid[i0:i1] = to_numpy(ccx), to_numpy(ccy), to_numpy(ok)
             self.progress("pass 2/2: matched filter + gated CoM", b, n)
+        if temp_auto:  # argmax does not depend on the temperature; the confidence is redone from S (n x C)
+            from .quality import auto_temperature, confidence_from_scores
+
+            temp = auto_temperature(S)
+            conf = confidence_from_scores(S, temp)
         self.timings["pass2_maps"] = time.perf_counter() - t0
         self.timings["pass2_maps_cpu"] = time.process_time() - c0
         n_invalid = int((~valid).sum())
@@ -496,10 +509,10 @@ class PolarPipeline:
             units["E"] = "V/m (E = -theta p v / (e t))"
             phys_info = {"mrad_per_px_x": mx, "mrad_per_px_y": my, "mrad_source": how,
                          "accelerating_voltage_kv": ph.accelerating_voltage_kv, "thickness_nm": ph.thickness_nm}
-        else:
-            ex = cfg.dpc.field_scale * bcx
-            ey = cfg.dpc.field_scale * bcy
-            units["E"] = f"field_scale x CoM ({cfg.dpc.field_scale} x k units)"
+        else:  # the same sign as the physical field: the (negative) electron is deflected against E
+            ex = -cfg.dpc.field_scale * bcx
+            ey = -cfg.dpc.field_scale * bcy
+            units["E"] = f"-field_scale x CoM (-{cfg.dpc.field_scale} x k units; E points against the deflection)"
         icom = None
         if cfg.icom:
             step = cal.scan_step_nm or 1.0
@@ -510,11 +523,8 @@ class PolarPipeline:
 
         # ---- reports
         argmax_ids = np.asarray(ids_v)[amax].reshape(h, w)
-        coverage = st.gate_coverage(Gv)
-        for c, cov in zip(ids_v, coverage):
-            if cov["status"].startswith("too broad"):
-                st.warn(f"cluster {c}: gate covers {100 * cov['coverage']:.0f}% of the detector "
-                        "(poor template discrimination)", self.warnings)
+        val = cfg.validation
+        coverage = st.gate_coverage(Gv, Tv, val.gate_signal_warn)
         conf_rep = {
             "mean": float(conf.mean()), "median": float(np.median(conf)),
             "p05": float(np.percentile(conf, 5)), "p95": float(np.percentile(conf, 95)),
@@ -523,13 +533,16 @@ class PolarPipeline:
             "per_cluster_mean": {str(c): float(conf[amax == i].mean()) if np.any(amax == i) else None
                                  for i, c in enumerate(ids_v)},
         }
-        if Cv > 1 and conf_rep["mean"] > 0.95:
-            conf_rep["note"] = "saturated (~1): over-fitting or poorly separated templates; raise softmax_temp"
-            st.warn("mean confidence > 0.95: saturated confidence map; consider a higher softmax_temp", self.warnings)
-        elif Cv > 1 and conf_rep["mean"] < 1.0 / Cv + 0.05:
+        conf_rep["temperature"] = float(temp)
+        conf_rep["temperature_source"] = "auto: std of S" if temp_auto else "matched_filter.softmax_temp"
+        if Cv > 1 and conf_rep["mean"] > val.confidence_saturated:
+            conf_rep["note"] = "saturated (~1): the temperature is too low; use softmax_temp: auto or a higher value"
+        elif Cv > 1 and conf_rep["mean"] < 1.0 / Cv + val.confidence_flat_margin:
             conf_rep["note"] = "near chance level: clusters are not separated by the templates"
         else:
             conf_rep["note"] = "non-saturated: clusters separated"
+        quality = self._quality(rx_, ry_, bcx, bcy, com_gates, ids_v, stats_v, cy, cx, conf, Cv, temp, temp_auto,
+                                coverage, ex, ey)
         given = self.labels
         agree = float(np.mean(argmax_ids.ravel()[np.isin(given, ids_v)] == given[np.isin(given, ids_v)])) \
             if np.any(np.isin(given, ids_v)) else None
@@ -555,6 +568,7 @@ class PolarPipeline:
             "union_gate_coverage": st.gate_coverage(union[None])[0],
             "confidence": conf_rep,
             "split_half_ssim": ({str(ids[i]): s for i, s in enumerate(ssim)} if ssim is not None else None),
+            "quality": quality,
             "dpc": {"gate_mode": cfg.dpc.gate_mode, "baseline": cfg.dpc.baseline, "invalid_frames": n_invalid,
                     "rotation": rot_info, "descan": descan_info, "physical": phys_info},
             "units": units,
@@ -568,6 +582,27 @@ class PolarPipeline:
             labels=self.labels.reshape(h, w), report=self.report, timings=dict(self.timings),
             warnings=self.warnings,
         )
+
+    def _quality(self, rx_, ry_, bcx, bcy, com_gates, ids_v, stats, cy, cx, conf, Cv, temp, temp_auto, coverage,
+                 ex, ey) -> dict:
+        """The checks of ``core.quality``; each failing one becomes a warning (the run still writes everything)."""
+        from . import quality as q
+
+        cfg, val = self.cfg, self.cfg.validation
+        gates = com_gates if cfg.dpc.gate_mode == "adaptive" else [com_gates[0]] * len(ids_v)
+        checks = {
+            "baseline": q.baseline_check(rx_, ry_, bcx, bcy, cfg.dpc.baseline, val.baseline_removed_warn),
+            "gate_bias": q.gate_bias_check(gates, stats.mu_c_raw, [str(c) for c in ids_v], stats.mu_raw, cy, cx,
+                                           val.gate_bias_warn_px, val.center_offset_warn_px),
+            "confidence": q.confidence_check(conf, Cv, float(temp), "auto (std of S)" if temp_auto else "config",
+                                             val.confidence_saturated, val.confidence_flat_margin),
+            "gate_signal": q.gate_signal_check({str(c): v for c, v in zip(ids_v, coverage)}),
+            "field_split_half_ssim": q.field_split_half_check(ex, ey, val.ssim_warn),
+        }
+        failed = [k for k, v in checks.items() if not v["ok"]]
+        for k in failed:
+            st.warn(f"quality check '{k}' failed: {checks[k]['message']}", self.warnings)
+        return {"passed": not failed, "failed": failed, "checks": checks}
 
     def _mrad_per_px(self):
         ph, cal = self.cfg.physical, self.cfg.calibration

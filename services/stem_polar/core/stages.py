@@ -251,35 +251,90 @@ def make_templates(mu_c: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: flo
     return t, norms
 
 
-def make_gates(templates: np.ndarray, top_percent: float, smooth_sigma: float | None, roi_mask: np.ndarray | None):
+def symmetrize_gate(g: np.ndarray, cy: float, cx: float) -> np.ndarray:
+    """Point-reflection symmetrisation of a gate about the (sub-pixel) beam centre: 0.5 (G + R G).
+
+    R G (y, x) = G(2 cy - y, 2 cx - x), bilinearly interpolated (zero outside the detector). Pixels whose mirror
+    image falls off the detector are dropped first, so every pixel's weight is mirrored in full: bilinear
+    weights reproduce linear functions, hence the centroid of R G is 2 c - centroid(G) and the centroid of the
+    result is the centre exactly (a featureless pattern gives CoM 0 to rounding). A pattern that is
+    centro-symmetric about the centre gives CoM 0 up to the sampling (aliasing) error of gate x pattern.
+    """
+    g = np.asarray(g, dtype=np.float64)
+    ky, kx = g.shape
+    yy, xx = np.indices((ky, kx), dtype=np.float64)
+    my, mx = 2.0 * cy - yy, 2.0 * cx - xx
+    inside = (my >= 0) & (my <= ky - 1) & (mx >= 0) & (mx <= kx - 1)
+    g = np.where(inside, g, 0.0)
+    r = ndimage.map_coordinates(g, [my, mx], order=1, mode="grid-constant", cval=0.0)
+    out = 0.5 * (g + r)
+    out[np.abs(out) < 1e-12] = 0.0  # interpolation round-off: keep empty pixels exactly empty
+    return out
+
+
+def symmetrize(g: np.ndarray, mode: str, center=None) -> np.ndarray:
+    """'beam': about the beam centre (``symmetrize_gate``); 'array': the seed's literal 0.5 (G + G[::-1, ::-1])
+    (about the array centre: biased when the beam is elsewhere); 'none': unchanged."""
+    if mode == "beam":
+        if center is None:
+            raise ValueError("beam-centred gate symmetrisation needs the beam centre (cy, cx)")
+        return symmetrize_gate(g, *center)
+    if mode == "array":
+        return 0.5 * (g + g[::-1, ::-1])
+    if mode == "none":
+        return np.asarray(g, dtype=np.float64)
+    raise ValueError(f"unknown gate symmetrisation {mode!r}")
+
+
+def make_gates(templates: np.ndarray, top_percent: float, smooth_sigma: float | None, roi_mask: np.ndarray | None,
+               center=None, mode: str = "beam"):
     """Virtual detector gates from templates.
 
-    threshold = percentile(T_c, 100 - top_percent); G = T_c >= threshold; G = 0.5 (G + G[::-1, ::-1]);
-    optional Gaussian smoothing (``smooth_sigma`` px); G *= radial ROI mask (applied last, so the band limit
-    stays strict).
+    threshold = percentile(T_c, 100 - top_percent); G = T_c >= threshold; optional Gaussian smoothing
+    (``smooth_sigma`` px); G *= radial ROI mask; then the point-reflection symmetrisation about the beam centre
+    ``center`` = (cy, cx) (``mode='beam'``, last so the gate's centroid is the centre exactly; its support may
+    exceed the ROI band by less than a pixel). ``mode='array'`` is the seed's literal array flip (in the seed's
+    order: threshold, flip, smooth, ROI), kept for comparison.
     """
     gates = []
     for t in templates:
         thr = np.percentile(t, 100.0 - top_percent)
         g = (t >= thr).astype(np.float64)
-        g = 0.5 * (g + g[::-1, ::-1])
+        if mode == "array":
+            g = symmetrize(g, "array")
         if smooth_sigma:
             g = ndimage.gaussian_filter(g, smooth_sigma)
         if roi_mask is not None:
             g = g * roi_mask
+        if mode != "array":
+            g = symmetrize(g, mode, center)
         gates.append(g)
     return np.array(gates)
 
 
-def gate_coverage(gates: np.ndarray) -> list[dict]:
-    """Fraction of the detector covered by each gate: weighted (sum G / P) and support (G > 0.1 % of max)."""
+def gate_coverage(gates: np.ndarray, templates: np.ndarray | None = None, captured_warn: float = 0.5) -> list[dict]:
+    """Per gate: detector area (``coverage`` = sum G / P, set by top_percent and smoothing), ``support``
+    (G > 0.1 % of max) and, given the templates, measures that follow template quality:
+    ``signal_captured`` = sum G T+^2 / sum T+^2 (fraction of the template's positive energy inside the gate:
+    near 1 for a compact, distinctive template, near the gate's area for a noise template) and
+    ``max_overlap`` with another gate (sum min(Ga, Gb) / sum max(Ga, Gb): near 1 = the gates do not
+    discriminate). ``ok`` is False when signal_captured < ``captured_warn``.
+    """
     out = []
-    for g in gates:
+    for i, g in enumerate(gates):
         w = float(g.sum() / g.size)
         s = float((g > 1e-3 * max(g.max(), 1e-12)).mean())
-        status = "healthy" if 0.10 <= w <= 0.40 else ("too broad: poor template discrimination" if w >= 0.99
-                                                         else ("narrow" if w < 0.10 else "broad"))
-        out.append({"coverage": w, "support": s, "status": status})
+        rec = {"coverage": w, "support": s}
+        if templates is not None:
+            tp = np.clip(np.asarray(templates[i], dtype=np.float64), 0, None) ** 2
+            gn = g / max(float(g.max()), 1e-12)
+            cap = float((gn * tp).sum() / tp.sum()) if tp.sum() > 0 else 0.0
+            ov = [float(np.minimum(g, h).sum() / max(np.maximum(g, h).sum(), 1e-12))
+                  for j, h in enumerate(gates) if j != i]
+            rec.update(signal_captured=cap, max_overlap=max(ov) if ov else None, ok=cap >= captured_warn,
+                       status=("distinctive template: the gate holds most of its signal" if cap >= captured_warn
+                               else "the gate holds little of the template's signal (noisy or diffuse template)"))
+        out.append(rec)
     return out
 
 
