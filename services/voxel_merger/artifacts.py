@@ -266,7 +266,7 @@ def write_still(path: str | Path, still_id: str, h, k, l, intensity, sigma, q_ma
         g.attrs["NX_class"] = "NXdata"
         g.attrs["signal"] = "intensity"
         for name, v in (("h", h), ("k", k), ("l", l), ("intensity", intensity), ("sigma", sigma),
-                        ("q_magnitude", q_magnitude)):
+                        ("q_magnitude", q_magnitude), ("weight", weight)):
             if v is not None:
                 g.create_dataset(name, data=np.asarray(v, dtype=np.float64))
         if crystal is not None:

@@ -396,22 +396,65 @@ def _partial_blocks(part, b: float | None):
         yield start, t
 
 
-def _reject_still_voxels(start: int, t: np.ndarray, refs: Sequence, n_sigma: float, min_count: int) -> np.ndarray:
-    """Still-voxels of one single-still block ``t`` (4, n) to drop (True = reject), against per-still references.
+def _still_voxel_z(start: int, t: np.ndarray, ref, excluded: np.ndarray | None):
+    """(voxel ids, |z|, voxels' still counts, own sums (4, m)) of one single-still block ``t`` (4, n).
 
-    Each still's voxel estimate (Σw·I/Σw, σ = √Σw²σ²/Σw) is compared with the others' merged
-    estimate; the references count stills per voxel, so ``min_count`` is a number of stills.
+    Each still's voxel estimate (Σw·I/Σw, σ = √Σw²σ²/Σw) is compared with the merged estimate
+    of the other stills kept in ``ref`` (sums with count = stills); a still-voxel already
+    excluded (``excluded``: sorted voxel ids) is absent from ``ref`` and compared with all of it.
     """
-    rej = np.zeros(t.shape[1], dtype=bool)
     idx = np.flatnonzero((t[0] > 0) & (t[1] > 0))
-    if idx.size == 0 or not refs:
-        return rej
     own = t[:, idx].copy()
     own[0] = 1.0  # one still
-    stop = start + t.shape[1]
-    rej[idx] = _iterated_reject(own, lambda ref: ref.read_range(start, stop).sum(axis=1)[:, idx], refs,
-                                n_sigma, min_count)
-    return rej
+    tot = np.array(ref.read_range(start, start + t.shape[1]).sum(axis=1)[:, idx], dtype=np.float64)
+    ids = start + idx
+    out = np.zeros(idx.size, dtype=bool)
+    if excluded is not None and excluded.size:
+        out = np.isin(ids, excluded, assume_unique=True)
+        tot[:, out] += own[:, out]
+    z = np.abs(leave_one_out_z_sums(own, tot))
+    z[out] = np.nan  # already excluded: not a candidate again
+    return ids, z, tot[0], own
+
+
+def _reject_rounds(plan, ref, opt: MergeOptions, heartbeat=None) -> dict[int, np.ndarray]:
+    """Still-voxels to drop: per round, in every voxel with >= reject_min_count stills, the still whose
+    estimate deviates most from the others' mean, if by more than reject_sigma (|z|).
+
+    Removing only the worst member per voxel and round keeps one gross outlier from condemning
+    the good stills beside it (their leave-one-out means include it); ``reject_rounds`` rounds
+    remove up to that many stills per voxel.  Each round is one streamed pass over the partials;
+    memory holds only the candidates.  ``ref`` (all still-voxels) is updated in place.
+    Returns plan index -> sorted voxel ids dropped.
+    """
+    excluded: dict[int, np.ndarray] = {}
+    for _ in range(opt.reject_rounds):
+        cand_v, cand_z, cand_s, cand_own = [], [], [], []
+        for i, (p, _single, _sid, b, _half) in enumerate(plan):
+            with _open_partial(p) as part:
+                for start, t in _partial_blocks(part, b):
+                    ids, z, n, own = _still_voxel_z(start, t, ref, excluded.get(i))
+                    sel = (z > opt.reject_sigma) & (n >= opt.reject_min_count)
+                    if sel.any():
+                        cand_v.append(ids[sel])
+                        cand_z.append(z[sel])
+                        cand_s.append(np.full(int(sel.sum()), i, dtype=np.int64))
+                        cand_own.append(own[:, sel])
+            if heartbeat:
+                heartbeat()
+        if not cand_v:
+            break
+        v, z, st = np.concatenate(cand_v), np.concatenate(cand_z), np.concatenate(cand_s)
+        own = np.concatenate(cand_own, axis=1)
+        order = np.lexsort((-z, v))  # per voxel, largest |z| first
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = v[order][1:] != v[order][:-1]
+        worst = order[first]
+        ref.add_sums(v[worst], 0, [-own[f, worst] for f in range(4)])
+        for i in np.unique(st[worst]).tolist():
+            new = v[worst][st[worst] == i]
+            excluded[i] = np.union1d(excluded.get(i, np.zeros(0, dtype=np.int64)), new)
+    return excluded
 
 
 def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, scales_path: Path | None = None,
@@ -423,8 +466,9 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     ``table_path`` (an observation table) maps integer keys of scales.json to still ids.
     With ``opt.reject_sigma`` (single-still partials only), still-voxels whose estimate is
     further than that many σ from the leave-one-out mean of the other stills are dropped
-    (voxels with >= ``reject_min_count`` stills; ``reject_rounds`` reference passes, each one
-    more read of the partials; memory: one partial block plus the reference accumulators).
+    (see :func:`_reject_rounds`: voxels with >= ``reject_min_count`` stills, the worst still per
+    voxel and round, up to ``reject_rounds`` rounds; each round one more read of the partials;
+    memory: one partial block, one reference accumulator and the rejected still-voxels).
     |s| (resolution shells, radial profile, table, map metadata) uses the average of the
     refined crystal models stored in the partials, when they carry one.
     """
@@ -485,26 +529,25 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     refs: list = []
     try:
         mapper = AsuMapper(metric, symmetry) if symmetry else None
-        # reference passes: per voxel (number of stills, Σw, Σw·I, Σw²σ²) of the still-voxels kept so far
-        for r in range(opt.reject_rounds if reject else 0):
-            ref = _new_acc(metric, 1, opt, tmpdir, f"ref{r + 1}")
+        excluded: dict[int, np.ndarray] = {}
+        if reject:  # reference: per voxel (number of stills, Σw, Σw·I, Σw²σ²) over every still-voxel
+            ref = _new_acc(metric, 1, opt, tmpdir, "reference")
+            refs.append(ref)
             for p, _single, _sid, b, _half in plan:
                 with _open_partial(p) as part:
                     for start, t in _partial_blocks(part, b):
-                        bad = _reject_still_voxels(start, t, refs, opt.reject_sigma, opt.reject_min_count)
-                        t[:, bad] = 0.0
                         t[0] = (t[0] > 0).astype(np.float64)
                         ref.add_block(start, t[:, None, :], half=0)
                 if heartbeat:
                     heartbeat()
-            refs.append(ref)
+            excluded = _reject_rounds(plan, ref, opt, heartbeat)
         merged = _new_acc(metric, 2, opt, tmpdir, "merged")
         if opt.write_table:
             table = ObservationTableWriter(out_dir / "observations.h5", metric, parameters=opt.params(),
                                            inputs=input_hashes, job_id=job_id)
         n_rej = n_rej_obs = 0
         per_still_rejected = {}
-        for p, single, sid, b, half in plan:
+        for i, (p, single, sid, b, half) in enumerate(plan):
             with _open_partial(p) as part:
                 if table is not None and not single:  # per-still rows need per-still partials
                     log.info("no observation table: %s holds %d stills", p, len(part.still_ids))
@@ -513,8 +556,8 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                 t_index = table.still_index(sid) if table is not None else None
                 n_still = 0
                 for start, t in _partial_blocks(part, b):
-                    if refs:
-                        bad = _reject_still_voxels(start, t, refs, opt.reject_sigma, opt.reject_min_count)
+                    if i in excluded:
+                        bad = np.isin(start + np.arange(t.shape[1]), excluded[i], assume_unique=True)
                         if bad.any():
                             n_still += int(bad.sum())
                             n_rej_obs += int(t[0, bad].sum())
