@@ -47,6 +47,10 @@ class DiffuseRunConfig(BaseModel):
     extractor: dict[str, Any] = Field(default_factory=dict, description="diffuse-extractor parameters for every still")
     background_frames: list[str] = Field(default_factory=list, description="background-only frames (volume-relative "
                                          "paths): averaged, smoothed and subtracted from every still")
+    bragg_in_scaling: bool = Field(True, description="use the stills' integrated Bragg reflections as scaling "
+                                   "references besides the diffuse voxels (seed 003)")
+    partiality_threshold: float = Field(0.1, ge=0, le=1, description="seed 003's P_min: Bragg reflections of lower "
+                                        "partiality are not used as references")
     reject_sigma: float | None = Field(5.0, gt=0, description="drop a still's voxel estimate deviating from the "
                                        "others by more than this many sigma (None: keep all)")
     stills_nproc: int = Field(1, ge=0, description="DIALS processes per stills-processor replica (0 = all CPUs)")
@@ -140,7 +144,7 @@ async def diffuse_still_flow(image: str, run_id: str) -> dict:
         record["stage_seconds"]["stills-processor"] = round(time.monotonic() - t0, 2)
         row = _summary_row(volume.open_ref(ArtifactRef(**res["outputs"]["summary"])))
         record.update(n_spots=row["n_spots"], n_indexed=row["n_indexed"], strategy=row.get("strategy") or None,
-                      reflections=row["refl_path"] or None)
+                      reflections=row["refl_path"] or None, experiments=row["expt_path"] or None)
         if row["status"] != "indexed":
             record.update(status=row["status"], reason=row["reason"] or "not indexed")
             log.warning(f"{image}: {record['status']} ({record['reason']})")
@@ -204,8 +208,17 @@ async def diffuse_merge_flow(run_id: str) -> dict:
                             timeout=cfg.stage_timeout_s)
     summary["stage_seconds"]["merge_unscaled"] = round(time.monotonic() - t, 2)
     t = time.monotonic()
-    scaled = await run_stage("scaler", {"observations": ArtifactRef(**first["outputs"]["observations"])},
-                             {"mode": "relative", "smoother": cfg.smoother}, run_id,
+    # seed 003's references: diffuse voxels and the stills' integrated Bragg reflections (partiality >= P_min)
+    scale_inputs: dict[str, Any] = {"observations": ArtifactRef(**first["outputs"]["observations"])}
+    if cfg.bragg_in_scaling:
+        for i, r in enumerate(ok):
+            if r.get("reflections") and r.get("experiments"):
+                scale_inputs[f"refl_{i:05d}"] = r["reflections"]
+                scale_inputs[f"expt_{i:05d}"] = r["experiments"]
+    scale_params = {"mode": "relative", "smoother": cfg.smoother, "partiality_threshold": cfg.partiality_threshold}
+    if cfg.symmetry or cfg.space_group:
+        scale_params["space_group"] = cfg.symmetry or cfg.space_group
+    scaled = await run_stage("scaler", scale_inputs, scale_params, run_id,
                              job_id_for(run_id, "scale", "relative"), timeout=cfg.stage_timeout_s)
     summary["stage_seconds"]["scale_relative"] = round(time.monotonic() - t, 2)
     summary["scaling"] = scaled["metrics"]
@@ -219,7 +232,10 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     out.mkdir(exist_ok=True)
     if cfg.formula:
         t = time.monotonic()
-        absolute = await run_stage("scaler", {"map": ArtifactRef(**final["outputs"]["map"])},
+        abs_inputs = {"map": ArtifactRef(**final["outputs"]["map"])}
+        if "bragg_merged" in scaled["outputs"]:
+            abs_inputs["bragg"] = ArtifactRef(**scaled["outputs"]["bragg_merged"])
+        absolute = await run_stage("scaler", abs_inputs,
                                    {"mode": "absolute", "formula": cfg.formula}, run_id,
                                    job_id_for(run_id, "scale", "absolute"), timeout=cfg.stage_timeout_s)
         summary["stage_seconds"]["scale_absolute"] = round(time.monotonic() - t, 2)
