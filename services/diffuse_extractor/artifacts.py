@@ -57,6 +57,7 @@ q components to ~1e-7 1/angstrom, intensities and corrections to ~4e-7 relative)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -515,3 +516,139 @@ def _as_str(v) -> str:
         v = v[()]
         return v.decode() if isinstance(v, bytes) else str(v)
     return str(v)
+
+
+# --------------------------------------------------------------------------- exposure from image headers
+_EXPOSURE_RE = re.compile(rb"^#?\s*Exposure_time[\s:=]+([-+0-9.eE]+)", re.M)
+_TRANSMISSION_RE = re.compile(rb"^#?\s*(?:Filter_)?[Tt]ransmission[\s:=]+([-+0-9.eE]+)", re.M)
+
+
+def image_exposure(path: str | Path) -> dict[str, float | None]:
+    """``{"exposure_time_s", "transmission"}`` from a CBF image's header text (PILATUS mini-CBF
+    ``# Exposure_time 0.019 s``, ``# Transmission`` or ``# Filter_transmission``), read with dxtbx's
+    ``FormatCBF.get_cbf_header`` (compressed files too). A value the header lacks, or a file that is
+    not a CBF, gives None."""
+    out: dict[str, float | None] = {"exposure_time_s": None, "transmission": None}
+    try:
+        from dxtbx.format.FormatCBF import FormatCBF
+
+        text = FormatCBF.get_cbf_header(str(path))
+    except Exception:  # noqa: BLE001 - not a CBF (or unreadable): nothing known
+        return out
+    if isinstance(text, str):
+        text = text.encode(errors="replace")
+    for key, rx in (("exposure_time_s", _EXPOSURE_RE), ("transmission", _TRANSMISSION_RE)):
+        m = rx.search(text)
+        if m:
+            try:
+                v = float(m.group(1))
+            except ValueError:
+                continue
+            out[key] = v if np.isfinite(v) and v > 0 else None
+    return out
+
+
+def exposure_ratio(still: Mapping[str, float | None], background: Mapping[str, float | None]) -> tuple[float, list[str]]:
+    """(t T)_still / (t T)_background, and warnings for every missing value (taken as equal: ratio 1)."""
+    ratio, notes = 1.0, []
+    for key, what in (("exposure_time_s", "exposure time"), ("transmission", "transmission")):
+        a, b = still.get(key), background.get(key)
+        if a is None or b is None:
+            notes.append(f"{what} unknown for the {'still' if a is None else 'background'}: taken as equal")
+        else:
+            ratio *= float(a) / float(b)
+    return ratio, notes
+
+
+# --------------------------------------------------------------------------- background artifact
+def write_background(path: str | Path, model, detector, beam, *, parameters: Mapping[str, Any],
+                     inputs: Mapping[str, str], frame_paths: Sequence[str], exposure_time_s: float | None,
+                     transmission: float | None, job_id: str | None = None,
+                     producer_version: str = "0.1.0") -> Path:
+    """Write a ``core.background.FrameBackground`` atomically (schema in the module docstring)."""
+    from diffractflow.artifacts import atomic_write_path, write_provenance
+    from dxtbx.model import Experiment
+    from dxtbx.model.experiment_list import ExperimentList
+
+    comp = _compression()
+    path = Path(path)
+    with atomic_write_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            write_provenance(f, schema=BACKGROUND_SCHEMA, schema_version=BACKGROUND_SCHEMA_VERSION,
+                             producer="diffuse-extractor", producer_version=producer_version, job_id=job_id,
+                             parameters=parameters, inputs=inputs)
+            f.attrs["default"] = "entry"
+            e = f.create_group("entry")
+            e.attrs.update(NX_class="NXentry", n_frames=int(model.n_frames), bin_px=int(model.bin_px),
+                           smooth_bins=float(model.smooth_bins),
+                           exposure_time_s=np.nan if exposure_time_s is None else float(exposure_time_s),
+                           transmission=np.nan if transmission is None else float(transmission),
+                           frame_paths=json.dumps([str(p) for p in frame_paths]))
+            for group, arrays, unit, dtype in (("background", model.mean, "counts (ADU) per frame", np.float32),
+                                               ("variance", model.variance, "ADU^2", np.float32),
+                                               ("binned", model.binned, "counts (ADU) per pixel per frame",
+                                                np.float32),
+                                               ("frames_used", model.good, "frames", np.int16)):
+                g = e.create_group(group)
+                g.attrs.update(NX_class="NXcollection", units=unit)
+                for i, a in enumerate(arrays):
+                    ny, nx = a.shape
+                    g.create_dataset(f"panel_{i:03d}", data=np.asarray(a, dtype=dtype),
+                                     chunks=(min(256, ny), min(512, nx)), **comp)
+            e["experiment_json"] = json.dumps(ExperimentList([Experiment(detector=detector, beam=beam)]).to_dict())
+            e.create_group("info").attrs["json"] = json.dumps(model.info, default=_jsonable)
+    return path
+
+
+def is_background_artifact(path: str | Path) -> bool:
+    """True for an HDF5 file of schema ``diffractflow.diffuse_background``."""
+    path = Path(path)
+    if not path.is_file() or not h5py.is_hdf5(str(path)):
+        return False
+    with h5py.File(path, "r") as f:
+        s = f.attrs.get("schema")
+        return (s.decode() if isinstance(s, bytes) else s) == BACKGROUND_SCHEMA
+
+
+_BACKGROUND_CACHE: dict[tuple, dict] = {}
+
+
+def read_background_artifact(path: str | Path, detector=None) -> dict[str, Any]:
+    """``{"mean": [panels], "variance": [panels], "exposure_time_s", "transmission", "info", ...}``.
+
+    Checked against ``detector`` (panel count and sizes) when given. The last file read is kept in
+    memory (keyed by path, size and mtime): a worker applies one background to many stills.
+    """
+    import hdf5plugin  # noqa: F401
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"background artifact {path} does not exist")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    out = _BACKGROUND_CACHE.get(key)
+    if out is None:
+        try:
+            with h5py.File(path, "r") as f:
+                s = f.attrs.get("schema")
+                if (s.decode() if isinstance(s, bytes) else s) != BACKGROUND_SCHEMA:
+                    raise InputError(f"{path} has schema {s!r}, expected {BACKGROUND_SCHEMA!r}")
+                e = f["entry"]
+                names = sorted(e["background"].keys())
+                t, tr = float(e.attrs["exposure_time_s"]), float(e.attrs["transmission"])
+                out = {"mean": [e["background"][k][()] for k in names],
+                       "variance": [e["variance"][k][()] for k in names],
+                       "exposure_time_s": t if np.isfinite(t) else None,
+                       "transmission": tr if np.isfinite(tr) else None,
+                       "n_frames": int(e.attrs["n_frames"]), "bin_px": int(e.attrs["bin_px"]),
+                       "info": json.loads(e["info"].attrs["json"])}
+        except (OSError, KeyError) as exc:
+            raise InputError(f"cannot read background artifact {path}: {exc}") from exc
+        _BACKGROUND_CACHE.clear()
+        _BACKGROUND_CACHE[key] = out
+    if detector is not None:
+        shapes = [tuple(p.get_image_size()[::-1]) for p in detector]
+        if [a.shape for a in out["mean"]] != shapes:
+            raise InputError(f"background artifact {path} does not match the detector ({len(shapes)} panels, "
+                             f"shapes {shapes})")
+    return out

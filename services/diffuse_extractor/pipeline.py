@@ -1,13 +1,20 @@
 """Files in, artifacts out: the glue shared by the CLI ``run`` and the bus worker."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
+
+from dataclasses import replace
 
 from . import __version__
 from . import artifacts as art
 from .core.extract import ExtractionParams, GeometryCache, extract_still
 from .core.masks import RunPixelStatistics, untrusted_and_overload
+
+log = logging.getLogger("diffuse_extractor")
 
 
 def warm_up() -> None:
@@ -54,9 +61,12 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
     inputs = {"experiments": sha256_file(expt_path)}
     if refl_path:
         inputs["reflections"] = sha256_file(refl_path)
-    background = None
+    background = bmodel = None
     if background_path:
-        background = art.read_background(background_path, experiments[0].detector)
+        if art.is_background_artifact(background_path):  # from background frames: scaled per still
+            bmodel = art.read_background_artifact(background_path, experiments[0].detector)
+        else:  # a plain image, subtracted x background_scale
+            background = art.read_background(background_path, experiments[0].detector)
         inputs["background"] = sha256_file(background_path)
     dyn = run_stats(experiments, image_indices, expt_path) if hot_dead and len(image_indices) >= 3 else None
     cache = GeometryCache()
@@ -66,9 +76,21 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
         expt, j = art.select_experiment(experiments, i, expt_path)
         data, fmask = art.read_image(expt, j)
         refl = art.load_reflections(refl_path, experiment_index=i, identifier=expt.identifier) if refl_path else None
-        res = extract_still(expt, data, refl, params=params, background=background, dynamic_flags=dyn,
-                            format_mask=fmask, geometry_cache=cache, image_index=j)
         image_path = art._image_path(expt, j)
+        kw = {"background": background, "background_method": "image"}
+        p_i = params
+        if bmodel is not None:
+            ratio, notes = art.exposure_ratio(art.image_exposure(image_path), bmodel)
+            for n in notes:
+                log.warning("%s: %s (background %s)", image_path, n, background_path)
+            p_i = replace(params, background_scale=params.background_scale * ratio)
+            kw = {"background": bmodel["mean"], "background_variance": bmodel["variance"],
+                  "background_method": "frames"}
+        res = extract_still(expt, data, refl, params=p_i, dynamic_flags=dyn, format_mask=fmask,
+                            geometry_cache=cache, image_index=j, **kw)
+        if bmodel is not None:
+            res.info.update(background_exposure_ratio=ratio, background_scale_applied=p_i.background_scale,
+                            background_notes=notes, background_frames=bmodel["n_frames"])
         h5 = out_dir / f"{stem}_{i:04d}.h5"
         art.write_still(h5, res, expt, parameters={**params.as_dict(), "hot_dead": dyn is not None},
                         inputs={**inputs, "image": sha256_file(image_path) if Path(image_path).is_file() else ""},
@@ -76,7 +98,8 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
                         producer_version=__version__, air_path_fraction=params.air_path_fraction,
                         air_density_g_cm3=params.air_density_g_cm3)
         summary = {"index": i, "artifact": h5, "n_pixels": len(res), **{k: v for k, v in res.info.items()
-                                                                        if k.startswith("n_")}}
+                                                                        if k.startswith("n_")},
+                   "background_method": res.info.get("background_method", "none")}
         if pngs:
             summary["pngs"] = diagnostics.write_pngs(out_dir, data, res.flags, res.table, stem=h5.stem)
         results.append(summary)
@@ -84,3 +107,77 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
         if progress:
             progress()
     return results
+
+
+def make_background(frame_paths: Sequence[str | Path], out_path: str | Path, *, bin_px: int = 8,
+                    smooth_bins: float = 0.5, outlier_nsigma: float = 6.0, gain: float = 1.0,
+                    params: ExtractionParams | None = None, job_id: str | None = None) -> tuple[Path, dict]:
+    """Background-only frames (dxtbx-readable, one detector) -> one background artifact.
+
+    Per frame: gaps and untrusted pixels (negative values, the trusted range, the format's mask);
+    once, on the mean frame: user mask shapes and the beamstop (``params.beamstop``: auto-detected
+    as in the extraction, "none" or shapes). Then ``core.background.estimate_background``. The
+    frames' exposure time and transmission come from their headers (mean over the frames; a
+    warning when they differ by more than 1 %). Returns the path and the estimate's info.
+    """
+    from dxtbx.model import Experiment
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from diffractflow.artifacts import sha256_file
+
+    from .core import background as bg
+    from .core.extract import static_flags
+
+    params = params or ExtractionParams()
+    paths = [Path(p) for p in frame_paths]
+    if not paths:
+        raise art.InputError("no background frames given")
+    frames, flags, expo, det, beam = [], [], [], None, None
+    for p in paths:
+        if not p.is_file():
+            raise art.InputError(f"background frame {p} does not exist")
+        try:
+            el = ExperimentListFactory.from_filenames([str(p)])
+            e = Experiment(imageset=el[0].imageset, detector=el[0].detector, beam=el[0].beam)
+        except Exception as exc:  # noqa: BLE001 - dxtbx raises many kinds
+            raise art.InputError(f"cannot read background frame {p}: {exc}") from exc
+        if det is None:
+            det, beam = e.detector, e.beam
+        elif [q.get_image_size() for q in e.detector] != [q.get_image_size() for q in det]:
+            raise art.InputError(f"background frame {p} has another detector layout than {paths[0]}")
+        data, fmask = art.read_image(e, 0)
+        frames.append(data)
+        flags.append(untrusted_and_overload(det, data, fmask))
+        expo.append(art.image_exposure(p))
+    mean = [np.mean([f[i] for f in frames], axis=0, dtype=np.float64).astype(np.float32) for i in range(len(det))]
+    experiment = Experiment(detector=det, beam=beam)
+    cache = GeometryCache(shared=False)
+    pixels = cache.get(det, beam, params, None)
+    stat, sinfo = static_flags(experiment, mean, pixels, params)
+    from .core.masks import MaskBit
+
+    # beamstop and user shapes for every frame (untrusted/overloaded pixels are flagged per frame)
+    static_bad = [(f & np.uint8(MaskBit.BEAMSTOP | MaskBit.USER)) != 0 for f in stat]
+    model = bg.estimate_background(frames, flags, static_bad, bin_px=bin_px, smooth_bins=smooth_bins,
+                                   outlier_nsigma=outlier_nsigma, gain=gain)
+    model.info.update({k: v for k, v in sinfo.items() if k.startswith("beamstop")})
+    t = [x["exposure_time_s"] for x in expo]
+    tr = [x["transmission"] for x in expo]
+    t_mean = float(np.mean(t)) if all(v is not None for v in t) else None
+    tr_mean = float(np.mean(tr)) if all(v is not None for v in tr) else None
+    for name, vals, m in (("exposure time", t, t_mean), ("transmission", tr, tr_mean)):
+        if m is None:
+            log.warning("background frames: %s missing from some headers: stills will not be scaled for it", name)
+            model.info.setdefault("notes", []).append(f"{name} unknown")
+        elif max(vals) > 1.01 * min(vals):
+            log.warning("background frames: %s differs between frames (%s): the mean is used", name, vals)
+            model.info.setdefault("notes", []).append(f"{name} differs between frames")
+    inputs = {f"frame{i}": sha256_file(p) for i, p in enumerate(paths)}
+    out = art.write_background(out_path, model, det, beam,
+                               parameters={"bin_px": bin_px, "smooth_bins": smooth_bins,
+                                           "outlier_nsigma": outlier_nsigma, "gain": gain,
+                                           **{k: v for k, v in params.as_dict().items()
+                                              if k in ("beamstop", "user_shapes", "detect_arm")}},
+                               inputs=inputs, frame_paths=[str(p) for p in paths], exposure_time_s=t_mean,
+                               transmission=tr_mean, job_id=job_id, producer_version=__version__)
+    return out, model.info

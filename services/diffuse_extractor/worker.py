@@ -11,8 +11,14 @@ from . import __version__
 
 
 class Params(BaseModel):
-    """Stage parameters (units as in ``diffuse-extractor run --help``)."""
+    """Stage parameters (units as in ``diffuse-extractor run --help``).
 
+    ``mode``: "extract" (inputs ``experiments`` [+ ``reflections``, ``background``]: one artifact per
+    still) or "background" (inputs ``frame0``, ``frame1``, ...: background-only frames -> one
+    background artifact, output ``background``, to pass as the ``background`` input of extractions).
+    """
+
+    mode: Literal["extract", "background"] = "extract"
     image_indices: List[int] = Field(default_factory=lambda: [0], description="experiment indices in the .expt")
     all_images: bool = False
     beamstop: Union[Literal["auto", "none"], List[str]] = "auto"
@@ -24,6 +30,14 @@ class Params(BaseModel):
     gain: float = Field(1.0, gt=0)
     air_path_fraction: float = Field(1.0, ge=0, le=1)
     background_scale: float = 1.0
+    #: "isotropic": subtract the per-still isotropic B(|q|) (always computed and reported); "none":
+    #: nothing unless a ``background`` input (image or background artifact) is given
+    background: Literal["none", "isotropic"] = "none"
+    #: DIALS' Lorentz factor for rotation frames (off: diffuse pixels need none; stills never get one)
+    lorentz: bool = False
+    background_bin_px: int = Field(8, ge=1, le=256, description="mode=background: bin size (pixels)")
+    background_smooth_bins: float = Field(0.5, ge=0, le=50, description="mode=background: Gaussian sigma (bins)")
+    background_outlier_nsigma: float = Field(6.0, gt=0, description="mode=background: outlier cut (Poisson sigmas)")
     hot_dead: bool = True
     pngs: bool = True
 
@@ -47,13 +61,42 @@ class Params(BaseModel):
         return v
 
 
+def _frame_order(name: str) -> int:
+    try:
+        return int(name[len("frame"):])
+    except ValueError:
+        return 10 ** 9
+
+
 def handle(ctx: JobContext, params: Params) -> None:
-    """Inputs: ``experiments`` (.expt, required), ``reflections`` (.refl), ``background`` (image)."""
+    """Inputs: ``experiments`` (.expt, required), ``reflections`` (.refl), ``background`` (image or background
+    artifact); with ``mode="background"``: ``frame0``, ``frame1``, ... (background-only frames)."""
     from . import pipeline
     from .artifacts import InputError, load_experiments
     from .core.extract import ExtractionParams
     from .core.masks import Shape
 
+    if params.mode == "background":
+        names = sorted((n for n in ctx.job.inputs if n.startswith("frame")), key=_frame_order)
+        if not names:
+            raise BadInput("mode=background needs inputs frame0, frame1, ... (background-only frames)")
+        bs = params.beamstop if isinstance(params.beamstop, str) else [Shape.parse(t) for t in params.beamstop]
+        ep = ExtractionParams(beamstop=bs, detect_arm=params.detect_arm,
+                              user_shapes=[Shape.parse(t) for t in params.mask_shapes], gain=params.gain)
+        try:
+            path, info = pipeline.make_background([ctx.input_path(n) for n in names], ctx.out_dir / "background.h5",
+                                                  bin_px=params.background_bin_px,
+                                                  smooth_bins=params.background_smooth_bins,
+                                                  outlier_nsigma=params.background_outlier_nsigma, gain=params.gain,
+                                                  params=ep, job_id=ctx.job.job_id)
+        except (InputError, ValueError) as exc:
+            raise BadInput(str(exc)) from exc
+        ctx.add_output("background", path)
+        ctx.metrics["n_frames"] = len(names)
+        ctx.metrics["background_mean_counts_per_frame"] = float(info["mean_counts_per_frame"])
+        return
+    if "experiments" not in ctx.job.inputs:
+        raise BadInput("mode=extract needs the input 'experiments' (.expt)")
     expt = ctx.input_path("experiments")
     refl = ctx.input_path("reflections") if "reflections" in ctx.job.inputs else None
     bkg = ctx.input_path("background") if "background" in ctx.job.inputs else None
@@ -62,7 +105,8 @@ def handle(ctx: JobContext, params: Params) -> None:
                           user_shapes=[Shape.parse(t) for t in params.mask_shapes],
                           bragg_radius_px=params.bragg_radius_px, bragg_delpsi_max=params.bragg_delpsi_max,
                           outlier_nsigma=params.outlier_nsigma, gain=params.gain,
-                          air_path_fraction=params.air_path_fraction, background_scale=params.background_scale)
+                          air_path_fraction=params.air_path_fraction, background_scale=params.background_scale,
+                          lorentz=params.lorentz, isotropic_background=params.background == "isotropic")
     try:
         indices = list(range(len(load_experiments(expt)))) if params.all_images else params.image_indices
         results = pipeline.process(expt, ctx.out_dir, refl_path=refl, image_indices=indices, params=ep,
@@ -77,6 +121,7 @@ def handle(ctx: JobContext, params: Params) -> None:
     ctx.metrics["n_stills"] = len(results)
     ctx.metrics["n_pixels"] = int(sum(r["n_pixels"] for r in results))
     ctx.metrics["n_masked_bragg"] = int(sum(r.get("n_masked_bragg", 0) for r in results))
+    ctx.metrics["background_method"] = results[0].get("background_method", "none") if results else "none"
 
 
 def warm_up() -> None:

@@ -69,8 +69,9 @@ class IsotropicProfile:
 
 
 def isotropic_profile(q: np.ndarray, intensity: np.ndarray, exposure: np.ndarray, *, gain: float = 1.0,
-                      n_shells: int | None = None, max_sample: int = 1_500_000, clip_nsigma: float = 3.0,
-                      iterations: int = 6, smooth_shells: float = 1.5, min_pixels: int = 20) -> IsotropicProfile:
+                      n_shells: int | None = None, max_sample: int = 1_500_000, clip_nsigma: float = 2.0,
+                      clip_low_nsigma: float = 4.0,
+                      iterations: int = 6, smooth_shells: float = 1.0, min_pixels: int = 20) -> IsotropicProfile:
     """Fit B(|q|) to a still's unmasked pixels (table columns ``q``, ``intensity``, ``exposure``).
 
     Pixels are sampled with a stride so that at most ``max_sample`` are used (the estimate per shell
@@ -91,7 +92,7 @@ def isotropic_profile(q: np.ndarray, intensity: np.ndarray, exposure: np.ndarray
         qs, I, e = qs[ok], I[ok], e[ok]
     m = qs.size
     if n_shells is None:
-        n_shells = int(np.clip(m // 2000, 16, 256))
+        n_shells = int(np.clip(m // 1000, 32, 256))
     if m == 0:
         nan = np.full(n_shells, np.nan)
         return IsotropicProfile(nan.copy(), nan, nan.copy(), np.zeros(n_shells, np.int64), stride, clip_nsigma)
@@ -102,13 +103,21 @@ def isotropic_profile(q: np.ndarray, intensity: np.ndarray, exposure: np.ndarray
     mean = np.bincount(b, I, minlength=n_shells) / np.maximum(cnt, 1)
     g = float(gain)
     keep = np.ones(m, bool)
+    from scipy.stats import norm
+
+    # E[x | -a < x < c] of a unit Gaussian is -(phi(c) - phi(a)) / (Phi(c) - Phi(-a)): add it back
+    trunc = float((norm.pdf(clip_nsigma) - norm.pdf(clip_low_nsigma))
+                  / (norm.cdf(clip_nsigma) - norm.cdf(-clip_low_nsigma)))
     for _ in range(iterations):
         mu = mean[b]
         counts = np.maximum(mu * e, g) * g  # model variance of the pixel's counts (ADU^2)
         sig = np.sqrt(counts) / e
-        keep = np.abs(I - mu) <= clip_nsigma * sig
+        d = I - mu
+        keep = (d <= clip_nsigma * sig) & (d >= -clip_low_nsigma * sig)
         cnt = np.bincount(b, keep, minlength=n_shells).astype(np.float64)
-        new = np.bincount(b, np.where(keep, I, 0.0), minlength=n_shells) / np.maximum(cnt, 1)
+        # mean of the kept values, plus the shift that cutting a Gaussian at +clip_nsigma sigma causes
+        new = (np.bincount(b, np.where(keep, I, 0.0), minlength=n_shells)
+               + trunc * np.bincount(b, np.where(keep, sig, 0.0), minlength=n_shells)) / np.maximum(cnt, 1)
         if np.allclose(new, mean, rtol=1e-6, atol=0):
             mean = new
             break
@@ -231,7 +240,7 @@ def _interp_rows(rows: np.ndarray, yb: np.ndarray) -> np.ndarray:
 
 def estimate_background(frames: Sequence[Sequence[np.ndarray]], frame_flags: Sequence[Sequence[np.ndarray]],
                         static_bad: Sequence[np.ndarray] | None = None, *, bin_px: int = 8,
-                        smooth_bins: float = 1.0, outlier_nsigma: float = 6.0, gain: float = 1.0) -> FrameBackground:
+                        smooth_bins: float = 0.5, outlier_nsigma: float = 6.0, gain: float = 1.0) -> FrameBackground:
     """Smooth background per pixel from background-only frames (see the module docstring).
 
     ``frames[f][p]``: counts of frame f, panel p; ``frame_flags[f][p]``: that frame's flags (nonzero =
