@@ -332,7 +332,8 @@ def demo(
 ):
     """Generate a 4D-STEM scan with planted domains and fields, map it, and score the maps against the truth.
 
-    Exit 0 only if Ex and Ey correlate >= 0.95 with the planted deflections and the cluster map
+    Exit 0 only if -Ex and -Ey (E points against the deflection) correlate >= 0.95 with the planted deflections,
+    the quality report passes, and the cluster map
     matches the planted domains on >= 95% of positions.
     """
     import json
@@ -358,14 +359,16 @@ def demo(
         reference_dset=None, set_=[], quiet=True)
     rs = out / "result" / "realspace"
     ex, ey = tifffile.imread(rs / "Ex.tif"), tifffile.imread(rs / "Ey.tif")
-    cx = float(np.corrcoef(ex.ravel(), truth["fx"].ravel())[0, 1])
-    cy = float(np.corrcoef(ey.ravel(), truth["fy"].ravel())[0, 1])
+    cx = float(np.corrcoef(-ex.ravel(), truth["fx"].ravel())[0, 1])  # E = -field_scale x CoM
+    cy = float(np.corrcoef(-ey.ravel(), truth["fy"].ravel())[0, 1])
+    quality = json.loads((out / "result" / "logs" / "run.json").read_text())["report"]["quality"]
     argmax = tifffile.imread(rs / "S_argmax.tif")
     match = float(np.mean(argmax == truth["domains"]))
     summary = {"scan": [size, size], "detector": list(truth["data"].shape[2:]), "corr_Ex_vs_planted": round(cx, 4),
                "corr_Ey_vs_planted": round(cy, 4), "cluster_map_match": round(match, 4),
+               "quality_passed": quality["passed"], "quality_failed": quality["failed"],
                "outputs": str(out / "result")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(json.dumps(summary, indent=2))
-    if min(cx, cy) < 0.95 or match < 0.95:
+    if min(cx, cy) < 0.95 or match < 0.95 or not quality["passed"]:
         raise typer.Exit(1)
