@@ -319,7 +319,10 @@ def run(inputs: Sequence[Path], out_dir: Path, opt: MergeOptions, scales_path: P
                     table.close(ok)
             for ref in reference:
                 _close(ref)
-            extra = {"grid_info": grid_info, "n_rejected": sum(v["n_rejected"] for v in per_still.values()),
+            extra = {"grid_info": grid_info, "average_unit_cell": grid_info["average_unit_cell"],
+                     "weighting": sorted({"exposure" if getattr(s, "has_weight", False) or getattr(s, "weight", None)
+                                          is not None else "inverse_variance" for s in sources}),
+                     "n_rejected": sum(v["n_rejected"] for v in per_still.values()),
                      "n_outside_grid": sum(v["n_outside_grid"] for v in per_still.values()),
                      "scales_applied": scales is not None}
             outputs = finalize(acc, grid, out_dir, opt, symmetry=symmetry, extra_stats=extra, inputs=input_hashes,

@@ -212,18 +212,25 @@ def test_hdf5_backend_equals_in_memory_with_eviction_and_reopen(tmp_path, cache_
         assert h5.n_obs == mem.n_obs
 
 
-def test_hdf5_partials_merge_like_in_memory_parts(tmp_path):
+@pytest.mark.parametrize("with_weight", [False, True], ids=["w=1/sigma2", "w=exposure"])
+def test_hdf5_partials_merge_like_in_memory_parts(tmp_path, with_weight):
+    """Scale after the fact on HDF5 partials (blocked backend) == scale at accumulation in memory."""
     grid = _grid()
     stills = _stills(4, smooth, seed=7, sigma0=1.0)
+    rng = np.random.default_rng(3)
     mem = VoxelAccumulator(grid, n_halves=2)
     with H5VoxelAccumulator(tmp_path / "merged.h5", grid, n_halves=2, mode="w", cache_bytes=128 * 1024,
                             block_shift=12) as merged:
         for i, s in enumerate(stills):
-            with H5VoxelAccumulator(tmp_path / f"p{i}.h5", grid, mode="w") as p:
-                p.add(s.h, s.k, s.l, s.intensity, s.sigma, still_id=s.still_id)
+            w = rng.uniform(0.3, 1.0, s.n_obs) if with_weight else None
+            b = 1.7 + 0.2 * i
+            with H5VoxelAccumulator(tmp_path / f"p{i}.h5", grid, mode="w", cache_bytes=64 * 1024,
+                                    block_shift=12) as p:
+                assert p._dense is None
+                p.add(s.h, s.k, s.l, s.intensity, s.sigma, still_id=s.still_id, weight=w)
             with H5VoxelAccumulator(tmp_path / f"p{i}.h5", mode="r") as p:
-                merged.merge(p, scale=1.7, half=i % 2)
-            mem.add(s.h, s.k, s.l, s.intensity, s.sigma, half=i % 2, scale=1.7, still_id=s.still_id)
+                merged.merge(p, scale=b, half=i % 2)
+            mem.add(s.h, s.k, s.l, s.intensity, s.sigma, half=i % 2, scale=b, still_id=s.still_id, weight=w)
         _assert_sums_close(merged.to_memory().sums, mem.sums)
 
 

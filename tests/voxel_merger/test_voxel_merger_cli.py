@@ -158,6 +158,34 @@ def test_worker_accumulate_and_merge_modes(stills, tmp_path):
     ctx = ctx_for("merge", partial_refs, {"mode": "merge", "backend": "hdf5"})
     STAGE.handler(ctx, Params(**ctx.job.params))
     assert ctx.outputs["map"].exists() and ctx.metrics["n_stills"] == 3
+    assert ctx.metrics["reject_sigma"] is None  # unscaled stills: no outlier test by default
+    # the grid built by the merger from {unit_cell, space_group, d_min, subdivisions} equals `grid` of the stills
+    # when given their average cell; partials made with it merge like the others
+    spec = {"unit_cell": info["average_unit_cell"], "space_group": "P 21 21 21", "d_min": info["d_min"],
+            "subdivisions": 3}
+    spec_refs = {}
+    for i, p in enumerate(paths[:3]):
+        ctx = ctx_for(f"spec{i}", {"still": root / "in" / p.name}, {"mode": "accumulate", "grid_spec": spec})
+        STAGE.handler(ctx, Params(**ctx.job.params))
+        spec_refs[f"partial_{i}"] = ctx.outputs["partial"]
+    from voxel_merger.storage import H5VoxelAccumulator
+
+    with H5VoxelAccumulator(spec_refs["partial_0"], mode="r") as a:
+        assert a.grid.shape == grid.shape and a.grid.lo == grid.lo and a.grid.space_group == grid.space_group
+    d_, _, scales = stills
+    sc = root / "in" / "scales.json"
+    sc.write_text(json.dumps(scales))
+    ctx = ctx_for("merge_scaled", {**spec_refs, "scales": sc}, {"mode": "merge"})
+    STAGE.handler(ctx, Params(**ctx.job.params))
+    assert ctx.metrics["reject_sigma"] == 5.0 and ctx.metrics["n_rejected"] == 0  # scaled: 5σ test, clean data
+    # |s| in the merged map uses the average refined cell of the 3 stills merged, not the spec's (6 stills) cell
+    info3 = grid_from_inputs(paths[:3], MergeOptions())[1]
+    np.testing.assert_allclose(ctx.metrics["average_unit_cell"], info3["average_unit_cell"], rtol=1e-12)
+    assert abs(ctx.metrics["average_unit_cell"][0] - info["average_unit_cell"][0]) > 1e-3
+    ctx = ctx_for("bad_spec", {"still": root / "in" / paths[0].name}, {"mode": "accumulate",
+                                                                       "grid_spec": {"unit_cell": [1, 2]}})
+    with pytest.raises(BadInput, match="grid_spec"):
+        STAGE.handler(ctx, Params(**ctx.job.params))
     ctx = ctx_for("run", {f"still_{i}": root / "in" / p.name for i, p in enumerate(paths[:3])},
                   {"mode": "run", "reject_sigma": 6.0, "symmetry": "auto"})
     STAGE.handler(ctx, Params(**ctx.job.params))

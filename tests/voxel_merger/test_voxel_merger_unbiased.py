@@ -283,3 +283,31 @@ def test_grid_from_spec_builds_the_reference_setting_grid_around_the_resolution_
     assert (g.voxel_ids(*H.T) >= 0).all()
     with pytest.raises(ValueError, match="d_min"):
         grid_from_spec({"unit_cell": [30, 30, 30, 90, 90, 90]})
+
+
+def test_diffuse_extractor_artifact_merges_to_net_counts_over_exposure(tmp_path):
+    """A real extractor artifact (schema v4, stored ``exposure``): each voxel's value is Σ(raw − background)/Σ exposure
+    of the extractor's own table, i.e. the pooled counts, not a 1/σ²-weighted mean."""
+    from diffuse_extractor import synthetic
+    from diffuse_extractor.artifacts import write_still as write_extracted
+    from diffuse_extractor.core.extract import ExtractionParams, extract_still
+
+    from voxel_merger.artifacts import open_still, read_map
+    from voxel_merger.pipeline import MergeOptions, run
+
+    s = synthetic.render(synthetic.make_experiment())
+    res = extract_still(s.experiment, s.data, s.reflections, params=ExtractionParams(beamstop="none"))
+    path = write_extracted(tmp_path / "x.h5", res, s.experiment, parameters={}, inputs={})
+    with open_still(path) as st:
+        assert st.has_weight
+    out, stats = run([path], tmp_path / "out", MergeOptions(backend="memory", reference_setting=False, d_min=2.0))
+    m = read_map(out["map"])
+    t = res.table
+    ids = m.grid.voxel_ids(t["h"].astype(float), t["k"].astype(float), t["l"].astype(float))
+    ok = ids >= 0
+    net = np.bincount(ids[ok], weights=(t["raw"] - t["background"])[ok].astype(float), minlength=m.grid.n_voxels)
+    expo = np.bincount(ids[ok], weights=t["exposure"][ok].astype(float), minlength=m.grid.n_voxels)
+    meas = m.counts.ravel() > 0
+    assert meas.sum() > 100
+    np.testing.assert_allclose(m.intensity.ravel()[meas], net[meas] / expo[meas], rtol=1e-5,
+                               atol=1e-6 * np.abs(net[meas] / expo[meas]).max())
