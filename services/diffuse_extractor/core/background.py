@@ -69,18 +69,21 @@ class IsotropicProfile:
 
 
 def isotropic_profile(q: np.ndarray, intensity: np.ndarray, exposure: np.ndarray, *, gain: float = 1.0,
-                      n_shells: int | None = None, max_sample: int = 1_500_000, clip_nsigma: float = 2.0,
+                      n_shells: int | None = None, max_sample: int = 262_144, clip_nsigma: float = 2.5,
                       clip_low_nsigma: float = 4.0,
                       iterations: int = 6, smooth_shells: float = 1.0, min_pixels: int = 20) -> IsotropicProfile:
     """Fit B(|q|) to a still's unmasked pixels (table columns ``q``, ``intensity``, ``exposure``).
 
-    Pixels are sampled with a stride so that at most ``max_sample`` are used (the estimate per shell
-    is still from thousands of pixels on a 6M detector). Per shell of |q| (``n_shells`` equal
-    widths between the smallest and largest |q|; default from the sample size, 16..256), starting
-    from the shell mean, ``iterations`` times: keep the pixels within ``clip_nsigma`` model sigmas
-    of the current B (model variance of a pixel: ``gain max(B e, gain) / e^2`` with its exposure
-    e = 1/correction) and take their mean. The shell means are then smoothed along |q| with a
-    Gaussian of ``smooth_shells`` shells (weighted by the pixel counts).
+    Pixels are sampled with a stride so that at most ``max_sample`` are used (~1000 per shell on a
+    6M detector). Per shell of |q| (``n_shells`` equal widths between the smallest and largest |q|;
+    default from the sample size, 32..256), starting from the shell mean, ``iterations`` times: in
+    photons, a pixel expects lambda = B e / gain (e = exposure = 1/correction); keep it when its
+    photons x lie within [lambda - clip_low_nsigma sqrt(lambda), lambda + clip_nsigma sqrt(lambda)],
+    and set B = (mean of the kept intensities) / f, where f = E[X | X <= C] / lambda for a Poisson
+    X of the shell's mean lambda and its cut C = floor(lambda + clip_nsigma sqrt(lambda)) (exactly
+    P(X <= C - 1) / P(X <= C)): cutting the upper tail would otherwise bias B low at a few photons.
+    The shell values are then smoothed along |q| with a Gaussian of ``smooth_shells`` shells
+    (weighted by the pixel counts).
     """
     n = int(np.shape(q)[0])
     stride = max(1, -(-n // max_sample))
@@ -101,23 +104,26 @@ def isotropic_profile(q: np.ndarray, intensity: np.ndarray, exposure: np.ndarray
     b = np.minimum(((qs - lo) / width).astype(np.int64), n_shells - 1)
     cnt = np.bincount(b, minlength=n_shells).astype(np.float64)
     mean = np.bincount(b, I, minlength=n_shells) / np.maximum(cnt, 1)
+    from scipy.stats import poisson
+
     g = float(gain)
     keep = np.ones(m, bool)
-    from scipy.stats import norm
-
-    # E[x | -a < x < c] of a unit Gaussian is -(phi(c) - phi(a)) / (Phi(c) - Phi(-a)): add it back
-    trunc = float((norm.pdf(clip_nsigma) - norm.pdf(clip_low_nsigma))
-                  / (norm.cdf(clip_nsigma) - norm.cdf(-clip_low_nsigma)))
+    ep = e / g  # photons per unit intensity
+    x = I * ep  # photons
     for _ in range(iterations):
-        mu = mean[b]
-        counts = np.maximum(mu * e, g) * g  # model variance of the pixel's counts (ADU^2)
-        sig = np.sqrt(counts) / e
-        d = I - mu
-        keep = (d <= clip_nsigma * sig) & (d >= -clip_low_nsigma * sig)
+        lam = np.maximum(mean[b], 0.0) * ep
+        root = np.sqrt(np.maximum(lam, 1.0))
+        d = x - lam
+        keep = (d <= clip_nsigma * root) & (d >= -clip_low_nsigma * root)
         cnt = np.bincount(b, keep, minlength=n_shells).astype(np.float64)
-        # mean of the kept values, plus the shift that cutting a Gaussian at +clip_nsigma sigma causes
-        new = (np.bincount(b, np.where(keep, I, 0.0), minlength=n_shells)
-               + trunc * np.bincount(b, np.where(keep, sig, 0.0), minlength=n_shells)) / np.maximum(cnt, 1)
+        kept_mean = np.bincount(b, np.where(keep, I, 0.0), minlength=n_shells) / np.maximum(cnt, 1)
+        lam_shell = np.maximum(mean, 0.0) * np.bincount(b, np.where(keep, ep, 0.0), minlength=n_shells) \
+            / np.maximum(cnt, 1)
+        cut = np.floor(lam_shell + clip_nsigma * np.sqrt(np.maximum(lam_shell, 1.0)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f = poisson.cdf(cut - 1, lam_shell) / poisson.cdf(cut, lam_shell)
+        f = np.where(np.isfinite(f) & (f > 0.5), f, 1.0)
+        new = kept_mean / f
         if np.allclose(new, mean, rtol=1e-6, atol=0):
             mean = new
             break
