@@ -541,8 +541,10 @@ class PolarPipeline:
             conf_rep["note"] = "near chance level: clusters are not separated by the templates"
         else:
             conf_rep["note"] = "non-saturated: clusters separated"
+        t0 = time.perf_counter()
         quality = self._quality(rx_, ry_, bcx, bcy, com_gates, ids_v, stats_v, cy, cx, conf, Cv, temp, temp_auto,
                                 coverage, ex, ey)
+        self.timings["quality_checks"] = time.perf_counter() - t0
         given = self.labels
         agree = float(np.mean(argmax_ids.ravel()[np.isin(given, ids_v)] == given[np.isin(given, ids_v)])) \
             if np.any(np.isin(given, ids_v)) else None
