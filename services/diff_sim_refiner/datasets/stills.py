@@ -74,11 +74,11 @@ class StillsSpec:
     wilson_B: float = 10.0                       # A^2: <|F|^2> = exp(-B |q|^2 / 2)
     # Bragg crystal
     bragg_cells: tuple[int, int, int] = (12, 12, 8)
-    mosaic_spread_deg: float = 0.2
+    mosaic_spread_deg: float = 0.4
     mosaic_domains: int = 20
     bragg_oversample: int = 3
     #: photons at the exact Bragg condition (domain-averaged peak) of a reflection with |F|^2 = <|F|^2>(q=0)
-    bragg_peak_photons: float = 1500.0
+    bragg_peak_photons: float = 10000.0
     # diffuse crystal
     diffuse_cells: tuple[int, int, int] = (4, 4, 4)
     #: diffuse photons averaged over reciprocal space at q -> 0 (the halo peak is this / mean halo profile)
@@ -368,26 +368,33 @@ class StillsRenderer:
 
 
 def _orientations(spec: StillsSpec) -> tuple[list[np.ndarray], np.ndarray]:
+    """Uniformly random U (dxtbx convention, q = U B h) and log-normal scales (median 1); still i's draw depends
+    on (seed, i) only, so a run's first stills are the same whatever n_stills."""
     from scipy.spatial.transform import Rotation
 
-    rng = np.random.default_rng([spec.seed, 2])
-    U = [Rotation.random(random_state=rng).as_matrix() for _ in range(spec.n_stills)]
-    scales = np.exp(rng.normal(0.0, spec.scale_sigma, spec.n_stills))
-    return U, scales
+    U, scales = [], []
+    for i in range(spec.n_stills):
+        rng = np.random.default_rng([spec.seed, 2, i])
+        U.append(Rotation.random(random_state=rng).as_matrix())
+        scales.append(math.exp(rng.normal(0.0, spec.scale_sigma)))
+    return U, np.asarray(scales)
 
 
 def generate_stills(out_dir: str | Path, spec: Optional[StillsSpec] = None,
-                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    renderer: Optional[StillsRenderer] = None) -> dict:
     """Write ``still_NNNN.cbf`` (n_stills), ``bkg_NNNN.cbf`` (n_background_frames), ``structure_factors.npz``
     and ``truth.json`` into ``out_dir``; return the truth dict (also what :func:`diffuse_truth` takes).
 
     ``progress(done, total)`` is called after each frame. Orientations and scales depend on ``seed`` only,
-    the Poisson draws on (seed, noise_seed, dose), so the same spec gives identical files.
+    the Poisson draws on (seed, noise_seed, dose), so the same spec gives identical files. ``renderer``: a
+    :class:`StillsRenderer` already set up for a spec with the same geometry, structure factors and levels
+    (saves its set-up; it does not depend on n_stills, n_background_frames, dose or noise_seed).
     """
     spec = spec or StillsSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    r = StillsRenderer(spec)
+    r = renderer if renderer is not None else StillsRenderer(spec)
     U, scales = _orientations(spec)
     noise = np.random.default_rng([spec.seed, 3, spec.noise_seed])
     header = CBFHeader(pixel_mm=spec.pixel_mm, distance_mm=spec.distance_mm, wavelength_A=spec.wavelength_A,
@@ -454,8 +461,10 @@ def dose_pair(out_dir: str | Path, spec: Optional[StillsSpec] = None, factor: fl
     ``spec.dose / factor`` in ``out_dir/low``, with independent Poisson draws. Returns (high, low) truths."""
     spec = spec or StillsSpec()
     out = Path(out_dir)
-    high = generate_stills(out / "high", spec, progress)
-    low = generate_stills(out / "low", replace(spec, dose=spec.dose / factor, noise_seed=spec.noise_seed + 1), progress)
+    r = StillsRenderer(spec)
+    high = generate_stills(out / "high", spec, progress, renderer=r)
+    low = generate_stills(out / "low", replace(spec, dose=spec.dose / factor, noise_seed=spec.noise_seed + 1),
+                          progress, renderer=r)
     return high, low
 
 
