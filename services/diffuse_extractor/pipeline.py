@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,6 +17,25 @@ from .core.extract import ExtractionParams, GeometryCache, extract_still
 from .core.masks import RunPixelStatistics, untrusted_and_overload
 
 log = logging.getLogger("diffuse_extractor")
+
+#: auto-detected beamstops per run (run key -> GeometryCache.beamstop dict), so that the jobs of one run
+#: that a worker handles (one still per job on the bus) search for the shadow once, as a multi-still job does
+_RUN_BEAMSTOPS: "OrderedDict[str, dict]" = OrderedDict()
+RUN_BEAMSTOP_ENTRIES = 8
+_RUN_LOCK = threading.Lock()
+
+
+def _run_beamstop_store(run_key: str | None) -> dict:
+    if not run_key:
+        return {}
+    with _RUN_LOCK:
+        store = _RUN_BEAMSTOPS.pop(run_key, None)
+        if store is None:
+            store = {}
+        _RUN_BEAMSTOPS[run_key] = store
+        while len(_RUN_BEAMSTOPS) > RUN_BEAMSTOP_ENTRIES:
+            _RUN_BEAMSTOPS.popitem(last=False)
+        return store
 
 
 def warm_up() -> None:
@@ -44,11 +65,13 @@ def run_stats(experiments, indices: Sequence[int], path="<experiments>", progres
 def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path | None = None,
             image_indices: Sequence[int] = (0,), params: ExtractionParams | None = None,
             background_path: str | Path | None = None, hot_dead: bool = True, pngs: bool = True,
-            job_id: str | None = None, progress: Callable | None = None) -> list[dict]:
+            job_id: str | None = None, progress: Callable | None = None, run_key: str | None = None) -> list[dict]:
     """Extract each selected still of ``expt_path`` into ``out_dir/<stem>_NNNN.h5`` (+ PNGs).
 
     Hot/dead pixels need a run: with ``hot_dead`` and >= 3 stills selected they are found from
     the selected stills' statistics first. Returns one summary dict per still.
+    ``run_key`` (e.g. the bus run id): stills of the same run processed by this process reuse the
+    beamstop auto-detected on the first of them (as the stills of one call always do).
     """
     from diffractflow.artifacts import sha256_file
 
@@ -70,6 +93,7 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
         inputs["background"] = sha256_file(background_path)
     dyn = run_stats(experiments, image_indices, expt_path) if hot_dead and len(image_indices) >= 3 else None
     cache = GeometryCache()
+    cache.beamstop = _run_beamstop_store(run_key) if run_key else cache.beamstop
     results = []
     stem = Path(expt_path).stem
     for i in image_indices:

@@ -35,6 +35,9 @@ class Params(BaseModel):
     background: Literal["none", "isotropic"] = "none"
     #: DIALS' Lorentz factor for rotation frames (off: diffuse pixels need none; stills never get one)
     lorentz: bool = False
+    #: with beamstop="auto": the beamstop found in a run's first still (on this worker) serves the run's later
+    #: stills (jobs with the same run_id), as within a multi-still job; False searches every still
+    beamstop_per_run: bool = True
     background_bin_px: int = Field(8, ge=1, le=256, description="mode=background: bin size (pixels)")
     background_smooth_bins: float = Field(0.5, ge=0, le=50, description="mode=background: Gaussian sigma (bins)")
     background_outlier_nsigma: float = Field(6.0, gt=0, description="mode=background: outlier cut (Poisson sigmas)")
@@ -111,7 +114,9 @@ def handle(ctx: JobContext, params: Params) -> None:
         indices = list(range(len(load_experiments(expt)))) if params.all_images else params.image_indices
         results = pipeline.process(expt, ctx.out_dir, refl_path=refl, image_indices=indices, params=ep,
                                    background_path=bkg, hot_dead=params.hot_dead, pngs=params.pngs,
-                                   job_id=ctx.job.job_id, progress=ctx.heartbeat)
+                                   job_id=ctx.job.job_id, progress=ctx.heartbeat,
+                                   run_key=ctx.job.run_id if params.beamstop_per_run and ctx.job.run_id != "adhoc"
+                                   else None)
     except (InputError, ValueError) as exc:
         raise BadInput(str(exc)) from exc
     for r in results:

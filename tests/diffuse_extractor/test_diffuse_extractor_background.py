@@ -359,3 +359,23 @@ def test_isotropic_estimate_is_unbiased_at_a_few_photons(photons):
     prof = isotropic_profile(q, inten, e)
     assert np.nanmean(prof.b) / B - 1 == pytest.approx(0, abs=0.015)
     assert np.isfinite(prof.b).sum() >= 32
+
+
+def test_beamstop_found_once_per_run_across_calls(thaumatin_cbfs, tmp_path):
+    """One still per call (as one job per still on the bus): with the same run key the later stills reuse the
+    beamstop of the run's first, with another run key it is searched again; the masks agree."""
+    from diffuse_extractor import pipeline
+    from diffuse_extractor.artifacts import read_still
+
+    e1 = _unindexed_still_expt(thaumatin_cbfs[0], tmp_path / "a.expt")
+    e2 = _unindexed_still_expt(thaumatin_cbfs[1], tmp_path / "b.expt")
+    kw = dict(params=ExtractionParams(outlier_nsigma=None), pngs=False, hot_dead=False)
+    r1 = pipeline.process(e1, tmp_path / "1", run_key="run-A", **kw)[0]["artifact"]
+    r2 = pipeline.process(e2, tmp_path / "2", run_key="run-A", **kw)[0]["artifact"]
+    r3 = pipeline.process(e2, tmp_path / "3", run_key="run-B", **kw)[0]["artifact"]
+    a1, a2, a3 = (read_still(p, columns=["x"]) for p in (r1, r2, r3))
+    assert a1["info"]["beamstop_mode"] == "auto" and a3["info"]["beamstop_mode"] == "auto"
+    assert a2["info"]["beamstop_mode"].startswith("auto (from the run")
+    bs = [(a["masks"][0] & 2) != 0 for a in (a1, a2, a3)]
+    assert bs[0].sum() > 1000 and np.array_equal(bs[0], bs[1])
+    assert (bs[2] != bs[1]).mean() < 0.01  # the run's first still's shadow is this still's too
