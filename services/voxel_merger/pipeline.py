@@ -108,7 +108,7 @@ def _apply_reindex(h, k, l, M):
 
 # ------------------------------------------------------------------ accumulation
 def _iterated_reject(own: np.ndarray, totals_of: Callable, references: Sequence, n_sigma: float,
-                     min_count: int) -> np.ndarray:
+                     min_count: int, poisson_floor: bool = False) -> np.ndarray:
     """Iterated leave-one-out rejection of members ``own`` (4, n) (True = reject).
 
     Round r compares each member with reference r: the sums of the members kept in round r-1
@@ -123,7 +123,7 @@ def _iterated_reject(own: np.ndarray, totals_of: Callable, references: Sequence,
         tot = np.array(totals_of(ref), dtype=np.float64)
         if not in_ref.all():
             tot[:, ~in_ref] += own[:, ~in_ref]  # as if present, so leave-one-out gives the plain mean
-        z = leave_one_out_z_sums(own, tot)
+        z = leave_one_out_z_sums(own, tot, poisson_floor)
         in_ref = ~((np.abs(z) > n_sigma) & (tot[0] >= min_count))
     return ~in_ref
 
@@ -136,7 +136,8 @@ def reject_mask(ids, I, sig, scale, references: Sequence, n_sigma: float, min_co
     """
     w, wi, w2v = observation_weights(I, sig, scale, weight)
     own = np.stack([np.ones_like(w), w, wi, w2v])
-    return _iterated_reject(own, lambda ref: ref.gather(ids), references, n_sigma, min_count)
+    return _iterated_reject(own, lambda ref: ref.gather(ids), references, n_sigma, min_count,
+                            poisson_floor=weight is not None)
 
 
 def accumulate_still(src, grid: GlobalGrid, acc, *, scale: float | None = None, half: int = 0,
@@ -399,7 +400,7 @@ def _partial_blocks(part, b: float | None):
         yield start, t
 
 
-def _still_voxel_z(start: int, t: np.ndarray, ref, excluded: np.ndarray | None):
+def _still_voxel_z(start: int, t: np.ndarray, ref, excluded: np.ndarray | None, poisson_floor: bool = False):
     """(voxel ids, |z|, voxels' still counts, own sums (4, m)) of one single-still block ``t`` (4, n).
 
     Each still's voxel estimate (Σw·I/Σw, σ = √Σw²σ²/Σw) is compared with the merged estimate
@@ -415,12 +416,13 @@ def _still_voxel_z(start: int, t: np.ndarray, ref, excluded: np.ndarray | None):
     if excluded is not None and excluded.size:
         out = np.isin(ids, excluded, assume_unique=True)
         tot[:, out] += own[:, out]
-    z = np.abs(leave_one_out_z_sums(own, tot))
+    z = np.abs(leave_one_out_z_sums(own, tot, poisson_floor))
     z[out] = np.nan  # already excluded: not a candidate again
     return ids, z, tot[0], own
 
 
-def _reject_rounds(plan, ref, opt: MergeOptions, heartbeat=None) -> dict[int, np.ndarray]:
+def _reject_rounds(plan, ref, opt: MergeOptions, heartbeat=None, poisson_floor: bool = False
+                   ) -> dict[int, np.ndarray]:
     """Still-voxels to drop: per round, in every voxel with >= reject_min_count stills, the still whose
     estimate deviates most from the others' mean, if by more than reject_sigma (|z|).
 
@@ -436,7 +438,7 @@ def _reject_rounds(plan, ref, opt: MergeOptions, heartbeat=None) -> dict[int, np
         for i, (p, _single, _sid, b, _half) in enumerate(plan):
             with _open_partial(p) as part:
                 for start, t in _partial_blocks(part, b):
-                    ids, z, n, own = _still_voxel_z(start, t, ref, excluded.get(i))
+                    ids, z, n, own = _still_voxel_z(start, t, ref, excluded.get(i), poisson_floor)
                     sel = (z > opt.reject_sigma) & (n >= opt.reject_min_count)
                     if sel.any():
                         cand_v.append(ids[sel])
@@ -543,7 +545,8 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                         ref.add_block(start, t[:, None, :], half=0)
                 if heartbeat:
                     heartbeat()
-            excluded = _reject_rounds(plan, ref, opt, heartbeat)
+            # exposure weights (every partial): Poisson floor on a still-voxel's variance (see leave_one_out_z_sums)
+            excluded = _reject_rounds(plan, ref, opt, heartbeat, poisson_floor=weighting == {"exposure"})
         merged = _new_acc(metric, 2, opt, tmpdir, "merged")
         if opt.write_table:
             table = ObservationTableWriter(out_dir / "observations.h5", metric, parameters=opt.params(),

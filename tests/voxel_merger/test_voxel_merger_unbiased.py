@@ -311,3 +311,46 @@ def test_diffuse_extractor_artifact_merges_to_net_counts_over_exposure(tmp_path)
     assert meas.sum() > 100
     np.testing.assert_allclose(m.intensity.ravel()[meas], net[meas] / expo[meas], rtol=1e-5,
                                atol=1e-6 * np.abs(net[meas] / expo[meas]).max())
+
+
+@pytest.mark.parametrize("mode", ["observations", "partials"])
+def test_outlier_rejection_keeps_zero_count_members_at_weak_signal(tmp_path, mode):
+    """At 0.1 photon per pixel most pixels (and many still-voxels) see nothing, σ from their counts is 0;
+    a 5σ test must not take them for outliers (that would bias the mean up): unbiased, ~nothing rejected."""
+    from voxel_merger.core.sources import ArrayStill
+    from voxel_merger.pipeline import MergeOptions, accumulate_still, merge_partials
+
+    rng = np.random.default_rng(17)
+    n_vox, n_pix, n_st, mu = 300, 40, 12, 0.1  # ~48 counts per voxel: a silent member is ~7σ from the others
+    grid = _grid_of(n_vox)
+    stills = []
+    for s in range(n_st):
+        e = rng.uniform(0.5, 1.5, n_vox * n_pix)
+        raw = rng.poisson(mu * e)
+        h = np.repeat(np.arange(n_vox), n_pix).astype(float)
+        stills.append(ArrayStill(f"w{s}", h, 0 * h, 0 * h, raw / e, np.sqrt(raw) / e, weight=e))
+    truth_se = np.sqrt(mu / (n_st * n_pix)) / np.sqrt(n_vox)  # per-voxel Poisson error, averaged over voxels
+    if mode == "observations":
+        ref = VoxelAccumulator(grid)
+        for st in stills:
+            accumulate_still(st, grid, ref, reference_setting=False)
+        acc = VoxelAccumulator(grid)
+        n_rej = sum(accumulate_still(st, grid, acc, reference=[ref], reject_sigma=5.0,
+                                     reference_setting=False)["n_rejected"] for st in stills)
+        mean = merge_sums(acc.totals())[0]
+    else:
+        from voxel_merger.storage import H5VoxelAccumulator
+        from voxel_merger.artifacts import read_map
+
+        parts = []
+        for st in stills:
+            with H5VoxelAccumulator(tmp_path / f"{st.still_id}.h5", grid, mode="w") as a:
+                a.add(st.h, st.k, st.l, st.intensity, st.sigma, still_id=st.still_id, weight=st.weight)
+                a.set_meta("weighting", "exposure")
+            parts.append(tmp_path / f"{st.still_id}.h5")
+        _, stats = merge_partials(parts, tmp_path / "m", MergeOptions(reject_sigma=5.0, write_table=False))
+        n_rej = stats["n_rejected"]
+        mean = read_map(tmp_path / "m" / "map.h5").intensity.ravel()
+    n_members = n_st * n_vox * (n_pix if mode == "observations" else 1)
+    assert n_rej < 1e-3 * n_members, n_rej
+    assert abs(np.nanmean(mean) - mu) < 4 * truth_se, (np.nanmean(mean) / mu - 1)

@@ -161,13 +161,18 @@ def expand_from_asu(store, ids: np.ndarray, mapper: AsuMapper) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ outliers
-def leave_one_out_z_sums(own: np.ndarray, totals: np.ndarray) -> np.ndarray:
+def leave_one_out_z_sums(own: np.ndarray, totals: np.ndarray, poisson_floor: bool = False) -> np.ndarray:
     """Deviation of one member (an observation, or one still's voxel sums) from the others in its voxel.
 
     ``own`` (4, n): the member's (count, w, w·I, w²σ²), scale already applied (w → b·w);
     ``totals`` (4, n): the voxel sums including the member.  With I = w·I/w, σ² = w²σ²/w² and
     the others' mean m_o = (Σw·I − w·I)/(Σw − w), var_o = (Σw²σ² − w²σ²)/(Σw − w)²:
     z = (I − m_o)/√(σ² + var_o).  NaN where no other member exists.
+
+    ``poisson_floor`` (weights are exposures, so w·I is in counts): σ² is at least m_o/w, the
+    Poisson variance the member would have at the others' mean.  σ² from the member's own counts
+    is 0 for a pixel (or still-voxel) that saw no photon; without the floor such members would be
+    judged many σ low at weak signal and rejecting them would bias the mean up.
     """
     own = np.asarray(own, dtype=np.float64)
     totals = np.asarray(totals, dtype=np.float64)
@@ -179,7 +184,10 @@ def leave_one_out_z_sums(own: np.ndarray, totals: np.ndarray) -> np.ndarray:
         has = (totals[0] - own[0] >= 1) & (sw_o > 1e-12 * np.maximum(totals[1], 1e-300))
         so = np.where(has, sw_o, 1.0)
         mean_o = np.where(has, swi_o / so, np.nan)
-        var = w2v / (w * w) + np.where(has, sw2v_o / (so * so), np.nan)
+        own_var = w2v / (w * w)
+        if poisson_floor:
+            own_var = np.maximum(own_var, np.maximum(mean_o, 0.0) / w)
+        var = own_var + np.where(has, sw2v_o / (so * so), np.nan)
         return (wi / w - mean_o) / np.sqrt(var)
 
 
@@ -192,7 +200,7 @@ def leave_one_out_z(intensity: np.ndarray, sigma: np.ndarray, totals: np.ndarray
     :func:`leave_one_out_z_sums`; NaN where no other observation exists.
     """
     w, wi, w2v = observation_weights(intensity, sigma, scale, weight)
-    return leave_one_out_z_sums(np.stack([np.ones_like(w), w, wi, w2v]), totals)
+    return leave_one_out_z_sums(np.stack([np.ones_like(w), w, wi, w2v]), totals, poisson_floor=weight is not None)
 
 
 # ------------------------------------------------------------------ statistics
