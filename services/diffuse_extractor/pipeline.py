@@ -65,13 +65,16 @@ def run_stats(experiments, indices: Sequence[int], path="<experiments>", progres
 def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path | None = None,
             image_indices: Sequence[int] = (0,), params: ExtractionParams | None = None,
             background_path: str | Path | None = None, hot_dead: bool = True, pngs: bool = True,
-            job_id: str | None = None, progress: Callable | None = None, run_key: str | None = None) -> list[dict]:
+            job_id: str | None = None, progress: Callable | None = None, run_key: str | None = None,
+            pixel_stats: str | Path | None = None, pixel_stats_min_stills: int = 3) -> list[dict]:
     """Extract each selected still of ``expt_path`` into ``out_dir/<stem>_NNNN.h5`` (+ PNGs).
 
     Hot/dead pixels need a run: with ``hot_dead`` and >= 3 stills selected they are found from
     the selected stills' statistics first. Returns one summary dict per still.
     ``run_key`` (e.g. the bus run id): stills of the same run processed by this process reuse the
     beamstop auto-detected on the first of them (as the stills of one call always do).
+    ``pixel_stats``: the run's running per-pixel statistics file (``core.runstats``): each still is added
+    to it, and from the ``pixel_stats_min_stills``-th still of the run on, its HOT/DEAD flags mask this still.
     """
     from diffractflow.artifacts import sha256_file
 
@@ -101,6 +104,18 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
         data, fmask = art.read_image(expt, j)
         refl = art.load_reflections(refl_path, experiment_index=i, identifier=expt.identifier) if refl_path else None
         image_path = art._image_path(expt, j)
+        image_sha = sha256_file(image_path) if Path(image_path).is_file() else ""
+        dyn_i = dyn
+        if pixel_stats is not None:
+            from .core import runstats
+
+            st = runstats.update_run_stats(pixel_stats, f"{image_sha or image_path}#{j}", data,
+                                           untrusted_and_overload(expt.detector, data, fmask))
+            if st.n_stills >= pixel_stats_min_stills:
+                rs = st.hot_dead_flags()
+                dyn_i = rs if dyn_i is None else [a | b for a, b in zip(dyn_i, rs)]
+            n_run_stills = st.n_stills
+            del st
         kw = {"background": background, "background_method": "image"}
         p_i = params
         if bmodel is not None:
@@ -110,14 +125,17 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
             p_i = replace(params, background_scale=params.background_scale * ratio)
             kw = {"background": bmodel["mean"], "background_variance": bmodel["variance"],
                   "background_method": "frames"}
-        res = extract_still(expt, data, refl, params=p_i, dynamic_flags=dyn, format_mask=fmask,
+        res = extract_still(expt, data, refl, params=p_i, dynamic_flags=dyn_i, format_mask=fmask,
                             geometry_cache=cache, image_index=j, **kw)
+        if pixel_stats is not None:
+            res.info.update(pixel_stats_stills=n_run_stills,
+                            hot_dead_from_run_stats=n_run_stills >= pixel_stats_min_stills)
         if bmodel is not None:
             res.info.update(background_exposure_ratio=ratio, background_scale_applied=p_i.background_scale,
                             background_notes=notes, background_frames=bmodel["n_frames"])
         h5 = out_dir / f"{stem}_{i:04d}.h5"
         art.write_still(h5, res, expt, parameters={**params.as_dict(), "hot_dead": dyn is not None},
-                        inputs={**inputs, "image": sha256_file(image_path) if Path(image_path).is_file() else ""},
+                        inputs={**inputs, "image": image_sha},
                         image_path=image_path, image_index=j, experiment_index=i, job_id=job_id,
                         producer_version=__version__, air_path_fraction=params.air_path_fraction,
                         air_density_g_cm3=params.air_density_g_cm3)

@@ -38,6 +38,10 @@ class Params(BaseModel):
     #: with beamstop="auto": the beamstop found in a run's first still (on this worker) serves the run's later
     #: stills (jobs with the same run_id), as within a multi-still job; False searches every still
     beamstop_per_run: bool = True
+    #: the run's running pixel statistics file, relative to the volume root (e.g. "runs/RUN/pixel_stats.h5"):
+    #: each still is added to it and, from the pixel_stats_min_stills-th still on, hot/dead pixels are masked
+    pixel_stats: Optional[str] = None
+    pixel_stats_min_stills: int = Field(3, ge=2)
     background_bin_px: int = Field(8, ge=1, le=256, description="mode=background: bin size (pixels)")
     background_smooth_bins: float = Field(0.5, ge=0, le=50, description="mode=background: Gaussian sigma (bins)")
     background_outlier_nsigma: float = Field(6.0, gt=0, description="mode=background: outlier cut (Poisson sigmas)")
@@ -112,11 +116,18 @@ def handle(ctx: JobContext, params: Params) -> None:
                           lorentz=params.lorentz, isotropic_background=params.background == "isotropic")
     try:
         indices = list(range(len(load_experiments(expt)))) if params.all_images else params.image_indices
+        stats_path = None
+        if params.pixel_stats:
+            try:
+                stats_path = ctx.volume.resolve(params.pixel_stats)
+            except Exception as exc:  # noqa: BLE001 - VolumeError: outside the volume
+                raise BadInput(f"pixel_stats: {exc}") from exc
         results = pipeline.process(expt, ctx.out_dir, refl_path=refl, image_indices=indices, params=ep,
                                    background_path=bkg, hot_dead=params.hot_dead, pngs=params.pngs,
                                    job_id=ctx.job.job_id, progress=ctx.heartbeat,
                                    run_key=ctx.job.run_id if params.beamstop_per_run and ctx.job.run_id != "adhoc"
-                                   else None)
+                                   else None, pixel_stats=stats_path,
+                                   pixel_stats_min_stills=params.pixel_stats_min_stills)
     except (InputError, ValueError) as exc:
         raise BadInput(str(exc)) from exc
     for r in results:

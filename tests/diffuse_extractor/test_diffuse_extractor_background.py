@@ -379,3 +379,57 @@ def test_beamstop_found_once_per_run_across_calls(thaumatin_cbfs, tmp_path):
     bs = [(a["masks"][0] & 2) != 0 for a in (a1, a2, a3)]
     assert bs[0].sum() > 1000 and np.array_equal(bs[0], bs[1])
     assert (bs[2] != bs[1]).mean() < 0.01  # the run's first still's shadow is this still's too
+
+
+# --------------------------------------------------------------------------- hot/dead from running statistics
+def test_running_pixel_statistics_hot_dead_rule(tmp_path):
+    """Hot (bright in every still) and dead (0 in every still) pixels are found from the run file; a pixel hit
+    by a Bragg peak in one still only, and peaks that move, are not; a still counted twice counts once."""
+    from diffuse_extractor.core import runstats
+    from diffuse_extractor.core.masks import MaskBit
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "run" / "pixel_stats.h5"
+    shapes = [(160, 160), (120, 160)]
+    for k in range(5):
+        frame = [rng.poisson(30.0, s).astype(np.float32) for s in shapes]
+        frame[0][20 + 10 * k, 100] = 5000.0  # a moving Bragg peak
+        if k == 1:
+            frame[0][50, 50] = 8000.0  # a peak on one pixel in one still only
+        frame[0][77, 33] = rng.poisson(900.0)  # hot
+        frame[1][12, 140] = 0.0  # dead
+        flags = [np.zeros(s, np.uint8) for s in shapes]
+        st = runstats.update_run_stats(path, f"still{k}", frame, flags)
+        if k == 2:  # a redelivered job: not counted again
+            st = runstats.update_run_stats(path, f"still{k}", frame, flags)
+            assert st.n_stills == 3
+    st = runstats.read_run_stats(path)
+    assert st.n_stills == 5 and int(st.n[0][0, 0]) == 5
+    np.testing.assert_allclose(st.total[0][50, 50] / 5, (8000 + 4 * 30) / 5, rtol=0.05)
+    hd = st.hot_dead_flags()
+    assert hd[0][77, 33] & MaskBit.HOT and hd[1][12, 140] & MaskBit.DEAD
+    assert not hd[0][50, 50] and int((hd[0] != 0).sum() + (hd[1] != 0).sum()) == 2
+    assert not path.with_name(path.name + ".lock").read_text()  # the lock file holds nothing
+
+
+def test_pipeline_masks_hot_pixel_from_the_third_still_on(tmp_path):
+    """Stills extracted one call at a time (as one job per still) share the run's statistics file."""
+    from diffuse_extractor import pipeline
+    from diffuse_extractor.artifacts import read_still
+    from diffuse_extractor.core.masks import MaskBit
+
+    rng = np.random.default_rng(9)
+    stats = tmp_path / "pixel_stats.h5"
+    arts = []
+    for k in range(3):
+        img = rng.poisson(40.0, (N, N)).astype(np.int32)
+        img[30, 40] = rng.poisson(2000.0)  # hot
+        cbf = _write_cbf(tmp_path / f"s{k}_0001.cbf", img, 1.0, 1.0)
+        expt = _unindexed_still_expt(cbf, tmp_path / f"s{k}.expt")
+        arts.append(pipeline.process(expt, tmp_path / f"o{k}", params=ExtractionParams(beamstop="none",
+                                                                                        outlier_nsigma=None),
+                                     pngs=False, pixel_stats=stats)[0]["artifact"])
+    a = [read_still(p, columns=["x"]) for p in arts]
+    assert [x["info"]["pixel_stats_stills"] for x in a] == [1, 2, 3]
+    assert not a[1]["masks"][0][30, 40] & MaskBit.HOT and a[1]["info"]["hot_dead_from_run_stats"] is False
+    assert a[2]["masks"][0][30, 40] & MaskBit.HOT and a[2]["info"]["n_masked_hot"] == 1
