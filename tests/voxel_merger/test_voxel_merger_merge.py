@@ -124,6 +124,8 @@ def test_leave_one_out_z_against_direct_computation(weighted):
     I = rng.normal(10, 2, 6)
     sig = rng.uniform(0.5, 2, 6)
     w = rng.uniform(0.2, 1.0, 6) if weighted else 1 / sig ** 2
+    if weighted:  # exposures: counts-like errors, above the Poisson floor m/w (tested separately below)
+        sig = rng.uniform(8.0, 10.0, 6)
     b = 1.7
     Is, ss, ws = I / b, sig / b, b * w  # the scaled observations
     tot = np.array([[6.0] * 6, [ws.sum()] * 6, [(ws * Is).sum()] * 6, [(ws ** 2 * ss ** 2).sum()] * 6])
@@ -133,6 +135,18 @@ def test_leave_one_out_z_against_direct_computation(weighted):
         m = (ws[o] * Is[o]).sum() / ws[o].sum()
         var_m = (ws[o] ** 2 * ss[o] ** 2).sum() / ws[o].sum() ** 2
         assert z[i] == pytest.approx((Is[i] - m) / np.sqrt(ss[i] ** 2 + var_m), rel=1e-10)
+    if weighted:  # a member that saw no photon (σ = 0): its variance is the Poisson one at the others' mean, m/w
+        sig0 = sig.copy()
+        sig0[0] = 0.0
+        I0 = I.copy()
+        I0[0] = 0.0
+        ss0, Is0 = sig0 / b, I0 / b
+        tot0 = np.array([[6.0] * 6, [ws.sum()] * 6, [(ws * Is0).sum()] * 6, [(ws ** 2 * ss0 ** 2).sum()] * 6])
+        z0 = leave_one_out_z(I0, sig0, tot0, scale=b, weight=w)[0]
+        o = np.arange(6) != 0
+        m = (ws[o] * Is0[o]).sum() / ws[o].sum()
+        var_m = (ws[o] ** 2 * ss0[o] ** 2).sum() / ws[o].sum() ** 2
+        assert z0 == pytest.approx(-m / np.sqrt(m / ws[0] + var_m), rel=1e-10)
 
 
 def test_cc_half_tracks_signal_to_noise():

@@ -147,7 +147,7 @@ CELL = (30.0, 32.0, 36.0, 90.0, 90.0, 90.0)
 
 @pytest.fixture(scope="module")
 def partial_set(tmp_path_factory):
-    """8 stills of a per-voxel constant truth with exposures and scales; clean and corrupted partials."""
+    """8 stills of a per-voxel constant truth (Poisson counts, exposures, scales); clean and corrupted partials."""
     from voxel_merger.artifacts import write_grid, write_still
     from voxel_merger.pipeline import MergeOptions, accumulate_one, define_grid
     from voxel_merger.synthetic import synthetic_still
@@ -157,7 +157,7 @@ def partial_set(tmp_path_factory):
 
     def truth(h, k, l):
         c = grid.voxel_hkl(np.maximum(grid.voxel_ids(h, k, l), 0))
-        return 50.0 + 20.0 * np.cos(c[:, 0]) * np.sin(c[:, 1] + c[:, 2])
+        return 500.0 + 200.0 * np.cos(c[:, 0]) * np.sin(c[:, 1] + c[:, 2])  # photons per unit exposure
 
     from scipy.spatial.transform import Rotation
 
@@ -173,8 +173,8 @@ def partial_set(tmp_path_factory):
                             sigma0=1.0, scale=b, cell_jitter=0.002,
                             U=Rotation.from_rotvec(rng.normal(0, 0.01, 3)).as_matrix() @ U0)
         expo = rng.uniform(0.5, 1.5, s.n_obs)
-        sig = s.sigma / np.sqrt(expo)
-        I = s.intensity.copy()
+        raw = rng.poisson(b * truth(s.h, s.k, s.l) * expo).astype(float)  # counts, as the extractor sees them
+        I, sig = raw / expo, np.sqrt(raw) / expo
         scales[s.still_id] = b
         stills.append(s)
         ids = grid.voxel_ids(s.h, s.k, s.l)
