@@ -84,7 +84,7 @@ def test_merged_sigma_matches_the_scatter_over_repeated_poisson_draws(mu):
     assert abs(mean.mean() / J - 1) < 0.01
 
 
-def test_files_with_an_exposure_column_merge_to_pooled_counts(tmp_path, caplog):
+def test_files_with_an_exposure_column_merge_to_pooled_counts(tmp_path):
     """Through the reader and `run`: a voxel's merged value is Σ net counts / Σ (b · exposure)."""
     from voxel_merger.artifacts import open_still, read_map, write_still
     from voxel_merger.pipeline import MergeOptions, run
@@ -148,8 +148,8 @@ CELL = (30.0, 32.0, 36.0, 90.0, 90.0, 90.0)
 @pytest.fixture(scope="module")
 def partial_set(tmp_path_factory):
     """8 stills of a per-voxel constant truth (Poisson counts, exposures, scales); clean and corrupted partials."""
-    from voxel_merger.artifacts import write_grid, write_still
-    from voxel_merger.pipeline import MergeOptions, accumulate_one, define_grid
+    from voxel_merger.artifacts import write_still
+    from voxel_merger.pipeline import MergeOptions, accumulate_one
     from voxel_merger.synthetic import synthetic_still
 
     d = tmp_path_factory.mktemp("partials")
