@@ -6,7 +6,7 @@ Per work unit (one still image, or one rotation sequence) under the output direc
 - ``<name>.refl``          integrated reflections (summation intensities, ``xyzcal``/``xyzobs``, ``bbox``);
 - ``<name>_indexed.refl``  the indexed strong spots used in refinement (observed centroids + hkl).
 
-Per job: ``summary.h5`` (schema ``diffractflow.stills_summary`` v1, see :data:`SUMMARY_FIELDS`),
+Per job: ``summary.h5`` (schema ``diffractflow.stills_summary`` v2, see :data:`SUMMARY_FIELDS`),
 one row per work unit in group ``/summary``: status and reason, spot counts, unit cell, A matrix,
 RMSDs, the q-vector validation and the paths (relative to the summary file) of the DIALS files.
 """
@@ -25,7 +25,7 @@ from diffractflow.artifacts import atomic_write_path, write_provenance
 from . import __version__
 
 SUMMARY_SCHEMA = "diffractflow.stills_summary"
-SUMMARY_SCHEMA_VERSION = "1"
+SUMMARY_SCHEMA_VERSION = "2"  # 2: strategy and attempts columns
 PRODUCER = "stills-processor"
 
 # column name -> (kind, units, description). kind: str, int, float, bool, or a shape tuple of floats.
@@ -36,7 +36,10 @@ SUMMARY_FIELDS: dict[str, tuple[Any, str, str]] = {
     "input_files": ("str", "", "JSON list of all input files of the unit (sequences have several)"),
     "frame": ("int", "", "image index inside a multi-image still file (0 for single-image files)"),
     "status": ("str", "", "indexed | non_hit | failed | error"),
-    "reason": ("str", "", "why the unit is not indexed (empty when indexed)"),
+    "reason": ("str", "", "why the unit is not indexed (empty when indexed; every failed strategy's reason when all failed)"),
+    "strategy": ("str", "", "processing strategy that indexed the still (core.params.STRATEGIES; "
+                 "'<name>+relaxed_profile' when integrated with the relaxed sigma_b cut-off; '' if not indexed)"),
+    "attempts": ("str", "", "JSON list of the failed attempts before it: {strategy, reason}"),
     "n_spots": ("int", "", "strong spots found"),
     "n_indexed": ("int", "", "strong spots given a Miller index by the indexer"),
     "n_refined": ("int", "", "indexed spots kept by the final refinement (outliers removed); RMSDs and validation use these"),
@@ -80,6 +83,7 @@ def empty_record() -> dict[str, Any]:
         else:
             rec[key] = np.full(kind, np.nan).tolist()
     rec["input_files"] = "[]"
+    rec["attempts"] = "[]"
     return rec
 
 
@@ -166,6 +170,7 @@ def read_summary(path: str | Path) -> list[dict[str, Any]]:
             v = data[i]
             row[key] = v.item() if isinstance(v, np.generic) else v
         row["input_files"] = json.loads(row.get("input_files") or "[]")
+        row["attempts"] = json.loads(row.get("attempts") or "[]")
         for key in ("expt_path", "refl_path", "indexed_refl_path"):
             row[key] = str(path.parent / row[key]) if row.get(key) else ""
         rows.append(row)

@@ -28,9 +28,6 @@ from .core.routing import SEQUENCE, STILL, UNREADABLE, WorkUnit
 
 log = logging.getLogger("stills_processor.batch")
 
-_PARAMS_CACHE: dict[ProcessingSettings, Any] = {}
-
-
 def warm_up() -> None:
     """Import DIALS once per process (a few seconds), so no image pays for it."""
     import dials.algorithms.indexing.indexer  # noqa: F401
@@ -43,14 +40,6 @@ def warm_up() -> None:
     from dials.array_family import flex  # noqa: F401
 
     logging.getLogger("dials").setLevel(logging.WARNING)
-
-
-def _stills_params(settings: ProcessingSettings):
-    from .core.params import stills_params
-
-    if settings not in _PARAMS_CACHE:
-        _PARAMS_CACHE[settings] = stills_params(settings)
-    return _PARAMS_CACHE[settings]
 
 
 def process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) -> dict[str, Any]:
@@ -76,10 +65,7 @@ def _process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) ->
         if unit.kind == UNREADABLE:
             raise UnreadableImage(unit.error)
         if unit.kind == STILL:
-            import copy
-
-            params = copy.deepcopy(_stills_params(settings))
-            out = process_still(unit.paths[0], unit.frame, settings, params=params)
+            out = process_still(unit.paths[0], unit.frame, settings)
         elif unit.kind == SEQUENCE:
             out = process_sequence(list(unit.paths), settings)
         else:
@@ -95,7 +81,8 @@ def _process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) ->
 
     rec.update(status=out.status, reason=out.reason, n_spots=out.n_spots, n_indexed=out.n_indexed,
                n_refined=out.n_refined, n_integrated=out.n_integrated, space_group=out.space_group,
-               rmsd_x_px=out.rmsd_x_px, rmsd_y_px=out.rmsd_y_px, rmsd_z=out.rmsd_z)
+               rmsd_x_px=out.rmsd_x_px, rmsd_y_px=out.rmsd_y_px, rmsd_z=out.rmsd_z,
+               strategy=out.strategy if out.status == "indexed" else "", attempts=json.dumps(out.attempts))
     if out.unit_cell is not None:
         crystal = out.experiments[0].crystal
         rec["unit_cell"] = list(out.unit_cell)
@@ -212,7 +199,13 @@ def summarise(rows: Sequence[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     """Small JSON-able figures of a batch."""
     counts = {s: sum(r["status"] == s for r in rows) for s in ("indexed", "non_hit", "failed", "error")}
     n_still = sum(r["kind"] == "still" for r in rows)
+    by_strategy: dict[str, int] = {}
+    for r in rows:
+        if r["status"] == "indexed" and r.get("strategy"):
+            by_strategy[r["strategy"]] = by_strategy.get(r["strategy"], 0) + 1
     return {
+        "n_indexed_by_strategy": by_strategy,
+        "n_fallback": sum(n for k, n in by_strategy.items() if k != "default"),
         "n_units": len(rows),
         **{f"n_{k}": v for k, v in counts.items()},
         "n_validation_passed": sum(bool(r["validation_passed"]) for r in rows),

@@ -39,7 +39,7 @@ def print_table(rows, console=None) -> None:
     colour = {"indexed": "green", "non_hit": "yellow", "failed": "red", "error": "bold red"}
     t = Table(title="stills-processor summary", show_lines=False)
     for col in ("name", "kind", "status", "spots", "indexed", "refined", "integr.", "a b c (Å)", "α β γ (°)", "SG",
-                "rmsd x,y (px)", "Δq med (1/Å)", "valid", "reason"):
+                "rmsd x,y (px)", "Δq med (1/Å)", "valid", "strategy", "reason"):
         t.add_column(col, overflow="fold")
     for r in rows:
         uc = r["unit_cell"]
@@ -50,6 +50,7 @@ def print_table(rows, console=None) -> None:
                   str(r["n_refined"]), str(r["n_integrated"]), cell, ang, r["space_group"] or "-",
                   f"{_fmt(r['rmsd_x_px'])},{_fmt(r['rmsd_y_px'])}", _fmt(r["q_median_error"], 5),
                   ("yes" if r["validation_passed"] else "no") if r["status"] == "indexed" else "-",
+                  r.get("strategy") or "-",
                   r["reason"] if len(r["reason"]) <= 90 else r["reason"][:87] + "...")
     console.print(t)
 
@@ -66,6 +67,11 @@ def run(
     min_spots: int = typer.Option(16, "--min-spots", help="Fewer strong spots than this: reported as a non-hit, not indexed."),
     q_tolerance: float = typer.Option(0.005, "--q-tolerance", help="Validation bound on the median |q_obs - q_pred| (1/Angstrom)."),
     px_tolerance: float = typer.Option(2.0, "--px-tolerance", help="Validation bound on the median detector offset (pixels)."),
+    strategies: Optional[str] = typer.Option(None, "--strategies", help="Comma-separated processing strategies tried in "
+                                             "order on a still until one indexes it (default: all, "
+                                             "default,radial_profile,strict_spots,fixed_detector,dials_index)."),
+    relaxed_sigma_b: float = typer.Option(0.5, "--relaxed-sigma-b", help="A still whose profile sigma_b exceeds DIALS' "
+                                          "0.1 deg cut-off is still integrated below this (deg; 0 = no relaxation)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
 ):
     """Process IMAGES with DIALS; write per-image .expt/.refl and summary.h5 under --out.
@@ -74,17 +80,20 @@ def run(
     reported in the summary, not errors), 1 when some input files were unreadable, 2 for usage errors.
     """
     from .batch import default_nproc, run_job
-    from .core.params import PhilError, ProcessingSettings, Symmetry, check_space_group, parse_unit_cell, validate_phil
+    from .core.params import (DEFAULT_STRATEGIES, PhilError, ProcessingSettings, Symmetry, check_space_group,
+                              check_strategies, parse_unit_cell, validate_phil)
 
     try:
         sg = check_space_group(space_group) if space_group else None
         uc = parse_unit_cell(unit_cell) if unit_cell else None
+        strats = check_strategies(strategies.split(",")) if strategies is not None else DEFAULT_STRATEGIES
     except ValueError as exc:
         _fail(str(exc))
-    if min_spots < 1 or q_tolerance <= 0 or px_tolerance <= 0:
-        _fail("--min-spots must be >= 1 and the tolerances > 0")
+    if min_spots < 1 or q_tolerance <= 0 or px_tolerance <= 0 or relaxed_sigma_b < 0:
+        _fail("--min-spots must be >= 1, the tolerances > 0 and --relaxed-sigma-b >= 0")
     settings = ProcessingSettings(symmetry=Symmetry(sg, uc), phil=tuple(phil), min_spots=min_spots,
-                                  q_tolerance=q_tolerance, px_tolerance=px_tolerance)
+                                  q_tolerance=q_tolerance, px_tolerance=px_tolerance, strategies=strats,
+                                  relaxed_sigma_b_cutoff=relaxed_sigma_b or None)
     try:
         if phil:
             validate_phil(settings)
@@ -116,6 +125,8 @@ def run(
         print_table(rows, Console(width=None if sys.stdout.isatty() else 200))
         typer.echo(f"{metrics['n_indexed']} indexed, {metrics['n_non_hit']} non-hits, {metrics['n_failed']} failed, "
                    f"{metrics['n_error']} unreadable in {metrics['wall_s']:.1f} s; summary: {summary}")
+        if metrics["n_fallback"]:
+            typer.echo("indexed by strategy: " + ", ".join(f"{k} {v}" for k, v in metrics["n_indexed_by_strategy"].items()))
     for r in rows:
         if r["status"] == "error":
             typer.secho(f"error: {r['reason']}", fg=typer.colors.RED, err=True)

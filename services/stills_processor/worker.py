@@ -27,6 +27,19 @@ class Params(BaseModel):
     min_spots: int = Field(16, ge=1, description="fewer strong spots: a non-hit")
     q_tolerance: float = Field(0.005, gt=0, description="validation bound, median |dq| (1/Angstrom)")
     px_tolerance: float = Field(2.0, gt=0, description="validation bound, median detector offset (px)")
+    strategies: Optional[List[str]] = Field(None, description="processing strategies tried in order on a still "
+                                            "(default: all of core.params.STRATEGIES)")
+    relaxed_sigma_b: float = Field(0.5, ge=0, description="integrate a still whose profile sigma_b exceeds DIALS' "
+                                   "0.1 deg cut-off if below this (deg; 0 = never)")
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, v):
+        if v is None:
+            return v
+        from .core.params import check_strategies
+
+        return list(check_strategies(v))
 
     @field_validator("space_group")
     @classmethod
@@ -66,14 +79,16 @@ def _image_inputs(ctx: JobContext):
 
 def handle(ctx: JobContext, params: Params) -> None:
     from .batch import default_nproc, run_job
-    from .core.params import ProcessingSettings, Symmetry
+    from .core.params import DEFAULT_STRATEGIES, ProcessingSettings, Symmetry
 
     names = _image_inputs(ctx)
     paths = [ctx.input_path(n) for n in names]
     settings = ProcessingSettings(
         symmetry=Symmetry(params.space_group, tuple(params.unit_cell) if params.unit_cell else None),
         phil=tuple(params.phil), min_spots=params.min_spots, q_tolerance=params.q_tolerance,
-        px_tolerance=params.px_tolerance)
+        px_tolerance=params.px_tolerance,
+        strategies=tuple(params.strategies) if params.strategies else DEFAULT_STRATEGIES,
+        relaxed_sigma_b_cutoff=params.relaxed_sigma_b or None)
     hashes = {n: (ctx.job.inputs[n].sha256 or "") for n in names}
 
     def done(i, row):

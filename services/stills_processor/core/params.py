@@ -42,6 +42,54 @@ SEQUENCE_DEFAULTS: tuple[str, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Strategy:
+    """One way of processing a still: DIALS overrides applied after the service defaults and the
+    known symmetry (the user's ``--phil`` still wins). ``spots`` says whether it changes spot finding
+    (if not, the spots of the first strategy are reused)."""
+
+    name: str
+    phil: tuple[str, ...]
+    spots: bool
+    help: str
+
+
+# The fallback cascade for a still the first strategy cannot process (issue 16 item 0). Measured on
+# rendered P4(3)2(1)2 stills with strong diffuse halos (services/diff_sim_refiner.diffuse_dataset): at
+# high dose the dispersion threshold merges halos and neighbouring Bragg spots into blobs with wrong
+# centroids (or trips max_strong_pixel_fraction) and indexing finds no lattice; a threshold against the
+# resolution-shell statistics (radial_profile) or a stricter sigma_strong separates the Bragg spots again.
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("default", (), False, "the service defaults (dials.stills_process scope, dials.index-style refinement)"),
+    Strategy("radial_profile", ("spotfinder.threshold.algorithm=radial_profile",), True,
+             "spots above the median + n_iqr x IQR of their resolution shell: a smooth diffuse signal, a water "
+             "ring or a high background rise the threshold of the whole shell instead of becoming spots"),
+    Strategy("strict_spots", ("spotfinder.threshold.algorithm=dispersion_extended",
+                              "spotfinder.threshold.dispersion.sigma_strong=10",
+                              "spotfinder.filter.min_spot_size=3"), True,
+             "dispersion threshold at 10 sigma (DIALS: 3): only sharp, strong Bragg spots, diffuse blobs dropped"),
+    Strategy("fixed_detector", ("refinement.parameterisation.detector.fix=all",
+                                "refinement.parameterisation.beam.fix=all"), False,
+             "dials.stills_process' refinement: detector and beam from the image header, crystal only"),
+    Strategy("dials_index", ("indexing.basis_vector_combinations.max_refine=50",
+                             "indexing.method=fft3d"), False,
+             "dials.index' own candidate search (50 candidate bases refined, not 5)"),
+)}
+DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)
+RELAXED_SIGMA_B_CUTOFF = 0.5  # deg; a still rejected by DIALS' 0.1 deg is integrated if sigma_b is below this
+
+
+def check_strategies(names: Sequence[str]) -> tuple[str, ...]:
+    """Validate strategy names (order kept); raises ValueError naming the unknown one."""
+    names = tuple(n.strip() for n in names if n.strip())
+    if not names:
+        raise ValueError("at least one processing strategy is needed (known: " + ", ".join(STRATEGIES) + ")")
+    for n in names:
+        if n not in STRATEGIES:
+            raise ValueError(f"unknown processing strategy {n!r} (known: {', '.join(STRATEGIES)})")
+    return names
+
+
 class PhilError(ValueError):
     """A ``--phil KEY=VALUE`` that no DIALS scope of the workflow understands."""
 
@@ -72,6 +120,8 @@ class ProcessingSettings:
     q_tolerance: float = 0.005  # 1/Angstrom, bound on the median |q_obs - q_pred| of indexed spots
     px_tolerance: float = 2.0  # pixels, bound on the median detector offset observed vs predicted
     write_indexed: bool = True  # also write <name>_indexed.refl (strong spots with Miller indices)
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES  # tried in order on a still until one processes it
+    relaxed_sigma_b_cutoff: float | None = RELAXED_SIGMA_B_CUTOFF  # deg; None: DIALS' cut-off is final
 
 
 def parse_unit_cell(text: str) -> tuple[float, float, float, float, float, float]:
@@ -115,12 +165,12 @@ def _interpret(master, args: Sequence[str]):
     return sources, unknown
 
 
-def stills_params(settings: ProcessingSettings):
-    """The working ``dials.stills_process`` parameters (a scope_extract) for one still."""
+def stills_params(settings: ProcessingSettings, strategy: str = "default"):
+    """The working ``dials.stills_process`` parameters (a scope_extract) for one still and strategy."""
     from dials.command_line.stills_process import phil_scope
 
     user = list(settings.phil)
-    args = list(STILLS_DEFAULTS) + settings.symmetry.phil_lines() + user
+    args = list(STILLS_DEFAULTS) + settings.symmetry.phil_lines() + list(STRATEGIES[strategy].phil) + user
     sources, _unknown = _interpret(phil_scope, args)  # sequence-only keys are skipped here
     return phil_scope.fetch(sources=sources).extract()
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .params import ProcessingSettings, sequence_params, stills_params
+from .params import STRATEGIES, ProcessingSettings, sequence_params, stills_params
 from .validation import QValidation, validate_q_vectors
 
 log = logging.getLogger("stills_processor.pipeline")
@@ -60,6 +60,8 @@ class Outcome:
     rmsd_z: float = math.nan  # stills: DeltaPsi (deg); sequences: phi (deg)
     validation: QValidation | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    strategy: str = ""  # the processing strategy that produced this outcome (stills; see params.STRATEGIES)
+    attempts: list[dict[str, str]] = field(default_factory=list)  # failed attempts before it: strategy, reason
     experiments: Any = None  # dxtbx ExperimentList (refined / integrated)
     strong: Any = None  # reflection tables
     indexed: Any = None
@@ -171,24 +173,96 @@ class _Timer:
 
 
 # ------------------------------------------------------------------------------- stills
+class ProfileTooWide(RuntimeError):
+    """The stills profile model's sigma_b is at or above the cut-off (DIALS rejects such a still)."""
+
+    def __init__(self, sigma_b: float, cutoff: float):
+        super().__init__(f"profile sigma_b {sigma_b:.3f} deg >= cutoff {cutoff}")
+        self.sigma_b, self.cutoff = sigma_b, cutoff
+
+
+_STRATEGY_PARAMS: dict[tuple, Any] = {}
+
+
+def _params_for(settings: ProcessingSettings, strategy: str):
+    """Working parameters of one strategy, built once per process (PHIL parsing costs seconds)."""
+    import copy
+
+    key = (settings, strategy)
+    if key not in _STRATEGY_PARAMS:
+        _STRATEGY_PARAMS[key] = stills_params(settings, strategy)
+    return copy.deepcopy(_STRATEGY_PARAMS[key])
+
+
 def process_still(path: str, frame: int, settings: ProcessingSettings, params=None) -> Outcome:
     """Import, find spots, index, refine, integrate and validate one still image.
+
+    The strategies of ``settings.strategies`` are tried in order (``params``, if given, are the first
+    strategy's parameters) until one gives an integrated still whose q-vector validation passes; each
+    failed attempt is kept in ``Outcome.attempts`` with its reason and ``Outcome.strategy`` names the one
+    that worked. A profile wider than DIALS' ``sigma_b_cutoff`` but below
+    ``settings.relaxed_sigma_b_cutoff`` is integrated at once (strategy ``<name>+relaxed_profile``).
+    Too few spots with the first strategy is a non-hit (no cascade: blank images stay cheap). If no
+    strategy passes validation, the first indexed-but-unvalidated result is returned.
 
     Raises :class:`UnreadableImage` for a file that cannot be read; every other failure is
     returned as an Outcome with status ``non_hit`` / ``failed`` and a reason.
     """
+    t_import = time.perf_counter()
+    expts = import_still(path, frame)
+    t_import = time.perf_counter() - t_import
+    names = settings.strategies or ("default",)
+    attempts: list[dict[str, str]] = []
+    first_spots = None  # the first strategy's spots, reused by strategies that keep spot finding
+    unvalidated: Outcome | None = None
+    out = Outcome(kind="still", status=FAILED)
+    unvalidated_attempts: list[dict[str, str]] = []
+    for k, name in enumerate(names):
+        if k > 0 and not STRATEGIES[name].spots and first_spots is None:
+            attempts.append({"strategy": name, "reason": "skipped: reuses the first strategy's spots, which failed"})
+            continue
+        p = params if (k == 0 and params is not None) else _params_for(settings, name)
+        out = _attempt_still(expts, p, settings, name, None if (k == 0 or STRATEGIES[name].spots) else first_spots)
+        out.timings["import"] = t_import
+        if k == 0:
+            first_spots = out.strong if out.n_spots else None
+            if out.status == NON_HIT:
+                return out
+        if out.status == INDEXED and out.validation is not None and out.validation.passed:
+            out.attempts = attempts + out.attempts
+            return out
+        if out.status == INDEXED:
+            if unvalidated is None:
+                unvalidated, unvalidated_attempts = out, attempts + out.attempts
+            attempts.append({"strategy": out.strategy, "reason": (
+                "q-vector validation failed (median |dq| %.2g 1/A, median offset %.2f px)"
+                % (out.validation.q_median, out.validation.px_median))})
+        else:
+            attempts.append({"strategy": out.strategy or name, "reason": out.reason})
+    if unvalidated is not None:
+        unvalidated.attempts = unvalidated_attempts
+        return unvalidated
+    out.attempts = attempts
+    if len(attempts) > 1:
+        out.reason = "; ".join(f"{a['strategy']}: {a['reason']}" for a in attempts)
+    return out
+
+
+def _attempt_still(expts, params, settings: ProcessingSettings, strategy: str, strong=None) -> Outcome:
+    """One strategy on one imported still (spots given by ``strong`` are reused, not found again)."""
     from dials.algorithms.indexing.indexer import Indexer
     from dials.array_family import flex
 
-    params = params or stills_params(settings)
-    out = Outcome(kind="still", status=FAILED)
-    timer = _Timer(out)
-    with timer("import"):
-        expts = import_still(path, frame)
+    out = Outcome(kind="still", status=FAILED, strategy=strategy)
     out.experiments = expts
-
-    with timer("find_spots"):
-        strong = flex.reflection_table.from_observations(expts, params, is_stills=True)
+    timer = _Timer(out)
+    if strong is None:
+        try:
+            with timer("find_spots"):
+                strong = flex.reflection_table.from_observations(expts, params, is_stills=True)
+        except Exception as exc:  # e.g. "number of strong pixels ... greater than the maximum allowed"
+            out.reason = f"spot finding failed: {_msg(exc)}"
+            return out
     out.strong = strong
     out.n_spots = len(strong)
     if out.n_spots < settings.min_spots:
@@ -233,9 +307,17 @@ def process_still(path: str, frame: int, settings: ProcessingSettings, params=No
 
     try:
         with timer("integrate"):
-            experiments, integrated = _integrate_stills(params, experiments, indexed)
+            try:
+                experiments, integrated = _integrate_stills(params, experiments, indexed)
+            except ProfileTooWide as wide:
+                relaxed = settings.relaxed_sigma_b_cutoff
+                if relaxed is None or wide.sigma_b >= relaxed:
+                    raise
+                out.attempts.append({"strategy": strategy, "reason": f"integration failed: {wide}"})
+                out.strategy = f"{strategy}+relaxed_profile"
+                experiments, integrated = _integrate_stills(params, experiments, indexed, sigma_b_cutoff=relaxed)
     except Exception as exc:
-        out.reason = f"integration failed: {_msg(exc)}"
+        out.reason = f"integration failed: {_msg(exc) if not isinstance(exc, ProfileTooWide) else exc}"
         return out
     out.experiments, out.integrated = experiments, integrated
     out.n_integrated = int(integrated.get_flags(integrated.flags.integrated_sum).count(True))
@@ -258,8 +340,10 @@ def _refine(params, experiments, indexed):
     return experiments, indexed
 
 
-def _integrate_stills(params, experiments, indexed):
-    """Stills integration as ``dials.stills_process`` does it (summation, simple background)."""
+def _integrate_stills(params, experiments, indexed, sigma_b_cutoff: float | None = None):
+    """Stills integration as ``dials.stills_process`` does it (summation, simple background).
+
+    ``sigma_b_cutoff`` (deg) replaces the parameters' cut-off; :class:`ProfileTooWide` if exceeded."""
     from dials.algorithms.integration.integrator import create_integrator
     from dials.algorithms.profile_model.factory import ProfileModelFactory
     from dials.array_family import flex
@@ -267,9 +351,9 @@ def _integrate_stills(params, experiments, indexed):
 
     reference, _ = process_reference(indexed.copy())
     experiments = ProfileModelFactory.create(params, experiments, reference)
-    cutoff = params.profile.gaussian_rs.parameters.sigma_b_cutoff
+    cutoff = sigma_b_cutoff if sigma_b_cutoff is not None else params.profile.gaussian_rs.parameters.sigma_b_cutoff
     if cutoff is not None and experiments[0].profile.sigma_b() >= cutoff:
-        raise RuntimeError(f"profile sigma_b {experiments[0].profile.sigma_b():.3f} deg >= cutoff {cutoff}")
+        raise ProfileTooWide(float(experiments[0].profile.sigma_b()), cutoff)
     predicted = flex.reflection_table.from_predictions_multi(
         experiments,
         dmin=params.prediction.d_min,
