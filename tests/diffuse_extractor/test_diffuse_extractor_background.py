@@ -433,3 +433,40 @@ def test_pipeline_masks_hot_pixel_from_the_third_still_on(tmp_path):
     assert [x["info"]["pixel_stats_stills"] for x in a] == [1, 2, 3]
     assert not a[1]["masks"][0][30, 40] & MaskBit.HOT and a[1]["info"]["hot_dead_from_run_stats"] is False
     assert a[2]["masks"][0][30, 40] & MaskBit.HOT and a[2]["info"]["n_masked_hot"] == 1
+
+
+def test_cli_background_then_run_and_worker_pixel_stats_path(tmp_path):
+    """`diffuse-extractor background` writes the artifact `run --background` applies; the worker refuses a
+    pixel-statistics path outside the volume."""
+    from typer.testing import CliRunner
+
+    from diffractflow.artifacts import sha256_file
+    from diffractflow.config import Settings
+    from diffractflow.messages import ArtifactRef, JobRequest
+    from diffractflow.runtime import BadInput, run_inline
+
+    from diffuse_extractor.artifacts import read_still
+    from diffuse_extractor.cli import app
+    from diffuse_extractor.worker import STAGE
+
+    rng = np.random.default_rng(2)
+    frames = [_write_cbf(tmp_path / f"b_{k + 1:04d}.cbf", rng.poisson(10.0, (N, N)), 1.0, 1.0) for k in range(2)]
+    still = _write_cbf(tmp_path / "s_0001.cbf", rng.poisson(25.0, (N, N)), 0.5, 1.0)
+    expt = _unindexed_still_expt(still, tmp_path / "s.expt")
+    runner = CliRunner()
+    res = runner.invoke(app, ["background", *map(str, frames), "--out", str(tmp_path / "bkg.h5"), "--beamstop", "none"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["run", "--expt", str(expt), "--out", str(tmp_path / "o"), "--background",
+                              str(tmp_path / "bkg.h5"), "--beamstop", "none", "--no-png", "--outlier-nsigma", "0"])
+    assert res.exit_code == 0, res.output
+    a = read_still(tmp_path / "o" / "s_0000.h5", columns=["intensity", "exposure", "background"])
+    assert a["attrs"]["background_method"] == "frames" and a["info"]["background_exposure_ratio"] == 0.5
+    net = a["pixels"]["intensity"] * a["pixels"]["exposure"]
+    assert abs(np.mean(net) - (25.0 - 5.0)) < 0.2  # 25 counts minus half of the frames' 10
+    vol = tmp_path / "vol"
+    (vol / "in").mkdir(parents=True)
+    shutil.copy(expt, vol / "in" / "s.expt")
+    job = JobRequest(job_id="ps-1", service="diffuse-extractor", params={"pixel_stats": "../outside.h5"},
+                     inputs={"experiments": ArtifactRef(path="in/s.expt", sha256=sha256_file(vol / "in" / "s.expt"))})
+    with pytest.raises(BadInput, match="pixel_stats"):
+        run_inline(STAGE, job, Settings(volume=vol))
