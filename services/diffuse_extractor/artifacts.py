@@ -548,7 +548,8 @@ def image_exposure(path: str | Path) -> dict[str, float | None]:
     return out
 
 
-def exposure_ratio(still: Mapping[str, float | None], background: Mapping[str, float | None]) -> tuple[float, list[str]]:
+def exposure_ratio(still: Mapping[str, float | None],
+                   background: Mapping[str, float | None]) -> tuple[float, list[str]]:
     """(t T)_still / (t T)_background, and warnings for every missing value (taken as equal: ratio 1)."""
     ratio, notes = 1.0, []
     for key, what in (("exposure_time_s", "exposure time"), ("transmission", "transmission")):
