@@ -350,20 +350,27 @@ class StillsRenderer:
         n = float(np.prod(s.bragg_cells))
         sigma_q = math.sqrt(GAUSS_XTAL_C) / (2.0 * n)
         det = self.detector.replace(oversample=s.bragg_oversample)
-        cr = self._crystal(A, s.bragg_cells, "GAUSS", mosaic=True)
+        reach = 5.0 * sigma_q + 0.9 * s.pixel_mm / s.distance_mm / s.wavelength_A
+        q = self.q.reshape(-1, 3).astype(np.float32)
+        img = np.zeros(self.q.shape[:2])
         with torch.no_grad():
-            p = self._prepare(cr, det, self.beam, self.table, dtype=torch.float32)
-            # pixels within 5 sigma (+ a pixel's reach) of a lattice point for some mosaic domain; elsewhere the
-            # Gaussian lattice transform is below exp(-12.5) of its peak and is not evaluated
-            reach = 5.0 * sigma_q + 0.9 * s.pixel_mm / s.distance_mm / s.wavelength_A
-            q = self.q.reshape(-1, 3)
-            near = np.zeros(len(q), bool)
-            for M in p.A.double().numpy() * 1e10:          # rows a, b, c (Angstrom) of each domain
-                hkl = q @ M.T
-                dq = q - np.ceil(hkl - 0.5) @ np.linalg.inv(M).T
-                near |= np.einsum("ij,ij->i", dq, dq) < reach * reach
-            near = torch.from_numpy(near.reshape(self.q.shape[:2]))
-            img = self._render(p, det, pixel_mask=near).numpy().astype(np.float64)
+            # nanoBragg's mosaic domains (the simulator's own rotations), then one single-domain render per domain
+            # restricted to the pixels within 5 sigma (+ a pixel's reach) of one of its lattice points; elsewhere
+            # the Gaussian lattice transform is below exp(-12.5) of its peak. The image is the domain mean, as
+            # nanoBragg's (its steps count the domains).
+            domains = self._prepare(self._crystal(A, s.bragg_cells, "GAUSS", mosaic=True), det, self.beam, None,
+                                    dtype=torch.float64).A.numpy() * 1e10        # rows a, b, c (Angstrom)
+            for M in domains:
+                Minv = np.linalg.inv(M)                                         # columns a*, b*, c*
+                dq = q - np.ceil(q @ M.T.astype(np.float32) - 0.5) @ Minv.T.astype(np.float32)
+                near = np.einsum("ij,ij->i", dq, dq) < reach * reach
+                if not near.any():
+                    continue
+                cr = self._crystal(Minv, s.bragg_cells, "GAUSS", mosaic=False)
+                p = self._prepare(cr, det, self.beam, self.table, dtype=torch.float32)
+                mask = torch.from_numpy(near.reshape(self.q.shape[:2]))
+                img += self._render(p, det, pixel_mask=mask).numpy()
+        img /= len(domains)
         return img * (s.bragg_peak_photons / (n * n * self.omega_ref)) * self.air
 
 
