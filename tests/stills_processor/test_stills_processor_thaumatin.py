@@ -34,6 +34,7 @@ def test_all_crystal_images_index_in_thaumatin_cell(thaumatin_run):
         row = thaumatin_run.row(name)
         assert row["kind"] == "still"
         assert row["status"] == "indexed", (name, row["reason"])
+        assert row["strategy"] == "default" and row["attempts"] == []  # the first strategy, as before the cascade
         assert row["space_group"] == "P 41 21 2"
         a, b, c, al, be, ga = row["unit_cell"]
         assert abs(a / 57.8 - 1) < 0.01 and abs(b / 57.8 - 1) < 0.01, (name, row["unit_cell"])
