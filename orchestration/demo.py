@@ -50,22 +50,33 @@ def demo_run_config(truth: dict, n_stills: int) -> dict:
             "stills_phil": list(DEMO_STILLS_PHIL)}
 
 
-def evaluate_run(result_dir: Path, truth: dict) -> dict:
-    """The merged map against the planted diffuse truth, and recovered against planted per-still scales."""
-    from diff_sim_refiner.datasets.stills import DiffuseTruth
+def evaluate_run(rdir: Path, volume: Path, truth: dict, symmetry: str | None) -> dict:
+    """The merged map of run directory ``rdir`` against the planted diffuse truth, and recovered against planted
+    per-still scales (see :mod:`orchestration.validation`)."""
+    from diff_sim_refiner.datasets.stills import DiffuseTruth, StillsSpec, pixel_q
 
-    from .validation import map_vs_truth, scale_errors
+    from .validation import map_vs_truth, recovered_scales, sampled_reference, scale_errors
 
+    out = rdir / "output"
     t = DiffuseTruth.load(truth)
-    vs = map_vs_truth(result_dir / "map.h5", t.on_voxels)
-    names = json.loads((result_dir / "statistics.json").read_text()).get("still_names", {}) \
-        if (result_dir / "statistics.json").exists() else {}
-    planted = {s["file"]: s["scale"] for s in truth["stills"]}
-    sc = scale_errors(result_dir / "scales.json", names, planted)
+    names = json.loads((out / "statistics.json").read_text()).get("still_names", {})
+    rec = recovered_scales(out / "scales.json", names)
+    planted = {s["file"]: s for s in truth["stills"]}
+    stills = []
+    for p in sorted((rdir / "stills").glob("*.json")):
+        r = json.loads(p.read_text())
+        name = Path(r["image"]).name
+        if r["status"] == "ok" and name in planted:
+            stills.append({"table": volume / r["diffuse"]["path"], "A": planted[name]["A"], "scale": rec.get(name, 1.0)})
+    spec = StillsSpec(**{k: v for k, v in truth["spec"].items()})
+    ref = sampled_reference(out / "map.h5", stills, t, pixel_q(spec)[1], symmetry)
+    vs = map_vs_truth(out / "map.h5", ref)
+    vox = map_vs_truth(out / "map.h5", t.on_voxels)
+    sc = scale_errors(rec, {k: v["scale"] for k, v in planted.items()})
     return {"map_cc_vs_truth": round(vs["cc"], 4), "map_offset_fraction": round(vs["offset_fraction_of_mean"], 4),
             "map_ratio_flatness": round(vs["ratio_flatness"], 4),
             "map_ratio_by_truth_decile": [round(r, 3) for r in vs["ratio_by_truth_decile"]],
-            "n_voxels_compared": vs["n_voxels"],
+            "map_cc_vs_voxel_averaged_truth": round(vox["cc"], 4), "n_voxels_compared": vs["n_voxels"],
             "scale_error_max": None if sc["scale_error_max"] is None else round(sc["scale_error_max"], 4),
             "scale_error_rms": None if sc["scale_error_rms"] is None else round(sc["scale_error_rms"], 4),
             "n_scales_compared": sc["n_scales_compared"]}
@@ -88,7 +99,8 @@ def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo") -
     cfg.write_text(json.dumps(demo_run_config(truth, n_stills)))
     summary = process_diffuse(out / "dataset", out / "result", console, config=cfg, pattern="still_*.cbf",
                               background="bkg_*.cbf", run_id=run_id, home=out / ".diffractflow")
-    summary.update(evaluate_run(out / "result", truth))
+    volume = out / ".diffractflow" / "volume"
+    summary.update(evaluate_run(volume / "runs" / run_id, volume, truth, truth["space_group"]))
     summary["wall_seconds"] = round(time.monotonic() - t_start, 1)
     brief = {k: v for k, v in summary.items() if k not in ("stills", "files")}
     from diffractflow.artifacts import atomic_write_json

@@ -51,6 +51,8 @@ class DiffuseRunConfig(BaseModel):
                                    "references besides the diffuse voxels (seed 003)")
     partiality_threshold: float = Field(0.1, ge=0, le=1, description="seed 003's P_min: Bragg reflections of lower "
                                         "partiality are not used as references")
+    hot_dead_pixels: bool = Field(True, description="mask hot and dead pixels found from running per-pixel "
+                                  "statistics over the run's stills (from the 3rd still on)")
     reject_sigma: float | None = Field(5.0, gt=0, description="drop a still's voxel estimate deviating from the "
                                        "others by more than this many sigma (None: keep all)")
     stills_nproc: int = Field(1, ge=0, description="DIALS processes per stills-processor replica (0 = all CPUs)")
@@ -162,7 +164,10 @@ async def diffuse_still_flow(image: str, run_id: str) -> dict:
         bkg = background_ref(volume, run_id)
         if bkg is not None:
             inputs["background"] = bkg
-        res = await run_stage("diffuse-extractor", inputs, {**cfg.extractor, "pngs": False}, run_id,
+        ex_params = {**cfg.extractor, "pngs": False}
+        if cfg.hot_dead_pixels:
+            ex_params.setdefault("pixel_stats", f"runs/{run_id}/pixel_stats.h5")
+        res = await run_stage("diffuse-extractor", inputs, ex_params, run_id,
                               job_id_for(run_id, "extract", stem), timeout=cfg.stage_timeout_s)
         record["stage_seconds"]["diffuse-extractor"] = round(time.monotonic() - t1, 2)
         still_ref = next(v for k, v in res["outputs"].items() if not k.endswith("_png"))

@@ -7,6 +7,12 @@ code with the services whose output they judge.
 The truth is a callable ``truth(hkl, ndiv)``: planted intensity averaged over the voxels of width 1/ndiv centred
 on the rows of ``hkl`` (n, 3), e.g. ``diff_sim_refiner.datasets.stills.DiffuseTruth.on_voxels``.
 
+- ``sampled_reference``: the truth as the map can see it: the planted intensity at every merged pixel's TRUE
+  Miller indices (from the generator's orientation and pixel geometry), averaged per voxel (over its symmetry
+  orbit when the map was symmetry-merged) with the merger's weights. A voxel average of the truth would differ
+  from what any pipeline measures where the Bragg mask removes a voxel's centre or one still's Ewald sphere cuts
+  a voxel off-centre; this reference differs only by the pipeline's own errors (indexing, geometry, corrections,
+  background, weighting, scaling, voxelisation).
 - ``map_vs_truth``: Pearson CC; the straight-line fit map = a·truth + b over the measured voxels (an offset b
   is what background left in the map looks like); map/(a·truth) per decile of true intensity (a weighting bias
   or a wrong correction bends this curve).
@@ -57,12 +63,83 @@ def _ratio_by_bins(x: np.ndarray, num: np.ndarray, den: np.ndarray, n_bins: int)
         return [float(v) for v in sn / sd]
 
 
-def map_vs_truth(map_path: str | Path, truth: Callable, min_count: int = 1, n_bins: int = 10) -> dict:
-    """Compare a merged map with the planted truth ``truth(hkl, ndiv)``."""
+def laue_rotations(symmetry: str | None) -> np.ndarray:
+    """Integer matrices (n_ops, 3, 3) acting on column hkl: the Laue group of ``symmetry`` (identity if None)."""
+    if not symmetry:
+        return np.eye(3, dtype=np.int64)[None]
+    from cctbx import sgtbx
+
+    laue = sgtbx.space_group_info(symmetry).group().build_derived_laue_group()
+    return np.array([np.array(op.r().as_double()).reshape(3, 3).T for op in laue.all_ops()]).round().astype(np.int64)
+
+
+def orbit_keys(idx: np.ndarray, ops: np.ndarray) -> np.ndarray:
+    """One int64 key per symmetry orbit of integer voxel indices idx (3, n): the largest equivalent, packed."""
+    cand = np.einsum("oij,jn->oin", ops, idx)  # (n_ops, 3, n)
+    span = 1 << 20
+    key = ((cand[:, 0] + span // 2) * span + (cand[:, 1] + span // 2)) * span + (cand[:, 2] + span // 2)
+    return key.max(axis=0)
+
+
+def sampled_reference(map_path: str | Path, stills: list[dict], truth: Callable, pixel_q: np.ndarray,
+                      symmetry: str | None = None) -> np.ndarray:
+    """Reference map (shape of the map, NaN where no pixel landed): per voxel orbit, the weighted mean of
+    ``truth(h, k, l)`` at the true indices of the merged pixels.
+
+    ``stills``: one dict per merged still: ``table`` (the diffuse-extractor's per-still HDF5, giving each pixel's
+    voxel (h, k, l), position (x, y) and exposure weight), ``A`` (the generator's true U B, 1/Angstrom) and
+    ``scale`` (the still's scale as merged). ``pixel_q``: true q = s1 - s0 of every pixel (slow, fast, 3).
+    """
+    import h5py
+    import hdf5plugin  # noqa: F401  (the extractor's tables are Blosc-compressed)
+
+    m = read_map(map_path)
+    ndiv = subdivisions(m)
+    ops = laue_rotations(symmetry)
+    keys_all, wt_all, w_all = [], [], []
+    for st in stills:
+        with h5py.File(st["table"], "r") as f:
+            px = f["entry/pixels"]
+            hkl = np.stack([px[c][()].astype(np.float64) for c in ("h", "k", "l")])
+            x, y = px["x"][()].astype(np.int64), px["y"][()].astype(np.int64)
+            w = px["exposure"][()].astype(np.float64) if "exposure" in px else 1.0 / px["sigma"][()].astype(np.float64) ** 2
+        q = pixel_q[y, x]
+        true_hkl = np.linalg.solve(np.asarray(st["A"], float), q.T).T
+        t = np.asarray(truth(true_hkl[:, 0], true_hkl[:, 1], true_hkl[:, 2]), dtype=np.float64)
+        k = orbit_keys(np.rint(hkl * ndiv).astype(np.int64), ops)
+        u, inv = np.unique(k, return_inverse=True)
+        ww = w * float(st.get("scale", 1.0))
+        keys_all.append(u)
+        wt_all.append(np.bincount(inv, weights=ww * t, minlength=u.size))
+        w_all.append(np.bincount(inv, weights=ww, minlength=u.size))
+    keys = np.concatenate(keys_all)
+    u, inv = np.unique(keys, return_inverse=True)
+    swt = np.bincount(inv, weights=np.concatenate(wt_all), minlength=u.size)
+    sw = np.bincount(inv, weights=np.concatenate(w_all), minlength=u.size)
+    ref = np.full(m["intensity"].shape, np.nan)
+    measured = m["counts"] > 0
+    ih, ik, il = np.nonzero(measured)
+    idx = np.stack([np.rint(m["h"][ih] * ndiv), np.rint(m["k"][ik] * ndiv), np.rint(m["l"][il] * ndiv)]).astype(np.int64)
+    vk = orbit_keys(idx, ops)
+    pos = np.clip(np.searchsorted(u, vk), 0, u.size - 1)
+    found = (u[pos] == vk) & (sw[pos] > 0)
+    vals = np.full(vk.size, np.nan)
+    vals[found] = swt[pos[found]] / sw[pos[found]]
+    ref[ih, ik, il] = vals
+    return ref
+
+
+def map_vs_truth(map_path: str | Path, truth: Callable | np.ndarray, min_count: int = 1, n_bins: int = 10) -> dict:
+    """Compare a merged map with the planted truth: ``truth(hkl, ndiv)`` at voxel centres, or a reference array of
+    the map's shape (e.g. :func:`sampled_reference`; NaN voxels are left out)."""
     m = read_map(map_path)
     measured = (m["counts"] >= min_count) & np.isfinite(m["intensity"])
-    h, k, l = voxel_centres(m, measured)
-    t = _truth_at(truth, m, h, k, l)
+    if isinstance(truth, np.ndarray):
+        measured &= np.isfinite(truth)
+        t = truth[measured].astype(np.float64)
+    else:
+        h, k, l = voxel_centres(m, measured)
+        t = _truth_at(truth, m, h, k, l)
     y = m["intensity"][measured].astype(np.float64)
     a, b = np.polyfit(t, y, 1)
     ratio = _ratio_by_bins(t, y, a * t, n_bins)
@@ -107,20 +184,22 @@ def map_ratio_flatness(map_a: str | Path, map_b: str | Path, unit_cell, min_coun
             "flatness": float(max(abs(r - 1.0) for r in by_i + by_s))}
 
 
-def scale_errors(scales_json: str | Path, still_names: dict[str, str], planted: dict[str, float]) -> dict:
-    """Recovered per-still scales vs planted ones (file name -> scale), both normalised to geometric mean 1.
-
-    ``still_names`` maps the keys of scales.json to the merger's still ids (``<image path>#<index>``).
-    """
+def recovered_scales(scales_json: str | Path, still_names: dict[str, str]) -> dict[str, float]:
+    """Image file name -> recovered scale; ``still_names`` maps the keys of scales.json to the merger's still ids
+    (``<image path>#<index>``)."""
     import json
 
     scales = json.loads(Path(scales_json).read_text())
     scales = scales.get("scales", scales)
+    return {Path(str(still_names.get(k, k)).split("#")[0]).name: float(v) for k, v in scales.items()}
+
+
+def scale_errors(recovered: dict[str, float], planted: dict[str, float]) -> dict:
+    """Recovered per-still scales vs planted ones (file name -> scale), both normalised to geometric mean 1."""
     rec, ref = [], []
-    for key, value in scales.items():
-        name = Path(str(still_names.get(key, key)).split("#")[0]).name
+    for name, value in recovered.items():
         if name in planted:
-            rec.append(float(value))
+            rec.append(value)
             ref.append(float(planted[name]))
     if not rec:
         return {"n_scales_compared": 0, "scale_error_max": None, "scale_error_rms": None}

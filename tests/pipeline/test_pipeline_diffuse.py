@@ -37,22 +37,20 @@ def topology(tmp_path, monkeypatch):
 
 
 def test_run_completes_with_every_still_when_a_replica_is_killed(topology, tmp_path):
-    """8 planted stills through watcher -> flows -> services; one stills-processor replica is SIGKILLed
-    while the run is in flight. Every still is accounted for, and the map and scales match the truth."""
-    from diff_sim_refiner.diffuse_dataset import DatasetSpec, generate
+    """8 stills rendered with nanoBragg's physics through watcher -> flows -> services; one stills-processor
+    replica is SIGKILLed while the run is in flight. Every still is accounted for, and the map and scales match
+    the truth computed in reciprocal space."""
+    from diff_sim_refiner.datasets.stills import StillsSpec, generate_stills
 
-    from orchestration.demo import _feed_and_watch, evaluate_against_truth
+    from orchestration.demo import demo_run_config, evaluate_run
+    from orchestration.process import feed_and_dispatch
 
     n = 8
-    spec = DatasetSpec(n_stills=n, seed=77)
-    truth = generate(tmp_path / "dataset", spec)
+    truth = generate_stills(tmp_path / "dataset", StillsSpec(n_stills=n, n_background_frames=0, seed=77))
     state = topology.up(DIFFUSE_SERVICES, {"stills-processor": 2}, volume=tmp_path / "volume", log=lambda *a: None)
     topology.point_here()
     volume = Volume(tmp_path / "volume")
-    cfg = DiffuseRunConfig(space_group=spec.space_group, unit_cell=list(spec.unit_cell), d_min=2.0,
-                           symmetry=spec.space_group, expected_stills=n, stills_nproc=1, stage_timeout_s=300,
-                           stills_phil=["profile.gaussian_rs.parameters.sigma_b_cutoff=1.0",
-                                        "refinement.parameterisation.detector.fix=all"])
+    cfg = DiffuseRunConfig.model_validate({**demo_run_config(truth, n), "stage_timeout_s": 300})
     rdir = volume.resolve("runs/kill")
     rdir.mkdir(parents=True)
     atomic_write_json(rdir / "config.json", cfg.model_dump())
@@ -69,7 +67,8 @@ def test_run_completes_with_every_still_when_a_replica_is_killed(topology, tmp_p
 
     async def scenario():
         killer = asyncio.create_task(kill_when_busy())
-        await _feed_and_watch(topology, incoming, "kill", n, tmp_path / "dataset", Console(quiet=True))
+        await feed_and_dispatch(topology, incoming, "kill", sorted((tmp_path / "dataset").glob("still_*.cbf")),
+                                Console(quiet=True), interval_s=0.5)
         return await killer
 
     with topology.prefect_settings():
@@ -80,7 +79,7 @@ def test_run_completes_with_every_still_when_a_replica_is_killed(topology, tmp_p
     assert summary["stills_processed"] == n and summary["stills_failed"] == 0
     for name in ("map.h5", "scales.json", "slice_l0.png", "radial_profile.png"):
         assert (rdir / "output" / name).is_file()
-    m = evaluate_against_truth(volume, rdir, truth, symmetry=cfg.symmetry)
+    m = evaluate_run(rdir / "output", truth)
     assert m["map_cc_vs_truth"] >= 0.9, m
     assert m["scale_error_max"] <= 0.06, m
 
