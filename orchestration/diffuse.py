@@ -15,8 +15,10 @@ run completes with the others.
 """
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
-import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -51,6 +53,8 @@ class DiffuseRunConfig(BaseModel):
                                    "references besides the diffuse voxels (seed 003)")
     partiality_threshold: float = Field(0.1, ge=0, le=1, description="seed 003's P_min: Bragg reflections of lower "
                                         "partiality are not used as references")
+    bragg_radius_px: float | None = Field(None, gt=0, description="Bragg-mask disk radius (pixels) for every still; "
+                                          "None: estimated on the run's first still and kept for the run")
     hot_dead_pixels: bool = Field(True, description="mask hot and dead pixels found from running per-pixel "
                                   "statistics over the run's stills (from the 3rd still on)")
     reject_sigma: float | None = Field(5.0, gt=0, description="drop a still's voxel estimate deviating from the "
@@ -107,6 +111,38 @@ async def diffuse_background_flow(run_id: str) -> dict:
     return record
 
 
+BRAGG_RADIUS_RECORD = "bragg_radius.json"
+
+
+async def _with_run_bragg_radius(volume: Volume, run_id: str, image: str, extract):
+    """Run ``extract(radius)`` with the run's one Bragg-mask radius.
+
+    A radius estimated per still from its own spots grows with the still's brightness (spot tails rise above the
+    threshold), so brighter stills would lose more of each halo's centre and their scales would come out low.
+    The first still to get here estimates the radius (extractor default) and records it; every other still of the
+    run waits for that record (a file lock, so flows in other processes agree) and uses the same radius.
+    """
+    rdir = run_dir(volume, run_id)
+    record = rdir / BRAGG_RADIUS_RECORD
+    if record.exists():
+        return await extract(json.loads(record.read_text())["bragg_radius_px"])
+    fd = os.open(rdir / f".{BRAGG_RADIUS_RECORD}.lock", os.O_CREAT | os.O_RDWR, 0o640)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        if record.exists():
+            radius = json.loads(record.read_text())["bragg_radius_px"]
+        else:
+            res = await extract(None)
+            radius = res.get("metrics", {}).get("bragg_radius_px")
+            if radius is not None:
+                atomic_write_json(record, {"bragg_radius_px": radius, "estimated_on": image})
+            return res
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    return await extract(radius)
+
+
 def _summary_row(path: Path) -> dict:
     """The first unit of a stills-processor summary.h5 (status, reason, spots, DIALS file paths)."""
     with h5py.File(path, "r") as f:
@@ -118,11 +154,11 @@ def _summary_row(path: Path) -> dict:
             v = g[name][0]
             return v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
 
-        row = {k: col(k) for k in ("status", "reason", "expt_path", "refl_path", "strategy")}
+        row = {k: col(k) for k in ("status", "reason", "expt_path", "refl_path", "indexed_refl_path", "strategy")}
         row["validation_passed"] = bool(col("validation_passed", True))
         row["n_spots"] = int(col("n_spots", 0))
         row["n_indexed"] = int(col("n_indexed", 0))
-    for k in ("expt_path", "refl_path"):
+    for k in ("expt_path", "refl_path", "indexed_refl_path"):
         row[k] = str(path.parent / row[k]) if row[k] else ""
     return row
 
@@ -159,16 +195,29 @@ async def diffuse_still_flow(image: str, run_id: str) -> dict:
             return record
         t1 = time.monotonic()
         inputs = {"experiments": row["expt_path"]}
-        if row["refl_path"]:
-            inputs["reflections"] = row["refl_path"]
+        # the observed (strong) spots: their positions are masked as well as the predictions, and their extent
+        # sizes the Bragg mask; the integrated reflections go to the scaler
+        spots = row["indexed_refl_path"] or row["refl_path"]
+        if spots:
+            inputs["reflections"] = spots
         bkg = background_ref(volume, run_id)
         if bkg is not None:
             inputs["background"] = bkg
         ex_params = {**cfg.extractor, "pngs": False}
         if cfg.hot_dead_pixels:
             ex_params.setdefault("pixel_stats", f"runs/{run_id}/pixel_stats.h5")
-        res = await run_stage("diffuse-extractor", inputs, ex_params, run_id,
-                              job_id_for(run_id, "extract", stem), timeout=cfg.stage_timeout_s)
+
+        async def extract(radius):
+            p = ex_params if radius is None else {**ex_params, "bragg_radius_px": radius}
+            return await run_stage("diffuse-extractor", inputs, p, run_id, job_id_for(run_id, "extract", stem),
+                                   timeout=cfg.stage_timeout_s)
+
+        if "bragg_radius_px" in ex_params or cfg.bragg_radius_px is not None:
+            ex_params.setdefault("bragg_radius_px", cfg.bragg_radius_px)
+            res = await extract(None)
+        else:
+            res = await _with_run_bragg_radius(volume, run_id, image, extract)
+        record["bragg_radius_px"] = res.get("metrics", {}).get("bragg_radius_px")
         record["stage_seconds"]["diffuse-extractor"] = round(time.monotonic() - t1, 2)
         still_ref = next(v for k, v in res["outputs"].items() if not k.endswith("_png"))
         t2 = time.monotonic()

@@ -141,7 +141,8 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
                         air_density_g_cm3=params.air_density_g_cm3)
         summary = {"index": i, "artifact": h5, "n_pixels": len(res), **{k: v for k, v in res.info.items()
                                                                         if k.startswith("n_")},
-                   "background_method": res.info.get("background_method", "none")}
+                   "background_method": res.info.get("background_method", "none"),
+                   "bragg_radius_px": res.info.get("bragg_radius_px")}
         if pngs:
             summary["pngs"] = diagnostics.write_pngs(out_dir, data, res.flags, res.table, stem=h5.stem)
         results.append(summary)

@@ -138,6 +138,9 @@ def handle(ctx: JobContext, params: Params) -> None:
     ctx.metrics["n_pixels"] = int(sum(r["n_pixels"] for r in results))
     ctx.metrics["n_masked_bragg"] = int(sum(r.get("n_masked_bragg", 0) for r in results))
     ctx.metrics["background_method"] = results[0].get("background_method", "none") if results else "none"
+    radii = [r["bragg_radius_px"] for r in results if r.get("bragg_radius_px") is not None]
+    if radii:
+        ctx.metrics["bragg_radius_px"] = float(max(radii))
 
 
 def warm_up() -> None:
