@@ -43,19 +43,23 @@ def test_run_completes_with_every_still_when_a_replica_is_killed(topology, tmp_p
     from diff_sim_refiner.datasets.stills import StillsSpec, generate_stills
 
     from orchestration.demo import demo_run_config, evaluate_run
-    from orchestration.process import feed_and_dispatch
+    from orchestration.diffuse import diffuse_background_flow
+    from orchestration.process import feed_and_dispatch, land
 
     n = 8
-    truth = generate_stills(tmp_path / "dataset", StillsSpec(n_stills=n, n_background_frames=0, seed=77))
+    truth = generate_stills(tmp_path / "dataset", StillsSpec(n_stills=n, n_background_frames=2, seed=77))
     state = topology.up(DIFFUSE_SERVICES, {"stills-processor": 2}, volume=tmp_path / "volume", log=lambda *a: None)
     topology.point_here()
     volume = Volume(tmp_path / "volume")
-    cfg = DiffuseRunConfig.model_validate({**demo_run_config(truth, n), "stage_timeout_s": 300})
+    incoming = volume.resolve("incoming/kill")
+    incoming.mkdir(parents=True)
+    frames = [volume.relative(land(tmp_path / "dataset" / f, incoming / "background"))
+              for f in truth["background_frames"]]
+    cfg = DiffuseRunConfig.model_validate({**demo_run_config(truth, n), "stage_timeout_s": 300,
+                                           "background_frames": frames})
     rdir = volume.resolve("runs/kill")
     rdir.mkdir(parents=True)
     atomic_write_json(rdir / "config.json", cfg.model_dump())
-    incoming = volume.resolve("incoming/kill")
-    incoming.mkdir(parents=True)
     victim = next(s["pid"] for s in state["services"] if s["service"] == "stills-processor")
 
     async def kill_when_busy():
@@ -66,6 +70,7 @@ def test_run_completes_with_every_still_when_a_replica_is_killed(topology, tmp_p
         return time.monotonic()
 
     async def scenario():
+        await diffuse_background_flow("kill")
         killer = asyncio.create_task(kill_when_busy())
         await feed_and_dispatch(topology, incoming, "kill", sorted((tmp_path / "dataset").glob("still_*.cbf")),
                                 Console(quiet=True), interval_s=0.5)
@@ -79,8 +84,9 @@ def test_run_completes_with_every_still_when_a_replica_is_killed(topology, tmp_p
     assert summary["stills_processed"] == n and summary["stills_failed"] == 0
     for name in ("map.h5", "scales.json", "slice_l0.png", "radial_profile.png"):
         assert (rdir / "output" / name).is_file()
-    m = evaluate_run(rdir / "output", truth)
-    assert m["map_cc_vs_truth"] >= 0.9, m
+    m = evaluate_run(rdir, volume.root, truth, truth["space_group"])
+    assert m["map_cc_vs_truth"] >= 0.95, m
+    assert abs(m["map_offset_fraction"]) <= 0.05, m
     assert m["scale_error_max"] <= 0.06, m
 
 
