@@ -126,6 +126,36 @@ def stream_observations(path: str | Path, keep_q: bool = True, float32: Optional
         return _stream_columns(f, path, keep_q, float32, chunk)
 
 
+def model_weights(voxel_id: np.ndarray, intensity: np.ndarray, weight: np.ndarray, exposure: np.ndarray,
+                  floor_fraction: float = 0.05) -> np.ndarray:
+    """Least-squares weights from the Poisson model instead of each observation's own counts.
+
+    An observation is one still's estimate in one voxel, I = counts / exposure (the voxel-merger's table gives the
+    exposure, column ``weight``). Its Poisson variance is (expected counts) / exposure^2 = I_v / exposure with I_v
+    the voxel's true level; 1/sigma^2 from the observed counts instead gives low observations high weight, which
+    at a few photons per voxel drags every mean and every scale (the harmonic-mean bias). I_v is estimated by the
+    voxel's pooled mean over all stills (sum of counts / sum of exposures), floored at ``floor_fraction`` of the
+    mean level so that empty-looking voxels do not dominate. Unusable rows stay at weight 0, except a still-voxel
+    that saw no photon (sigma 0 from its counts, intensity 0): it is data, and dropping it would bias means up.
+    """
+    usable = (weight > 0) | ((intensity == 0) & (exposure > 0) & np.isfinite(exposure))
+    e = np.where(usable, exposure, 0).astype(np.float64)
+    vid = np.asarray(voxel_id)
+    if vid.size and int(vid.max()) < 50_000_000:
+        inv, nv = vid, int(vid.max()) + 1
+    else:
+        _, inv = np.unique(vid, return_inverse=True)
+        nv = int(inv.max()) + 1 if inv.size else 0
+    se = np.bincount(inv, weights=e, minlength=nv)
+    sn = np.bincount(inv, weights=e * intensity, minlength=nv)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.where(se > 0, sn / se, 0.0)
+    pos = level[se > 0]
+    floor = floor_fraction * float(np.mean(np.abs(pos))) if pos.size else 1.0
+    level = np.maximum(level, max(floor, 1e-12))
+    return (e / level[inv]).astype(weight.dtype, copy=False)
+
+
 def _stream_columns(f, path: Path, keep_q: bool, float32: Optional[bool], chunk: int) -> dict[str, Any]:
     """The columns of an open, checked observation table (see :func:`stream_observations`)."""
     n = f["intensity"].shape[0]
@@ -157,6 +187,8 @@ def _stream_columns(f, path: Path, keep_q: bool, float32: Optional[bool], chunk:
             if np.isfinite(qc).any():
                 qmin = min(qmin, float(np.nanmin(qc)))
                 qmax = max(qmax, float(np.nanmax(qc)))
+    if "weight" in f and f["weight"].shape == (n,):
+        w = model_weights(out["voxel_id"], inten, w, f["weight"][()].astype(ft, copy=False))
     out.update(intensity=inten, weight=w, q_range=(qmin, qmax))
     if q is not None:
         out["q_magnitude"] = q

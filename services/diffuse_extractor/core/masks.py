@@ -790,12 +790,62 @@ def outlier_flags(data: Sequence[np.ndarray], flags: Sequence[np.ndarray], radia
         above = np.greater(v, t)
         del t
         above &= ok
-        hit = np.flatnonzero(above)
+        hit = local_outliers(v, None, ok, flags[i].shape, np.flatnonzero(above), nsigma, gain)
         if hit.size:
             y, x = np.divmod(hit, flags[i].shape[1])
             paint_disks(out, np.full(hit.size, i), x + 0.5, y + 0.5, grow_px, MaskBit.BRAGG)
             n += int(hit.size)
     return out, n
+
+
+#: half-widths (pixels) of the box around a candidate outlier and of its excluded core: the local level is the mean
+#: of the unflagged pixels in the box minus the core
+LOCAL_BOX_PX = 7
+LOCAL_CORE_PX = 2
+
+
+def local_outliers(values: np.ndarray, weights: np.ndarray | None, ok: np.ndarray, shape: tuple[int, int],
+                   candidates: np.ndarray, nsigma: float, gain: float, box: int = LOCAL_BOX_PX,
+                   core: int = LOCAL_CORE_PX) -> np.ndarray:
+    """The candidates (flat indices above their |q| shell's threshold) that also stand ``nsigma`` Poisson sigmas
+    above their own neighbourhood (a (2 box + 1)^2 square without its (2 core + 1)^2 centre, unflagged pixels).
+
+    Broad features (diffuse halos several pixels wide) rise with their surroundings and are kept as data; small
+    bright spots (unpredicted partials, zingers, a second lattice) do not, and are masked. Without this second
+    test the masked fraction of a halo's centre grew with the still's brightness, so brighter stills lost more of
+    their strongest diffuse pixels and came out with lower scales.
+    """
+    candidates = np.asarray(candidates, dtype=np.int64)
+    if candidates.size == 0:
+        return candidates
+    ny, nx = shape
+    raw = np.asarray(values).reshape(ny, nx)
+    wts = None if weights is None else np.asarray(weights).reshape(ny, nx)
+    good = np.asarray(ok, dtype=bool).reshape(ny, nx)
+
+    def vals(yy, xx):  # the (polarisation-flattened) value, as the shell test saw it
+        v = raw[yy, xx].astype(np.float32)
+        return v * wts[yy, xx] if wts is not None else v
+
+    cy, cx = np.divmod(candidates, nx)
+    d = np.arange(-box, box + 1)
+    dy, dx = np.meshgrid(d, d, indexing="ij")
+    ring = (np.abs(dy) > core) | (np.abs(dx) > core)
+    dy, dx = dy[ring], dx[ring]
+    keep = np.empty(candidates.size, dtype=bool)
+    step = 4096  # candidates per block: bounded temporaries
+    for a in range(0, candidates.size, step):
+        yy = cy[a:a + step, None] + dy[None, :]
+        xx = cx[a:a + step, None] + dx[None, :]
+        inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        yy = np.clip(yy, 0, ny - 1)
+        xx = np.clip(xx, 0, nx - 1)
+        use = inside & good[yy, xx]
+        n = use.sum(axis=1)
+        level = np.where(use, vals(yy, xx), 0.0).sum(axis=1) / np.maximum(n, 1)
+        thr = level + nsigma * np.sqrt(gain * np.maximum(level, 1.0))
+        keep[a:a + step] = (n == 0) | (vals(cy[a:a + step], cx[a:a + step]) > thr)
+    return candidates[keep]
 
 
 def _outlier_flags_fused(data, flags, radial_bin, weights, nb, nsigma, grow_px, gain):
@@ -827,7 +877,7 @@ def _outlier_flags_fused(data, flags, radial_bin, weights, nb, nsigma, grow_px, 
         if m > hits.size:  # more than 1/64 of the pixels: count first, then collect
             hits = np.empty(m, np.int64)
             kernels.shell_outliers(dd, w, has_w, f, b, thr, hits)
-        hit = hits[:m]
+        hit = local_outliers(dd, w if has_w else None, f == 0 if m else f, flags[i].shape, hits[:m], nsigma, gain)
         if hit.size:
             y, x = np.divmod(hit, flags[i].shape[1])
             paint_disks(out, np.full(hit.size, i), x + 0.5, y + 0.5, grow_px, MaskBit.BRAGG)

@@ -200,6 +200,8 @@ def read_still_reflections(refl_path: str | Path, expt_path: str | Path | None =
         corr = Corrections(e.beam, e.detector)
         lp = np.array([corr.lp(tuple(v)) for v in s1_all[m]])
         qe = np.array([corr.qe(tuple(v), int(p)) for v, p in zip(s1_all[m], panel_all[m])])
+        # a sensor of unknown (zero) thickness has no efficiency model: DIALS gives 0, the diffuse-extractor 1
+        qe = np.where((qe > 0) & np.isfinite(qe), qe, 1.0)
         f = lp / qe
         inten, sig = inten_all[m] * f, np.sqrt(var_all[m]) * f
         A = np.array(e.crystal.get_A(), dtype=float).reshape(3, 3)
