@@ -800,8 +800,8 @@ def outlier_flags(data: Sequence[np.ndarray], flags: Sequence[np.ndarray], radia
 
 #: half-widths (pixels) of the box around a candidate outlier and of its excluded core: the local level is the mean
 #: of the unflagged pixels in the box minus the core
-LOCAL_BOX_PX = 7
-LOCAL_CORE_PX = 2
+LOCAL_BOX_PX = 5
+LOCAL_CORE_PX = 1
 
 
 def local_outliers(values: np.ndarray, weights: np.ndarray | None, ok: np.ndarray, shape: tuple[int, int],
