@@ -148,15 +148,20 @@ def stage_seconds(rdir: Path, run_summary: dict) -> dict:
     return out
 
 
+def _by_shell(table: dict, key: str) -> list[dict]:
+    """[{d_max, d_min (Angstrom), value, n_voxels}] from a per-shell statistics table of the voxel-merger."""
+    d = table.get("d_edges") or []
+    return [{"d_max": d[i], "d_min": d[i + 1], key: v, "n_voxels": n}
+            for i, (v, n) in enumerate(zip(table.get(key) or [], table.get("n_voxels") or []))]
+
+
 def run_summary_for_user(rdir: Path, wall_seconds: float) -> dict:
     """The summary a user reads first: counts, CC½, background, per-still status, where the outputs are."""
     out = rdir / "output"
     run_summary = json.loads((out / "run_summary.json").read_text())
-    merging = run_summary.get("merging", {})
-    cc_half = merging.get("cc_half_overall")
-    if cc_half is None and (out / "stats.json").exists():
-        stats = json.loads((out / "stats.json").read_text())
-        cc_half = (stats.get("cc_half") or {}).get("overall")
+    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").exists() else {}
+    cc_half = (stats.get("cc_half") or {}).get("overall")
+    sym = stats.get("symmetry_agreement") or {}
     return {
         "run_id": run_summary.get("run_id"),
         "stills_total": run_summary["stills_total"],
@@ -164,7 +169,9 @@ def run_summary_for_user(rdir: Path, wall_seconds: float) -> dict:
         "stills_failed": run_summary["stills_failed"],
         "cc_half_overall": cc_half,
         "background": run_summary.get("background", {"method": "none"}),
-        "symmetry_agreement": run_summary.get("symmetry_agreement"),
+        "cc_half_by_shell": _by_shell(stats.get("cc_half") or {}, "cc_half"),
+        "symmetry_agreement_overall": sym.get("overall"),
+        "symmetry_agreement_by_shell": _by_shell(sym, "cc"),
         "wall_seconds": round(wall_seconds, 1),
         "stage_seconds": stage_seconds(rdir, run_summary),
         "failed": run_summary.get("failed", {}),

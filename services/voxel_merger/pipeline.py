@@ -25,7 +25,7 @@ from .core.grid import (CrystalModel, GlobalGrid, average_crystal_model, build_g
                         reindex_to_reference, s_max_of_hkl)
 from .core.accumulate import observation_weights, scale_sums
 from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, leave_one_out_z_sums, map_slabs,
-                         radial_profile, symmetry_merge)
+                         radial_profile, symmetry_agreement, symmetry_merge)
 from .storage import H5VoxelAccumulator
 
 log = logging.getLogger("voxel_merger")
@@ -241,6 +241,8 @@ def finalize(acc, grid: GlobalGrid, out_dir: Path, opt: MergeOptions, *, symmetr
     }
     if store.n_halves == 2:
         stats["cc_half"] = cc_half_by_shell(store, grid, opt.n_shells)
+    if mapper is not None and not already_asu:
+        stats["symmetry_agreement"] = symmetry_agreement(acc, store, mapper, grid, opt.n_shells)
     stats["radial_profile"] = radial_profile(store, grid)
     if extra_stats:
         stats.update(extra_stats)

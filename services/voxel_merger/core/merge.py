@@ -21,6 +21,7 @@ __all__ = [
     "leave_one_out_z",
     "leave_one_out_z_sums",
     "cc_half_by_shell",
+    "symmetry_agreement",
     "radial_profile",
     "dense_map",
     "pearson_cc",
@@ -260,6 +261,52 @@ def cc_half_by_shell(store, grid: GlobalGrid, n_shells: int = 10, min_count: int
         "s_edges": edges.tolist(),
         "d_edges": [None if e <= 0 else float(1.0 / e) for e in edges],
         "cc_half": [None if not np.isfinite(x) else float(x) for x in cc[:n_shells]],
+        "n_voxels": acc[0, :n_shells].astype(int).tolist(),
+        "overall": float(cc[n_shells]) if np.isfinite(cc[n_shells]) else float("nan"),
+        "n_voxels_total": int(acc[0, n_shells]),
+    }
+
+
+def symmetry_agreement(p1_store, asu_store, mapper: AsuMapper, grid: GlobalGrid, n_shells: int = 10) -> dict:
+    """Agreement of symmetry-equivalent voxels before merging: per resolution shell and overall, the Pearson CC
+    between each measured P1 voxel's mean and the mean of its symmetry mates (its ASU orbit without itself).
+
+    A wrong space group, a mis-indexed still or an uncorrected anisotropic factor (polarisation, absorption)
+    lowers it; noise alone lowers it the same way CC½ does. Only voxels with at least one measured mate count.
+    """
+    s_lo, s_hi = _s_range(p1_store, grid, False)
+    if not np.isfinite(s_lo):
+        return {"s_edges": [], "cc": [], "n_voxels": [], "overall": float("nan"), "n_voxels_total": 0}
+    edges = shell_edges(s_lo, s_hi * (1 + 1e-12), n_shells)
+    acc = np.zeros((6, n_shells + 1))
+    for start, s in p1_store.iter_blocks():
+        t = np.asarray(s).sum(axis=1)
+        idx = np.flatnonzero(t[1] > 0)
+        if idx.size == 0:
+            continue
+        ids = start + idx
+        asu = mapper(ids)
+        ok = asu >= 0
+        if not ok.any():
+            continue
+        own = t[:, idx[ok]]
+        orbit = asu_store.gather(asu[ok])
+        w_o = orbit[1] - own[1]
+        has = (orbit[0] - own[0] > 0) & (w_o > 1e-12 * np.maximum(orbit[1], 1e-300))
+        if not has.any():
+            continue
+        a = own[2, has] / own[1, has]
+        b = (orbit[2, has] - own[2, has]) / w_o[has]
+        sv = grid.s_of_voxels(ids[ok][has])
+        shell = np.clip(np.searchsorted(edges, sv, side="right") - 1, 0, n_shells - 1)
+        for row, v in enumerate((np.ones_like(a), a, b, a * a, b * b, a * b)):
+            acc[row, :n_shells] += np.bincount(shell, weights=v, minlength=n_shells)
+            acc[row, n_shells] += v.sum()
+    cc = pearson_cc(*acc)
+    return {
+        "s_edges": edges.tolist(),
+        "d_edges": [None if e <= 0 else float(1.0 / e) for e in edges],
+        "cc": [None if not np.isfinite(x) else float(x) for x in cc[:n_shells]],
         "n_voxels": acc[0, :n_shells].astype(int).tolist(),
         "overall": float(cc[n_shells]) if np.isfinite(cc[n_shells]) else float("nan"),
         "n_voxels_total": int(acc[0, n_shells]),
