@@ -77,27 +77,32 @@ def bench_thaumatin(work: Path) -> dict:
 
 
 def bench_synthetic(work: Path, n_stills: int) -> dict:
-    from diff_sim_refiner.datasets.stills import StillsSpec, generate_stills, truth_function
+    """The same rendered stills at dose 1 and 1/16 through `process diffuse`, each judged against the truth, and
+    the two maps against each other."""
+    from diff_sim_refiner.datasets.stills import DiffuseTruth, StillsSpec, dose_pair
 
-    from orchestration.validation import map_ratio_flatness, map_vs_truth
+    from orchestration.demo import demo_run_config, evaluate_run
+    from orchestration.validation import map_ratio_flatness
 
-    res = {}
-    maps = {}
-    for label, dose in (("dose1", 1.0), ("dose1_16", 1.0 / 16)):
+    high, low = dose_pair(work / "data", StillsSpec(n_stills=n_stills))
+    res, maps = {}, {}
+    for label, truth in (("dose1", high), ("dose1_16", low)):
         d = work / label
-        spec = StillsSpec(n_stills=n_stills, dose=dose)
-        truth = generate_stills(d / "data", spec)
+        d.mkdir()
         cfg = d / "config.json"
-        cfg.write_text(json.dumps(truth["run_config"]))
-        t = _timed([str(BIN / "diffractflow"), "process", "diffuse", str(d / "data"), "--config", str(cfg),
-                    "--out", str(d / "out"), "--background", "bkg_*.cbf", "--run-id", label], d / "process.log")
+        cfg.write_text(json.dumps(demo_run_config(truth, n_stills)))
+        data = Path(truth["out_dir"])
+        t = _timed([str(BIN / "diffractflow"), "process", "diffuse", str(data), "--config", str(cfg),
+                    "--out", str(d / "out"), "--pattern", "still_*.cbf", "--background", "bkg_*.cbf",
+                    "--run-id", label], d / "process.log")
         summary = json.loads((d / "out" / "summary.json").read_text())
+        vol = d / "out" / ".diffractflow" / "volume"
         maps[label] = d / "out" / "map.h5"
         res[label] = {"seconds": round(t, 1), "stills_processed": summary["stills_processed"],
-                      "stills_total": summary["stills_total"],
-                      "vs_truth": map_vs_truth(maps[label], truth_function(truth))}
-    res["dose_invariance"] = map_ratio_flatness(maps["dose1"], maps["dose1_16"], truth["unit_cell"],
-                                                truth=truth_function(truth))
+                      "stills_total": summary["stills_total"], "cc_half_overall": summary["cc_half_overall"],
+                      "vs_truth": evaluate_run(vol / "runs" / label, vol, truth, truth["space_group"])}
+    res["dose_invariance"] = map_ratio_flatness(maps["dose1"], maps["dose1_16"], high["unit_cell"],
+                                                truth=DiffuseTruth.load(high).on_voxels)
     return res
 
 

@@ -8,8 +8,8 @@ was trusted and not overloaded), ``sum`` and ``sumsq`` of its counts, ``n_zero``
 read 0).
 
 Rule (:meth:`RunningPixelStats.hot_dead_flags`), applied from the ``min_stills``-th still of the run on,
-with ``mean = sum / n``, ``var = sumsq / n - mean^2`` and ``local`` = the median of ``mean`` over the
-``size`` x ``size`` neighbourhood (NaN-aware, on 2 x 2 bins):
+with ``mean = sum / n``, ``var = sumsq / n - mean^2`` and ``local`` = the mean of ``mean`` over the
+seen pixels of the ``size`` x ``size`` neighbourhood, the pixel itself excluded:
 
 - HOT: ``mean > hot_factor * local`` and ``mean - local > hot_nsigma * sqrt(max(local, 1) / n)`` (far
   above its neighbours in every sense) **and** ``var <= steady_factor * max(mean, 1)``: it is bright
@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .masks import MaskBit, _nan_median_filter
+from .masks import MaskBit
 
 SCHEMA = "diffractflow.diffuse_pixel_stats"
 SCHEMA_VERSION = 1
@@ -79,7 +79,7 @@ class RunningPixelStats:
             nn = np.maximum(n, 1).astype(np.float64)
             mean = np.where(seen, s / nn, np.nan)
             var = np.where(seen, ss / nn - np.nan_to_num(mean) ** 2, 0.0)
-            loc = np.nan_to_num(_nan_median_filter(mean, size), nan=0.0)
+            loc = _local_mean(np.nan_to_num(mean), seen, size)
             m = np.nan_to_num(mean)
             hot = seen & (m > hot_factor * loc) & (m - loc > hot_nsigma * np.sqrt(np.maximum(loc, 1.0) / nn)) \
                 & (var <= steady_factor * np.maximum(m, 1.0))
@@ -89,6 +89,20 @@ class RunningPixelStats:
             f[dead] |= MaskBit.DEAD
             out.append(f)
         return out
+
+
+def _local_mean(values: np.ndarray, seen: np.ndarray, size: int) -> np.ndarray:
+    """Mean of ``values`` over the seen pixels of the size x size square around each pixel, the pixel itself
+    excluded (a box filter: ~20x cheaper than a median on a 6M detector; one hot pixel moves a neighbour's
+    level by 1/(size^2 - 1) of its excess, far below the 5x factor of the rule)."""
+    from scipy.ndimage import uniform_filter
+
+    w = seen.astype(np.float64)
+    v = np.where(seen, values, 0.0)
+    area = float(size * size)
+    tot = uniform_filter(v, size, mode="constant") * area - v
+    cnt = uniform_filter(w, size, mode="constant") * area - w
+    return np.where(cnt > 0.5, tot / np.maximum(cnt, 1.0), 0.0)
 
 
 @contextlib.contextmanager
