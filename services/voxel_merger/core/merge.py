@@ -231,6 +231,29 @@ def shell_edges(s_min: float, s_max: float, n_shells: int) -> np.ndarray:
     return np.cbrt(np.linspace(s_min ** 3, s_max ** 3, n_shells + 1))
 
 
+def _add_pairs(acc: np.ndarray, edges: np.ndarray, s: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Add value pairs (a, b) at |s| to the per-shell Pearson sums ``acc`` (6, n_shells + 1; last column: all)."""
+    n_shells = len(edges) - 1
+    shell = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_shells - 1)
+    for row, v in enumerate((np.ones_like(a), a, b, a * a, b * b, a * b)):
+        acc[row, :n_shells] += np.bincount(shell, weights=v, minlength=n_shells)
+        acc[row, n_shells] += v.sum()
+
+
+def _shell_table(acc: np.ndarray, edges: np.ndarray, key: str) -> dict:
+    """Per-shell and overall Pearson CC from the sums of :func:`_add_pairs`, as the statistics report them."""
+    n_shells = len(edges) - 1
+    cc = pearson_cc(*acc)
+    return {
+        "s_edges": edges.tolist(),
+        "d_edges": [None if e <= 0 else float(1.0 / e) for e in edges],
+        key: [None if not np.isfinite(x) else float(x) for x in cc[:n_shells]],
+        "n_voxels": acc[0, :n_shells].astype(int).tolist(),
+        "overall": float(cc[n_shells]) if np.isfinite(cc[n_shells]) else float("nan"),
+        "n_voxels_total": int(acc[0, n_shells]),
+    }
+
+
 def cc_half_by_shell(store, grid: GlobalGrid, n_shells: int = 10, min_count: int = 1) -> dict:
     """CC½ (Pearson) between the two half-dataset voxel means, per resolution shell and overall.
 
@@ -252,19 +275,8 @@ def cc_half_by_shell(store, grid: GlobalGrid, n_shells: int = 10, min_count: int
             continue
         a = s[2, 0, idx] / s[1, 0, idx]
         b = s[2, 1, idx] / s[1, 1, idx]
-        shell = np.clip(np.searchsorted(edges, grid.s_of_voxels(start + idx), side="right") - 1, 0, n_shells - 1)
-        for row, v in enumerate((np.ones_like(a), a, b, a * a, b * b, a * b)):
-            acc[row, :n_shells] += np.bincount(shell, weights=v, minlength=n_shells)
-            acc[row, n_shells] += v.sum()
-    cc = pearson_cc(*acc)
-    return {
-        "s_edges": edges.tolist(),
-        "d_edges": [None if e <= 0 else float(1.0 / e) for e in edges],
-        "cc_half": [None if not np.isfinite(x) else float(x) for x in cc[:n_shells]],
-        "n_voxels": acc[0, :n_shells].astype(int).tolist(),
-        "overall": float(cc[n_shells]) if np.isfinite(cc[n_shells]) else float("nan"),
-        "n_voxels_total": int(acc[0, n_shells]),
-    }
+        _add_pairs(acc, edges, grid.s_of_voxels(start + idx), a, b)
+    return _shell_table(acc, edges, "cc_half")
 
 
 def symmetry_agreement(p1_store, asu_store, mapper: AsuMapper, grid: GlobalGrid, n_shells: int = 10) -> dict:
@@ -297,20 +309,8 @@ def symmetry_agreement(p1_store, asu_store, mapper: AsuMapper, grid: GlobalGrid,
             continue
         a = own[2, has] / own[1, has]
         b = (orbit[2, has] - own[2, has]) / w_o[has]
-        sv = grid.s_of_voxels(ids[ok][has])
-        shell = np.clip(np.searchsorted(edges, sv, side="right") - 1, 0, n_shells - 1)
-        for row, v in enumerate((np.ones_like(a), a, b, a * a, b * b, a * b)):
-            acc[row, :n_shells] += np.bincount(shell, weights=v, minlength=n_shells)
-            acc[row, n_shells] += v.sum()
-    cc = pearson_cc(*acc)
-    return {
-        "s_edges": edges.tolist(),
-        "d_edges": [None if e <= 0 else float(1.0 / e) for e in edges],
-        "cc": [None if not np.isfinite(x) else float(x) for x in cc[:n_shells]],
-        "n_voxels": acc[0, :n_shells].astype(int).tolist(),
-        "overall": float(cc[n_shells]) if np.isfinite(cc[n_shells]) else float("nan"),
-        "n_voxels_total": int(acc[0, n_shells]),
-    }
+        _add_pairs(acc, edges, grid.s_of_voxels(ids[ok][has]), a, b)
+    return _shell_table(acc, edges, "cc")
 
 
 def radial_profile(store, grid: GlobalGrid, n_bins: int = 50, mapper: AsuMapper | None = None) -> dict:
