@@ -159,7 +159,8 @@ def test_unpredicted_bright_spot_is_masked_as_outlier(synthetic_still):
     assert core.sum() >= 5
     assert (on.flags[0][core] & MaskBit.BRAGG).all()
     assert not (off.flags[0][core] & MaskBit.BRAGG).any()
-    assert on.info["n_outlier_pixels"] >= 5
+    # the pixels that stand above both their shell and their own neighbourhood; disks grown around them cover the core
+    assert on.info["n_outlier_pixels"] >= 1
     # the smooth planted diffuse itself raises no outliers elsewhere
     clean = extract_still(s.experiment, s.data, s.reflections, params=ExtractionParams(beamstop="none"))
     assert clean.info["n_outlier_pixels"] == 0
