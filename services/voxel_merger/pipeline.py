@@ -144,18 +144,24 @@ def accumulate_still(src, grid: GlobalGrid, acc, *, scale: float | None = None, 
                      mapper: AsuMapper | None = None, reference=None, reject_sigma: float | None = None,
                      reject_min_count: int = 3, table: ObservationTableWriter | None = None,
                      chunk: int = 1 << 22, reference_setting: bool = True,
-                     heartbeat: Callable[[], None] | None = None) -> dict:
+                     heartbeat: Callable[[], None] | None = None, s_max: float | None = None) -> dict:
     """Stream one still into ``acc``; optionally reject outliers against ``reference`` sums and write the table.
 
     Voxel ids are ASU voxels when ``mapper`` is given (needed when ``reference`` is ASU-merged
     and for the scaler's table), P1 voxels otherwise.
     """
     M = _reindex_matrix(src.crystal, reference_setting)
-    n_used = n_rej = n_out = 0
+    n_used = n_rej = n_out = n_beyond = 0
     t_index = table.still_index(src.still_id) if table is not None else None
     for c in src.iter_chunks(chunk):
         h, k, l = _apply_reindex(c.h, c.k, c.l, M)
         ids = grid.voxel_ids(h, k, l)
+        if s_max is not None:  # the grid is a box around the resolution sphere: its corners are beyond d_min
+            inside = ids >= 0
+            beyond = np.zeros(ids.shape, dtype=bool)
+            beyond[inside] = grid.s_of_voxels(ids[inside]) > s_max
+            ids = np.where(beyond, -1, ids)
+            n_beyond += int(beyond.sum())
         n_out += int((ids < 0).sum())
         if mapper is not None:
             ids = mapper.map_observations(ids)
@@ -185,7 +191,7 @@ def accumulate_still(src, grid: GlobalGrid, acc, *, scale: float | None = None, 
             table.append(t_index, ids[keep], q, I[keep], sig[keep], None if wt is None else wt[keep])
         if heartbeat:
             heartbeat()
-    return {"n_used": n_used, "n_rejected": n_rej, "n_outside_grid": n_out}
+    return {"n_used": n_used, "n_rejected": n_rej, "n_outside_grid": n_out, "n_beyond_d_min": n_beyond}
 
 
 def _new_acc(grid, n_halves, opt: MergeOptions, workdir: Path | None, name: str):
@@ -297,6 +303,7 @@ def run(inputs: Sequence[Path], out_dir: Path, opt: MergeOptions, scales_path: P
                 ref = _new_acc(grid, 1, opt, tmpdir, f"pass{r + 1}")
                 for i, src in enumerate(sources):
                     accumulate_still(src, grid, ref, scale=scale_of[src.still_id], mapper=mapper, chunk=opt.chunk,
+                                     s_max=1.0 / opt.d_min if opt.d_min else None,
                                      reference=list(reference) or None, reject_sigma=opt.reject_sigma,
                                      reject_min_count=opt.reject_min_count, reference_setting=opt.reference_setting)
                     if progress:
@@ -313,7 +320,7 @@ def run(inputs: Sequence[Path], out_dir: Path, opt: MergeOptions, scales_path: P
                         src, grid, acc, scale=scale_of[src.still_id], half=half_of_still(src.still_id, opt.half_seed),
                         mapper=mapper, reference=list(reference) or None, reject_sigma=opt.reject_sigma,
                         reject_min_count=opt.reject_min_count, table=table, chunk=opt.chunk,
-                        reference_setting=opt.reference_setting)
+                        reference_setting=opt.reference_setting, s_max=1.0 / opt.d_min if opt.d_min else None)
                     if progress:
                         progress(f"pass {n_pass}", i + 1, len(sources))
                 ok = True
@@ -359,7 +366,7 @@ def accumulate_one(still: Path, grid: GlobalGrid, out_path: Path, opt: MergeOpti
     with open_still(still) as src, atomic_write_path(out_path) as tmp:
         with H5VoxelAccumulator(tmp, grid, n_halves=1, mode="w", cache_bytes=opt.cache_mb * 2**20) as acc:
             info = accumulate_still(src, grid, acc, chunk=opt.chunk, reference_setting=opt.reference_setting,
-                                    heartbeat=heartbeat)
+                                    heartbeat=heartbeat, s_max=1.0 / opt.d_min if opt.d_min else None)
             if not acc.still_ids:
                 acc.still_ids.append(src.still_id)
             if src.crystal is not None:  # the still's refined model: the merge averages them for |s|

@@ -68,6 +68,8 @@ def handle(ctx: JobContext, params: Params) -> None:
                     grid = grid_from_spec(params.grid_spec)
                 except ValueError as exc:
                     raise BadInput(str(exc)) from exc
+                if opt.d_min is None:  # the run's resolution limit also cuts the observations, not only the box
+                    opt.d_min = float(params.grid_spec["d_min"])
             elif "grid" in ctx.job.inputs:
                 grid = read_grid(ctx.input_path("grid"))
             else:
