@@ -50,9 +50,10 @@ def demo_run_config(truth: dict, n_stills: int) -> dict:
             "stills_phil": list(DEMO_STILLS_PHIL)}
 
 
-def evaluate_run(rdir: Path, volume: Path, truth: dict, symmetry: str | None) -> dict:
-    """The merged map of run directory ``rdir`` against the planted diffuse truth, and recovered against planted
-    per-still scales (see :mod:`orchestration.validation`)."""
+def evaluate_run(rdir: Path, volume: Path, truth: dict, symmetry: str | None, n_bins: int = 10) -> dict:
+    """The merged map of run directory ``rdir`` against the planted diffuse truth (map/truth in ``n_bins`` bins of
+    equal population of true intensity: deciles by default), and recovered against planted per-still scales
+    (see :mod:`orchestration.validation`)."""
     from diff_sim_refiner.datasets.stills import DiffuseTruth, StillsSpec, pixel_q
 
     from .validation import map_vs_truth, recovered_scales, sampled_reference, scale_errors
@@ -70,7 +71,7 @@ def evaluate_run(rdir: Path, volume: Path, truth: dict, symmetry: str | None) ->
             stills.append({"table": volume / r["diffuse"]["path"], "A": planted[name]["A"], "scale": rec.get(name, 1.0)})
     spec = StillsSpec(**{k: v for k, v in truth["spec"].items()})
     ref = sampled_reference(out / "map.h5", stills, t, pixel_q(spec)[1], symmetry)
-    vs = map_vs_truth(out / "map.h5", ref)
+    vs = map_vs_truth(out / "map.h5", ref, n_bins=n_bins)
     vox = map_vs_truth(out / "map.h5", t.on_voxels)
     sc = scale_errors(rec, {k: v["scale"] for k, v in planted.items()})
     return {"map_cc_vs_truth": round(vs["cc"], 4), "map_offset_fraction": round(vs["offset_fraction_of_mean"], 4),
