@@ -44,20 +44,28 @@ if _HAVE_NUMBA:
         sums[vid, 3] += w2v
 
     @njit(nogil=True, cache=True)
+    def _weight(s, x, wt, has_w, i):
+        """0.0 for an unusable observation; else its stored weight, or -1.0 meaning "use 1/sigma^2"."""
+        if not (s >= 0.0 and s < math.inf and math.isfinite(x)):
+            return 0.0
+        if has_w:  # stored weight: sigma = 0 (zero counts) is valid
+            w = wt[i]
+            if not (w > 0.0 and w < math.inf):
+                return 0.0
+            return w
+        if not s > 0.0:
+            return 0.0
+        return -1.0
+
+    @njit(nogil=True, cache=True)
     def _hkl_kernel(h, k, l, I, sig, wt, has_w, scale, scale_is_array, b0, use_b, nd, c0, c1, c2, nh, nk, nl, sums):
         n = h.shape[0]
         used = 0
         for i in range(n):
             s = sig[i]
             x = I[i]
-            if not (s >= 0.0 and s < math.inf and math.isfinite(x)):
-                continue
-            w = -1.0
-            if has_w:  # stored weight: sigma = 0 (zero counts) is valid
-                w = wt[i]
-                if not (w > 0.0 and w < math.inf):
-                    continue
-            elif not s > 0.0:
+            w = _weight(s, x, wt, has_w, i)
+            if w == 0.0:
                 continue
             th = math.floor(h[i] * nd + c0)
             tk = math.floor(k[i] * nd + c1)
@@ -78,14 +86,10 @@ if _HAVE_NUMBA:
             s = sig[i]
             x = I[i]
             vid = ids[i]
-            if not (s >= 0.0 and s < math.inf and math.isfinite(x) and vid >= 0 and vid < nvox):
+            if not (vid >= 0 and vid < nvox):
                 continue
-            w = -1.0
-            if has_w:  # stored weight: sigma = 0 (zero counts) is valid
-                w = wt[i]
-                if not (w > 0.0 and w < math.inf):
-                    continue
-            elif not s > 0.0:
+            w = _weight(s, x, wt, has_w, i)
+            if w == 0.0:
                 continue
             b = scale[i] if scale_is_array else b0
             _add_one(sums, vid, x, s, w, b, use_b)
