@@ -46,6 +46,11 @@ def run(
                                               "(default: each crystal model's space group)."),
     min_information: float = typer.Option(1e-3, "--smoother-min-information", help="Refuse the smoother when the data's "
                                           "relative information on its shape is below this."),
+    sequences_file: Optional[Path] = typer.Option(None, "--sequences", help="JSON {sweep id: [still name, ...]} of "
+                                                  "rotation sweeps (the table's still_names in rotation order); their "
+                                                  "frame scales are restrained to vary smoothly along the rotation."),
+    rotation_smoothness: float = typer.Option(1.0, "--rotation-smoothness", help="Second-difference restraint weight on "
+                                              "ln b along a sweep, relative to one frame's information (0 = free)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -63,6 +68,16 @@ def run(
     if (q_min is None) != (q_max is None):
         _fail("give both --q-min and --q-max, or neither", 2)
     q_range = (q_min, q_max) if q_min is not None else None
+    if rotation_smoothness < 0:
+        _fail("--rotation-smoothness must be >= 0", 2)
+    sequences = None
+    if sequences_file is not None:
+        try:
+            sequences = json.loads(sequences_file.read_text())
+        except (OSError, ValueError) as exc:
+            _fail(f"{sequences_file}: not a JSON file of rotation sequences ({exc})", 2)
+        if not isinstance(sequences, dict):
+            _fail(f"{sequences_file}: expected a JSON object {{sweep id: [still name, ...]}}", 2)
     refinement = {"max_iterations": max_iterations, "convergence_tolerance": tolerance, "minimizer_type": minimizer,
                   "outlier_zmax": outlier_zmax or None}
     try:
@@ -77,7 +92,8 @@ def run(
                                         plots=not no_plots, progress=progress,
                                         bragg=[(p, None) for p in refl] if refl else None,
                                         partiality_threshold=partiality_threshold, rlp_sigma=rlp_sigma,
-                                        space_group=space_group, min_information=min_information)
+                                        space_group=space_group, min_information=min_information,
+                                        sequences=sequences, rotation_smoothness=rotation_smoothness)
     except (ParameterLimitExceeded, DisabledComponentAccess, SmootherNotIdentifiable) as exc:
         _fail(exc.describe(), 2)
     except RefinementFailure as exc:

@@ -11,7 +11,7 @@ import numpy as np
 from . import artifacts
 from .core import absolute as ab
 from .core.model import DiffuseScalingModel, compact_ids
-from .core.refine import ObservationSet
+from .core.refine import DEFAULT_ROTATION_SMOOTHNESS, ObservationSet
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,37 @@ def build_config(smoother: bool = False, n_control_points: int = 3, q_range: Opt
     return cfg
 
 
+def resolve_sequences(sequences: Optional[Mapping[str, list]], still_names: Optional[np.ndarray],
+                      source: str | Path = "observation table") -> tuple[dict[str, list], dict[str, list[str]]]:
+    """Rotation sweeps keyed by the table's still names -> the table's integer still ids (None for a frame
+    not in the table: a gap in the sweep). Keys are matched to ``still_names`` (``<image file>#<index>``, as the
+    voxel-merger names stills); a table without ``still_names`` takes integer still ids. Returns (ids per sweep,
+    unmatched keys per sweep)."""
+    if not sequences:
+        return {}, {}
+    index = {str(n): i for i, n in enumerate(still_names)} if still_names is not None else None
+    out, unmatched = {}, {}
+    for sweep, keys in sequences.items():
+        if isinstance(keys, (str, bytes)) or not hasattr(keys, "__iter__"):
+            raise artifacts.InputError(f"rotation sequence {sweep!r}: expected a list of still keys in rotation order")
+        ids, miss = [], []
+        for k in keys:
+            if index is not None:
+                i = index.get(str(k))
+            else:
+                i = int(k) if str(k).lstrip("-").isdigit() else None
+            if i is None:
+                miss.append(str(k))
+            ids.append(i)
+        if index is None and miss:
+            raise artifacts.InputError(f"{source}: no still_names in the observation table, so rotation sequences "
+                                       f"must list integer still ids; got {miss[:3]} in sweep {sweep!r}")
+        out[str(sweep)] = ids
+        if miss:
+            unmatched[str(sweep)] = miss
+    return out, unmatched
+
+
 def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: bool = False, n_control_points: int = 3,
                  q_range: Optional[tuple[float, float]] = None, smoothness_weight: float = 1e-2,
                  refinement: Optional[dict] = None, plots: bool = True,
@@ -107,9 +138,15 @@ def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: boo
                  bragg: Optional[list[tuple[str | Path, Optional[str | Path]]]] = None,
                  partiality_threshold: float = 0.1, rlp_sigma: Optional[float] = None,
                  space_group: Optional[str] = None,
-                 min_information: Optional[float] = None) -> tuple[dict[str, Path], dict]:
+                 min_information: Optional[float] = None,
+                 sequences: Optional[Mapping[str, list]] = None,
+                 rotation_smoothness: float = DEFAULT_ROTATION_SMOOTHNESS) -> tuple[dict[str, Path], dict]:
     """Read OBS.h5 (+ the stills-processor's ``(refl, expt)`` units as Bragg references), refine the v1 model,
-    write scales.json / statistics.json / plots (and bragg_merged.h5 with Bragg references)."""
+    write scales.json / statistics.json / plots (and bragg_merged.h5 with Bragg references).
+
+    ``sequences``: rotation sweeps, sweep id -> still names of the table (``still_names``) in rotation order; their
+    frame scales are tied by a second-difference restraint on ln b of weight ``rotation_smoothness`` (relative to one
+    frame's information, see :class:`core.refine.RotationRestraint`); other stills keep free scales."""
     from .core import bragg as bragg_mod
 
     t0 = time.perf_counter()
@@ -134,6 +171,9 @@ def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: boo
                                           "(|F|^2 on the diffuse map's scale)"})
     cfg = build_config(smoother, n_control_points, q_range, smoothness_weight, partiality_threshold,
                        q_values=np.asarray(extra["q_range"]) if smoother else None, min_information=min_information)
+    seq_ids, seq_unmatched = resolve_sequences(sequences, names, observations)
+    if seq_ids:
+        cfg["rotation_restraint"] = {"sequences": seq_ids, "weight": float(rotation_smoothness)}
     model = DiffuseScalingModel(cfg, still_ids=obs.still_ids.tolist())
     refined, stats = model.refine_observation_set(obs, refinement or {}, progress=progress,
                                                   reorder_inplace=not bragg)
@@ -142,6 +182,9 @@ def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: boo
     stats["timing_s"] = {"read_and_index": round(t_read, 3), "total": round(time.perf_counter() - t0, 3)}
     stats["input"] = str(observations)
     stats["n_excluded"] = n_excluded
+    if seq_unmatched and "rotation_restraint" in stats:
+        for sweep, miss in seq_unmatched.items():
+            stats["rotation_restraint"]["sequences"].setdefault(sweep, {})["keys_not_in_table"] = miss[:20]
     paths = artifacts.write_relative_outputs(out_dir, refined, stats, names, plots=plots)
     if bragg_info.get("n_bragg_groups"):
         cur = model._last_obs

@@ -31,6 +31,14 @@ class Params(BaseModel):
                                        "error, 1/Å (default: estimated per still)")
     space_group: Optional[str] = Field(None, description="map Miller indices to this space group's asymmetric unit "
                                        "(default: each crystal model's)")
+    sequences: Optional[dict[str, list[str]]] = Field(None, description="rotation sweeps: sweep id -> the observation "
+                                                      "table's still names (still_names, '<image file>#<index>') in "
+                                                      "rotation order; their frame scales are restrained to vary "
+                                                      "smoothly, stills in no sweep keep free scales")
+    rotation_smoothness: float = Field(1.0, ge=0, description="weight of the second-difference restraint on ln b "
+                                       "along each sweep, relative to one frame's information on ln b (0 = free "
+                                       "per-frame scales; 1 halves variations with a period of ~6 frames, 100 of "
+                                       "~20 frames)")
     # absolute
     formula: Optional[str] = None
     sequence: Optional[str] = None
@@ -67,7 +75,8 @@ def handle(ctx: JobContext, params: Params) -> None:
                             "minimizer_type": params.minimizer_type, "outlier_zmax": params.outlier_zmax},
                 progress=lambda it, r: ctx.heartbeat(), bragg=bragg or None,
                 partiality_threshold=params.partiality_threshold, rlp_sigma=params.rlp_sigma,
-                space_group=params.space_group, min_information=params.smoother_min_information)
+                space_group=params.space_group, min_information=params.smoother_min_information,
+                sequences=params.sequences, rotation_smoothness=params.rotation_smoothness)
             for name, p in paths.items():
                 ctx.add_output(name, p)
             for k in ("n_iterations", "final_r_factor", "convergence_achieved", "n_stills", "n_observations",

@@ -26,7 +26,9 @@ from .components import (
 from . import kernels
 from .errors import DisabledComponentAccess, ParameterLimitExceeded, RefinementFailure, SmootherNotIdentifiable
 from .refine import (
+    DEFAULT_ROTATION_SMOOTHNESS,
     DEFAULT_THREADS,
+    RotationRestraint,
     ObservationSet,
     ScalingProblem,
     SmootherSetup,
@@ -304,6 +306,49 @@ class DiffuseScalingModel(ScalingModelBase):
                      "n_bragg": 0 if bragg is None else int(len(bragg["intensity"])),
                      "n_invalid_sigma": int((~good).sum())}
 
+    def rotation_restraint(self) -> tuple[Optional[RotationRestraint], dict]:
+        """The configured rotation sweeps as a :class:`RotationRestraint` on parameter indices, and a report.
+
+        Config ``rotation_restraint = {"sequences": {sweep id: [still id, ...] in rotation order},
+        "weight": float}``; still ids absent from the data (or None) leave a gap (their place in the list is kept);
+        a still in two sweeps is an error; sweeps with < 3 stills present are not restrained.
+        """
+        rr = self.configdict.get("rotation_restraint") or {}
+        seqs = rr.get("sequences") or {}
+        weight = float(rr.get("weight", DEFAULT_ROTATION_SMOOTHNESS))
+        if weight < 0:
+            raise ValueError(f"rotation smoothness weight must be >= 0, got {weight}")
+        if not seqs:
+            return None, {}
+        known = {int(k): i for i, k in enumerate(self.per_still.still_ids.tolist())}
+        seen: dict[int, str] = {}
+        out, report = {}, {}
+        for name, ids in seqs.items():
+            idx, pos, missing = [], [], []
+            for p, sid in enumerate(ids):
+                if sid is None:  # a frame the caller could not match to the data: a gap
+                    missing.append(None)
+                    continue
+                sid = int(sid)
+                if sid in seen:
+                    raise ValueError(f"still {sid} is listed in rotation sequences {seen[sid]!r} and {name!r}")
+                seen[sid] = str(name)
+                if sid in known:
+                    idx.append(known[sid])
+                    pos.append(float(p))
+                else:
+                    missing.append(sid)
+            report[str(name)] = {"n_frames_listed": len(ids), "n_frames_in_data": len(idx),
+                                 "restrained": len(idx) >= 3}
+            if missing:
+                report[str(name)]["frames_without_data"] = [m for m in missing if m is not None][:20]
+                report[str(name)]["n_frames_without_data"] = len(missing)
+            if len(idx) >= 3:
+                out[str(name)] = (np.asarray(idx, dtype=np.int64), np.asarray(pos))
+        if not out:
+            return None, report
+        return RotationRestraint(out, weight), report
+
     def _smoother_setup(self) -> Optional[SmootherSetup]:
         if self.smoother is None:
             return None
@@ -355,6 +400,7 @@ class DiffuseScalingModel(ScalingModelBase):
                     f"across stills determines g); median per-still |q| coverage "
                     f"{identifiability['still_q_coverage_median']:.2f} of the smoother range. Run without the "
                     "smoother (the default)")
+        rotation, rotation_report = self.rotation_restraint()
         obs = reorder_for_locality(obs, inplace=reorder_inplace)
         b, c = b0, c0
         n_iter, history, n_rejected = 0, [], 0
@@ -367,7 +413,8 @@ class DiffuseScalingModel(ScalingModelBase):
                 problem = ScalingProblem(cur, sm)
                 res = refine(problem, b, c, max_iterations=int(cfg["max_iterations"]),
                              convergence_tolerance=float(cfg["convergence_tolerance"]),
-                             minimizer=str(cfg["minimizer_type"]), refine_b=refine_b, progress=progress)
+                             minimizer=str(cfg["minimizer_type"]), refine_b=refine_b, progress=progress,
+                             rotation=rotation)
                 n_iter += res.n_iterations
                 history += res.r_factor_history if not history else res.r_factor_history[1:]
                 b, c = res.b, res.c
@@ -432,6 +479,18 @@ class DiffuseScalingModel(ScalingModelBase):
         }
         if counts:
             self.statistics.update(counts)
+        if rotation_report:
+            rs = {"weight": float(rotation.weight) if rotation is not None else None,
+                  "model": "sum_sweeps lambda * sum (second difference of ln b along the rotation)^2, "
+                           "lambda = weight * median per-frame information on ln b",
+                  "sequences": rotation_report}
+            if rotation is not None:
+                lams = res.rotation_lambdas or [0.0] * len(rotation.sequences)
+                for (name, (idx, _pos)), lam in zip(rotation.sequences.items(), lams):
+                    d2 = np.diff(np.log(b[idx]), 2)
+                    rotation_report[name].update({"lambda": float(lam),
+                                                  "rms_second_difference_ln_b": float(np.sqrt(np.mean(d2 ** 2)))})
+            self.statistics["rotation_restraint"] = rs
         if c is not None:
             self.statistics["resolution_smoother"] = {
                 "control_q": self.smoother.smoother.control_q().tolist(),
