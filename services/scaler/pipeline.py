@@ -231,8 +231,9 @@ def run_absolute(map_path: str | Path, out_dir: str | Path, *, formula: Optional
     sigma = None if m.get("sigma") is None else k * np.asarray(m["sigma"], dtype=float)
     res.update({"composition": comp, "wavelength": wavelength, "n_shells": n_shells,
                 "bragg_included": br is not None, "n_voxels_used": int(ok.sum()),
-                "compton_model": "Waller-Hartree with f/Z one-electron factors: Z - f0^2/Z"
-                                 + (" x Breit-Dirac" if wavelength else ""),
+                "compton_model": "incoherent scattering functions S(x, Z) of Hubbell et al. (1975) from xraylib "
+                                 "SF_Compt, x = sin(theta)/lambda = |s|/2"
+                                 + (" x Breit-Dirac recoil (lambda/lambda')^2 (photon counting)" if wavelength else ""),
                 "f0_table": "cctbx.eltbx.xray_scattering.wk1995"})
     params = {"formula": formula, "sequence": sequence is not None, "pdb": str(pdb) if pdb else None, "copies": copies,
               "extra_formula": extra_formula, "cell_volume": vol, "wavelength": wavelength, "n_shells": n_shells}

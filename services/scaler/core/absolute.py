@@ -218,7 +218,11 @@ def coherent_sum_f2(s: np.ndarray, composition: Mapping[str, float], wavelength:
 
 
 def breit_dirac(s: np.ndarray, wavelength: float) -> np.ndarray:
-    """Breit-Dirac recoil factor [1 + (lambda_C/lambda)(1 - cos 2theta)]^-2 at |s| = 1/d."""
+    """Breit-Dirac recoil factor [1 + (lambda_C/lambda)(1 - cos 2theta)]^-2 = (lambda/lambda')^2 at |s| = 1/d.
+
+    Exponent 2 for a photon-counting detector (the low-energy limit of Klein-Nishina / Thomson); an
+    energy-integrating detector would see the cube. ``wavelength`` in Å; tested against CODATA constants.
+    """
     sin_t = np.clip(np.asarray(s, dtype=float) * wavelength / 2.0, 0.0, 1.0)
     one_minus_cos2t = 2.0 * sin_t ** 2
     return (1.0 + (COMPTON_WAVELENGTH / wavelength) * one_minus_cos2t) ** -2
