@@ -30,8 +30,10 @@ from pydantic import BaseModel, Field
 
 from diffractflow.artifacts import Volume, atomic_write_json
 from diffractflow.config import Settings
+from diffractflow.frames import ROTATION, frame_info
 from diffractflow.messages import ArtifactRef, DataEvent
 
+from .sweep import refine_complete_sweeps, rotation_frame
 from .tasks import JobRejected, StageFailed, job_id_for, run_stage
 
 
@@ -61,6 +63,14 @@ class DiffuseRunConfig(BaseModel):
                                        "others by more than this many sigma (None: keep all)")
     stills_nproc: int = Field(1, ge=0, description="DIALS processes per stills-processor replica (0 = all CPUs)")
     stills_phil: list[str] = Field(default_factory=list, description="DIALS parameters for the stills-processor")
+    sweep_index_frames: int = Field(10, ge=1, description="rotation sweeps: frames indexed together as one DIALS "
+                                    "sequence before any frame is extracted (fewer once the sweep stops growing)")
+    sweep_settle_s: float = Field(20.0, gt=0, description="rotation sweeps: a sweep with fewer frames than "
+                                  "sweep_index_frames is indexed once no new frame has landed for this long (s)")
+    sweep_scan_varying: bool = Field(True, description="rotation sweeps: at the end of the run, refine each sweep "
+                                     "with a scan-varying crystal over all its frames and re-extract them with it")
+    rotation_smoothness: float | None = Field(None, ge=0, description="rotation sweeps: weight of the scaler's "
+                                              "smoothness restraint on frame scales along phi (None: its default)")
     stage_timeout_s: float = 900.0
     expected_stills: int | None = None
 
@@ -163,9 +173,78 @@ def _summary_row(path: Path) -> dict:
     return row
 
 
+async def extract_and_accumulate(volume: Volume, run_id: str, cfg: DiffuseRunConfig, image: str, inputs: dict,
+                                 record: dict, tag: str = "") -> dict:
+    """diffuse-extractor then voxel-merger accumulate for one still or rotation frame (``inputs``: its
+    ``experiments`` and, for stills, the observed ``reflections``); fills ``record`` (status ok, partial)."""
+    stem = Path(image).stem
+    t1 = time.monotonic()
+    inputs = dict(inputs)
+    bkg = background_ref(volume, run_id)
+    if bkg is not None:
+        inputs["background"] = bkg
+    ex_params = {**cfg.extractor, "pngs": False}
+    if cfg.hot_dead_pixels and not tag:  # a re-extraction must not count its pixels twice in the run statistics
+        ex_params.setdefault("pixel_stats", f"runs/{run_id}/pixel_stats.h5")
+
+    async def extract(radius):
+        p = ex_params if radius is None else {**ex_params, "bragg_radius_px": radius}
+        return await run_stage("diffuse-extractor", inputs, p, run_id, job_id_for(run_id, f"extract{tag}", stem),
+                               timeout=cfg.stage_timeout_s)
+
+    if "bragg_radius_px" in ex_params or cfg.bragg_radius_px is not None:
+        ex_params.setdefault("bragg_radius_px", cfg.bragg_radius_px)
+        res = await extract(None)
+    else:
+        res = await _with_run_bragg_radius(volume, run_id, image, extract)
+    record["bragg_radius_px"] = res.get("metrics", {}).get("bragg_radius_px")
+    record["stage_seconds"]["diffuse-extractor"] = round(time.monotonic() - t1, 2)
+    still_ref = res["outputs"].get("still") or next(v for k, v in res["outputs"].items() if not k.endswith("_png"))
+    t2 = time.monotonic()
+    res = await run_stage("voxel-merger", {"still": ArtifactRef(**still_ref)},
+                          {"mode": "accumulate", "grid_spec": grid_spec(cfg)},
+                          run_id, job_id_for(run_id, f"accumulate{tag}", stem), timeout=cfg.stage_timeout_s)
+    record["stage_seconds"]["voxel-merger"] = round(time.monotonic() - t2, 2)
+    record.update(status="ok", reason="", diffuse=still_ref, partial=res["outputs"]["partial"])
+    return record
+
+
+async def _still(volume: Volume, run_id: str, cfg: DiffuseRunConfig, image: str, record: dict, log) -> dict:
+    """A still: stills-processor (index, refine, integrate, validate), then extraction and accumulation."""
+    stem = Path(image).stem
+    t0 = time.monotonic()
+    params = {k: v for k, v in {"space_group": cfg.space_group, "unit_cell": cfg.unit_cell}.items() if v}
+    params["nproc"] = cfg.stills_nproc
+    params["phil"] = list(cfg.stills_phil)
+    res = await run_stage("stills-processor", {"image0": image}, params, run_id,
+                          job_id_for(run_id, "index", stem), timeout=cfg.stage_timeout_s)
+    record["stage_seconds"]["stills-processor"] = round(time.monotonic() - t0, 2)
+    row = _summary_row(volume.open_ref(ArtifactRef(**res["outputs"]["summary"])))
+    record.update(n_spots=row["n_spots"], n_indexed=row["n_indexed"], strategy=row.get("strategy") or None,
+                  reflections=row["refl_path"] or None, experiments=row["expt_path"] or None, kind="still")
+    if row["status"] != "indexed":
+        record.update(status=row["status"], reason=row["reason"] or "not indexed")
+        log.warning(f"{image}: {record['status']} ({record['reason']})")
+        return record
+    if not row["validation_passed"]:
+        record.update(status="validation_failed",
+                      reason="q-vector consistency check failed: the crystal model does not map the indexed "
+                             "spots onto their observed positions; the still is not merged")
+        log.warning(f"{image}: {record['reason']}")
+        return record
+    inputs = {"experiments": row["expt_path"]}
+    # the observed (strong) spots: their positions are masked as well as the predictions, and their extent
+    # sizes the Bragg mask; the integrated reflections go to the scaler
+    spots = row["indexed_refl_path"] or row["refl_path"]
+    if spots:
+        inputs["reflections"] = spots
+    return await extract_and_accumulate(volume, run_id, cfg, image, inputs, record)
+
+
 @flow(name="diffuse-still", flow_run_name="still-{run_id}-{image}")
 async def diffuse_still_flow(image: str, run_id: str) -> dict:
-    """One still through stills-processor, diffuse-extractor and per-still voxel accumulation."""
+    """One still (or one rotation frame, see :mod:`orchestration.sweep`) through the stills-processor,
+    diffuse-extractor and per-still voxel accumulation."""
     log = get_run_logger()
     volume = Volume(Settings().volume)
     cfg = load_config(volume, run_id)
@@ -174,59 +253,13 @@ async def diffuse_still_flow(image: str, run_id: str) -> dict:
     out_file = run_dir(volume, run_id) / "stills" / f"{stem}.json"
     t0 = time.monotonic()
     try:
-        params = {k: v for k, v in {"space_group": cfg.space_group, "unit_cell": cfg.unit_cell}.items() if v}
-        params["nproc"] = cfg.stills_nproc
-        params["phil"] = list(cfg.stills_phil)
-        res = await run_stage("stills-processor", {"image0": image}, params, run_id,
-                              job_id_for(run_id, "index", stem), timeout=cfg.stage_timeout_s)
-        record["stage_seconds"]["stills-processor"] = round(time.monotonic() - t0, 2)
-        row = _summary_row(volume.open_ref(ArtifactRef(**res["outputs"]["summary"])))
-        record.update(n_spots=row["n_spots"], n_indexed=row["n_indexed"], strategy=row.get("strategy") or None,
-                      reflections=row["refl_path"] or None, experiments=row["expt_path"] or None)
-        if row["status"] != "indexed":
-            record.update(status=row["status"], reason=row["reason"] or "not indexed")
-            log.warning(f"{image}: {record['status']} ({record['reason']})")
-            return record
-        if not row["validation_passed"]:
-            record.update(status="validation_failed",
-                          reason="q-vector consistency check failed: the crystal model does not map the indexed "
-                                 "spots onto their observed positions; the still is not merged")
-            log.warning(f"{image}: {record['reason']}")
-            return record
-        t1 = time.monotonic()
-        inputs = {"experiments": row["expt_path"]}
-        # the observed (strong) spots: their positions are masked as well as the predictions, and their extent
-        # sizes the Bragg mask; the integrated reflections go to the scaler
-        spots = row["indexed_refl_path"] or row["refl_path"]
-        if spots:
-            inputs["reflections"] = spots
-        bkg = background_ref(volume, run_id)
-        if bkg is not None:
-            inputs["background"] = bkg
-        ex_params = {**cfg.extractor, "pngs": False}
-        if cfg.hot_dead_pixels:
-            ex_params.setdefault("pixel_stats", f"runs/{run_id}/pixel_stats.h5")
+        info = frame_info(volume.resolve(image))
+        if info.kind == ROTATION:
+            async def extract(inputs):
+                return await extract_and_accumulate(volume, run_id, cfg, image, inputs, record)
 
-        async def extract(radius):
-            p = ex_params if radius is None else {**ex_params, "bragg_radius_px": radius}
-            return await run_stage("diffuse-extractor", inputs, p, run_id, job_id_for(run_id, "extract", stem),
-                                   timeout=cfg.stage_timeout_s)
-
-        if "bragg_radius_px" in ex_params or cfg.bragg_radius_px is not None:
-            ex_params.setdefault("bragg_radius_px", cfg.bragg_radius_px)
-            res = await extract(None)
-        else:
-            res = await _with_run_bragg_radius(volume, run_id, image, extract)
-        record["bragg_radius_px"] = res.get("metrics", {}).get("bragg_radius_px")
-        record["stage_seconds"]["diffuse-extractor"] = round(time.monotonic() - t1, 2)
-        still_ref = next(v for k, v in res["outputs"].items() if not k.endswith("_png"))
-        t2 = time.monotonic()
-        res = await run_stage("voxel-merger", {"still": ArtifactRef(**still_ref)},
-                              {"mode": "accumulate", "grid_spec": grid_spec(cfg)},
-                              run_id, job_id_for(run_id, "accumulate", stem), timeout=cfg.stage_timeout_s)
-        record["stage_seconds"]["voxel-merger"] = round(time.monotonic() - t2, 2)
-        record.update(status="ok", diffuse=still_ref, partial=res["outputs"]["partial"])
-        return record
+            return await rotation_frame(volume, run_id, cfg, image, info, record, log, extract)
+        return await _still(volume, run_id, cfg, image, record, log)
     except (JobRejected, StageFailed) as exc:
         record["reason"] = str(exc)
         log.error(f"{image}: {exc}")
@@ -234,6 +267,22 @@ async def diffuse_still_flow(image: str, run_id: str) -> dict:
     finally:
         record["seconds"] = round(time.monotonic() - t0, 2)
         atomic_write_json(out_file, record)
+
+
+async def _rerun_frame_scan_varying(volume: Volume, run_id: str, cfg: DiffuseRunConfig, record: dict,
+                                    model: dict) -> dict:
+    """Re-extract one merged rotation frame with the sweep's scan-varying model; the record is replaced only when
+    every stage succeeded (else the scan-static result stands)."""
+    from .sweep import frame_experiment
+
+    image = record["image"]
+    new = {**record, "stage_seconds": dict(record.get("stage_seconds", {}))}
+    expt = await frame_experiment(volume, run_id, cfg, image, model, tag=".sv")
+    new.update(experiments=expt)
+    await extract_and_accumulate(volume, run_id, cfg, image, {"experiments": expt}, new, tag=".sv")
+    new["model"] = "scan_varying"
+    atomic_write_json(run_dir(volume, run_id) / "stills" / f"{Path(image).stem}.json", new)
+    return new
 
 
 @flow(name="diffuse-merge", flow_run_name="merge-{run_id}")
@@ -254,6 +303,17 @@ async def diffuse_merge_flow(run_id: str) -> dict:
                                               "n_frames": len(cfg.background_frames)}}
     if not ok:
         raise RuntimeError(f"run {run_id}: no still was processed ({len(records)} failed)")
+    if cfg.sweep_scan_varying and any(r.get("kind") == "rotation" for r in ok):
+        t = time.monotonic()
+
+        async def rerun(rec, model):
+            return await _rerun_frame_scan_varying(volume, run_id, cfg, rec, model)
+
+        summary["sweeps"] = await refine_complete_sweeps(volume, run_id, cfg, ok, log, rerun)
+        summary["stage_seconds"]["sweeps_scan_varying"] = round(time.monotonic() - t, 2)
+        records = [json.loads(p.read_text()) for p in sorted((rdir / "stills").glob("*.json"))]
+        ok = [r for r in records if r["status"] == "ok"]
+    summary["frames_processed"] = sum(1 for r in ok if r.get("kind") == "rotation")
     partials = {f"partial{i:05d}": ArtifactRef(**r["partial"]) for i, r in enumerate(ok)}
     # outliers are judged only once the stills are on one scale (unscaled, a bright still is all "outliers")
     merge_params = {"mode": "merge", "symmetry": cfg.symmetry, "reject_sigma": cfg.reject_sigma}
