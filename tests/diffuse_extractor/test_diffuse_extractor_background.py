@@ -409,7 +409,58 @@ def test_running_pixel_statistics_hot_dead_rule(tmp_path):
     hd = st.hot_dead_flags()
     assert hd[0][77, 33] & MaskBit.HOT and hd[1][12, 140] & MaskBit.DEAD
     assert not hd[0][50, 50] and int((hd[0] != 0).sum() + (hd[1] != 0).sum()) == 2
-    assert not path.with_name(path.name + ".lock").read_text()  # the lock file holds nothing
+    # one part file per process, no lock file shared between replicas
+    assert not path.with_name(path.name + ".lock").exists()
+    assert len(list(runstats.parts_dir(path).glob("*.h5"))) == 1
+
+
+def test_running_pixel_statistics_from_several_workers(tmp_path, monkeypatch):
+    """Stills counted by different worker processes (each its own part file) add up to the statistics of one
+    process counting them all, bit for bit, with the same HOT/DEAD flags; a still redelivered to another worker
+    is not counted twice; the numba and numpy paths give the same sums and flags."""
+    from diffuse_extractor.core import runstats
+    from diffuse_extractor.core.masks import MaskBit
+
+    rng = np.random.default_rng(11)
+    shapes = [(90, 70), (40, 70)]
+    frames, flags = [], []
+    for k in range(6):
+        fr = [rng.poisson(25.0, s).astype(np.float32) for s in shapes]
+        fr[0][30, 20] = rng.poisson(700.0)  # hot
+        fr[1][5, 60] = 0.0  # dead
+        fr[0][10 + 5 * k, 50] = 4000.0  # moving peak
+        fl = [np.zeros(s, np.uint8) for s in shapes]
+        fl[0][:, 0] = MaskBit.UNTRUSTED  # a gap column: never counted
+        fl[1][2, 2] = MaskBit.OVERLOAD if k % 2 else 0
+        frames.append(fr)
+        flags.append(fl)
+    one = tmp_path / "one" / "pixel_stats.h5"
+    for k in range(6):
+        runstats.update_run_stats(one, f"s{k}", frames[k], flags[k])
+    many = tmp_path / "many" / "pixel_stats.h5"
+    for k in range(6):
+        runstats._VIEWS.clear()  # a new process (another replica, or a restarted worker): a new part file
+        runstats.update_run_stats(many, f"s{k}", frames[k], flags[k])
+    runstats._VIEWS.clear()
+    st = runstats.update_run_stats(many, "s3", frames[3], flags[3])  # redelivered to yet another worker
+    assert st.n_stills == 6 and len(list(runstats.parts_dir(many).glob("*.h5"))) == 6
+    a, b = runstats.read_run_stats(one), runstats.read_run_stats(many)
+    for x, y in ((a.n, b.n), (a.total, b.total), (a.sumsq, b.sumsq), (a.n_zero, b.n_zero)):
+        for u, v in zip(x, y):
+            assert np.array_equal(u, v)
+    assert int(a.n[0][0, 0]) == 0 and int(a.n[1][2, 2]) == 3 and int(a.n[0][1, 1]) == 6
+    fa, fb = a.hot_dead_flags(), b.hot_dead_flags()
+    assert all(np.array_equal(u, v) for u, v in zip(fa, fb))
+    assert fa[0][30, 20] == MaskBit.HOT and fa[1][5, 60] == MaskBit.DEAD
+    assert int(sum((f != 0).sum() for f in fa)) == 2
+    # the numpy path (no numba): same sums and flags
+    monkeypatch.setenv("DIFFUSE_EXTRACTOR_KERNELS", "numpy")
+    c = runstats.RunningPixelStats.empty(shapes)
+    for k in range(6):
+        c.add(frames[k], flags[k], f"s{k}")
+    for x, y in ((a.n, c.n), (a.total, c.total), (a.sumsq, c.sumsq), (a.n_zero, c.n_zero)):
+        assert all(np.array_equal(u, v) for u, v in zip(x, y))
+    assert all(np.array_equal(u, v) for u, v in zip(fa, c.hot_dead_flags()))
 
 
 def test_pipeline_masks_hot_pixel_from_the_third_still_on(tmp_path):

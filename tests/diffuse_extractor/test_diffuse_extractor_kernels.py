@@ -182,3 +182,40 @@ def test_cropped_dilation_equals_the_full_one(k):
                                                                        min(x + 4, shape[1]) - max(x - 2, 0))) > 0.3
             np.testing.assert_array_equal(mk._dilate_cropped(m, k), mk.ndi.binary_dilation(m, iterations=k))
     assert not mk._dilate_cropped(np.zeros((5, 5), bool), 1).any()
+
+
+@needs_numba
+def test_box_filter_and_hot_dead_kernel_match_scipy_and_numpy(monkeypatch):
+    """The run-statistics kernels: the box filter equals scipy's ``uniform_filter(mode="constant")`` bit for bit
+    (odd shapes, panels smaller than the box), and the fused HOT/DEAD rule gives the numpy path's flags on
+    statistics with many pixels close to each threshold."""
+    from scipy.ndimage import uniform_filter
+
+    from diffuse_extractor.core import runstats
+
+    rng = np.random.default_rng(3)
+    for shape in [(61, 47), (4, 9), (2, 3)]:
+        a = rng.random(shape) * rng.integers(0, 500, shape)
+        rows = np.empty(shape)
+        kernels.box_rows(a, 7, rows)
+        got = np.empty(shape)
+        for y in range(shape[0]):
+            kernels.box_cols_row(rows[y], 7, got[y])
+        np.testing.assert_array_equal(got, uniform_filter(a, 7, mode="constant"))
+    shape = (120, 90)
+    n_st = 8
+    n = rng.integers(0, n_st + 1, shape).astype(np.uint16)
+    mean = rng.gamma(2.0, 5.0, shape)
+    hot = rng.random(shape) < 0.02
+    mean[hot] *= rng.uniform(3.0, 8.0, hot.sum())  # around the 5x factor
+    total = np.round(mean * n)
+    sumsq = total * total / np.maximum(n, 1) + rng.uniform(0, 8, shape) * total  # variance around 4x mean
+    n_zero = np.where(rng.random(shape) < 0.03, n, 0).astype(np.uint16)
+    total[n_zero == n] = 0.0
+    sumsq[n_zero == n] = 0.0
+    st = runstats.RunningPixelStats([n], [total], [sumsq], [n_zero], [f"s{k}" for k in range(n_st)])
+    fast = st.hot_dead_flags()[0]
+    monkeypatch.setenv(kernels.ENV, "numpy")
+    slow = st.hot_dead_flags()[0]
+    np.testing.assert_array_equal(fast, slow)
+    assert (slow & mk.MaskBit.HOT).sum() > 20 and (slow & mk.MaskBit.DEAD).sum() > 20  # both rules exercised

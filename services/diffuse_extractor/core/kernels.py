@@ -201,6 +201,115 @@ if _HAVE_NUMBA:
                 out_cnt[by, bx] = n
 
 
+    @_jit
+    def stats_add(d, flags, bad, n, total, sumsq, n_zero):
+        """Add one still to the running sums (``runstats.RunningPixelStats.add``): pixels without a ``bad``
+        bit count; d as float64, total += d, sumsq += d d, n += 1, n_zero += (d == 0)."""
+        for p in range(d.shape[0]):
+            if flags[p] & bad:
+                continue
+            v = np.float64(d[p])
+            n[p] += 1
+            total[p] += v
+            sumsq[p] += v * v
+            if v == 0.0:
+                n_zero[p] += 1
+
+    @_jit
+    def box_rows(src, size, out):
+        """``scipy.ndimage.uniform_filter1d(src, size, axis=0, mode="constant", cval=0)`` for 2-D float64,
+        with scipy's arithmetic (a running sum over the zero-extended line, divided per output), so the
+        values are bit-identical; each column is its own line, processed row by row (memory order)."""
+        ny, nx = src.shape
+        s1 = size // 2
+        s2 = size - s1 - 1
+        tmp = np.zeros(nx)
+        for j in range(size):  # the first window: lines extended by s1 zeros before the data
+            y = j - s1
+            if 0 <= y < ny:
+                for x in range(nx):
+                    tmp[x] += src[y, x]
+            else:
+                for x in range(nx):
+                    tmp[x] += 0.0
+        for x in range(nx):
+            out[0, x] = tmp[x] / size
+        for y in range(1, ny):
+            ya = y + s2  # the value entering the window
+            yb = y - s1 - 1  # the value leaving it
+            for x in range(nx):
+                a = src[ya, x] if ya < ny else 0.0
+                b = src[yb, x] if yb >= 0 else 0.0
+                tmp[x] += a - b
+                out[y, x] = tmp[x] / size
+
+    @_jit
+    def box_cols_row(row, size, out):
+        """``box_rows`` along one row (axis 1) into ``out``."""
+        nx = row.shape[0]
+        s1 = size // 2
+        s2 = size - s1 - 1
+        tmp = 0.0
+        for j in range(size):
+            x = j - s1
+            tmp += row[x] if 0 <= x < nx else 0.0
+        out[0] = tmp / size
+        for x in range(1, nx):
+            xa = x + s2
+            xb = x - s1 - 1
+            a = row[xa] if xa < nx else 0.0
+            b = row[xb] if xb >= 0 else 0.0
+            tmp += a - b
+            out[x] = tmp / size
+
+    @_jit
+    def hot_dead(n, total, sumsq, n_zero, size, hot_factor, hot_nsigma, steady_factor, dead_expected, hot_bit,
+                 dead_bit, out):
+        """``runstats.RunningPixelStats.hot_dead_flags`` for one panel, operation by operation (same float64
+        values, so the same flags): mean, variance, the neighbourhood mean (box filter as scipy's
+        ``uniform_filter``: rows first, then columns) and the rule, without full-size temporaries
+        beyond the two row-filtered images."""
+        ny, nx = n.shape
+        m = np.empty((ny, nx))
+        w = np.empty((ny, nx))
+        for y in range(ny):
+            for x in range(nx):
+                if n[y, x] > 0:
+                    m[y, x] = total[y, x] / np.float64(n[y, x])
+                    w[y, x] = 1.0
+                else:
+                    m[y, x] = 0.0
+                    w[y, x] = 0.0
+        fm = np.empty((ny, nx))
+        fw = np.empty((ny, nx))
+        box_rows(m, size, fm)
+        box_rows(w, size, fw)
+        rm = np.empty(nx)
+        rw = np.empty(nx)
+        area = np.float64(size * size)
+        for y in range(ny):
+            box_cols_row(fm[y], size, rm)
+            box_cols_row(fw[y], size, rw)
+            for x in range(nx):
+                nn = n[y, x]
+                if nn == 0:
+                    out[y, x] = 0
+                    continue
+                mv = m[y, x]
+                tot = rm[x] * area - mv
+                cnt = rw[x] * area - 1.0
+                loc = tot / (cnt if cnt > 1.0 else 1.0) if cnt > 0.5 else 0.0
+                nf = np.float64(nn)
+                var = sumsq[y, x] / nf - mv * mv
+                f = 0
+                if (mv > hot_factor * loc) and (mv - loc > hot_nsigma * np.sqrt((loc if loc > 1.0 else 1.0) / nf)) \
+                        and (var <= steady_factor * (mv if mv > 1.0 else 1.0)):
+                    f |= hot_bit
+                if n_zero[y, x] == nn and loc * nf > dead_expected:
+                    f |= dead_bit
+                out[y, x] = f
+
+
 def warm_up() -> bool:
     """Load every kernel (from the disk cache, else compile) with the argument types the extraction uses.
 
@@ -228,4 +337,7 @@ def warm_up() -> bool:
     bin_weighted(np.ones((2, 2), f32), np.ones((2, 2), f32), True, np.ones((2, 2), bool), 2,
                  np.empty((1, 1)), np.empty((1, 1)))
     expand_blocks(np.zeros((1, 1), u8), 2, np.empty((2, 2), u8))
+    stats_add(one, flags, u8(3), np.zeros(4, np.uint16), np.zeros(4), np.zeros(4), np.zeros(4, np.uint16))
+    hot_dead(np.ones((2, 2), np.uint16), np.ones((2, 2)), np.ones((2, 2)), np.zeros((2, 2), np.uint16), 7, 5.0, 8.0,
+             4.0, 20.0, 1, 2, np.empty((2, 2), u8))
     return True
