@@ -88,6 +88,13 @@ class Prepared:
     force_general: bool = False
     #: under autograd, use the fused kernel with analytic derivatives (False: plain autograd, for tests)
     fused_backward: bool = True
+    #: without gradients, render float32 fast-kernel images with the compiled kernel (core/native.c) when
+    #: it builds (False: the torch kernel, for tests and comparisons)
+    native: bool = True
+    #: float64 orientation matrices and sources (for the compiled kernel, which forms H = A Q in float64)
+    A64: Optional[torch.Tensor] = None
+    src_dirs64: Optional[torch.Tensor] = None
+    src_lams64: Optional[torch.Tensor] = None
 
     @property
     def n_orient(self) -> int:
@@ -160,7 +167,7 @@ def prepare(crystal: CrystalConfig, detector: DetectorConfig, beam: BeamConfig, 
         dmin_m=float(beam.dmin_A) * 1e-10,
         pix0=geom.pix0.to(**cd), fdet=geom.fdet.to(**cd), sdet=geom.sdet.to(**cd), px=geom.pixel_size.to(**cd),
         close_distance=geom.close_distance.to(**cd), distance=geom.distance.to(**cd), beam=geom.beam.to(**cd),
-        dtype=dtype, spot_cutoff=spot_cutoff,
+        dtype=dtype, spot_cutoff=spot_cutoff, A64=A, src_dirs64=dirs, src_lams64=lams,
     )
 
 
@@ -696,14 +703,56 @@ def _roi_pixels(detector: DetectorConfig, device) -> tuple[torch.Tensor, torch.T
     return F.reshape(-1), S.reshape(-1), (fmin, fmax, smin, smax)
 
 
+def native_ok(p: Prepared) -> bool:
+    """The compiled forward kernel applies: fast kernel, float32 on the CPU, no spot cutoff, no gradient
+    needed (autograd off, or no tensor of the render requires one), and the library builds and loads."""
+    if not p.native or not _fast_ok(p) or p.spot_cutoff is not None or p.dtype != torch.float32:
+        return False
+    if p.pix0.device.type != "cpu" or p.A64 is None:
+        return False
+    if torch.is_grad_enabled():
+        ts = [getattr(p, n) for n in _PREPARED_TENSORS] + [p.ftable.F, p.ftable.default_F]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
+            return False
+    from . import native
+
+    return native.available()
+
+
+def _render_native(p: Prepared, detector: DetectorConfig, crop: bool, pixel_mask: Optional[torch.Tensor],
+                   progress) -> torch.Tensor:
+    from . import native
+
+    fmin, fmax, smin, smax = detector.roi_bounds()
+    box = np.zeros((smax - smin + 1, fmax - fmin + 1), dtype=np.float32)
+    mask = None
+    if pixel_mask is not None:
+        mask = pixel_mask[smin:smax + 1, fmin:fmax + 1].to(torch.bool).cpu().numpy()
+    native.render_native(p, fmin, fmax, smin, smax, box, mask=mask, threads=torch.get_num_threads())
+    if progress is not None:
+        progress(box.size, box.size)
+    t = torch.from_numpy(box)
+    if crop or t.shape == (detector.spixels, detector.fpixels):
+        return t
+    img = torch.zeros(detector.spixels, detector.fpixels, dtype=torch.float32)
+    img[smin:smax + 1, fmin:fmax + 1] = t
+    return img
+
+
 def render(p: Prepared, detector: DetectorConfig, *, pixel_batch_size: Optional[int] = None,
            chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, checkpoint: Optional[bool] = None,
            progress: Optional[Callable[[int, int], None]] = None, crop: bool = False,
            pixel_mask: Optional[torch.Tensor] = None, checkpoint_budget_bytes: float = 2e9) -> torch.Tensor:
-    """Render the (spixels, fpixels) image (zeros outside the ROI), or the ROI only with ``crop``."""
+    """Render the (spixels, fpixels) image (zeros outside the ROI), or the ROI only with ``crop``.
+
+    ``pixel_mask`` (spixels, fpixels) bool: only those pixels are rendered (the others are 0), e.g. the
+    spot-local set of :func:`spot_local_mask`.  Without gradients, float32 fast-kernel renders use the
+    compiled kernel (:mod:`.native`) when available."""
     device = p.pix0.device
     if p.spot_cutoff is not None and pixel_mask is None and not p.curved:
         pixel_mask = spot_block_mask(p, detector, p.spot_cutoff)
+    if native_ok(p):
+        return _render_native(p, detector, crop, pixel_mask, progress)
     f_all, s_all, (fmin, fmax, smin, smax) = _roi_pixels(detector, device)
     if pixel_mask is not None:
         m = pixel_mask[s_all, f_all].to(torch.bool)

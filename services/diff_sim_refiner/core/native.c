@@ -1,0 +1,170 @@
+/* Forward render of the fast kernel (square crystal, nearest-neighbour F, flat detector) in one pass.
+ *
+ * The same physics as simulator._chunk_fast, term for term: per pixel and sub-pixel the unit direction,
+ * per source the scattering vector Q = (diff - incident) / lambda (1/m), per orientation H = A Q (double),
+ * h0 = ceil(H - 0.5), d = H - h0, |F_latt|^2 = prod_i sin^2(N_i pi d_i) / sin^2(pi d_i) (float), times
+ * F(h0)^2; the sum over terms times r_e^2 fluence / steps, the solid angle and the polarisation of the
+ * pixel's first sub-pixel.  torch evaluates this as some 25 passes over (orientations x 3 x pixels)
+ * arrays; here each term stays in registers, which is what makes the whole-detector render cheap.
+ *
+ * sin(pi t) is an odd polynomial on the reduced argument (|t| <= 1/2 after removing the nearest integer,
+ * which only flips the sign, and the sign does not matter once squared): absolute error below 1e-7, so the
+ * ratio keeps float32 precision.  Each pixel's terms are summed in one fixed order,
+ * so the image does not depend on how the rows are split between threads.
+ */
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    int ov;               /* sub-pixels per pixel edge */
+    int n_src, n_orient;
+    int point_pixel;      /* solid angle 1/R^2 instead of px^2 cd / R^3 */
+    int polar_mode;       /* 0: none, 1: K = 0 (0.5 (1 + cos^2 2theta)), 2: Kahn factor with frame E, B */
+    double pix0[3], fdet[3], sdet[3];
+    double px, close_distance, scale, kahn;
+    double E_in[3], B_in[3];
+    double N[3];
+    const double *dirs;   /* (n_src, 3) unit incident directions */
+    const double *lams;   /* (n_src,) wavelengths, m */
+    const double *A;      /* (n_orient, 3, 3) rows a, b, c in m */
+    const float *F;       /* structure factors, (hr, kr, lr) C order, or NULL */
+    int dims[3], mins[3];
+    float default_F;
+} nb_spec;
+
+/* sin(pi r) with r = t - rint(t) in [-1/2, 1/2]: |sin(pi t)| up to the sign, which squaring removes.
+ * Taylor series to x^11 in x = pi r (|x| <= pi/2): truncation error below 6e-8. */
+static inline float sinpi_red(float t)
+{
+    float r = t - rintf(t);
+    float x = r * 3.14159265358979f;
+    float x2 = x * x;
+    float p = -2.5052108e-08f;
+    p = p * x2 + 2.7557319e-06f;
+    p = p * x2 - 1.9841270e-04f;
+    p = p * x2 + 8.3333333e-03f;
+    p = p * x2 - 1.6666667e-01f;
+    return x + x * x2 * p;
+}
+
+/* prod_i sin^2(N_i pi d_i) / sin^2(pi d_i); the ratio of sines is taken before squaring (no underflow for
+ * tiny d) and a 1e-30 offset turns d = 0 into sin(N e) / sin(e) = N, as the torch kernel does */
+static inline float sincg3(float d0, float d1, float d2, float n0, float n1, float n2)
+{
+    d0 += 1e-30f; d1 += 1e-30f; d2 += 1e-30f;
+    float r0 = sinpi_red(n0 * d0) / sinpi_red(d0);
+    float r1 = sinpi_red(n1 * d1) / sinpi_red(d1);
+    float r2 = sinpi_red(n2 * d2) / sinpi_red(d2);
+    r0 *= r0; r1 *= r1; r2 *= r2;
+    return r0 * r1 * r2;
+}
+
+/* Render rows [s_begin, s_end) x columns [f_begin, f_end) into out (row stride `stride` floats, out[0] being
+ * pixel (s_begin, f_begin)).  mask (same layout, may be NULL): pixels with 0 are skipped (left untouched).
+ * work: scratch of at least 8 * (f_end - f_begin) * ov^2 doubles. */
+void nb_render_rows(const nb_spec *sp, int s_begin, int s_end, int f_begin, int f_end,
+                    float *out, long stride, const uint8_t *mask, long mask_stride, double *work)
+{
+    const int ov = sp->ov, n = ov * ov;
+    const int W = f_end - f_begin;
+    const int M = W * n;
+    double *dx = work, *dy = work + M, *dz = work + 2 * M;
+    double *qx = work + 3 * M, *qy = work + 4 * M, *qz = work + 5 * M;
+    double *air0 = work + 6 * M;
+    float *acc = (float *)(work + 7 * M);
+    const double sub = sp->px / ov;
+    const float n0 = (float)sp->N[0], n1 = (float)sp->N[1], n2 = (float)sp->N[2];
+    const int hr = sp->dims[0], kr = sp->dims[1], lr = sp->dims[2];
+    const int hm = sp->mins[0], km = sp->mins[1], lm = sp->mins[2];
+    const float *F = sp->F;
+    const float dF = sp->default_F;
+    for (int s = s_begin; s < s_end; s++) {
+        const uint8_t *mrow = mask ? mask + (long)(s - s_begin) * mask_stride : 0;
+        if (mrow) {
+            int any = 0;
+            for (int j = 0; j < W; j++) any |= mrow[j];
+            if (!any) continue;
+        }
+        /* sub-pixel directions, sub-pixel index = subS * ov + subF, slow-major within the pixel */
+        for (int j = 0; j < W; j++) {
+            const double Fb = (double)(f_begin + j) * sp->px;
+            const double Sb = (double)s * sp->px;
+            for (int a = 0; a < ov; a++) {
+                for (int b = 0; b < ov; b++) {
+                    const double Fd = Fb + (b + 0.5) * sub, Sd = Sb + (a + 0.5) * sub;
+                    const double x = sp->pix0[0] + sp->fdet[0] * Fd + sp->sdet[0] * Sd;
+                    const double y = sp->pix0[1] + sp->fdet[1] * Fd + sp->sdet[1] * Sd;
+                    const double z = sp->pix0[2] + sp->fdet[2] * Fd + sp->sdet[2] * Sd;
+                    const double R = sqrt(x * x + y * y + z * z);
+                    const int m = j * n + a * ov + b;
+                    dx[m] = x / R; dy[m] = y / R; dz[m] = z / R;
+                    if (a == 0 && b == 0) air0[j] = R;
+                }
+            }
+        }
+        for (int m = 0; m < M; m++) acc[m] = 0.0f;
+        for (int si = 0; si < sp->n_src; si++) {
+            const double *inc = sp->dirs + 3 * si;
+            const double il = 1.0 / sp->lams[si];
+            for (int m = 0; m < M; m++) {
+                qx[m] = (dx[m] - inc[0]) * il;
+                qy[m] = (dy[m] - inc[1]) * il;
+                qz[m] = (dz[m] - inc[2]) * il;
+            }
+            for (int o = 0; o < sp->n_orient; o++) {
+                const double *a = sp->A + 9 * o;
+                if (F) {
+#pragma GCC ivdep
+                    for (int m = 0; m < M; m++) {
+                        const double h = a[0] * qx[m] + a[1] * qy[m] + a[2] * qz[m];
+                        const double k = a[3] * qx[m] + a[4] * qy[m] + a[5] * qz[m];
+                        const double l = a[6] * qx[m] + a[7] * qy[m] + a[8] * qz[m];
+                        const double h0 = ceil(h - 0.5), k0 = ceil(k - 0.5), l0 = ceil(l - 0.5);
+                        const float t = sincg3((float)(h - h0), (float)(k - k0), (float)(l - l0), n0, n1, n2);
+                        const int i = (int)h0 - hm, jj = (int)k0 - km, kk = (int)l0 - lm;
+                        const int inside = (i >= 0) & (i < hr) & (jj >= 0) & (jj < kr) & (kk >= 0) & (kk < lr);
+                        const float f = inside ? F[((long)i * kr + jj) * lr + kk] : dF;
+                        acc[m] += t * (f * f);
+                    }
+                } else {
+                    const float f2 = dF * dF;
+                    for (int m = 0; m < M; m++) {
+                        const double h = a[0] * qx[m] + a[1] * qy[m] + a[2] * qz[m];
+                        const double k = a[3] * qx[m] + a[4] * qy[m] + a[5] * qz[m];
+                        const double l = a[6] * qx[m] + a[7] * qy[m] + a[8] * qz[m];
+                        const float t = sincg3((float)(h - ceil(h - 0.5)), (float)(k - ceil(k - 0.5)),
+                                               (float)(l - ceil(l - 0.5)), n0, n1, n2);
+                        acc[m] += t * f2;
+                    }
+                }
+            }
+        }
+        float *orow = out + (long)(s - s_begin) * stride;
+        const double *inc0 = sp->dirs;
+        for (int j = 0; j < W; j++) {
+            if (mrow && !mrow[j]) continue;
+            double I = 0.0;
+            for (int u = 0; u < n; u++) I += acc[j * n + u];
+            const double R = air0[j];
+            const double om = sp->point_pixel ? 1.0 / (R * R) : sp->px * sp->px * sp->close_distance / (R * R * R);
+            double pol = 1.0;
+            if (sp->polar_mode) {
+                const int m = j * n;
+                const double c = dx[m] * inc0[0] + dy[m] * inc0[1] + dz[m] * inc0[2];
+                const double c2 = c * c;
+                if (sp->polar_mode == 1) {
+                    pol = 0.5 * (1.0 + c2);
+                } else {
+                    const double E = dx[m] * sp->E_in[0] + dy[m] * sp->E_in[1] + dz[m] * sp->E_in[2];
+                    const double B = dx[m] * sp->B_in[0] + dy[m] * sp->B_in[1] + dz[m] * sp->B_in[2];
+                    const double den = E * E + B * B;
+                    const double cos2psi = den > 0 ? (E * E - B * B) / den : 1.0;
+                    pol = 0.5 * (1.0 + c2 - sp->kahn * cos2psi * (1.0 - c2));
+                }
+            }
+            orow[j] = (float)(I * sp->scale * om * pol);
+        }
+    }
+}
+
+int nb_abi_version(void) { return 1; }
