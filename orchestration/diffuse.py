@@ -330,6 +330,11 @@ async def diffuse_merge_flow(run_id: str) -> dict:
                 scale_inputs[f"refl_{i:05d}"] = r["reflections"]
                 scale_inputs[f"expt_{i:05d}"] = r["experiments"]
     scale_params = {"mode": "relative", "smoother": cfg.smoother, "partiality_threshold": cfg.partiality_threshold}
+    sequences = sweep_sequences(ok)
+    if sequences:  # frame scales of a sweep tied along phi; stills keep free scales
+        scale_params["sequences"] = sequences
+        if cfg.rotation_smoothness is not None:
+            scale_params["rotation_smoothness"] = cfg.rotation_smoothness
     if cfg.symmetry or cfg.space_group:
         scale_params["space_group"] = cfg.symmetry or cfg.space_group
     scaled = await run_stage("scaler", scale_inputs, scale_params, run_id,
@@ -361,6 +366,16 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     atomic_write_json(out / "run_summary.json", summary)
     log.info(f"run {run_id}: {len(ok)}/{len(records)} stills merged; outputs in {out}")
     return summary
+
+
+def sweep_sequences(records: list[dict]) -> dict[str, list[str]]:
+    """Sweep id -> its merged frames in rotation order, named as the observation table names stills
+    (``<file name>#<image index>``; each frame is a one-image experiment)."""
+    by_sweep: dict[str, list[tuple[int, str]]] = {}
+    for r in records:
+        if r.get("kind") == "rotation":
+            by_sweep.setdefault(r["sweep"], []).append((r.get("frame") or 0, f"{Path(r['image']).name}#0"))
+    return {k: [name for _, name in sorted(v)] for k, v in by_sweep.items()}
 
 
 def _copy_outputs(volume: Volume, outputs: dict, dest: Path) -> None:
