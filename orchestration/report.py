@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -560,7 +560,8 @@ def _diffuse_page(layout: RunLayout, refresh_s: float | None) -> Page:
     status = (f"complete: {summary.get('stills_processed', n_ok)}/{summary.get('stills_total', len(records))} "
               f"stills merged" if complete else
               f"collecting: {len(records)}{f'/{expected}' if expected else ''} stills landed, {n_ok} accumulated, "
-              f"{n_fail} failed")
+              f"{n_fail} failed" + ("; all stills in, end-of-run merge and scaling running"
+                                    if expected and len(records) >= expected else ""))
     page = Page(title=f"diffuse run {run_id}", status=status, refresh_s=None if complete else refresh_s)
     link = _Linker(page, layout.page_dir)
     S = page.sections
@@ -594,10 +595,10 @@ def _diffuse_page(layout: RunLayout, refresh_s: float | None) -> Page:
         sym_name = config.get("symmetry")
         lm = live_map(partials, sym_name) if partials else None
         if lm is not None:
-            figs.append(_img(fig_slices(lm.grid, lm.planes,
-                                        f"live: {lm.n_partials} stills accumulated (unscaled, no outlier rejection"
-                                        f"{', merged in ' + sym_name if sym_name else ''})"),
-                             "current merged slices h=0, k=0, l=0 from the per-still partial sums"))
+            what = (f"live: {lm.n_partials} stills accumulated (unscaled, no outlier rejection"
+                    f"{', merged in ' + sym_name if sym_name else ''})")
+            figs.append(_img(fig_slices(lm.grid, lm.planes, what),
+                             f"current merged slices h=0, k=0, l=0 from the per-still partial sums; {what}"))
         else:
             figs.append("<p>no still accumulated yet</p>")
     if stats.get("radial_profile"):
@@ -897,8 +898,6 @@ class ReportServer:
 # ============================================================================ CLI
 def register(app) -> None:
     """Add ``report`` to a typer app: ``diffractflow report RUN_DIR_OR_ID [--home H] [--serve --port N]``."""
-    from typing import Optional
-
     import typer
 
     @app.command("report")
