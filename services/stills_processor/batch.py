@@ -234,13 +234,16 @@ def run_job(
     persistent_pool: bool = False,
     job_id: str | None = None,
     input_hashes: dict[str, str] | None = None,
+    units: Sequence[WorkUnit] | None = None,
 ) -> tuple[list[dict[str, Any]], Path, dict[str, Any]]:
-    """Route, process and summarise a set of images: (rows, summary.h5 path, metrics)."""
+    """Route, process and summarise a set of images: (rows, summary.h5 path, metrics).
+
+    ``units``: work units already planned from ``images`` (routing is then skipped)."""
     from .artifacts import write_summary
     from .core.routing import plan
 
     t0 = time.perf_counter()
-    units = plan(images)
+    units = list(units) if units is not None else plan(images)
     if on_planned:
         on_planned(units)
     rows = run_units(units, out_dir, settings, nproc=nproc, on_done=on_done, persistent_pool=persistent_pool)

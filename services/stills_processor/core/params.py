@@ -122,6 +122,10 @@ class ProcessingSettings:
     write_indexed: bool = True  # also write <name>_indexed.refl (strong spots with Miller indices)
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES  # tried in order on a still until one processes it
     relaxed_sigma_b_cutoff: float | None = RELAXED_SIGMA_B_CUTOFF  # deg; None: DIALS' cut-off is final
+    # rotation sequences only: None = dials.refine's default (static, then a scan-varying macrocycle);
+    # True = the same, asked for explicitly; False = scan-static refinement only
+    scan_varying: bool | None = None
+    integrate_sequences: bool = True  # False: a sequence stops after refinement (indexed, not integrated)
 
 
 def parse_unit_cell(text: str) -> tuple[float, float, float, float, float, float]:

@@ -371,7 +371,13 @@ def _integrate_stills(params, experiments, indexed, sigma_b_cutoff: float | None
 
 # ----------------------------------------------------------------------------- sequences
 def process_sequence(paths: list[str], settings: ProcessingSettings) -> Outcome:
-    """Import, find spots, index, refine (static then scan-varying) and integrate a rotation scan."""
+    """Import, find spots, index, refine and (unless ``settings.integrate_sequences`` is False) integrate
+    a rotation scan.
+
+    Refinement as dials.refine: static, then a scan-varying macrocycle (``settings.scan_varying`` None or
+    True), or static only (False). A ``refinement.parameterisation.scan_varying`` given in ``settings.phil``
+    wins over ``settings.scan_varying``.
+    """
     from dials.array_family import flex
     from dials.command_line.index import index
     from dials.command_line.integrate import run_integration
@@ -379,6 +385,11 @@ def process_sequence(paths: list[str], settings: ProcessingSettings) -> Outcome:
     from dxtbx.model.experiment_list import ExperimentList
 
     p = sequence_params(settings)
+    if settings.scan_varying is not None and not any("scan_varying" in a for a in settings.phil):
+        from libtbx import Auto
+
+        # dials.refine's Auto = a static macrocycle, then a scan-varying one
+        p.refine.refinement.parameterisation.scan_varying = Auto if settings.scan_varying else False
     out = Outcome(kind="sequence", status=FAILED)
     timer = _Timer(out)
     with timer("import"):
@@ -422,6 +433,9 @@ def process_sequence(paths: list[str], settings: ProcessingSettings) -> Outcome:
     out.rmsd_x_px, out.rmsd_y_px, out.rmsd_z = _rmsds(refined, stills=False)
     with timer("validate"):
         out.validation = validate_q_vectors(experiments[0], refined, settings.q_tolerance, settings.px_tolerance)
+    if not settings.integrate_sequences:
+        out.status, out.reason = INDEXED, ""
+        return out
     try:
         with timer("integrate"):
             experiments, integrated, _report = run_integration(p.integrate, experiments, reference=refined)
