@@ -110,14 +110,23 @@ def status(home: Optional[Path] = HomeOpt, runs: int = typer.Option(10, help="Re
     topo.apply_env()
     from .embedded import _group_alive
 
+    sup = state.get("supervisor") or {}
+    if sup.get("pid"):
+        console.print(f"supervisor pid {sup['pid']} " + ("running" if _group_alive(sup["pid"]) else "[red]NOT running: "
+                      "nothing is restarted[/red]") + f"; restarts logged in {sup.get('log', '?')}")
     t = Table(title="processes")
-    for col in ("what", "pid", "alive"):
+    for col in ("what", "pid", "alive", "restarts", "last exit"):
         t.add_column(col)
-    t.add_row("nats-server", str(state["nats"]["pid"]), _yes(_group_alive(state["nats"]["pid"])))
+
+    def row(name: str, e: dict) -> None:
+        t.add_row(name, str(e.get("pid") or "-"), _yes(bool(e.get("pid")) and _group_alive(e["pid"])),
+                  str(e.get("restarts", 0)), e.get("last_exit", ""))
+
+    row("nats-server", state["nats"])
     if state.get("prefect"):
-        t.add_row("prefect server", str(state["prefect"]["pid"]), _yes(_group_alive(state["prefect"]["pid"])))
+        row("prefect server", state["prefect"])
     for s in state["services"]:
-        t.add_row(f"{s['service']}[{s['replica']}]", str(s["pid"]), _yes(_group_alive(s["pid"])))
+        row(f"{s['service']}[{s['replica']}]", s)
     console.print(t)
     services = sorted({s["service"] for s in state["services"]})
     queues, dead = asyncio.run(_queues(topo, services))

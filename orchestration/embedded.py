@@ -1,7 +1,23 @@
-"""The embedded topology: nats-server, every service's worker and Prefect's server as local processes.
+"""The embedded topology: nats-server, every service's worker and Prefect's server as local processes,
+kept alive by a supervisor.
 
-``up`` writes everything it starts into ``<home>/state.json`` so ``down`` (from any shell) can stop it
-all, process group by process group, and ``status`` can find it.
+``up`` prepares the run directory (credentials, the nats-server configuration, the volume), writes
+``<home>/state.json`` and starts a small supervisor daemon (``python -m orchestration.embedded supervise
+HOME``, its own session, so it outlives the shell or process that ran ``up``). The supervisor starts
+nats-server, creates the streams, starts Prefect's server and the workers, and from then on is the only
+writer of ``state.json``: it restarts any of them that dies (exponential backoff, capped, reset once the
+process has stayed up for a while; nats-server on the same port and JetStream store, Prefect on the same
+port and database), counts the restarts in ``state.json`` and logs them to ``<home>/logs/supervisor.log``.
+
+Why a daemon and not a loop in ``up``: ``up`` returns (scripts, tests and ``process`` go on using the
+topology from the same or another shell), and a single supervising process serves all three ways the
+topology is started. Why not supervisord: it restarts a crashed program at once with no exponential
+backoff, gives up for good after ``startretries`` quick failures and keeps no restart counts, so it would
+need as much glue as this loop.
+
+``down`` (from any shell) sends SIGTERM to the supervisor, which stops restarting before it stops anything
+(services, then Prefect, then nats-server: SIGTERM, SIGKILL after a grace period); a restart can therefore
+never race the stop. If the supervisor itself is gone, ``down`` stops the process groups named in the state.
 """
 from __future__ import annotations
 
@@ -9,17 +25,18 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffractflow import bus
 from diffractflow.artifacts import DIR_MODE
 from diffractflow.config import Settings
-from diffractflow.natsserver import SERVICES, Credentials, NatsServer, free_port
+from diffractflow.natsserver import SERVICES, Credentials, free_port, nats_server_binary, write_config
 
 # Stages the platform can run as workers: service name -> command (argv after the venv's bin/)
 SERVICE_COMMANDS: dict[str, list[str]] = {s: [s, "serve"] for s in SERVICES}
@@ -36,6 +53,16 @@ def bin_path(name: str) -> str:
 
 
 @dataclass
+class Backoff:
+    """Restart policy of the supervisor: the n-th quick failure in a row waits ``min(cap_s, base_s * 2**(n-1))``
+    seconds before the restart; a process that stayed up ``healthy_s`` seconds starts the count again."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    healthy_s: float = 60.0
+
+
+@dataclass
 class Topology:
     home: Path
 
@@ -43,14 +70,19 @@ class Topology:
     def state_file(self) -> Path:
         return self.home / "state.json"
 
+    @property
+    def supervisor_log(self) -> Path:
+        return self.home / "logs" / "supervisor.log"
+
     def load(self) -> dict | None:
-        if not self.state_file.exists():
+        try:
+            return json.loads(self.state_file.read_text())
+        except FileNotFoundError:
             return None
-        return json.loads(self.state_file.read_text())
 
     def save(self, state: dict) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
+        tmp = self.state_file.with_name(f"state.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.state_file)
@@ -96,7 +128,13 @@ class Topology:
 
     # ----------------------------------------------------------------- up / down
     def up(self, services: list[str], replicas: dict[str, int], volume: Path | None = None,
-           prefect: bool = True, nats_port: int | None = None, log=print) -> dict:
+           prefect: bool = True, nats_port: int | None = None, log=print, backoff: Backoff | None = None,
+           timeout: float = 180.0) -> dict:
+        """Prepare the run directory, start the supervisor and wait until every process serves.
+
+        Returns the state (pids as first started). Raises if something does not come up within ``timeout``
+        seconds; call :meth:`down` then to stop what did.
+        """
         if self.load():
             raise RuntimeError(f"a topology is already up in {self.home} (run `diffractflow down` first)")
         self.home.mkdir(parents=True, exist_ok=True)
@@ -111,62 +149,276 @@ class Topology:
             f = cred_dir / user
             f.write_text(pw)
             os.chmod(f, 0o600)
+        nats_dir = self.home / "nats"
+        port = nats_port or free_port()
+        conf = write_config(nats_dir / "nats.conf", port, nats_dir / "jetstream", creds)
         state: dict = {"home": str(self.home), "volume": str(volume), "credentials_dir": str(cred_dir),
-                       "services": [], "started": time.time()}
-        nats = NatsServer(self.home / "nats", port=nats_port, creds=creds)
-        nats.start()
-        state["nats"] = {"url": nats.url, "pid": nats.proc.pid, "port": nats.port}
-        self.save(state)  # from here on `down` can clean up whatever follows
-        log(f"nats-server  {nats.url}  (JetStream, auth on)  pid {nats.proc.pid}")
-        admin = Settings(nats_url=nats.url, nats_user="admin", nats_password=creds.users["admin"], volume=volume)
-        asyncio.run(_create_streams(admin))
-
+                       "started": time.time(), "phase": "starting",
+                       "supervision": asdict(backoff or Backoff()),
+                       "nats": {"url": f"nats://127.0.0.1:{port}", "port": port, "pid": None, "restarts": 0,
+                                "argv": [nats_server_binary(), "-c", str(conf)],
+                                "log": str(nats_dir / "nats-server.log")},
+                       "services": []}
         if prefect:
-            port = free_port()
-            env = prefect_env(self.home)
-            proc = subprocess.Popen([bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                    stdout=open(logs / "prefect-server.log", "ab"), stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)
-            state["prefect"] = {"pid": proc.pid, "api_url": f"http://127.0.0.1:{port}/api", "port": port}
-            self.save(state)
-
+            pport = free_port()
+            state["prefect"] = {"pid": None, "api_url": f"http://127.0.0.1:{pport}/api", "port": pport, "restarts": 0,
+                                "argv": [bin_path("prefect"), "server", "start", "--host", "127.0.0.1",
+                                         "--port", str(pport)],
+                                "log": str(logs / "prefect-server.log")}
         for service in services:
             for i in range(replicas.get(service, 1)):
-                user, password = creds.for_service(service)
-                env = dict(os.environ)
-                env.update({"DIFFRACTFLOW_NATS_URL": nats.url, "DIFFRACTFLOW_NATS_USER": user,
-                            "DIFFRACTFLOW_NATS_PASSWORD_FILE": str(cred_dir / user), "DIFFRACTFLOW_VOLUME": str(volume)})
-                env.pop("DIFFRACTFLOW_NATS_PASSWORD", None)
+                user, _ = creds.for_service(service)
                 cmd = SERVICE_COMMANDS[service]
-                argv = [bin_path(cmd[0]), *cmd[1:]]
-                proc = subprocess.Popen(argv, stdout=open(logs / f"{service}-{i}.log", "ab"), stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True, cwd=self.home)
-                state["services"].append({"service": service, "replica": i, "pid": proc.pid, "argv": argv})
-                self.save(state)
-                log(f"{service:<18} replica {i}  pid {proc.pid}")
+                state["services"].append({
+                    "service": service, "replica": i, "pid": None, "restarts": 0,
+                    "argv": [bin_path(cmd[0]), *cmd[1:]], "log": str(logs / f"{service}-{i}.log"),
+                    "env": {"DIFFRACTFLOW_NATS_URL": state["nats"]["url"], "DIFFRACTFLOW_NATS_USER": user,
+                            "DIFFRACTFLOW_NATS_PASSWORD_FILE": str(cred_dir / user),
+                            "DIFFRACTFLOW_VOLUME": str(volume)}})
+        env = dict(os.environ)
+        env.pop("DIFFRACTFLOW_NATS_PASSWORD", None)
+        self._supervisor = subprocess.Popen(
+            [sys.executable, "-m", "orchestration.embedded", "supervise", str(self.home)],
+            stdin=subprocess.DEVNULL, stdout=open(logs / "supervisor.out", "ab"), stderr=subprocess.STDOUT,
+            env=env, cwd=self.home, start_new_session=True)
+        state["supervisor"] = {"pid": self._supervisor.pid, "log": str(self.supervisor_log)}
+        self.save(state)  # the hand-over: from here on only the supervisor writes the state
+        log(f"supervisor   pid {self._supervisor.pid}  (restarts logged in {self.supervisor_log})")
 
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.load() or {}
+            if state.get("phase") == "running":
+                break
+            if state.get("phase") == "failed" or self._supervisor.poll() is not None:
+                raise RuntimeError(f"the supervisor could not start the topology: {state.get('error', '?')} "
+                                   f"(see {self.supervisor_log} and {logs / 'supervisor.out'})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the topology did not start within {timeout:.0f} s (see {self.supervisor_log})")
+            time.sleep(0.1)
+        log(f"nats-server  {state['nats']['url']}  (JetStream, auth on)  pid {state['nats']['pid']}")
+        for s in state["services"]:
+            log(f"{s['service']:<18} replica {s['replica']}  pid {s['pid']}")
         if prefect:
-            _wait_http(state["prefect"]["api_url"] + "/health", timeout=90)
+            _wait_http(state["prefect"]["api_url"] + "/health", timeout=max(deadline - time.monotonic(), 30))
             log(f"prefect      {state['prefect']['api_url']}")
-        asyncio.run(_wait_consumers(admin, services, timeout=120))
+        admin = Settings(nats_url=state["nats"]["url"], nats_user="admin", nats_password=creds.users["admin"],
+                         volume=volume)
+        asyncio.run(_wait_consumers(admin, services, timeout=max(deadline - time.monotonic(), 30)))
         return state
 
     def down(self, timeout: float = 25.0, log=print) -> list[int]:
-        """Stop everything `up` started (services first, then Prefect, then NATS). Returns leftover pids."""
+        """Stop everything `up` started: the supervisor stops the services, then Prefect, then NATS.
+        Returns the pids of process groups still alive afterwards (none, normally)."""
         state = self.load()
         if not state:
             return []
         if state.get("prefect"):
             drain_prefect_clients()
-        groups = [s["pid"] for s in state.get("services", [])]
-        if state.get("prefect"):
-            groups.append(state["prefect"]["pid"])
+        sup = (state.get("supervisor") or {}).get("pid")
+        if sup and _group_alive(sup):
+            os.kill(sup, signal.SIGTERM)
+            own = getattr(self, "_supervisor", None)
+            deadline = time.monotonic() + 2 * timeout + 25
+            while time.monotonic() < deadline and _group_alive(sup):
+                if own is not None and own.pid == sup:
+                    own.poll()
+                time.sleep(0.1)
+            if _group_alive(sup):  # stuck: take it down and clean up below ourselves
+                _stop_groups([sup], 0)
+            state = self.load() or state
+        # whatever is still running (the supervisor was gone, or failed to stop something)
+        groups = [p for p in (_pids(state["services"]) + _pids([state.get("prefect")])) if _group_alive(p)]
         _stop_groups(groups, timeout)
-        _stop_groups([state["nats"]["pid"]], 10)
-        left = [p for p in [*groups, state["nats"]["pid"]] if _group_alive(p)]
+        _stop_groups([p for p in _pids([state["nats"]]) if _group_alive(p)], 10)
+        everything = _pids(state["services"]) + _pids([state.get("prefect"), state["nats"]]) + ([sup] if sup else [])
+        left = [p for p in everything if _group_alive(p)]
         self.state_file.unlink(missing_ok=True)
-        log(f"stopped {len(groups) + 1} process groups" + (f"; still alive: {left}" if left else ""))
+        restarts = sum(p.get("restarts", 0) for p in [*state["services"], state["nats"], state.get("prefect") or {}])
+        log(f"stopped {len(everything)} process groups ({restarts} restarts while up)"
+            + (f"; still alive: {left}" if left else ""))
         return left
+
+
+def _pids(entries) -> list[int]:
+    return [e["pid"] for e in entries if e and e.get("pid")]
+
+
+# --------------------------------------------------------------------------------------------- the supervisor
+class Supervisor:
+    """Runs in its own process (``python -m orchestration.embedded supervise HOME``): starts the programs named
+    in ``HOME/state.json``, restarts them when they die and records pids and restart counts there."""
+
+    def __init__(self, home: Path):
+        self.topo = Topology(home)
+        self.stopping = False
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.info: dict[str, dict] = {}
+        self.failures: dict[str, int] = {}
+        self.due: dict[str, float] = {}  # program -> monotonic time of its pending restart
+        self.died: dict[str, float] = {}
+        self.since: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- logging and state
+    def event(self, what: str, program: str | None = None, **fields) -> None:
+        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+               "event": what, **({"program": program} if program else {}), **fields}
+        with open(self.topo.supervisor_log, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def save(self) -> None:
+        self.topo.save(self.state)
+
+    # ---------------------------------------------------------------- programs
+    def _programs(self) -> list[tuple[str, dict]]:
+        out = [("nats-server", self.state["nats"])]
+        if self.state.get("prefect"):
+            out.append(("prefect-server", self.state["prefect"]))
+        out += [(f"{s['service']}[{s['replica']}]", s) for s in self.state["services"]]
+        return out
+
+    def _env(self, name: str, entry: dict) -> dict[str, str]:
+        if name == "prefect-server":
+            return prefect_env(Path(self.state["home"]))
+        env = dict(os.environ)
+        env.update(entry.get("env", {}))
+        return env
+
+    def start(self, name: str, entry: dict) -> None:
+        cwd = self.state["home"] if "service" in entry else None
+        proc = subprocess.Popen(entry["argv"], stdin=subprocess.DEVNULL, stdout=open(entry["log"], "ab"),
+                                stderr=subprocess.STDOUT, env=self._env(name, entry), cwd=cwd,
+                                start_new_session=True)
+        self.procs[name], self.info[name] = proc, entry
+        entry["pid"] = proc.pid
+        entry["started_at"] = time.time()
+        self.since[name] = time.monotonic()
+        if name == "nats-server":
+            _wait_port(self.state["nats"]["port"], proc, timeout=15, log=entry["log"])
+
+    def restart(self, name: str) -> None:
+        entry = self.info[name]
+        entry["restarts"] = entry.get("restarts", 0) + 1
+        self.start(name, entry)
+        self.event("restarted", name, pid=entry["pid"], restarts=entry["restarts"],
+                   down_s=round(time.monotonic() - self.died.pop(name), 3))
+        self.save()
+
+    def check(self) -> None:
+        """Notice dead programs, schedule their restarts with backoff, run restarts that are due."""
+        now = time.monotonic()
+        pol = self.state["supervision"]
+        for name, proc in list(self.procs.items()):
+            if name in self.due or proc.poll() is None:
+                continue
+            _kill_group(proc.pid)  # what it left behind (a server's worker processes) would hold its port
+            rc = proc.returncode
+            up_s = now - self.since[name]
+            if up_s >= pol["healthy_s"]:
+                self.failures[name] = 0
+            self.failures[name] = self.failures.get(name, 0) + 1
+            delay = min(pol["cap_s"], pol["base_s"] * 2 ** (self.failures[name] - 1))
+            self.due[name], self.died[name] = now + delay, now
+            entry = self.info[name]
+            entry["last_exit"] = f"signal {-rc}" if rc < 0 else f"exit {rc}"
+            entry["pid"] = None
+            self.event("died", name, pid=proc.pid, how=entry["last_exit"], up_s=round(up_s, 3),
+                       restart_in_s=delay, failures_in_a_row=self.failures[name])
+            self.save()
+        for name, t in sorted(self.due.items(), key=lambda kv: kv[1]):
+            if self.stopping:
+                return
+            if time.monotonic() >= t:
+                del self.due[name]
+                try:
+                    self.restart(name)
+                except Exception as exc:  # e.g. nats-server did not listen: try again later
+                    self.event("restart failed", name, error=str(exc))
+                    self.since[name] = time.monotonic()
+
+    # ---------------------------------------------------------------- life cycle
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        deadline = time.monotonic() + 30
+        while True:  # wait for the hand-over: `up` writes the state with our pid once it has started us
+            state = self.topo.load()
+            if state and (state.get("supervisor") or {}).get("pid") == os.getpid():
+                break
+            if time.monotonic() > deadline or self.stopping:
+                return 2
+            time.sleep(0.05)
+        self.state = state
+        self.event("supervisor started", pid=os.getpid(), policy=state["supervision"])
+        try:
+            self._start_all()
+        except Exception as exc:
+            self.state["phase"], self.state["error"] = "failed", str(exc)
+            self.event("start failed", error=str(exc))
+            self.save()
+            self.stop_all()
+            return 1
+        while not self.stopping:
+            self.check()
+            time.sleep(0.1)
+        self.stop_all()
+        return 0
+
+    def _start_all(self) -> None:
+        for name, entry in self._programs():
+            if self.stopping:
+                return
+            self.start(name, entry)
+            self.event("started", name, pid=entry["pid"])
+            self.save()
+            if name == "nats-server":
+                admin_pw = (Path(self.state["credentials_dir"]) / "admin").read_text()
+                admin = Settings(nats_url=self.state["nats"]["url"], nats_user="admin", nats_password=admin_pw,
+                                 volume=Path(self.state["volume"]))
+                asyncio.run(_create_streams(admin))
+        self.state["phase"] = "running"
+        self.save()
+
+    def stop_all(self, grace_s: float = 25.0) -> None:
+        """Services first (they finish or release their jobs), then Prefect, then nats-server."""
+        self.state["phase"] = "stopping"
+        self.save()
+        self.event("stopping")
+        self.due.clear()
+        order = [[n for n in self.procs if n not in ("nats-server", "prefect-server")], ["prefect-server"],
+                 ["nats-server"]]
+        for names, grace in zip(order, (grace_s, grace_s, 10.0)):
+            pids = [self.procs[n].pid for n in names if n in self.procs]
+            _stop_groups(pids, grace)
+            for n in names:
+                if n in self.procs:
+                    self.procs[n].poll()
+        self.state["phase"] = "stopped"
+        self.save()
+        self.event("stopped")
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {proc.returncode}; see {log}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nats-server did not listen on port {port} within {timeout} s; see {log}")
 
 
 def prefect_env(home: Path) -> dict[str, str]:
@@ -272,3 +524,14 @@ def _stop_groups(pgids: list[int], timeout: float) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_group_alive(g) for g in pgids):
         time.sleep(0.1)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "supervise":
+        print("usage: python -m orchestration.embedded supervise HOME", file=sys.stderr)
+        return 2
+    return Supervisor(Path(argv[1]).resolve()).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
