@@ -310,9 +310,11 @@ def open_source(path, dset: Optional[str] = None, scan_shape=None):
         except Exception as exc:
             raise DataError(f"{p}: rosettasciio ({_RSCIIO[suf]}) could not read it: {exc}") from None
         cands = [s for s in sigs if getattr(s["data"], "ndim", 0) in (3, 4)]
-        if not cands:
+        if cands:
+            return DaskSource(cands[0]["data"], f"{p} ({_RSCIIO[suf]})", scan_shape)
+        if suf not in HDF5_SUFFIXES:
             raise DataError(f"{p}: no 3-D/4-D signal found by rosettasciio")
-        return DaskSource(cands[0]["data"], f"{p} ({_RSCIIO[suf]})", scan_shape)
+        # e.g. a Prismatic EMD: rosettasciio stacks its depth datacubes into one 5-D signal; list the 4-D ones
     if suf in HDF5_SUFFIXES:
         import h5py
 
