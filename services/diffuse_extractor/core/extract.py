@@ -437,7 +437,8 @@ def rotation_goniometer(experiment):
 
 def lab_setting_matrix(experiment, image_index: int = 0) -> np.ndarray:
     """``A`` in the lab frame for this image: ``S R(phi) F U B`` at the frame's mid-angle for
-    rotation data (DIALS' convention), plain ``U B`` for stills."""
+    rotation data (DIALS' convention), plain ``U B`` for stills. ``image_index``: the image's index in the
+    experiment's imageset (0 for a one-frame experiment, whatever the frame's place in the sweep)."""
     A = np.asarray(experiment.crystal.get_A(), dtype=float).reshape(3, 3)
     gonio = rotation_goniometer(experiment)
     if gonio is None:
@@ -445,7 +446,9 @@ def lab_setting_matrix(experiment, image_index: int = 0) -> np.ndarray:
     from scitbx import matrix
 
     scan = experiment.scan
-    phi = scan.get_angle_from_array_index(image_index + 0.5, deg=False)
+    # image_index counts from the imageset's first image, array indices from the scan's (e.g. frame 31 of a
+    # sweep as its own one-image experiment: array index 30 + 0.5)
+    phi = scan.get_angle_from_array_index(scan.get_array_range()[0] + image_index + 0.5, deg=False)
     axis = matrix.col(gonio.get_rotation_axis_datum())
     R = np.asarray(axis.axis_and_angle_as_r3_rotation_matrix(phi, deg=False), dtype=float).reshape(3, 3)
     S = np.asarray(gonio.get_setting_rotation(), dtype=float).reshape(3, 3)

@@ -647,6 +647,65 @@ def predict_reflections(experiment, d_min: float | None = None,
     return panel[sel], x[sel], y[sel], hkl[sel]
 
 
+def _is_rotation(experiment) -> bool:
+    """Rotation data: a goniometer and a scan whose oscillation width is not 0 (as ``extract.rotation_goniometer``)."""
+    scan, gonio = experiment.scan, experiment.goniometer
+    return gonio is not None and scan is not None and scan.get_oscillation()[1] != 0
+
+
+def rotation_pad_deg(experiment, delpsi_max: float = DIALS_STILLS_DELPSI_MAX) -> float:
+    """How far (deg) beyond a rotation frame's oscillation a reflection's diffraction angle may lie and its spot
+    still reach the frame: the largest of ``delpsi_max`` (as degrees), one oscillation width (a spot spreads over
+    neighbouring frames) and 3 sigma_m of the experiment's profile model when it has one (DIALS' mosaicity)."""
+    pad = max(float(np.degrees(delpsi_max)), abs(float(experiment.scan.get_oscillation()[1])))
+    prof = getattr(experiment, "profile", None)
+    if prof is not None and hasattr(prof, "sigma_m"):
+        try:
+            pad = max(pad, 3.0 * float(prof.sigma_m(deg=True)))
+        except Exception:  # noqa: BLE001 - a profile model without sigma_m
+            pass
+    return pad
+
+
+def _spots_of_frames(reflections, array_range):
+    """The observed spots of a sweep's table that reach the frames ``array_range`` (array indices [a0, a1)): by
+    their bounding box in z, else by the z of their centroid (within one frame)."""
+    from dials.array_family import flex
+
+    a0, a1 = array_range
+    if "bbox" in reflections:
+        _, _, _, _, z0, z1 = (np.asarray(c) for c in reflections["bbox"].parts())
+        keep = (z0 < a1) & (z1 > a0)
+    elif "xyzobs.px.value" in reflections:
+        z = np.asarray(reflections["xyzobs.px.value"].parts()[2])
+        keep = (z > a0 - 1) & (z < a1 + 1)
+    else:
+        return reflections
+    return reflections.select(flex.bool(keep.tolist()))
+
+
+def predict_rotation(experiment, d_min: float | None = None, pad_deg: float = 0.0):
+    """DIALS' rotation prediction for the experiment's scan (e.g. one frame): (panel, x_px, y_px, miller) of the
+    reflections whose diffraction angle lies within the scan's oscillation range widened by ``pad_deg`` on
+    each side (``ScanStaticReflectionPredictor(..., padding=pad_deg).for_ub(A)``, A at the goniometer datum),
+    systematic absences of the crystal's space group removed."""
+    from dials.algorithms.spot_prediction import ScanStaticReflectionPredictor
+
+    if d_min is None:
+        d_min = experiment.detector.get_max_resolution(experiment.beam.get_s0())
+    predictor = ScanStaticReflectionPredictor(experiment, dmin=d_min, padding=pad_deg)
+    table = predictor.for_ub(experiment.crystal.get_A())
+    empty = (np.zeros(0, int), np.zeros(0), np.zeros(0), np.zeros((0, 3), int))
+    if len(table) == 0:
+        return empty
+    absent = np.asarray(experiment.crystal.get_space_group().is_sys_absent(table["miller_index"]), dtype=bool)
+    x, y, _ = (np.asarray(c) for c in table["xyzcal.px"].parts())
+    panel = np.asarray(table["panel"], dtype=np.int64)
+    hkl = np.asarray(table["miller_index"].as_vec3_double(), dtype=np.int64).reshape(-1, 3)
+    keep = ~absent
+    return panel[keep], x[keep], y[keep], hkl[keep]
+
+
 def project_near_edges(experiment, hkl: np.ndarray, margin_px: float, delpsi_max: float = DIALS_STILLS_DELPSI_MAX):
     """Spots whose centre lies just *off* a panel (within ``margin_px``) but whose tails reach it.
 
@@ -715,6 +774,9 @@ def bragg_flags(experiment, detector_flags_shape_source, reflections=None, *, ra
 
     ``delpsi_max`` (rad) widens DIALS' stills prediction window (0.0015 rad) to catch the weak
     partials of real mosaic crystals that neither DIALS' default prediction nor spot finding see.
+    Rotation frames (scan with an oscillation, e.g. one frame of a sweep) are predicted as rotation
+    data instead (:func:`predict_rotation`): the reflections that cross the Ewald sphere during the
+    frame's oscillation, widened by ``delpsi_max`` (as degrees) on each side.
 
     ``reflections`` (optional DIALS table for this still): observed spots are masked as their
     bounding boxes grown by ``bbox_pad_px`` (or disks at ``xyzobs.px.value`` without bboxes).
@@ -722,13 +784,22 @@ def bragg_flags(experiment, detector_flags_shape_source, reflections=None, *, ra
     flags = empty_flags(detector_flags_shape_source)
     radius = radius_px if radius_px is not None else spot_radius_px(reflections, experiment)
     info = {"bragg_radius_px": radius, "n_predicted": 0, "n_observed": 0}
-    if experiment.crystal is not None:
+    rotation = _is_rotation(experiment)
+    if experiment.crystal is not None and rotation:
+        dm = d_min or experiment.detector.get_max_resolution(experiment.beam.get_s0())
+        pad = rotation_pad_deg(experiment, delpsi_max)
+        panel, x, y, _ = predict_rotation(experiment, dm, pad_deg=pad)
+        info["n_predicted"] = paint_disks(flags, panel, x, y, radius, MaskBit.BRAGG)
+        info["prediction"] = f"rotation (DIALS ScanStaticReflectionPredictor over the frame's oscillation +- {pad:.3g} deg)"
+    elif experiment.crystal is not None:
         dm = d_min or experiment.detector.get_max_resolution(experiment.beam.get_s0())
         cand = candidate_indices(experiment, dm, delpsi_max)
         panel, x, y, _ = predict_reflections(experiment, dm, delpsi_max, candidates=cand)
         info["n_predicted"] = paint_disks(flags, panel, x, y, radius, MaskBit.BRAGG)
         ep, ex, ey = project_near_edges(experiment, cand, radius, delpsi_max)
         info["n_predicted_off_edge"] = paint_disks(flags, ep, ex, ey, radius, MaskBit.BRAGG)
+    if reflections is not None and len(reflections) and rotation:
+        reflections = _spots_of_frames(reflections, experiment.scan.get_array_range())
     if reflections is not None and len(reflections):
         rp = np.asarray(reflections["panel"], dtype=np.int64)
         if "bbox" in reflections:
