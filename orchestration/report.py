@@ -586,8 +586,12 @@ def _diffuse_page(layout: RunLayout, refresh_s: float | None) -> Page:
     if map_h5 is not None:
         try:
             grid, planes = map_file_planes(map_h5)
-            figs.append(_img(fig_slices(grid, planes, "merged map (scaled, outliers rejected)"),
-                             "merged map slices h=0, k=0, l=0"))
+            what = "merged map: " + ", ".join([
+                "scaled" if stats.get("scales_applied") else "unscaled",
+                f"merged in {stats['symmetry']}" if stats.get("symmetry") not in (None, "none") else "no symmetry",
+                f"outliers rejected at {stats['reject_sigma']}σ ({stats.get('n_rejected', 0)} still-voxels)"
+                if stats.get("reject_sigma") else "no outlier rejection"])
+            figs.append(_img(fig_slices(grid, planes, what), f"merged map slices h=0, k=0, l=0; {what}"))
         except (OSError, KeyError, ValueError) as exc:
             figs.append(f"<p class=warn>cannot read {_esc(map_h5)}: {_esc(exc)}</p>")
     else:

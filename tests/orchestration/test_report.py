@@ -245,6 +245,7 @@ def test_finished_run_page_renders_in_chromium_with_figures_and_no_broken_links(
     assert page == out.resolve() / "report.html"
     text = page.read_text()
     assert "complete: 6/7 stills merged" in text and "http-equiv" not in text  # no refresh once complete
+    assert "merged map: scaled, merged in P 43 21 2, no outlier rejection" in text  # from the merger's stats
     p = parse(text)
     # slices of the merged map, radial profile, CC½ + symmetry agreement, scales, timings
     assert len(p.imgs) == 5, len(p.imgs)
