@@ -1,4 +1,5 @@
-"""Command line: ``stills-processor run`` (images in, DIALS files + summary.h5 out), ``show``, ``serve``."""
+"""Command line: ``stills-processor run`` (images in, DIALS files + summary.h5 out), ``frame-model`` (one
+rotation frame's experiment from a sweep model), ``show``, ``serve``."""
 from __future__ import annotations
 
 import sys
@@ -72,6 +73,13 @@ def run(
                                              "default,radial_profile,strict_spots,fixed_detector,dials_index)."),
     relaxed_sigma_b: float = typer.Option(0.5, "--relaxed-sigma-b", help="A still whose profile sigma_b exceeds DIALS' "
                                           "0.1 deg cut-off is still integrated below this (deg; 0 = no relaxation)."),
+    scan_varying: Optional[bool] = typer.Option(None, "--scan-varying/--scan-static", help="Rotation sequences: "
+                                                "refine static then scan-varying (--scan-varying), or scan-static "
+                                                "only (--scan-static). Default: dials.refine's own (static, then "
+                                                "scan-varying)."),
+    integrate: bool = typer.Option(True, "--integrate/--no-integrate", help="Rotation sequences: integrate the "
+                                   "Bragg reflections (--no-integrate stops after refinement; stills always "
+                                   "integrate)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
 ):
     """Process IMAGES with DIALS; write per-image .expt/.refl and summary.h5 under --out.
@@ -93,7 +101,8 @@ def run(
         _fail("--min-spots must be >= 1, the tolerances > 0 and --relaxed-sigma-b >= 0")
     settings = ProcessingSettings(symmetry=Symmetry(sg, uc), phil=tuple(phil), min_spots=min_spots,
                                   q_tolerance=q_tolerance, px_tolerance=px_tolerance, strategies=strats,
-                                  relaxed_sigma_b_cutoff=relaxed_sigma_b or None)
+                                  relaxed_sigma_b_cutoff=relaxed_sigma_b or None, scan_varying=scan_varying,
+                                  integrate_sequences=integrate)
     try:
         if phil:
             validate_phil(settings)
@@ -132,6 +141,37 @@ def run(
             typer.secho(f"error: {r['reason']}", fg=typer.colors.RED, err=True)
     if metrics["n_error"]:
         raise typer.Exit(1)
+
+
+@app.command("frame-model")
+def frame_model(
+    model: Path = typer.Argument(..., help="A rotation sequence's refined experiment list (.expt from `run`, one "
+                                 "experiment with a scan and a crystal; scan-varying or not)."),
+    frame: Path = typer.Argument(..., help="One rotation image of the same sweep (inside or beyond the image range "
+                                 "the model was refined on)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .expt: a one-image rotation experiment for FRAME."),
+):
+    """A one-image rotation experiment for FRAME from the sweep MODEL, without spot finding.
+
+    FRAME's own imageset and scan (its header's start angle and oscillation width), the model's refined beam,
+    detector and goniometer, and a scan-static crystal: for a scan-varying model and a frame inside its scan,
+    the A matrix at the frame's centre (mean of its two scan points); otherwise the model's static A.
+    Exit code 2 if FRAME is not of MODEL's sweep (another detector, template, width or start angle).
+    """
+    from diffractflow.artifacts import atomic_write_path
+
+    from .core.sweep import FrameMismatch, frame_experiment
+
+    try:
+        experiments, info = frame_experiment(model, frame)
+    except FrameMismatch as exc:
+        _fail(str(exc))
+    with atomic_write_path(out) as tmp:
+        experiments.as_json(str(tmp))
+    inside = "inside" if info.inside_model_scan else "outside"
+    typer.echo(f"{out}: image {info.frame_number}, phi {info.start_angle_deg:g} to "
+               f"{info.start_angle_deg + info.increment_deg:g} deg ({inside} the model's images "
+               f"{info.model_image_range[0]}-{info.model_image_range[1]}), crystal: {info.crystal_source}")
 
 
 @app.command()

@@ -72,7 +72,7 @@ def import_frame(path: str | Path):
     except Exception as exc:
         raise FrameMismatch(f"{path}: dxtbx cannot read it ({type(exc).__name__}: {exc})") from exc
     if len(el) != 1 or not isinstance(el[0].imageset, ImageSequence) or el[0].scan is None:
-        raise FrameMismatch(f"{path}: not a rotation image (dxtbx finds no scan)")
+        raise FrameMismatch(f"{path}: not a rotation image (dxtbx finds no scan: a still?)")
     if len(el[0].imageset) != 1:
         raise FrameMismatch(f"{path}: holds {len(el[0].imageset)} images; give one rotation frame per file")
     if el[0].scan.get_oscillation()[1] == 0:
