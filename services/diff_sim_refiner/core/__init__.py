@@ -12,7 +12,8 @@ _WHERE = {
            "read_mosflm_matrix", "read_smv", "reciprocal_to_real_cell", "write_fdump", "write_floatfile",
            "write_smv"],
     "rng": ["Ran1", "mosaic_domain_axes"],
-    "simulator": ["Crystal", "Detector", "Prepared", "Simulator", "prepare", "render", "render_loss", "simulate"],
+    "simulator": ["Crystal", "Detector", "Prepared", "Simulator", "prepare", "render", "render_loss", "simulate",
+                  "spot_local_mask", "spot_local_bound"],
 }
 _INDEX = {name: mod for mod, names in _WHERE.items() for name in names}
 
