@@ -4,7 +4,8 @@ HDF5 schema ``diffractflow.diffuse_still`` v4 (one file per still), readable wit
 ``import hdf5plugin`` (datasets are Blosc/LZ4 + byte-shuffle compressed, chunked):
 
 - ``/`` attributes: provenance (schema, producer, job id, parameters, input sha256s).
-- ``/entry`` (NXentry), attrs ``image_path``, ``image_index``, ``experiment_index``,
+- ``/entry`` (NXentry), attrs ``image_path``, ``image_index``, ``experiment_index``, for a rotation frame
+  ``phi_deg`` (the frame's mid rotation angle, degrees, as the hkl) and ``phi_range_deg`` (start, end),
   ``background_method`` (v4: "frames", "isotropic", "image" or "none": what was subtracted).
 - ``/entry/pixels`` (NXdata, signal ``intensity``): one 1-D dataset of length ``n_pixels`` (attr)
   per stored column (:data:`STORED_COLUMNS`: h, k, l, q, intensity, sigma, background, panel,
@@ -266,6 +267,12 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
             e = f.create_group("entry")
             e.attrs.update(NX_class="NXentry", default="pixels", image_path=image_path,
                            image_index=int(image_index), experiment_index=int(experiment_index))
+            scan, gonio = experiment.scan, experiment.goniometer
+            if scan is not None and gonio is not None and scan.get_oscillation()[1] != 0:
+                # rotation frame: its rotation angle (the scaler smooths scales along it)
+                a0 = scan.get_array_range()[0] + int(image_index)
+                lo, hi = (float(scan.get_angle_from_array_index(a0 + d, deg=True)) for d in (0.0, 1.0))
+                e.attrs.update(phi_deg=0.5 * (lo + hi), phi_range_deg=np.array([lo, hi]))
             if schema_version >= 4:
                 e.attrs["background_method"] = str(result.info.get("background_method", "none"))
                 prof = getattr(result, "background_profile", None)

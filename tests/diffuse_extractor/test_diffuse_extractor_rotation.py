@@ -54,7 +54,7 @@ def _predictions(e):
 
 
 @pytest.mark.parametrize("f", [0, 3])
-def test_rotation_frame_pixels_get_the_planted_hkl(sweep, f):
+def test_rotation_frame_pixels_get_the_planted_hkl(sweep, f, tmp_path):
     """At the pixel under each DIALS-predicted spot centre whose rotation angle is near the frame's middle, the
     extractor's fractional h, k, l is the planted integer index (within the pixel's and half-frame's extent),
     and the brightest pixel of each such spot (the rendered peak) rounds to it."""
@@ -87,6 +87,15 @@ def test_rotation_frame_pixels_get_the_planted_hkl(sweep, f):
     assert res.setting_matrix is not None and "mid-angle" in res.info["rotation"]
     assert res.info["lorentz_applied"] is False  # Lorentz stays off by default
     assert np.all(np.asarray(t["lorentz"]) == 1.0)
+    # the artifact records the frame's rotation angle (header: Start_angle f * OSC, Angle_increment OSC)
+    import h5py
+
+    from diffuse_extractor.artifacts import write_still
+
+    path = write_still(tmp_path / "frame.h5", res, e, parameters={}, inputs={})
+    with h5py.File(path, "r") as h5:
+        assert h5["entry"].attrs["phi_deg"] == pytest.approx((f + 0.5) * OSC)
+        np.testing.assert_allclose(h5["entry"].attrs["phi_range_deg"], [f * OSC, (f + 1) * OSC])
 
 
 def test_rotation_frame_bragg_mask_follows_the_frames_predictions(sweep):
