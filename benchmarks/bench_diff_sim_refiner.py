@@ -7,7 +7,12 @@ Measures: forward render with 1 phi step x 1 mosaic domain (wall and CPU seconds
 domains (wall, CPU, the render's share, and the floor of a bare ``import torch``); peak resident memory of a
 10 x 10 render (chunked); the optional spot-cutoff render's time and its error against the full render.
 
-    .venv/bin/python benchmarks/bench_diff_sim_refiner.py [--repeats 2] [--mem-roi-fraction 0.25]
+    .venv/bin/python benchmarks/bench_diff_sim_refiner.py [--repeats 2] [--mem-roi-fraction 0.25] \
+        [--nanobragg-c path/to/nanoBragg.c] [--c-repeats 3]
+
+With ``--nanobragg-c`` (the C source, built here with ``gcc -O3 -fopenmp``, or a built binary) the C program and
+``diff-sim-refiner nanobragg`` run back to back on the same 1 x 1 and 5 x 4 cases, alternating, and the JSON
+gets the medians (wall and CPU) and of the per-pair ratios; without it the C figures are the earlier reference.
 """
 from __future__ import annotations
 
@@ -69,19 +74,34 @@ def timed(fn, repeats: int):
 def bench_forward(repeats: int, only_full: bool = False) -> dict:
     import torch
 
-    from diff_sim_refiner.core.simulator import prepare, render
+    from diff_sim_refiner.core import native
+    from diff_sim_refiner.core.simulator import prepare, render, spot_local_mask
 
     job, tab = _job(seed004_flags())
 
-    def fwd(cutoff=None):
+    def fwd(cutoff=None, native=True, mask_cutoff=None):
         with torch.no_grad():
-            return render(prepare(job.crystal, job.detector, job.beam, tab, spot_cutoff=cutoff), job.detector)
+            p = prepare(job.crystal, job.detector, job.beam, tab, spot_cutoff=cutoff)
+            p.native = native
+            mask = spot_local_mask(p, job.detector, mask_cutoff) if mask_cutoff else None
+            return render(p, job.detector, pixel_mask=mask)
 
     img, w, c = timed(fwd, repeats)
     res = {"forward_1phi_1domain": {"wall_s": round(w, 3), "cpu_s": round(c, 3), "threads": torch.get_num_threads(),
-                                    "sum_photons": float(img.sum())}}
+                                    "sum_photons": float(img.sum()), "kernel": "native" if native.available()
+                                    else f"torch ({native.status()})"}}
     if only_full:
         return res
+    tor, w, c = timed(lambda: fwd(native=False), repeats)
+    res["forward_1phi_1domain_torch_kernel"] = {"wall_s": round(w, 3), "cpu_s": round(c, 3),
+                                                "sum_ratio_native_vs_torch": float(img.double().sum() / tor.double().sum())}
+    for cutoff in (4.0, 10.0):
+        sl, w2, c2 = timed(lambda: fwd(mask_cutoff=cutoff), repeats)
+        kept = sl != 0
+        res[f"forward_spot_local_{cutoff:g}"] = {
+            "wall_s": round(w2, 3), "cpu_s": round(c2, 3), "pixels_kept_fraction": round(float(kept.double().mean()), 4),
+            "photons_left_out_fraction": float(1.0 - sl.double().sum() / img.double().sum()),
+            "stated_bound_total": 6.0 / (3.141592653589793 ** 2 * cutoff)}
     from diff_sim_refiner.core.compare import compare
 
     full = img.numpy()
@@ -116,6 +136,12 @@ def bench_backward(repeats: int) -> dict:
         with torch.no_grad():
             return render(prepare(crystal, detector, job.beam, tab), detector)
 
+    def fwd_torch():
+        with torch.no_grad():
+            p = prepare(crystal, detector, job.beam, tab)
+            p.native = False
+            return render(p, detector)
+
     def fwd_bwd():
         phi.grad = dist.grad = None
         img = render(prepare(crystal, detector, job.beam, tab), detector)
@@ -138,10 +164,12 @@ def bench_backward(repeats: int) -> dict:
         try:
             # interleaved (forward, forward + backward, render_loss) rounds, best of each: a load change on
             # the shared machine then hits all three alike instead of skewing the ratio
-            wf = cf = wb = cb = wc = cc = float("inf")
+            wf = cf = wb = cb = wc = cc = wt = ct = float("inf")
             for _ in range(max(repeats, 2)):
                 _, w, c = timed(fwd, 1)
                 wf, cf = min(wf, w), min(cf, c)
+                _, w, c = timed(fwd_torch, 1)
+                wt, ct = min(wt, w), min(ct, c)
                 grads, w, c = timed(fwd_bwd, 1)
                 wb, cb = min(wb, w), min(cb, c)
                 grads_c, w, c = timed(fwd_bwd_chunked, 1)
@@ -149,6 +177,8 @@ def bench_backward(repeats: int) -> dict:
         finally:
             torch.set_num_threads(saved)
         return {"threads": threads, "forward_wall_s": round(wf, 3), "forward_cpu_s": round(cf, 3),
+                "forward_torch_kernel_wall_s": round(wt, 3), "forward_torch_kernel_cpu_s": round(ct, 3),
+                "ratio_vs_torch_forward_wall": round(wb / wt, 2), "ratio_vs_torch_forward_cpu": round(cb / ct, 2),
                 "fwd_bwd_wall_s": round(wb, 3), "fwd_bwd_cpu_s": round(cb, 3),
                 "ratio_wall": round(wb / wf, 2), "ratio_cpu": round(cb / cf, 2),
                 "grad_phi": grads[0], "grad_distance": grads[1],
@@ -203,6 +233,55 @@ def bench_cli(phisteps: int, domains: int, tmp: Path) -> dict:
             "startup_io_exit_cpu_s": round(cpu - render_cpu, 2) if render_cpu is not None else None}
 
 
+def c_flags(flags: list[str]) -> list[str]:
+    """Our flags as the C program reads them: its -pix0_vector is in metres (it has no -pix0_vector_mm)."""
+    out, i = [], 0
+    while i < len(flags):
+        if flags[i] == "-pix0_vector_mm":
+            out += ["-pix0_vector", *(repr(float(x) / 1000.0) for x in flags[i + 1:i + 4])]
+            i += 4
+        else:
+            out.append(flags[i])
+            i += 1
+    return out
+
+
+def build_nanobragg_c(source: Path, tmp: Path) -> Path:
+    """Compile nanoBragg.c as its header says (gcc -O3 -fopenmp -lm)."""
+    exe = tmp / "nanoBragg"
+    subprocess.run(["gcc", "-O3", "-o", str(exe), str(source), "-lm", "-fopenmp"], check=True, capture_output=True)
+    return exe
+
+
+def bench_c_side_by_side(exe: Path, phisteps: int, domains: int, repeats: int, tmp: Path) -> dict:
+    """nanoBragg C and ``diff-sim-refiner nanobragg`` on the same case, run back to back ``repeats`` times (C then
+    ours, alternating, so a load change hits both); medians of wall and CPU seconds and of the per-pair ratios,
+    plus the agreement of the two float images."""
+    import numpy as np
+
+    threads = THREADS or 2
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd_c = [str(exe), *c_flags(seed004_flags(phisteps, domains)), "-floatfile", str(tmp / "c.bin"),
+             "-intfile", str(tmp / "c.img"), "-nonoise", "-nopgm", "-noprogress"]
+    rows = []
+    for _ in range(repeats):
+        r, wc, cc = _run_child(cmd_c, cwd=tmp, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr or r.stdout)
+        ours = bench_cli(phisteps, domains, tmp)
+        rows.append({"c_wall_s": round(wc, 2), "c_cpu_s": round(cc, 2), **ours,
+                     "ratio_wall": round(ours["process_wall_s"] / wc, 3),
+                     "ratio_cpu": round(ours["process_cpu_s"] / cc, 3), "loadavg": os.getloadavg()[0]})
+    med = lambda k: float(np.median([row[k] for row in rows if row[k] is not None]))  # noqa: E731
+    a = np.fromfile(tmp / "img.bin", dtype=np.float32).astype(np.float64)
+    b = np.fromfile(tmp / "c.bin", dtype=np.float32).astype(np.float64)
+    return {"threads": threads, "runs": rows, "median_c_wall_s": med("c_wall_s"), "median_c_cpu_s": med("c_cpu_s"),
+            "median_ours_wall_s": med("process_wall_s"), "median_ours_cpu_s": med("process_cpu_s"),
+            "median_ratio_wall": med("ratio_wall"), "median_ratio_cpu": med("ratio_cpu"),
+            "images_sum_ratio": float(a.sum() / b.sum()), "images_pearson": float(np.corrcoef(a, b)[0, 1]),
+            "images_max_abs_diff_rel_to_max": float(np.abs(a - b).max() / b.max())}
+
+
 def bench_memory(fraction: float) -> dict:
     """Peak RSS of a 10 phi x 10 domain forward render in a fresh process (chunked).
 
@@ -235,6 +314,11 @@ def main() -> None:
     ap.add_argument("--mem-roi-fraction", type=float, default=0.25,
                     help="fraction of the detector rendered for the 10x10 memory figure (1 = full detector)")
     ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--nanobragg-c", type=Path, default=None,
+                    help="nanoBragg.c source (built with gcc -O3 -fopenmp) or an already built binary: runs the C "
+                         "program and ours back to back on the 1 x 1 and 5 x 4 cases")
+    ap.add_argument("--c-repeats", type=int, default=3)
+    ap.add_argument("--only-c", action="store_true", help="only the side-by-side C comparison")
     ap.add_argument("--out", type=Path, default=OUT, help=f"JSON file to write (default {OUT.relative_to(ROOT)})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (this 2-core machine is shared: 1 is "
                     "faster under load; the 1 x 1 forward is also timed with torch's default)")
@@ -250,6 +334,19 @@ def main() -> None:
     res: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                              "loadavg_at_start": os.getloadavg()},
                  "reference_nanoBragg_C_2_threads": {"forward_1phi_1domain_wall_s": 0.5, "forward_5phi_4domain_wall_s": 9.0}}
+    if args.nanobragg_c is not None:
+        with tempfile.TemporaryDirectory() as td:
+            exe = args.nanobragg_c
+            if exe.suffix == ".c":
+                exe = build_nanobragg_c(exe, Path(td))
+            for ph, dom in ((1, 1), (5, 4)):
+                res[f"side_by_side_nanoBragg_C_{ph}phi_{dom}domain"] = bench_c_side_by_side(exe, ph, dom,
+                                                                                          args.c_repeats, Path(td))
+                print(json.dumps(res[f"side_by_side_nanoBragg_C_{ph}phi_{dom}domain"], indent=1), flush=True)
+        if args.only_c:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=2))
+            return
     default_threads = torch.get_num_threads()
     fwd_default = bench_forward(args.repeats, only_full=True)["forward_1phi_1domain"]
     torch.set_num_threads(args.threads)

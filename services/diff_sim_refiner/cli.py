@@ -65,7 +65,7 @@ def nanobragg(ctx: typer.Context):
     -detsize, -beamsize, -pix0_vector_mm), metres (-pix0_vector), photons/m^2 (-fluence), photons/s (-flux),
     mrad (divergence), percent (-dispersion).  -floatfile is raw float32 photons/pixel, slow-major, the
     full detector (zeros outside -roi).  Extensions: -spot_cutoff K (evaluate only near Bragg peaks),
-    -float64, -threads N (default: torch's, or 1 when the machine is saturated).  Unknown or malformed
+    -spot_local K (render only the pixels within K fringes of a reflection; the others are 0), -float64, -threads N (default: torch's, or 1 when the machine is saturated).  Unknown or malformed
     flags exit with code 2.
     """
     from .core.io import FormatError

@@ -117,6 +117,7 @@ class NanoBraggArgs:
     progress: bool = True
     # extensions
     spot_cutoff: Optional[float] = None
+    spot_local: Optional[float] = None    # render only pixels near reflections (K fringes), see spot_local_mask
     float64: bool = False
     threads: int = 0
     given: set = field(default_factory=set)
@@ -316,6 +317,7 @@ FLAGS: dict[str, tuple[int, Callable]] = {
     "-printout": _flag(lambda a: None), "-printout_pixel": (2, _printout_pixel),
     # extensions of this implementation
     "-spot_cutoff": _set("spot_cutoff"),
+    "-spot_local": _set("spot_local"),
     "-float64": _flag(lambda a: setattr(a, "float64", True)),
     "-threads": _set("threads", int),
 }

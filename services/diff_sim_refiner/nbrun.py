@@ -181,7 +181,8 @@ def run_nanobragg(argv: list[str], out=None, progress_factory=None) -> dict:
     nthreads = choose_threads(a.threads)
     if nthreads:
         torch.set_num_threads(nthreads)
-    from .core.simulator import prepare, render
+    from .core import native
+    from .core.simulator import native_ok, prepare, render, spot_local_bound, spot_local_mask
 
     dtype = torch.float64 if a.float64 else torch.float32
     t0, c0 = time.perf_counter(), time.process_time()
@@ -199,12 +200,20 @@ def run_nanobragg(argv: list[str], out=None, progress_factory=None) -> dict:
             f"{job.crystal.effective_mosaic_domains()} mosaic domains, {int(p.src_dirs.shape[0])} sources")
         log(f"  distance={float(geom.distance):.6g} m, close_distance={float(geom.close_distance):.6g} m, "
             f"Fbeam={float(geom.Fbeam):.6g} Sbeam={float(geom.Sbeam):.6g} m, ORGX={geom.orgx:.6g} ORGY={geom.orgy:.6g}")
+        mask = None
+        if a.spot_local:
+            mask = spot_local_mask(p, job.detector, a.spot_local)
+            bound = spot_local_bound(p, a.spot_local)
+            log(f"  spot-local: {float(mask.double().mean()):.4f} of the pixels (left out: each term below "
+                f"{bound['per_term']:.3g} of its peak, about {bound['total']:.3g} of the photons at most)")
+        log(f"  kernel: {'compiled (native.c)' if native_ok(p) else 'torch'}"
+            + ("" if native_ok(p) or not p.native else f" (native {native.status()})"))
         cb = None
         bar = None
         if a.progress and progress_factory is not None:
             bar, cb = progress_factory()
         try:
-            img_t = render(p, job.detector, progress=cb)
+            img_t = render(p, job.detector, progress=cb, pixel_mask=mask)
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)

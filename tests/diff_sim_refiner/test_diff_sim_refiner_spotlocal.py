@@ -171,3 +171,28 @@ def test_spot_local_gradients_fused_equal_plain_autograd():
     assert gp1 != 0.0 and gd1 != 0.0
     assert gp1 == pytest.approx(gp2, rel=1e-9)
     assert gd1 == pytest.approx(gd2, rel=1e-9)
+
+
+def test_cli_spot_local_flag(tmp_path, monkeypatch):
+    """`diff-sim-refiner nanobragg -spot_local K`: the kept pixels are nanoBragg C's, the others 0, and the log
+    states the share of pixels and the bound."""
+    from typer.testing import CliRunner
+
+    from diff_sim_refiner.cli import app
+
+    case = json.loads((GOLDEN / "cases.json").read_text())["case05_hkl_custom_roi"]
+    args = [str(DATA / a) if a in ("A.mat", "scaled.hkl") else a for a in case["args"]]
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "img.bin"
+    res = CliRunner().invoke(app, ["nanobragg", *args, "-spot_local", "4", "-floatfile", str(out), "-nonoise",
+                                   "-nopgm", "-noprogress", "-intfile", str(tmp_path / "img.smv")])
+    assert res.exit_code == 0, res.output
+    assert "spot-local:" in res.output and "kernel: compiled" in res.output
+    fpix, spix = case["shape_fast_slow"]
+    fmin, fmax, smin, smax = case["crop"]
+    img = np.fromfile(out, dtype=np.float32).reshape(spix, fpix)[smin:smax + 1, fmin:fmax + 1].astype(np.float64)
+    gold = np.load(GOLDEN / "case05_hkl_custom_roi.npy").astype(np.float64)
+    kept = img != 0
+    assert 0.01 < kept.mean() < 0.9
+    assert np.abs(img[kept] - gold[kept]).max() <= 1e-5 * gold.max()
+    assert gold[~kept].sum() / gold.sum() <= 6.0 / (math.pi ** 2 * 4.0)
