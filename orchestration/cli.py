@@ -53,7 +53,10 @@ def up(
     volume: Optional[Path] = typer.Option(None, help="Shared volume root (default HOME/volume)."),
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Start Prefect's local server too."),
 ):
-    """Start the embedded topology: nats-server (JetStream, auth), the services' workers, Prefect's server."""
+    """Start the embedded topology: nats-server (JetStream, auth), the services' workers, Prefect's server.
+
+    A supervisor process (in the background; `up` returns once everything serves) restarts any of them that dies,
+    with backoff; `status` shows the restart counts, HOME/logs/supervisor.log every death and restart."""
     services = list(service) if service else list(SERVICES)
     unknown = [s for s in services if s not in SERVICE_COMMANDS]
     if unknown:
@@ -71,13 +74,14 @@ def up(
         console.print(f"[red]up failed:[/red] {exc}; stopping what was started")
         topo.down(log=console.print)
         raise typer.Exit(1)
-    console.print(f"[green]up[/green]: state in {topo.state_file}; `diffractflow env` prints the client settings, "
-                  "`diffractflow down` stops everything")
+    console.print(f"[green]up[/green]: state in {topo.state_file}, supervised (restarts in `diffractflow status` and "
+                  f"{topo.supervisor_log}); `diffractflow env` prints the client settings, `diffractflow down` stops "
+                  "everything")
 
 
 @app.command()
 def down(home: Optional[Path] = HomeOpt):
-    """Stop everything `up` started (SIGTERM, then SIGKILL after a grace period)."""
+    """Stop everything `up` started, supervisor included (SIGTERM, then SIGKILL after a grace period)."""
     left = _topo(home).down(log=console.print)
     if left:
         raise typer.Exit(1)
