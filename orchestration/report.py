@@ -287,15 +287,29 @@ def live_map(partials: Sequence[Path], symmetry: str | None = None) -> LiveMap |
     return LiveMap(grid, planes, counts, len(partials), symmetry)
 
 
+_MAP_CACHE: dict[tuple, tuple] = {}
+
+
 def map_file_planes(path: Path):
-    """(grid, {axis: plane}) of the h=0/k=0/l=0 planes of a voxel-merger map.h5 (read plane by plane)."""
+    """(grid, {axis: plane}) of the h=0/k=0/l=0 planes of a voxel-merger map.h5 (read plane by plane; the last
+    map read is kept, keyed by path, size and modification time)."""
     import h5py
     from voxel_merger.artifacts import map_planes
     from voxel_merger.core.grid import GlobalGrid
 
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _CACHE_LOCK:
+        hit = _MAP_CACHE.get(key)
+    if hit is not None:
+        return hit
     with h5py.File(path, "r") as f:
         grid = GlobalGrid.from_dict(json.loads(f["entry/crystal"].attrs["grid"]))
-        return grid, map_planes(grid, f["entry/map/intensity"])
+        out = grid, map_planes(grid, f["entry/map/intensity"])
+    with _CACHE_LOCK:
+        _MAP_CACHE.clear()
+        _MAP_CACHE[key] = out
+    return out
 
 
 # ============================================================================ figures
@@ -374,7 +388,7 @@ def fig_shells(stats: dict) -> str | None:
 def fig_scales(scales: dict[str, float]) -> str | None:
     if not scales:
         return None
-    names = list(scales)
+    names = sorted(scales)
     fig = _figure(min(11, 2 + 0.3 * len(names)), 3.6)
     ax = fig.add_subplot()
     ax.bar(range(len(names)), [scales[n] for n in names], color="#4477aa")
@@ -610,8 +624,11 @@ def _diffuse_page(layout: RunLayout, refresh_s: float | None) -> Page:
     figs.append(_img(fig_shells(stats), "CC½ and symmetry agreement by resolution shell"))
     if out:
         figs.append(_img(fig_scales(_named_scales(out)), "per-still scales (relative scaling)"))
+    method = (summary.get("background") or {}).get("method") or (
+        "frames" if config.get("background_frames") else (config.get("extractor") or {}).get("background", "none"))
     figs.append(_img(fig_background(_background_profiles(layout, records)),
-                     "per-still isotropic background estimate"))
+                     "the extractor's per-still isotropic background estimate B(|q|) (subtracted only with the "
+                     f"'isotropic' method; this run's background: {method})"))
     figs.append(_img(fig_timings(records), "seconds per stage and still"))
     S.append("<h2>Figures</h2><div class=figs>" + "".join(f for f in figs if f) + "</div>")
 
@@ -703,8 +720,9 @@ def _stem_page(layout: RunLayout) -> Page:
         c = c if isinstance(c, dict) else {"value": c}
         ok = name not in failed
         rows.append([_esc(name), f'<span class="st-{"ok" if ok else "failed"}">{"ok" if ok else "failed"}</span>',
-                     _esc(json.dumps({k: v for k, v in c.items() if k != "passed"}))])
-    S.append("<h2>Quality checks</h2>" + _table(["check", "result", "details"], rows))
+                     _esc(c.get("message", "")),
+                     _esc(json.dumps({k: v for k, v in c.items() if k not in ("passed", "ok", "message")}))])
+    S.append("<h2>Quality checks</h2>" + _table(["check", "result", "message", "details"], rows))
     if rep.get("warnings"):
         S.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{_esc(w)}</li>" for w in rep["warnings"]) + "</ul>")
     pngs = sorted((d / "figures").glob("*.png")) + sorted((d / "kspace").glob("*.png"))
