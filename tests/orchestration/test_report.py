@@ -179,6 +179,7 @@ def png_pixels(data: bytes) -> np.ndarray:
 
 
 def screenshot(page: Path, tmp: Path, size=(1300, 2200)) -> np.ndarray:
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} missing: Debian's chromium is part of the platform (make setup)"
     shot = tmp / "shot.png"
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
            f"--user-data-dir={tmp / 'chromium-profile'}", f"--window-size={size[0]},{size[1]}",
@@ -393,3 +394,34 @@ def test_stem_polar_job_report_embeds_its_figures_and_links_its_outputs(tmp_path
     targets = assert_links_resolve(page, expect_at_least=len(run["outputs"]) - 1)
     assert {t.relative_to(out.resolve()).as_posix() for t in targets} == {o for o in run["outputs"]
                                                                           if (out / o).is_file()}
+
+
+# ----------------------------------------------------------------------------- background profiles
+def test_background_profiles_are_the_extractors_and_are_plotted(tmp_path):
+    """A still table written by the diffuse-extractor itself (synthetic two-panel still): the page plots its
+    isotropic background profile, the one the extractor's own reader returns."""
+    from diffractflow.artifacts import atomic_write_json
+    from diffuse_extractor import ExtractionParams, extract_still, synthetic
+    from diffuse_extractor.artifacts import read_still, write_still
+
+    from orchestration.report import _background_profiles, locate, write_report
+
+    s = synthetic.render(synthetic.make_experiment())
+    res = extract_still(s.experiment, s.data, s.reflections, params=ExtractionParams(beamstop="none"))
+    vol = tmp_path / "volume"
+    rel = "jobs/diffuse-extractor/r.extract.still_0001/still_0001_0000.h5"
+    (vol / rel).parent.mkdir(parents=True)
+    write_still(vol / rel, res, s.experiment, parameters={}, inputs={})
+    rdir = vol / "runs" / "r"
+    rec = {"image": "incoming/r/still_0001.cbf", "status": "failed", "reason": "voxel-merger job failed: test",
+           "diffuse": {"path": rel}, "stage_seconds": {"diffuse-extractor": 1.0}}
+    atomic_write_json(rdir / "stills" / "still_0001.json", rec)
+    layout = locate(rdir)
+    prof = _background_profiles(layout, [rec])
+    expected = read_still(vol / rel)["background_profile"]
+    assert list(prof) == ["still_0001"] and np.isfinite(expected[:, 1]).sum() > 5
+    np.testing.assert_array_equal(prof["still_0001"], expected)
+    text = write_report(rdir).read_text()
+    assert "isotropic background estimate" in text and "voxel-merger job failed: test" in text
+    assert "no still accumulated yet" in text
+    assert len(parse(text).imgs) == 2  # background profile and timings
