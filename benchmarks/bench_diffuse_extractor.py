@@ -20,6 +20,11 @@ file each time, durable write as in production). Reports CPU and wall seconds of
 - ``bus_job_with_read``: ``bus_job`` plus opening the still's CBF with dxtbx and reading it into arrays
   (what a worker does per job; ``read_cpu_s`` in its row),
 - ``read_image``: reading the CBF into arrays (outside the per-still figure, for reference),
+- ``bus_job_with_pixel_stats``: what the diffuse flow's job does per still (``pipeline.process`` with
+  ``pixel_stats`` and ``run_key``): read the CBF, add the still to the run's pixel statistics
+  (``core.runstats.update_run_stats``: this worker's part file), HOT/DEAD flags from them (from the run's
+  third still on; the median is over those stills), extract with the run's beamstop and a refined
+  detector, write the artifact (``stats_cpu_s``, ``hot_dead_cpu_s`` in its row),
 
 Imports (``import_s``) include the start-up warm-up a worker does (``pipeline.warm_up``: loading the
 compiled kernels, ``warm_up_cpu_s``), so ``cold`` is the first job of a started worker.
@@ -153,7 +158,7 @@ def main():
         rss0 = rss_mb()
         counter = iter(range(10 ** 6))
 
-        def one_still(experiment, cache, read: bool = False) -> dict:
+        def one_still(experiment, cache, read: bool = False, stats_path=None) -> dict:
             clock = Clock()
             if read:  # the job opens its still's image itself (a new imageset: no dxtbx image cache)
                 from dxtbx.model import Experiment
@@ -165,7 +170,20 @@ def main():
             else:
                 img, fm = data, fmask
             r_cpu, r_wall = clock.lap()
-            res = extract_still(experiment, img, refl, params=params, format_mask=fm, geometry_cache=cache)
+            dyn, s_cpu, h_cpu = None, 0.0, 0.0
+            if stats_path is not None:  # as pipeline.process(pixel_stats=...)
+                from diffuse_extractor.core import runstats
+                from diffuse_extractor.core.masks import untrusted_and_overload
+
+                st = runstats.update_run_stats(stats_path, f"still{next(counter)}", img,
+                                               untrusted_and_overload(experiment.detector, img, fm))
+                s_cpu, _ = clock.lap()
+                if st.n_stills >= 3:
+                    dyn = st.hot_dead_flags()
+                h_cpu, _ = clock.lap()
+                del st
+            res = extract_still(experiment, img, refl, params=params, format_mask=fm, geometry_cache=cache,
+                                dynamic_flags=dyn)
             e_cpu, e_wall = clock.lap()
             h5 = tmp / f"still_{next(counter):04d}.h5"
             art.write_still(h5, res, experiment, parameters=params.as_dict(), inputs={})
@@ -175,6 +193,8 @@ def main():
             if read:
                 row.update(read_cpu_s=r_cpu, read_wall_s=r_wall, total_cpu_s=r_cpu + e_cpu + w_cpu,
                            total_wall_s=r_wall + e_wall + w_wall)
+            if stats_path is not None:
+                row.update(stats_cpu_s=s_cpu, hot_dead_cpu_s=h_cpu, total_cpu_s=row["total_cpu_s"] + s_cpu + h_cpu)
             del img, fm
             one_still.n_used, one_still.size_mb = len(res), h5.stat().st_size / 1e6
             del res
@@ -203,6 +223,10 @@ def main():
         bus_run = [one_still(shifted(expt, 3.05 + 0.05 * k), run_cache()) for k in range(args.repeats)]
         # the same with the CBF read in each job
         bus_read = [one_still(shifted(expt, 2.0 + 0.05 * k), GeometryCache(), read=True) for k in range(args.repeats)]
+        # the flow's job: CBF read, run pixel statistics + HOT/DEAD flags, run beamstop, refined detector
+        run_store = {}
+        ps = [one_still(shifted(expt, 4.0 + 0.05 * k), run_cache(), read=True, stats_path=tmp / "pixel_stats.h5")
+              for k in range(args.repeats + 2)][2:]
         n_used, size_mb = one_still.n_used, one_still.size_mb
     n_pix = sum(d.size for d in data)
     ws = summary(warm)
@@ -210,6 +234,7 @@ def main():
     bs = summary(bus)
     br = summary(bus_read)
     bsr = summary(bus_run)
+    pss = summary(ps)
     out = {
         "service": "diffuse-extractor",
         "version": __version__,
@@ -233,12 +258,15 @@ def main():
         "bus_job_same_run_wall_s_median": bsr["total_wall_s"],
         "bus_job_with_read_cpu_s_median": br["total_cpu_s"],
         "bus_job_with_read_wall_s_median": br["total_wall_s"],
+        "bus_job_with_pixel_stats_cpu_s_median": pss["total_cpu_s"],
+        "bus_job_with_pixel_stats_wall_s_median": pss["total_wall_s"],
         "cold": {k: round(v, 3) for k, v in cold.items()},
         "warm_median": ws,
         "new_geometry_median": ns,
         "bus_job_median": bs,
         "bus_job_same_run_median": bsr,
         "bus_job_with_read_median": br,
+        "bus_job_with_pixel_stats_median": pss,
         "bus_job_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in bus],
         "warm_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in warm],
         "new_geometry_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in newg],
