@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence  # Optional: the CLI's annotations
 
 import numpy as np
 
@@ -108,6 +108,14 @@ def locate(target: str | os.PathLike, home: str | os.PathLike | None = None) -> 
             rdir = _run_in_homes(str(run_id), homes) if run_id else None
             return RunLayout("diffuse", page_dir=p, run_dir=rdir, output_dir=p,
                              volume=_volume_of_run_dir(rdir) if rdir else None)
+        # a `process diffuse --out` or demo directory while its run is still collecting: the run in its topology
+        runs = sorted({d.resolve() for v in _volumes_of_home(p / ".diffractflow") if (v / "runs").is_dir()
+                       for d in (v / "runs").iterdir() if d.is_dir()})
+        if len(runs) == 1:
+            return locate(runs[0])
+        if runs:
+            raise ReportError(f"{p}: {len(runs)} runs in {p / '.diffractflow'} ({', '.join(r.name for r in runs)}); "
+                              f"name one: report RUN_ID --home {p / '.diffractflow'}")
         raise ReportError(f"{p}: not a run directory (no stills/ or config.json), process output (summary.json) "
                           f"or stem-polar job (logs/run.json)")
     from .embedded import default_home
@@ -117,7 +125,8 @@ def locate(target: str | os.PathLike, home: str | os.PathLike | None = None) -> 
     if rdir is None:
         raise ReportError(f"{target}: no such directory, and no run of that id under {h} "
                           f"(looked in {', '.join(str(v / 'runs') for v in _volumes_of_home(h))})")
-    return RunLayout("diffuse", page_dir=rdir, run_dir=rdir, output_dir=rdir / "output", volume=_volume_of_run_dir(rdir))
+    return RunLayout("diffuse", page_dir=rdir, run_dir=rdir, output_dir=rdir / "output",
+                     volume=_volume_of_run_dir(rdir))
 
 
 # ============================================================================ small helpers
@@ -481,7 +490,8 @@ def _kv_table(d: dict) -> str:
 def _img(b64: str | None, alt: str) -> str:
     if not b64:
         return ""
-    return f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{b64}"><figcaption>{_esc(alt)}</figcaption></figure>'
+    return (f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{b64}">'
+            f'<figcaption>{_esc(alt)}</figcaption></figure>')
 
 
 def _records(layout: RunLayout, summary: dict) -> list[dict]:
@@ -637,14 +647,16 @@ def _diffuse_page(layout: RunLayout, refresh_s: float | None) -> Page:
     for r in records:
         st = r.get("status", "?")
         secs = r.get("stage_seconds") or {}
-        rows.append([link(r.get("_record"), Path(r.get("image", "?")).name), f'<span class="st-{_esc(st)}">{_esc(st)}</span>',
+        rows.append([link(r.get("_record"), Path(r.get("image", "?")).name),
+                     f'<span class="st-{_esc(st)}">{_esc(st)}</span>',
                      _esc(r.get("reason") or ""), _esc(r.get("strategy") or ""), _esc(r.get("n_spots", "")),
                      _esc(r.get("n_indexed", "")),
                      _esc(", ".join(f"{k} {v:.1f}" for k, v in secs.items())), _esc(_fmt(r.get("seconds"))),
                      link(_vol_path(layout, r.get("diffuse")), "table") if r.get("diffuse") else "",
                      link(_vol_path(layout, r.get("partial")), "partial") if r.get("partial") else ""])
     S.append("<h2>Stills</h2>" + _table(["still", "status", "reason", "indexing strategy", "spots", "indexed",
-                                         "seconds per stage", "total s", "diffuse table", "voxel sums"], rows, "stills"))
+                                         "seconds per stage", "total s", "diffuse table", "voxel sums"], rows,
+                                        "stills"))
 
     # --- timings
     per_stage: dict[str, list[float]] = {}

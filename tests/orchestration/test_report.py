@@ -11,9 +11,7 @@ import base64
 import html.parser
 import io
 import json
-import os
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -425,3 +423,19 @@ def test_background_profiles_are_the_extractors_and_are_plotted(tmp_path):
     assert "isotropic background estimate" in text and "voxel-merger job failed: test" in text
     assert "no still accumulated yet" in text
     assert len(parse(text).imgs) == 2  # background profile and timings
+
+
+def test_an_out_directory_of_a_run_still_collecting_finds_its_run(collecting, tmp_path):
+    """`report OUT` during `process diffuse --out OUT` (no summary.json yet): the run in OUT/.diffractflow."""
+    from orchestration.report import ReportError, locate
+
+    rdir, _ = collecting
+    runs = tmp_path / "out" / ".diffractflow" / "volume" / "runs"
+    shutil.copytree(rdir, runs / "a", ignore=shutil.ignore_patterns("report.html"))
+    layout = locate(tmp_path / "out")
+    assert layout.run_dir == (runs / "a").resolve() and layout.volume == runs.parent.resolve()
+    shutil.copytree(rdir, runs / "b", ignore=shutil.ignore_patterns("report.html"))
+    with pytest.raises(ReportError, match=r"2 runs .*\(a, b\)"):
+        locate(tmp_path / "out")
+    with pytest.raises(ReportError, match="not a run directory"):
+        locate(tmp_path)
