@@ -98,6 +98,14 @@ def test_restart_backoff_doubles_is_capped_and_resets_after_health(topo):
     assert topo.load()["services"][0]["restarts"] == 6
     assert _echo(topo, "after-backoff").status == "ok"
 
+    # `down` while a restart is pending: the stop wins, nothing is started after it and nothing is left
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert topo.down(**QUIET) == []
+    assert _processes_under(topo.home) == []
+    events = [json.loads(x)["event"] for x in topo.supervisor_log.read_text().splitlines()]
+    assert events[-3:] == ["died", "stopping", "stopped"], events[-5:]
+
 
 def test_killed_worker_nats_and_prefect_come_back(topo, tmp_path):
     """SIGKILL the worker, then nats-server, then Prefect's server: each is restarted (nats-server on its port with
@@ -278,4 +286,8 @@ def test_chaos_random_kills_during_a_job_stream(topo, monkeypatch):
     assert restarts == {k: kills.count(k) for k in restarts}, (restarts, kills)
     for r in seen.values():  # complete outputs on the volume
         assert Path(volume.resolve(r.outputs["echo"].path)).is_file()
+    # the supervisor itself SIGKILLed: nothing restarts any more, but `down` still stops what the state names
+    os.kill(state["supervisor"]["pid"], signal.SIGKILL)
+    assert topo.down(**QUIET) == []
+    assert _processes_under(topo.home) == []
     print(f"chaos: {len(kills)} kills ({', '.join(kills)}), {n_jobs} jobs ok in {time.monotonic() - t0:.1f} s")
