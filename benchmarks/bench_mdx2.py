@@ -1,0 +1,352 @@
+"""Side by side with mdx2 (Meisburger & Ando) on a rendered rotation sweep with planted diffuse truth.
+
+1. The sweep: ``diff_sim_refiner.datasets.sweep`` (60 frames of 0.5 deg, 981 x 1043 PILATUS-style detector,
+   P4(3)2(1)2 crystal, Bragg + diffuse halos + water/air background + Poisson noise, 3 blank frames), rendered
+   into ``--work``/data unless ``--data DIR`` names one already rendered.
+2. mdx2 in its own virtual environment ``.bench/mdx2-venv`` (built here when missing): a venv over Debian's
+   ``/usr/bin/python3`` with the system site packages (Debian's DIALS/dxtbx/cctbx, numpy 1.24.2) and the
+   ``lib/cctbx`` link, then ``pip install --no-deps mdx2 nexusformat numexpr joblib simple-parsing loguru
+   docstring-parser colored hdf5plugin`` under the project's constraints.
+3. DIALS as mdx2's tutorial does: ``dials.import``, ``dials.find_spots``, ``dials.index`` with the known
+   symmetry, ``dials.refine`` scan-varying; ``dials.import`` of the blank frames.
+4. mdx2's own chain on one core (``taskset -c 0``, ``--nproc 1``), each step under ``/usr/bin/time -v``:
+   import_geometry, import_data, find_peaks, mask_peaks, import_data + bin_image_series (blanks), integrate,
+   correct (background from the binned blanks), scale, merge. Seconds per frame = sum of these / frames;
+   peak memory = the largest maximum resident set of a step.
+5. The merged map against the planted truth (:class:`DiffuseTruth` averaged over each voxel): Pearson CC, the
+   fit map = a truth + b; with ``--ours RUN_OUTPUT_DIR`` (a ``diffractflow process diffuse`` output holding
+   ``map.nxs`` or any ``*.nxs`` with ``/entry/map``) also ours vs truth and ours vs mdx2 where both measured
+   (:func:`compare_maps`).
+
+Writes benchmarks/results/mdx2_side_by_side.json. Usage:
+    .venv/bin/python benchmarks/bench_mdx2.py [--data DIR] [--work DIR] [--ours RUN_OUTPUT_DIR] [--ndiv 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results" / "mdx2_side_by_side.json"
+MDX2_VENV = REPO / ".bench" / "mdx2-venv"
+MDX2_PACKAGES = ["mdx2", "nexusformat", "numexpr", "joblib", "simple-parsing", "loguru", "docstring-parser",
+                 "colored", "hdf5plugin"]
+DIALS_BIN = Path(sys.executable).parent          # the project's venv sees Debian's DIALS programs
+MDX2_STEPS = ["import_geometry", "import_data", "find_peaks", "mask_peaks", "import_blanks", "bin_image_series",
+              "integrate", "correct", "scale", "merge"]
+
+
+# ----------------------------------------------------------------------------- environment
+def ensure_mdx2_venv(venv: Path = MDX2_VENV) -> Path:
+    """Build mdx2's venv when missing; return its bin directory (every ``mdx2.*`` command answers --help)."""
+    py = venv / "bin" / "python"
+    if not (venv / "bin" / "mdx2.merge").exists():
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        if not py.exists():
+            subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        link = venv / "lib" / "cctbx"
+        if not link.exists():
+            link.symlink_to("/usr/lib/cctbx")
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "-c", str(REPO / "constraints.txt"),
+                        *MDX2_PACKAGES], check=True)
+    for step in ("import_data", "import_geometry", "find_peaks", "mask_peaks", "bin_image_series", "integrate",
+                 "correct", "scale", "merge"):
+        subprocess.run([str(venv / "bin" / f"mdx2.{step}"), "--help"], check=True, capture_output=True)
+    return venv / "bin"
+
+
+def _env(extra_path: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{extra_path}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = env["NUMEXPR_MAX_THREADS"] = env["NUMEXPR_NUM_THREADS"] = "1"
+    env["OPENBLAS_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
+    return env
+
+
+def timed(cmd: list[str], cwd: Path, log: Path, env: dict, one_core: bool = True) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v (and taskset -c 0): wall seconds and maximum resident set (GB)."""
+    full = ["/usr/bin/time", "-v"] + (["taskset", "-c", "0"] if one_core else []) + cmd
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.run(full, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - t
+    text = log.read_text(errors="replace")
+    if rc:
+        raise SystemExit(f"{' '.join(cmd[:2])} failed (exit {rc}); log: {log}\n{text[-3000:]}")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    u = re.search(r"User time \(seconds\): ([\d.]+)", text)
+    s = re.search(r"System time \(seconds\): ([\d.]+)", text)
+    return {"seconds": round(wall, 2), "cpu_seconds": round(float(u.group(1)) + float(s.group(1)), 2) if u and s
+            else None, "max_rss_gb": round(int(m.group(1)) / 1024 ** 2, 3) if m else None}
+
+
+# ----------------------------------------------------------------------------- the runs
+def render(data: Path) -> dict:
+    from diff_sim_refiner.datasets.sweep import SweepSpec, generate_sweep
+
+    t = time.perf_counter()
+    generate_sweep(data, SweepSpec(), progress=lambda d, n: print(f"  rendered {d}/{n}", flush=True))
+    return {"render_seconds": round(time.perf_counter() - t, 1)}
+
+
+def run_dials(data: Path, work: Path, truth: dict) -> dict:
+    """DIALS as mdx2's tutorial: import, find_spots, index (known symmetry), scan-varying refine; blanks imported."""
+    d = work / "dials"
+    d.mkdir(parents=True, exist_ok=True)
+    env = _env(DIALS_BIN)
+    cell = ",".join(f"{x:g}" for x in truth["unit_cell"])
+    sg = truth["space_group"].replace(" ", "")
+    frames = sorted(str(p) for p in data.glob("sweep_*.cbf"))
+    blanks = sorted(str(p) for p in data.glob("blank_*.cbf"))
+    steps = {
+        "import": ["dials.import", *frames],
+        "find_spots": ["dials.find_spots", "imported.expt", "nproc=1"],
+        "index": ["dials.index", "imported.expt", "strong.refl", f"space_group={sg}", f"unit_cell={cell}"],
+        "refine": ["dials.refine", "indexed.expt", "indexed.refl", "scan_varying=True"],
+        "import_blanks": ["dials.import", *blanks, "output.experiments=background.expt"],
+    }
+    out = {}
+    for name, cmd in steps.items():
+        out[name] = timed(cmd, d, d / f"{name}.log", env, one_core=False)
+        print(f"  dials {name}: {out[name]['seconds']} s", flush=True)
+    for expt in ("refined.expt", "background.expt"):
+        mark_pixel_array_detector(d / expt)
+    return out
+
+
+def mark_pixel_array_detector(expt: Path) -> None:
+    """mdx2 accepts only panels of type SENSOR_PAD; dxtbx reads a mini-CBF without a sensor line (the rendered
+    frames have none on purpose: no absorption, no parallax) as SENSOR_UNKNOWN. The panel is a PILATUS-style
+    pixel array, so say so in the experiment file (nothing else changes; thickness stays 0)."""
+    doc = json.loads(expt.read_text())
+    for det in doc.get("detector", []):
+        for panel in det.get("panels", []):
+            if panel.get("type") == "SENSOR_UNKNOWN":
+                panel["type"] = "SENSOR_PAD"
+    expt.write_text(json.dumps(doc, indent=2))
+
+
+def run_mdx2(work: Path, bin_dir: Path, n_frames: int, ndiv: int, count_threshold: float,
+             blank_bin_deg: float) -> dict:
+    """mdx2's chain as its tutorial, one core; returns per-step time and memory."""
+    m = work / "mdx2"
+    m.mkdir(parents=True, exist_ok=True)
+    env = _env(bin_dir)
+    refined = str(work / "dials" / "refined.expt")
+    background = str(work / "dials" / "background.expt")
+    x = lambda step: str(bin_dir / f"mdx2.{step}")                          # noqa: E731
+    steps = {
+        "import_geometry": [x("import_geometry"), refined],
+        "import_data": [x("import_data"), refined, "--nproc", "1"],
+        "find_peaks": [x("find_peaks"), "geometry.nxs", "data.nxs", "--count_threshold", f"{count_threshold:g}",
+                       "--nproc", "1"],
+        "mask_peaks": [x("mask_peaks"), "geometry.nxs", "data.nxs", "peaks.nxs", "--sigma_cutoff", "3",
+                       "--nproc", "1"],
+        "import_blanks": [x("import_data"), background, "--outfile", "bkg_data.nxs", "--nproc", "1"],
+        "bin_image_series": [x("bin_image_series"), "bkg_data.nxs", str(max(1, int(blank_bin_deg))), "20", "20",
+                             "--valid_range", "0", "200", "--outfile", "bkg_binned.nxs", "--nproc", "1"],
+        "integrate": [x("integrate"), "geometry.nxs", "data.nxs", "--mask", "mask.nxs", "--subdivide",
+                      str(ndiv), str(ndiv), str(ndiv), "--nproc", "1"],
+        # the frames carry no sensor (zero thickness): dxtbx's efficiency 1 - exp(-mu t / cos) would be 0
+        "correct": [x("correct"), "geometry.nxs", "integrated.nxs", "--background", "bkg_binned.nxs",
+                    "--efficiency", "False"],
+        "scale": [x("scale"), "corrected.nxs"],
+        "merge": [x("merge"), "corrected.nxs", "--scale", "scales.nxs"],
+    }
+    out = {}
+    for name in MDX2_STEPS:
+        out[name] = timed(steps[name], m, m / f"{name}.log", env, one_core=True)
+        print(f"  mdx2 {name}: {out[name]['seconds']} s, {out[name]['max_rss_gb']} GB", flush=True)
+    # the merged table, read by mdx2's own reader in its venv
+    dump = ("import numpy as np; from mdx2.io import loadobj; T = loadobj('merged.nxs', 'hkl_table'); "
+            "np.savez('merged_table.npz', h=T.h, k=T.k, l=T.l, intensity=T.intensity, "
+            "intensity_error=T.intensity_error, count=T.count, ndiv=np.asarray(T.ndiv))")
+    subprocess.run([str(bin_dir / "python"), "-c", dump], cwd=m, check=True, env=env)
+    total = sum(v["seconds"] for v in out.values())
+    cpu = sum(v["cpu_seconds"] or 0.0 for v in out.values())
+    return {"steps": out, "seconds_total": round(total, 1), "seconds_per_frame": round(total / n_frames, 3),
+            "cpu_seconds_per_frame": round(cpu / n_frames, 3),
+            "peak_memory_gb": max(v["max_rss_gb"] or 0.0 for v in out.values()),
+            "merged_table": str(m / "merged_table.npz")}
+
+
+# ----------------------------------------------------------------------------- map comparison
+def _load_mdx2(mdx2_map) -> dict:
+    if isinstance(mdx2_map, dict):
+        return mdx2_map
+    z = np.load(mdx2_map)
+    return {k: z[k] for k in z.files}
+
+
+def _load_ours(ours_nxs) -> dict:
+    """Our merged map: ``/entry/map`` with ``intensity``, ``counts`` and voxel-centre axes ``h``, ``k``, ``l``."""
+    import h5py
+
+    p = Path(ours_nxs)
+    if p.is_dir():
+        cands = [c for c in sorted(p.rglob("*.nxs")) if _has_map(c)]
+        if not cands:
+            raise FileNotFoundError(f"{p}: no NeXus file with /entry/map")
+        p = cands[0]
+    with h5py.File(p, "r") as f:
+        g = f["entry/map"]
+        I = np.asarray(g["intensity"], float)
+        n = np.asarray(g["counts"], float) if "counts" in g else np.isfinite(I).astype(float)
+        h, k, l = (np.asarray(g[a], float) for a in ("h", "k", "l"))
+    if I.shape != (len(h), len(k), len(l)):
+        raise ValueError(f"{p}: /entry/map/intensity has shape {I.shape}, axes give {(len(h), len(k), len(l))}")
+    return {"file": str(p), "intensity": I, "counts": n, "h": h, "k": k, "l": l}
+
+
+def _has_map(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "entry/map/intensity" in f
+    except OSError:
+        return False
+
+
+def _fit(m: np.ndarray, t: np.ndarray) -> dict:
+    ok = np.isfinite(m) & np.isfinite(t)
+    m, t = m[ok], t[ok]
+    if m.size < 3:
+        return {"n_voxels": int(m.size), "cc": None}
+    a, b = np.polyfit(t, m, 1)
+    return {"n_voxels": int(m.size), "cc": round(float(np.corrcoef(m, t)[0, 1]), 4),
+            "slope": float(a), "offset_fraction_of_mean": round(float(b / m.mean()), 4)}
+
+
+def _to_asu(H: np.ndarray, space_group: str) -> np.ndarray:
+    """Integer voxel indices (n, 3) mapped to the reciprocal asymmetric unit of the Laue group (cctbx's, the
+    convention mdx2's to_asu follows)."""
+    from cctbx import crystal, miller
+    from cctbx.array_family import flex
+
+    cs = crystal.symmetry(unit_cell=(1, 1, 1, 90, 90, 90), space_group_symbol=space_group)
+    ms = miller.set(cs, flex.miller_index([tuple(int(v) for v in r) for r in H]), anomalous_flag=False)
+    return np.asarray(ms.map_to_asu().indices(), dtype=np.int64).reshape(-1, 3)
+
+
+def compare_maps(ours_nxs, mdx2_map, truth) -> dict:
+    """CC of each map against the planted truth (voxel-averaged :class:`DiffuseTruth`) and CC between the two
+    where both measured.
+
+    ``ours_nxs``: our merged NeXus map (file, or run output directory), or None; ``mdx2_map``: mdx2's merged
+    table (npz with h, k, l, intensity, ndiv as :func:`run_mdx2` writes, or such a dict), or None; ``truth``: the
+    sweep's truth dict or directory. The two maps meet on mdx2's grid (voxels 1/ndiv wide, asymmetric unit of
+    the Laue group): our measured voxels are binned onto it (mean of those falling in a voxel) after mapping to
+    the asymmetric unit."""
+    from diff_sim_refiner.datasets.stills import DiffuseTruth
+
+    T = DiffuseTruth.load(truth)
+    tr = truth if isinstance(truth, dict) else json.loads((Path(truth) / "truth.json").read_text())
+    sg = tr["space_group"]
+    res: dict = {}
+    md = None
+    if mdx2_map is not None:
+        md = _load_mdx2(mdx2_map)
+        nd = int(np.asarray(md["ndiv"]).ravel()[0])
+        c = np.stack([md["h"], md["k"], md["l"]], -1).astype(float)
+        ok = np.isfinite(md["intensity"])
+        md["centres"], md["I"], md["nd"] = c[ok], np.asarray(md["intensity"], float)[ok], nd
+        res["mdx2_vs_truth"] = _fit(md["I"], T.on_voxels(md["centres"], nd))
+        res["mdx2_ndiv"] = nd
+    if ours_nxs is not None:
+        o = _load_ours(ours_nxs)
+        meas = (o["counts"] > 0) & np.isfinite(o["intensity"])
+        ii = np.nonzero(meas)
+        c = np.stack([o["h"][ii[0]], o["k"][ii[1]], o["l"][ii[2]]], -1)
+        step = np.array([np.median(np.diff(o[a])) for a in ("h", "k", "l")])
+        nd_o = 1.0 / step
+        I = o["intensity"][meas]
+        res["ours_file"] = o["file"]
+        res["ours_ndiv"] = [round(float(v), 3) for v in nd_o]
+        res["ours_vs_truth"] = _fit(I, T.on_voxels(c, nd_o))
+        if md is not None:
+            nd = md["nd"]
+            H = _to_asu(np.round(c * nd).astype(np.int64), sg)
+            Hm = np.round(md["centres"] * nd).astype(np.int64)
+            keys_o, inv = np.unique(H, axis=0, return_inverse=True)
+            sums = np.bincount(inv.ravel(), weights=I, minlength=len(keys_o))
+            cnts = np.bincount(inv.ravel(), minlength=len(keys_o))
+            ours_binned = {tuple(k): s / n for k, s, n in zip(keys_o, sums, cnts)}
+            pairs = [(ours_binned[tuple(k)], v, i) for i, (k, v) in enumerate(zip(Hm, md["I"]))
+                     if tuple(k) in ours_binned]
+            if pairs:
+                a = np.array([p[0] for p in pairs])
+                b = np.array([p[1] for p in pairs])
+                idx = np.array([p[2] for p in pairs])
+                t = T.on_voxels(md["centres"][idx], nd)
+                res["common"] = {"n_voxels": len(pairs), "cc_ours_vs_mdx2": round(float(np.corrcoef(a, b)[0, 1]), 4),
+                                 "ours_vs_truth": _fit(a, t), "mdx2_vs_truth": _fit(b, t)}
+            else:
+                res["common"] = {"n_voxels": 0}
+    return res
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, help="a rendered sweep (sweep_*.cbf, blank_*.cbf, truth.json)")
+    ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "mdx2")
+    ap.add_argument("--ours", type=Path, help="our `diffractflow process diffuse` output (or its merged .nxs)")
+    ap.add_argument("--ndiv", type=int, default=3, help="mdx2 integrate --subdivide (voxels per unit cell edge)")
+    ap.add_argument("--count-threshold", type=float, default=100.0, help="mdx2 find_peaks --count_threshold")
+    ap.add_argument("--skip-mdx2", action="store_true", help="reuse the work dir's mdx2 results")
+    ap.add_argument("--skip-dials", action="store_true", help="reuse the work dir's DIALS results")
+    args = ap.parse_args(argv)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"benchmark": "mdx2 side by side on a rendered rotation sweep",
+                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                "platform": platform.platform()},
+                    "date": time.strftime("%Y-%m-%d %H:%M")}
+    data = args.data
+    if data is None:
+        data = work / "data"
+        if not (data / "truth.json").exists() or not any(data.glob("blank_*.cbf")):
+            result["render"] = render(data)
+    truth = json.loads((data / "truth.json").read_text())
+    n_frames = len(truth["frames"])
+    result["sweep"] = {"dir": str(data), "frames": n_frames, "osc_deg": truth["scan"]["osc_deg"],
+                       "image_size_fast_slow": truth["image_size_fast_slow"], "space_group": truth["space_group"],
+                       "unit_cell": truth["unit_cell"], "blank_frames": len(truth["background_frames"]),
+                       "generator": truth["generator"]}
+    merged = work / "mdx2" / "merged_table.npz"
+    if not args.skip_mdx2:
+        bin_dir = ensure_mdx2_venv()
+        version = subprocess.run([str(bin_dir / "mdx2.version")], capture_output=True, text=True).stdout
+        result["mdx2_version"] = (re.search(r"mdx2: (\S+)", version) or [None, None])[1]
+        if not args.skip_dials:
+            result["dials"] = run_dials(data, work, truth)
+        blank_osc = float(truth["spec"]["blank_osc_deg"] or truth["scan"]["osc_deg"] * n_frames
+                          / max(1, len(truth["background_frames"])))
+        result["mdx2"] = run_mdx2(work, bin_dir, n_frames, args.ndiv, args.count_threshold, blank_osc)
+        result["mdx2"]["commands"] = "see bench_mdx2.run_mdx2; one core (taskset -c 0, --nproc 1)"
+    elif RESULTS.exists():
+        prev = json.loads(RESULTS.read_text())
+        for k in ("mdx2_version", "dials", "mdx2", "render"):
+            if k in prev:
+                result[k] = prev[k]
+    result["maps"] = compare_maps(args.ours, merged if merged.exists() else None, data)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["maps"], indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
