@@ -16,9 +16,9 @@ setup: $(READY)
 # sees them, with the libtbx build-dir link; 3. the project, pinned by constraints.txt.
 $(READY): pyproject.toml constraints.txt
 	@if ! /usr/bin/python3 -c "import dials, dxtbx, numba" 2>/dev/null || ! /usr/bin/python3 -c "import ensurepip" 2>/dev/null \
-	    || ! command -v gcc >/dev/null; then \
-	  echo "== installing Debian packages (python3-dials, python3-numba, python3-venv, gcc)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dials python3-numba python3-venv python3-pip gcc libc6-dev >/dev/null; \
+	    || ! command -v gcc >/dev/null || ! command -v chromium >/dev/null; then \
+	  echo "== installing Debian packages (python3-dials, python3-numba, python3-venv, gcc, chromium)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-dials python3-numba python3-venv python3-pip gcc libc6-dev chromium >/dev/null; \
 	fi
 	@test -x $(VENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@test -e $(VENV)/lib/cctbx || ln -s /usr/lib/cctbx $(VENV)/lib/cctbx

@@ -483,6 +483,11 @@ def demo(
     raise typer.Exit(run_demo(what, out.resolve(), console))
 
 
+from .report import register as _register_report  # noqa: E402 - the report command lives beside its code
+
+_register_report(app)
+
+
 def main():  # pragma: no cover
     app()
 

@@ -245,4 +245,11 @@ def process_diffuse(directory: Path, out: Path, console, *, config: Path | None 
         summary["outputs"] = str(out)
         summary["files"] = copy_results(rdir / "output", out)
     atomic_write_json(out / "summary.json", summary)
+    try:  # the run's page for a browser; a failure here must not lose the run's results
+        from .report import write_report
+
+        summary["report"] = str(write_report(out))
+        console.print(f"report: {summary['report']}")
+    except Exception as exc:  # noqa: BLE001
+        console.print(f"[yellow]report not written: {exc}[/yellow]")
     return summary

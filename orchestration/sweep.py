@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from diffractflow.artifacts import Volume, atomic_write_json
-from diffractflow.frames import ROTATION, FrameInfo, frame_info
+from diffractflow.frames import FrameInfo, frame_info
 
 from .tasks import StageFailed, job_id_for, run_stage
 
@@ -43,7 +43,7 @@ def sweep_frames(image_path: Path, info: FrameInfo) -> list[Path]:
         if p.name.startswith("."):
             continue
         fi = frame_info(p)
-        if fi.kind == ROTATION and fi.sweep_key == info.sweep_key:
+        if info.same_sweep(fi):
             frames.append((fi.frame_number or 0, p))
     return [p for _, p in sorted(frames)]
 
@@ -75,8 +75,11 @@ async def index_sweep(volume: Volume, run_id: str, cfg, info: FrameInfo, frames:
     """DIALS on ``frames`` as one sequence; the record of the refined model (experiments, reflections)."""
     inputs = {f"image{i}": volume.relative(p) for i, p in enumerate(frames)}
     tag = "sweep-sv" if scan_varying else "sweep"
-    res = await run_stage("stills-processor", inputs, {**_symmetry_params(cfg), "mode": "sequence",
-                                                       "scan_varying": scan_varying},
+    params = {**_symmetry_params(cfg), "mode": "sequence", "scan_varying": scan_varying}
+    if cfg.unit_cell and not any(x.startswith("indexing.method") for x in params["phil"]):
+        # the cell is known: the 1D FFT search finds the same solution several times faster than fft3d
+        params["phil"] = [*params["phil"], "indexing.method=fft1d"]
+    res = await run_stage("stills-processor", inputs, params,
                           run_id, job_id_for(run_id, tag, f"{info.sweep_id}.{len(frames)}"),
                           timeout=cfg.stage_timeout_s)
     out = res["outputs"]

@@ -206,7 +206,10 @@ def _new_acc(grid, n_halves, opt: MergeOptions, workdir: Path | None, name: str)
 
 
 def _close(acc):
-    if hasattr(acc, "close"):
+    """Release a work accumulator made by :func:`_new_acc` (scratch: its sums are not kept)."""
+    if hasattr(acc, "discard"):
+        acc.discard()
+    elif hasattr(acc, "close"):
         acc.close()
 
 
@@ -400,28 +403,64 @@ def _open_partial(p: Path) -> H5VoxelAccumulator:
         raise InputError(f"{p}: not a readable partial accumulator ({exc})") from exc
 
 
-def _partial_blocks(part, b: float | None):
-    """(start, sums (4, n) over halves, scale applied) of a partial's non-empty blocks."""
-    for start, s in part.iter_blocks():
-        t = np.array(s, dtype=np.float64).sum(axis=1)
+def _read_sparse(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A single-still partial as (voxel ids, sums (4, n)) over its voxels with observations, scale not applied.
+
+    A partial is stored as a dense grid in compressed blocks; one still touches a small fraction of the voxels, so
+    the merge reads each partial once into this sparse form and makes all its passes (reference, rejection
+    rounds, final sums, observation table) on it."""
+    ids, cols = [], []
+    with _open_partial(path) as part:
+        for start, s in part.iter_blocks():
+            t = np.asarray(s, dtype=np.float64).sum(axis=1)
+            nz = np.flatnonzero(t[0] > 0)
+            if nz.size:
+                ids.append(start + nz)
+                cols.append(t[:, nz])
+    if not ids:
+        return np.zeros(0, dtype=np.int64), np.zeros((4, 0))
+    return np.concatenate(ids), np.concatenate(cols, axis=1)
+
+
+class _SparseStills:
+    """Single-still partials in sparse form, read once and kept in memory up to ``budget_bytes`` (those beyond
+    the budget are re-read from disk on each pass, so memory stays bounded however long the run)."""
+
+    def __init__(self, paths: Sequence[Path], budget_bytes: int):
+        self.paths = list(paths)
+        self.budget = budget_bytes
+        self.used = 0
+        self._mem: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, i: int, b: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, sums (4, n)) of still ``i`` with its scale b applied (Σw → b·Σw; a copy)."""
+        got = self._mem.get(i)
+        if got is None:
+            got = _read_sparse(self.paths[i])
+            size = got[0].nbytes + got[1].nbytes
+            if self.used + size <= self.budget:
+                self._mem[i] = got
+                self.used += size
+        ids, t = got
+        t = t.copy()
         if b is not None:
             scale_sums(t, b)
-        yield start, t
+        return ids, t
 
 
-def _still_voxel_z(start: int, t: np.ndarray, ref, excluded: np.ndarray | None, poisson_floor: bool = False):
-    """(voxel ids, |z|, voxels' still counts, own sums (4, m)) of one single-still block ``t`` (4, n).
+def _still_voxel_z(ids: np.ndarray, t: np.ndarray, ref, excluded: np.ndarray | None, poisson_floor: bool = False):
+    """(voxel ids, |z|, voxels' still counts, own sums (4, m)) of one still's sparse sums ``t`` (4, n) at ``ids``.
 
     Each still's voxel estimate (Σw·I/Σw, σ = √Σw²σ²/Σw) is compared with the merged estimate
     of the other stills kept in ``ref`` (sums with count = stills); a still-voxel already
     excluded (``excluded``: sorted voxel ids) is absent from ``ref`` and compared with all of it.
     """
-    idx = np.flatnonzero((t[0] > 0) & (t[1] > 0))
-    own = t[:, idx].copy()
+    sel = np.flatnonzero((t[0] > 0) & (t[1] > 0))
+    own = t[:, sel].copy()
     own[0] = 1.0  # one still
-    tot = np.array(ref.read_range(start, start + t.shape[1]).sum(axis=1)[:, idx], dtype=np.float64)
-    ids = start + idx
-    out = np.zeros(idx.size, dtype=bool)
+    ids = ids[sel]
+    tot = ref.gather(ids)
+    out = np.zeros(ids.size, dtype=bool)
     if excluded is not None and excluded.size:
         out = np.isin(ids, excluded, assume_unique=True)
         tot[:, out] += own[:, out]
@@ -430,30 +469,29 @@ def _still_voxel_z(start: int, t: np.ndarray, ref, excluded: np.ndarray | None, 
     return ids, z, tot[0], own
 
 
-def _reject_rounds(plan, ref, opt: MergeOptions, heartbeat=None, poisson_floor: bool = False
+def _reject_rounds(plan, stills: _SparseStills, ref, opt: MergeOptions, heartbeat=None, poisson_floor: bool = False
                    ) -> dict[int, np.ndarray]:
     """Still-voxels to drop: per round, in every voxel with >= reject_min_count stills, the still whose
     estimate deviates most from the others' mean, if by more than reject_sigma (|z|).
 
     Removing only the worst member per voxel and round keeps one gross outlier from condemning
     the good stills beside it (their leave-one-out means include it); ``reject_rounds`` rounds
-    remove up to that many stills per voxel.  Each round is one streamed pass over the partials;
+    remove up to that many stills per voxel.  Each round is one pass over the stills' sparse sums;
     memory holds only the candidates.  ``ref`` (all still-voxels) is updated in place.
     Returns plan index -> sorted voxel ids dropped.
     """
     excluded: dict[int, np.ndarray] = {}
     for _ in range(opt.reject_rounds):
         cand_v, cand_z, cand_s, cand_own = [], [], [], []
-        for i, (p, _single, _sid, b, _half) in enumerate(plan):
-            with _open_partial(p) as part:
-                for start, t in _partial_blocks(part, b):
-                    ids, z, n, own = _still_voxel_z(start, t, ref, excluded.get(i), poisson_floor)
-                    sel = (z > opt.reject_sigma) & (n >= opt.reject_min_count)
-                    if sel.any():
-                        cand_v.append(ids[sel])
-                        cand_z.append(z[sel])
-                        cand_s.append(np.full(int(sel.sum()), i, dtype=np.int64))
-                        cand_own.append(own[:, sel])
+        for i, (_p, _single, _sid, b, _half) in enumerate(plan):
+            ids, t = stills.get(i, b)
+            ids, z, n, own = _still_voxel_z(ids, t, ref, excluded.get(i), poisson_floor)
+            sel = (z > opt.reject_sigma) & (n >= opt.reject_min_count)
+            if sel.any():
+                cand_v.append(ids[sel])
+                cand_z.append(z[sel])
+                cand_s.append(np.full(int(sel.sum()), i, dtype=np.int64))
+                cand_own.append(own[:, sel])
             if heartbeat:
                 heartbeat()
         if not cand_v:
@@ -544,18 +582,17 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     try:
         mapper = AsuMapper(metric, symmetry) if symmetry else None
         excluded: dict[int, np.ndarray] = {}
+        stills = _SparseStills([p for p, *_ in plan], opt.cache_mb << 22)  # 4x the block cache: sparse sums
         if reject:  # reference: per voxel (number of stills, Σw, Σw·I, Σw²σ²) over every still-voxel
             ref = _new_acc(metric, 1, opt, tmpdir, "reference")
             refs.append(ref)
-            for p, _single, _sid, b, _half in plan:
-                with _open_partial(p) as part:
-                    for start, t in _partial_blocks(part, b):
-                        t[0] = (t[0] > 0).astype(np.float64)
-                        ref.add_block(start, t[:, None, :], half=0)
+            for i, (_p, _single, _sid, b, _half) in enumerate(plan):
+                ids, t = stills.get(i, b)
+                ref.add_sums(ids, 0, [None, t[1], t[2], t[3]])  # count: one per still
                 if heartbeat:
                     heartbeat()
             # exposure weights (every partial): Poisson floor on a still-voxel's variance (see leave_one_out_z_sums)
-            excluded = _reject_rounds(plan, ref, opt, heartbeat, poisson_floor=weighting == {"exposure"})
+            excluded = _reject_rounds(plan, stills, ref, opt, heartbeat, poisson_floor=weighting == {"exposure"})
         merged = _new_acc(metric, 2, opt, tmpdir, "merged")
         if opt.write_table:
             table = ObservationTableWriter(out_dir / "observations.h5", metric, parameters=opt.params(),
@@ -570,19 +607,20 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                     table = None
                 t_index = table.still_index(sid) if table is not None else None
                 n_still = 0
-                for start, t in _partial_blocks(part, b):
+                if single:
+                    ids, t = stills.get(i, b)
                     if i in excluded:
-                        bad = np.isin(start + np.arange(t.shape[1]), excluded[i], assume_unique=True)
+                        bad = np.isin(ids, excluded[i], assume_unique=True)
                         if bad.any():
                             n_still += int(bad.sum())
                             n_rej_obs += int(t[0, bad].sum())
-                            t[:, bad] = 0.0
-                    if single:
-                        merged.add_block(start, t[:, None, :], half=half)
-                    else:  # keep the partial's own halves
-                        merged.add_block(start, np.array(part.read_range(start, start + t.shape[1])), half=None)
+                            ids, t = ids[~bad], t[:, ~bad]
+                    merged.add_sums(ids, half, [t[0], t[1], t[2], t[3]])
                     if table is not None:
-                        _append_partial_block(table, t_index, start, t, b, metric, mapper)
+                        _append_partial_rows(table, t_index, ids, t, b, metric, mapper)
+                else:  # keep the partial's own halves
+                    for start, s in part.iter_blocks():
+                        merged.add_block(start, np.array(s, dtype=np.float64), half=None)
                 merged.still_ids.extend(x for x in part.still_ids if x not in merged.still_ids)
                 merged.n_obs += part.n_obs
                 merged.n_dropped += part.n_dropped
@@ -621,16 +659,16 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _append_partial_block(table: ObservationTableWriter, t_index: int, start: int, t: np.ndarray,
-                          b: float | None, grid: GlobalGrid, mapper) -> None:
-    """Scaler rows for one block of a single-still partial: per (still, voxel) the still's estimate
-    I = Σw·I/Σw, σ = √(Σw²σ²)/Σw and weight Σw (all unscaled), |s| at the voxel centre (ASU voxel
-    when merging symmetry).  ``t`` holds the sums with the scale b applied (Σw → b·Σw); it is undone."""
+def _append_partial_rows(table: ObservationTableWriter, t_index: int, ids: np.ndarray, t: np.ndarray,
+                         b: float | None, grid: GlobalGrid, mapper) -> None:
+    """Scaler rows for one single-still partial (sparse: voxel ``ids``, sums ``t``): per (still, voxel) the
+    still's estimate I = Σw·I/Σw, σ = √(Σw²σ²)/Σw and weight Σw (all unscaled), |s| at the voxel centre (ASU
+    voxel when merging symmetry).  ``t`` holds the sums with the scale b applied (Σw → b·Σw); it is undone."""
     count, sw, swi, sw2v = t
     sel = (count > 0) & (sw > 0)
     if not sel.any():
         return
-    ids = start + np.flatnonzero(sel)
+    ids = ids[sel]
     w = sw[sel] / (b if b is not None else 1.0)
     vox = mapper.map_observations(ids) if mapper is not None else ids
     table.append(t_index, vox, grid.s_of_voxels(ids), swi[sel] / w, np.sqrt(np.maximum(sw2v[sel], 0.0)) / w, w)

@@ -378,6 +378,16 @@ class H5VoxelAccumulator(_SumStore):
         self._cache.clear()
         self._dense = None
 
+    def discard(self):
+        """Close a scratch accumulator without writing its sums (the merge's work stores: their file is deleted
+        with the work directory, so flushing a dense in-memory copy to it would be wasted I/O) and delete it."""
+        if self._f.id.valid:
+            self._f.close()
+        self._cache.clear()
+        self._dense = None
+        self._staged = []
+        Path(self.path).unlink(missing_ok=True)
+
     def __enter__(self):
         return self
 

@@ -22,7 +22,7 @@ _FIELD = {
     "fast": re.compile(rb"X-Binary-Size-Fastest-Dimension:\s*(\d+)"),
     "slow": re.compile(rb"X-Binary-Size-Second-Dimension:\s*(\d+)"),
 }
-_NUMBER = re.compile(r"^(.*?)(\d+)(\.[^0-9]*)$")
+_NUMBER = re.compile(r"^(.*?)(\d+)(\.[A-Za-z][A-Za-z0-9]*(?:\.(?:bz2|gz|xz|zst))?)$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,20 @@ class FrameInfo:
     frame_number: int | None = None  # from the file name's last run of digits
     start_angle_deg: float | None = None
     increment_deg: float | None = None
+
+    def expected_start_deg(self, frame_number: int) -> float | None:
+        """The start angle frame ``frame_number`` of this sweep must have (angles follow on frame by frame)."""
+        if self.start_angle_deg is None or self.frame_number is None or self.increment_deg is None:
+            return None
+        return self.start_angle_deg + (frame_number - self.frame_number) * self.increment_deg
+
+    def same_sweep(self, other: "FrameInfo", tol_deg: float = 1e-3) -> bool:
+        """Same key and a start angle that follows from the frame numbers (two sweeps written under the same
+        names in one directory are told apart)."""
+        if self.kind != ROTATION or other.kind != ROTATION or self.sweep_key != other.sweep_key:
+            return False
+        exp = self.expected_start_deg(other.frame_number) if other.frame_number is not None else None
+        return exp is None or other.start_angle_deg is None or abs(exp - other.start_angle_deg) <= tol_deg
 
     @property
     def sweep_id(self) -> str:

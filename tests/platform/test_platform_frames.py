@@ -49,3 +49,19 @@ def test_other_sweep_and_stills_are_told_apart(sweep, tmp_path):
 def test_name_template():
     assert name_template("/d/run_00012.cbf") == ("/d/run_#####.cbf", 12)
     assert name_template("/d/image.cbf") == ("/d/image.cbf", None)
+
+
+def test_compressed_names_and_angles_that_do_not_follow_on(sweep, tmp_path):
+    assert name_template("/d/x_0007.cbf.bz2") == ("/d/x_####.cbf.bz2", 7)
+    a, b = frame_info(sweep / "rot_0001.cbf"), frame_info(sweep / "rot_0002.cbf")
+    assert a.same_sweep(b) and b.same_sweep(a)
+    assert a.expected_start_deg(3) == pytest.approx(a.start_angle_deg + 2 * a.increment_deg)
+    shifted = tmp_path / "rot_0002.cbf"  # same name pattern in another run: its angles do not follow on
+    shifted.write_bytes((sweep / "rot_0002.cbf").read_bytes().replace(
+        f"# Start_angle {b.start_angle_deg:.4f} deg.".encode(), f"# Start_angle {b.start_angle_deg + 10:.4f} deg.".encode()))
+    moved = frame_info(shifted)
+    assert moved.start_angle_deg == pytest.approx(b.start_angle_deg + 10)
+    copy = tmp_path / "rot_0001.cbf"
+    copy.write_bytes((sweep / "rot_0001.cbf").read_bytes())
+    assert frame_info(copy).sweep_key == moved.sweep_key  # same directory and names ...
+    assert not frame_info(copy).same_sweep(moved)  # ... but frame 2 does not start where frame 1 ends
