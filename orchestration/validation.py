@@ -87,7 +87,8 @@ def sampled_reference(map_path: str | Path, stills: list[dict], truth: Callable,
     ``truth(h, k, l)`` at the true indices of the merged pixels.
 
     ``stills``: one dict per merged still: ``table`` (the diffuse-extractor's per-still HDF5, giving each pixel's
-    voxel (h, k, l), position (x, y) and exposure weight), ``A`` (the generator's true U B, 1/Angstrom) and
+    voxel (h, k, l), position (x, y) and exposure weight), ``A`` (the generator's true U B, 1/Angstrom; for a
+    rotation frame a list of them across its oscillation, averaged) and
     ``scale`` (the still's scale as merged). ``pixel_q``: true q = s1 - s0 of every pixel (slow, fast, 3).
     """
     import h5py
@@ -104,8 +105,12 @@ def sampled_reference(map_path: str | Path, stills: list[dict], truth: Callable,
             x, y = px["x"][()].astype(np.int64), px["y"][()].astype(np.int64)
             w = px["exposure"][()].astype(np.float64) if "exposure" in px else 1.0 / px["sigma"][()].astype(np.float64) ** 2
         q = pixel_q[y, x]
-        true_hkl = np.linalg.solve(np.asarray(st["A"], float), q.T).T
-        t = np.asarray(truth(true_hkl[:, 0], true_hkl[:, 1], true_hkl[:, 2]), dtype=np.float64)
+        As = np.asarray(st["A"], float)  # one U B (a still), or several across a rotation frame's oscillation
+        t = 0.0
+        for A in (As[None] if As.ndim == 2 else As):
+            true_hkl = np.linalg.solve(A, q.T).T
+            t = t + np.asarray(truth(true_hkl[:, 0], true_hkl[:, 1], true_hkl[:, 2]), dtype=np.float64)
+        t = t / (1 if As.ndim == 2 else len(As))
         k = orbit_keys(np.rint(hkl * ndiv).astype(np.int64), ops)
         u, inv = np.unique(k, return_inverse=True)
         ww = w * float(st.get("scale", 1.0))
