@@ -294,12 +294,18 @@ class Supervisor:
         entry["started_at"] = time.time()
         self.since[name] = time.monotonic()
         if name == "nats-server":
-            _wait_port(self.state["nats"]["port"], proc, timeout=15, log=entry["log"])
+            try:
+                _wait_port(self.state["nats"]["port"], proc, timeout=15, log=entry["log"])
+            except Exception:  # not serving: do not leave it holding the port or the store
+                _kill_group(proc.pid)
+                proc.wait()
+                entry["pid"] = None
+                raise
 
     def restart(self, name: str) -> None:
         entry = self.info[name]
-        entry["restarts"] = entry.get("restarts", 0) + 1
         self.start(name, entry)
+        entry["restarts"] = entry.get("restarts", 0) + 1
         self.event("restarted", name, pid=entry["pid"], restarts=entry["restarts"],
                    down_s=round(time.monotonic() - self.died.pop(name), 3))
         self.save()
@@ -332,9 +338,12 @@ class Supervisor:
                 del self.due[name]
                 try:
                     self.restart(name)
-                except Exception as exc:  # e.g. nats-server did not listen: try again later
-                    self.event("restart failed", name, error=str(exc))
-                    self.since[name] = time.monotonic()
+                except Exception as exc:  # e.g. nats-server did not listen: try again later, backing off
+                    self.failures[name] += 1
+                    delay = min(pol["cap_s"], pol["base_s"] * 2 ** (self.failures[name] - 1))
+                    self.due[name] = time.monotonic() + delay
+                    self.event("restart failed", name, error=str(exc), restart_in_s=delay)
+                    self.save()
 
     # ---------------------------------------------------------------- life cycle
     def _on_signal(self, signum, frame) -> None:
@@ -409,15 +418,20 @@ def _kill_group(pgid: int) -> None:
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: str) -> None:
+    """Wait until ``proc`` serves NATS on ``port``: a connection there is greeted with NATS's INFO line (so a
+    stranger holding the port does not pass) and the process is still running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"nats-server exited with {proc.returncode}; see {log}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+            with socket.create_connection(("127.0.0.1", port), timeout=0.3) as s:
+                s.settimeout(0.3)
+                if s.recv(5) == b"INFO " and proc.poll() is None:
+                    return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise TimeoutError(f"nats-server did not listen on port {port} within {timeout} s; see {log}")
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,30 @@ def test_restart_backoff_doubles_is_capped_and_resets_after_health(topo):
     assert 0.4 <= after_health < 1.0, after_health
     assert topo.load()["services"][0]["restarts"] == 6
     assert _echo(topo, "after-backoff").status == "ok"
+
+    # nats-server killed while something else grabs its port: the restart fails, is retried with backoff, and
+    # once the port is free nats-server is back on it
+    nats = topo.load()["nats"]
+    os.kill(nats["pid"], signal.SIGKILL)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the killed server's TIME_WAITs
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                squatter.bind(("127.0.0.1", nats["port"]))
+                break
+            except OSError:  # still held by the dying server
+                assert time.monotonic() < deadline, topo.supervisor_log.read_text()[-2000:]
+                time.sleep(0.01)
+        squatter.listen()
+        time.sleep(2.0)
+    _wait_new_pid(topo, lambda s: s["nats"]["pid"], nats["pid"])
+    assert topo.load()["nats"]["port"] == nats["port"]
+    assert _echo(topo, "after-port-squat").status == "ok"
+    failed = [json.loads(x) for x in topo.supervisor_log.read_text().splitlines() if '"restart failed"' in x]
+    assert failed and all(e["program"] == "nats-server" for e in failed)
+    assert [e["restart_in_s"] for e in failed[:2]] == [0.8, 1.6]  # backing off while the port is taken
+    assert topo.load()["nats"]["restarts"] == 1  # failed attempts are not restarts
 
     # `down` while a restart is pending: the stop wins, nothing is started after it and nothing is left
     os.kill(pid, signal.SIGKILL)
