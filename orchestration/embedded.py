@@ -261,7 +261,8 @@ class Supervisor:
 
     # ---------------------------------------------------------------- logging and state
     def event(self, what: str, program: str | None = None, **fields) -> None:
-        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+        t = time.time()
+        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z",
                "event": what, **({"program": program} if program else {}), **fields}
         with open(self.topo.supervisor_log, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -286,9 +287,9 @@ class Supervisor:
 
     def start(self, name: str, entry: dict) -> None:
         cwd = self.state["home"] if "service" in entry else None
-        proc = subprocess.Popen(entry["argv"], stdin=subprocess.DEVNULL, stdout=open(entry["log"], "ab"),
-                                stderr=subprocess.STDOUT, env=self._env(name, entry), cwd=cwd,
-                                start_new_session=True)
+        with open(entry["log"], "ab") as out:
+            proc = subprocess.Popen(entry["argv"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=self._env(name, entry), cwd=cwd, start_new_session=True)
         self.procs[name], self.info[name] = proc, entry
         entry["pid"] = proc.pid
         entry["started_at"] = time.time()
