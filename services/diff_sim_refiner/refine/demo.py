@@ -80,8 +80,12 @@ def check_criteria(result) -> tuple[dict, dict]:
 
 
 def run_demo(adam_iterations: int = 120, lr: float = 0.05, lbfgs_steps: int = 6,
-             callback: Optional[Callable] = None) -> DemoOutcome:
-    """Generate the 'experimental' image at the truth, refine from the seed's start, check the criteria."""
+             callback: Optional[Callable] = None, log: Optional[Callable[[str], None]] = print) -> DemoOutcome:
+    """Generate the 'experimental' image at the truth, refine from the seed's start, check the criteria.
+
+    ``log`` (default ``print``; None: silent) receives the seed's phase output as the seed writes it: the generated data
+    (phase 3), the initial parameters (phase 4), the start banner and every 10th iteration (phase 5)."""
+    say = log or (lambda line: None)
     import torch
 
     from ..core.simulator import simulate
@@ -91,33 +95,56 @@ def run_demo(adam_iterations: int = 120, lr: float = 0.05, lbfgs_steps: int = 6,
     crystal, detector, beam = demo_configs()
     with torch.no_grad():
         experimental = simulate(crystal, detector, beam, dtype=torch.float64)
+    say(f"Generated experimental data: {tuple(experimental.shape)}")
+    say(f"  Image sum: {experimental.sum().item():.2e}")
+    say(f"  Image max: {experimental.max().item():.2e}")
+    say(f"  True mosaic_spread: {TRUE_MOSAIC_SPREAD}°")
+    say(f"  True misset: {TRUE_MISSET}")
     start, _, _ = demo_configs(INIT_MOSAIC_SPREAD, INIT_MISSET)
     refiner = Refiner(start, detector, beam, experimental, ["mosaic", "misset"], dtype=torch.float64)
     initial = refiner.model_image()
+    say("\nInitial parameters:")
+    say(f"  mosaic_spread: {INIT_MOSAIC_SPREAD:.3f}° (true: {TRUE_MOSAIC_SPREAD}°)")
+    say(f"  misset: ({INIT_MISSET[0]:.2f}, {INIT_MISSET[1]:.2f}, {INIT_MISSET[2]:.2f})° (true: {TRUE_MISSET})")
     settings = RefineSettings(optimizer="adam+lbfgs" if lbfgs_steps else "adam", iterations=adam_iterations,
                               lr=lr, lbfgs_steps=lbfgs_steps)
-    result = refiner.run(settings, callback=callback)
+    say(f"\n{'=' * 60}")
+    say(f"Starting refinement: {adam_iterations} Adam iterations"
+        + (f" + {lbfgs_steps} L-BFGS steps" if lbfgs_steps else ""))
+    say(f"{'=' * 60}")
+
+    def progress(it: int, loss: float, vals: dict) -> None:
+        if it % 10 == 0:
+            say(f"Iter {it:3d}: loss={loss:.4e}, mosaic={vals['mosaic_spread']:.3f}°, "
+                f"misset=({vals['misset_x']:+.2f}, {vals['misset_y']:+.2f}, {vals['misset_z']:+.2f})°")
+        if callback is not None:
+            callback(it, loss, vals)
+
+    result = refiner.run(settings, callback=progress)
+    h = result.history
+    if h["iteration"] and h["iteration"][-1] % 10:
+        say(f"Iter {h['iteration'][-1]:3d}: loss={h['loss'][-1]:.4e}, mosaic={h['mosaic_spread'][-1]:.3f}°, "
+            f"misset=({h['misset_x'][-1]:+.2f}, {h['misset_y'][-1]:+.2f}, {h['misset_z'][-1]:+.2f})°")
     refined = refiner.model_image()
     errors, criteria = check_criteria(result)
     return DemoOutcome(result, experimental.numpy(), initial, refined, errors, criteria)
 
 
-def results_table(outcome: DemoOutcome):
-    """Seed 001's results table as a rich Table."""
-    from rich.table import Table
-
+def results_table(outcome: DemoOutcome) -> str:
+    """Seed 001's phase 6 as the seed writes it: the results table and the convergence lines (plain text)."""
     r = outcome.result
-    t = Table(title="REFINEMENT RESULTS")
-    for col in ("Parameter", "True", "Initial", "Refined", "Error"):
-        t.add_column(col, justify="left" if col == "Parameter" else "right")
-    rows = [("mosaic_spread (deg)", "mosaic_spread", TRUE_MOSAIC_SPREAD, "{:.3f}"),
-            ("misset_x (deg)", "misset_x", TRUE_MISSET[0], "{:.2f}"),
-            ("misset_y (deg)", "misset_y", TRUE_MISSET[1], "{:.2f}"),
-            ("misset_z (deg)", "misset_z", TRUE_MISSET[2], "{:.2f}")]
-    for name, key, true, fmt in rows:
-        t.add_row(name, fmt.format(true), fmt.format(r.initial[key]), fmt.format(r.final[key]),
-                  fmt.format(outcome.errors[key]))
-    return t
+    e = outcome.errors
+    lines = [f"\n{'=' * 60}", "REFINEMENT RESULTS", f"{'=' * 60}", "",
+             f"{'Parameter':<18} | {'True':>8} | {'Initial':>8} | {'Refined':>8} | {'Error':>8}", "-" * 60]
+    lines.append(f"{'mosaic_spread (°)':<18} | {TRUE_MOSAIC_SPREAD:>8.3f} | {r.initial['mosaic_spread']:>8.3f} | "
+                 f"{r.final['mosaic_spread']:>8.3f} | {e['mosaic_spread']:>8.3f}")
+    for i, axis in enumerate("xyz"):
+        k = f"misset_{axis}"
+        lines.append(f"{k + ' (°)':<18} | {TRUE_MISSET[i]:>8.2f} | {r.initial[k]:>8.2f} | {r.final[k]:>8.2f} | "
+                     f"{e[k]:>8.2f}")
+    lines += ["", "Convergence:", f"  Initial loss: {r.loss_initial:.4e}", f"  Final loss:   {r.loss_final:.4e}",
+              f"  Reduction:    {r.loss_initial / r.loss_final if r.loss_final > 0 else float('inf'):.1f}x"]
+    return "\n".join(lines)
 
 
 def plot_demo(outcome: DemoOutcome, path: Path) -> Path:
