@@ -483,6 +483,31 @@ def demo(
     raise typer.Exit(run_demo(what, out.resolve(), console))
 
 
+@app.command()
+def gc(
+    home: Optional[Path] = typer.Option(None, "--home", envvar="DIFFRACTFLOW_HOME", help="Topology directory (its volume)."),
+    volume: Optional[Path] = typer.Option(None, "--volume", help="The volume directly (instead of --home)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
+    min_age_s: float = typer.Option(3600.0, "--min-age", help="Keep job directories changed within this many "
+                                    "seconds (a run still collecting may not have recorded them yet)."),
+):
+    """Remove job outputs no run references (old results of re-runs with another config or input set)."""
+    from .gc import collect
+
+    if volume is None:
+        topo = Topology(home or default_home())
+        state = topo.load()
+        volume = Path(state["volume"]) if state and state.get("volume") else (home or default_home()) / "volume"
+    if not volume.is_dir():
+        console.print(f"[red]gc: {volume} is not a directory[/red]")
+        raise typer.Exit(2)
+    rep = collect(volume, dry_run=dry_run, min_age_s=min_age_s)
+    for d in rep.removed:
+        console.print(("would remove " if dry_run else "removed ") + d)
+    console.print(f"{len(rep.removed)} job directories {'to remove' if dry_run else 'removed'} "
+                  f"({rep.bytes_freed / 1e6:.1f} MB); kept {rep.kept_referenced} referenced, {rep.kept_recent} recent")
+
+
 from .report import register as _register_report  # noqa: E402 - the report command lives beside its code
 
 _register_report(app)

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.runtime import task_run as _task_run
 
 from diffractflow import bus
-from diffractflow.artifacts import Volume
+from diffractflow.artifacts import Volume, content_key
 from diffractflow.config import Settings
 from diffractflow.messages import ArtifactRef, JobRequest, JobResult
 
@@ -28,9 +28,16 @@ class JobRejected(RuntimeError):
 
 
 def job_id_for(run_id: str, stage: str, key: str) -> str:
-    """Deterministic job ids: a re-run of the same still re-uses (and so skips) finished work."""
+    """The readable part of a job id (run, stage, still); :func:`submit_and_wait` appends the content key."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)[-120:]
     return f"{run_id}.{stage}.{safe}"
+
+
+def content_addressed(job_id: str, service: str, params: Mapping[str, Any], refs: Mapping[str, ArtifactRef]) -> str:
+    """``job_id`` + ``-`` + the content key of (service, parameters, input hashes): a re-run with the same config
+    and inputs finds the finished job and reuses it; a changed config or input set is a new job with its own
+    output directory (the old one stays until ``diffractflow gc``)."""
+    return f"{job_id}-{content_key(service, dict(params), refs)}"
 
 
 def as_refs(volume: Volume, inputs: Mapping[str, ArtifactRef | str | Path]) -> dict[str, ArtifactRef]:
@@ -90,8 +97,13 @@ def _retry_unless_rejected(task_, task_run, state) -> bool:
       task_run_name="{service}:{job_id}")
 async def run_stage(service: str, inputs: dict[str, Any], params: dict[str, Any], run_id: str, job_id: str,
                     timeout: float = 600.0) -> dict[str, Any]:
-    """Run one stage job on the bus; returns the result as a dict (outputs, metrics)."""
+    """Run one stage job on the bus; returns the result as a dict (outputs, metrics).
+
+    The job id is ``job_id`` plus the content key of the service, parameters and input hashes
+    (:func:`content_addressed`), so flows reuse finished work only when nothing it depends on changed."""
     attempt = int(_task_run.run_count or 1)
-    result = await submit_and_wait(service, inputs, params, run_id=run_id, job_id=job_id, attempt=attempt,
+    refs = as_refs(Volume(Settings().volume), inputs)
+    result = await submit_and_wait(service, refs, params, run_id=run_id,
+                                   job_id=content_addressed(job_id, service, params, refs), attempt=attempt,
                                    timeout=timeout)
     return result.model_dump(mode="json")

@@ -160,24 +160,49 @@ class Volume:
         return d
 
 
-def write_manifest(job_dir: Path, outputs: Mapping[str, ArtifactRef], metrics: Mapping[str, Any]) -> Path:
-    """The last thing a job writes: its outputs with hashes. Its presence means 'complete'."""
+def content_key(service: str, params: Mapping[str, Any], inputs: Mapping[str, ArtifactRef | str]) -> str:
+    """What a job computes from, as 12 hex digits: the service, its parameters and the content hashes of its
+    inputs (``inputs``: references, or their sha256). Jobs with equal keys give equal outputs, so a finished job
+    is reused only when this matches; a changed config or a changed set of inputs makes a new key (a new job)."""
+    payload = json.dumps({"service": service, "params": params,
+                          "inputs": {k: (v.sha256 if isinstance(v, ArtifactRef) else str(v)) for k, v in inputs.items()}},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def job_identity(service: str, version: str, params: Mapping[str, Any], inputs: Mapping[str, ArtifactRef]) -> dict:
+    """A job's identity as its manifest records it: the content key plus the service's major version (a new
+    major version may compute differently, so its outputs are not reused)."""
+    return {"service": service, "major_version": str(version).split(".")[0],
+            "key": content_key(service, params, inputs)}
+
+
+def write_manifest(job_dir: Path, outputs: Mapping[str, ArtifactRef], metrics: Mapping[str, Any],
+                   identity: Mapping[str, Any] | None = None) -> Path:
+    """The last thing a job writes: its outputs with hashes (and the job's identity). Its presence means
+    'complete'."""
     payload = {
         "outputs": {k: v.model_dump() for k, v in outputs.items()},
         "metrics": dict(metrics),
         "completed": datetime.now(timezone.utc).isoformat(),
     }
+    if identity is not None:
+        payload["identity"] = dict(identity)
     # not fsynced: a manifest lost in a crash only means the (idempotent) job runs again
     return atomic_write_json(job_dir / MANIFEST, payload, durable=False)
 
 
-def load_valid_manifest(volume: Volume, job_dir: Path) -> dict[str, Any] | None:
-    """The manifest of a completed job whose outputs still exist with matching hashes, else None."""
+def load_valid_manifest(volume: Volume, job_dir: Path, identity: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any] | None:
+    """The manifest of a completed job whose outputs still exist with matching hashes (and, when ``identity`` is
+    given, that was computed by the same service major version from the same parameters and inputs), else None."""
     mpath = job_dir / MANIFEST
     if not mpath.is_file():
         return None
     try:
         data = json.loads(mpath.read_text())
+        if identity is not None and data.get("identity") != dict(identity):
+            return None
         outputs = {k: ArtifactRef(**v) for k, v in data["outputs"].items()}
         for ref in outputs.values():
             volume.open_ref(ref, verify=True)

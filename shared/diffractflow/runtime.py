@@ -27,7 +27,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from . import bus
-from .artifacts import Volume, VolumeError, load_valid_manifest, write_manifest
+from .artifacts import Volume, VolumeError, job_identity, load_valid_manifest, write_manifest
 from .config import Settings
 from .logs import job_id_var, run_id_var, setup_logging
 from .messages import (
@@ -230,7 +230,8 @@ class Worker:
             return
 
         job_dir = self.volume.job_dir(self.stage.service, job.job_id)
-        done = load_valid_manifest(self.volume, job_dir)
+        identity = job_identity(self.stage.service, self.stage.version, job.params, job.inputs)
+        done = load_valid_manifest(self.volume, job_dir, identity)
         if done is not None:
             log.info("outputs already complete; acknowledging without recomputing")
             await self._publish(job, "ok", done["outputs"], done.get("metrics", {}), None, started, reused=True)
@@ -281,7 +282,7 @@ class Worker:
             slot_free.set()
 
         outputs = {name: self.volume.ref(path) for name, path in ctx.outputs.items()}
-        write_manifest(job_dir, outputs, ctx.metrics)
+        write_manifest(job_dir, outputs, ctx.metrics, identity)
         await self._publish(job, "ok", outputs, ctx.metrics, None, started)
         await msg.ack()
         log.info("job done", extra={"seconds": (utcnow() - started).total_seconds()})
@@ -379,7 +380,7 @@ def run_inline(stage: Stage, job: JobRequest, settings: Settings) -> JobContext:
     ctx = JobContext(job=job, volume=volume, out_dir=volume.job_dir(stage.service, job.job_id), settings=settings)
     stage.handler(ctx, params)
     outputs = {name: volume.ref(p) for name, p in ctx.outputs.items()}
-    write_manifest(ctx.out_dir, outputs, ctx.metrics)
+    write_manifest(ctx.out_dir, outputs, ctx.metrics, job_identity(stage.service, stage.version, job.params, job.inputs))
     return ctx
 
 
