@@ -6,7 +6,10 @@ It also announces the end of a run: an end-of-run marker file, all ``expected`` 
 file for ``quiet_timeout_s``. Like Zocalo's file watcher it limits bursts (``max_events_per_s``).
 
 The dispatcher consumes events with a durable consumer and turns them into flow runs: a per-file flow
-as each file lands, and an end-of-run flow once the run is complete.
+as each file lands, and an end-of-run flow once the run is complete. Given a
+:class:`orchestration.bluesky.BlueskyTranslator` it also takes a RunEngine's documents
+(``events.bluesky.<source>.<name>``, published with ``bluesky-nats``) and turns them into the same file and
+end-of-run events (see :mod:`orchestration.bluesky` for the mapping).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -25,6 +28,9 @@ from diffractflow import bus
 from diffractflow.artifacts import Volume, atomic_write_json
 from diffractflow.config import Settings
 from diffractflow.messages import DataEvent, MessageError
+
+if TYPE_CHECKING:
+    from .bluesky import BlueskyTranslator
 
 log = logging.getLogger("diffractflow.watcher")
 END_MARKERS = ("END_OF_RUN", "end_of_run", "*.end")
@@ -147,14 +153,28 @@ FileHandler = Callable[[DataEvent], Awaitable[object]]
 
 
 async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler | None, stop: asyncio.Event,
-                   durable: str = "dispatcher", max_concurrent: int = 8) -> None:
+                   durable: str = "dispatcher", max_concurrent: int = 8,
+                   bluesky: "BlueskyTranslator | None" = None) -> None:
     """Consume events and start a flow run per event (at most ``max_concurrent`` at once).
 
-    ``on_end`` runs only after every file flow of that run has finished.
+    ``on_end`` runs only after every file flow of that run has finished. With ``bluesky``, Bluesky documents
+    are translated into file and end-of-run events on the bus (each document acknowledged once its work is
+    done); without it they are acknowledged and left alone.
     """
     nc = await bus.connect(settings, name=durable)
     js = nc.jetstream()
     await bus.ensure_streams(js)
+    if bluesky is not None:
+        from .bluesky import SUBJECT_PREFIX
+
+        bluesky.publish = lambda ev: bus.publish_event(js, ev)
+        try:  # the index of runs an earlier dispatcher left open
+            info = await js.consumer_info(bus.EVENTS, durable)
+            if info.delivered.stream_seq:
+                n = await bluesky.recover(js, bus.EVENTS, info.delivered.stream_seq)
+                log.info("bluesky runs recovered", extra={"documents": n, "open_runs": len(bluesky.runs)})
+        except bus.NotFoundError:
+            pass
     sub = await js.pull_subscribe("events.>", durable=durable, stream=bus.EVENTS,
                                   config=ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
                                                         ack_wait=3600, deliver_policy=DeliverPolicy.ALL,
@@ -178,6 +198,9 @@ async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler
             except (asyncio.TimeoutError, bus.NatsTimeoutError):
                 continue
             for msg in msgs:
+                if msg.subject.startswith("events.bluesky."):
+                    await _bluesky_document(bluesky, msg)
+                    continue
                 try:
                     ev = DataEvent.from_bytes(msg.data)
                 except MessageError as exc:
@@ -199,7 +222,34 @@ async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler
                 per_run.setdefault(ev.run_id, set()).add(t)
                 t.add_done_callback(lambda t, r=ev.run_id: per_run.get(r, set()).discard(t))
     finally:
+        if bluesky is not None:
+            await bluesky.close()
         pending = [t for ts in per_run.values() for t in ts]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         await nc.drain()
+
+
+async def _bluesky_document(translator: "BlueskyTranslator | None", msg) -> None:
+    """Hand one Bluesky document to the translator; acknowledge it when its work is done."""
+    from .bluesky import BlueskyError, decode, parse_subject
+
+    parsed = parse_subject(msg.subject)
+    if translator is None or parsed is None:
+        await msg.ack()
+        return
+    try:
+        task = await translator.handle(parsed[1], decode(msg.data), parsed[0])
+    except (BlueskyError, KeyError, TypeError, ValueError) as exc:
+        log.warning("bad Bluesky document dropped", extra={"subject": msg.subject, "error": repr(exc)})
+        await msg.term()
+        return
+    if task is None:
+        await msg.ack()
+        return
+
+    def _ack(t: asyncio.Task) -> None:
+        if not t.cancelled():  # cancelled: the dispatcher is stopping; the document comes back
+            asyncio.ensure_future(msg.ack())
+
+    task.add_done_callback(_ack)
