@@ -8,6 +8,10 @@ Subjects (one stream each):
 - ``dlq.<service>``              DLQ      dead letters with the reason; also JetStream's
                                          max-deliveries advisories for the JOBS consumers
 Publishing uses ``Nats-Msg-Id`` so JetStream drops duplicates inside its window.
+
+The bus may be one nats-server or a JetStream cluster: ``DIFFRACTFLOW_NATS_URL`` then lists several nodes,
+comma-separated; a client connects to one of them and fails over to another when its node dies, and the
+streams are kept on three nodes (R3) so that losing one loses no job and no result.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.errors import ConnectionReconnectingError, NoRespondersError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from .config import Settings
 from .messages import DataEvent, DeadLetter, JobRequest, JobResult, MessageError
@@ -37,6 +42,8 @@ JOBS, RESULTS, EVENTS, DLQ = "JOBS", "RESULTS", "EVENTS", "DLQ"
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + JOBS + ".>"
 DUPLICATE_WINDOW_S = 120.0
 STREAM_RECHECK_S = 3.0
+MAX_REPLICAS = 3
+PUBLISH_RETRY_S = 20.0  # a publish with a Nats-Msg-Id is retried this long (a cluster electing a new leader)
 
 
 def job_subject(service: str) -> str:
@@ -59,44 +66,105 @@ def consumer_name(service: str) -> str:
     return service.replace(".", "_")
 
 
+def server_urls(urls: str | list[str]) -> list[str]:
+    """The server URLs in ``nats://a:4222,nats://b:4222`` (or a list of such strings), in order, blanks dropped."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out = [u.strip() for item in items for u in str(item).split(",") if u.strip()]
+    if not out:
+        raise ValueError(f"no NATS server URL in {urls!r}")
+    return out
+
+
 async def connect(settings: Settings, name: str = "diffractflow", **extra: Any) -> nats.NATS:
-    """Connect with the settings' credentials; reconnect forever by default."""
+    """Connect with the settings' credentials to one of the servers in ``settings.nats_url`` (comma-separated
+    for a cluster); on losing it, reconnect forever to any node of the cluster (the listed ones and those the
+    cluster announces). A dead peer that does not close the connection is noticed within about a minute
+    (pings every 20 s, three unanswered)."""
 
     async def _quiet(_exc):  # errors are surfaced by the calls that fail; keep logs clean
         return None
 
     opts = dict(settings.nats_options())
+    opts["servers"] = server_urls(opts.get("servers") or settings.nats_url)
     opts.update(
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
         allow_reconnect=True,
+        ping_interval=20,
+        max_outstanding_pings=3,
         error_cb=_quiet,
     )
     opts.update(extra)
+    if "servers" in extra:
+        opts["servers"] = server_urls(extra["servers"])
     return await nats.connect(**opts)
 
 
-async def ensure_streams(js) -> None:
-    """Create (or leave as they are) the platform's four streams."""
-    wanted = [
+def cluster_size(nc: nats.NATS) -> int:
+    """Nodes of the cluster the client is connected to, as its server announces them (1 for a lone server)."""
+    info = getattr(nc, "_server_info", None) or {}
+    if not info.get("cluster"):
+        return 1
+    return max(1, len(info.get("connect_urls") or []))
+
+
+def stream_configs(replicas: int = 1) -> list[StreamConfig]:
+    """The platform's four streams, each kept on ``replicas`` nodes."""
+    r = dict(num_replicas=replicas)
+    return [
         StreamConfig(name=JOBS, subjects=["jobs.>"], retention=RetentionPolicy.WORK_QUEUE,
-                     storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW_S, max_msg_size=1 << 20),
+                     storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW_S, max_msg_size=1 << 20, **r),
         StreamConfig(name=RESULTS, subjects=["results.>"], retention=RetentionPolicy.LIMITS,
-                     storage=StorageType.FILE, max_age=7 * 86400.0, duplicate_window=DUPLICATE_WINDOW_S),
+                     storage=StorageType.FILE, max_age=7 * 86400.0, duplicate_window=DUPLICATE_WINDOW_S, **r),
         StreamConfig(name=EVENTS, subjects=["events.>"], retention=RetentionPolicy.LIMITS,
-                     storage=StorageType.FILE, max_age=7 * 86400.0, duplicate_window=DUPLICATE_WINDOW_S),
+                     storage=StorageType.FILE, max_age=7 * 86400.0, duplicate_window=DUPLICATE_WINDOW_S, **r),
         StreamConfig(name=DLQ, subjects=["dlq.>", MAX_DELIVERIES_ADVISORY], retention=RetentionPolicy.LIMITS,
-                     storage=StorageType.FILE, max_age=30 * 86400.0, discard=DiscardPolicy.OLD),
+                     storage=StorageType.FILE, max_age=30 * 86400.0, discard=DiscardPolicy.OLD, **r),
     ]
-    for cfg in wanted:
+
+
+async def ensure_streams(js, replicas: int | None = None) -> None:
+    """Create (or leave as they are) the platform's four streams.
+
+    ``replicas``: copies of each stream; by default as many nodes as the cluster has, at most 3 (1 on a lone
+    server). A stream that exists with fewer replicas is scaled up when these credentials may (an admin's);
+    one with more is never scaled down.
+    """
+    if replicas is None:
+        replicas = min(MAX_REPLICAS, cluster_size(js._nc))
+    for cfg in stream_configs(replicas):
         try:
-            await js.stream_info(cfg.name)
+            info = await js.stream_info(cfg.name)
         except NotFoundError:
             with contextlib.suppress(Exception):  # another process may create it at the same moment
                 await js.add_stream(cfg)
-            await js.stream_info(cfg.name)
+            info = await js.stream_info(cfg.name)
+        if (info.config.num_replicas or 1) < replicas:
+            with contextlib.suppress(Exception):  # a service's credentials may not update streams
+                info.config.num_replicas = replicas
+                await js.update_stream(info.config)
+
+
+# what a publish meets while a node is down or a stream elects a new leader: worth another try
+_TRANSIENT = (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError,
+              ConnectionReconnectingError)
+
+
+async def _publish_once_only(js, subject: str, data: bytes, msg_id: str, retry_s: float = PUBLISH_RETRY_S):
+    """Publish with ``Nats-Msg-Id``; retry while the stream has no leader (a node just died, an election is
+    under way) or the client is reconnecting. Safe: the stream stores the same id once."""
+    deadline = asyncio.get_running_loop().time() + retry_s
+    delay = 0.1
+    while True:
+        try:
+            return await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+        except _TRANSIENT:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def work_consumer_config(service: str, settings: Settings) -> ConsumerConfig:
@@ -119,13 +187,12 @@ async def work_subscription(js, service: str, settings: Settings):
 
 async def publish_job(js, job: JobRequest) -> None:
     """Publish a job; the same job_id and attempt published twice is stored once."""
-    await js.publish(job_subject(job.service), job.to_bytes(),
-                     headers={"Nats-Msg-Id": f"{job.job_id}#{job.attempt}"})
+    await _publish_once_only(js, job_subject(job.service), job.to_bytes(), f"{job.job_id}#{job.attempt}")
 
 
 async def publish_result(js, result: JobResult) -> None:
-    await js.publish(result_subject(result.service, result.job_id), result.to_bytes(),
-                     headers={"Nats-Msg-Id": f"{result.job_id}#{result.attempt}#{result.status}"})
+    await _publish_once_only(js, result_subject(result.service, result.job_id), result.to_bytes(),
+                             f"{result.job_id}#{result.attempt}#{result.status}")
 
 
 async def publish_dead_letter(js, letter: DeadLetter) -> None:
@@ -133,8 +200,7 @@ async def publish_dead_letter(js, letter: DeadLetter) -> None:
 
 
 async def publish_event(js, event: DataEvent) -> None:
-    await js.publish(event_subject(event.kind, event.run_id), event.to_bytes(),
-                     headers={"Nats-Msg-Id": event.event_id})
+    await _publish_once_only(js, event_subject(event.kind, event.run_id), event.to_bytes(), event.event_id)
 
 
 class ResultTimeout(TimeoutError):

@@ -1,0 +1,254 @@
+"""The bus as a three-node JetStream cluster (real nats-server processes on loopback, R3 streams): a node
+SIGKILLed mid-run loses no job and no result, duplicates none, the worker fails over to another node, and the
+node, restarted on its store, catches up.
+
+``nats_server`` is overridden here by a :class:`NatsCluster`, so the suite's ``settings``, ``workers`` and
+``probe`` fixtures point at the whole cluster (``DIFFRACTFLOW_NATS_URL`` lists the three nodes).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from diffractflow import bus
+from diffractflow.artifacts import Volume
+from diffractflow.config import Settings
+from diffractflow.messages import JobRequest, JobResult
+from diffractflow.natsserver import (SERVICES, NatsCluster, container_nats_cluster_conf, env_var_for,
+                                     nats_server_binary)
+
+
+@pytest.fixture
+def nats_server(tmp_path_factory):
+    cluster = NatsCluster(tmp_path_factory.mktemp("cluster"), size=3, extra_services=["echo"]).start()
+    yield cluster
+    cluster.stop()
+
+
+def _input(volume: Path) -> dict:
+    p = volume / "incoming" / "x.dat"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("x")
+    return {"data": Volume(volume).ref(p)}
+
+
+def _node_of_client(cluster: NatsCluster, prefix: str) -> str | None:
+    """The node (server name) holding the client connection whose name starts with ``prefix``, as the nodes'
+    own monitoring endpoints (/connz) report it."""
+    for node in cluster.nodes:
+        if not node.alive():
+            continue
+        try:
+            conns = node.monitor("connz?limit=1000").get("connections") or []
+        except OSError:
+            continue
+        if any((c.get("name") or "").startswith(prefix) for c in conns):
+            return node.name
+    return None
+
+
+def _stream_messages_on(node, stream: str) -> int | None:
+    """Messages of ``stream`` in this node's own replica (its /jsz report), or None if it has none."""
+    jsz = node.monitor("jsz?accounts=true&streams=true")
+    for acc in jsz.get("account_details") or []:
+        for st in acc.get("stream_detail") or []:
+            if st.get("name") == stream:
+                return st["state"]["messages"]
+    return None
+
+
+async def _leader(js, stream: str) -> str:
+    return (await js.stream_info(stream)).cluster.leader
+
+
+def test_streams_are_replicated_on_three_nodes(nats_server, settings):
+    """ensure_streams through the cluster makes R3 streams, and scales up one made with a single replica."""
+    cluster = nats_server
+
+    async def scenario():
+        nc = await bus.connect(settings)
+        js = nc.jetstream()
+        await js.add_stream(bus.stream_configs(1)[2])  # EVENTS as an older single-node set-up left it
+        assert (await js.stream_info(bus.EVENTS)).config.num_replicas == 1
+        await bus.ensure_streams(js)
+        deadline = time.monotonic() + 20  # a scaled-up stream takes a moment to place its new replicas
+        while True:
+            infos = {name: await js.stream_info(name) for name in (bus.JOBS, bus.RESULTS, bus.EVENTS, bus.DLQ)}
+            peers = {name: {i.cluster.leader, *(r.name for r in i.cluster.replicas or [] if r.current)}
+                     for name, i in infos.items()}
+            if all(p == all_nodes for p in peers.values()) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        await nc.drain()
+        return infos, peers
+
+    all_nodes = {n.name for n in cluster.nodes}
+    infos, peers = asyncio.run(scenario())
+    for name, info in infos.items():
+        assert info.config.num_replicas == 3, name
+        assert peers[name] == all_nodes, (name, peers[name])
+
+
+def test_client_connects_past_a_dead_node(nats_server, settings, volume):
+    """With the first listed node down, connect() reaches another one; a lone dead URL is refused."""
+    cluster = nats_server
+    first = cluster.nodes[0]
+    first.kill()
+    only_dead = Settings(nats_url=first.url, nats_user="admin", nats_password=settings.nats_password, volume=volume)
+    dead_first = Settings(nats_url=cluster.url, nats_user="admin", nats_password=settings.nats_password,
+                          volume=volume)
+
+    async def where(s, **kw):
+        nc = await bus.connect(s, **kw)
+        try:
+            return nc.connected_url.port
+        finally:
+            await nc.close()
+
+    port = asyncio.run(where(dead_first, dont_randomize=True))
+    assert port in {n.port for n in cluster.nodes[1:]}
+    with pytest.raises(Exception):
+        asyncio.run(where(only_dead, max_reconnect_attempts=1, connect_timeout=1))
+
+
+@pytest.mark.parametrize("target", ["worker's node", "JOBS leader"])
+def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settings, workers, volume, target):
+    cluster = nats_server
+    n_jobs, kill_after = 60, 20
+    inputs = _input(volume)
+    worker = workers.start("echo", ack_wait_s=4)
+
+    async def scenario():
+        nc = await bus.connect(settings, name="producer")
+        js = nc.jetstream()
+        await bus.ensure_streams(js)
+        deadline = time.monotonic() + 60
+        while _node_of_client(cluster, "echo@") is None or await bus.queue_status(js, "echo") is None:
+            assert time.monotonic() < deadline and worker.poll() is None, workers.log_text()[-3000:]
+            await asyncio.sleep(0.1)
+
+        arrivals: dict[str, float] = {}
+
+        async def on_result(msg):
+            r = JobResult.from_bytes(msg.data)
+            if r.status == "ok":
+                arrivals.setdefault(r.job_id, time.monotonic())
+
+        await nc.subscribe("results.echo.>", cb=on_result)
+        published: list[str] = []
+
+        async def produce():  # a steady stream of jobs, before, across and after the kill
+            for i in range(n_jobs):
+                job = JobRequest(job_id=f"c-{i:03d}", run_id="cluster", service="echo", inputs=inputs,
+                                 params={"sleep_s": 0.05, "message": str(i)})
+                await bus.publish_job(js, job)
+                published.append(job.job_id)
+                await asyncio.sleep(0.05)
+
+        producer = asyncio.create_task(produce())
+        while len(arrivals) < kill_after:
+            assert time.monotonic() < deadline, workers.log_text()[-3000:]
+            await asyncio.sleep(0.02)
+        worker_node = _node_of_client(cluster, "echo@")
+        victim = worker_node if target == "worker's node" else await _leader(js, bus.JOBS)
+        results_before = len(arrivals)
+        cluster.node(victim).kill()
+        t_kill = time.monotonic()
+
+        # the worker shows up on a surviving node
+        t_worker_back = None
+        while t_worker_back is None and time.monotonic() - t_kill < 60:
+            node = _node_of_client(cluster, "echo@")
+            if node is not None and node != victim:
+                t_worker_back = time.monotonic()
+            else:
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(producer, 60)
+        while len(arrivals) < n_jobs and time.monotonic() - t_kill < 60:
+            await asyncio.sleep(0.05)
+        after = sorted(t for t in arrivals.values() if t > t_kill)
+        new_leader = await _leader(js, bus.JOBS)
+        await nc.drain()
+        return dict(victim=victim, worker_node=worker_node, t_kill=t_kill, t_worker_back=t_worker_back,
+                    first_result_after=after[0] if after else None, published=published,
+                    results_before=results_before, new_leader=new_leader)
+
+    out = asyncio.run(scenario())
+    victim = out["victim"]
+    assert out["published"] == [f"c-{i:03d}" for i in range(n_jobs)]
+    assert out["t_worker_back"] is not None, f"the worker did not reconnect\n{workers.log_text()[-3000:]}"
+    assert out["new_leader"] != victim
+    assert worker.poll() is None, workers.log_text()[-3000:]  # reconnected, not restarted
+
+    # every job's result is in the RESULTS stream exactly once (read back through the surviving nodes)
+    stored = collections.Counter()
+
+    async def read_results():
+        nc = await bus.connect(settings)
+        js = nc.jetstream()
+        async for _seq, _subj, data in bus.iter_stream(js, bus.RESULTS, subject="results.echo.>", limit=10 ** 5):
+            r = JobResult.from_bytes(data)
+            stored[(r.job_id, r.status)] += 1
+        left = (await js.stream_info(bus.JOBS)).state.messages
+        await nc.drain()
+        return left
+
+    deadline = time.monotonic() + 30
+    while True:
+        stored.clear()
+        jobs_left = asyncio.run(read_results())
+        if len(stored) >= n_jobs or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    expected = {(f"c-{i:03d}", "ok") for i in range(n_jobs)}
+    assert set(stored) == expected, f"missing {sorted(expected - set(stored))}, extra {sorted(set(stored) - expected)}"
+    assert max(stored.values()) == 1, [k for k, v in stored.items() if v > 1]
+    assert jobs_left == 0  # the work queue is empty: every job acknowledged
+
+    # each job computed once (a redelivery after a lost ack is answered from the manifest, not recomputed)
+    done = collections.Counter()
+    for line in workers.log_text().splitlines():
+        if line.startswith("{") and '"job done"' in line:
+            done[json.loads(line)["job_id"]] += 1
+    assert set(done) == {f"c-{i:03d}" for i in range(n_jobs)} and max(done.values()) == 1, done
+    for i in range(n_jobs):
+        assert json.loads((volume / f"jobs/echo/c-{i:03d}/echo.json").read_text())["message"] == str(i)
+
+    # the killed node comes back on its own store and catches up with the others
+    t0 = time.monotonic()
+    node = cluster.restart_node(victim, timeout=60)
+    healthy_s = time.monotonic() - t0
+    others = [n for n in cluster.nodes if n.name != victim]
+    want = _stream_messages_on(others[0], bus.RESULTS)
+    while _stream_messages_on(node, bus.RESULTS) != want and time.monotonic() - t0 < 30:
+        time.sleep(0.2)
+    caught_up_s = time.monotonic() - t0
+    assert _stream_messages_on(node, bus.RESULTS) == want == n_jobs
+    assert _stream_messages_on(node, bus.JOBS) == 0
+
+    print(f"\ncluster, killed {victim} ({target}; worker was on {out['worker_node']}) after "
+          f"{out['results_before']} of {n_jobs} results: worker on another node after "
+          f"{out['t_worker_back'] - out['t_kill']:.2f} s, first result after the kill at "
+          f"{out['first_result_after'] - out['t_kill']:.2f} s; restarted node healthy in {healthy_s:.2f} s, "
+          f"its RESULTS replica complete in {caught_up_s:.2f} s")
+
+
+def test_container_cluster_conf_is_valid(tmp_path):
+    """The compose profile's node configuration passes nats-server's own check, for each of the three nodes."""
+    conf = container_nats_cluster_conf()
+    local = conf.replace("/data/jetstream", str(tmp_path / "js")).replace("0.0.0.0", "127.0.0.1")
+    (tmp_path / "t.conf").write_text(local)
+    users = ["admin", *[f"svc-{s}" for s in SERVICES]]
+    for name in ("nats-1", "nats-2", "nats-3"):
+        env = {env_var_for(u): "pw" for u in users} | {"NATS_SERVER_NAME": name, "NATS_ROUTE_PASSWORD": "rpw"}
+        env |= {f"NATS_ROUTE_{i}": f"nats-route://route:rpw@127.0.0.1:{6222 + i}" for i in (1, 2, 3)}
+        out = subprocess.run([nats_server_binary(), "-c", str(tmp_path / "t.conf"), "-t"], capture_output=True,
+                             text=True, env=env, timeout=30)
+        assert out.returncode == 0, out.stderr + out.stdout
+    assert "$NATS_ROUTE_PASSWORD" in conf and "rpw" not in conf
