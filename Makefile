@@ -8,7 +8,7 @@ READY := $(VENV)/.ready
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.diffractflow/prefect-home
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench clean lab
 
 setup: $(READY)
 
@@ -26,6 +26,7 @@ $(READY): pyproject.toml constraints.txt
 	@$(PY) -c "import dials, dxtbx, cctbx, torch, numpy, numba, prefect, nats; assert numpy.__version__ == '1.24.2', numpy.__version__; print('environment ok: numpy', numpy.__version__, 'torch', torch.__version__, 'prefect', prefect.__version__)"
 	@test -x $(VENV)/bin/nats-server || { echo "nats-server missing from $(VENV)/bin" >&2; exit 1; }
 	@$(PY) -c "from stem_polar.core import native; s = native.status(); print('stem-polar native kernels:', s); assert s == 'loaded', s"
+	$(PY) -m ipykernel install --sys-prefix --name diffractflow --display-name "Python (diffractflow)" >/dev/null
 	@touch $(READY)
 
 test: setup
@@ -38,6 +39,14 @@ demo: setup
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# JupyterLab on localhost with the project's kernel ("Python (diffractflow)") and the HDF5 viewer;
+# the URL with its token is printed. LAB_PORT (default 8888), LAB_DIR (default notebooks/).
+LAB_PORT ?= 8888
+LAB_DIR  ?= $(CURDIR)/notebooks
+lab: setup
+	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.root_dir=$(CURDIR) \
+	    --ServerApp.preferred_dir=$(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 clean:
 	-$(VENV)/bin/diffractflow down 2>/dev/null

@@ -11,29 +11,26 @@ REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "real_world_refinement_tutorial.ipynb"
 
 
-def _kernel_dir(tmp: Path) -> str:
-    """A kernelspec running this interpreter (the venv's python), independent of installed specs."""
-    kdir = tmp / "jupyter" / "kernels" / "diffractflow-py"
-    kdir.mkdir(parents=True)
-    (kdir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "diffractflow", "language": "python"}))
-    return str(tmp / "jupyter")
+KERNEL = "diffractflow"  # registered by `make setup` (ipykernel install --sys-prefix), named in the notebook
 
 
 def test_real_world_tutorial_notebook_meets_seed_004_criteria(tmp_path, monkeypatch, shared_dir):
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat
     from nbclient import NotebookClient
 
     data = shared_dir / "data" / "nanobragg"
     assert (data / "A.mat").is_file() and (data / "scaled.hkl").is_file()
     out = tmp_path / "out"
-    monkeypatch.setenv("JUPYTER_PATH", _kernel_dir(tmp_path))
     monkeypatch.setenv("REFINE_TUTORIAL_OUT", str(out))
     monkeypatch.delenv("REFINE_TUTORIAL_DATA", raising=False)  # the notebook must find ../shared itself
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec(KERNEL)  # the registered kernel, not a temporary one
+    assert spec.argv[0] == sys.executable, spec.argv  # the venv interpreter (torch, DIALS), not a system one
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, kernel_name="diffractflow-py", timeout=600,
+    assert nb.metadata.kernelspec.name == KERNEL
+    client = NotebookClient(nb, kernel_name=KERNEL, timeout=600,
                             resources={"metadata": {"path": str(REPO / "notebooks")}})
     client.execute()
 

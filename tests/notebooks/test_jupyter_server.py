@@ -1,0 +1,100 @@
+"""`make lab`'s server, started headless: the notebook's kernel ("diffractflow") starts through the REST API and,
+over the kernel's websocket, imports the project's packages from the venv interpreter."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOK = REPO / "notebooks" / "real_world_refinement_tutorial.ipynb"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(base: str, token: str, path: str, method: str = "GET", body: dict | None = None):
+    req = urllib.request.Request(f"{base}{path}", method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+def _execute(ws, session: str, code: str, timeout: float = 120.0) -> tuple[str, str]:
+    """Run ``code`` on the kernel through the websocket; (stdout text, final status)."""
+    msg_id = uuid.uuid4().hex
+    ws.send(json.dumps({"channel": "shell", "header": {"msg_id": msg_id, "msg_type": "execute_request",
+                        "session": session, "username": "test", "version": "5.3", "date": ""},
+                        "parent_header": {}, "metadata": {}, "buffers": [],
+                        "content": {"code": code, "silent": False, "store_history": False,
+                                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}}))
+    out, status, deadline = [], None, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = json.loads(ws.recv(timeout=deadline - time.monotonic()))
+        if m.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        if m["msg_type"] == "stream":
+            out.append(m["content"]["text"])
+        elif m["msg_type"] == "error":
+            out.append("\n".join(m["content"]["traceback"]))
+        elif m["msg_type"] == "execute_reply":
+            status = m["content"]["status"]
+        elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle" and status is not None:
+            break
+    return "".join(out), status
+
+
+def test_lab_server_starts_the_notebook_kernel_and_imports_the_package(tmp_path):
+    from websockets.sync.client import connect
+
+    kernel = json.loads(NOTEBOOK.read_text())["metadata"]["kernelspec"]["name"]
+    port, token = _free_port(), secrets.token_hex(16)
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"))
+    cmd = [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={REPO}", "--allow-root"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                _api(base, token, "/api/status")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        specs = _api(base, token, "/api/kernelspecs")
+        assert kernel in specs["kernelspecs"], sorted(specs["kernelspecs"])
+        assert specs["kernelspecs"][kernel]["spec"]["argv"][0] == sys.executable
+        k = _api(base, token, "/api/kernels", "POST", {"name": kernel})
+        session = uuid.uuid4().hex
+        with connect(f"ws://127.0.0.1:{port}/api/kernels/{k['id']}/channels?session_id={session}",
+                     additional_headers={"Authorization": f"token {token}"}, open_timeout=30) as ws:
+            text, status = _execute(ws, session, "import sys, torch, diff_sim_refiner, dxtbx\n"
+                                                 "print(sys.executable); print(diff_sim_refiner.__version__)")
+        assert status == "ok", text
+        exe, version = text.split()[:2]
+        assert exe == sys.executable
+        import diff_sim_refiner
+
+        assert version == diff_sim_refiner.__version__
+        _api(base, token, f"/api/kernels/{k['id']}", "DELETE")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
