@@ -3,7 +3,8 @@
 The numba kernels (``kernels.py``) take log(I+1) from a 65536-entry table, a scalar gather that costs about
 0.55 ns per pixel here and that neither LLVM nor GCC vectorise (an explicit AVX-512 gather is slower still on
 this CPU). ``native.c`` evaluates the log in SIMD registers instead and takes frames two at a time, which
-makes each pass about 1.6x faster; it is written with GCC vector extensions (no intrinsics), so it builds
+makes each pass about 1.6x faster (on AVX2-only CPUs the counts >= 32 come from a hardware gather of a table of
+the same values, see ``log_method``); it is written with GCC vector extensions (no intrinsics), so it builds
 for whatever the compiler targets with ``-march=native``.
 
 The shared library is built on first use (about 1 s; ``make setup`` and the container build do it ahead)
@@ -122,6 +123,8 @@ def _load():
                     getattr(lib, f"{name}_{sfx}").restype = None
             lib.sp_vector_pixels.argtypes = []
             lib.sp_vector_pixels.restype = I
+            lib.sp_log_gather.argtypes = []
+            lib.sp_log_gather.restype = I
             _lib, _status = lib, "loaded"
         except Exception as exc:  # noqa: BLE001 - any failure means "use the other kernels"
             _status = f"unavailable: {exc}"
@@ -136,6 +139,15 @@ def available() -> bool:
 def status() -> str:
     _load()
     return _status
+
+
+def log_method() -> str | None:
+    """How the loaded library takes log(1 + x) of uint16 vectors with a count >= 32: 'table gather' (AVX2
+    builds) or 'series' (AVX-512 builds, or SP_LOG_GATHER=0); None when the library is unavailable."""
+    lib = _load()
+    if lib is None:
+        return None
+    return "table gather" if lib.sp_log_gather() else "series"
 
 
 def supports_dtype(dtype) -> bool:
@@ -234,4 +246,4 @@ def log_rows(block, idx) -> np.ndarray:
     return out
 
 
-__all__ = ["available", "status", "supports", "supports_dtype", "build", "pass1", "pass2", "log_rows", "cache_dir"]
+__all__ = ["available", "status", "log_method", "supports", "supports_dtype", "build", "pass1", "pass2", "log_rows", "cache_dir"]
