@@ -84,6 +84,14 @@ def timed(cmd: list[str], cwd: Path, log: Path, env: dict, one_core: bool = True
     text = log.read_text(errors="replace")
     if rc:
         raise SystemExit(f"{' '.join(cmd[:2])} failed (exit {rc}); log: {log}\n{text[-3000:]}")
+    return _parse_time(text, wall)
+
+
+def _parse_time(text: str, wall) -> dict:
+    """Seconds (wall, else /usr/bin/time's elapsed), CPU seconds and maximum resident set (GB) of a -v log."""
+    if wall is None:
+        e = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+        wall = sum(float(v) * 60 ** i for i, v in enumerate(reversed(e.group(1).split(":")))) if e else 0.0
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     u = re.search(r"User time \(seconds\): ([\d.]+)", text)
     s = re.search(r"System time \(seconds\): ([\d.]+)", text)
@@ -137,16 +145,26 @@ def mark_pixel_array_detector(expt: Path) -> None:
     expt.write_text(json.dumps(doc, indent=2))
 
 
-#: mdx2.import_geometry with dxtbx's pixel centres: mdx2 maps pixel index i to dxtbx's pixel coordinate i (a
-#: pixel corner); dxtbx puts pixel i's centre at i + 0.5
-_HALF_PIXEL_IMPORT = (
-    "import sys, numpy as np, mdx2.dxtbx_machinery as m; f = m.index_grid_to_lab; "
-    "m.index_grid_to_lab = lambda panel, ix, iy: f(panel, np.asarray(ix) + 0.5, np.asarray(iy) + 0.5); "
-    "from mdx2.command_line.import_geometry import run; sys.argv = ['mdx2.import_geometry'] + sys.argv[1:]; run()")
+#: Debian's dxtbx 3.11 knows PILATUS arrays 1, 3 or 5 modules wide (487, 1475, 2463 pixels), not the 2-module
+#: PILATUS 1M (981 x 1043) that mdx2's detector check looks up; newer dxtbx lists it. Added here, in mdx2's process.
+_PILATUS_1M = ("import dataclasses, dxtbx.format.FormatPilatusHelpers as fph; p = fph._DetectorDatabase['Pilatus']; "
+               "fph._DetectorDatabase['Pilatus'] = dataclasses.replace(p, module_configs_fast=tuple(sorted(set("
+               "p.module_configs_fast) | {2})))")
+#: mdx2 maps pixel index i to dxtbx's pixel coordinate i (a pixel corner); dxtbx puts pixel i's centre at i + 0.5
+_HALF_PIXEL = ("import numpy as np, mdx2.dxtbx_machinery as m; f = m.index_grid_to_lab; "
+               "m.index_grid_to_lab = lambda panel, ix, iy: f(panel, np.asarray(ix) + 0.5, np.asarray(iy) + 0.5)")
+
+
+def mdx2_command(bin_dir: Path, step: str, args: list[str], half_pixel: bool = False) -> list[str]:
+    """``mdx2.<step> args`` run through mdx2's own entry point in its venv, after the detector-database addition
+    (and, with ``half_pixel``, the pixel-centre mapping)."""
+    code = "; ".join([_PILATUS_1M] + ([_HALF_PIXEL] if half_pixel else []) + [
+        f"import sys; from mdx2.command_line.{step} import run; sys.argv = ['mdx2.{step}'] + sys.argv[1:]; run()"])
+    return [str(bin_dir / "python"), "-c", code, *args]
 
 
 def run_mdx2(work: Path, bin_dir: Path, n_frames: int, ndiv: int, count_threshold: float,
-             blank_bin_deg: float, half_pixel: bool = False) -> dict:
+             blank_bin_deg: float, half_pixel: bool = False, resume: bool = False) -> dict:
     """mdx2's chain as its tutorial, one core; returns per-step time and memory. ``half_pixel``: in
     ``work/mdx2-halfpixel``, with mdx2's pixel-to-hkl mapping moved to dxtbx's pixel centres (data imported once)."""
     m = work / ("mdx2-halfpixel" if half_pixel else "mdx2")
@@ -154,34 +172,38 @@ def run_mdx2(work: Path, bin_dir: Path, n_frames: int, ndiv: int, count_threshol
     env = _env(bin_dir)
     refined = str(work / "dials" / "refined.expt")
     background = str(work / "dials" / "background.expt")
-    x = lambda step: str(bin_dir / f"mdx2.{step}")                          # noqa: E731
     steps = {
-        "import_geometry": ([str(bin_dir / "python"), "-c", _HALF_PIXEL_IMPORT, refined] if half_pixel
-                            else [x("import_geometry"), refined]),
-        "import_data": [x("import_data"), refined, "--nproc", "1"],
-        "find_peaks": [x("find_peaks"), "geometry.nxs", "data.nxs", "--count_threshold", f"{count_threshold:g}",
+        "import_geometry": ["import_geometry", refined],
+        "import_data": ["import_data", refined, "--nproc", "1"],
+        "find_peaks": ["find_peaks", "geometry.nxs", "data.nxs", "--count_threshold", f"{count_threshold:g}",
                        "--nproc", "1"],
-        "mask_peaks": [x("mask_peaks"), "geometry.nxs", "data.nxs", "peaks.nxs", "--sigma_cutoff", "3",
+        "mask_peaks": ["mask_peaks", "geometry.nxs", "data.nxs", "peaks.nxs", "--sigma_cutoff", "3",
                        "--nproc", "1"],
-        "import_blanks": [x("import_data"), background, "--outfile", "bkg_data.nxs", "--nproc", "1"],
-        "bin_image_series": [x("bin_image_series"), "bkg_data.nxs", str(max(1, int(blank_bin_deg))), "20", "20",
+        "import_blanks": ["import_data", background, "--outfile", "bkg_data.nxs", "--nproc", "1"],
+        "bin_image_series": ["bin_image_series", "bkg_data.nxs", "1", "20", "20",
                              "--valid_range", "0", "200", "--outfile", "bkg_binned.nxs", "--nproc", "1"],
-        "integrate": [x("integrate"), "geometry.nxs", "data.nxs", "--mask", "mask.nxs", "--subdivide",
+        "integrate": ["integrate", "geometry.nxs", "data.nxs", "--mask", "mask.nxs", "--subdivide",
                       str(ndiv), str(ndiv), str(ndiv), "--nproc", "1"],
         # the frames carry no sensor (zero thickness): dxtbx's efficiency 1 - exp(-mu t / cos) would be 0
-        "correct": [x("correct"), "geometry.nxs", "integrated.nxs", "--background", "bkg_binned.nxs",
+        "correct": ["correct", "geometry.nxs", "integrated.nxs", "--background", "bkg_binned.nxs",
                     "--efficiency", "False"],
-        "scale": [x("scale"), "corrected.nxs"],
-        "merge": [x("merge"), "corrected.nxs", "--scale", "scales.nxs"],
+        "scale": ["scale", "corrected.nxs"],
+        "merge": ["merge", "corrected.nxs", "--scale", "scales.nxs"],
     }
+    # bin_image_series bins in phi by images: each blank (one frame over blank_bin_deg) is its own bin
     out = {}
     for name in MDX2_STEPS:
+        log = m / f"{name}.log"
+        if resume and log.exists() and "Exit status: 0" in log.read_text(errors="replace"):
+            out[name] = _parse_time(log.read_text(errors="replace"), None)
+            continue
         if half_pixel and name in ("import_data", "import_blanks"):
             src = work / "mdx2" / ("data.nxs" if name == "import_data" else "bkg_data.nxs")
             (m / src.name).unlink(missing_ok=True)
             (m / src.name).symlink_to(src)
             continue
-        out[name] = timed(steps[name], m, m / f"{name}.log", env, one_core=True)
+        cmd = mdx2_command(bin_dir, steps[name][0], steps[name][1:], half_pixel and name == "import_geometry")
+        out[name] = timed(cmd, m, m / f"{name}.log", env, one_core=True)
         print(f"  mdx2 {name}: {out[name]['seconds']} s, {out[name]['max_rss_gb']} GB", flush=True)
     # the merged table, read by mdx2's own reader in its venv
     dump = ("import numpy as np; from mdx2.io import loadobj; T = loadobj('merged.nxs', 'hkl_table'); "
@@ -322,6 +344,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--count-threshold", type=float, default=100.0, help="mdx2 find_peaks --count_threshold")
     ap.add_argument("--skip-mdx2", action="store_true", help="reuse the work dir's mdx2 results")
     ap.add_argument("--skip-dials", action="store_true", help="reuse the work dir's DIALS results")
+    ap.add_argument("--resume", action="store_true", help="keep mdx2 steps whose log says they succeeded")
     ap.add_argument("--half-pixel", action="store_true",
                     help="also run mdx2 with its pixel-to-hkl mapping at dxtbx's pixel centres")
     args = ap.parse_args(argv)
@@ -351,7 +374,8 @@ def main(argv=None) -> dict:
             result["dials"] = run_dials(data, work, truth)
         blank_osc = float(truth["spec"]["blank_osc_deg"] or truth["scan"]["osc_deg"] * n_frames
                           / max(1, len(truth["background_frames"])))
-        result["mdx2"] = run_mdx2(work, bin_dir, n_frames, args.ndiv, args.count_threshold, blank_osc)
+        result["mdx2"] = run_mdx2(work, bin_dir, n_frames, args.ndiv, args.count_threshold, blank_osc,
+                                  resume=args.resume)
         result["mdx2"]["commands"] = "see bench_mdx2.run_mdx2; one core (taskset -c 0, --nproc 1)"
     if args.half_pixel:
         bin_dir = ensure_mdx2_venv()
