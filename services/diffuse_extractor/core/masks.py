@@ -690,6 +690,7 @@ def predict_rotation(experiment, d_min: float | None = None, pad_deg: float = 0.
     each side (``ScanStaticReflectionPredictor(..., padding=pad_deg).for_ub(A)``, A at the goniometer datum),
     systematic absences of the crystal's space group removed."""
     from dials.algorithms.spot_prediction import ScanStaticReflectionPredictor
+    from dials.array_family import flex  # noqa: F401 - registers the reflection_table converters the predictor returns
 
     if d_min is None:
         d_min = experiment.detector.get_max_resolution(experiment.beam.get_s0())
