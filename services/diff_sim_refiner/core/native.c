@@ -168,3 +168,101 @@ void nb_render_rows(const nb_spec *sp, int s_begin, int s_end, int f_begin, int 
 }
 
 int nb_abi_version(void) { return 1; }
+
+/* ---------------------------------------------------------------------------------------------------------
+ * The fused kernel's forward under autograd (simulator._FusedFastChunk), one source at a time: from unit
+ * directions diff (3, M) (float), the term sum acc (M) and the loss-independent derivatives the hand-written
+ * backward needs: G (n_orient*3, M) = d terms / dH, Gq (3, M) = sum_o A_o^T G_o, GN (3, M) = d terms / dN
+ * (each may be NULL when not needed).  dr/dx = (N cos Nx - r cos x) / sin x, or its series x (c1 + c3 x^2)
+ * where |N x| < 0.1; dr/dN = x cos Nx / sin x.  Vectorised over the sub-pixels, one orientation at a time.
+ * ------------------------------------------------------------------------------------------------------- */
+
+static inline float sinpi_s(float t, float *c)   /* sin(pi t) and cos(pi t), signed, any t */
+{
+    const float k = rintf(t);
+    const float r = t - k;
+    const float sg = 1.0f - 2.0f * (float)((int)k & 1);
+    const float x = r * 3.14159265358979f, x2 = x * x;
+    float p = -2.5052108e-08f;
+    p = p * x2 + 2.7557319e-06f;
+    p = p * x2 - 1.9841270e-04f;
+    p = p * x2 + 8.3333333e-03f;
+    p = p * x2 - 1.6666667e-01f;
+    float q = 2.0876757e-09f;
+    q = q * x2 - 2.7557319e-07f;
+    q = q * x2 + 2.4801587e-05f;
+    q = q * x2 - 1.3888889e-03f;
+    q = q * x2 + 4.1666667e-02f;
+    q = q * x2 - 0.5f;
+    *c = sg * (1.0f + x2 * q);
+    return sg * (x + x * x2 * p);
+}
+
+void nb_fused_source(const nb_spec *sp, long M, const float *diff, int si, float *acc, float *G, float *Gq,
+                     float *GN)
+{
+    const double i0 = sp->dirs[3 * si], i1 = sp->dirs[3 * si + 1], i2 = sp->dirs[3 * si + 2];
+    const double il = 1.0 / sp->lams[si];
+    const float *Fp = sp->F;
+    const int hr = sp->dims[0], kr = sp->dims[1], lr = sp->dims[2];
+    const int hm = sp->mins[0], km = sp->mins[1], lm = sp->mins[2];
+    const float dF = sp->default_F;
+    float Nf[3], c1[3], c3[3];
+    for (int i = 0; i < 3; i++) {
+        Nf[i] = (float)sp->N[i];
+        const float N2 = Nf[i] * Nf[i];
+        c1[i] = -Nf[i] * (N2 - 1.0f) / 3.0f;
+        c3[i] = Nf[i] * (N2 - 1.0f) * (3.0f * N2 - 7.0f) / 90.0f;
+    }
+    const int derive = (G != 0) | (Gq != 0) | (GN != 0);
+    for (long m = 0; m < M; m++) acc[m] = 0.0f;
+    if (Gq) for (long m = 0; m < 3 * M; m++) Gq[m] = 0.0f;
+    if (GN) for (long m = 0; m < 3 * M; m++) GN[m] = 0.0f;
+    const float PI = 3.14159265358979f;
+    for (int o = 0; o < sp->n_orient; o++) {
+        const double *ap = sp->A + 9 * o;
+        const double a[9] = {ap[0], ap[1], ap[2], ap[3], ap[4], ap[5], ap[6], ap[7], ap[8]};
+        float *Go = G ? G + (long)o * 3 * M : 0;
+#pragma GCC ivdep
+        for (long m = 0; m < M; m++) {
+            const double q0 = (diff[m] - i0) * il, q1 = (diff[M + m] - i1) * il, q2 = (diff[2 * M + m] - i2) * il;
+            const double h = a[0] * q0 + a[1] * q1 + a[2] * q2;
+            const double k = a[3] * q0 + a[4] * q1 + a[5] * q2;
+            const double l = a[6] * q0 + a[7] * q1 + a[8] * q2;
+            const double h0 = ceil(h - 0.5), k0 = ceil(k - 0.5), l0 = ceil(l - 0.5);
+            const float d[3] = {(float)(h - h0) + 1e-30f, (float)(k - k0) + 1e-30f, (float)(l - l0) + 1e-30f};
+            float r[3], cN[3], cx[3], sx[3];
+            for (int i = 0; i < 3; i++) {
+                sx[i] = sinpi_s(d[i], &cx[i]);
+                r[i] = sinpi_s(Nf[i] * d[i], &cN[i]) / sx[i];
+            }
+            float f = dF;
+            if (Fp) {
+                const int i = (int)h0 - hm, j = (int)k0 - km, kk = (int)l0 - lm;
+                const int inside = (i >= 0) & (i < hr) & (j >= 0) & (j < kr) & (kk >= 0) & (kk < lr);
+                f = inside ? Fp[((long)i * kr + j) * lr + kk] : dF;
+            }
+            const float F2 = f * f;
+            const float r2[3] = {r[0] * r[0], r[1] * r[1], r[2] * r[2]};
+            acc[m] += r2[0] * r2[1] * r2[2] * F2;
+            if (derive) {
+                const float oth[3] = {r2[1] * r2[2], r2[0] * r2[2], r2[0] * r2[1]};
+                float g[3];
+                for (int i = 0; i < 3; i++) {
+                    const float common = 2.0f * F2 * oth[i] * r[i];
+                    const float x = d[i] * PI;
+                    const float Nx = Nf[i] * x;
+                    const float drdx = fabsf(Nx) < 0.1f ? x * (c1[i] + c3[i] * x * x) : (Nf[i] * cN[i] - r[i] * cx[i]) / sx[i];
+                    g[i] = common * drdx * PI;
+                    if (GN) GN[i * M + m] += common * (x * cN[i] / sx[i]);
+                }
+                if (Go) { Go[m] = g[0]; Go[M + m] = g[1]; Go[2 * M + m] = g[2]; }
+                if (Gq) {
+                    Gq[m] += (float)(a[0] * g[0] + a[3] * g[1] + a[6] * g[2]);
+                    Gq[M + m] += (float)(a[1] * g[0] + a[4] * g[1] + a[7] * g[2]);
+                    Gq[2 * M + m] += (float)(a[2] * g[0] + a[5] * g[1] + a[8] * g[2]);
+                }
+            }
+        }
+    }
+}

@@ -121,6 +121,8 @@ def _load():
             lib.nb_render_rows.argtypes = [ctypes.POINTER(_Spec), I, I, I, I, V, L, V, L, V]
             lib.nb_render_rows.restype = None
             lib.nb_abi_version.restype = I
+            lib.nb_fused_source.argtypes = [ctypes.POINTER(_Spec), L, V, I, V, V, V, V]
+            lib.nb_fused_source.restype = None
             if lib.nb_abi_version() != 1:
                 raise RuntimeError("native kernel ABI mismatch")
             _lib, _status = lib, "loaded"
@@ -221,4 +223,44 @@ def render_native(p, fmin: int, fmax: int, smin: int, smax: int, out: np.ndarray
     return out
 
 
-__all__ = ["available", "status", "build", "cache_dir", "render_native"]
+class FusedSource:
+    """Per-source term sums and lattice-factor derivatives for the fused autograd kernel
+    (simulator._FusedFastChunk): ``nb_fused_source`` of native.c on float32 unit directions (3, M)."""
+
+    def __init__(self, A, N, dirs, lams, ftable):
+        import torch
+
+        self.sp = sp = _Spec()
+        self.A = np.ascontiguousarray(A.detach().cpu().numpy(), dtype=np.float64).reshape(-1, 3, 3)
+        self.dirs = np.ascontiguousarray(dirs.detach().cpu().numpy(), dtype=np.float64)
+        self.lams = np.ascontiguousarray(lams.detach().cpu().numpy(), dtype=np.float64)
+        sp.n_orient, sp.n_src = int(self.A.shape[0]), int(self.dirs.shape[0])
+        sp.N[:] = _vec(N)
+        sp.A, sp.dirs, sp.lams = self.A.ctypes.data, self.dirs.ctypes.data, self.lams.ctypes.data
+        self.F = None
+        if ftable.F is not None:
+            self.F = np.ascontiguousarray(ftable.F.detach().cpu().numpy(), dtype=np.float32)
+            sp.F = self.F.ctypes.data
+            sp.dims[:] = tuple(int(x) for x in self.F.shape)
+            sp.mins[:] = tuple(int(x) for x in ftable.mins)
+        dF = ftable.default_F
+        sp.default_F = float(dF.detach()) if isinstance(dF, torch.Tensor) else float(dF)
+
+    def source(self, diff, si: int, need_G: bool, need_Gq: bool, need_GN: bool):
+        """(acc (M,), G (O*3, M) or None, Gq (3, M) or None, GN (3, M) or None) as float32 torch tensors."""
+        import torch
+
+        lib = _load()
+        d = diff.detach().contiguous()
+        M = int(d.shape[1])
+        O = self.sp.n_orient
+        acc = torch.empty(M, dtype=torch.float32)
+        G = torch.empty(O * 3, M, dtype=torch.float32) if need_G else None
+        Gq = torch.empty(3, M, dtype=torch.float32) if need_Gq else None
+        GN = torch.empty(3, M, dtype=torch.float32) if need_GN else None
+        ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+        lib.nb_fused_source(ctypes.byref(self.sp), M, d.data_ptr(), si, acc.data_ptr(), ptr(G), ptr(Gq), ptr(GN))
+        return acc, G, Gq, GN
+
+
+__all__ = ["available", "status", "build", "cache_dir", "render_native", "FusedSource"]

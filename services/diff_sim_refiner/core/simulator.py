@@ -10,6 +10,13 @@ factor only where every fractional index lies within ``spot_cutoff / N`` of an i
 |F_latt|^2 <= max_i 1 / (N_i^2 sin^2(pi * cutoff / N_i)) of the peak value N_a^2 N_b^2 N_c^2 (about
 1 / (pi cutoff)^2: 0.6 % of the local peak height for a cutoff of 4), and the skipped sincg tails hold
 about 3 / (pi^2 cutoff) of all photons (7.6 % at 4, 3 % at 10); pixels near Bragg peaks are exact.
+
+Without gradients, float32 renders of the fast kernel (square crystal, nearest F, flat detector) go through the
+compiled kernel of :mod:`.native` (same terms, H in float64, one fixed summation order per pixel: within 1e-7
+of the float64 image and independent of the thread count); ``Prepared.native = False`` or
+``DIFF_SIM_REFINER_NATIVE=0`` selects the torch kernel.  Spot-local rendering (:func:`spot_local_mask` as
+``pixel_mask`` of :func:`render` / :func:`render_loss`) evaluates every term, exactly, at the pixels near
+predicted reflections only; :func:`spot_local_bound` states what it leaves out.
 """
 from __future__ import annotations
 
@@ -436,6 +443,7 @@ class _FusedSpec:
     nopolar: bool
     kahn: object          # the Kahn factor when it is a plain number (tensor factors come as an input)
     ftable: FTable
+    native: bool = False  # terms and their derivatives by native.c's nb_fused_source (float32, CPU)
 
 
 class _FusedFastChunk(torch.autograd.Function):
@@ -471,12 +479,22 @@ class _FusedFastChunk(torch.autograd.Function):
         acc = torch.zeros(M, dtype=dt, device=f.device)
         polar = None
         per_src = []
+        nat = None
+        if spec.native:
+            from . import native
+
+            nat = native.FusedSource(A2, N, dirs, lams, ft)
         for si in range(dirs.shape[0]):
             inc = dirs[si]
             Q = (diff - inc[:, None]) / lams[si]
             if polar is None and not spec.nopolar:
                 polar = polarization_factor_in_frame(kahn if kahn is not None else spec.kahn, inc,
                                     diff.view(3, -1, n)[:, :, 0].T, E_in, B_in)
+            if nat is not None:
+                acc_s, G, Gq, GN = nat.source(diff, si, need_A, need_Q, need_N)
+                acc = acc + acc_s
+                per_src += [G, Q if (need_A or lams.requires_grad) else None, Gq, GN]
+                continue
             H = torch.mm(A2, Q).view(O, 3, M)
             H0 = torch.ceil(H - 0.5)
             D = H - H0
@@ -642,8 +660,13 @@ def _chunk_fused(p: Prepared, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     E_in = B_in = None
     if not p.nopolar and (kahn_t is not None or float(p.kahn) != 0.0):
         E_in, B_in = polarization_basis(p.polar_axis, p.src_dirs[0])
+    use_native = False
+    if p.native and dt == torch.float32 and p.pix0.device.type == "cpu":
+        from . import native
+
+        use_native = native.available()
     spec = _FusedSpec(ov=p.oversample, n_orient=O, point_pixel=p.point_pixel, nopolar=p.nopolar,
-                      kahn=None if kahn_t is not None else float(p.kahn), ftable=p.ftable)
+                      kahn=None if kahn_t is not None else float(p.kahn), ftable=p.ftable, native=use_native)
     return _FusedFastChunk.apply(spec, f, s, p.A.reshape(O * 3, 3), p.pix0, p.fdet, p.sdet, p.px, p.close_distance,
                                  p.scale.to(dt), p.src_dirs, p.src_lams, p.N, kahn_t, E_in, B_in)
 
