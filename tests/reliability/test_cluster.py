@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import subprocess
 import time
@@ -67,6 +68,23 @@ async def _leader(js, stream: str) -> str:
     return (await js.stream_info(stream)).cluster.leader
 
 
+async def _move_leaders(nc, js, node: str, consumer: str = "echo", timeout: float = 20) -> None:
+    """Make ``node`` the leader of the JOBS stream and of the service's work consumer (JetStream's own
+    step-down with a preferred placement), so that the test kills the node it means to."""
+    api = {"stream": f"$JS.API.STREAM.LEADER.STEPDOWN.{bus.JOBS}",
+           "consumer": f"$JS.API.CONSUMER.LEADER.STEPDOWN.{bus.JOBS}.{consumer}"}
+    deadline = time.monotonic() + timeout
+    for kind, subject in api.items():
+        while True:
+            info = await (js.stream_info(bus.JOBS) if kind == "stream" else js.consumer_info(bus.JOBS, consumer))
+            if info.cluster.leader == node:
+                break
+            assert time.monotonic() < deadline, f"{kind} leader stays on {info.cluster.leader}, wanted {node}"
+            with contextlib.suppress(Exception):
+                await nc.request(subject, json.dumps({"placement": {"preferred": node}}).encode(), timeout=5)
+            await asyncio.sleep(0.3)
+
+
 def test_streams_are_replicated_on_three_nodes(nats_server, settings):
     """ensure_streams through the cluster makes R3 streams, and scales up one made with a single replica."""
     cluster = nats_server
@@ -117,7 +135,7 @@ def test_client_connects_past_a_dead_node(nats_server, settings, volume):
         asyncio.run(where(only_dead, max_reconnect_attempts=1, connect_timeout=1))
 
 
-@pytest.mark.parametrize("target", ["worker's node", "JOBS leader"])
+@pytest.mark.parametrize("target", ["worker's node, JOBS leader", "JOBS leader, not the worker's node"])
 def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settings, workers, volume, target):
     cluster = nats_server
     n_jobs, kill_after = 60, 20
@@ -132,6 +150,10 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
         while _node_of_client(cluster, "echo@") is None or await bus.queue_status(js, "echo") is None:
             assert time.monotonic() < deadline and worker.poll() is None, workers.log_text()[-3000:]
             await asyncio.sleep(0.1)
+        worker_node = _node_of_client(cluster, "echo@")
+        victim = worker_node if target.startswith("worker's") else \
+            next(n.name for n in cluster.nodes if n.name != worker_node)
+        await _move_leaders(nc, js, victim)
 
         arrivals: dict[str, float] = {}
 
@@ -155,11 +177,19 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
         while len(arrivals) < kill_after:
             assert time.monotonic() < deadline, workers.log_text()[-3000:]
             await asyncio.sleep(0.02)
-        worker_node = _node_of_client(cluster, "echo@")
-        victim = worker_node if target == "worker's node" else await _leader(js, bus.JOBS)
+        assert _node_of_client(cluster, "echo@") == worker_node and await _leader(js, bus.JOBS) == victim
         results_before = len(arrivals)
         cluster.node(victim).kill()
         t_kill = time.monotonic()
+
+        async def new_leader_elected():
+            while True:
+                with contextlib.suppress(Exception):
+                    if await _leader(js, bus.JOBS) not in (None, victim):
+                        return time.monotonic()
+                await asyncio.sleep(0.05)
+
+        election = asyncio.create_task(new_leader_elected())
 
         # the worker shows up on a surviving node
         t_worker_back = None
@@ -172,11 +202,19 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
         await asyncio.wait_for(producer, 60)
         while len(arrivals) < n_jobs and time.monotonic() - t_kill < 60:
             await asyncio.sleep(0.05)
-        after = sorted(t for t in arrivals.values() if t > t_kill)
+        times = sorted(arrivals.values())
+        before = [t for t in times if t <= t_kill]
+        after = [t for t in times if t > t_kill]
+        # the longest pause in results from just before the kill on, and the usual spacing before it
+        span = before[-1:] + after
+        pause = max((b - a for a, b in zip(span, span[1:])), default=float("nan"))
+        usual = sorted(b - a for a, b in zip(before, before[1:]))[len(before) // 2 - 1] if len(before) > 2 else 0
+        t_elected = await asyncio.wait_for(election, 30)
         new_leader = await _leader(js, bus.JOBS)
         await nc.drain()
         return dict(victim=victim, worker_node=worker_node, t_kill=t_kill, t_worker_back=t_worker_back,
-                    first_result_after=after[0] if after else None, published=published,
+                    first_result_after=after[0] if after else None, published=published, pause=pause, usual=usual,
+                    t_elected=t_elected,
                     results_before=results_before, new_leader=new_leader)
 
     out = asyncio.run(scenario())
@@ -235,7 +273,9 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
     print(f"\ncluster, killed {victim} ({target}; worker was on {out['worker_node']}) after "
           f"{out['results_before']} of {n_jobs} results: worker on another node after "
           f"{out['t_worker_back'] - out['t_kill']:.2f} s, first result after the kill at "
-          f"{out['first_result_after'] - out['t_kill']:.2f} s; restarted node healthy in {healthy_s:.2f} s, "
+          f"{out['first_result_after'] - out['t_kill']:.2f} s, longest pause in results {out['pause']:.2f} s "
+          f"(new JOBS leader elected {out['t_elected'] - out['t_kill']:.2f} s after the kill) "
+          f"(usually {out['usual']:.2f} s); restarted node healthy in {healthy_s:.2f} s, "
           f"its RESULTS replica complete in {caught_up_s:.2f} s")
 
 
