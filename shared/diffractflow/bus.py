@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -128,12 +129,14 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
 async def ensure_streams(js, replicas: int | None = None) -> None:
     """Create (or leave as they are) the platform's four streams.
 
-    ``replicas``: copies of each stream; by default as many nodes as the cluster has, at most 3 (1 on a lone
-    server). A stream that exists with fewer replicas is scaled up when these credentials may (an admin's);
-    one with more is never scaled down.
+    ``replicas``: copies of each stream; by default ``DIFFRACTFLOW_NATS_REPLICAS`` if set (a deployment that
+    must not start with fewer), else as many nodes as the cluster has now, at most 3 (1 on a lone server).
+    A stream that exists with fewer replicas is scaled up when these credentials may (an admin's); one with
+    more is never scaled down. Creating R3 streams fails while fewer than three nodes are up.
     """
     if replicas is None:
-        replicas = min(MAX_REPLICAS, cluster_size(js._nc))
+        env = os.environ.get("DIFFRACTFLOW_NATS_REPLICAS", "").strip()
+        replicas = int(env) if env else min(MAX_REPLICAS, cluster_size(js._nc))
     for cfg in stream_configs(replicas):
         try:
             info = await js.stream_info(cfg.name)

@@ -64,6 +64,15 @@ def _stream_messages_on(node, stream: str) -> int | None:
     return None
 
 
+def _stream_leader_seen_by(node, stream: str) -> str | None:
+    jsz = node.monitor("jsz?accounts=true&streams=true")
+    for acc in jsz.get("account_details") or []:
+        for st in acc.get("stream_detail") or []:
+            if st.get("name") == stream:
+                return (st.get("cluster") or {}).get("leader")
+    return None
+
+
 async def _leader(js, stream: str) -> str:
     return (await js.stream_info(stream)).cluster.leader
 
@@ -182,11 +191,14 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
         cluster.node(victim).kill()
         t_kill = time.monotonic()
 
-        async def new_leader_elected():
+        survivors = [n for n in cluster.nodes if n.name != victim]
+
+        async def new_leader_elected():  # as the surviving nodes' own /jsz reports tell
             while True:
-                with contextlib.suppress(Exception):
-                    if await _leader(js, bus.JOBS) not in (None, victim):
-                        return time.monotonic()
+                for n in survivors:
+                    with contextlib.suppress(Exception):
+                        if await asyncio.to_thread(_stream_leader_seen_by, n, bus.JOBS) not in (None, victim):
+                            return time.monotonic()
                 await asyncio.sleep(0.05)
 
         election = asyncio.create_task(new_leader_elected())
@@ -285,10 +297,26 @@ def test_container_cluster_conf_is_valid(tmp_path):
     local = conf.replace("/data/jetstream", str(tmp_path / "js")).replace("0.0.0.0", "127.0.0.1")
     (tmp_path / "t.conf").write_text(local)
     users = ["admin", *[f"svc-{s}" for s in SERVICES]]
-    for name in ("nats-1", "nats-2", "nats-3"):
+    for name in ("nats", "nats-2", "nats-3"):
         env = {env_var_for(u): "pw" for u in users} | {"NATS_SERVER_NAME": name, "NATS_ROUTE_PASSWORD": "rpw"}
         env |= {f"NATS_ROUTE_{i}": f"nats-route://route:rpw@127.0.0.1:{6222 + i}" for i in (1, 2, 3)}
         out = subprocess.run([nats_server_binary(), "-c", str(tmp_path / "t.conf"), "-t"], capture_output=True,
                              text=True, env=env, timeout=30)
         assert out.returncode == 0, out.stderr + out.stdout
     assert "$NATS_ROUTE_PASSWORD" in conf and "rpw" not in conf
+
+
+def test_replicas_can_be_set_by_the_deployment(nats_server, settings, monkeypatch):
+    """DIFFRACTFLOW_NATS_REPLICAS overrides the count taken from the cluster's size."""
+    monkeypatch.setenv("DIFFRACTFLOW_NATS_REPLICAS", "2")
+
+    async def scenario():
+        nc = await bus.connect(settings)
+        js = nc.jetstream()
+        await bus.ensure_streams(js)
+        info = await js.stream_info(bus.RESULTS)
+        await nc.drain()
+        return info
+
+    info = asyncio.run(scenario())
+    assert info.config.num_replicas == 2 and len(info.cluster.replicas or []) == 1
