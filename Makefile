@@ -26,6 +26,7 @@ $(READY): pyproject.toml constraints.txt
 	@$(PY) -c "import dials, dxtbx, cctbx, torch, numpy, numba, prefect, nats; assert numpy.__version__ == '1.24.2', numpy.__version__; print('environment ok: numpy', numpy.__version__, 'torch', torch.__version__, 'prefect', prefect.__version__)"
 	@test -x $(VENV)/bin/nats-server || { echo "nats-server missing from $(VENV)/bin" >&2; exit 1; }
 	@$(PY) -c "from stem_polar.core import native; s = native.status(); print('stem-polar native kernels:', s); assert s == 'loaded', s"
+	@$(PY) -c "from diff_sim_refiner.core import native; print('diff-sim-refiner native kernel:', native.build())"
 	$(PY) -m ipykernel install --sys-prefix --name diffractflow --display-name "Python (diffractflow)" >/dev/null
 	@touch $(READY)
 
