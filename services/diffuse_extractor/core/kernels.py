@@ -263,39 +263,76 @@ if _HAVE_NUMBA:
             out[x] = tmp / size
 
     @_jit
+    def _mean_row(n, total, y, mrow, wrow):
+        """Row ``y`` of the per-pixel mean (0 where unseen) and of the seen indicator."""
+        for x in range(n.shape[1]):
+            if n[y, x] > 0:
+                mrow[x] = total[y, x] / np.float64(n[y, x])
+                wrow[x] = 1.0
+            else:
+                mrow[x] = 0.0
+                wrow[x] = 0.0
+
+    @_jit
     def hot_dead(n, total, sumsq, n_zero, size, hot_factor, hot_nsigma, steady_factor, dead_expected, hot_bit,
                  dead_bit, out):
         """``runstats.RunningPixelStats.hot_dead_flags`` for one panel, operation by operation (same float64
         values, so the same flags): mean, variance, the neighbourhood mean (box filter as scipy's
-        ``uniform_filter``: rows first, then columns) and the rule, without full-size temporaries
-        beyond the two row-filtered images."""
+        ``uniform_filter``: rows first, then columns, the arithmetic of ``box_rows`` / ``box_cols_row``) and
+        the rule. Streams over the rows: the mean and seen images are kept only for the size + 1 rows the
+        vertical running sums need (a ring), so no full-size temporary is made."""
         ny, nx = n.shape
-        m = np.empty((ny, nx))
-        w = np.empty((ny, nx))
-        for y in range(ny):
-            for x in range(nx):
-                if n[y, x] > 0:
-                    m[y, x] = total[y, x] / np.float64(n[y, x])
-                    w[y, x] = 1.0
-                else:
-                    m[y, x] = 0.0
-                    w[y, x] = 0.0
-        fm = np.empty((ny, nx))
-        fw = np.empty((ny, nx))
-        box_rows(m, size, fm)
-        box_rows(w, size, fw)
+        s1 = size // 2
+        s2 = size - s1 - 1
+        R = size + 1
+        ring_m = np.empty((R, nx))
+        ring_w = np.empty((R, nx))
+        tm = np.zeros(nx)
+        tw = np.zeros(nx)
+        fm = np.empty(nx)
+        fw = np.empty(nx)
         rm = np.empty(nx)
         rw = np.empty(nx)
+        for yy in range(min(s2 + 1, ny)):
+            _mean_row(n, total, yy, ring_m[yy % R], ring_w[yy % R])
+        for j in range(size):  # the first window (box_rows): lines extended by s1 zeros before the data
+            yy = j - s1
+            if 0 <= yy < ny:
+                rmv = ring_m[yy % R]
+                rwv = ring_w[yy % R]
+                for x in range(nx):
+                    tm[x] += rmv[x]
+                    tw[x] += rwv[x]
+            else:
+                for x in range(nx):
+                    tm[x] += 0.0
+                    tw[x] += 0.0
         area = np.float64(size * size)
         for y in range(ny):
-            box_cols_row(fm[y], size, rm)
-            box_cols_row(fw[y], size, rw)
+            if y > 0:
+                ya = y + s2  # the row entering the window
+                yb = y - s1 - 1  # the row leaving it
+                if ya < ny:
+                    _mean_row(n, total, ya, ring_m[ya % R], ring_w[ya % R])
+                for x in range(nx):
+                    a = ring_m[ya % R, x] if ya < ny else 0.0
+                    b = ring_m[yb % R, x] if yb >= 0 else 0.0
+                    tm[x] += a - b
+                    a = ring_w[ya % R, x] if ya < ny else 0.0
+                    b = ring_w[yb % R, x] if yb >= 0 else 0.0
+                    tw[x] += a - b
+            for x in range(nx):
+                fm[x] = tm[x] / size
+                fw[x] = tw[x] / size
+            box_cols_row(fm, size, rm)
+            box_cols_row(fw, size, rw)
+            mrow = ring_m[y % R]
             for x in range(nx):
                 nn = n[y, x]
                 if nn == 0:
                     out[y, x] = 0
                     continue
-                mv = m[y, x]
+                mv = mrow[x]
                 tot = rm[x] * area - mv
                 cnt = rw[x] * area - 1.0
                 loc = tot / (cnt if cnt > 1.0 else 1.0) if cnt > 0.5 else 0.0
