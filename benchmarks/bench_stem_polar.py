@@ -7,6 +7,9 @@ Measures (GB/s of raw pattern bytes, each figure the best of --repeat runs, with
                over the dataset size once (it reads the data twice)
   libertem_com LiberTEM's CoMUDF on the same file, 2 dask workers (optional, --libertem: builds a numpy-2 venv
                in --workdir, reused on later runs); CPU seconds summed over its process tree
+  side_by_side with --libertem: the full pipeline and LiberTEM's CoMUDF alternately (a warm LiberTEM server
+               process), --rounds rounds, medians of wall and CPU seconds, the load average of every round: the
+               fair comparison on a shared machine (both see the same load)
 The engine uses the native C kernels for uint16 frames when they build, else numba (``--kernels numba`` and
 ``--kernels numpy`` force the slower ones, stored under "_numba_kernels" / "_numpy_kernels" keys);
 ``kernels_first_call`` records what a fresh process pays once (build or compile with empty caches, load from
@@ -189,6 +192,10 @@ def bench(args) -> dict:
         with PeakRSS() as mem:
             best = best_of(full, args.repeat)
     r = res_holder["r"]
+    if args.libertem and args.rounds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out["side_by_side"] = side_by_side(path, work, full, args.rounds, gb)
     out["full_pipeline"] = entry(*best, gb, passes_over_data=2, timings=r.timings, peak_rss_gb=mem.peak / 1e9,
                                  argmax_agreement_with_labels=r.report["clusters"]["argmax_agreement_with_labels"])
     src.close()
@@ -252,14 +259,93 @@ print(json.dumps({"seconds": ts[i], "all_s": ts, "cpu_s": cs[i], "all_cpu_s": cs
 """
 
 
-def libertem_bench(path, work, repeat, gb) -> dict:
+LT_SERVER = r"""
+import json, sys, time
+import psutil
+import libertem, libertem.api as lt
+from libertem.udf.com import CoMUDF
+
+
+def cpu_tree():
+    tot = 0.0
+    me = psutil.Process()
+    for q in [me] + me.children(recursive=True):
+        try:
+            t = q.cpu_times()
+            tot += t.user + t.system
+        except psutil.Error:
+            pass
+    return tot
+
+
+with lt.Context.make_with("dask", cpus=2, gpus=0) as ctx:
+    ds = ctx.load("hdf5", path=sys.argv[1], ds_path="patterns")
+    udf = CoMUDF.with_params(cy=ds.shape.sig[0] / 2, cx=ds.shape.sig[1] / 2, r=ds.shape.sig[0] / 4)
+    ctx.run_udf(dataset=ds, udf=udf)
+    print(json.dumps({"ready": libertem.__version__}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        c0, t0 = cpu_tree(), time.perf_counter()
+        ctx.run_udf(dataset=ds, udf=udf)
+        print(json.dumps({"s": time.perf_counter() - t0, "cpu": cpu_tree() - c0}), flush=True)
+"""
+
+
+def libertem_python(work) -> Path:
+    """The numpy-2 venv with LiberTEM (built in ``work`` on first use)."""
     venv = work / "libertem-venv"
     py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "ensurepip"], check=True, capture_output=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "libertem", "numpy>=2"], check=True)
+    return py
+
+
+def side_by_side(path, work, ours, rounds: int, gb) -> dict:
+    """Ours and LiberTEM's CoMUDF alternately, one run each per round (LiberTEM kept warm in a server process), so
+    both see the same load; medians over the rounds and the 1-minute load average of every round."""
     try:
-        if not py.exists():
-            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-            subprocess.run([str(py), "-m", "ensurepip"], check=True, capture_output=True)
-            subprocess.run([str(py), "-m", "pip", "install", "-q", "libertem", "numpy>=2"], check=True)
+        py = libertem_python(work)
+        srv = subprocess.Popen([str(py), "-c", LT_SERVER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    except Exception as exc:  # the comparison is optional: record why it is missing
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    try:
+        version = json.loads(srv.stdout.readline())["ready"]
+        o_s, o_c, l_s, l_c, load = [], [], [], [], []
+        for _ in range(rounds):
+            t0, c0 = time.perf_counter(), time.process_time()
+            ours()
+            o_s.append(time.perf_counter() - t0)
+            o_c.append(time.process_time() - c0)
+            srv.stdin.write("run\n")
+            srv.stdin.flush()
+            r = json.loads(srv.stdout.readline())
+            l_s.append(r["s"])
+            l_c.append(r["cpu"])
+            load.append(os.getloadavg()[0])
+        srv.stdin.write("quit\n")
+        srv.stdin.flush()
+        srv.wait(timeout=120)
+    except Exception as exc:
+        srv.kill()
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    med = {k: float(np.median(v)) for k, v in (("ours_s", o_s), ("ours_cpu_s", o_c), ("libertem_s", l_s),
+                                                ("libertem_cpu_s", l_c))}
+    return {"what": "full seed pipeline (ours) vs LiberTEM CoMUDF, alternating, one run each per round",
+            "libertem": version, "rounds": rounds, "ours_all_s": o_s, "ours_all_cpu_s": o_c, "libertem_all_s": l_s,
+            "libertem_all_cpu_s": l_c, "load_average_1min": load, "median": med,
+            "ours_gb_per_s_median": gb / med["ours_s"],
+            "speedup_wall_median": med["libertem_s"] / med["ours_s"],
+            "speedup_cpu_median": med["libertem_cpu_s"] / med["ours_cpu_s"],
+            "speedup_wall_per_round": [b / a for a, b in zip(o_s, l_s)]}
+
+
+def libertem_bench(path, work, repeat, gb) -> dict:
+    try:
+        py = libertem_python(work)
         p = subprocess.run([str(py), "-c", LT_SCRIPT, str(path), str(repeat)], check=True, capture_output=True,
                            text=True, timeout=3600)
         res = json.loads(p.stdout.strip().splitlines()[-1])
@@ -279,6 +365,9 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="worker threads of the CPU engine (default: all CPUs)")
     ap.add_argument("--workdir", default="/tmp/stem_polar_bench", help="where the HDF5 file is made (not the repo)")
     ap.add_argument("--libertem", action="store_true", help="also run LiberTEM CoMUDF (builds a numpy-2 venv)")
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="with --libertem: rounds of the side-by-side comparison (ours, then LiberTEM, per round; "
+                         "medians reported; 0 skips it)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/stem_polar.json"))
     ap.add_argument("--dense", action="store_true",
                     help=f"add {DENSE_OFFSET} counts to every pixel: the worst case of the native kernels, whose log "

@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include <stdlib.h>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif

@@ -7,15 +7,21 @@
 
 /* ------------------------------------------------------------------------------------------------ pass 1 */
 
-/* Background levels of nb frames: bg[f] += e'_f . wbg over the listed vectors only (blk: offsets of the
- * VL-pixel vectors that hold a non-zero weight; the outer ring of the detector, about a third of it). */
+/* Background levels of nb frames: bg[f] += e'_f . wbg over the listed vectors only (blk: ascending offsets of
+ * the VL-pixel vectors that hold a non-zero weight; the outer ring of the detector, about a third of it). With
+ * a scratch eb (nb * nblk vectors) the logs of those vectors are kept there for the sweep (no second log). */
 INLINE void F(pass1_background)(const PIX *const *rows, const int nb, size_t P, const float *ref,
-                             const float *wbg, const int64_t *blk, size_t nblk, smalltab tab, double *bg) {
+                             const float *wbg, const int64_t *blk, size_t nblk, smalltab tab, double *bg,
+                             float *eb) {
     vf d[P1_FRAMES] = {{0}};
 #define BG_VECTOR(n)                                                             \
     {                                                                            \
         vf r = ld_f(ref + k, n), w = ld_f(wbg + k, n);                           \
-        for (int f = 0; f < nb; f++) d[f] += (LOG_PX(LD_PX(rows[f] + k, n), tab) - r) * w; \
+        for (int f = 0; f < nb; f++) {                                           \
+            vf e = LOG_PX(LD_PX(rows[f] + k, n), tab);                           \
+            if (eb) memcpy(eb + ((size_t)f * nblk + j) * VL, &e, sizeof e);      \
+            d[f] += (e - r) * w;                                                 \
+        }                                                                        \
     }
     for (size_t j = 0; j < nblk; j++) {
         size_t k = (size_t)blk[j];
@@ -28,37 +34,73 @@ INLINE void F(pass1_background)(const PIX *const *rows, const int nb, size_t P, 
     for (int f = 0; f < nb; f++) bg[f] += (double)hsum(d[f]);
 }
 
+/* The pass-1 update of one vector (n pixels at offset k) for nb frames: E(f) gives frame f's log vector. */
+#define P1_VECTOR(E)                                                                \
+    {                                                                               \
+        vf r = ld_f(ref + k, n), s0 = {0}, s1 = {0}, s2 = {0};                      \
+        for (int f = 0; f < nb; f++) {                                              \
+            vf x = LD_PX(rows[f] + k, n);                                           \
+            vf d = ((E) - r) - fb[f];                                               \
+            s0 += x, s1 += d, s2 += d * d;                                          \
+        }                                                                           \
+        st_f(acc0 + k, ld_f(acc0 + k, n) + s0, n);                                  \
+        st_f(acc1 + k, ld_f(acc1 + k, n) + s1, n);                                  \
+        st_f(acc2 + k, ld_f(acc2 + k, n) + s2, n);                                  \
+    }
+
 /* nb (1..P1_FRAMES) frames in one sweep: acc0 += x; acc1 += D, acc2 += D^2 with D = log1p(x) - ref - bg
- * (bg from pass1_background first when use_bg, else 0); next: the rows of the following frames (prefetched). */
+ * (bg from pass1_background first when use_bg, else 0); next: the rows of the following frames (prefetched).
+ * With eb (scratch of P1_FRAMES * nblk vectors) the background vectors reuse the logs kept by
+ * pass1_background and the sweep covers the other vectors only (the same sums, bit for bit: every pixel's
+ * accumulators see the same values in the same frame order). */
 INLINE void F(pass1_group)(const PIX *const *rows, const PIX *const *next, const int nb, size_t P,
                         const float *ref, const float *wbg, const int64_t *blk, size_t nblk, const int use_bg,
-                        float *acc0, float *acc1, float *acc2, double *bg) {
+                        float *acc0, float *acc1, float *acc2, double *bg, float *eb) {
     const smalltab tab = load_small_table();
     float fb[P1_FRAMES] = {0};
     if (use_bg) {
-        F(pass1_background)(rows, nb, P, ref, wbg, blk, nblk, tab, bg);
+        F(pass1_background)(rows, nb, P, ref, wbg, blk, nblk, tab, bg, eb);
         for (int f = 0; f < nb; f++) fb[f] = (float)bg[f];
     }
-    SWEEP(P, {
-        for (int f = 0; f < nb; f++) __builtin_prefetch(next[f] + k, 0, 3);
-        vf r = ld_f(ref + k, n), s0 = {0}, s1 = {0}, s2 = {0};
-        for (int f = 0; f < nb; f++) {
-            vf x = LD_PX(rows[f] + k, n);
-            vf d = (LOG_PX(x, tab) - r) - fb[f];
-            s0 += x, s1 += d, s2 += d * d;
+    /* the logs kept in eb pay off when the ring took the slow log path (dense data: mean ring log above
+     * log(1 + 32 - 2)); on a dark ring recomputing its logs from the register table costs less than the split
+     * sweep. Both ways give the same bits. */
+    int reuse = use_bg && eb && nblk;
+    for (int f = 0; f < nb && reuse; f++) reuse = fb[f] > 3.43f;
+    if (!reuse) {
+        SWEEP(P, {
+            for (int f = 0; f < nb; f++) __builtin_prefetch(next[f] + k, 0, 3);
+            P1_VECTOR(LOG_PX(x, tab))
+        })
+        return;
+    }
+    for (size_t j = 0; j < nblk; j++) { /* background vectors: logs from the scratch */
+        const size_t k = (size_t)blk[j];
+        if (k + VL <= P) {
+            const size_t n = VL; /* a constant: plain vector loads */
+            P1_VECTOR(ld_f(eb + ((size_t)f * nblk + j) * VL, VL))
+        } else {
+            const size_t n = P - k;
+            P1_VECTOR(ld_f(eb + ((size_t)f * nblk + j) * VL, VL))
         }
-        st_f(acc0 + k, ld_f(acc0 + k, n) + s0, n);
-        st_f(acc1 + k, ld_f(acc1 + k, n) + s1, n);
-        st_f(acc2 + k, ld_f(acc2 + k, n) + s2, n);
+    }
+    size_t j = 0;
+    SWEEP(P, {
+        while (j < nblk && (size_t)blk[j] < k) j++;
+        if (j == nblk || (size_t)blk[j] != k) {
+            for (int f = 0; f < nb; f++) __builtin_prefetch(next[f] + k, 0, 3);
+            P1_VECTOR(LOG_PX(x, tab))
+        }
     })
 }
+#undef P1_VECTOR
 
 #define PASS1_GROUP(NB)                                                                                  \
     do {                                                                                                 \
         if (use_bg)                                                                                      \
-            F(pass1_group)(rows, next, NB, P, ref, wbg, blk, nblk, 1, a0, a1, a2, bgs + t);                 \
+            F(pass1_group)(rows, next, NB, P, ref, wbg, blk, nblk, 1, a0, a1, a2, bgs + t, eb);             \
         else                                                                                             \
-            F(pass1_group)(rows, next, NB, P, ref, wbg, blk, nblk, 0, a0, a1, a2, bgs + t);                 \
+            F(pass1_group)(rows, next, NB, P, ref, wbg, blk, nblk, 0, a0, a1, a2, bgs + t, eb);             \
     } while (0)
 
 /* Pass-1 sums of frames base[idx[t]] (one group): acc rows [sum x, sum D, sum D^2] (float32, the caller keeps
@@ -67,6 +109,9 @@ INLINE void F(pass1_group)(const PIX *const *rows, const PIX *const *next, const
 void F(sp_pass1)(const PIX *base, const int64_t *idx, size_t n, size_t P, const float *ref,
                   const float *wbg, const int64_t *blk, size_t nblk, int use_bg, float *acc, double *bgs) {
     float *a0 = acc, *a1 = acc + P, *a2 = acc + 2 * P;
+    /* the background vectors' logs of a group of frames (NULL: computed twice, same results) */
+    float *eb = use_bg && nblk ? (float *)aligned_alloc(64, ((P1_FRAMES * nblk * VL * sizeof(float) + 63) / 64) * 64)
+                               : NULL;
     for (size_t t = 0; t < n; t += P1_FRAMES) {
         const PIX *rows[P1_FRAMES], *next[P1_FRAMES];
         size_t nb = n - t < P1_FRAMES ? n - t : P1_FRAMES;
@@ -82,6 +127,7 @@ void F(sp_pass1)(const PIX *base, const int64_t *idx, size_t n, size_t P, const 
         default: PASS1_GROUP(1); break;
         }
     }
+    free(eb);
 }
 #undef PASS1_GROUP
 
