@@ -121,10 +121,12 @@ class BlueskyPublisher:
         from bluesky_nats.nats_runtime import NatsRuntime
         from bluesky_nats.outbox import Delivery, Outbox
 
+        from diffractflow import bus
+
         self.subject = documents_subject(source)
         self.runtime = NatsRuntime(f"bluesky-nats-{source}")
         try:
-            client = self.runtime.connect(nats.connect(servers=[url], user=user, password=password,
+            client = self.runtime.connect(nats.connect(servers=bus.server_urls(url), user=user, password=password,
                                                        name=f"bluesky-{source}", max_reconnect_attempts=-1),
                                           timeout=timeout)
             self.publisher = NATSPublisher(Outbox(self.runtime, client, delivery=Delivery.CRITICAL),

@@ -508,6 +508,38 @@ def gc(
                   f"({rep.bytes_freed / 1e6:.1f} MB); kept {rep.kept_referenced} referenced, {rep.kept_recent} recent")
 
 
+@app.command("bluesky")
+def bluesky_cmd(
+    flow: str = typer.Option("diffuse-pipeline", help="Flow for each opted-in run (orchestration.flows.FLOWS)."),
+    source: Optional[str] = typer.Option(None, help="Only this RunEngine's documents (events.bluesky.SOURCE.*)."),
+    settle: float = typer.Option(1.0, help="Seconds a frame file's size must be stable before it counts as written."),
+    frame_timeout: float = typer.Option(300.0, help="Seconds to wait for a frame's file before recording it missing."),
+    root_map: List[str] = typer.Option([], "--root-map", help="DETECTOR_ROOT=LOCAL_PATH (repeatable): where the "
+                                      "detector host's file paths are on this machine."),
+    all_runs: bool = typer.Option(False, "--all-runs", help="Also runs without diffractflow metadata."),
+    home: Optional[Path] = HomeOpt,
+):
+    """Process Bluesky runs: a RunEngine's documents (published by bluesky-nats as user `bluesky`) open a run,
+    name its frames and end it; file events keep working."""
+    from .bluesky import serve
+
+    topo = _topo(home)
+    topo.apply_env()
+    settings = topo.settings()
+    rmap = dict(_kv(r, "--root-map") for r in root_map)
+
+    async def _main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, flow, stop, source=source, require_md=not all_runs, settle_s=settle,
+                    frame_timeout_s=frame_timeout, root_map=rmap)
+
+    with topo.prefect_settings():
+        asyncio.run(_main())
+
+
 from .report import register as _register_report  # noqa: E402 - the report command lives beside its code
 
 _register_report(app)

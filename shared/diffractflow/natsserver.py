@@ -79,6 +79,11 @@ ROUTE_USER = "route"
 CLUSTER_NAME = "diffractflow"
 
 
+#: the user a beamline's RunEngine publishes its documents as (bluesky-nats): its documents and JetStream's acks only
+BLUESKY_USER = "bluesky"
+BLUESKY_PERMISSIONS = {"publish": {"allow": ["events.bluesky.*.*"]}, "subscribe": {"allow": ["_INBOX.>"]}}
+
+
 @dataclass
 class Credentials:
     users: dict[str, str] = field(default_factory=dict)  # user -> password
@@ -86,7 +91,7 @@ class Credentials:
 
     @classmethod
     def generate(cls, services=SERVICES, extra_services=()) -> "Credentials":
-        users = {"admin": secrets.token_urlsafe(24)}
+        users = {"admin": secrets.token_urlsafe(24), BLUESKY_USER: secrets.token_urlsafe(24)}
         for s in (*services, *extra_services):
             users[f"svc-{s}"] = secrets.token_urlsafe(24)
         return cls(users, route_password=secrets.token_urlsafe(24))
@@ -117,6 +122,8 @@ def write_config(path: Path, port: int, store_dir: Path, creds: Credentials, htt
         entry = {"user": user, "password": password}
         if user.startswith("svc-"):
             entry["permissions"] = service_permissions(user[4:])
+        elif user == BLUESKY_USER:
+            entry["permissions"] = BLUESKY_PERMISSIONS
         users.append(entry)
     conf = {
         "listen": f"127.0.0.1:{port}",
