@@ -461,15 +461,21 @@ def process_diffuse_cmd(
 
 
 @app.command("compose-env")
-def compose_env():
+def compose_env(cluster: bool = typer.Option(False, "--cluster", help="Also the settings of the three-node "
+                                             "JetStream cluster (docker compose --profile cluster up): R3 streams.")):
     """Print a fresh .env for compose.yaml: random passwords for NATS users and PostgreSQL."""
     import secrets
 
-    from diffractflow.natsserver import env_var_for
+    from diffractflow.natsserver import CLUSTER_NODES, env_var_for
 
     for user in ["admin", *[f"svc-{s}" for s in SERVICES]]:
         typer.echo(f"{env_var_for(user)}={secrets.token_urlsafe(24)}")
     typer.echo(f"POSTGRES_PASSWORD={secrets.token_urlsafe(24)}")
+    if cluster:
+        typer.echo("NATS_CONF=nats-cluster.conf")
+        typer.echo(f"NATS_ROUTE_PASSWORD={secrets.token_urlsafe(24)}")
+        typer.echo("DIFFRACTFLOW_NATS_URLS=" + ",".join(f"nats://{n}:4222" for n in CLUSTER_NODES))
+        typer.echo("DIFFRACTFLOW_NATS_REPLICAS=3")
 
 
 @app.command()

@@ -78,3 +78,28 @@ def test_container_nats_conf_is_current_and_valid(tmp_path):
     out = subprocess.run([BIN / "nats-server", "-c", str(tmp_path / "t.conf"), "-t"], capture_output=True, text=True,
                          env=env, timeout=30)
     assert out.returncode == 0, out.stderr + out.stdout
+
+
+def test_compose_cluster_profile_is_current_and_complete():
+    """`docker compose --profile cluster up` runs three JetStream nodes from the generated nats-cluster.conf; the
+    workers take the node list from .env (`diffractflow compose-env --cluster`)."""
+    import yaml
+
+    from diffractflow.natsserver import CLUSTER_NODES, container_nats_cluster_conf
+
+    conf = (REPO / "containers/nats/nats-cluster.conf").read_text()
+    assert conf == container_nats_cluster_conf(), "regenerate containers/nats/nats-cluster.conf"
+    svcs = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    for node in CLUSTER_NODES:
+        svc = svcs[node]
+        assert svc["restart"] == "unless-stopped" and "healthcheck" in svc
+        assert svc["environment"]["NATS_SERVER_NAME"] == node
+        assert node == "nats" or (svc["profiles"] == ["cluster"] and svc["command"][-1].endswith("nats-cluster.conf"))
+    assert "NATS_CONF" in " ".join(svcs["nats"]["command"])
+    assert all("DIFFRACTFLOW_NATS_URLS" in str(s.get("environment", {}).get("DIFFRACTFLOW_NATS_URL", "DIFFRACTFLOW_NATS_URLS"))
+               for s in svcs.values())
+    env = subprocess.run([BIN / "diffractflow", "compose-env", "--cluster"], capture_output=True, text=True, timeout=60)
+    assert env.returncode == 0, env.stderr
+    lines = dict(line.split("=", 1) for line in env.stdout.splitlines())
+    assert lines["NATS_CONF"] == "nats-cluster.conf" and lines["DIFFRACTFLOW_NATS_REPLICAS"] == "3"
+    assert lines["DIFFRACTFLOW_NATS_URLS"].count("nats://") == 3 and len(lines["NATS_ROUTE_PASSWORD"]) > 20
