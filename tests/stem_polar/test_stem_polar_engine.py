@@ -214,3 +214,55 @@ def test_memory_mapped_pass_keeps_resident_memory_bounded(tmp_path):
     np.testing.assert_allclose(cx, (whole.sum(axis=1) @ xx) / whole.sum(axis=(1, 2)), atol=1e-4)
     assert ok.all()
     assert peak[0] < 12 * 2**20, peak[0] / 2**20  # chunks of 256 frames = 2 MB each; the file is 32 MB
+
+
+def _mapped_mb(path) -> float:
+    """Resident MB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    tot, cur = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if parts and "-" in parts[0] and len(parts) >= 5:
+                cur = line.rstrip().endswith(str(path))
+            elif cur and line.startswith("Rss:"):
+                tot += int(parts[1])
+    return tot / 1024
+
+
+def test_small_mapped_scans_stay_mapped_between_the_passes(tmp_path, monkeypatch):
+    """Up to KEEP_MAPPED_BYTES a mapped scan's pages stay mapped from pass 1 to pass 2 (no second page-table
+    population): the same results bit for bit as unmapping chunk by chunk, and pass 2 still releases them."""
+    from stem_polar.core.pipeline import PolarPipeline
+
+    n, k = 4096, 64  # 32 MB of uint16 frames
+    rng = np.random.default_rng(3)
+    path = tmp_path / "m.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("p", data=rng.poisson(rng.uniform(0.5, 200, (k, k)), (n, k, k)).astype(np.uint16))
+    lab = (np.arange(n) * 3 // n).reshape(64, 64)
+    cfg = PolarConfig.model_validate({"dpc": {"gate_mode": "union"}})  # pass 2 reads every frame once
+    runs, after_pass1, after_run = [], [], []
+    for limit in (1 << 30, 0):
+        monkeypatch.setattr(eng, "KEEP_MAPPED_BYTES", limit)
+        src = H5Source(path, "p", scan_shape=(64, 64))
+        seen = []
+
+        def progress(stage, done, total, seen=seen):
+            if stage.startswith("pass 1") and done == total:
+                seen.append(_mapped_mb(path))
+
+        try:
+            assert eng.keep_mapped(src) == (limit > 0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                runs.append(PolarPipeline(src, lab, cfg, chunk=512, threads=2, progress=progress).run())
+            after_pass1.append(seen[-1])
+            after_run.append(_mapped_mb(path))
+        finally:
+            src.close()
+    assert after_pass1[0] > 30 and after_pass1[1] < 16, after_pass1  # kept: the whole 32 MB; else a few chunks
+    assert max(after_run) < 16, after_run  # pass 2 released them
+    np.testing.assert_array_equal(runs[0].S, runs[1].S)
+    np.testing.assert_array_equal(runs[0].stats.sigma, runs[1].stats.sigma)
+    np.testing.assert_array_equal(runs[0].com_x_raw, runs[1].com_x_raw)
+    assert not eng.keep_mapped(ArraySource(np.zeros((4, 8, 8), np.uint16), scan_shape=(2, 2)))  # nothing to map

@@ -63,10 +63,25 @@ def default_threads() -> int:
     return max(1, min(16, n))
 
 
-def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch: bool = True):
+KEEP_MAPPED_BYTES = 1 << 30  # datasets up to this size stay mapped from pass 1 to pass 2 (see keep_mapped)
+
+
+def keep_mapped(source) -> bool:
+    """True when pass 1 should leave the pages of a memory-mapped source mapped for pass 2: mapping (page-table
+    population) and unmapping cost about 0.1 CPU-s per GB and pass, a quarter of a pass at 128^2 x 128^2; the
+    price is resident file pages (page cache, reclaimable) up to ``KEEP_MAPPED_BYTES`` between the passes."""
+    if getattr(source, "advise", None) is None:
+        return False
+    nbytes = int(source.n_frames) * int(np.prod(source.frame_shape)) * np.dtype(source.dtype).itemsize
+    return nbytes <= KEEP_MAPPED_BYTES
+
+
+def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch: bool = True,
+                 keep: bool = False):
     """Yield (start, stop, block) with ``block`` a (stop - start, P) array of raw frames, valid until the next
     block is taken. Zero-copy views (``source.frames_view()``) when available, else ring-buffer reads with a
-    background prefetch thread. ``check(block, start)`` runs on every block (finiteness of float data)."""
+    background prefetch thread. ``check(block, start)`` runs on every block (finiteness of float data).
+    ``keep``: used pages of a mapped source stay mapped (for a following pass; see ``keep_mapped``)."""
     from .pipeline import _prefetch
     from .source import iter_chunks
 
@@ -95,7 +110,10 @@ def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch:
                 yield a, b, block
                 if nxt is not None:
                     nxt.result()
-                advise("done", a, b)  # unmap pages already used: resident memory stays bounded
+                # unmap pages already used (resident memory stays bounded), in the helper thread: the workers
+                # go on with the next block meanwhile (a late reader of this block re-faults from the page cache)
+                if not keep:
+                    helper.submit(advise, "done", a, b)
         return
     for a, b, block in _prefetch(iter_chunks(source, chunk, buffers=3), prefetch):
         block = block.reshape(b - a, -1)
@@ -384,12 +402,13 @@ def _pass1_part(pre, ref32, nonneg: bool, n_pix: int):
 
 def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray, n_clusters: int,
                 half: Optional[np.ndarray], pre, ref: np.ndarray, check=None, progress=None,
-                prefetch: bool = True) -> st.StatsPartial:
+                prefetch: bool = True, keep: bool = False) -> st.StatsPartial:
     """Pass 1 over the scan -> ``StatsPartial`` (the layout ``stages.finalize_stats`` expects).
 
     Groups: cluster slot s (0..C-1, C = unassigned label) times split half when ``half`` is given.
     Sums of D_i = e'_i - bg_i follow from the group sums exactly: sum D = s1 - bg1, sum D^2 = sq - 2 sbe + bg2.
     Each part of a chunk sums in float32 (<= 256 frames); parts are added in order into float64 totals.
+    ``keep``: leave a mapped source's pages mapped for pass 2 (which unmaps them as it goes).
     """
     C = n_clusters
     n_pix = int(np.prod(source.frame_shape))
@@ -407,7 +426,7 @@ def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray
     pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype))
     tot = _GroupSums((C + 1) * hf, n_pix)
     try:
-        for a, b, block in frame_blocks(source, chunk, check, prefetch):
+        for a, b, block in frame_blocks(source, chunk, check, prefetch, keep):
             results: dict = {}
 
             def fn(state, i, part, block=block, results=results):

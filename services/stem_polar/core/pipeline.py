@@ -349,6 +349,7 @@ class PolarPipeline:
         if self.fast:
             part = eng.pass1_stats(src, self.chunk, self.tile, self.threads, lab_idx, C, half if split else None,
                                    pre, ref, check=self._check_finite, prefetch=self.prefetch,
+                                   keep=eng.keep_mapped(src),
                                    progress=lambda b, n_: self.progress("pass 1/2: statistics", b, n_))
         # generic (array-module) path
         for a, b, block in ([] if self.fast else _prefetch(iter_chunks(src, self.chunk, buffers=3), self.prefetch)):
