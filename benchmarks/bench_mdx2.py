@@ -232,7 +232,7 @@ def _load_ours(ours_nxs) -> dict:
 
     p = Path(ours_nxs)
     if p.is_dir():
-        cands = [c for c in sorted(p.rglob("*.nxs")) if _has_map(c)]
+        cands = [c for c in [p / "map.h5", *sorted(p.rglob("*.nxs"))] if c.is_file() and _has_map(c)]
         if not cands:
             raise FileNotFoundError(f"{p}: no NeXus file with /entry/map")
         p = cands[0]
@@ -335,11 +335,42 @@ def compare_maps(ours_nxs, mdx2_map, truth) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
+def describe_ours(out: Path, data: Path, truth: dict) -> dict:
+    """Our run's figures: wall time, seconds per stage (per frame and end of run) and the map against the truth at
+    the merged pixels' true Miller indices (orchestration.demo.evaluate_run, averaged over each frame's oscillation)."""
+    from orchestration.demo import evaluate_run
+
+    summary = json.loads((out / "summary.json").read_text())
+    vol = out / ".diffractflow" / "volume"
+    tr = {**truth, "out_dir": str(data)}
+    return {"wall_seconds": summary.get("wall_seconds"), "frames_processed": summary.get("stills_processed"),
+            "stage_seconds": summary.get("stage_seconds"),
+            "vs_truth_at_merged_pixels": evaluate_run(vol / "runs" / summary["run_id"], vol, tr, truth["space_group"])}
+
+
+def run_ours(data: Path, out: Path, n_frames: int, truth: dict) -> dict:
+    """`diffractflow process diffuse` on the sweep (the platform's own command, embedded topology), then
+    :func:`describe_ours`."""
+    from orchestration.demo import demo_run_config
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = out.parent / "ours-config.json"
+    cfg.write_text(json.dumps(demo_run_config(truth, n_frames)))
+    shutil.rmtree(out, ignore_errors=True)
+    with open(out.parent / "ours.log", "w") as log:
+        subprocess.run([str(Path(sys.executable).parent / "diffractflow"), "process", "diffuse", str(data), "--config",
+                        str(cfg), "--out", str(out), "--pattern", "sweep_*.cbf", "--background", "blank_*.cbf",
+                        "--run-id", "sweep"], stdout=log, stderr=subprocess.STDOUT, check=True)
+    return describe_ours(out, data, truth)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, help="a rendered sweep (sweep_*.cbf, blank_*.cbf, truth.json)")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "mdx2")
     ap.add_argument("--ours", type=Path, help="our `diffractflow process diffuse` output (or its merged .nxs)")
+    ap.add_argument("--run-ours", action="store_true", help="also run `diffractflow process diffuse` on the sweep "
+                    "(into WORK/ours) and compare")
     ap.add_argument("--ndiv", type=int, default=3, help="mdx2 integrate --subdivide (voxels per unit cell edge)")
     ap.add_argument("--count-threshold", type=float, default=100.0, help="mdx2 find_peaks --count_threshold")
     ap.add_argument("--skip-mdx2", action="store_true", help="reuse the work dir's mdx2 results")
@@ -389,6 +420,13 @@ def main(argv=None) -> dict:
         for k in ("mdx2_version", "dials", "mdx2", "render", "mdx2_half_pixel"):
             if k in prev and k not in result:
                 result[k] = prev[k]
+    if args.run_ours:
+        args.ours = work / "ours"
+        result["ours_run"] = run_ours(data, args.ours, n_frames, truth)
+    elif args.ours is not None and (Path(args.ours) / "summary.json").is_file():
+        result["ours_run"] = describe_ours(Path(args.ours), data, truth)
+    elif args.skip_mdx2 and RESULTS.exists() and "ours_run" in json.loads(RESULTS.read_text()):
+        result["ours_run"] = json.loads(RESULTS.read_text())["ours_run"]
     result["maps"] = compare_maps(args.ours, merged if merged.exists() else None, data)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
