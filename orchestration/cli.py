@@ -431,6 +431,8 @@ def process_diffuse_cmd(
     home: Optional[Path] = typer.Option(None, "--home", envvar="DIFFRACTFLOW_HOME",
                                         help="Use the topology already up there; otherwise one is started in "
                                         "OUT/.diffractflow for this run and stopped after it."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show Prefect's flow and task log lines live "
+                                 "instead of one progress display (otherwise they go to HOME/logs/flows-RUN.log)."),
 ):
     """Process a whole diffuse run from files on disk: stills -> DIALS -> diffuse extraction -> voxels -> scaling
     -> merged map, through the watcher, Prefect flows and services exactly as live data.
@@ -447,7 +449,7 @@ def process_diffuse_cmd(
             raise typer.BadParameter(f"--unit-cell {unit_cell!r}: expected six numbers a,b,c,alpha,beta,gamma")
     try:
         summary = process_diffuse(directory, out, console, config=config, pattern=pattern, background=background,
-                                  run_id=run_id, home=home,
+                                  run_id=run_id, home=home, verbose=verbose,
                                   config_overrides={"space_group": space_group, "unit_cell": cell, "d_min": d_min})
     except ProcessError as exc:
         console.print(f"[red]process diffuse:[/red] {exc}")
@@ -482,11 +484,13 @@ def compose_env(cluster: bool = typer.Option(False, "--cluster", help="Also the 
 def demo(
     what: str = typer.Argument("all", help="all | diffuse | stem | refine"),
     out: Path = typer.Option(Path("demo-output"), help="Where the demo's outputs go."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show the flows' log lines live instead of one "
+                                 "progress display."),
 ):
     """Run the platform's demos on embedded defaults (what `make demo` runs)."""
     from .demo import run_demo
 
-    raise typer.Exit(run_demo(what, out.resolve(), console))
+    raise typer.Exit(run_demo(what, out.resolve(), console, verbose=verbose))
 
 
 @app.command()

@@ -22,9 +22,9 @@ import numpy as np
 BIN = Path(sys.executable).parent
 
 
-def run_demo(what: str, out: Path, console, stills: int = 20) -> int:
+def run_demo(what: str, out: Path, console, stills: int = 20, verbose: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    steps = {"diffuse": lambda: demo_diffuse(out / "diffuse", console, stills),
+    steps = {"diffuse": lambda: demo_diffuse(out / "diffuse", console, stills, verbose=verbose),
              "stem": lambda: demo_stem(out / "stem", console),
              "refine": lambda: demo_refine(out / "refine", console)}
     if what not in (*steps, "all"):
@@ -94,7 +94,7 @@ def evaluate_run(rdir: Path, volume: Path, truth: dict, symmetry: str | None, n_
             "n_scales_compared": sc["n_scales_compared"]}
 
 
-def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo") -> int:
+def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo", verbose: bool = False) -> int:
     """Render stills with nanoBragg's physics (planted diffuse, Bragg, background frames, scales, noise), process
     them with ``diffractflow process diffuse`` and judge the map and scales against the truth."""
     from diff_sim_refiner.datasets.stills import StillsSpec, generate_stills
@@ -110,7 +110,7 @@ def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo") -
     cfg = out / "run-config.json"
     cfg.write_text(json.dumps(demo_run_config(truth, n_stills)))
     summary = process_diffuse(out / "dataset", out / "result", console, config=cfg, pattern="still_*.cbf",
-                              background="bkg_*.cbf", run_id=run_id, home=out / ".diffractflow")
+                              background="bkg_*.cbf", run_id=run_id, home=out / ".diffractflow", verbose=verbose)
     volume = out / ".diffractflow" / "volume"
     summary.update(evaluate_run(volume / "runs" / run_id, volume, truth, truth["space_group"]))
     summary["wall_seconds"] = round(time.monotonic() - t_start, 1)

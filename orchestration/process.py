@@ -73,9 +73,11 @@ def topology_for_run(home: Path, volume: Path | None, console, services: Sequenc
 
 
 async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: Sequence[Path], console,
-                            pattern: str = "*.cbf", interval_s: float = 0.0, timeout_s: float = 6 * 3600) -> None:
+                            pattern: str = "*.cbf", interval_s: float = 0.0, timeout_s: float = 6 * 3600,
+                            verbose: bool = False) -> None:
     """Land ``files`` in ``incoming`` one by one while a watcher and a dispatcher (in this process) turn them into
-    flow runs; return once the end-of-run flow has finished."""
+    flow runs; return once the end-of-run flow has finished. Unless ``verbose``, one progress display
+    (:class:`orchestration.progress.RunProgress`) shows the run instead of a line per file."""
     from .flows import FLOWS
     from .watcher import WatchRule, dispatch, watch
 
@@ -93,9 +95,18 @@ async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: 
     rule = WatchRule(incoming, run_id, pattern=pattern, settle_s=0.5, expected=len(files), quiet_timeout_s=3600)
     disp = asyncio.create_task(dispatch(settings, on_file, on_end_and_signal, stop, max_concurrent=4))
     watcher = asyncio.create_task(watch(rule, settings, stop, poll_s=0.25))
+    prog = shown = None
+    if not verbose:
+        from .progress import RunProgress
+
+        prog = RunProgress(console, settings.volume, run_id, len(files))
+        shown = asyncio.create_task(prog.run())
     for i, f in enumerate(files):
         land(f, incoming)
-        console.print(f"  landed {f.name} ({i + 1}/{len(files)})")
+        if prog is not None:
+            prog.landed = i + 1
+        else:
+            console.print(f"  landed {f.name} ({i + 1}/{len(files)})")
         if interval_s:
             await asyncio.sleep(interval_s)
     await watcher
@@ -104,6 +115,9 @@ async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: 
     finally:
         stop.set()
         await disp
+        if prog is not None:
+            prog.stop()
+            await shown
 
 
 def load_run_config(path: Path | None, **overrides):
@@ -194,7 +208,7 @@ def copy_results(src: Path, dest: Path) -> list[str]:
 def process_diffuse(directory: Path, out: Path, console, *, config: Path | None = None, pattern: str = "*.cbf",
                     background: str | None = None, run_id: str | None = None, home: Path | None = None,
                     volume: Path | None = None, replicas: dict[str, int] | None = None,
-                    config_overrides: dict | None = None) -> dict:
+                    config_overrides: dict | None = None, verbose: bool = False) -> dict:
     """Process every still of ``directory`` (``pattern``) as one diffuse run; results and summary.json in ``out``.
 
     ``background``: a glob (relative to ``directory``) of background-only frames. Returns the summary.
@@ -232,13 +246,17 @@ def process_diffuse(directory: Path, out: Path, console, *, config: Path | None 
             landed = [land(f, incoming / "background") for f in bkg_files]
             cfg = cfg.model_copy(update={"background_frames": [vol.relative(p) for p in landed]})
         atomic_write_json(rdir / "config.json", cfg.model_dump())
-        with topo.prefect_settings():
+        from .progress import logs_to_file
+
+        with topo.prefect_settings(), logs_to_file(home / "logs" / f"flows-{run_id}.log", verbose) as log_file:
+            if log_file is not None:
+                console.print(f"flow logs: {log_file} (-v shows them live); worker logs: {home / 'logs'}")
             if bkg_files:
                 from .diffuse import diffuse_background_flow
 
                 console.print(f"background: {len(bkg_files)} frames -> one smoothed background")
                 asyncio.run(diffuse_background_flow(run_id))
-            asyncio.run(feed_and_dispatch(topo, incoming, run_id, files, console, pattern=pattern))
+            asyncio.run(feed_and_dispatch(topo, incoming, run_id, files, console, pattern=pattern, verbose=verbose))
         if not (rdir / "output" / "run_summary.json").exists():
             raise ProcessError(f"run {run_id!r} produced no merged output; per-still records in {rdir / 'stills'}")
         summary = run_summary_for_user(rdir, time.monotonic() - t0)

@@ -49,10 +49,11 @@ def dose_runs(tmp_path_factory):
                                   "--background", "bkg_*.cbf", "--run-id", label],
                                  env=env, capture_output=True, text=True, timeout=1500)
             assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-            runs[label] = {"truth": truth, "out": out, "summary": json.loads((out / "summary.json").read_text())}
+            runs[label] = {"truth": truth, "out": out, "summary": json.loads((out / "summary.json").read_text()),
+                           "stdout": res.stdout}
     finally:
         topo.down(log=lambda *a: None)
-    yield {"runs": runs, "volume": tmp / "volume", "n": n}
+    yield {"runs": runs, "volume": tmp / "volume", "n": n, "home": tmp / "home"}
 
 
 def _evaluate(dose_runs, label, n_bins: int = 10):
@@ -111,3 +112,14 @@ def test_same_map_at_sixteen_times_lower_dose(dose_runs):
     low = _evaluate(dose_runs, "low")
     assert low["map_cc_vs_truth"] >= 0.8 and abs(low["map_offset_fraction"]) <= 0.1, low
     assert np.isfinite(r["overall_ratio"]) and r["overall_ratio"] > 0
+
+
+def test_process_shows_one_progress_display_and_logs_to_a_file(dose_runs):
+    """The user sees the run's progress (landed / indexed / extracted / accumulated / failed), not Prefect's
+    hundreds of INFO lines; those are in the run's flow log under the topology's home."""
+    out = dose_runs["runs"]["high"]["stdout"]
+    n = dose_runs["n"]
+    assert f"landed {n}/{n}" in out and "accumulated" in out and "failed" in out, out[-2000:]
+    assert "Task run" not in out and "Flow run" not in out, out[-2000:]
+    log = dose_runs["home"] / "logs" / "flows-high.log"
+    assert log.is_file() and "Task run" in log.read_text()
