@@ -59,6 +59,10 @@ class DiffuseRunConfig(BaseModel):
                                           "None: estimated on the run's first still and kept for the run")
     hot_dead_pixels: bool = Field(True, description="mask hot and dead pixels found from running per-pixel "
                                   "statistics over the run's stills (from the 3rd still on)")
+    exclude_bragg_voxels: bool = Field(True, description="leave the voxel centred on each integer hkl out of the map "
+                                       "(the Bragg spot and the halo's centre share it; what the Bragg mask misses of a "
+                                       "spot lands there, and how much a dose-dependent outlier test catches of it "
+                                       "varies); needs subdivisions >= 3")
     reject_sigma: float | None = Field(5.0, gt=0, description="drop a still's voxel estimate deviating from the "
                                        "others by more than this many sigma (None: keep all)")
     stills_nproc: int = Field(1, ge=0, description="DIALS processes per stills-processor replica (0 = all CPUs)")
@@ -316,7 +320,8 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     summary["frames_processed"] = sum(1 for r in ok if r.get("kind") == "rotation")
     partials = {f"partial{i:05d}": ArtifactRef(**r["partial"]) for i, r in enumerate(ok)}
     # outliers are judged only once the stills are on one scale (unscaled, a bright still is all "outliers")
-    merge_params = {"mode": "merge", "symmetry": cfg.symmetry, "reject_sigma": cfg.reject_sigma}
+    merge_params = {"mode": "merge", "symmetry": cfg.symmetry, "reject_sigma": cfg.reject_sigma,
+                    "exclude_bragg_voxels": cfg.exclude_bragg_voxels and cfg.subdivisions >= 3}
     t = time.monotonic()
     first = await run_stage("voxel-merger", partials, {**merge_params, "reject_sigma": None}, run_id, job_id_for(run_id, "merge", "unscaled"),
                             timeout=cfg.stage_timeout_s)

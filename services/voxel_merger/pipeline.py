@@ -50,6 +50,7 @@ class MergeOptions:
     chunk: int = 1 << 20               # observations read per chunk (bounds the memory of reading)
     write_table: bool = True
     reference_setting: bool = True     # reindex stills to their space group's reference setting
+    exclude_bragg_voxels: bool = False  # merge: leave out the voxel centred on each integer hkl (see bragg_voxel_mask)
 
     def params(self) -> dict:
         return asdict(self)
@@ -403,7 +404,20 @@ def _open_partial(p: Path) -> H5VoxelAccumulator:
         raise InputError(f"{p}: not a readable partial accumulator ({exc})") from exc
 
 
-def _read_sparse(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def bragg_voxel_mask(grid: GlobalGrid, ids: np.ndarray) -> np.ndarray:
+    """True for voxels centred on an integer hkl (a Bragg position; needs odd ``ndiv`` >= 3).
+
+    Those voxels hold the Bragg spot as well as the halo's centre: whatever part of a spot the Bragg mask misses
+    (a reflection partially excited outside the prediction window, a tail beyond the mask radius) lands there, and
+    what a significance test catches of it depends on the dose. Leaving them out keeps the map dose-invariant; the
+    neighbouring voxels keep the halo's shape."""
+    if grid.ndiv < 3:
+        raise ValueError(f"excluding Bragg voxels needs subdivisions >= 3 (got {grid.ndiv}): every voxel is one")
+    H = grid.voxel_hkl_scaled(np.asarray(ids, dtype=np.int64))
+    return np.all(H % grid.ndiv == 0, axis=1)
+
+
+def _read_sparse(path: Path, grid: GlobalGrid | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A single-still partial as (voxel ids, sums (4, n)) over its voxels with observations, scale not applied.
 
     A partial is stored as a dense grid in compressed blocks; one still touches a small fraction of the voxels, so
@@ -419,15 +433,20 @@ def _read_sparse(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 cols.append(t[:, nz])
     if not ids:
         return np.zeros(0, dtype=np.int64), np.zeros((4, 0))
-    return np.concatenate(ids), np.concatenate(cols, axis=1)
+    ids, cols = np.concatenate(ids), np.concatenate(cols, axis=1)
+    if grid is not None:  # Bragg voxels left out (MergeOptions.exclude_bragg_voxels)
+        keep = ~bragg_voxel_mask(grid, ids)
+        ids, cols = ids[keep], cols[:, keep]
+    return ids, cols
 
 
 class _SparseStills:
     """Single-still partials in sparse form, read once and kept in memory up to ``budget_bytes`` (those beyond
     the budget are re-read from disk on each pass, so memory stays bounded however long the run)."""
 
-    def __init__(self, paths: Sequence[Path], budget_bytes: int):
+    def __init__(self, paths: Sequence[Path], budget_bytes: int, exclude_bragg_of: GlobalGrid | None = None):
         self.paths = list(paths)
+        self.exclude_bragg_of = exclude_bragg_of
         self.budget = budget_bytes
         self.used = 0
         self._mem: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -436,7 +455,7 @@ class _SparseStills:
         """(ids, sums (4, n)) of still ``i`` with its scale b applied (Σw → b·Σw; a copy)."""
         got = self._mem.get(i)
         if got is None:
-            got = _read_sparse(self.paths[i])
+            got = _read_sparse(self.paths[i], self.exclude_bragg_of)
             size = got[0].nbytes + got[1].nbytes
             if self.used + size <= self.budget:
                 self._mem[i] = got
@@ -582,7 +601,8 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     try:
         mapper = AsuMapper(metric, symmetry) if symmetry else None
         excluded: dict[int, np.ndarray] = {}
-        stills = _SparseStills([p for p, *_ in plan], opt.cache_mb << 22)  # 4x the block cache: sparse sums
+        stills = _SparseStills([p for p, *_ in plan], opt.cache_mb << 22,  # 4x the block cache: sparse sums
+                               exclude_bragg_of=metric if opt.exclude_bragg_voxels else None)
         if reject:  # reference: per voxel (number of stills, Σw, Σw·I, Σw²σ²) over every still-voxel
             ref = _new_acc(metric, 1, opt, tmpdir, "reference")
             refs.append(ref)
@@ -620,7 +640,10 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                         _append_partial_rows(table, t_index, ids, t, b, metric, mapper)
                 else:  # keep the partial's own halves
                     for start, s in part.iter_blocks():
-                        merged.add_block(start, np.array(s, dtype=np.float64), half=None)
+                        s = np.array(s, dtype=np.float64)
+                        if opt.exclude_bragg_voxels:
+                            s[:, :, bragg_voxel_mask(metric, start + np.arange(s.shape[-1]))] = 0.0
+                        merged.add_block(start, s, half=None)
                 merged.still_ids.extend(x for x in part.still_ids if x not in merged.still_ids)
                 merged.n_obs += part.n_obs
                 merged.n_dropped += part.n_dropped
@@ -640,7 +663,8 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                  "reject_sigma": opt.reject_sigma if reject else None,
                  "n_rejected": n_rej, "n_rejected_observations": n_rej_obs,
                  "n_stills_with_rejections": len(per_still_rejected),
-                 "weighting": sorted(weighting), **avg_info}
+                 "weighting": sorted(weighting), "bragg_voxels_excluded": bool(opt.exclude_bragg_voxels),
+                 **avg_info}
         outputs = finalize(merged, metric, out_dir, opt, symmetry=symmetry, extra_stats=extra, inputs=input_hashes,
                            job_id=job_id, workdir=tmpdir, progress=heartbeat)
         _close(merged)

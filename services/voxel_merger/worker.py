@@ -37,6 +37,8 @@ class Params(BaseModel):
                                                "always HDF5); hdf5 keeps memory bounded, as the CLI's default")
     cache_mb: int = Field(256, ge=16)
     grid: Optional[dict] = Field(None, description="grid definition (GlobalGrid.to_dict) for accumulate mode")
+    exclude_bragg_voxels: bool = Field(False, description="merge mode: leave out the voxel centred on each integer "
+                                       "hkl (Bragg spot plus halo centre; what the Bragg mask misses lands there)")
     grid_spec: Optional[dict] = Field(None, description="accumulate mode: {unit_cell (Å, deg), space_group, d_min (Å), "
                                       "subdivisions}; the merger builds the grid (reference setting, sphere 1/d_min)")
 
@@ -54,7 +56,8 @@ def handle(ctx: JobContext, params: Params) -> None:
     opt = MergeOptions(subdivisions=params.subdivisions, symmetry=params.symmetry, reject_sigma=reject or None,
                        reject_min_count=params.reject_min_count, reject_rounds=params.reject_rounds,
                        d_min=params.d_min, half_seed=params.half_seed, n_shells=params.n_shells,
-                       backend=params.backend, cache_mb=params.cache_mb)
+                       backend=params.backend, cache_mb=params.cache_mb,
+                       exclude_bragg_voxels=params.exclude_bragg_voxels)
     hashes = {n: ref.sha256 for n, ref in ctx.job.inputs.items() if getattr(ref, "sha256", None)}
     try:
         if params.mode == "accumulate":

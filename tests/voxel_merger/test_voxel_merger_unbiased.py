@@ -354,3 +354,28 @@ def test_outlier_rejection_keeps_zero_count_members_at_weak_signal(tmp_path, mod
     n_members = n_st * n_vox * (n_pix if mode == "observations" else 1)
     assert n_rej < 1e-3 * n_members, n_rej
     assert abs(np.nanmean(mean) - mu) < 4 * truth_se, (np.nanmean(mean) / mu - 1)
+
+
+def test_merge_can_leave_out_bragg_voxels_and_keeps_the_others(partial_set, tmp_path):
+    """exclude_bragg_voxels empties exactly the integer-hkl voxels of the map and of the scaler's table, and leaves
+    every other voxel's value unchanged."""
+    from voxel_merger.artifacts import read_map, read_observation_table
+    from voxel_merger.pipeline import MergeOptions, merge_partials
+
+    P = partial_set
+    scales = P["dir"] / "scales.json"
+    with_b, _ = merge_partials(P["clean"], tmp_path / "all", MergeOptions(reject_sigma=5.0), scales_path=scales)
+    without, st = merge_partials(P["clean"], tmp_path / "nob", MergeOptions(reject_sigma=5.0, exclude_bragg_voxels=True),
+                                 scales_path=scales)
+    assert st["bragg_voxels_excluded"] is True
+    a, b = read_map(with_b["map"]), read_map(without["map"])
+    ia, ib = np.asarray(a.intensity), np.asarray(b.intensity)
+    hh, kk, ll = np.meshgrid(*(a.grid.axis(i) for i in range(3)), indexing="ij")
+    integer = (np.abs(hh - np.rint(hh)) < 1e-6) & (np.abs(kk - np.rint(kk)) < 1e-6) & (np.abs(ll - np.rint(ll)) < 1e-6)
+    measured = np.isfinite(ia) & (np.asarray(a.counts) > 0)
+    assert (measured & integer).sum() > 50  # the case has Bragg voxels to leave out
+    assert not np.any(np.isfinite(ib[integer]) & (np.asarray(b.counts)[integer] > 0))
+    other = measured & ~integer
+    np.testing.assert_allclose(ib[other], ia[other], rtol=1e-9)
+    ta, tb = read_observation_table(with_b["observations"]), read_observation_table(without["observations"])
+    assert 0 < len(tb["intensity"]) < len(ta["intensity"])

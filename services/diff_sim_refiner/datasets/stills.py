@@ -66,6 +66,8 @@ class StillsSpec:
     #: direct-beam position as fractions of the array (fast, slow): off the array centre
     beam_centre_frac: tuple[float, float] = (0.431, 0.562)
     exposure_s: float = 0.1
+    #: exposure of the background-only frames (None: exposure_s); their counts scale with it, and their header says it
+    background_exposure_s: Optional[float] = None
     polarization_fraction: float = 0.999         # dxtbx's convention (Kahn factor K = 2 f - 1)
     dose: float = 1.0
     scale_sigma: float = 0.2                     # log-normal sigma of the per-still scales
@@ -464,9 +466,11 @@ def generate_stills(out_dir: str | Path, spec: Optional[StillsSpec] = None,
         done += 1
         if progress:
             progress(done, total)
+    bkg_exposure = spec.background_exposure_s or spec.exposure_s
+    bkg_header = replace(header, exposure_s=bkg_exposure)
     for j in range(spec.n_background_frames):
         name = f"bkg_{j + 1:04d}.cbf"
-        _write_frame(out / name, bkg, r.gaps, noise, header)
+        _write_frame(out / name, bkg * (bkg_exposure / spec.exposure_s), r.gaps, noise, bkg_header)
         truth["background_frames"].append(name)
         done += 1
         if progress:
@@ -484,12 +488,18 @@ def _write_frame(path: Path, expected: np.ndarray, gaps: np.ndarray, rng: np.ran
 def dose_pair(out_dir: str | Path, spec: Optional[StillsSpec] = None, factor: float = 16.0,
               progress: Optional[Callable[[int, int], None]] = None) -> tuple[dict, dict]:
     """The same stills (orientations, scales, structure factors) at ``spec.dose`` in ``out_dir/high`` and at
-    ``spec.dose / factor`` in ``out_dir/low``, with independent Poisson draws. Returns (high, low) truths."""
+    ``spec.dose / factor`` in ``out_dir/low``, with independent Poisson draws. Returns (high, low) truths.
+
+    The low dose is a ``factor`` times shorter exposure (the stills' headers say so); its background-only frames keep
+    the high-dose exposure, as a beamline takes them (long enough that their noise does not limit the subtraction;
+    the extractor scales them to each still by the exposure ratio in the headers)."""
     spec = spec or StillsSpec()
     out = Path(out_dir)
     r = StillsRenderer(spec)
     high = generate_stills(out / "high", spec, progress, renderer=r)
-    low = generate_stills(out / "low", replace(spec, dose=spec.dose / factor, noise_seed=spec.noise_seed + 1),
+    low = generate_stills(out / "low", replace(spec, dose=spec.dose / factor, noise_seed=spec.noise_seed + 1,
+                                               exposure_s=spec.exposure_s / factor,
+                                               background_exposure_s=spec.background_exposure_s or spec.exposure_s),
                           progress, renderer=r)
     return high, low
 
