@@ -23,13 +23,17 @@ STAGES = {"indexed": ("stills-processor", ("index", "frame-model")),
 
 
 def count_done(volume: Path, run_id: str) -> dict[str, int]:
-    """Finished per-still jobs of the run by stage (manifests on the volume)."""
+    """Stills of the run through each stage (finished jobs' manifests on the volume; a still counts once, also
+    when a sweep frame was re-extracted with the scan-varying model)."""
     out = {}
     for label, (service, stages) in STAGES.items():
-        n = 0
+        stills = set()
         for stage in stages:
-            n += sum(1 for _ in (volume / "jobs" / service).glob(f"{run_id}.{stage}.*/manifest.json"))
-        out[label] = n
+            prefix = f"{run_id}.{stage}."
+            for m in (volume / "jobs" / service).glob(f"{prefix}*/manifest.json"):
+                key = m.parent.name[len(prefix):].rsplit("-", 1)[0]  # <still>-<content key>, or sv.<still>-<key>
+                stills.add(key[3:] if key.startswith("sv.") else key)
+        out[label] = len(stills)
     return out
 
 

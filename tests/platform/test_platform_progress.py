@@ -16,6 +16,10 @@ def test_counts_and_failures_from_the_volume(tmp_path):
             d = vol / "jobs" / service / f"run1.{stage}.s{i}-abc"
             d.mkdir(parents=True)
             (d / "manifest.json").write_text("{}")
+    for stage in ("extract.sv", "accumulate.sv"):  # a sweep frame re-extracted at the end counts once
+        d = vol / "jobs" / ("diffuse-extractor" if stage.startswith("extract") else "voxel-merger") / f"run1.{stage}.s0-def"
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text("{}")
     unfinished = vol / "jobs" / "voxel-merger" / "run1.accumulate.s9-abc"
     unfinished.mkdir(parents=True)  # no manifest: still running
     other_run = vol / "jobs" / "diffuse-extractor" / "run2.extract.s0-abc"
