@@ -13,7 +13,7 @@ def test_counts_and_failures_from_the_volume(tmp_path):
     for service, stage, n in (("stills-processor", "index", 3), ("stills-processor", "frame-model", 2),
                               ("diffuse-extractor", "extract", 4), ("voxel-merger", "accumulate", 1)):
         for i in range(n):
-            d = vol / "jobs" / service / f"run1.{stage}.s{i}-abc"
+            d = vol / "jobs" / service / f"run1.{stage}.{'f' if stage == 'frame-model' else 's'}{i}-abc"
             d.mkdir(parents=True)
             (d / "manifest.json").write_text("{}")
     for stage in ("extract.sv", "accumulate.sv"):  # a sweep frame re-extracted at the end counts once
