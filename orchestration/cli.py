@@ -142,6 +142,9 @@ def status(home: Optional[Path] = HomeOpt, runs: int = typer.Option(10, help="Re
     console.print(q)
     console.print(f"dead letters: {dead}")
     if state.get("prefect"):
+        api = state["prefect"].get("api_url", "")
+        if api:
+            console.print(f"Prefect UI (run history, flow and task runs, logs): {api.rsplit('/api', 1)[0]}")
         try:
             with topo.prefect_settings():
                 console.print(_flow_runs_table(runs))
@@ -322,6 +325,8 @@ def watch(
                                           "e.g. space_group, unit_cell, d_min, symmetry, formula for diffuse-pipeline; "
                                           "stored as runs/RUN/config.json on the volume."),
     home: Optional[Path] = HomeOpt,
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show the flows' log lines live instead of one "
+                                 "progress display (diffuse-pipeline; otherwise in HOME/logs/flows-RUN.log)."),
 ):
     """Watch DIRECTORY: each new file becomes an event on the bus, and (with --dispatch) a flow run.
 
@@ -350,16 +355,32 @@ def watch(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         tasks = [asyncio.create_task(run_watch(rule, settings, stop))]
+        prog = shown = None
         if dispatch:
             tasks.append(asyncio.create_task(run_dispatch(settings, on_file, on_end, stop)))
+            if flow == "diffuse-pipeline" and not verbose:
+                from .progress import RunProgress
+
+                root = directory.resolve()
+                prog = RunProgress(console, settings.volume, run_id, expected,
+                                   landed_fn=lambda: sum(1 for f in root.glob(pattern)
+                                                         if f.is_file() and not f.name.startswith(".")))
+                shown = asyncio.create_task(prog.run())
         await tasks[0]
         console.print(f"watch of {directory} ended (run {run_id})")
         if dispatch:
             await _drain_events(settings, stop)
             stop.set()
             await tasks[1]
+        if prog is not None:
+            prog.stop()
+            await shown
 
-    with topo.prefect_settings():
+    from .progress import logs_to_file
+
+    quiet = flow == "diffuse-pipeline" and dispatch and not verbose
+    with topo.prefect_settings(), logs_to_file(topo.home / "logs" / f"flows-{run_id}.log",
+                                               verbose=not quiet):
         asyncio.run(_main())
 
 

@@ -53,11 +53,13 @@ def failures(volume: Path, run_id: str) -> dict[str, str]:
 class RunProgress:
     """A rich progress line for one run, refreshed from the volume every ``interval_s`` while ``landed`` grows."""
 
-    def __init__(self, console, volume: Path, run_id: str, total: int, interval_s: float = 0.5):
+    def __init__(self, console, volume: Path, run_id: str, total: int | None, interval_s: float = 0.5,
+                 landed_fn=None):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.volume, self.run_id, self.total, self.interval_s = Path(volume), run_id, total, interval_s
         self.landed = 0
+        self.landed_fn = landed_fn  # () -> files landed so far (a watcher counts them on disk)
         self.console = console
         self._shown_failures: set[str] = set()
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
@@ -73,8 +75,12 @@ class RunProgress:
             if name not in self._shown_failures:
                 self._shown_failures.add(name)
                 self.progress.console.print(f"[yellow]{name}[/yellow] not merged: {reason}")
-        done = min(self.total, c["accumulated"] + len(fails))
-        counts = (f"landed {self.landed}/{self.total} · indexed {c['indexed']} · extracted {c['extracted']} · "
+        if self.landed_fn is not None:
+            self.landed = self.landed_fn()
+        done = c["accumulated"] + len(fails)
+        if self.total:
+            done = min(self.total, done)
+        counts = (f"landed {self.landed}/{self.total or '?'} · indexed {c['indexed']} · extracted {c['extracted']} · "
                   f"accumulated {c['accumulated']} · failed {len(fails)}")
         self.progress.update(self.task, completed=done, counts=counts)
 

@@ -46,6 +46,12 @@ def test_up_status_down_leaves_nothing(tmp_path):
         for s in SERVICES:
             assert s in st.stdout
         assert "dead letters: 0" in st.stdout
+        ui = state["prefect"]["api_url"].rsplit("/api", 1)[0]
+        assert f"Prefect UI (run history, flow and task runs, logs): {ui}" in " ".join(st.stdout.split())
+        import urllib.request
+
+        with urllib.request.urlopen(ui, timeout=60) as r:  # the UI page itself is served there
+            assert r.status == 200 and b"<html" in r.read(4096).lower()
         assert st.stdout.count("yes") == len(SERVICES) + 1 + 2  # 7 worker processes, nats-server, prefect
         alive = [p for p in _processes_under(home)]
         assert len(alive) >= len(SERVICES) + 2  # services, nats-server, prefect server
