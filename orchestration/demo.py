@@ -129,7 +129,14 @@ def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo", v
 def demo_stem(out: Path, console) -> int:
     cmd = [str(BIN / "stem-polar"), "demo", "--out", str(out)]
     console.print(" ".join(cmd))
-    return subprocess.run(cmd, env=dict(os.environ)).returncode
+    rc = subprocess.run(cmd, env=dict(os.environ)).returncode
+    try:  # the job's page for a browser (quality checks, figures, timings, links)
+        from .report import write_report
+
+        console.print(f"report: {write_report(out)}")
+    except Exception as exc:  # noqa: BLE001 - the demo's result stands without its page
+        console.print(f"[yellow]report not written: {exc}[/yellow]")
+    return rc
 
 
 def demo_refine(out: Path, console) -> int:

@@ -370,6 +370,12 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     summary["outputs"] = sorted(p.name for p in out.iterdir())
     atomic_write_json(out / "run_summary.json", summary)
     log.info(f"run {run_id}: {len(ok)}/{len(records)} stills merged; outputs in {out}")
+    try:  # the run's page (runs/<run>/report.html) for live runs too; a failure must not fail the run
+        from .report import write_report
+
+        log.info(f"run {run_id}: report {await asyncio.to_thread(write_report, rdir)}")
+    except Exception as exc:  # noqa: BLE001
+        log.warning(f"run {run_id}: report not written ({exc})")
     return summary
 
 
