@@ -454,6 +454,9 @@ def process_diffuse_cmd(
                                         "OUT/.diffractflow for this run and stopped after it."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Show Prefect's flow and task log lines live "
                                  "instead of one progress display (otherwise they go to HOME/logs/flows-RUN.log)."),
+    rerun: bool = typer.Option(False, "--rerun", help="Process a run that already has results again (after changing "
+                               "its configuration, or with more files): unchanged work is reused, changed work runs "
+                               "anew; the previous output is kept beside it."),
 ):
     """Process a whole diffuse run from files on disk: stills -> DIALS -> diffuse extraction -> voxels -> scaling
     -> merged map, through the watcher, Prefect flows and services exactly as live data.
@@ -470,7 +473,7 @@ def process_diffuse_cmd(
             raise typer.BadParameter(f"--unit-cell {unit_cell!r}: expected six numbers a,b,c,alpha,beta,gamma")
     try:
         summary = process_diffuse(directory, out, console, config=config, pattern=pattern, background=background,
-                                  run_id=run_id, home=home, verbose=verbose,
+                                  run_id=run_id, home=home, verbose=verbose, rerun=rerun,
                                   config_overrides={"space_group": space_group, "unit_cell": cell, "d_min": d_min})
     except ProcessError as exc:
         console.print(f"[red]process diffuse:[/red] {exc}")

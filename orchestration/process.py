@@ -74,7 +74,7 @@ def topology_for_run(home: Path, volume: Path | None, console, services: Sequenc
 
 async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: Sequence[Path], console,
                             pattern: str = "*.cbf", interval_s: float = 0.0, timeout_s: float = 6 * 3600,
-                            verbose: bool = False) -> None:
+                            verbose: bool = False, generation: int = 0) -> None:
     """Land ``files`` in ``incoming`` one by one while a watcher and a dispatcher (in this process) turn them into
     flow runs; return once the end-of-run flow has finished. Unless ``verbose``, one progress display
     (:class:`orchestration.progress.RunProgress`) shows the run instead of a line per file."""
@@ -92,7 +92,8 @@ async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: 
         finally:
             done.set()
 
-    rule = WatchRule(incoming, run_id, pattern=pattern, settle_s=0.5, expected=len(files), quiet_timeout_s=3600)
+    rule = WatchRule(incoming, run_id, pattern=pattern, settle_s=0.5, expected=len(files), quiet_timeout_s=3600,
+                     generation=generation)
     disp = asyncio.create_task(dispatch(settings, on_file, on_end_and_signal, stop, max_concurrent=4))
     watcher = asyncio.create_task(watch(rule, settings, stop, poll_s=0.25))
     prog = shown = None
@@ -139,6 +140,35 @@ def load_run_config(path: Path | None, **overrides):
         return DiffuseRunConfig.model_validate(data)
     except Exception as exc:
         raise ProcessError(f"{path or 'run configuration'}: {exc}") from exc
+
+
+RERUN_RECORD = "reruns.json"
+
+
+def start_rerun(rdir: Path, incoming: Path) -> int:
+    """Prepare a finished run to be processed again; returns its new generation number.
+
+    The run's records (per-still records, sweep models, background and Bragg-radius records) and its landed files
+    are removed so the run goes through the flows again; its previous output is kept as ``previous-output``. The
+    job directories stay: jobs are content-addressed, so every stage whose service, parameters and inputs are
+    unchanged finds its finished job and reuses it, and a changed configuration makes new jobs."""
+    record = rdir / RERUN_RECORD
+    generation = (json.loads(record.read_text())["generation"] if record.exists() else 0) + 1
+    prev = rdir / "previous-output"
+    shutil.rmtree(prev, ignore_errors=True)
+    (rdir / "output").rename(prev)
+    for name in ("stills", "sweeps"):
+        shutil.rmtree(rdir / name, ignore_errors=True)
+    for name in ("background.json", "bragg_radius.json"):
+        (rdir / name).unlink(missing_ok=True)
+    if incoming.is_dir():
+        for p in incoming.iterdir():
+            if p.is_file():
+                p.unlink()
+    from diffractflow.artifacts import atomic_write_json
+
+    atomic_write_json(record, {"generation": generation})
+    return generation
 
 
 def still_status(rdir: Path) -> list[dict]:
@@ -208,7 +238,7 @@ def copy_results(src: Path, dest: Path) -> list[str]:
 def process_diffuse(directory: Path, out: Path, console, *, config: Path | None = None, pattern: str = "*.cbf",
                     background: str | None = None, run_id: str | None = None, home: Path | None = None,
                     volume: Path | None = None, replicas: dict[str, int] | None = None,
-                    config_overrides: dict | None = None, verbose: bool = False) -> dict:
+                    config_overrides: dict | None = None, verbose: bool = False, rerun: bool = False) -> dict:
     """Process every still of ``directory`` (``pattern``) as one diffuse run; results and summary.json in ``out``.
 
     ``background``: a glob (relative to ``directory``) of background-only frames. Returns the summary.
@@ -238,9 +268,15 @@ def process_diffuse(directory: Path, out: Path, console, *, config: Path | None 
     with topology_for_run(home, volume, console, replicas=replicas) as topo:
         vol = Volume(topo.settings().volume)
         rdir = run_dir(vol, run_id)
-        if (rdir / "output" / "run_summary.json").exists():
-            raise ProcessError(f"run {run_id!r} already has results in {rdir}; choose another --run-id")
         incoming = vol.resolve(f"incoming/{run_id}")
+        generation = 0
+        if (rdir / "output" / "run_summary.json").exists():
+            if not rerun:
+                raise ProcessError(f"run {run_id!r} already has results in {rdir}; choose another --run-id, or "
+                                   f"--rerun to process it again (unchanged work is reused)")
+            generation = start_rerun(rdir, incoming)
+            console.print(f"re-processing run {run_id!r} (generation {generation}): jobs whose service, parameters "
+                          f"and inputs are unchanged are reused")
         incoming.mkdir(parents=True, exist_ok=True)
         if bkg_files:
             landed = [land(f, incoming / "background") for f in bkg_files]
@@ -256,7 +292,8 @@ def process_diffuse(directory: Path, out: Path, console, *, config: Path | None 
 
                 console.print(f"background: {len(bkg_files)} frames -> one smoothed background")
                 asyncio.run(diffuse_background_flow(run_id))
-            asyncio.run(feed_and_dispatch(topo, incoming, run_id, files, console, pattern=pattern, verbose=verbose))
+            asyncio.run(feed_and_dispatch(topo, incoming, run_id, files, console, pattern=pattern, verbose=verbose,
+                                          generation=generation))
         if not (rdir / "output" / "run_summary.json").exists():
             raise ProcessError(f"run {run_id!r} produced no merged output; per-still records in {rdir / 'stills'}")
         summary = run_summary_for_user(rdir, time.monotonic() - t0)

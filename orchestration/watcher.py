@@ -45,6 +45,9 @@ class WatchRule:
     expected: int | None = None
     quiet_timeout_s: float | None = None
     max_events_per_s: float = 50.0
+    #: a re-processing of the run (``process diffuse --rerun``): its events get their own ids, so the bus's
+    #: duplicate window does not drop them as repeats of the first processing
+    generation: int = 0
 
 
 @dataclass
@@ -65,7 +68,8 @@ class DirectoryWatcher:
     ended: bool = False
 
     def state_file(self) -> Path:
-        return self.rule.directory / f".diffractflow-watch-{self.rule.run_id}.json"
+        gen = f"-{self.rule.generation}" if self.rule.generation else ""
+        return self.rule.directory / f".diffractflow-watch-{self.rule.run_id}{gen}.json"
 
     def load_state(self) -> None:
         f = self.state_file()
@@ -123,8 +127,9 @@ async def watch(rule: WatchRule, settings: Settings, stop: asyncio.Event, poll_s
         while not stop.is_set() and not w.ended:
             ready, ended = w.poll()
             for p in ready:
+                gen = f"{rule.generation}:" if rule.generation else ""
                 ev = DataEvent(run_id=rule.run_id, kind="file", path=volume.relative(p), size=p.stat().st_size,
-                               event_id=f"{rule.run_id}:{p.name}")
+                               event_id=f"{rule.run_id}:{gen}{p.name}")
                 await bus.publish_event(js, ev)
                 w.published.add(p.name)
                 sent += 1
@@ -135,7 +140,7 @@ async def watch(rule: WatchRule, settings: Settings, stop: asyncio.Event, poll_s
             if ended:
                 await bus.publish_event(js, DataEvent(run_id=rule.run_id, kind="end_of_run",
                                                       path=volume.relative(rule.directory),
-                                                      event_id=f"{rule.run_id}:END"))
+                                                      event_id=f"{rule.run_id}:{rule.generation or ''}END"))
                 w.ended = True
                 w.save_state()
                 log.info("end of run", extra={"run_id": rule.run_id, "files": len(w.published)})
