@@ -139,12 +139,15 @@ async def _with_run_bragg_radius(volume: Volume, run_id: str, image: str, extrac
     rdir = run_dir(volume, run_id)
     record = rdir / BRAGG_RADIUS_RECORD
     if record.exists():
-        return await extract(json.loads(record.read_text())["bragg_radius_px"])
+        rec = json.loads(record.read_text())
+        # the still it was estimated on keeps its own (estimating) job, so a re-run of the run finds it again
+        return await extract(None if rec.get("estimated_on") == image else rec["bragg_radius_px"])
     fd = os.open(rdir / f".{BRAGG_RADIUS_RECORD}.lock", os.O_CREAT | os.O_RDWR, 0o640)
     try:
         await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
         if record.exists():
-            radius = json.loads(record.read_text())["bragg_radius_px"]
+            rec = json.loads(record.read_text())
+            radius = None if rec.get("estimated_on") == image else rec["bragg_radius_px"]
         else:
             res = await extract(None)
             radius = res.get("metrics", {}).get("bragg_radius_px")

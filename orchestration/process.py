@@ -148,8 +148,9 @@ RERUN_RECORD = "reruns.json"
 def start_rerun(rdir: Path, incoming: Path) -> int:
     """Prepare a finished run to be processed again; returns its new generation number.
 
-    The run's records (per-still records, sweep models, background and Bragg-radius records) and its landed files
-    are removed so the run goes through the flows again; its previous output is kept as ``previous-output``. The
+    The run's records (per-still records, sweep models, the background record) and its landed files are removed so
+    the run goes through the flows again (the run's Bragg-mask radius is kept: a property of its data, estimated
+    once); its previous output is kept as ``previous-output``. The
     job directories stay: jobs are content-addressed, so every stage whose service, parameters and inputs are
     unchanged finds its finished job and reuses it, and a changed configuration makes new jobs."""
     record = rdir / RERUN_RECORD
@@ -159,8 +160,7 @@ def start_rerun(rdir: Path, incoming: Path) -> int:
     (rdir / "output").rename(prev)
     for name in ("stills", "sweeps"):
         shutil.rmtree(rdir / name, ignore_errors=True)
-    for name in ("background.json", "bragg_radius.json"):
-        (rdir / name).unlink(missing_ok=True)
+    (rdir / "background.json").unlink(missing_ok=True)
     if incoming.is_dir():
         for p in incoming.iterdir():
             if p.is_file():
