@@ -122,4 +122,6 @@ def test_process_shows_one_progress_display_and_logs_to_a_file(dose_runs):
     assert f"landed {n}/{n}" in out and "accumulated" in out and "failed" in out, out[-2000:]
     assert "Task run" not in out and "Flow run" not in out, out[-2000:]
     log = dose_runs["home"] / "logs" / "flows-high.log"
-    assert log.is_file() and "Task run" in log.read_text()
+    text = log.read_text()
+    assert "prefect.task_runs" in text and "Finished in state" in text
+    assert "Finished in state" not in out
