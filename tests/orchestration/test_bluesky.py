@@ -149,32 +149,6 @@ def test_event_and_datum_pages_are_unpacked(tmp_path, volume):
 
 
 # --------------------------------------------------------------------------------------------- over the bus
-@pytest.fixture
-def nats_server(tmp_path_factory, monkeypatch):
-    """The conftest's server plus a ``bluesky`` user limited to publishing documents (what a RunEngine host gets)."""
-    import secrets
-
-    from diffractflow import natsserver
-
-    original = natsserver.write_config
-
-    def with_bluesky_user(path, *args, **kwargs):
-        out = original(path, *args, **kwargs)
-        conf = json.loads(Path(out).read_text())
-        for u in conf["authorization"]["users"]:
-            if u["user"] == "bluesky":
-                u["permissions"] = publisher_permissions()
-        Path(out).write_text(json.dumps(conf))
-        return out
-
-    monkeypatch.setattr(natsserver, "write_config", with_bluesky_user)
-    creds = natsserver.Credentials.generate(extra_services=["echo"])
-    creds.users["bluesky"] = secrets.token_urlsafe(24)
-    srv = natsserver.NatsServer(tmp_path_factory.mktemp("nats"), creds=creds).start()
-    yield srv
-    srv.stop()
-
-
 def test_runengine_over_nats_runs_the_echo_flow_per_frame(tmp_path, nats_server, volume, settings, bus_env,
                                                           workers, prefect_server):
     """RunEngine -> bluesky-nats (user 'bluesky') -> EVENTS -> dispatcher -> echo flow per frame, then the

@@ -11,35 +11,9 @@ from pathlib import Path
 import pytest
 
 from diffractflow.artifacts import Volume
-from orchestration.bluesky import BlueskyTranslator, START_HOOKS, frame_file_detector, publisher_permissions
+from orchestration.bluesky import BlueskyTranslator, START_HOOKS, frame_file_detector
 
 SERVICES = ["stills-processor", "diffuse-extractor", "voxel-merger", "scaler"]
-
-
-@pytest.fixture
-def nats_server(tmp_path_factory, monkeypatch):
-    """The conftest's server plus a ``bluesky`` user limited to publishing documents."""
-    import secrets
-
-    from diffractflow import natsserver
-
-    original = natsserver.write_config
-
-    def with_bluesky_user(path, *args, **kwargs):
-        out = original(path, *args, **kwargs)
-        conf = json.loads(Path(out).read_text())
-        for u in conf["authorization"]["users"]:
-            if u["user"] == "bluesky":
-                u["permissions"] = publisher_permissions()
-        Path(out).write_text(json.dumps(conf))
-        return out
-
-    monkeypatch.setattr(natsserver, "write_config", with_bluesky_user)
-    creds = natsserver.Credentials.generate(extra_services=["echo"])
-    creds.users["bluesky"] = secrets.token_urlsafe(24)
-    srv = natsserver.NatsServer(tmp_path_factory.mktemp("nats"), creds=creds).start()
-    yield srv
-    srv.stop()
 
 
 def test_bluesky_run_is_processed_into_a_diffuse_map(tmp_path, nats_server, volume, settings, bus_env, workers,
