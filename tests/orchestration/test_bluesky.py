@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from diffractflow.artifacts import Volume
-from orchestration.bluesky import BlueskyTranslator, frame_file_detector, publisher_permissions
+from orchestration.bluesky import BlueskyTranslator, frame_file_detector
 
 
 def _sources(tmp_path: Path, n: int = 3) -> list[Path]:
