@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from .errors import InputError
 from .messages import ArtifactRef
 from .reading import reader, reading  # noqa: F401  (re-exported for services)
 
@@ -25,7 +26,7 @@ DIR_MODE = 0o750
 MANIFEST = "manifest.json"
 
 
-class VolumeError(ValueError):
+class VolumeError(InputError):
     """A reference that escapes the volume root, is missing, or does not match its hash."""
 
 

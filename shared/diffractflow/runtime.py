@@ -41,11 +41,14 @@ from .messages import (
     utcnow,
 )
 
+from .errors import InputError
+
 log = logging.getLogger("diffractflow.runtime")
 
 
-class BadInput(ValueError):
-    """The job cannot succeed as given (bad file, wrong shape, ...): reject it, do not retry."""
+#: The job cannot succeed as given (bad file, wrong shape, ...): reject it, do not retry. Kept under this name
+#: for the workers; services subclass :class:`diffractflow.errors.InputError`.
+BadInput = InputError
 
 
 @dataclass
@@ -283,6 +286,8 @@ class Worker:
 
         outputs = {name: self.volume.ref(path) for name, path in ctx.outputs.items()}
         write_manifest(job_dir, outputs, ctx.metrics, identity)
+        # logged before the result goes out: a lost ack later leads to a reuse from the manifest, never a recompute
+        log.info("job computed")
         await self._publish(job, "ok", outputs, ctx.metrics, None, started)
         await msg.ack()
         log.info("job done", extra={"seconds": (utcnow() - started).total_seconds()})

@@ -264,7 +264,7 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
     # each job computed once (a redelivery after a lost ack is answered from the manifest, not recomputed)
     done = collections.Counter()
     for line in workers.log_text().splitlines():
-        if line.startswith("{") and '"job done"' in line:
+        if line.startswith("{") and '"job computed"' in line:
             done[json.loads(line)["job_id"]] += 1
     assert set(done) == {f"c-{i:03d}" for i in range(n_jobs)} and max(done.values()) == 1, done
     for i in range(n_jobs):
