@@ -29,13 +29,15 @@ import numpy as np
 
 
 def read_map(path: str | Path) -> dict:
-    """Intensity, counts and voxel-centre axes of a merged map file."""
+    """Intensity, counts, voxel-centre axes and (where the file has them, else None) the standard errors of a
+    merged map file."""
     import h5py
 
     with h5py.File(path, "r") as f:
         g = f["entry/map"]
         return {"intensity": g["intensity"][()], "counts": g["counts"][()],
-                "h": g["h"][()], "k": g["k"][()], "l": g["l"][()]}
+                "h": g["h"][()], "k": g["k"][()], "l": g["l"][()],
+                "intensity_errors": g["intensity_errors"][()] if "intensity_errors" in g else None}
 
 
 def voxel_centres(m: dict, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,14 +55,29 @@ def _truth_at(truth: Callable, m: dict, h, k, l) -> np.ndarray:
     return np.asarray(truth(np.stack([h, k, l], axis=1), subdivisions(m)), dtype=np.float64)
 
 
+def _bin_index(x: np.ndarray, n_bins: int) -> np.ndarray:
+    edges = np.quantile(x, np.linspace(0, 1, n_bins + 1))
+    return np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_bins - 1)
+
+
 def _ratio_by_bins(x: np.ndarray, num: np.ndarray, den: np.ndarray, n_bins: int) -> list[float]:
     """sum(num)/sum(den) in bins of equal population of x."""
-    edges = np.quantile(x, np.linspace(0, 1, n_bins + 1))
-    idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_bins - 1)
+    idx = _bin_index(x, n_bins)
     sn = np.bincount(idx, weights=num, minlength=n_bins)
     sd = np.bincount(idx, weights=den, minlength=n_bins)
     with np.errstate(divide="ignore", invalid="ignore"):
         return [float(v) for v in sn / sd]
+
+
+def _ratio_errors_by_bins(x: np.ndarray, num: np.ndarray, den: np.ndarray, var_num: np.ndarray,
+                          var_den: np.ndarray, n_bins: int) -> list[float]:
+    """Relative standard error of sum(num)/sum(den) per bin of :func:`_ratio_by_bins`, from the voxels' own
+    variances (independent voxels: counting noise; a background estimate shared by many voxels adds to it)."""
+    idx = _bin_index(x, n_bins)
+    sn, sd = (np.bincount(idx, weights=v, minlength=n_bins) for v in (num, den))
+    vn, vd = (np.bincount(idx, weights=v, minlength=n_bins) for v in (var_num, var_den))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return [float(v) for v in np.sqrt(vn / sn ** 2 + vd / sd ** 2)]
 
 
 def laue_rotations(symmetry: str | None) -> np.ndarray:
@@ -162,10 +179,12 @@ def map_vs_truth(map_path: str | Path, truth: Callable | np.ndarray, min_count: 
 def map_ratio_flatness(map_a: str | Path, map_b: str | Path, unit_cell, min_count: int = 1, n_bins: int = 8,
                        truth: Callable | None = None) -> dict:
     """Ratio of two maps on the same grid (sum a / sum b) per intensity bin and per resolution shell, each
-    divided by the overall ratio.
+    divided by the overall ratio, with each bin's relative standard error from the maps' own errors.
 
     Voxels are binned by ``truth(hkl, ndiv)`` when given, else by map a (pass the more precise map as a):
-    binning by a noisy map would select its own noise and bend the curve.
+    binning by a noisy map would select its own noise and bend the curve. The weakest bins' ratios are
+    noisy (at a few photons per voxel the weakest fifth holds a few % of the map's counts): judge a bin's
+    deviation against its error (``*_errors``, ``significance`` = the largest |ratio - 1| / error), not alone.
     """
     from cctbx import uctbx
 
@@ -184,9 +203,18 @@ def map_ratio_flatness(map_a: str | Path, map_b: str | Path, unit_cell, min_coun
     key = _truth_at(truth, a, h, k, l) if truth is not None else ya
     by_i = [r / overall for r in _ratio_by_bins(key, ya, yb, n_bins)]
     by_s = [r / overall for r in _ratio_by_bins(np.sqrt(s2), ya, yb, n_bins)]
-    return {"n_voxels": int(both.sum()), "overall_ratio": float(overall), "cc": float(np.corrcoef(ya, yb)[0, 1]),
-            "ratio_by_intensity": by_i, "ratio_by_resolution": by_s,
-            "flatness": float(max(abs(r - 1.0) for r in by_i + by_s))}
+    out = {"n_voxels": int(both.sum()), "overall_ratio": float(overall), "cc": float(np.corrcoef(ya, yb)[0, 1]),
+           "ratio_by_intensity": by_i, "ratio_by_resolution": by_s,
+           "flatness": float(max(abs(r - 1.0) for r in by_i + by_s))}
+    if a["intensity_errors"] is not None and b["intensity_errors"] is not None:
+        va = a["intensity_errors"][both].astype(np.float64) ** 2
+        vb = b["intensity_errors"][both].astype(np.float64) ** 2
+        err_i = _ratio_errors_by_bins(key, ya, yb, va, vb, n_bins)
+        err_s = _ratio_errors_by_bins(np.sqrt(s2), ya, yb, va, vb, n_bins)
+        dev = [abs(r - 1.0) / e for r, e in zip(by_i + by_s, err_i + err_s) if e > 0]
+        out.update(ratio_errors_by_intensity=err_i, ratio_errors_by_resolution=err_s,
+                   significance=float(max(dev)) if dev else float("nan"))
+    return out
 
 
 def recovered_scales(scales_json: str | Path, still_names: dict[str, str]) -> dict[str, float]:

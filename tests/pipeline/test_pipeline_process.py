@@ -107,8 +107,14 @@ def test_same_map_at_sixteen_times_lower_dose(dose_runs):
     r = map_ratio_flatness(runs["high"]["out"] / "map.h5", runs["low"]["out"] / "map.h5",
                            runs["high"]["truth"]["unit_cell"], n_bins=5, truth=truth.on_voxels)
     # 16x less dose: the ratio of the maps is the ratio of the recovered overall scales, the same in every bin
+    # within 5 % plus three counting errors of that bin. At 1/16 dose the weakest fifth of the voxels holds a few
+    # % of the counts (measured: 6 % counting error on its ratio), the strongest bins 0.2-1 %; a 1/sigma^2
+    # weighting bias (20-30 %) or background left in the map would stand far outside.
     assert r["n_voxels"] > 10_000, r
-    assert r["flatness"] <= 0.10, r
+    ratios = r["ratio_by_intensity"] + r["ratio_by_resolution"]
+    errors = r["ratio_errors_by_intensity"] + r["ratio_errors_by_resolution"]
+    assert all(0 < e < 0.1 for e in errors[1:]), r  # the errors themselves are small enough to judge by
+    assert all(abs(q - 1.0) <= 0.05 + 3.0 * e for q, e in zip(ratios, errors)), r
     low = _evaluate(dose_runs, "low")
     assert low["map_cc_vs_truth"] >= 0.8 and abs(low["map_offset_fraction"]) <= 0.1, low
     assert np.isfinite(r["overall_ratio"]) and r["overall_ratio"] > 0
