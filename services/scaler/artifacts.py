@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import diffractflow.errors
 import h5py
 import numpy as np
 
@@ -32,8 +33,11 @@ ABSOLUTE_SCHEMA = "diffractflow.scaler.absolute_map"
 ABSOLUTE_SCHEMA_VERSION = "1.0"
 
 
-class InputError(ValueError):
-    """An input file is missing, unreadable or not in the expected layout (message names the file)."""
+class InputError(diffractflow.errors.InputError):
+    """An input file is missing, unreadable or not in the expected layout (message names the file).
+
+    The platform's input error: the bus rejects the job without retry; the message names the file and the
+    problem."""
 
 
 @contextlib.contextmanager

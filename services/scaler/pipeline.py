@@ -8,10 +8,16 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from cctbx import uctbx
+from diffractflow.artifacts import atomic_write_json
+
 from . import artifacts
 from .core import absolute as ab
+from .core import bragg as bragg_mod
 from .core.model import DiffuseScalingModel, compact_ids
-from .core.refine import DEFAULT_ROTATION_SMOOTHNESS, ObservationSet
+from .core.params import RELATIVE_DEFAULTS as _D
+from .core.params import AbsoluteParams, RelativeParams
+from .core.refine import ObservationSet
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +82,12 @@ def append_bragg(obs: ObservationSet, bragg: Mapping[str, np.ndarray], min_parti
     return out, {**info, "n_bragg_groups": int(len(hkl_keys)), "group_q": group_q}
 
 
-def build_config(smoother: bool = False, n_control_points: int = 3, q_range: Optional[tuple[float, float]] = None,
-                 smoothness_weight: float = 1e-2, partiality_threshold: float = 0.1,
+def build_config(smoother: bool = _D.smoother, n_control_points: int = _D.n_control_points,
+                 q_range: Optional[tuple[float, float]] = None, smoothness_weight: float = _D.smoothness_weight,
+                 partiality_threshold: float = _D.partiality_threshold,
                  q_values: Optional[np.ndarray] = None, min_information: Optional[float] = None) -> dict:
-    """A seed-003 configdict (smoother range from the data's |q| range when not given)."""
+    """A seed-003 configdict (smoother range from the data's |q| range when not given); defaults: those of
+    :class:`core.params.RelativeParams`."""
     cfg = {"per_still_scale": {"enabled": True, "initial_values": {}},
            "resolution_smoother": {"enabled": bool(smoother)},
            "experimental_components": {"panel_scale": {"enabled": False}, "spatial_scale": {"enabled": False},
@@ -131,24 +139,26 @@ def resolve_sequences(sequences: Optional[Mapping[str, list]], still_names: Opti
     return out, unmatched
 
 
-def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: bool = False, n_control_points: int = 3,
-                 q_range: Optional[tuple[float, float]] = None, smoothness_weight: float = 1e-2,
-                 refinement: Optional[dict] = None, plots: bool = True,
-                 progress: Optional[Callable[[int, float], None]] = None,
+def _params(model: type, params, fields: dict):
+    """``params`` (or the model's defaults) with ``fields`` applied, validated by the model."""
+    if params is None:
+        return model(**fields)
+    return model.model_validate({**params.model_dump(), **fields}) if fields else params
+
+
+def run_relative(observations: str | Path, out_dir: str | Path, params: Optional[RelativeParams] = None, *,
+                 plots: bool = True, progress: Optional[Callable[[int, float], None]] = None,
                  bragg: Optional[list[tuple[str | Path, Optional[str | Path]]]] = None,
-                 partiality_threshold: float = 0.1, rlp_sigma: Optional[float] = None,
-                 space_group: Optional[str] = None,
-                 min_information: Optional[float] = None,
-                 sequences: Optional[Mapping[str, list]] = None,
-                 rotation_smoothness: float = DEFAULT_ROTATION_SMOOTHNESS) -> tuple[dict[str, Path], dict]:
+                 **fields: Any) -> tuple[dict[str, Path], dict]:
     """Read OBS.h5 (+ the stills-processor's ``(refl, expt)`` units as Bragg references), refine the v1 model,
     write scales.json / statistics.json / plots (and bragg_merged.h5 with Bragg references).
 
-    ``sequences``: rotation sweeps, sweep id -> still names of the table (``still_names``) in rotation order; their
-    frame scales are tied by a second-difference restraint on ln b of weight ``rotation_smoothness`` (relative to one
-    frame's information, see :class:`core.refine.RotationRestraint`); other stills keep free scales."""
-    from .core import bragg as bragg_mod
-
+    ``params`` (:class:`core.params.RelativeParams`; or its fields as keywords, e.g. ``smoother=True``).
+    ``params.sequences``: rotation sweeps, sweep id -> still names of the table (``still_names``) in rotation order;
+    their frame scales are tied by a second-difference restraint on ln b of weight ``rotation_smoothness`` (relative
+    to one frame's information, see :class:`core.refine.RotationRestraint`); other stills keep free scales."""
+    p = _params(RelativeParams, params, fields)
+    smoother, partiality_threshold = p.smoother, p.partiality_threshold
     t0 = time.perf_counter()
     obs, extra = load_observation_set(observations, keep_q=smoother)
     t_read = time.perf_counter() - t0
@@ -160,7 +170,7 @@ def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: boo
         if names is None:
             raise artifacts.InputError(f"{observations}: no still_names in the observation table; Bragg reflections "
                                        "are matched to stills by name")
-        table = bragg_mod.read_reflections(bragg, space_group=space_group, rlp_sigma=rlp_sigma,
+        table = bragg_mod.read_reflections(bragg, space_group=p.space_group, rlp_sigma=p.rlp_sigma,
                                            error=artifacts.InputError)
         cols, n_unmatched = table.for_model({str(n): i for i, n in enumerate(names)})
         obs, bragg_info = append_bragg(obs, cols, partiality_threshold)
@@ -169,13 +179,14 @@ def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: boo
                            "bragg_per_still": table.per_still,
                            "bragg_units": "full intensity x V_cell sqrt(2 pi) sigma_eps Omega_ref / lambda^2 "
                                           "(|F|^2 on the diffuse map's scale)"})
-    cfg = build_config(smoother, n_control_points, q_range, smoothness_weight, partiality_threshold,
-                       q_values=np.asarray(extra["q_range"]) if smoother else None, min_information=min_information)
-    seq_ids, seq_unmatched = resolve_sequences(sequences, names, observations)
+    cfg = build_config(smoother, p.n_control_points, p.q_range, p.smoothness_weight, partiality_threshold,
+                       q_values=np.asarray(extra["q_range"]) if smoother else None,
+                       min_information=p.smoother_min_information)
+    seq_ids, seq_unmatched = resolve_sequences(p.sequences, names, observations)
     if seq_ids:
-        cfg["rotation_restraint"] = {"sequences": seq_ids, "weight": float(rotation_smoothness)}
+        cfg["rotation_restraint"] = {"sequences": seq_ids, "weight": float(p.rotation_smoothness)}
     model = DiffuseScalingModel(cfg, still_ids=obs.still_ids.tolist())
-    refined, stats = model.refine_observation_set(obs, refinement or {}, progress=progress,
+    refined, stats = model.refine_observation_set(obs, p.refinement(), progress=progress,
                                                   reorder_inplace=not bragg)
     stats = dict(stats)
     stats.update(bragg_info)
@@ -198,21 +209,26 @@ def run_relative(observations: str | Path, out_dir: str | Path, *, smoother: boo
     return paths, stats
 
 
-def run_absolute(map_path: str | Path, out_dir: str | Path, *, formula: Optional[str] = None,
-                 sequence: Optional[str] = None, pdb: Optional[str | Path] = None, copies: float = 1.0,
-                 extra_formula: Optional[str] = None, cell_volume: Optional[float] = None,
-                 wavelength: Optional[float] = None, bragg: Optional[str | Path] = None, n_shells: int = 30,
-                 s_max: Optional[float] = None, job_id: Optional[str] = None,
-                 inputs_hashes: Optional[Mapping[str, str]] = None) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Scale a relatively scaled map to e.u. per unit cell (Krogh-Moe / Norman) and subtract Compton."""
+def run_absolute(map_path: str | Path, out_dir: str | Path, params: Optional[AbsoluteParams] = None, *,
+                 pdb: Optional[str | Path] = None, bragg: Optional[str | Path] = None, s_max: Optional[float] = None,
+                 job_id: Optional[str] = None, inputs_hashes: Optional[Mapping[str, str]] = None,
+                 **fields: Any) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Scale a relatively scaled map to e.u. per unit cell (Krogh-Moe / Norman) and subtract Compton.
+
+    ``params``: :class:`core.params.AbsoluteParams` (or its fields as keywords); the contents come from exactly
+    one of ``params.formula``, ``params.sequence`` or ``pdb``."""
+    p = _params(AbsoluteParams, params, fields)
+    formula, sequence, copies, extra_formula = p.formula, p.sequence, p.copies, p.extra_formula
+    cell_volume, wavelength, n_shells = p.cell_volume, p.wavelength, p.n_shells
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = artifacts.read_map(map_path)
-    comp, vol_pdb = ab.composition_from_spec(formula, sequence, pdb, copies, extra_formula)
+    try:
+        comp, vol_pdb = ab.composition_from_spec(formula, sequence, pdb, copies, extra_formula)
+    except (ValueError, OSError) as exc:  # the user's formula, sequence or model file
+        raise artifacts.InputError(f"unit-cell contents ({pdb or 'formula/sequence'}): {exc}") from exc
     vol = cell_volume or vol_pdb
     if vol is None and m.get("unit_cell") is not None:
-        from cctbx import uctbx
-
         vol = float(uctbx.unit_cell(tuple(m["unit_cell"])).volume())
     if vol is None:
         raise artifacts.InputError(f"{map_path}: no unit cell in the map; give --cell-volume or a PDB model")
@@ -239,8 +255,6 @@ def run_absolute(map_path: str | Path, out_dir: str | Path, *, formula: Optional
               "extra_formula": extra_formula, "cell_volume": vol, "wavelength": wavelength, "n_shells": n_shells}
     paths = {"absolute_map": artifacts.write_absolute_map(out / "absolute_map.h5", absolute, s, compton, res, params,
                                                           dict(inputs_hashes or {}), m.get("unit_cell"), sigma, job_id)}
-    from diffractflow.artifacts import atomic_write_json
-
     centres = 0.5 * (edges[1:] + edges[:-1])
     res["profile"] = {"s_centre": centres.tolist(), "observed_scaled": (k * prof).tolist(),
                       "theory_coherent": ab.coherent_sum_f2(centres, comp, wavelength).tolist(),

@@ -165,7 +165,7 @@ def test_compton_second_row_limits_and_bound(el, z):
 def test_smoother_default_off():
     from scaler.worker import Params
 
-    assert Params().smoother is False
+    assert Params.model_validate({}).root.smoother is False
     assert build_config()["resolution_smoother"] == {"enabled": False}
     assert DiffuseScalingModel(build_config(), still_ids=[0, 1]).smoother is None
 

@@ -164,7 +164,7 @@ def test_pipeline_and_worker_match_sequences_by_still_name(tmp_path):
     from scaler.artifacts import write_observations
     from scaler.cli import app
     from scaler.pipeline import run_relative
-    from scaler.worker import Params
+    from scaler.worker import Params  # the bus worker's model: mode relative when not given
 
     n_frames, n_stills = 40, 10
     table, b_true = rotation_data(n_frames=n_frames, n_stills=n_stills, n_per=150, seed=6)
@@ -175,7 +175,7 @@ def test_pipeline_and_worker_match_sequences_by_still_name(tmp_path):
     write_observations(obs, perm[table["still_id"]].astype(np.int32), table["voxel_id"], table["q_magnitude"],
                        table["intensity"], table["sigma"], still_names=[names[j] for j in np.argsort(perm)])
     sweep = names[:n_frames] + ["sweep_0041.cbf#0"]  # the last frame never reached the table
-    p = Params(sequences={"sweep_1": sweep})
+    p = Params.model_validate({"sequences": {"sweep_1": sweep}}).root
     assert p.rotation_smoothness == 1.0
     paths, stats = run_relative(obs, tmp_path / "out", sequences=p.sequences, rotation_smoothness=10.0, plots=False)
     rep = stats["rotation_restraint"]["sequences"]["sweep_1"]

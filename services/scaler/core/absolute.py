@@ -35,6 +35,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from .params import ABSOLUTE_DEFAULTS
+
 COMPTON_WAVELENGTH = 0.0242631  # Å
 
 # In-chain amino-acid residue compositions (amino acid minus H2O); one H2O per chain is added for termini.
@@ -107,7 +109,7 @@ def parse_formula(formula: str, multiplier: float = 1.0) -> dict[str, float]:
     return {k: v * multiplier for k, v in counts.items()}
 
 
-def composition_from_sequence(sequence: str, copies: float = 1.0) -> dict[str, float]:
+def composition_from_sequence(sequence: str, copies: float = ABSOLUTE_DEFAULTS.copies) -> dict[str, float]:
     """Atoms of ``copies`` protein chains (one-letter sequence, FASTA header lines ignored), with H."""
     lines = [ln.strip() for ln in sequence.strip().splitlines() if not ln.startswith(">")]
     seq = re.sub(r"[\s\d*]", "", "".join(lines)).upper()
@@ -357,7 +359,7 @@ def absolute_diffuse(values: np.ndarray, s: np.ndarray, scale: float, compositio
 
 
 def composition_from_spec(formula: Optional[str] = None, sequence: Optional[str] = None,
-                          pdb: Optional[str | Path] = None, copies: float = 1.0,
+                          pdb: Optional[str | Path] = None, copies: float = ABSOLUTE_DEFAULTS.copies,
                           extra_formula: Optional[str] = None) -> tuple[dict[str, float], Optional[float]]:
     """Unit-cell composition from exactly one of formula / sequence (x copies per cell) / PDB model.
 

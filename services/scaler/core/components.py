@@ -17,9 +17,9 @@ from dials.array_family import flex
 from scitbx import sparse
 
 from .errors import ParameterLimitExceeded
+from .params import MAX_SMOOTHER_CONTROL_POINTS
+from .params import RELATIVE_DEFAULTS as _D
 from .smoother import GaussianSmoother1D
-
-MAX_SMOOTHER_CONTROL_POINTS = 5
 
 
 class DiffuseActiveParameterManager(active_parameter_manager):
@@ -152,7 +152,7 @@ class ResolutionSmootherComponent(ScaleComponentBase):
 
     def __init__(self, active_parameter_manager: Optional[DiffuseActiveParameterManager],
                  n_control_points: int, resolution_range: tuple[float, float],
-                 smoothness_weight: float = 1e-2, ridge_weight: float = 1e-4):
+                 smoothness_weight: float = _D.smoothness_weight, ridge_weight: float = 1e-4):
         n = int(n_control_points)
         if n > MAX_SMOOTHER_CONTROL_POINTS:
             raise ParameterLimitExceeded(f"resolution smoother has {n} control points, v1 allows <= 5")

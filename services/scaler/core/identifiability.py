@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .params import RELATIVE_DEFAULTS
 from .refine import ObservationSet, ScalingProblem, SmootherSetup
 
-DEFAULT_MIN_INFORMATION = 1e-3
+DEFAULT_MIN_INFORMATION = RELATIVE_DEFAULTS.smoother_min_information
 
 
 def smoother_information(obs: ObservationSet, setup: SmootherSetup) -> dict:

@@ -17,7 +17,6 @@ from dials.algorithms.scaling.model.model import ScalingModelBase
 from dials.array_family import flex
 
 from .components import (
-    MAX_SMOOTHER_CONTROL_POINTS,
     DiffuseActiveParameterManager,
     PerStillMultiplierComponent,
     ResolutionSmootherComponent,
@@ -25,8 +24,10 @@ from .components import (
 )
 from . import kernels
 from .errors import DisabledComponentAccess, ParameterLimitExceeded, RefinementFailure, SmootherNotIdentifiable
+from .identifiability import smoother_information
+from .params import MAX_SMOOTHER_CONTROL_POINTS
+from .params import RELATIVE_DEFAULTS as _D
 from .refine import (
-    DEFAULT_ROTATION_SMOOTHNESS,
     DEFAULT_THREADS,
     RotationRestraint,
     ObservationSet,
@@ -42,8 +43,7 @@ from .refine import (
 log = logging.getLogger(__name__)
 
 DISABLED_COMPONENTS = ("panel_scale", "spatial_scale", "additive_offset")
-DEFAULT_REFINEMENT = {"max_iterations": 30, "convergence_tolerance": 1e-6, "minimizer_type": "lm",
-                      "outlier_zmax": 6.0, "n_outlier_cycles": 2}
+DEFAULT_REFINEMENT = {**_D.refinement(), "n_outlier_cycles": 2}
 
 
 # ----------------------------------------------------------------------------- input adaptation
@@ -186,7 +186,7 @@ class DiffuseScalingModel(ScalingModelBase):
         cfg.setdefault("per_still_scale", {"enabled": True, "initial_values": {}})
         cfg.setdefault("resolution_smoother", {"enabled": False})
         cfg.setdefault("experimental_components", {k: {"enabled": False} for k in DISABLED_COMPONENTS})
-        cfg.setdefault("partiality_threshold", 0.1)
+        cfg.setdefault("partiality_threshold", _D.partiality_threshold)
         ps = cfg["per_still_scale"]
         rs = cfg["resolution_smoother"]
         cfg["corrections"] = [n for n, on in (("per_still_scale", ps.get("enabled", True)),
@@ -199,7 +199,7 @@ class DiffuseScalingModel(ScalingModelBase):
         # the smoother is validated first so that > 5 control points raises whatever the stills
         self._smoother_cfg = None
         if rs.get("enabled", False):
-            ncp = int(rs.get("n_control_points", 3))
+            ncp = int(rs.get("n_control_points", _D.n_control_points))
             if ncp > MAX_SMOOTHER_CONTROL_POINTS:
                 raise ParameterLimitExceeded(f"resolution smoother has {ncp} control points, v1 allows <= 5")
             if "resolution_range" not in rs or rs["resolution_range"] is None:
@@ -238,7 +238,7 @@ class DiffuseScalingModel(ScalingModelBase):
         ps = self.configdict["per_still_scale"]
         n_free = (n_stills if ps.get("enabled", True) else 0)
         if self._smoother_cfg is not None:
-            n_free += int(self._smoother_cfg.get("n_control_points", 3))
+            n_free += int(self._smoother_cfg.get("n_control_points", _D.n_control_points))
         if n_free > self.MAX_FREE_PARAMS:
             raise ParameterLimitExceeded(f"{n_free} free parameters > MAX_FREE_PARAMS = {self.MAX_FREE_PARAMS}")
         apm = self.active_parameter_manager
@@ -249,8 +249,8 @@ class DiffuseScalingModel(ScalingModelBase):
         if self._smoother_cfg is not None:
             rs = self._smoother_cfg
             self.smoother = ResolutionSmootherComponent(
-                apm, int(rs.get("n_control_points", 3)), tuple(rs["resolution_range"]),
-                smoothness_weight=float(rs.get("smoothness_weight", 1e-2)),
+                apm, int(rs.get("n_control_points", _D.n_control_points)), tuple(rs["resolution_range"]),
+                smoothness_weight=float(rs.get("smoothness_weight", _D.smoothness_weight)),
                 ridge_weight=float(rs.get("ridge_weight", 1e-4)))
             self._components["resolution_smoother"] = self.smoother
 
@@ -315,7 +315,7 @@ class DiffuseScalingModel(ScalingModelBase):
         """
         rr = self.configdict.get("rotation_restraint") or {}
         seqs = rr.get("sequences") or {}
-        weight = float(rr.get("weight", DEFAULT_ROTATION_SMOOTHNESS))
+        weight = float(rr.get("weight", _D.rotation_smoothness))
         if weight < 0:
             raise ValueError(f"rotation smoothness weight must be >= 0, got {weight}")
         if not seqs:
@@ -386,10 +386,8 @@ class DiffuseScalingModel(ScalingModelBase):
             raise ValueError("the resolution smoother needs |q| (q_magnitude) of every observation")
         identifiability = None
         if sm is not None and self._smoother_cfg.get("check_identifiability", True):
-            from .identifiability import DEFAULT_MIN_INFORMATION, smoother_information
-
             identifiability = smoother_information(obs, sm)
-            need = float(self._smoother_cfg.get("min_information", DEFAULT_MIN_INFORMATION))
+            need = float(self._smoother_cfg.get("min_information", _D.smoother_min_information))
             identifiability["min_information"] = need
             if not identifiability["relative_information"] >= need:
                 log.warning("resolution smoother refused: relative information %.3g < %.3g",
@@ -519,7 +517,7 @@ class DiffuseScalingModel(ScalingModelBase):
             t = t * self.smoother.scale_at(q_magnitude)
         return t
 
-    def reference_arrays(self, obs: ObservationSet, zmax: Optional[float] = 6.0):
+    def reference_arrays(self, obs: ObservationSet, zmax: Optional[float] = _D.outlier_zmax):
         """Per-group reference (I, sigma, n) from observations scaled by the current model (exact g)."""
         t = self.per_still.values[obs.still_index]
         if self.smoother is not None:

@@ -40,6 +40,7 @@ import scipy.sparse.linalg as spla
 
 from . import kernels
 from .errors import RefinementFailure
+from .params import RELATIVE_DEFAULTS as _D
 from .smoother import GaussianSmoother1D
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class SmootherSetup:
     """Shared resolution smoother and its restraint weights (relative to the data curvature)."""
 
     smoother: GaussianSmoother1D
-    smoothness_weight: float = 1e-2
+    smoothness_weight: float = _D.smoothness_weight
     ridge_weight: float = 1e-4
     n_q_bins: int = 2048
 
@@ -221,7 +222,7 @@ def second_difference(m: int) -> np.ndarray:
     return d
 
 
-DEFAULT_ROTATION_SMOOTHNESS = 1.0
+DEFAULT_ROTATION_SMOOTHNESS = _D.rotation_smoothness
 
 
 @dataclass
@@ -695,8 +696,8 @@ def _assemble(ne: dict, N: int, M: int, refine_b: bool, restraint: Optional[tupl
 
 
 def refine(problem: ScalingProblem, b0: np.ndarray, c0: Optional[np.ndarray], *,
-           max_iterations: int = 30, convergence_tolerance: float = 1e-6,
-           minimizer: str = "lm", refine_b: bool = True, normalise_b: bool = True,
+           max_iterations: int = _D.max_iterations, convergence_tolerance: float = _D.convergence_tolerance,
+           minimizer: str = _D.minimizer_type, refine_b: bool = True, normalise_b: bool = True,
            progress: Optional[Callable[[int, float], None]] = None,
            rotation: Optional[RotationRestraint] = None) -> RefinementResult:
     """Iterate reference update + damped Gauss-Newton step until the R-factor change < tolerance.
