@@ -22,14 +22,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .artifacts import empty_record, write_unit_files
+from .artifacts import empty_record, write_summary, write_unit_files
 from .core.params import ProcessingSettings
-from .core.routing import SEQUENCE, STILL, UNREADABLE, WorkUnit
+from .core.pipeline import ERROR, FAILED, UnreadableImage, process_sequence, process_still
+from .core.routing import SEQUENCE, STILL, UNREADABLE, WorkUnit, plan
 
 log = logging.getLogger("stills_processor.batch")
 
+
 def warm_up() -> None:
-    """Import DIALS once per process (a few seconds), so no image pays for it."""
+    """Import DIALS once per process (a few seconds), so no image pays for it (the forkserver runs it through
+    ``_preload.py`` before it forks the pool's workers; elsewhere DIALS is imported where it is used)."""
     import dials.algorithms.indexing.indexer  # noqa: F401
     import dials.algorithms.integration.integrator  # noqa: F401
     import dials.algorithms.refinement  # noqa: F401
@@ -55,8 +58,6 @@ def process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) -> 
 
 
 def _process_unit(unit: WorkUnit, out_dir: str, settings: ProcessingSettings) -> dict[str, Any]:
-    from .core.pipeline import ERROR, FAILED, UnreadableImage, process_sequence, process_still
-
     t0 = time.perf_counter()
     rec = empty_record()
     rec.update(name=unit.name, kind=unit.kind, input_path=unit.paths[0], input_files=json.dumps(list(unit.paths)),
@@ -239,9 +240,6 @@ def run_job(
     """Route, process and summarise a set of images: (rows, summary.h5 path, metrics).
 
     ``units``: work units already planned from ``images`` (routing is then skipped)."""
-    from .artifacts import write_summary
-    from .core.routing import plan
-
     t0 = time.perf_counter()
     units = list(units) if units is not None else plan(images)
     if on_planned:

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from diffractflow.artifacts import atomic_write_path
 
 from . import __version__
+from .artifacts import read_summary
+from .batch import default_nproc, run_job
+from .core.params import StillsJob, field_default, field_help
+from .core.sweep import FrameMismatch, frame_experiment
 
 _HELP = "DIALS processing of true stills and rotation sequences (spot finding, indexing, refinement, integration)."
 try:
@@ -33,9 +44,6 @@ def _fmt(v, nd=2):
 
 def print_table(rows, console=None) -> None:
     """A rich table of the summary rows."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     colour = {"indexed": "green", "non_hit": "yellow", "failed": "red", "error": "bold red"}
     t = Table(title="stills-processor summary", show_lines=False)
@@ -56,30 +64,71 @@ def print_table(rows, console=None) -> None:
     console.print(t)
 
 
+def _opt(name: str, *decls: str, **kw) -> Any:
+    """A ``run`` option for the field ``name`` of :class:`StillsJob`: its default and help are the model's."""
+    return typer.Option(field_default(StillsJob, name), *decls, help=field_help(StillsJob, name), **kw)
+
+
+def _parse_sets(items: List[str]) -> dict:
+    """``--set key=value`` items -> a dict (values read as YAML: numbers, true/false, lists)."""
+    out: dict = {}
+    for it in items:
+        key, eq, val = it.partition("=")
+        if not eq or not key.strip():
+            _fail(f"--set expects key=value, got {it!r}")
+        out[key.strip()] = yaml.safe_load(val)
+    return out
+
+
+def _load_config(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(f"--config {path}: cannot read it ({exc})")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        _fail(f"--config {path}: expected a mapping of stills-processor parameters, got {type(data).__name__}")
+    return data
+
+
+def job_params(ctx: typer.Context, config: Optional[Path], sets: List[str]) -> StillsJob:
+    """The job's parameters: the model's defaults, then ``--config``, then ``--set``, then the options given on
+    the command line (an option left at its default does not override the file)."""
+    values = {**_load_config(config), **_parse_sets(sets)}
+    for name in StillsJob.model_fields:
+        source = ctx.get_parameter_source(name) if name in ctx.params else None  # typer's own click: by name
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            values[name] = ctx.params[name]
+    try:
+        return StillsJob.model_validate(values)
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}" for e in exc.errors()[:5]))
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     images: List[Path] = typer.Argument(..., help="Image files dxtbx reads (mini-CBF, full CBF, NeXus/HDF5 master, SMV). "
                                         "Stills are processed one image at a time; oscillation images are grouped into sequences."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: <name>.expt, <name>.refl, <name>_indexed.refl, summary.h5."),
-    space_group: Optional[str] = typer.Option(None, "--space-group", help="Known space group for indexing, e.g. P41212."),
-    unit_cell: Optional[str] = typer.Option(None, "--unit-cell", help="Known cell a,b,c,alpha,beta,gamma (Angstrom, degrees)."),
-    phil: List[str] = typer.Option([], "--phil", help="Any DIALS parameter KEY=VALUE (repeatable), e.g. spotfinder.threshold.dispersion.gain=1.5."),
-    nproc: int = typer.Option(0, "--nproc", "-j", help="Worker processes, each keeping DIALS loaded (0 = all CPUs)."),
-    min_spots: int = typer.Option(16, "--min-spots", help="Fewer strong spots than this: reported as a non-hit, not indexed."),
-    q_tolerance: float = typer.Option(0.005, "--q-tolerance", help="Validation bound on the median |q_obs - q_pred| (1/Angstrom)."),
-    px_tolerance: float = typer.Option(2.0, "--px-tolerance", help="Validation bound on the median detector offset (pixels)."),
-    strategies: Optional[str] = typer.Option(None, "--strategies", help="Comma-separated processing strategies tried in "
-                                             "order on a still until one indexes it (default: all, "
-                                             "default,radial_profile,strict_spots,fixed_detector,dials_index)."),
-    relaxed_sigma_b: float = typer.Option(0.5, "--relaxed-sigma-b", help="A still whose profile sigma_b exceeds DIALS' "
-                                          "0.1 deg cut-off is still integrated below this (deg; 0 = no relaxation)."),
-    scan_varying: Optional[bool] = typer.Option(None, "--scan-varying/--scan-static", help="Rotation sequences: "
-                                                "refine static then scan-varying (--scan-varying), or scan-static "
-                                                "only (--scan-static). Default: dials.refine's own (static, then "
-                                                "scan-varying)."),
-    integrate: bool = typer.Option(True, "--integrate/--no-integrate", help="Rotation sequences: integrate the "
-                                   "Bragg reflections (--no-integrate stops after refinement; stills always "
-                                   "integrate)."),
+    space_group: Optional[str] = _opt("space_group", "--space-group"),
+    unit_cell: Optional[str] = _opt("unit_cell", "--unit-cell"),
+    phil: List[str] = _opt("phil", "--phil"),
+    nproc: int = _opt("nproc", "--nproc", "-j"),
+    min_spots: int = _opt("min_spots", "--min-spots"),
+    q_tolerance: float = _opt("q_tolerance", "--q-tolerance"),
+    px_tolerance: float = _opt("px_tolerance", "--px-tolerance"),
+    strategies: Optional[str] = _opt("strategies", "--strategies"),
+    relaxed_sigma_b: float = _opt("relaxed_sigma_b", "--relaxed-sigma-b"),
+    scan_varying: Optional[bool] = _opt("scan_varying", "--scan-varying/--scan-static"),
+    integrate: bool = _opt("integrate", "--integrate/--no-integrate"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of job parameters (the keys of a bus "
+                                          "job's params, mode auto); options given on the command line win."),
+    set_: List[str] = typer.Option([], "--set", help="A job parameter key=value (repeatable; value read as YAML), "
+                                   "applied after --config."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
 ):
     """Process IMAGES with DIALS; write per-image .expt/.refl and summary.h5 under --out.
@@ -87,34 +136,12 @@ def run(
     Exit code 0 when every input could be read (non-hits and images that do not index are
     reported in the summary, not errors), 1 when some input files were unreadable, 2 for usage errors.
     """
-    from .batch import default_nproc, run_job
-    from .core.params import (DEFAULT_STRATEGIES, PhilError, ProcessingSettings, Symmetry, check_space_group,
-                              check_strategies, parse_unit_cell, validate_phil)
-
-    try:
-        sg = check_space_group(space_group) if space_group else None
-        uc = parse_unit_cell(unit_cell) if unit_cell else None
-        strats = check_strategies(strategies.split(",")) if strategies is not None else DEFAULT_STRATEGIES
-    except ValueError as exc:
-        _fail(str(exc))
-    if min_spots < 1 or q_tolerance <= 0 or px_tolerance <= 0 or relaxed_sigma_b < 0:
-        _fail("--min-spots must be >= 1, the tolerances > 0 and --relaxed-sigma-b >= 0")
-    settings = ProcessingSettings(symmetry=Symmetry(sg, uc), phil=tuple(phil), min_spots=min_spots,
-                                  q_tolerance=q_tolerance, px_tolerance=px_tolerance, strategies=strats,
-                                  relaxed_sigma_b_cutoff=relaxed_sigma_b or None, scan_varying=scan_varying,
-                                  integrate_sequences=integrate)
-    try:
-        if phil:
-            validate_phil(settings)
-    except PhilError as exc:
-        _fail(str(exc))
+    params = job_params(ctx, config, set_)
+    settings = params.settings()
     missing = [str(p) for p in images if not p.exists()]
     if missing and len(missing) == len(images):
         _fail(f"no input file exists: {', '.join(missing[:5])}")
-    nproc = nproc or default_nproc()
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    nproc = params.nproc or default_nproc()
 
     console = Console(stderr=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -158,10 +185,6 @@ def frame_model(
     the A matrix at the frame's centre (mean of its two scan points); otherwise the model's static A.
     Exit code 2 if FRAME is not of MODEL's sweep (another detector, template, width or start angle).
     """
-    from diffractflow.artifacts import atomic_write_path
-
-    from .core.sweep import FrameMismatch, frame_experiment
-
     try:
         experiments, info = frame_experiment(model, frame)
     except FrameMismatch as exc:
@@ -177,10 +200,6 @@ def frame_model(
 @app.command()
 def show(summary: Path = typer.Argument(..., help="A summary.h5 written by `run` or the service.")):
     """Print the summary table of a finished job."""
-    from rich.console import Console
-
-    from .artifacts import read_summary
-
     try:
         rows = read_summary(summary)
     except (OSError, ValueError, KeyError) as exc:

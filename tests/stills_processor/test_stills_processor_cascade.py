@@ -124,16 +124,16 @@ def test_indexed_orientations_match_the_planted_ones(high_dose):
 
 
 def test_strategy_names_are_checked():
-    from stills_processor.core.params import DEFAULT_STRATEGIES, check_strategies
-    from stills_processor.worker import Params
+    from stills_processor.core.params import DEFAULT_STRATEGIES, StillsJob, check_strategies
 
     assert DEFAULT_STRATEGIES[0] == "default"
     assert check_strategies(["radial_profile", " default"]) == ("radial_profile", "default")
     with pytest.raises(ValueError, match="unknown processing strategy 'nope'"):
         check_strategies(["default", "nope"])
-    with pytest.raises(ValueError):
-        Params(strategies=["nope"])
-    assert Params(strategies=["strict_spots"]).strategies == ["strict_spots"]
+    with pytest.raises(ValueError, match="nope"):
+        StillsJob(strategies=["nope"])
+    assert StillsJob(strategies=["strict_spots"]).strategies == ["strict_spots"]
+    assert StillsJob(strategies="radial_profile, default").strategies == ["radial_profile", "default"]
 
 
 def test_strategy_parameters_reach_dials_and_user_phil_wins():

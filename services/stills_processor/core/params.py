@@ -6,11 +6,26 @@ Sequences use the working scopes of ``dials.find_spots``, ``dials.index``, ``dia
 ``dials.integrate``. ``KEY=VALUE`` overrides (``--phil``) go through libtbx's command-line argument
 interpreter, so abbreviated paths work exactly as on DIALS' command lines
 (``gain=1.5`` -> ``spotfinder.threshold.dispersion.gain``), and an unknown key is an error.
+
+The job parameters (one pydantic model per job kind: :class:`StillsJob` for ``mode=auto`` and ``run``,
+:class:`SequenceJob`, :class:`FrameModelJob`; :data:`JobParams` is their union on ``mode``) are defined here
+and only here: the worker validates bus jobs with them, the CLI's options and their defaults are read from
+them, and :meth:`StillsJob.settings` turns one into the :class:`ProcessingSettings` the DIALS code takes.
+
+DIALS' own modules (``dials.command_line.*``) are imported inside the functions that parse PHIL: importing
+them takes 3-4 s, which ``stills-processor --help``, the orchestration and a parameter check without
+``phil`` should not pay (the worker's pool preloads them, see ``_preload.py``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Annotated, Any, List, Literal, Optional, Sequence, Union
+
+from cctbx import sgtbx
+from libtbx.utils import Sorry
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_validator
+
+from diffractflow.errors import InputError
 
 # Defaults this service applies on top of dials.stills_process' own (see ../shared/briefs/ENVIRONMENT.md):
 # - Debian's cctbx lacks the compiled Nave-model extension used by the default stills indexer,
@@ -76,7 +91,6 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              "dials.index' own candidate search (50 candidate bases refined, not 5)"),
 )}
 DEFAULT_STRATEGIES: tuple[str, ...] = tuple(STRATEGIES)
-RELAXED_SIGMA_B_CUTOFF = 0.5  # deg; a still rejected by DIALS' 0.1 deg is integrated if sigma_b is below this
 
 
 def check_strategies(names: Sequence[str]) -> tuple[str, ...]:
@@ -90,8 +104,8 @@ def check_strategies(names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-class PhilError(ValueError):
-    """A ``--phil KEY=VALUE`` that no DIALS scope of the workflow understands."""
+class PhilError(InputError):
+    """A ``--phil KEY=VALUE`` that no DIALS scope of the workflow understands (bad input: the job is rejected)."""
 
 
 @dataclass(frozen=True)
@@ -110,24 +124,6 @@ class Symmetry:
         return out
 
 
-@dataclass(frozen=True)
-class ProcessingSettings:
-    """Everything a worker needs to process one unit (picklable: plain data only)."""
-
-    symmetry: Symmetry = field(default_factory=Symmetry)
-    phil: tuple[str, ...] = ()
-    min_spots: int = 16  # fewer strong spots than this: a non-hit (as dials.stills_process' hit finder)
-    q_tolerance: float = 0.005  # 1/Angstrom, bound on the median |q_obs - q_pred| of indexed spots
-    px_tolerance: float = 2.0  # pixels, bound on the median detector offset observed vs predicted
-    write_indexed: bool = True  # also write <name>_indexed.refl (strong spots with Miller indices)
-    strategies: tuple[str, ...] = DEFAULT_STRATEGIES  # tried in order on a still until one processes it
-    relaxed_sigma_b_cutoff: float | None = RELAXED_SIGMA_B_CUTOFF  # deg; None: DIALS' cut-off is final
-    # rotation sequences only: None = dials.refine's default (static, then a scan-varying macrocycle);
-    # True = the same, asked for explicitly; False = scan-static refinement only
-    scan_varying: bool | None = None
-    integrate_sequences: bool = True  # False: a sequence stops after refinement (indexed, not integrated)
-
-
 def parse_unit_cell(text: str) -> tuple[float, float, float, float, float, float]:
     """``"a,b,c,al,be,ga"`` (Angstrom, degrees) -> 6 floats; raises ValueError naming the problem."""
     parts = [p for p in text.replace(" ", ",").split(",") if p]
@@ -141,8 +137,6 @@ def parse_unit_cell(text: str) -> tuple[float, float, float, float, float, float
 
 def check_space_group(symbol: str) -> str:
     """Validate a space-group symbol with cctbx; returns its Hermann-Mauguin form."""
-    from cctbx import sgtbx
-
     try:
         info = sgtbx.space_group_info(symbol)
     except RuntimeError as exc:
@@ -152,8 +146,6 @@ def check_space_group(symbol: str) -> str:
 
 def _interpret(master, args: Sequence[str]):
     """Parse KEY=VALUE lines against ``master``; returns (sources, unknown_args)."""
-    from libtbx.utils import Sorry
-
     interp = master.command_line_argument_interpreter(home_scope="")
     sources, unknown = [], []
     for arg in args:
@@ -228,3 +220,154 @@ def validate_phil(settings: ProcessingSettings) -> None:
     bad = sorted(set(_stills_unknown(args)) & set(_sequence_unknown(args)), key=args.index)
     if bad:
         raise PhilError(f"--phil {bad[0]!r} is not a DIALS parameter of the stills or sequence workflow")
+
+
+# ------------------------------------------------------------------------------ job parameter models
+_STRICT = ConfigDict(extra="forbid")
+
+
+class _Symmetric(BaseModel):
+    """Fields every job kind that runs DIALS indexing shares (known symmetry, DIALS overrides, validation)."""
+
+    model_config = _STRICT
+
+    space_group: Optional[str] = Field(None, description="known space group for indexing, e.g. P41212 (any "
+                                       "symbol cctbx reads; none: DIALS finds the lattice)")
+    unit_cell: Optional[List[float]] = Field(None, min_length=6, max_length=6, description="known cell a,b,c "
+                                             "(Angstrom, > 0), alpha,beta,gamma (deg, in (0, 180)); a list or "
+                                             "the text 'a,b,c,al,be,ga'")
+    phil: List[str] = Field(default_factory=list, description="DIALS parameters KEY=VALUE (abbreviated paths "
+                            "as on DIALS' command lines), applied after the service's defaults")
+    nproc: int = Field(0, ge=0, le=256, description="worker processes, each keeping DIALS loaded (0 = all CPUs "
+                       "this process may use; a rotation sequence always takes one)")
+    min_spots: int = Field(16, ge=1, description="fewer strong spots than this: reported as a non-hit, "
+                           "not indexed (count, >= 1)")
+    q_tolerance: float = Field(0.005, gt=0, description="validation bound on the median |q_obs - q_pred| of the "
+                               "indexed spots (1/Angstrom, > 0)")
+    px_tolerance: float = Field(2.0, gt=0, description="validation bound on the median detector offset "
+                                "observed - predicted (pixels, > 0)")
+
+    @field_validator("space_group")
+    @classmethod
+    def _sg(cls, v):
+        return None if v is None else check_space_group(v)
+
+    @field_validator("unit_cell", mode="before")
+    @classmethod
+    def _uc(cls, v):
+        if v is None:
+            return v
+        text = v if isinstance(v, str) else ",".join(str(x) for x in v)
+        return list(parse_unit_cell(text))
+
+    @field_validator("phil")
+    @classmethod
+    def _phil(cls, v):
+        if v:  # parsing against DIALS' scopes costs the DIALS import: only when there is something to parse
+            validate_phil(ProcessingSettings(phil=tuple(v)))
+        return v
+
+    def _symmetry(self) -> "Symmetry":
+        return Symmetry(self.space_group, tuple(self.unit_cell) if self.unit_cell else None)
+
+
+class StillsJob(_Symmetric):
+    """``mode=auto`` (and ``stills-processor run``): images routed as stills (one by one, the strategy cascade)
+    or, for oscillation frames, grouped into rotation sequences."""
+
+    mode: Literal["auto"] = Field("auto", description="route the images: stills one by one, oscillation frames "
+                                  "grouped into sequences")
+    strategies: Optional[List[str]] = Field(None, description="processing strategies tried in order on a still "
+                                            "until one indexes it; a list or comma-separated text (none: all, "
+                                            + ",".join(DEFAULT_STRATEGIES) + ")")
+    relaxed_sigma_b: float = Field(0.5, ge=0, description="a still whose profile sigma_b exceeds DIALS' 0.1 deg "
+                                   "cut-off is still integrated below this (deg, >= 0; 0 = no relaxation)")
+    scan_varying: Optional[bool] = Field(None, description="rotation sequences: true refines static then "
+                                         "scan-varying, false scan-static only (none: dials.refine's own "
+                                         "default, static then scan-varying)")
+    integrate: bool = Field(True, description="rotation sequences: integrate the Bragg reflections (false stops "
+                            "after refinement; stills always integrate)")
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategies(cls, v):
+        if v is None:
+            return v
+        return list(check_strategies(v.split(",") if isinstance(v, str) else v))
+
+    def settings(self) -> "ProcessingSettings":
+        return ProcessingSettings(
+            symmetry=self._symmetry(), phil=tuple(self.phil), min_spots=self.min_spots,
+            q_tolerance=self.q_tolerance, px_tolerance=self.px_tolerance,
+            strategies=tuple(self.strategies) if self.strategies else DEFAULT_STRATEGIES,
+            relaxed_sigma_b_cutoff=self.relaxed_sigma_b or None, scan_varying=self.scan_varying,
+            integrate_sequences=self.integrate)
+
+
+class SequenceJob(_Symmetric):
+    """``mode=sequence``: the images are the frames of ONE rotation sweep (possibly only its first frames),
+    indexed and refined as one DIALS sequence."""
+
+    mode: Literal["sequence"] = Field(description="the images are the frames of one rotation sweep")
+    scan_varying: bool = Field(False, description="refine static, then with a scan-varying crystal/beam "
+                               "(dials.refine's default for sequences); false: scan-static only")
+    integrate: bool = Field(False, description="also integrate the Bragg reflections (not needed for diffuse "
+                            "extraction)")
+
+    def settings(self) -> "ProcessingSettings":
+        return ProcessingSettings(
+            symmetry=self._symmetry(), phil=tuple(self.phil), min_spots=self.min_spots,
+            q_tolerance=self.q_tolerance, px_tolerance=self.px_tolerance, scan_varying=self.scan_varying,
+            integrate_sequences=self.integrate)
+
+
+class FrameModelJob(BaseModel):
+    """``mode=frame_model``: a one-image rotation experiment for input ``image0`` from the sweep model given as
+    input ``model``; no spot finding, nothing to tune."""
+
+    model_config = _STRICT
+
+    mode: Literal["frame_model"] = Field(description="a one-image rotation experiment from a sweep model")
+
+
+def _mode_of(v: Any) -> str:
+    return v.get("mode", "auto") if isinstance(v, dict) else getattr(v, "mode", "auto")
+
+
+class JobParams(RootModel):
+    """A stills-processor job's parameters: the model of its ``mode`` (default ``auto``); ``.root`` is it."""
+
+    root: Annotated[Union[Annotated[StillsJob, Tag("auto")], Annotated[SequenceJob, Tag("sequence")],
+                          Annotated[FrameModelJob, Tag("frame_model")]],
+                    Discriminator(_mode_of, custom_error_type="mode",
+                                  custom_error_message="mode must be 'auto', 'sequence' or 'frame_model'")]
+
+
+def field_default(model: type[BaseModel], name: str) -> Any:
+    """The default of one field of ``model`` (the one place it is written)."""
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
+def field_help(model: type[BaseModel], name: str) -> str:
+    """The description of one field, as a sentence for a command line's ``--help``."""
+    d = model.model_fields[name].description or ""
+    return d[:1].upper() + d[1:] + "."
+
+
+@dataclass(frozen=True)
+class ProcessingSettings:
+    """Everything a worker needs to process one unit (picklable: plain data only)."""
+
+    symmetry: Symmetry = field(default_factory=Symmetry)
+    phil: tuple[str, ...] = ()
+    # the defaults are the job model's (see StillsJob for units and meaning)
+    min_spots: int = field_default(StillsJob, "min_spots")
+    q_tolerance: float = field_default(StillsJob, "q_tolerance")
+    px_tolerance: float = field_default(StillsJob, "px_tolerance")
+    write_indexed: bool = True  # also write <name>_indexed.refl (strong spots with Miller indices)
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES  # tried in order on a still until one processes it
+    relaxed_sigma_b_cutoff: float | None = field_default(StillsJob, "relaxed_sigma_b")  # deg; None: DIALS' is final
+    # rotation sequences only: None = dials.refine's default (static, then a scan-varying macrocycle);
+    # True = the same, asked for explicitly; False = scan-static refinement only
+    scan_varying: bool | None = field_default(StillsJob, "scan_varying")
+    integrate_sequences: bool = field_default(StillsJob, "integrate")  # False: a sequence stops after refinement

@@ -17,6 +17,7 @@ Every step's numbers (spot counts, cells, A matrices, RMSDs) are read from the D
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from diffractflow.errors import InputError
 
 from .params import STRATEGIES, ProcessingSettings, sequence_params, stills_params
 from .validation import QValidation, validate_q_vectors
@@ -37,8 +40,8 @@ FAILED = "failed"  # readable with spots, but indexing / refinement / integratio
 ERROR = "error"  # the file could not be read (corrupt, truncated, not an image)
 
 
-class UnreadableImage(RuntimeError):
-    """An input file dxtbx cannot read (corrupt, truncated, unknown format)."""
+class UnreadableImage(InputError):
+    """An input file dxtbx cannot read (corrupt, truncated, unknown format): bad input, not a failure."""
 
 
 @dataclass
@@ -186,8 +189,6 @@ _STRATEGY_PARAMS: dict[tuple, Any] = {}
 
 def _params_for(settings: ProcessingSettings, strategy: str):
     """Working parameters of one strategy, built once per process (PHIL parsing costs seconds)."""
-    import copy
-
     key = (settings, strategy)
     if key not in _STRATEGY_PARAMS:
         _STRATEGY_PARAMS[key] = stills_params(settings, strategy)

@@ -21,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from diffractflow.errors import InputError
 
-class FrameMismatch(ValueError):
-    """The frame (or the model) cannot give a frame experiment: unreadable, or not of the model's sweep."""
+
+class FrameMismatch(InputError):
+    """The frame (or the model) cannot give a frame experiment: unreadable, or not of the model's sweep (bad input:
+    the job is rejected)."""
 
 
 @dataclass(frozen=True)
