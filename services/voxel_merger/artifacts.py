@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import diffractflow.errors
 import h5py
 import numpy as np
 
@@ -35,8 +36,11 @@ log = logging.getLogger("voxel_merger")
 _warned_no_weight: set[str] = set()
 
 
-class InputError(ValueError):
-    """An input file is missing, unreadable or does not follow the expected schema."""
+class InputError(diffractflow.errors.InputError):
+    """An input file is missing, unreadable or does not follow the expected schema.
+
+    The platform's input error: the bus rejects the job without retry; the message names the file and the
+    problem."""
 
 
 # ====================================================================== stills

@@ -1,31 +1,44 @@
-"""voxel-merger command line: run / grid / accumulate / merge / inspect (+ serve from the platform)."""
+"""voxel-merger command line: run / grid / accumulate / merge / inspect (+ serve from the platform).
+
+Options, their defaults and help come from :mod:`voxel_merger.core.params` (the bus worker's models), so a job
+behaves the same from here and from the bus (e.g. the hdf5 storage backend)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
+import h5py
+import numpy as np
 import typer
-
 from diffractflow.cli import service_app
+from pydantic import ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
+from .artifacts import MAP_SCHEMA, TABLE_SCHEMA, InputError, open_still, read_grid, read_map, write_grid
+from .core.params import MergeOptions, merge_reject_sigma
+from .pipeline import accumulate_one, check_subdivisions, grid_from_inputs, merge_partials
+from .pipeline import run as run_pipeline
+from .storage import ACCUMULATOR_SCHEMA, H5VoxelAccumulator
 
 app = service_app("voxel-merger", __version__, stage="voxel_merger.worker:STAGE",
                   help="Merge diffuse-scattering stills onto a global reciprocal grid (exposure-weighted, HDF5-backed).")
 
 
-def _options(subdivisions, symmetry, reject_sigma, d_min, backend, cache_mb, half_seed, n_shells, table=True):
-    from .pipeline import MergeOptions
-
-    if subdivisions < 1 or subdivisions % 2 == 0:
-        typer.echo(f"error: --subdivisions must be a positive odd number, got {subdivisions}", err=True)
+def _options(**values: Any) -> MergeOptions:
+    """The library options from the command line's values; exit 2 naming the option on a bad value."""
+    try:
+        opt = MergeOptions(**values)
+        check_subdivisions(opt.subdivisions)
+    except ValidationError as exc:
+        typer.echo("error: " + "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                                         for e in exc.errors()), err=True)
         raise typer.Exit(2)
-    if backend not in ("memory", "hdf5"):
-        typer.echo(f"error: --backend must be 'memory' or 'hdf5', got {backend!r}", err=True)
+    except InputError as exc:
+        typer.echo(f"error: --{exc}", err=True)
         raise typer.Exit(2)
-    return MergeOptions(subdivisions=subdivisions, symmetry=symmetry, reject_sigma=reject_sigma, d_min=d_min,
-                        backend=backend, cache_mb=cache_mb, half_seed=half_seed, n_shells=n_shells, write_table=table)
+    return opt
 
 
 def _fail(exc: Exception):
@@ -34,20 +47,23 @@ def _fail(exc: Exception):
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-SUBDIV = typer.Option(3, "--subdivisions", help="Sub-voxels per unit of h, k and l (odd: integer hkl at voxel centres).")
-SYMM = typer.Option(None, "--symmetry", help="Merge symmetry equivalents (Laue group + Friedel) of this space group "
-                                             "symbol, or 'auto' for the stills' own; default: no symmetry merging.")
-DMIN = typer.Option(None, "--d-min", help="Resolution limit of the grid in Å (default: from the data).")
-BACKEND = typer.Option("hdf5", "--backend", help="'hdf5' (bounded memory, on disk; dense in memory while the grid "
-                                                  "fits --cache-mb) or 'memory' (dense arrays). Same default as the bus worker.")
-CACHE = typer.Option(256, "--cache-mb", help="Block cache of the hdf5 backend, MiB.")
-SEED = typer.Option(0, "--half-seed", help="Seed of the random per-still half-dataset split (CC1/2).")
-SHELLS = typer.Option(10, "--shells", help="Resolution shells for CC1/2 (equal reciprocal volume).")
+def _opt(name: str, *decls: str) -> Any:
+    """A typer option for MergeOptions' field ``name``: its default and description."""
+    f = MergeOptions.model_fields[name]
+    return typer.Option(f.default, *decls, help=f"{f.description}.")
+
+
+SUBDIV = _opt("subdivisions", "--subdivisions")
+SYMM = _opt("symmetry", "--symmetry")
+DMIN = _opt("d_min", "--d-min")
+BACKEND = _opt("backend", "--backend")
+CACHE = _opt("cache_mb", "--cache-mb")
+SEED = _opt("half_seed", "--half-seed")
+SHELLS = _opt("n_shells", "--shells")
+REJECT = _opt("reject_sigma", "--reject-sigma")
 
 
 @app.command()
@@ -58,20 +74,17 @@ def run(
     scales: Optional[Path] = typer.Option(None, "--scales", help="scales.json from the scaler: still id -> b, "
                                                                   "with I_obs = b * I_ref (intensities are divided by b)."),
     symmetry: Optional[str] = SYMM,
-    reject_sigma: Optional[float] = typer.Option(None, "--reject-sigma", help="Reject observations further than this "
-                                                 "many σ from the mean of the other observations in their voxel."),
+    reject_sigma: Optional[float] = REJECT,
     d_min: Optional[float] = DMIN,
     backend: str = BACKEND,
     cache_mb: int = CACHE,
     half_seed: int = SEED,
     shells: int = SHELLS,
-    table: bool = typer.Option(True, "--table/--no-table", help="Write the scaler's flat observation table."),
+    table: bool = _opt("write_table", "--table/--no-table"),
 ):
     """Merge stills end to end: grid, accumulation, weighted merge, map and figures."""
-    from .artifacts import InputError
-    from .pipeline import run as run_pipeline
-
-    opt = _options(subdivisions, symmetry, reject_sigma, d_min, backend, cache_mb, half_seed, shells, table)
+    opt = _options(subdivisions=subdivisions, symmetry=symmetry, reject_sigma=reject_sigma, d_min=d_min,
+                   backend=backend, cache_mb=cache_mb, half_seed=half_seed, n_shells=shells, write_table=table)
     try:
         with _progress() as prog:
             tasks = {}
@@ -82,7 +95,7 @@ def run(
                 prog.update(tasks[stage], completed=i)
 
             outputs, stats = run_pipeline(inputs, out, opt, scales_path=scales, progress=cb)
-    except (InputError, ValueError, RuntimeError) as exc:
+    except InputError as exc:
         _fail(exc)
     _summary(outputs, stats)
 
@@ -106,13 +119,10 @@ def grid(
     d_min: Optional[float] = DMIN,
 ):
     """Define the global grid (average cell, reference setting, bounds) for per-still accumulate jobs."""
-    from .artifacts import InputError, write_grid
-    from .pipeline import grid_from_inputs
-
-    opt = _options(subdivisions, None, None, d_min, "memory", 256, 0, 10)
+    opt = _options(subdivisions=subdivisions, d_min=d_min)
     try:
         g, info = grid_from_inputs(inputs, opt)
-    except (InputError, ValueError) as exc:
+    except InputError as exc:
         _fail(exc)
     write_grid(out, g, info)
     typer.echo(f"grid {g.shape} ({g.n_voxels} voxels), cell {info['average_unit_cell']}, {info['space_group']}, "
@@ -127,12 +137,10 @@ def accumulate(
     cache_mb: int = CACHE,
 ):
     """Accumulate one still into a partial accumulator file (sums per voxel; merge later)."""
-    from .artifacts import InputError, read_grid
-    from .pipeline import MergeOptions, accumulate_one
-
+    opt = _options(cache_mb=cache_mb)
     try:
-        info = accumulate_one(still, read_grid(grid_file), out, MergeOptions(cache_mb=cache_mb))
-    except (InputError, ValueError) as exc:
+        info = accumulate_one(still, read_grid(grid_file), out, opt)
+    except InputError as exc:
         _fail(exc)
     typer.echo(json.dumps(info))
 
@@ -145,26 +153,22 @@ def merge(
     table: Optional[Path] = typer.Option(None, "--table", help="Observation table whose still_names map integer "
                                                                 "keys of scales.json to still ids."),
     symmetry: Optional[str] = SYMM,
-    reject_sigma: Optional[float] = typer.Option(None, "--reject-sigma", help="Drop a still's voxel estimate "
-                                                 "further than this many σ from the other stills' mean (voxels "
-                                                 "with >= 3 stills; single-still partials). Default: off."),
+    reject_sigma: Optional[float] = REJECT,
     backend: str = BACKEND,
     cache_mb: int = CACHE,
     half_seed: int = SEED,
     shells: int = SHELLS,
 ):
     """Add partial accumulators (exact) and write the merged map, figures and statistics."""
-    from .artifacts import InputError
-    from .pipeline import merge_partials
-
-    opt = _options(3, symmetry, reject_sigma, None, backend, cache_mb, half_seed, shells, table=True)
+    opt = _options(symmetry=symmetry, reject_sigma=merge_reject_sigma(reject_sigma, scaled=scales is not None),
+                   backend=backend, cache_mb=cache_mb, half_seed=half_seed, n_shells=shells)
     try:
         with _progress() as prog:
             task = prog.add_task("merging partials", total=len(partials))
             outputs, stats = merge_partials(partials, out, opt, scales_path=scales, table_path=table,
                                             heartbeat=lambda: prog.update(  # also ticks while writing the map
                                                 task, completed=min(len(partials), prog.tasks[0].completed + 1)))
-    except (InputError, ValueError) as exc:
+    except InputError as exc:
         _fail(exc)
     _summary(outputs, stats)
 
@@ -172,12 +176,6 @@ def merge(
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="A map.h5, partial accumulator, observation table or still file.")):
     """Summarise a voxel-merger file (or an input still)."""
-    import h5py
-    import numpy as np
-
-    from .artifacts import InputError, MAP_SCHEMA, TABLE_SCHEMA, open_still, read_map
-    from .storage import ACCUMULATOR_SCHEMA, H5VoxelAccumulator
-
     if not path.exists():
         _fail(FileNotFoundError(f"{path} does not exist"))
     try:

@@ -12,12 +12,14 @@ import logging
 import shutil
 import tempfile
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import h5py
 import numpy as np
+from diffractflow.artifacts import atomic_write_json, atomic_write_path, write_provenance
 
+from . import __version__
 from .artifacts import (InputError, ObservationTableWriter, map_planes, open_still, read_scales, read_still_names,
                         resolve_scales, scale_for, write_grid, write_map, write_radial_png, write_slice_pngs)
 from .core.accumulate import VoxelAccumulator, half_of_still
@@ -26,34 +28,18 @@ from .core.grid import (CrystalModel, GlobalGrid, average_crystal_model, build_g
 from .core.accumulate import observation_weights, scale_sums
 from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, leave_one_out_z_sums, map_slabs,
                          radial_profile, symmetry_agreement, symmetry_merge)
-from .storage import H5VoxelAccumulator
+from .core.params import MergeOptions
+from .storage import ACCUMULATOR_SCHEMA, ACCUMULATOR_SCHEMA_VERSION, H5VoxelAccumulator
 
 log = logging.getLogger("voxel_merger")
 
 NO_SYMMETRY = ("", "none", "p1-nomerge", "off")
 
 
-@dataclass
-class MergeOptions:
-    """Parameters of a merge (units: d_min in Å, reject_sigma in σ)."""
-
-    subdivisions: int = 3
-    symmetry: str | None = None        # None/"none": no symmetry merging; "auto": the stills' space group; else a symbol
-    reject_sigma: float | None = None  # leave-one-out outlier rejection threshold; None (or 0) = off
-    reject_min_count: int = 3          # only voxels with at least this many observations (merge: stills) are tested
-    reject_rounds: int = 2             # iterated rejection rounds (each one more pass over the stills)
-    half_seed: int = 0                 # seed of the per-still half-dataset split
-    n_shells: int = 10
-    d_min: float | None = None         # resolution limit of the grid (Å); default: from the data
-    backend: str = "hdf5"              # "hdf5" (bounded memory; dense in memory while the grid fits cache_mb) or "memory"
-    cache_mb: int = 256
-    chunk: int = 1 << 20               # observations read per chunk (bounds the memory of reading)
-    write_table: bool = True
-    reference_setting: bool = True     # reindex stills to their space group's reference setting
-    exclude_bragg_voxels: bool = False  # merge: leave out the voxel centred on each integer hkl (see bragg_voxel_mask)
-
-    def params(self) -> dict:
-        return asdict(self)
+def check_subdivisions(n: int) -> None:
+    """Integer hkl must sit at voxel centres: ``subdivisions`` odd (the job's parameters are at fault if not)."""
+    if n < 1 or n % 2 == 0:
+        raise InputError(f"subdivisions must be a positive odd number (integer hkl at voxel centres), got {n}")
 
 
 def _symmetry_symbol(opt: MergeOptions, grid: GlobalGrid) -> str | None:
@@ -220,8 +206,6 @@ def finalize(acc, grid: GlobalGrid, out_dir: Path, opt: MergeOptions, *, symmetr
              job_id: str | None = None, workdir: Path | None = None, already_asu: bool = False,
              progress: Callable[[], None] | None = None) -> dict[str, Path]:
     """Symmetry-merge (if asked), compute statistics, write map.h5, PNGs and stats.json."""
-    from diffractflow.artifacts import atomic_write_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     mapper = AsuMapper(grid, symmetry) if symmetry else None
     store = acc
@@ -260,8 +244,6 @@ def finalize(acc, grid: GlobalGrid, out_dir: Path, opt: MergeOptions, *, symmetr
     if streamed:
         outputs["map"] = write_map(out_dir / "map.h5", grid, None, None, None, statistics=stats,
                                    parameters=opt.params(), inputs=inputs, job_id=job_id, slabs=map_slabs(view))
-        import h5py
-
         with h5py.File(outputs["map"], "r") as f:
             planes = map_planes(grid, f["entry/map/intensity"])
         if view is not store:
@@ -362,10 +344,6 @@ def accumulate_one(still: Path, grid: GlobalGrid, out_path: Path, opt: MergeOpti
                    input_hashes: Mapping[str, str] | None = None, job_id: str | None = None,
                    heartbeat: Callable[[], None] | None = None) -> dict:
     """One still -> a partial accumulator file (P1 voxels, one half, unscaled)."""
-    from diffractflow.artifacts import atomic_write_path, write_provenance
-    from . import __version__
-    from .storage import ACCUMULATOR_SCHEMA, ACCUMULATOR_SCHEMA_VERSION
-
     out_path = Path(out_path)
     with open_still(still) as src, atomic_write_path(out_path) as tmp:
         with H5VoxelAccumulator(tmp, grid, n_halves=1, mode="w", cache_bytes=opt.cache_mb * 2**20) as acc:
@@ -412,7 +390,8 @@ def bragg_voxel_mask(grid: GlobalGrid, ids: np.ndarray) -> np.ndarray:
     what a significance test catches of it depends on the dose. Leaving them out keeps the map dose-invariant; the
     neighbouring voxels keep the halo's shape."""
     if grid.ndiv < 3:
-        raise ValueError(f"excluding Bragg voxels needs subdivisions >= 3 (got {grid.ndiv}): every voxel is one")
+        raise InputError(f"exclude_bragg_voxels needs a grid with subdivisions >= 3 (got {grid.ndiv}): every voxel "
+                         "is centred on an integer hkl")
     H = grid.voxel_hkl_scaled(np.asarray(ids, dtype=np.int64))
     return np.all(H % grid.ndiv == 0, axis=1)
 

@@ -152,11 +152,11 @@ def test_worker_accumulate_and_merge_modes(stills, tmp_path):
         dst = root / "in" / p.name
         dst.write_bytes(p.read_bytes())
         ctx = ctx_for(f"acc{i}", {"still": dst, "grid": root / "in" / "grid.json"}, {"mode": "accumulate"})
-        STAGE.handler(ctx, Params(**ctx.job.params))
+        STAGE.handler(ctx, Params.model_validate(ctx.job.params))
         assert ctx.metrics["n_used"] > 0
         partial_refs[f"partial_{i}"] = ctx.outputs["partial"]
     ctx = ctx_for("merge", partial_refs, {"mode": "merge", "backend": "hdf5"})
-    STAGE.handler(ctx, Params(**ctx.job.params))
+    STAGE.handler(ctx, Params.model_validate(ctx.job.params))
     assert ctx.outputs["map"].exists() and ctx.metrics["n_stills"] == 3
     assert ctx.metrics["reject_sigma"] is None  # unscaled stills: no outlier test by default
     # the grid built by the merger from {unit_cell, space_group, d_min, subdivisions} equals `grid` of the stills
@@ -166,7 +166,7 @@ def test_worker_accumulate_and_merge_modes(stills, tmp_path):
     spec_refs = {}
     for i, p in enumerate(paths[:3]):
         ctx = ctx_for(f"spec{i}", {"still": root / "in" / p.name}, {"mode": "accumulate", "grid_spec": spec})
-        STAGE.handler(ctx, Params(**ctx.job.params))
+        STAGE.handler(ctx, Params.model_validate(ctx.job.params))
         spec_refs[f"partial_{i}"] = ctx.outputs["partial"]
     from voxel_merger.storage import H5VoxelAccumulator
 
@@ -176,7 +176,7 @@ def test_worker_accumulate_and_merge_modes(stills, tmp_path):
     sc = root / "in" / "scales.json"
     sc.write_text(json.dumps(scales))
     ctx = ctx_for("merge_scaled", {**spec_refs, "scales": sc}, {"mode": "merge"})
-    STAGE.handler(ctx, Params(**ctx.job.params))
+    STAGE.handler(ctx, Params.model_validate(ctx.job.params))
     assert ctx.metrics["reject_sigma"] == 5.0 and ctx.metrics["n_rejected"] == 0  # scaled: 5σ test, clean data
     # |s| in the merged map uses the average refined cell of the 3 stills merged, not the spec's (6 stills) cell
     info3 = grid_from_inputs(paths[:3], MergeOptions())[1]
@@ -185,14 +185,14 @@ def test_worker_accumulate_and_merge_modes(stills, tmp_path):
     ctx = ctx_for("bad_spec", {"still": root / "in" / paths[0].name}, {"mode": "accumulate",
                                                                        "grid_spec": {"unit_cell": [1, 2]}})
     with pytest.raises(BadInput, match="grid_spec"):
-        STAGE.handler(ctx, Params(**ctx.job.params))
+        STAGE.handler(ctx, Params.model_validate(ctx.job.params))
     ctx = ctx_for("run", {f"still_{i}": root / "in" / p.name for i, p in enumerate(paths[:3])},
                   {"mode": "run", "reject_sigma": 6.0, "symmetry": "auto"})
-    STAGE.handler(ctx, Params(**ctx.job.params))
+    STAGE.handler(ctx, Params.model_validate(ctx.job.params))
     assert {"map", "observations", "stats", "slice_l0"} <= set(ctx.outputs) and ctx.metrics["n_stills"] == 3
     ctx = ctx_for("bad", {"still": root / "in" / paths[0].name}, {"mode": "accumulate"})
     with pytest.raises(BadInput, match="grid"):
-        STAGE.handler(ctx, Params(**ctx.job.params))
+        STAGE.handler(ctx, Params.model_validate(ctx.job.params))
 
 
 def test_reader_accepts_the_diffuse_extractor_layout(tmp_path):

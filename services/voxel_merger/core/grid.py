@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .params import DEFAULTS
+
 __all__ = [
     "CrystalModel",
     "GlobalGrid",
@@ -261,7 +263,7 @@ def grid_from_spec(spec: dict) -> GlobalGrid:
         uc = tuple(float(x) for x in spec["unit_cell"])
         sg = str(spec.get("space_group") or "P 1")
         d_min = float(spec["d_min"])
-        ndiv = int(spec.get("subdivisions", 3))
+        ndiv = int(spec.get("subdivisions", DEFAULTS.subdivisions))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"grid_spec needs unit_cell (6 numbers), d_min (Å) and optionally space_group and "
                          f"subdivisions: {exc}") from exc
