@@ -11,7 +11,11 @@ JS/CSS, links to the NeXus/HDF5/JSON files relative to the page) for
   so far, symmetry-merged like the final map but unscaled and without outlier rejection;
 - the output directory of ``diffractflow process diffuse`` (``summary.json`` and the copied outputs; the per-still
   records and tables are taken from the run's volume when it is found beside it);
-- a stem-polar job directory (``logs/run.json``, ``figures/*.png``, ``kspace/*.png``).
+- a stem-polar job directory (``logs/run.json``; the page of :func:`diffractflow.report_page.job_page`, which the
+  stem-polar worker and CLI write themselves) or a stem-polar demo directory (``result/logs/run.json``).
+
+The page pieces (HTML skeleton, tables, embedded figures, link checks, versions) are the platform's
+(:mod:`diffractflow.report_page`); this module holds what is particular to diffuse runs.
 
 ``serve_report`` serves the page on localhost and regenerates it on each request when any input changed (cached
 by modification time; a partial accumulator is read once), with an auto-refresh while the run collects. Only the
@@ -19,17 +23,12 @@ page and the files it links to are served.
 """
 from __future__ import annotations
 
-import base64
-import datetime as _dt
 import functools
-import html
-import io
 import json
 import os
-import platform
 import threading
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,7 +36,12 @@ from typing import Any, Iterable, Optional, Sequence  # Optional: the CLI's anno
 
 import numpy as np
 
-REPORT_NAME = "report.html"
+from diffractflow.report_page import (REPORT_NAME, Linker as _Linker, Page, check_links, esc as _esc,  # noqa: F401
+                                      figure as _figure, fmt as _fmt, img as _img, job_page,
+                                      kv_table as _kv_table, png_b64 as _png_b64, render_html, table as _table,
+                                      write_page)
+from diffractflow.report_page import software_versions as _platform_versions
+
 #: seconds between refreshes of the served page while a run is collecting
 REFRESH_S = 10.0
 
@@ -93,8 +97,9 @@ def locate(target: str | os.PathLike, home: str | os.PathLike | None = None) -> 
     p = Path(target).expanduser()
     if p.is_dir():
         p = p.resolve()
-        if (p / "logs" / "run.json").is_file():
-            return RunLayout("stem", page_dir=p, output_dir=p)
+        for job in (p, p / "result"):  # a stem-polar job, or a stem-polar demo directory
+            if (job / "logs" / "run.json").is_file():
+                return RunLayout("stem", page_dir=job, output_dir=job)
         if (p / "stills").is_dir() or (p / "config.json").is_file():
             return RunLayout("diffuse", page_dir=p, run_dir=p, output_dir=p / "output", volume=_volume_of_run_dir(p))
         if not (p / "summary.json").is_file() and (p / "result" / "summary.json").is_file():
@@ -139,44 +144,11 @@ def _read_json(path: Path | None, default=None):
         return default  # being replaced (atomic writes make this rare) or broken: the next refresh retries
 
 
-def _png_b64(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _figure(w: float, h: float):
-    from matplotlib.figure import Figure  # no pyplot: no global state, safe in the server's threads
-
-    return Figure(figsize=(w, h))
-
-
-def _esc(x) -> str:
-    return html.escape("" if x is None else str(x))
-
-
-def _fmt(v, nd: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:.0f}"
-    return str(v)
-
-
 @functools.lru_cache(maxsize=1)
 def software_versions() -> dict[str, str]:
-    """Versions of the platform and the scientific stack this report was made with."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("diffractflow", "numpy", "h5py", "dxtbx", "prefect", "nats-py", "torch", "matplotlib"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
+    """Versions of the platform and the scientific stack a diffuse run's report was made with."""
+    out = dict(_platform_versions(("diffractflow", "numpy", "h5py", "dxtbx", "prefect", "nats-py", "torch",
+                                   "matplotlib")))
     try:  # Debian's DIALS carries no reliable distribution metadata: ask DIALS itself
         from dials.util.version import dials_version
 
@@ -448,52 +420,6 @@ def fig_timings(rows: list[dict]) -> str | None:
 
 
 # ============================================================================ collecting a diffuse run
-@dataclass
-class Page:
-    """What a page shows; ``links`` holds every local file it links to (absolute paths)."""
-
-    title: str
-    status: str
-    sections: list[str] = field(default_factory=list)
-    links: set[Path] = field(default_factory=set)
-    refresh_s: float | None = None
-
-
-class _Linker:
-    def __init__(self, page: Page, page_dir: Path):
-        self.page, self.page_dir = page, page_dir
-
-    def __call__(self, path: Path | None, label: str | None = None) -> str:
-        """An <a> to a local file relative to the page, or the plain label when the file does not exist."""
-        if path is None:
-            return _esc(label or "–")
-        path = Path(path)
-        if not path.is_file():
-            return _esc(label or path.name)
-        self.page.links.add(path.resolve())
-        rel = os.path.relpath(path.resolve(), self.page_dir.resolve())
-        return f'<a href="{_esc(urllib.parse.quote(Path(rel).as_posix()))}">{_esc(label or path.name)}</a>'
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
-    """Rows of already-escaped HTML cells."""
-    th = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _kv_table(d: dict) -> str:
-    return _table(["key", "value"], ([_esc(k), _esc(json.dumps(v) if isinstance(v, (list, dict)) else v)]
-                                     for k, v in d.items()), "kv")
-
-
-def _img(b64: str | None, alt: str) -> str:
-    if not b64:
-        return ""
-    return (f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{b64}">'
-            f'<figcaption>{_esc(alt)}</figcaption></figure>')
-
-
 def _records(layout: RunLayout, summary: dict) -> list[dict]:
     if layout.run_dir is not None and (layout.run_dir / "stills").is_dir():
         rows = []
@@ -715,71 +641,9 @@ def _describe(p: Path) -> str:
     return {".png": "figure", ".h5": "HDF5", ".json": "JSON", ".nxs": "NeXus"}.get(p.suffix, "")
 
 
-# ============================================================================ stem-polar job
-def _stem_page(layout: RunLayout) -> Page:
-    d = layout.output_dir
-    run = _read_json(d / "logs" / "run.json", {}) or {}
-    rep = run.get("report") or {}
-    q = rep.get("quality") or {}
-    failed = q.get("failed") or []
-    page = Page(title=f"stem-polar job {d.name}",
-                status="quality checks failed: " + ", ".join(failed) if failed else "quality checks passed")
-    link = _Linker(page, layout.page_dir)
-    S = page.sections
-    checks = q.get("checks") or {}
-    rows = []
-    for name, c in checks.items():
-        c = c if isinstance(c, dict) else {"value": c}
-        ok = name not in failed
-        rows.append([_esc(name), f'<span class="st-{"ok" if ok else "failed"}">{"ok" if ok else "failed"}</span>',
-                     _esc(c.get("message", "")),
-                     _esc(json.dumps({k: v for k, v in c.items() if k not in ("passed", "ok", "message")}))])
-    S.append("<h2>Quality checks</h2>" + _table(["check", "result", "message", "details"], rows))
-    if rep.get("warnings"):
-        S.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{_esc(w)}</li>" for w in rep["warnings"]) + "</ul>")
-    pngs = sorted((d / "figures").glob("*.png")) + sorted((d / "kspace").glob("*.png"))
-    S.append("<h2>Figures</h2><div class=figs>" + "".join(
-        _img(base64.b64encode(p.read_bytes()).decode(), p.relative_to(d).as_posix()) for p in pngs) + "</div>")
-    if run.get("timings_s"):
-        S.append("<h2>Timings</h2>" + _table(["stage", "seconds"], ([_esc(k), _esc(_fmt(v))]
-                                                                  for k, v in run["timings_s"].items())))
-    if run.get("config"):
-        S.append("<h2>Configuration</h2>" + _kv_table(run["config"]))
-    S.append("<h2>Versions</h2>" + _kv_table({**software_versions(), **{k: run[k] for k in run
-                                                                          if "version" in k.lower()}}))
-    outs = run.get("outputs") or sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
-    S.append("<h2>Files</h2>" + _table(["file"], ([link(d / o, o)] for o in outs if (d / o).is_file())))
-    return page
-
-
 # ============================================================================ HTML
-_CSS = """
-body{font-family:sans-serif;margin:1.2em 2em;color:#222;max-width:1400px}
-h1{font-size:1.4em;margin-bottom:.2em} h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.4em}
-table{border-collapse:collapse;font-size:.85em;margin:.4em 0} th,td{border:1px solid #ddd;padding:2px 6px;
-text-align:left;vertical-align:top} th{background:#f2f2f2} table.kv td:first-child{font-weight:bold}
-.figs{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;border:1px solid #eee;padding:4px}
-figure img{max-width:100%} figcaption{font-size:.8em;color:#555}
-.status{font-size:1em;padding:4px 8px;background:#eef;display:inline-block}
-.st-ok{color:#070} .st-failed,.st-validation_failed,.st-not_indexed{color:#b00} .warn{color:#b00}
-.foot{font-size:.75em;color:#777;margin-top:2em}
-"""
-
-
-def render_html(page: Page) -> str:
-    refresh = (f'<meta http-equiv="refresh" content="{max(1, int(round(page.refresh_s)))}">'
-               if page.refresh_s else "")
-    now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    live = " (refreshes every %d s while the run collects)" % round(page.refresh_s) if page.refresh_s else ""
-    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<title>{_esc(page.title)}</title>{refresh}<style>{_CSS}</style></head><body>"
-            f"<h1>{_esc(page.title)}</h1><div class=status>{_esc(page.status)}</div>"
-            + "".join(page.sections)
-            + f"<div class=foot>diffractflow report, generated {now}{_esc(live)}</div></body></html>\n")
-
-
 def build_page(layout: RunLayout, refresh_s: float | None = None) -> Page:
-    return _stem_page(layout) if layout.kind == "stem" else _diffuse_page(layout, refresh_s)
+    return job_page(layout.output_dir) if layout.kind == "stem" else _diffuse_page(layout, refresh_s)
 
 
 def write_report(run: str | os.PathLike | RunLayout, home: str | os.PathLike | None = None,
@@ -787,13 +651,8 @@ def write_report(run: str | os.PathLike | RunLayout, home: str | os.PathLike | N
     """Write ``report.html`` for a run (a directory or run id, see :func:`locate`) next to its outputs; return it.
 
     ``refresh_s``: make the page reload itself every so many seconds while the run is still collecting."""
-    from diffractflow.artifacts import atomic_write_path
-
     layout = run if isinstance(run, RunLayout) else locate(run, home)
-    text = render_html(build_page(layout, refresh_s))
-    with atomic_write_path(layout.page) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-    return layout.page
+    return write_page(build_page(layout, refresh_s), layout.page)
 
 
 # ============================================================================ serving
@@ -803,7 +662,7 @@ def _signature(layout: RunLayout) -> tuple:
     dirs = [d for d in (layout.run_dir, layout.run_dir / "stills" if layout.run_dir else None, layout.output_dir)
             if d is not None and d.is_dir()]
     if layout.kind == "stem":
-        dirs += [layout.output_dir / "logs", layout.output_dir / "figures", layout.output_dir / "kspace"]
+        dirs += [layout.output_dir / n for n in ("logs", "figures", "kspace", "realspace")]
     for d in dirs:
         for p in sorted(d.iterdir()) if d.is_dir() else ():
             if p.name == REPORT_NAME or p.name.startswith("."):

@@ -169,6 +169,12 @@ def run(
         "wall_time_s": time.perf_counter() - t0,
     }
     write_outputs(res, out, pipe.cfg, run_info)
+    try:  # the job's page for a browser (report.html), from the platform library
+        from diffractflow.report_page import write_job_report
+    except ImportError:  # the platform library absent: the job's files without their page
+        pass
+    else:
+        write_job_report(out)
     _summary(res, out, quiet)
 
 

@@ -89,6 +89,9 @@ def handle(ctx: JobContext, params: Params) -> None:
     ctx.add_output("polar_maps", h5)
     for name, p in written.items():
         ctx.add_output(name, p)
+    from diffractflow.report_page import write_job_report
+
+    ctx.add_output("report", write_job_report(ctx.out_dir))  # the job's page for a browser (report.html)
     r = res.report
     ctx.metrics.update({
         "n_frames": r["n_frames"], "scan_shape": r["scan_shape"], "clusters": res.cluster_ids,

@@ -382,16 +382,24 @@ def test_stem_polar_job_report_embeds_its_figures_and_links_its_outputs(tmp_path
     assert r.exit_code == 0, r.output
     from orchestration.report import write_report
 
+    assert (out / "report.html").is_file()  # `stem-polar run` wrote its page itself
+    (out / "report.html").unlink()
     page = write_report(out)
+    assert page == out.resolve() / "report.html"
     text = page.read_text()
     run = json.loads((out / "logs" / "run.json").read_text())
     pngs = sorted(out.rglob("*.png"))
-    assert len(parse(text).imgs) == len(pngs) >= 4
+    # the job's PNGs, plus |E|, the field direction, the cluster map and the confidence drawn from its TIFF maps
+    assert len(parse(text).imgs) == len(pngs) + 4 and len(pngs) >= 4
     for check in run["report"]["quality"]["checks"]:
         assert check in text
-    targets = assert_links_resolve(page, expect_at_least=len(run["outputs"]) - 1)
-    assert {t.relative_to(out.resolve()).as_posix() for t in targets} == {o for o in run["outputs"]
-                                                                          if (out / o).is_file()}
+    targets = assert_links_resolve(page, expect_at_least=len(run["outputs"]))
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "report.html"}
+    assert {t.relative_to(out.resolve()).as_posix() for t in targets} == on_disk >= set(run["outputs"])
+    # a stem-polar demo directory (dataset/ and result/) is reported as its result job
+    demo = tmp_path / "demo"
+    shutil.copytree(out, demo / "result")
+    assert write_report(demo) == (demo / "result" / "report.html").resolve()
 
 
 # ----------------------------------------------------------------------------- background profiles

@@ -21,7 +21,7 @@ EXPECTED_FIXED = {
     "realspace/S_argmax.tif", "realspace/S_confidence.tif", "realspace/Ex.tif", "realspace/Ey.tif",
     "realspace/E_mag.tif", "realspace/E_angle.tif", "realspace/com_x.tif", "realspace/com_y.tif",
     "figures/montage_templates.png", "figures/hsv_polarisation.png", "figures/DPC_quiver.png",
-    "logs/run.json", "logs/config.yaml", "logs/timings.txt",
+    "logs/run.json", "logs/config.yaml", "logs/timings.txt", "report.html",
 }
 
 
