@@ -52,11 +52,14 @@ def up(
     replicas: List[str] = typer.Option(None, "--replicas", "-r", help="SERVICE=N replicas, e.g. stills-processor=2."),
     volume: Optional[Path] = typer.Option(None, help="Shared volume root (default HOME/volume)."),
     prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="Start Prefect's local server too."),
+    cluster: bool = typer.Option(False, "--cluster", help="The bus as a three-node JetStream cluster on loopback "
+                                 "(R3 streams; workers get every node and fail over) instead of one nats-server."),
 ):
     """Start the embedded topology: nats-server (JetStream, auth), the services' workers, Prefect's server.
 
     A supervisor process (in the background; `up` returns once everything serves) restarts any of them that dies,
-    with backoff; `status` shows the restart counts, HOME/logs/supervisor.log every death and restart."""
+    with backoff (a cluster node on its own ports and store); `status` shows the restart counts,
+    HOME/logs/supervisor.log every death and restart."""
     services = list(service) if service else list(SERVICES)
     unknown = [s for s in services if s not in SERVICE_COMMANDS]
     if unknown:
@@ -69,7 +72,7 @@ def up(
         reps[name] = int(n)
     topo = _topo(home)
     try:
-        topo.up(services, reps, volume=volume, prefect=prefect, log=console.print)
+        topo.up(services, reps, volume=volume, prefect=prefect, log=console.print, cluster=3 if cluster else 0)
     except Exception as exc:
         console.print(f"[red]up failed:[/red] {exc}; stopping what was started")
         topo.down(log=console.print)
@@ -126,7 +129,10 @@ def status(home: Optional[Path] = HomeOpt, runs: int = typer.Option(10, help="Re
         t.add_row(name, str(e.get("pid") or "-"), _yes(bool(e.get("pid")) and _group_alive(e["pid"])),
                   str(e.get("restarts", 0)), e.get("last_exit", ""))
 
-    row("nats-server", state["nats"])
+    from .embedded import nats_programs
+
+    for name, entry in nats_programs(state):  # one nats-server, or a cluster's nodes (nats-n1 ...)
+        row(name if name == "nats-server" else f"{name} {entry['url']}", entry)
     if state.get("prefect"):
         row("prefect server", state["prefect"])
     for s in state["services"]:

@@ -18,6 +18,12 @@ need as much glue as this loop.
 ``down`` (from any shell) sends SIGTERM to the supervisor, which stops restarting before it stops anything
 (services, then Prefect, then nats-server: SIGTERM, SIGKILL after a grace period); a restart can therefore
 never race the stop. If the supervisor itself is gone, ``down`` stops the process groups named in the state.
+
+``up(cluster=3)`` (``diffractflow up --cluster``) runs the bus as a three-node JetStream cluster on loopback
+instead of one nats-server (:class:`diffractflow.natsserver.NatsCluster`'s configuration: authenticated routes,
+a monitoring port per node, R3 streams): ``state["nats"]["url"]`` lists every node, so workers and clients fail
+over between them, and the supervisor keeps each node alive like any other program (``nats-n1``...), restarting
+a dead node on its own ports and JetStream store, where it catches up with the other two.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ from pathlib import Path
 from diffractflow import bus
 from diffractflow.artifacts import DIR_MODE
 from diffractflow.config import Settings
-from diffractflow.natsserver import SERVICES, Credentials, free_port, nats_server_binary, write_config
+from diffractflow.natsserver import (SERVICES, Credentials, NatsCluster, free_port, nats_server_binary,
+                                     write_config)
 
 # Stages the platform can run as workers: service name -> command (argv after the venv's bin/)
 SERVICE_COMMANDS: dict[str, list[str]] = {s: [s, "serve"] for s in SERVICES}
@@ -129,11 +136,12 @@ class Topology:
     # ----------------------------------------------------------------- up / down
     def up(self, services: list[str], replicas: dict[str, int], volume: Path | None = None,
            prefect: bool = True, nats_port: int | None = None, log=print, backoff: Backoff | None = None,
-           timeout: float = 180.0) -> dict:
+           timeout: float = 180.0, cluster: int = 0) -> dict:
         """Prepare the run directory, start the supervisor and wait until every process serves.
 
-        Returns the state (pids as first started). Raises if something does not come up within ``timeout``
-        seconds; call :meth:`down` then to stop what did.
+        ``cluster``: run the bus as a JetStream cluster of this many nats-server nodes (3 for R3 streams; 0: one
+        nats-server on ``nats_port``). Returns the state (pids as first started). Raises if something does not
+        come up within ``timeout`` seconds; call :meth:`down` then to stop what did.
         """
         if self.load():
             raise RuntimeError(f"a topology is already up in {self.home} (run `diffractflow down` first)")
@@ -150,15 +158,16 @@ class Topology:
             f.write_text(pw)
             os.chmod(f, 0o600)
         nats_dir = self.home / "nats"
-        port = nats_port or free_port()
-        conf = write_config(nats_dir / "nats.conf", port, nats_dir / "jetstream", creds)
+        if cluster:
+            nats = _cluster_state(NatsCluster(nats_dir, size=cluster, creds=creds))
+        else:
+            port = nats_port or free_port()
+            conf = write_config(nats_dir / "nats.conf", port, nats_dir / "jetstream", creds)
+            nats = {"url": f"nats://127.0.0.1:{port}", "port": port, "pid": None, "restarts": 0,
+                    "argv": [nats_server_binary(), "-c", str(conf)], "log": str(nats_dir / "nats-server.log")}
         state: dict = {"home": str(self.home), "volume": str(volume), "credentials_dir": str(cred_dir),
                        "started": time.time(), "phase": "starting",
-                       "supervision": asdict(backoff or Backoff()),
-                       "nats": {"url": f"nats://127.0.0.1:{port}", "port": port, "pid": None, "restarts": 0,
-                                "argv": [nats_server_binary(), "-c", str(conf)],
-                                "log": str(nats_dir / "nats-server.log")},
-                       "services": []}
+                       "supervision": asdict(backoff or Backoff()), "nats": nats, "services": []}
         if prefect:
             pport = free_port()
             state["prefect"] = {"pid": None, "api_url": f"http://127.0.0.1:{pport}/api", "port": pport, "restarts": 0,
@@ -196,7 +205,12 @@ class Topology:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the topology did not start within {timeout:.0f} s (see {self.supervisor_log})")
             time.sleep(0.1)
-        log(f"nats-server  {state['nats']['url']}  (JetStream, auth on)  pid {state['nats']['pid']}")
+        if state["nats"].get("nodes"):
+            for n in state["nats"]["nodes"]:
+                log(f"nats-server  {n['url']}  (cluster node {n['name']}, JetStream R{len(state['nats']['nodes'])}, "
+                    f"auth on)  pid {n['pid']}")
+        else:
+            log(f"nats-server  {state['nats']['url']}  (JetStream, auth on)  pid {state['nats']['pid']}")
         for s in state["services"]:
             log(f"{s['service']:<18} replica {s['replica']}  pid {s['pid']}")
         if prefect:
@@ -230,11 +244,12 @@ class Topology:
         # whatever is still running (the supervisor was gone, or failed to stop something)
         groups = [p for p in (_pids(state["services"]) + _pids([state.get("prefect")])) if _group_alive(p)]
         _stop_groups(groups, timeout)
-        _stop_groups([p for p in _pids([state["nats"]]) if _group_alive(p)], 10)
-        everything = _pids(state["services"]) + _pids([state.get("prefect"), state["nats"]]) + ([sup] if sup else [])
+        nats = nats_entries(state)
+        _stop_groups([p for p in _pids(nats) if _group_alive(p)], 10)
+        everything = _pids(state["services"]) + _pids([state.get("prefect"), *nats]) + ([sup] if sup else [])
         left = [p for p in everything if _group_alive(p)]
         self.state_file.unlink(missing_ok=True)
-        restarts = sum(p.get("restarts", 0) for p in [*state["services"], state["nats"], state.get("prefect") or {}])
+        restarts = sum(p.get("restarts", 0) for p in [*state["services"], *nats, state.get("prefect") or {}])
         log(f"stopped {len(everything)} process groups ({restarts} restarts while up)"
             + (f"; still alive: {left}" if left else ""))
         return left
@@ -242,6 +257,30 @@ class Topology:
 
 def _pids(entries) -> list[int]:
     return [e["pid"] for e in entries if e and e.get("pid")]
+
+
+def nats_entries(state: dict) -> list[dict]:
+    """The state's nats-server processes: the one server, or every node of a cluster."""
+    return list(state["nats"].get("nodes") or [state["nats"]])
+
+
+def nats_programs(state: dict) -> list[tuple[str, dict]]:
+    """(program name, state entry) of the bus's processes: ``nats-server``, or ``nats-n1``... for a cluster."""
+    nodes = state["nats"].get("nodes")
+    return [(f"nats-{n['name']}", n) for n in nodes] if nodes else [("nats-server", state["nats"])]
+
+
+def _cluster_state(cluster: NatsCluster) -> dict:
+    """The state of a cluster bus: every node's URL in ``url`` (clients fail over between them) and one
+    supervised entry per node (its configuration written now: ports, routes, store)."""
+    nodes = []
+    for node in cluster.nodes:
+        argv = node.prepare()
+        nodes.append({"name": node.name, "url": node.url, "port": node.port, "http_port": node.http_port,
+                      "route_port": node.cluster.cluster_port, "store": str(node.store_dir), "pid": None,
+                      "restarts": 0, "argv": argv, "log": str(node.log_path)})
+    return {"url": cluster.url, "port": cluster.nodes[0].port, "pid": None, "restarts": 0, "cluster": cluster.size,
+            "nodes": nodes}
 
 
 # --------------------------------------------------------------------------------------------- the supervisor
@@ -272,7 +311,7 @@ class Supervisor:
 
     # ---------------------------------------------------------------- programs
     def _programs(self) -> list[tuple[str, dict]]:
-        out = [("nats-server", self.state["nats"])]
+        out = nats_programs(self.state)
         if self.state.get("prefect"):
             out.append(("prefect-server", self.state["prefect"]))
         out += [(f"{s['service']}[{s['replica']}]", s) for s in self.state["services"]]
@@ -294,9 +333,9 @@ class Supervisor:
         entry["pid"] = proc.pid
         entry["started_at"] = time.time()
         self.since[name] = time.monotonic()
-        if name == "nats-server":
+        if name.startswith("nats-"):
             try:
-                _wait_port(self.state["nats"]["port"], proc, timeout=15, log=entry["log"])
+                _wait_port(entry["port"], proc, timeout=15, log=entry["log"])
             except Exception:  # not serving: do not leave it holding the port or the store
                 _kill_group(proc.pid)
                 proc.wait()
@@ -378,17 +417,21 @@ class Supervisor:
         return 0
 
     def _start_all(self) -> None:
+        bus_programs = nats_programs(self.state)
         for name, entry in self._programs():
             if self.stopping:
                 return
             self.start(name, entry)
             self.event("started", name, pid=entry["pid"])
             self.save()
-            if name == "nats-server":
+            if name == bus_programs[-1][0]:  # the bus is complete: its streams, replicated on every node
+                nodes = self.state["nats"].get("nodes")
+                if nodes:
+                    _wait_cluster_healthy(nodes, timeout=60)
                 admin_pw = (Path(self.state["credentials_dir"]) / "admin").read_text()
                 admin = Settings(nats_url=self.state["nats"]["url"], nats_user="admin", nats_password=admin_pw,
                                  volume=Path(self.state["volume"]))
-                asyncio.run(_create_streams(admin))
+                asyncio.run(_create_streams(admin, replicas=min(3, len(nodes)) if nodes else None))
         self.state["phase"] = "running"
         self.save()
 
@@ -398,8 +441,8 @@ class Supervisor:
         self.save()
         self.event("stopping")
         self.due.clear()
-        order = [[n for n in self.procs if n not in ("nats-server", "prefect-server")], ["prefect-server"],
-                 ["nats-server"]]
+        bus_names = [n for n, _ in nats_programs(self.state)]
+        order = [[n for n in self.procs if n not in (*bus_names, "prefect-server")], ["prefect-server"], bus_names]
         for names, grace in zip(order, (grace_s, grace_s, 10.0)):
             pids = [self.procs[n].pid for n in names if n in self.procs]
             _stop_groups(pids, grace)
@@ -460,12 +503,30 @@ def drain_prefect_clients(timeout: float = 20.0) -> None:
             pass
 
 
-async def _create_streams(settings: Settings) -> None:
+async def _create_streams(settings: Settings, replicas: int | None = None) -> None:
     nc = await bus.connect(settings, name="diffractflow-up")
     try:
-        await bus.ensure_streams(nc.jetstream())
+        await bus.ensure_streams(nc.jetstream(), replicas=replicas)
     finally:
         await nc.drain()
+
+
+def _wait_cluster_healthy(nodes: list[dict], timeout: float) -> None:
+    """Wait until every node's monitoring endpoint says healthy (routes up, JetStream meta leader known), so
+    that R3 streams can be placed."""
+    deadline = time.monotonic() + timeout
+    for n in nodes:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{n['http_port']}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nats-server cluster node {n['name']} not healthy within {timeout:.0f} s; "
+                                   f"see {n['log']}")
+            time.sleep(0.1)
 
 
 async def _wait_consumers(settings: Settings, services: list[str], timeout: float) -> None:

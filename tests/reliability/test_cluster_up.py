@@ -1,0 +1,157 @@
+"""`diffractflow up --cluster` (issue 20, item 3 for the embedded topology): the bus as three supervised
+nats-server nodes (R3 streams), workers given every node. A node SIGKILLed: jobs still complete (the worker fails
+over), the supervisor restarts the node on its own ports and store and it catches up; `status` shows the nodes;
+`down` leaves nothing behind."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from diffractflow import bus
+from orchestration.embedded import Topology
+from orchestration.tasks import submit_and_wait
+
+BIN = Path(sys.executable).parent
+
+
+def _echo(topo: Topology, job_id: str, timeout: float = 90.0, tries: list | None = None):
+    """One echo job; while the cluster elects new stream leaders after a node's death a JetStream API request can
+    time out (nats: timeout): the submission is repeated with the same job id, as a flow's task retry would."""
+    settings = topo.settings()
+    src = settings.volume / "incoming" / "x.dat"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("x")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return asyncio.run(submit_and_wait("echo", {"data": src}, {"message": job_id}, run_id="cl",
+                                               job_id=job_id, timeout=timeout, settings=settings))
+        except Exception as exc:  # noqa: BLE001 - the election's timeouts; anything else repeats until the deadline
+            if tries is not None:
+                tries.append(repr(exc)[:200])
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def _jsz_stream(node: dict, stream: str) -> dict | None:
+    """This node's own view of ``stream`` (its /jsz report), or None."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{node['http_port']}/jsz?accounts=true&streams=true",
+                                timeout=5) as r:
+        jsz = json.loads(r.read())
+    for acc in jsz.get("account_details") or []:
+        for st in acc.get("stream_detail") or []:
+            if st.get("name") == stream:
+                return st
+    return None
+
+
+def _under(home: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if (p.info["cwd"] or "").startswith(str(home)) or str(home) in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _connected_node(nodes: list[dict], prefix: str) -> dict | None:
+    for n in nodes:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{n['http_port']}/connz?limit=1000", timeout=3) as r:
+                conns = json.loads(r.read()).get("connections") or []
+        except OSError:
+            continue
+        if any((c.get("name") or "").startswith(prefix) for c in conns):
+            return n
+    return None
+
+
+def test_up_cluster_survives_a_node_kill_and_down_leaves_nothing(tmp_path):
+    home = tmp_path / "home"
+    env = dict(os.environ, COLUMNS="200")
+    env.pop("DIFFRACTFLOW_NATS_PASSWORD", None)
+    up = subprocess.run([BIN / "diffractflow", "up", "--home", home, "--cluster", "--service", "echo",
+                         "--replicas", "echo=2", "--no-prefect"], capture_output=True, text=True, timeout=240, env=env)
+    topo = Topology(home)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = topo.load()
+        nodes = state["nats"]["nodes"]
+        assert [n["name"] for n in nodes] == ["n1", "n2", "n3"] and all(n["pid"] for n in nodes)
+        assert state["nats"]["url"] == ",".join(n["url"] for n in nodes)
+        assert all(s["env"]["DIFFRACTFLOW_NATS_URL"] == state["nats"]["url"] for s in state["services"])
+        assert _echo(topo, "before").status == "ok"
+
+        async def replicas():
+            nc = await bus.connect(topo.settings())
+            try:
+                js = nc.jetstream()
+                return {s: (await js.stream_info(s)).config.num_replicas for s in (bus.JOBS, bus.RESULTS)}
+            finally:
+                await nc.drain()
+
+        assert asyncio.run(replicas()) == {bus.JOBS: 3, bus.RESULTS: 3}
+
+        st = subprocess.run([BIN / "diffractflow", "status", "--home", home], capture_output=True, text=True,
+                            timeout=120, env=env)
+        assert st.returncode == 0, st.stdout + st.stderr
+        for n in nodes:
+            assert f"nats-{n['name']} {n['url']}" in st.stdout, st.stdout
+
+        # SIGKILL the node a worker is connected to (the worker must move to another node)
+        victim = _connected_node(nodes, "echo") or nodes[0]
+        t0 = time.monotonic()
+        os.kill(victim["pid"], signal.SIGKILL)
+        tries: list[str] = []
+        assert _echo(topo, "after-node-kill", tries=tries).status == "ok"
+        job_after_kill_s = time.monotonic() - t0
+        deadline = time.monotonic() + 60
+        while True:
+            new = next(n for n in topo.load()["nats"]["nodes"] if n["name"] == victim["name"])
+            if new["pid"] and new["pid"] != victim["pid"] and psutil.pid_exists(new["pid"]):
+                break
+            assert time.monotonic() < deadline, topo.supervisor_log.read_text()[-3000:]
+            time.sleep(0.1)
+        node_back_s = time.monotonic() - t0
+        assert new["restarts"] == 1 and new["port"] == victim["port"] and new["store"] == victim["store"]
+        # restarted on its own store, it catches up: the two results are in its replica of RESULTS
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                mine = _jsz_stream(new, bus.RESULTS)
+            except OSError:
+                mine = None
+            if mine and mine["state"]["messages"] >= 2:
+                break
+            assert time.monotonic() < deadline, mine
+            time.sleep(0.2)
+        assert _echo(topo, "after-node-back").status == "ok"
+        events = [json.loads(x) for x in topo.supervisor_log.read_text().splitlines()]
+        assert [e["program"] for e in events if e["event"] == "restarted"] == [f"nats-{victim['name']}"]
+        st = subprocess.run([BIN / "diffractflow", "status", "--home", home], capture_output=True, text=True,
+                            timeout=120, env=env)
+        row = next(line for line in st.stdout.splitlines() if f"nats-{victim['name']} " in line)
+        assert "signal 9" in row and "│ 1 " in row, st.stdout
+        print(f"\nup --cluster: killed node {victim['name']}; next job done {job_after_kill_s:.2f} s after the kill, "
+              f"node back {node_back_s:.2f} s after it; submissions repeated during the election: {tries}")
+    finally:
+        down = subprocess.run([BIN / "diffractflow", "down", "--home", home], capture_output=True, text=True,
+                              timeout=180, env=env)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "1 restarts" in down.stdout, down.stdout
+    assert not topo.state_file.exists()
+    assert _under(home) == []
