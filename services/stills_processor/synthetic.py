@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 from scipy.special import erf
 
+# dxtbx and DIALS are imported inside the functions that use them: they take ~3 s (dxtbx) to ~4 s (DIALS'
+# programs) to import, which `stills-processor --help`, `show` and parameter checks should not pay; the
+# worker's pool imports them once per process before any image (batch.warm_up, run by _preload.py).
+
 
 @dataclass
 class SyntheticSequence:

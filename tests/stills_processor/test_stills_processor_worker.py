@@ -159,6 +159,15 @@ def test_worker_single_still_registers_its_dials_files_as_outputs(tmp_path):
         ref = manifest["outputs"][name]
         assert (vol / ref["path"]) == ctx.outputs[name] and ref["sha256"] == sha256_file(ctx.outputs[name])
     assert manifest["metrics"]["status"] == "indexed"
+    # what the diffuse flow takes from such a result (its outputs and metrics, not summary.h5)
+    from orchestration.diffuse import _still_outcome
+
+    seen = _still_outcome({"outputs": manifest["outputs"], "metrics": manifest["metrics"]})
+    assert (seen["status"], seen["n_spots"], seen["n_indexed"], seen["strategy"], seen["validation_passed"]) == (
+        "indexed", row["n_spots"], row["n_indexed"], "default", True)
+    assert {k: vol / seen[k]["path"] for k in ("experiments", "reflections", "indexed")} == {
+        "experiments": Path(row["expt_path"]), "reflections": Path(row["refl_path"]),
+        "indexed": Path(row["indexed_refl_path"])}
 
 
 def test_worker_non_hit_still_reports_status_in_metrics(tmp_path):
@@ -177,3 +186,8 @@ def test_worker_non_hit_still_reports_status_in_metrics(tmp_path):
     assert m["status"] == "non_hit" and "too few strong spots" in m["reason"] and m["n_spots"] <= 1
     assert m["n_non_hit"] == 1 and m["validation_passed"] is None and m["strategy"] is None
     assert set(ctx.outputs) == {"summary"}
+    from orchestration.diffuse import _still_outcome
+
+    manifest = json.loads((ctx.out_dir / "manifest.json").read_text())
+    seen = _still_outcome({"outputs": manifest["outputs"], "metrics": manifest["metrics"]})
+    assert seen["status"] == "non_hit" and seen["experiments"] is None and seen["n_spots"] == m["n_spots"]

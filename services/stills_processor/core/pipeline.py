@@ -25,11 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from libtbx import Auto
 
 from diffractflow.errors import InputError
 
 from .params import STRATEGIES, ProcessingSettings, sequence_params, stills_params
 from .validation import QValidation, validate_q_vectors
+
+# dxtbx and DIALS are imported inside the functions that use them: they take ~3 s (dxtbx) to ~4 s (DIALS'
+# programs) to import, which `stills-processor --help`, `show` and parameter checks should not pay; the
+# worker's pool imports them once per process before any image (batch.warm_up, run by _preload.py).
 
 log = logging.getLogger("stills_processor.pipeline")
 
@@ -387,8 +392,6 @@ def process_sequence(paths: list[str], settings: ProcessingSettings) -> Outcome:
 
     p = sequence_params(settings)
     if settings.scan_varying is not None and not any("scan_varying" in a for a in settings.phil):
-        from libtbx import Auto
-
         # dials.refine's Auto = a static macrocycle, then a scan-varying one
         p.refine.refinement.parameterisation.scan_varying = Auto if settings.scan_varying else False
     out = Outcome(kind="sequence", status=FAILED)

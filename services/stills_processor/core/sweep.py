@@ -23,6 +23,10 @@ import numpy as np
 
 from diffractflow.errors import InputError
 
+# dxtbx and DIALS are imported inside the functions that use them: they take ~3 s (dxtbx) to ~4 s (DIALS'
+# programs) to import, which `stills-processor --help`, `show` and parameter checks should not pay; the
+# worker's pool imports them once per process before any image (batch.warm_up, run by _preload.py).
+
 
 class FrameMismatch(InputError):
     """The frame (or the model) cannot give a frame experiment: unreadable, or not of the model's sweep (bad input:

@@ -20,6 +20,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# dxtbx and DIALS are imported inside the functions that use them: they take ~3 s (dxtbx) to ~4 s (DIALS'
+# programs) to import, which `stills-processor --help`, `show` and parameter checks should not pay; the
+# worker's pool imports them once per process before any image (batch.warm_up, run by _preload.py).
+
 
 @dataclass
 class QValidation:
@@ -104,8 +108,11 @@ def project_to_detector(experiment, panel_ids: np.ndarray, q: np.ndarray):
     return mm, px
 
 
-def validate_q_vectors(experiment, reflections, q_tolerance: float = 0.005, px_tolerance: float = 2.0) -> QValidation:
+def validate_q_vectors(experiment, reflections, q_tolerance: float, px_tolerance: float) -> QValidation:
     """Compare predicted and observed q-vectors / detector positions of indexed reflections.
+
+    ``q_tolerance`` (1/Angstrom) and ``px_tolerance`` (pixels) bound the medians (their defaults are the job
+    model's, :class:`stills_processor.core.params.StillsJob`).
 
     ``reflections``: a DIALS reflection table of one experiment with ``miller_index``, ``panel``,
     ``xyzobs.mm.value`` and ``xyzobs.px.value``; unindexed rows (hkl 0,0,0) are ignored.
