@@ -23,8 +23,11 @@ from typing import Any, Mapping, Optional
 import diffractflow.errors
 import h5py
 import numpy as np
-
+from cctbx import uctbx
+from dials.array_family import flex
+from diffractflow.artifacts import atomic_write_json, atomic_write_path, nexus_data_group, write_provenance
 from diffractflow.reading import reader
+
 from . import __version__
 
 PRODUCER = "scaler"
@@ -205,8 +208,6 @@ def _stream_columns(f, path: Path, keep_q: bool, float32: Optional[bool], chunk:
 def write_observations(path: str | Path, still_id, voxel_id, q_magnitude, intensity, sigma,
                        still_names=None) -> Path:
     """Write an observation table (used by tests, benchmarks and synthetic runs)."""
-    from diffractflow.artifacts import atomic_write_path, write_provenance
-
     with atomic_write_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             write_provenance(f, schema="diffractflow.voxel_merger.observations", schema_version="1.0",
@@ -221,8 +222,6 @@ def write_observations(path: str | Path, still_id, voxel_id, q_magnitude, intens
 def write_relative_outputs(out_dir: str | Path, refined: Mapping[int, Mapping[str, float]], statistics: Mapping[str, Any],
                            still_names: Optional[np.ndarray] = None, plots: bool = True) -> dict[str, Path]:
     """scales.json ({still id: b}), statistics.json and the two plots; returns name -> path."""
-    from diffractflow.artifacts import atomic_write_json
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scales = {str(k): float(v["multiplicative_scale"]) for k, v in refined.items()}
@@ -239,15 +238,13 @@ def write_relative_outputs(out_dir: str | Path, refined: Mapping[int, Mapping[st
 
 
 def _save_fig(fig, path: Path) -> Path:
-    from diffractflow.artifacts import atomic_write_path
-
     with atomic_write_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return path
 
 
 def plot_relative(out: Path, scales: Mapping[str, float], stats: Mapping[str, Any]) -> dict[str, Path]:
-    import matplotlib
+    import matplotlib  # heavy, and only for the optional PNGs: imported when a plot is made
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -278,8 +275,6 @@ def plot_relative(out: Path, scales: Mapping[str, float], stats: Mapping[str, An
 # ----------------------------------------------------------------------------- absolute scaling I/O
 def _s_from_fractional_hkl(unit_cell, h, k, l) -> np.ndarray:
     """|s| = 1/d (1/Å) of fractional Miller indices under the cell's reciprocal metric (cctbx uctbx)."""
-    from cctbx import uctbx
-
     aa, bb, cc, ab, ac, bc = uctbx.unit_cell(tuple(float(x) for x in unit_cell)).reciprocal_metrical_matrix()
     s2 = h * h * aa + k * k * bb + l * l * cc + 2 * (h * k * ab + h * l * ac + k * l * bc)
     return np.sqrt(np.maximum(s2, 0.0))
@@ -326,8 +321,6 @@ def read_bragg(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise InputError(f"{path}: Bragg file not found")
     if path.suffix == ".refl":
-        from dials.array_family import flex
-
         t = flex.reflection_table.from_file(str(path))
         col = "intensity.scale.value" if "intensity.scale.value" in t else "intensity.sum.value"
         if col not in t or "d" not in t:
@@ -347,8 +340,6 @@ def write_absolute_map(path: str | Path, values: np.ndarray, s: np.ndarray, comp
                        result: Mapping[str, Any], parameters: Mapping[str, Any], inputs: Mapping[str, str],
                        unit_cell=None, sigma=None, job_id: Optional[str] = None) -> Path:
     """NeXus HDF5: entry/absolute/{intensity (e.u./cell, Compton removed), s, compton}."""
-    from diffractflow.artifacts import atomic_write_path, nexus_data_group, write_provenance
-
     with atomic_write_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             write_provenance(f, schema=ABSOLUTE_SCHEMA, schema_version=ABSOLUTE_SCHEMA_VERSION, producer=PRODUCER,
@@ -373,7 +364,7 @@ def write_absolute_map(path: str | Path, values: np.ndarray, s: np.ndarray, comp
 
 
 def plot_absolute(path: Path, edges, profile_abs, theory_coh, theory_inc) -> Path:
-    import matplotlib
+    import matplotlib  # heavy, and only for the optional PNGs: imported when a plot is made
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -400,8 +391,6 @@ def write_bragg_merged(path: str | Path, hkl: np.ndarray, q_magnitude: np.ndarra
     ``intensity`` and ``sigma`` (|F|^2 on the diffuse map's relative scale, partiality-corrected),
     ``n_observations``.
     """
-    from diffractflow.artifacts import atomic_write_path, write_provenance
-
     ok = np.isfinite(intensity) & (n_obs > 0)
     with atomic_write_path(path) as tmp:
         with h5py.File(tmp, "w") as f:

@@ -21,8 +21,11 @@ try:  # registers Blosc/LZ4 etc. so compressed upstream tables read transparentl
 except ImportError:  # pragma: no cover
     pass
 
+from diffractflow.artifacts import (atomic_write_json, atomic_write_path, nexus_data_group, read_provenance,
+                                    write_provenance)
 from diffractflow.reading import reader, reading
 
+from . import __version__
 from .core.grid import CrystalModel, GlobalGrid
 from .core.sources import ObservationChunk
 
@@ -259,8 +262,6 @@ def write_still(path: str | Path, still_id: str, h, k, l, intensity, sigma, q_ma
 
     ``weight``: optional per-pixel weight independent of the counts (stored as ``weight``).
     """
-    from diffractflow.artifacts import atomic_write_path
-
     path = Path(path)
     with atomic_write_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["still_id"] = str(still_id)
@@ -356,8 +357,6 @@ def read_still_names(table_path: str | Path) -> list[str]:
 
 
 def write_grid(path: str | Path, grid: GlobalGrid, extra: Mapping[str, Any] | None = None) -> Path:
-    from diffractflow.artifacts import atomic_write_json
-
     return atomic_write_json(path, {"schema": "diffractflow.voxel_merger.grid", "schema_version": "1.0",
                                     "grid": grid.to_dict(), **(extra or {})})
 
@@ -388,9 +387,6 @@ class ObservationTableWriter:
 
     def __init__(self, path: Path, grid: GlobalGrid, parameters: Mapping[str, Any] | None = None,
                  inputs: Mapping[str, str] | None = None, job_id: str | None = None, chunk: int = 1 << 18):
-        from diffractflow.artifacts import atomic_write_path, write_provenance
-        from . import __version__
-
         self.path = Path(path)
         self._ctx = atomic_write_path(self.path)
         tmp = self._ctx.__enter__()
@@ -452,9 +448,6 @@ def write_map(path: str | Path, grid: GlobalGrid, intensity: np.ndarray | None, 
     Give dense arrays, or ``slabs``: an iterable of (h index, mean (nk, nl), sigma, count)
     written one h-plane at a time (bounded memory).
     """
-    from diffractflow.artifacts import atomic_write_path, nexus_data_group, write_provenance
-    from . import __version__
-
     path = Path(path)
     shp = grid.shape
     chunks = (1, min(shp[1], 256), min(shp[2], 256))
@@ -517,8 +510,6 @@ class MergedMapFile:
 
 @reader("voxel-merger map (HDF5)", InputError)
 def read_map(path: str | Path) -> MergedMapFile:
-    from diffractflow.artifacts import read_provenance
-
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
@@ -550,11 +541,9 @@ def write_slice_pngs(out_dir: Path, grid: GlobalGrid, intensity) -> dict[str, Pa
 
     ``intensity``: the dense map, an h5py dataset, or a dict axis -> plane (see :func:`map_planes`).
     """
-    import matplotlib
+    import matplotlib  # heavy, and only for the optional PNGs: imported when a plot is made
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from diffractflow.artifacts import atomic_write_path
-
     out = {}
     names = "hkl"
     planes = intensity if isinstance(intensity, dict) else map_planes(grid, intensity)
@@ -579,11 +568,9 @@ def write_slice_pngs(out_dir: Path, grid: GlobalGrid, intensity) -> dict[str, Pa
 
 
 def write_radial_png(path: Path, profile: Mapping[str, Any]) -> Path:
-    import matplotlib
+    import matplotlib  # heavy, and only for the optional PNGs: imported when a plot is made
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from diffractflow.artifacts import atomic_write_path
-
     s = np.asarray(profile["s_centres"], dtype=float)
     m = np.array([np.nan if v is None else v for v in profile["mean_intensity"]], dtype=float)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from .core.accumulate import N_FIELDS, FIELDS, _SumStore, blocked_sums, block_shift_for, scale_sums
+from .core.accumulate import (N_FIELDS, FIELDS, VoxelAccumulator, _SumStore, blocked_sums, block_shift_for,
+                              scale_sums)
 from .core.grid import GlobalGrid
 
 __all__ = ["H5VoxelAccumulator", "ACCUMULATOR_SCHEMA", "ACCUMULATOR_SCHEMA_VERSION"]
@@ -106,8 +107,6 @@ class H5VoxelAccumulator(_SumStore):
         self._dense = None
         dense_bytes = N_FIELDS * self.n_halves * self.grid.n_voxels * 8
         if not self.readonly and dense_bytes <= self.cache_bytes:
-            from .core.accumulate import VoxelAccumulator
-
             self._dense = VoxelAccumulator(self.grid, self.n_halves)
             self._dense.still_ids = self.still_ids  # shared list
             for blk in np.flatnonzero(self._nonempty).tolist():
@@ -333,8 +332,6 @@ class H5VoxelAccumulator(_SumStore):
 
     def to_memory(self):
         """Dense in-memory copy (small grids only)."""
-        from .core.accumulate import VoxelAccumulator
-
         out = VoxelAccumulator(self.grid, self.n_halves)
         out.merge(self)
         return out

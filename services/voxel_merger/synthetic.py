@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from cctbx import uctbx
 
 from .core.grid import CrystalModel
 from .core.sources import ArrayStill
@@ -17,8 +18,6 @@ __all__ = ["B_matrix", "random_rotation", "synthetic_still"]
 
 def B_matrix(unit_cell) -> np.ndarray:
     """Reciprocal basis (columns a*, b*, c*, 1/Å) of a cell: the transposed cctbx fractionalization matrix."""
-    from cctbx import uctbx
-
     F = np.array(uctbx.unit_cell(tuple(unit_cell)).fractionalization_matrix()).reshape(3, 3)
     return F.T
 

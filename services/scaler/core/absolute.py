@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
+import xraylib
+from cctbx.eltbx import henke, tiny_pse, xray_scattering
 
 from .params import ABSOLUTE_DEFAULTS
 
@@ -134,7 +136,7 @@ def composition_from_pdb(path: str | Path, add_missing_hydrogens: bool = True) -
     cell). If the model has no hydrogens, standard amino-acid residues get their hydrogens from the
     residue formulas.
     """
-    import iotbx.pdb
+    import iotbx.pdb  # heavy (the whole PDB hierarchy), and only for the optional PDB/mmCIF input
 
     pdb_inp = iotbx.pdb.input(file_name=str(path))
     symm = pdb_inp.crystal_symmetry()
@@ -174,8 +176,6 @@ def merge_compositions(*parts: Mapping[str, float]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- scattering factors
 @lru_cache(maxsize=None)
 def atomic_number(element: str) -> int:
-    from cctbx.eltbx import tiny_pse
-
     try:
         return int(tiny_pse.table(element).atomic_number())
     except RuntimeError as exc:
@@ -184,8 +184,6 @@ def atomic_number(element: str) -> int:
 
 @lru_cache(maxsize=None)
 def _wk1995(element: str):
-    from cctbx.eltbx import xray_scattering
-
     g = xray_scattering.wk1995(element, True).fetch()
     return np.array(g.array_of_a()), np.array(g.array_of_b()), float(g.c())
 
@@ -199,8 +197,6 @@ def f0(element: str, s: np.ndarray) -> np.ndarray:
 
 def anomalous(element: str, wavelength: float) -> tuple[float, float]:
     """(f', f'') from cctbx's Henke table at ``wavelength`` (Å)."""
-    from cctbx.eltbx import henke
-
     f = henke.table(element).at_angstrom(float(wavelength))
     return float(f.fp()), float(f.fdp())
 
@@ -233,8 +229,6 @@ def breit_dirac(s: np.ndarray, wavelength: float) -> np.ndarray:
 @lru_cache(maxsize=None)
 def _sf_compt_table(z: int, s_max: float, n: int = 4097) -> tuple[np.ndarray, np.ndarray]:
     """S(x, Z) of xraylib on |s| in [0, s_max] (x = sin(theta)/lambda = |s|/2), S(0) = 0, S ~ x^2 below x = 0.005."""
-    import xraylib
-
     s = np.linspace(0.0, s_max, n)
     x = s / 2.0
     # the tables start at x = 0.005 1/Å; below it S grows as x^2 from S(0) = 0

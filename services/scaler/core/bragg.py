@@ -36,6 +36,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from cctbx import crystal, miller, sgtbx
+from cctbx.array_family import flex as cflex
+from dials.algorithms.integration import Corrections
+from dials.array_family import flex
+from dxtbx.model.experiment_list import ExperimentListFactory
+from scipy.optimize import brentq
 
 SQRT_2PI = math.sqrt(2.0 * math.pi)
 
@@ -64,8 +70,6 @@ def fit_rlp_sigma(eps: np.ndarray, intensity: np.ndarray, s: Optional[np.ndarray
     Solves sum_k P(eps_k) eps_k^2 / sum_k P(eps_k) = sum_k z_k eps_k^2 / sum_k z_k with z_k the intensity
     divided by its resolution shell's mean (shells of equal counts in |s|), over all predicted reflections.
     """
-    from scipy.optimize import brentq
-
     eps = np.asarray(eps, dtype=float)
     inten = np.asarray(intensity, dtype=float)
     ok = np.isfinite(eps) & np.isfinite(inten)
@@ -145,9 +149,6 @@ class BraggTable:
 
 
 def _asu(hkl: np.ndarray, unit_cell, space_group) -> np.ndarray:
-    from cctbx import crystal, miller
-    from cctbx.array_family import flex as cflex
-
     sym = crystal.symmetry(unit_cell=unit_cell, space_group=space_group)
     ms = miller.set(sym, cflex.miller_index([tuple(int(v) for v in h) for h in hkl]), anomalous_flag=False)
     return np.array(ms.map_to_asu().indices(), dtype=np.int64).reshape(-1, 3)
@@ -157,10 +158,6 @@ def read_still_reflections(refl_path: str | Path, expt_path: str | Path | None =
                            space_group: Optional[str] = None, rlp_sigma: Optional[float] = None,
                            error=ValueError) -> BraggTable:
     """One stills-processor unit (``<name>.refl`` + ``<name>.expt``; the .expt defaults to the sibling file)."""
-    from dials.algorithms.integration import Corrections
-    from dials.array_family import flex
-    from dxtbx.model.experiment_list import ExperimentListFactory
-
     refl_path = Path(refl_path)
     expt_path = Path(expt_path) if expt_path is not None else refl_path.with_suffix(".expt")
     for p, what in ((refl_path, "reflection file"), (expt_path, "experiment list")):
@@ -247,8 +244,6 @@ def read_still_reflections(refl_path: str | Path, expt_path: str | Path | None =
 
 
 def _space_group(symbol: str):
-    from cctbx import sgtbx
-
     return sgtbx.space_group_info(symbol).group()
 
 

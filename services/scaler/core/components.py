@@ -19,6 +19,7 @@ from scitbx import sparse
 from .errors import ParameterLimitExceeded
 from .params import MAX_SMOOTHER_CONTROL_POINTS
 from .params import RELATIVE_DEFAULTS as _D
+from .refine import second_difference
 from .smoother import GaussianSmoother1D
 
 
@@ -202,8 +203,6 @@ class ResolutionSmootherComponent(ScaleComponentBase):
     def calculate_restraints(self):
         """(residuals, gradient) of the restraint functional sum (D2 c)^2 + ridge sum (c-1)^2 (unit weight)."""
         c = self.values
-        from .refine import second_difference
-
         D2 = second_difference(len(c))
         res = self.smoothness_weight * np.sum((D2 @ c) ** 2) + self.ridge_weight * np.sum((c - 1) ** 2)
         grad = 2 * self.smoothness_weight * D2.T @ (D2 @ c) + 2 * self.ridge_weight * (c - 1)

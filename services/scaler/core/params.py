@@ -106,7 +106,8 @@ class ScalerParams(RootModel):
     relative). The worker's ``params_model``; the job kind's model is ``.root``."""
 
     root: Annotated[Union[Annotated[RelativeParams, Tag("relative")], Annotated[AbsoluteParams, Tag("absolute")]],
-                    Discriminator(_mode)]
+                    Discriminator(_mode, custom_error_type="invalid_mode",
+                                  custom_error_message="mode must be 'relative' or 'absolute'")]
 
 
 #: the defaults, for library code that takes a seed-003 configdict with keys left out

@@ -23,7 +23,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import kernels
 from .grid import GlobalGrid
+from .kernels import accumulate_hkl, accumulate_ids
 
 __all__ = [
     "FIELDS",
@@ -270,8 +272,6 @@ class VoxelAccumulator(_SumStore):
 
     def __init__(self, grid: GlobalGrid, n_halves: int = 1, use_torch: bool = True, kernel: str = "auto"):
         """``kernel``: "numba" (fused one-pass loop), "vector" (torch index_add_ / np.bincount) or "auto"."""
-        from . import kernels
-
         if n_halves not in (1, 2):
             raise ValueError(f"n_halves must be 1 or 2, got {n_halves}")
         if kernel not in ("auto", "numba", "vector"):
@@ -302,8 +302,6 @@ class VoxelAccumulator(_SumStore):
             weight=None) -> int:
         if not self._fused(half, scale):
             return super().add(h, k, l, intensity, sigma, half, scale, still_id, chunk, weight)
-        from .kernels import accumulate_hkl
-
         h = np.asarray(h)
         if not (h.shape == np.shape(k) == np.shape(l) == np.shape(intensity) == np.shape(sigma)) or (
                 weight is not None and np.shape(weight) != h.shape):
@@ -317,8 +315,6 @@ class VoxelAccumulator(_SumStore):
     def add_ids(self, ids, intensity, sigma, half=0, scale=None, still_id=None, weight=None) -> int:
         if not self._fused(half, scale):
             return super().add_ids(ids, intensity, sigma, half, scale, still_id, weight)
-        from .kernels import accumulate_ids
-
         ids = np.asarray(ids)
         if not (ids.shape == np.shape(intensity) == np.shape(sigma)) or (
                 weight is not None and np.shape(weight) != ids.shape):

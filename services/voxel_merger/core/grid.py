@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+from cctbx import crystal, sgtbx, uctbx
 
 from .params import DEFAULTS
 
@@ -42,8 +43,6 @@ class CrystalModel:
     @staticmethod
     def from_A(A: np.ndarray, space_group: str = "P 1") -> "CrystalModel":
         """Build from a reciprocal orientation matrix A = U B (columns a*, b*, c* in 1/Å)."""
-        from cctbx import uctbx
-
         A = np.asarray(A, dtype=float).reshape(3, 3)
         # reciprocal metric G* = A^T A; the direct cell follows from its inverse
         gstar = A.T @ A
@@ -60,8 +59,6 @@ def _sym6(g: np.ndarray) -> tuple[float, ...]:
 
 def reindex_to_reference(model: CrystalModel):
     """Change-of-basis operator (cctbx) taking this still's setting to the reference setting of its space group."""
-    from cctbx import crystal
-
     cs = crystal.symmetry(unit_cell=model.unit_cell, space_group_symbol=model.space_group)
     return cs.change_of_basis_op_to_reference_setting()
 
@@ -83,8 +80,6 @@ def average_crystal_model(models: Sequence[CrystalModel], space_group: str | Non
     then symmetrised with ``space_group.average_unit_cell``.  Returns the average model and
     the per-still change-of-basis operators (identity when already in reference setting).
     """
-    from cctbx import crystal, sgtbx, uctbx
-
     if not models:
         raise ValueError("average_crystal_model needs at least one crystal model")
     sg_symbol = space_group or models[0].space_group
@@ -106,8 +101,6 @@ def average_crystal_model(models: Sequence[CrystalModel], space_group: str | Non
 
 def s_max_of_hkl(unit_cell: Sequence[float], h: np.ndarray, k: np.ndarray, l: np.ndarray) -> float:
     """Largest |s| = 1/d (Å⁻¹) of fractional indices under the cell's reciprocal metric."""
-    from cctbx import uctbx
-
     g = np.array(uctbx.unit_cell(tuple(unit_cell)).reciprocal_metrical_matrix())
     if len(h) == 0:
         return 0.0
@@ -216,8 +209,6 @@ class GlobalGrid:
 
     def s_of_hkl(self, hkl: np.ndarray) -> np.ndarray:
         """|s| = 1/d (Å⁻¹) of fractional indices (n, 3) in the grid's average cell."""
-        from cctbx import uctbx
-
         g = np.array(uctbx.unit_cell(tuple(self.unit_cell)).reciprocal_metrical_matrix())
         h, k, l = hkl[:, 0], hkl[:, 1], hkl[:, 2]
         s2 = (g[0] * h * h + g[1] * k * k + g[2] * l * l

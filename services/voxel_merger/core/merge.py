@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from cctbx import miller, sgtbx
+from cctbx.array_family import flex
 
 from .accumulate import N_FIELDS, observation_weights
 from .grid import GlobalGrid
@@ -45,8 +47,6 @@ def merge_sums(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------ symmetry
 def laue_group(space_group: str):
     """cctbx space group of the Laue class (centrosymmetric point group + lattice) of ``space_group``."""
-    from cctbx import sgtbx
-
     return sgtbx.space_group_info(space_group).group().build_derived_laue_group()
 
 
@@ -61,8 +61,6 @@ class AsuMapper:
     """
 
     def __init__(self, grid: GlobalGrid, space_group: str | None = None):
-        from cctbx import sgtbx
-
         self.grid = grid
         self.space_group = space_group or grid.space_group
         self.group = laue_group(self.space_group)
@@ -78,9 +76,6 @@ class AsuMapper:
 
     def map_scaled(self, H: np.ndarray) -> np.ndarray:
         """ndiv·hkl (n, 3) integers -> their ASU representatives (n, 3)."""
-        from cctbx import miller
-        from cctbx.array_family import flex
-
         H = np.ascontiguousarray(H, dtype=np.int64)
         out = np.empty_like(H)
         step = 1 << 20
