@@ -28,7 +28,7 @@ from .core.grid import (CrystalModel, GlobalGrid, average_crystal_model, build_g
 from .core.accumulate import observation_weights, scale_sums
 from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, leave_one_out_z_sums, map_slabs,
                          radial_profile, symmetry_agreement, symmetry_merge)
-from .core.params import MergeOptions
+from .core.params import DEFAULTS, MergeOptions
 from .storage import ACCUMULATOR_SCHEMA, ACCUMULATOR_SCHEMA_VERSION, H5VoxelAccumulator
 
 log = logging.getLogger("voxel_merger")
@@ -129,7 +129,7 @@ def reject_mask(ids, I, sig, scale, references: Sequence, n_sigma: float, min_co
 
 def accumulate_still(src, grid: GlobalGrid, acc, *, scale: float | None = None, half: int = 0,
                      mapper: AsuMapper | None = None, reference=None, reject_sigma: float | None = None,
-                     reject_min_count: int = 3, table: ObservationTableWriter | None = None,
+                     reject_min_count: int = DEFAULTS.reject_min_count, table: ObservationTableWriter | None = None,
                      chunk: int = 1 << 22, reference_setting: bool = True,
                      heartbeat: Callable[[], None] | None = None, s_max: float | None = None) -> dict:
     """Stream one still into ``acc``; optionally reject outliers against ``reference`` sums and write the table.

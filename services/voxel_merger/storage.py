@@ -22,6 +22,7 @@ import numpy as np
 from .core.accumulate import (N_FIELDS, FIELDS, VoxelAccumulator, _SumStore, blocked_sums, block_shift_for,
                               scale_sums)
 from .core.grid import GlobalGrid
+from .core.params import DEFAULTS
 
 __all__ = ["H5VoxelAccumulator", "ACCUMULATOR_SCHEMA", "ACCUMULATOR_SCHEMA_VERSION"]
 
@@ -47,7 +48,7 @@ class H5VoxelAccumulator(_SumStore):
     """
 
     def __init__(self, path: str | Path, grid: GlobalGrid | None = None, n_halves: int = 1,
-                 mode: str = "a", cache_bytes: int = 256 * 2**20, compression: str | None = "lzf",
+                 mode: str = "a", cache_bytes: int = DEFAULTS.cache_mb * 2**20, compression: str | None = "lzf",
                  block_shift: int | None = None, buffer_obs: int = 1 << 21):
         self.path = Path(path)
         self.buffer_obs = int(buffer_obs)

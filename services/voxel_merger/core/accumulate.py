@@ -26,6 +26,7 @@ import numpy as np
 from . import kernels
 from .grid import GlobalGrid
 from .kernels import accumulate_hkl, accumulate_ids
+from .params import DEFAULTS
 
 __all__ = [
     "FIELDS",
@@ -41,7 +42,7 @@ FIELDS = ("count", "sum_w", "sum_wi", "sum_w2v")
 N_FIELDS = len(FIELDS)
 
 
-def half_of_still(still_id: str | int, seed: int = 0) -> int:
+def half_of_still(still_id: str | int, seed: int = DEFAULTS.half_seed) -> int:
     """Deterministic pseudo-random half (0 or 1) of a still: the same in every job and partition."""
     digest = hashlib.blake2b(f"{seed}:{still_id}".encode(), digest_size=8).digest()
     return digest[0] & 1

@@ -220,7 +220,7 @@ class GlobalGrid:
         return self.s_of_hkl(self.voxel_hkl(ids))
 
 
-def build_grid(model: CrystalModel, ndiv: int = 3, s_max: float | None = None,
+def build_grid(model: CrystalModel, ndiv: int = DEFAULTS.subdivisions, s_max: float | None = None,
                d_min: float | None = None, hkl_max: Sequence[float] | None = None) -> GlobalGrid:
     """Grid covering the resolution sphere |s| <= s_max (= 1/d_min, Å⁻¹), or an explicit |h|,|k|,|l| box.
 

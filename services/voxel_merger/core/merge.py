@@ -13,6 +13,7 @@ from cctbx.array_family import flex
 
 from .accumulate import N_FIELDS, observation_weights
 from .grid import GlobalGrid
+from .params import DEFAULTS
 
 __all__ = [
     "merge_sums",
@@ -249,7 +250,7 @@ def _shell_table(acc: np.ndarray, edges: np.ndarray, key: str) -> dict:
     }
 
 
-def cc_half_by_shell(store, grid: GlobalGrid, n_shells: int = 10, min_count: int = 1) -> dict:
+def cc_half_by_shell(store, grid: GlobalGrid, n_shells: int = DEFAULTS.n_shells, min_count: int = 1) -> dict:
     """CC½ (Pearson) between the two half-dataset voxel means, per resolution shell and overall.
 
     Only voxels measured in both halves (≥ ``min_count`` observations each) count.
@@ -274,7 +275,7 @@ def cc_half_by_shell(store, grid: GlobalGrid, n_shells: int = 10, min_count: int
     return _shell_table(acc, edges, "cc_half")
 
 
-def symmetry_agreement(p1_store, asu_store, mapper: AsuMapper, grid: GlobalGrid, n_shells: int = 10) -> dict:
+def symmetry_agreement(p1_store, asu_store, mapper: AsuMapper, grid: GlobalGrid, n_shells: int = DEFAULTS.n_shells) -> dict:
     """Agreement of symmetry-equivalent voxels before merging: per resolution shell and overall, the Pearson CC
     between each measured P1 voxel's mean and the mean of its symmetry mates (its ASU orbit without itself).
 
