@@ -65,6 +65,7 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
+from .core.errors import InputError  # noqa: F401  (the service's one input error, re-exported)
 from .core.extract import COLUMNS, StillExtraction
 from .core.masks import MaskBit
 
@@ -90,9 +91,6 @@ DERIVABLE = DERIVED_BY_VERSION[3]
 DERIVED_COLUMNS = DERIVED_BY_VERSION[SCHEMA_VERSION]
 STORED_COLUMNS = tuple(c for c in COLUMNS if c not in DERIVED_COLUMNS)
 
-
-class InputError(ValueError):
-    """An input file is missing, unreadable or inconsistent (message names the file)."""
 
 
 def _compression() -> dict:

@@ -1,30 +1,28 @@
-"""Command line: ``diffuse-extractor run`` (files in, files out), ``inspect``, ``serve``."""
+"""Command line: ``diffuse-extractor run`` (files in, files out), ``background``, ``inspect``, ``serve``.
+
+Options, their defaults and help come from :mod:`diffuse_extractor.core.params` (the bus worker's models)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.progress import Progress
 
-from diffractflow.cli import service_app
+from diffractflow.cli import model_option, service_app, validated
 
-from . import __version__
+from . import __version__, pipeline
+from .artifacts import InputError, load_experiments
+from .core.params import BackgroundJob, ExtractJob, extraction_params
 
 app = service_app("diffuse-extractor", __version__, stage="diffuse_extractor.worker:STAGE",
                   help="Masks, physical corrections and per-still {q, I, sigma} tables from DIALS stills.")
 
+E, B = ExtractJob, BackgroundJob
 
-def _shapes(texts: List[str], what: str):
-    from .core.masks import Shape
 
-    out = []
-    for t in texts:
-        try:
-            out.append(Shape.parse(t))
-        except ValueError as exc:
-            typer.echo(f"error: {what}: {exc}", err=True)
-            raise typer.Exit(2)
-    return out
+def _beamstop(values: List[str]):
+    return values[0].lower() if len(values) == 1 and values[0].lower() in ("auto", "none") else values
 
 
 @app.command()
@@ -32,48 +30,37 @@ def run(
     expt: Path = typer.Option(..., "--expt", help="Refined DIALS experiment list (.expt); its images must be readable."),
     out: Path = typer.Option(..., "--out", help="Output directory (created): one HDF5 per still plus PNGs."),
     refl: Optional[Path] = typer.Option(None, "--refl", help="DIALS reflections (.refl, strong or integrated): observed spots are masked and size the Bragg mask."),
-    image_index: List[int] = typer.Option([0], "--image-index", help="Experiment (still) index in the .expt; repeat for several."),
-    all_images: bool = typer.Option(False, "--all", help="Process every experiment in the .expt."),
-    beamstop: List[str] = typer.Option(["auto"], "--beamstop", help="'auto', 'none', or shapes 'circle:PANEL:X,Y,R' / 'polygon:PANEL:X1,Y1,X2,Y2,...' (pixels; repeat for disk and arm)."),
-    no_arm: bool = typer.Option(False, "--no-arm", help="With --beamstop auto: do not look for the beamstop arm."),
-    mask_shape: List[str] = typer.Option([], "--mask", help="Extra user mask shape (same syntax as --beamstop), repeatable."),
+    image_index: List[int] = model_option(E, "image_indices", "--image-index", help="Repeat for several."),
+    all_images: bool = model_option(E, "all_images", "--all"),
+    beamstop: List[str] = model_option(E, "beamstop", "--beamstop", default=["auto"], help="Repeat for disk and arm."),
+    detect_arm: bool = model_option(E, "detect_arm", "--arm/--no-arm"),
+    mask_shape: List[str] = model_option(E, "mask_shapes", "--mask", help="Repeatable."),
     background: Optional[Path] = typer.Option(None, "--background", help="Background: an artifact of 'diffuse-extractor background' (scaled to each still by exposure time x transmission from the headers, variance propagated), or an image (dxtbx-readable, or .npy for one panel) in counts; subtracted before correction."),
-    background_scale: float = typer.Option(1.0, "--background-scale", help="Extra multiplier for the background (an image: e.g. the exposure ratio)."),
-    isotropic_background: bool = typer.Option(False, "--isotropic-background", help="Subtract the per-still isotropic background B(|q|) fitted to the still's own unmasked pixels (always computed and stored in /entry/background_profile). It also removes the isotropic part of the diffuse signal."),
-    lorentz: bool = typer.Option(False, "--lorentz/--no-lorentz", help="Rotation frames: apply DIALS' Lorentz factor (off: it belongs to integrated Bragg intensities; diffuse pixels need none, as in mdx2). Stills never get one."),
-    bragg_radius: Optional[float] = typer.Option(None, "--bragg-radius", help="Bragg mask radius in pixels (default: from the spot profile)."),
-    bragg_delpsi: float = typer.Option(0.003, "--bragg-delpsi", help="Predicted-reflection window |delta psi| in rad (DIALS' stills prediction uses 0.0015)."),
-    outlier_nsigma: float = typer.Option(8.0, "--outlier-nsigma", help="Also mask unpredicted bright pixels this many Poisson sigmas above their |q| shell (0 = off)."),
-    gain: float = typer.Option(1.0, "--gain", help="Detector gain in ADU per photon (counting statistics)."),
-    air_path_fraction: float = typer.Option(1.0, "--air-path-fraction", help="Fraction of the sample-to-pixel path in air (0 = vacuum/helium)."),
-    hot_dead: bool = typer.Option(True, "--hot-dead/--no-hot-dead", help="Find hot/dead pixels from the selected stills' statistics (needs >= 3 stills)."),
-    pngs: bool = typer.Option(True, "--png/--no-png", help="Write diagnostic PNGs (raw, masks, corrected, radial profile)."),
+    background_scale: float = model_option(E, "background_scale", "--background-scale"),
+    isotropic_background: bool = model_option(E, "isotropic_background", "--isotropic-background"),
+    lorentz: bool = model_option(E, "lorentz", "--lorentz/--no-lorentz"),
+    bragg_radius: Optional[float] = model_option(E, "bragg_radius_px", "--bragg-radius"),
+    bragg_delpsi: float = model_option(E, "bragg_delpsi_max", "--bragg-delpsi"),
+    outlier_nsigma: float = model_option(E, "outlier_nsigma", "--outlier-nsigma", help="0 = off."),
+    gain: float = model_option(E, "gain", "--gain"),
+    air_path_fraction: float = model_option(E, "air_path_fraction", "--air-path-fraction"),
+    hot_dead: bool = model_option(E, "hot_dead", "--hot-dead/--no-hot-dead", help="From the selected stills' statistics."),
+    pngs: bool = model_option(E, "pngs", "--png/--no-png"),
 ):
     """Extract the diffuse signal of one or more stills: per-pixel q, fractional hkl, corrected I and sigma."""
-    from rich.progress import Progress
-
-    from . import pipeline
-    from .artifacts import InputError, load_experiments
-    from .core.extract import ExtractionParams
-
-    bs = beamstop
-    if len(bs) == 1 and bs[0].lower() in ("auto", "none"):
-        bs_param = bs[0].lower()
-    else:
-        bs_param = _shapes(bs, "--beamstop")
-    params = ExtractionParams(beamstop=bs_param, detect_arm=not no_arm, user_shapes=_shapes(mask_shape, "--mask"),
-                              bragg_radius_px=bragg_radius, bragg_delpsi_max=bragg_delpsi,
-                              outlier_nsigma=outlier_nsigma or None, gain=gain, air_path_fraction=air_path_fraction,
-                              background_scale=background_scale, lorentz=lorentz,
-                              isotropic_background=isotropic_background)
+    job = validated(ExtractJob, image_indices=list(image_index), all_images=all_images, beamstop=_beamstop(beamstop),
+                    detect_arm=detect_arm, mask_shapes=list(mask_shape), background_scale=background_scale,
+                    isotropic_background=isotropic_background, lorentz=lorentz, bragg_radius_px=bragg_radius,
+                    bragg_delpsi_max=bragg_delpsi, outlier_nsigma=outlier_nsigma or None, gain=gain,
+                    air_path_fraction=air_path_fraction, hot_dead=hot_dead, pngs=pngs)
     try:
-        indices = list(range(len(load_experiments(expt)))) if all_images else list(image_index)
+        indices = list(range(len(load_experiments(expt)))) if job.all_images else job.image_indices
         with Progress(transient=True) as prog:
             task = prog.add_task("extracting stills", total=len(indices))
-            results = pipeline.process(expt, out, refl_path=refl, image_indices=indices, params=params,
-                                       background_path=background, hot_dead=hot_dead, pngs=pngs,
+            results = pipeline.process(expt, out, refl_path=refl, image_indices=indices, params=extraction_params(job),
+                                       background_path=background, hot_dead=job.hot_dead, pngs=job.pngs,
                                        progress=lambda: prog.advance(task))
-    except (InputError, ValueError) as exc:
+    except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     for r in results:
@@ -84,25 +71,19 @@ def run(
 def background_cmd(
     frames: List[Path] = typer.Argument(..., help="Background-only frames (no crystal, same geometry as the stills), dxtbx-readable."),
     out: Path = typer.Option(..., "--out", help="Output HDF5 background artifact (give it to 'run --background')."),
-    bin_px: int = typer.Option(8, "--bin", help="Bin size in pixels (bin_px x bin_px)."),
-    smooth: float = typer.Option(0.5, "--smooth", help="Gaussian smoothing sigma in bins (0 = none)."),
-    outlier_nsigma: float = typer.Option(6.0, "--outlier-nsigma", help="Drop zingers / hot pixels this many Poisson sigmas above the median / the smooth background."),
-    beamstop: List[str] = typer.Option(["auto"], "--beamstop", help="'auto', 'none', or shapes (as for run)."),
-    mask_shape: List[str] = typer.Option([], "--mask", help="Extra user mask shape, repeatable."),
-    gain: float = typer.Option(1.0, "--gain", help="Detector gain in ADU per photon."),
+    bin_px: int = model_option(B, "bin_px", "--bin"),
+    smooth: float = model_option(B, "smooth_bins", "--smooth"),
+    outlier_nsigma: float = model_option(B, "outlier_nsigma", "--outlier-nsigma"),
+    beamstop: List[str] = model_option(B, "beamstop", "--beamstop", default=["auto"]),
+    mask_shape: List[str] = model_option(B, "mask_shapes", "--mask", help="Repeatable."),
+    gain: float = model_option(B, "gain", "--gain"),
 ):
     """Estimate a smooth background (counts per frame and its variance) from background-only frames."""
-    from . import pipeline
-    from .artifacts import InputError
-    from .core.extract import ExtractionParams
-
-    bs = beamstop
-    bs_param = bs[0].lower() if len(bs) == 1 and bs[0].lower() in ("auto", "none") else _shapes(bs, "--beamstop")
-    params = ExtractionParams(beamstop=bs_param, user_shapes=_shapes(mask_shape, "--mask"), gain=gain)
+    job = validated(BackgroundJob, bin_px=bin_px, smooth_bins=smooth, outlier_nsigma=outlier_nsigma,
+                    beamstop=_beamstop(beamstop), mask_shapes=list(mask_shape), gain=gain)
     try:
-        path, info = pipeline.make_background(frames, out, bin_px=bin_px, smooth_bins=smooth,
-                                              outlier_nsigma=outlier_nsigma, gain=gain, params=params)
-    except (InputError, ValueError) as exc:
+        path, info = pipeline.make_background(frames, out, job)
+    except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     typer.echo(f"{info['n_frames']} frames, mean {info['mean_counts_per_frame']:.3g} counts/pixel/frame -> {path}")
@@ -117,7 +98,7 @@ def inspect(
     import numpy as np
 
     from . import diagnostics
-    from .artifacts import InputError, read_still
+    from .artifacts import read_still
 
     try:
         a = read_still(artifact)

@@ -9,11 +9,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dataclasses import replace
 
 from . import __version__
 from . import artifacts as art
-from .core.extract import ExtractionParams, GeometryCache, extract_still
+from .core.extract import GeometryCache, extract_still
+from .core.params import BackgroundJob, ExtractionParams, ExtractJob, extraction_params
 from .core.masks import RunPixelStatistics, untrusted_and_overload
 
 log = logging.getLogger("diffuse_extractor")
@@ -62,11 +62,16 @@ def run_stats(experiments, indices: Sequence[int], path="<experiments>", progres
     return stats.hot_dead_flags() if stats is not None and stats.n_stills >= 3 else None
 
 
+_JOB = ExtractJob.model_fields  # defaults of the job-level options: core.params, nowhere else
+
+
 def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path | None = None,
-            image_indices: Sequence[int] = (0,), params: ExtractionParams | None = None,
-            background_path: str | Path | None = None, hot_dead: bool = True, pngs: bool = True,
+            image_indices: Sequence[int] = tuple(_JOB["image_indices"].get_default(call_default_factory=True)),
+            params: ExtractionParams | None = None, background_path: str | Path | None = None,
+            hot_dead: bool = _JOB["hot_dead"].default, pngs: bool = _JOB["pngs"].default,
             job_id: str | None = None, progress: Callable | None = None, run_key: str | None = None,
-            pixel_stats: str | Path | None = None, pixel_stats_min_stills: int = 3) -> list[dict]:
+            pixel_stats: str | Path | None = None,
+            pixel_stats_min_stills: int = _JOB["pixel_stats_min_stills"].default) -> list[dict]:
     """Extract each selected still of ``expt_path`` into ``out_dir/<stem>_NNNN.h5`` (+ PNGs).
 
     Hot/dead pixels need a run: with ``hot_dead`` and >= 3 stills selected they are found from
@@ -122,7 +127,7 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
             ratio, notes = art.exposure_ratio(art.image_exposure(image_path), bmodel)
             for n in notes:
                 log.warning("%s: %s (background %s)", image_path, n, background_path)
-            p_i = replace(params, background_scale=params.background_scale * ratio)
+            p_i = params.model_copy(update={"background_scale": params.background_scale * ratio})
             kw = {"background": bmodel["mean"], "background_variance": bmodel["variance"],
                   "background_method": "frames"}
         res = extract_still(expt, data, refl, params=p_i, dynamic_flags=dyn_i, format_mask=fmask,
@@ -152,13 +157,12 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
     return results
 
 
-def make_background(frame_paths: Sequence[str | Path], out_path: str | Path, *, bin_px: int = 8,
-                    smooth_bins: float = 0.5, outlier_nsigma: float = 6.0, gain: float = 1.0,
-                    params: ExtractionParams | None = None, job_id: str | None = None) -> tuple[Path, dict]:
+def make_background(frame_paths: Sequence[str | Path], out_path: str | Path, job: BackgroundJob | None = None, *,
+                    job_id: str | None = None) -> tuple[Path, dict]:
     """Background-only frames (dxtbx-readable, one detector) -> one background artifact.
 
     Per frame: gaps and untrusted pixels (negative values, the trusted range, the format's mask);
-    once, on the mean frame: user mask shapes and the beamstop (``params.beamstop``: auto-detected
+    once, on the mean frame: user mask shapes and the beamstop (``job.beamstop``: auto-detected
     as in the extraction, "none" or shapes). Then ``core.background.estimate_background``. The
     frames' exposure time and transmission come from their headers (mean over the frames; a
     warning when they differ by more than 1 %). Returns the path and the estimate's info.
@@ -171,7 +175,8 @@ def make_background(frame_paths: Sequence[str | Path], out_path: str | Path, *, 
     from .core import background as bg
     from .core.extract import static_flags
 
-    params = params or ExtractionParams()
+    job = job or BackgroundJob()
+    params = extraction_params(job)
     paths = [Path(p) for p in frame_paths]
     if not paths:
         raise art.InputError("no background frames given")
@@ -201,8 +206,8 @@ def make_background(frame_paths: Sequence[str | Path], out_path: str | Path, *, 
 
     # beamstop and user shapes for every frame (untrusted/overloaded pixels are flagged per frame)
     static_bad = [(f & np.uint8(MaskBit.BEAMSTOP | MaskBit.USER)) != 0 for f in stat]
-    model = bg.estimate_background(frames, flags, static_bad, bin_px=bin_px, smooth_bins=smooth_bins,
-                                   outlier_nsigma=outlier_nsigma, gain=gain)
+    model = bg.estimate_background(frames, flags, static_bad, bin_px=job.bin_px, smooth_bins=job.smooth_bins,
+                                   outlier_nsigma=job.outlier_nsigma, gain=job.gain)
     model.info.update({k: v for k, v in sinfo.items() if k.startswith("beamstop")})
     t = [x["exposure_time_s"] for x in expo]
     tr = [x["transmission"] for x in expo]
@@ -217,10 +222,7 @@ def make_background(frame_paths: Sequence[str | Path], out_path: str | Path, *, 
             model.info.setdefault("notes", []).append(f"{name} differs between frames")
     inputs = {f"frame{i}": sha256_file(p) for i, p in enumerate(paths)}
     out = art.write_background(out_path, model, det, beam,
-                               parameters={"bin_px": bin_px, "smooth_bins": smooth_bins,
-                                           "outlier_nsigma": outlier_nsigma, "gain": gain,
-                                           **{k: v for k, v in params.as_dict().items()
-                                              if k in ("beamstop", "user_shapes", "detect_arm")}},
+                               parameters={k: v for k, v in job.as_dict().items() if k != "mode"},
                                inputs=inputs, frame_paths=[str(p) for p in paths], exposure_time_s=t_mean,
                                transmission=tr_mean, job_id=job_id, producer_version=__version__)
     return out, model.info

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from pydantic import BaseModel, ValidationError
 
 
 def load_stage(spec: str):
@@ -47,3 +48,22 @@ def service_app(name: str, version: str, stage: str, help: str = "") -> typer.Ty
         serve_stage(load_stage(stage), Settings(**overrides))
 
     return app
+
+
+def model_option(model: type[BaseModel], name: str, *decls: str, default: Any = ..., help: str = "") -> Any:
+    """A typer option for field ``name`` of a service's parameter model: the model's default and description (plus
+    ``help``), so a CLI never restates a default the bus worker uses."""
+    f = model.model_fields[name]
+    if default is ...:
+        default = f.get_default(call_default_factory=True)
+    return typer.Option(default, *decls, help=" ".join(x for x in ((f.description or "") + ".", help) if x != "."))
+
+
+def validated(model: type[BaseModel], **values: Any) -> Any:
+    """The model built from command-line values; on a bad value, exit 2 with a message naming the option."""
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        msg = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)

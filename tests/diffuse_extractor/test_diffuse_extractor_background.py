@@ -141,7 +141,7 @@ def frames_run(tmp_path_factory):
     expt = _unindexed_still_expt(sp, vol / "in" / "still.expt")
     settings = Settings(volume=vol)
     bjob = JobRequest(job_id="bg-1", service="diffuse-extractor", inputs=frames,
-                      params={"mode": "background", "beamstop": "none", "background_bin_px": 8})
+                      params={"mode": "background", "beamstop": "none", "bin_px": 8})
     bctx = run_inline(STAGE, bjob, settings)
     bpath = bctx.outputs["background"]
     rel = Path(bpath).relative_to(vol)

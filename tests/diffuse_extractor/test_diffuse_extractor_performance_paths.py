@@ -195,7 +195,7 @@ def test_a_fully_masked_still_writes_an_empty_table(synthetic_still, tmp_path):
 
     s = synthetic_still
     everything = [mk.Shape.parse(f"polygon:{p}:-1,-1,200,-1,200,200,-1,200") for p in (0, 1)]
-    res = extract_still(s.experiment, s.data, None, params=ExtractionParams(beamstop="none", user_shapes=everything))
+    res = extract_still(s.experiment, s.data, None, params=ExtractionParams(beamstop="none", mask_shapes=everything))
     assert len(res) == 0 and all((f & mk.MaskBit.USER).all() for f in res.flags)
     px = read_still(write_still(tmp_path / "empty.h5", res, s.experiment, parameters={}, inputs={}))["pixels"]
     assert all(v.shape == (0,) for v in px.values()) and {"h", "intensity", "qx", "raw"} <= set(px)

@@ -95,7 +95,7 @@ def test_user_shapes_and_overloads(synthetic_still):
     data[1][10, 20] = 2.0e6  # above the trusted maximum (1e6)
     data[0][5, 5] = -3  # below the trusted minimum
     shapes = [mk.Shape.parse("circle:0:100.5,30.5,6"), mk.Shape.parse("polygon:1:50,50,70,50,70,60,50,60")]
-    res = extract_still(s.experiment, data, None, params=ExtractionParams(beamstop="none", user_shapes=shapes))
+    res = extract_still(s.experiment, data, None, params=ExtractionParams(beamstop="none", mask_shapes=shapes))
     f0, f1 = res.flags
     assert f1[10, 20] & MaskBit.OVERLOAD and f0[5, 5] & MaskBit.UNTRUSTED
     yy, xx = np.mgrid[0:160, 0:160]

@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import InputError
+
 
 # --------------------------------------------------------------------------- isotropic B(|q|)
 @dataclass
@@ -218,7 +220,7 @@ def _smooth(sums: np.ndarray, counts: np.ndarray, sigma: float, gain: float):
         var = np.maximum(vnum, gain * gain * (k2.sum() if sigma > 0 else 1.0)) / (den * den)
     empty = ~(den > 1e-9 * max(float(den.max()), 1e-300))
     if empty.all():
-        raise ValueError("no good pixel in any background frame")
+        raise InputError("no good pixel in any background frame")
     if empty.any():  # bins with no good pixel in reach: the nearest good bin's value
         from scipy.ndimage import distance_transform_edt
 
@@ -258,7 +260,7 @@ def estimate_background(frames: Sequence[Sequence[np.ndarray]], frame_flags: Seq
     """
     nf = len(frames)
     if nf == 0:
-        raise ValueError("no background frames")
+        raise InputError("no background frames")
     n_panels = len(frames[0])
     g = float(gain)
     means, variances, binned, used = [], [], [], []

@@ -19,6 +19,8 @@ from . import corrections as corr
 from . import geometry as geo
 from . import kernels
 from . import masks as mk
+from .errors import InputError
+from .params import ExtractionParams  # noqa: F401  (re-exported: the library's parameter model)
 from .workspace import WORKSPACE
 
 #: columns of the per-pixel table, with dtype and unit (the HDF5 schema follows this list)
@@ -46,42 +48,6 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "exposure": ("float32", "1/correction: ADU of net counts per unit of intensity (intensity * exposure = "
                             "raw - background; (sigma * exposure)^2 = variance of the net counts)"),
 }
-
-
-@dataclass
-class ExtractionParams:
-    """Knobs of one extraction (all optional)."""
-
-    gain: float = 1.0  # ADU per photon, for counting statistics
-    beamstop: str | Sequence[mk.Shape] = "auto"  # "auto", "none" or explicit shapes
-    detect_arm: bool = True
-    beamstop_ratio: float = 0.5
-    user_shapes: Sequence[mk.Shape] = ()
-    bragg_radius_px: float | None = None  # None: from the spot profile
-    bragg_d_min: float | None = None  # None: the detector's corner resolution
-    bragg_delpsi_max: float = 0.003  # rad; DIALS' stills prediction keeps |delta psi| < 0.0015
-    outlier_nsigma: float | None = 8.0  # mask unpredicted bright pixels (None: off)
-    outlier_grow_px: float = 2.0
-    use_observed_spots: bool = True
-    air_path_fraction: float = 1.0  # fraction of the sample-pixel path in air
-    air_density_g_cm3: float = corr.DRY_AIR_DENSITY_G_CM3
-    background_scale: float = 1.0
-    #: apply DIALS' rotation Lorentz factor to rotation frames. Off by default: the Lorentz factor
-    #: belongs to integrated Bragg intensities (the time a reflection spends in diffracting
-    #: condition); a smooth diffuse signal sampled per pixel needs none (mdx2 applies none either).
-    #: Stills never get one.
-    lorentz: bool = False
-    #: "none" (or a background image/frames given separately) or "isotropic": subtract the per-still
-    #: isotropic estimate B(|q|) (see ``core.background.isotropic_profile``; always computed and reported)
-    isotropic_background: bool = False
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        for key in ("beamstop", "user_shapes"):
-            v = d[key]
-            if not isinstance(v, str):
-                d[key] = [f"{s.kind}:{s.panel}:" + ",".join(f"{c:g}" for c in s.coords) for s in v]
-        return d
 
 
 @dataclass
@@ -465,7 +431,7 @@ def static_flags(experiment, data, pixels: list[PanelPixels], params: "Extractio
     """
     det = experiment.detector
     flags = mk.untrusted_and_overload(det, data, format_mask)
-    mk.apply_shapes(flags, params.user_shapes, mk.MaskBit.USER)
+    mk.apply_shapes(flags, params.mask_shapes, mk.MaskBit.USER)
     info: dict = {}
     if isinstance(params.beamstop, str):
         mode = params.beamstop.lower()
@@ -492,7 +458,7 @@ def static_flags(experiment, data, pixels: list[PanelPixels], params: "Extractio
         elif mode == "none":
             info["beamstop_mode"] = "none"
         else:
-            raise ValueError(f"beamstop must be 'auto', 'none' or shapes, got {params.beamstop!r}")
+            raise InputError(f"beamstop must be 'auto', 'none' or shapes, got {params.beamstop!r}")
     else:
         mk.apply_shapes(flags, params.beamstop, mk.MaskBit.BEAMSTOP)
         info["beamstop_mode"] = "given"
@@ -535,13 +501,13 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
     params = params or ExtractionParams()
     det, beam, crystal = experiment.detector, experiment.beam, experiment.crystal
     if len(data) != len(det):
-        raise ValueError(f"image has {len(data)} panels, detector model has {len(det)}")
+        raise InputError(f"image has {len(data)} panels, detector model has {len(det)}")
     data = [_as_float32(d) for d in data]
     for i, (d, p) in enumerate(zip(data, det)):
         if d.shape != tuple(p.get_image_size()[::-1]):
-            raise ValueError(f"panel {i}: image shape {d.shape} != detector {p.get_image_size()[::-1]}")
+            raise InputError(f"panel {i}: image shape {d.shape} != detector {p.get_image_size()[::-1]}")
     if params.isotropic_background and background is not None:
-        raise ValueError("give either a background (image or frames) or isotropic_background, not both")
+        raise InputError("give either a background (image or frames) or isotropic_background, not both")
     gonio = rotation_goniometer(experiment)
     lor_gonio = gonio if params.lorentz else None  # the static pixels get a Lorentz factor only when asked
     cache = geometry_cache or GeometryCache(1)

@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+
 from scipy import ndimage as ndi
+
+from .errors import InputError
 
 
 class MaskBit(enum.IntFlag):
@@ -62,13 +65,13 @@ class Shape:
         """Parse ``circle:PANEL:X,Y,R`` or ``polygon:PANEL:X1,Y1,X2,Y2,X3,Y3[,...]`` (pixels)."""
         m = re.fullmatch(r"\s*(circle|polygon)\s*:\s*(\d+)\s*:\s*([-+0-9.eE,\s]+)", text)
         if not m:
-            raise ValueError(f"bad mask shape {text!r}: expected circle:PANEL:X,Y,R or polygon:PANEL:X1,Y1,X2,Y2,...")
+            raise InputError(f"bad mask shape {text!r}: expected circle:PANEL:X,Y,R or polygon:PANEL:X1,Y1,X2,Y2,...")
         kind, panel = m.group(1), int(m.group(2))
         coords = tuple(float(v) for v in m.group(3).replace(" ", "").split(",") if v)
         if kind == "circle" and (len(coords) != 3 or coords[2] <= 0):
-            raise ValueError(f"bad circle {text!r}: need X,Y,R with R > 0")
+            raise InputError(f"bad circle {text!r}: need X,Y,R with R > 0")
         if kind == "polygon" and (len(coords) < 6 or len(coords) % 2):
-            raise ValueError(f"bad polygon {text!r}: need at least 3 X,Y vertices")
+            raise InputError(f"bad polygon {text!r}: need at least 3 X,Y vertices")
         return cls(kind, panel, coords)
 
     def rasterise(self, shape_yx: tuple[int, int]) -> np.ndarray:
@@ -90,7 +93,7 @@ class Shape:
 def apply_shapes(flags: list[np.ndarray], shapes: Sequence[Shape], bit: int) -> None:
     for s in shapes:
         if not 0 <= s.panel < len(flags):
-            raise ValueError(f"mask shape on panel {s.panel}, detector has {len(flags)} panels")
+            raise InputError(f"mask shape on panel {s.panel}, detector has {len(flags)} panels")
         flags[s.panel][s.rasterise(flags[s.panel].shape)] |= np.uint8(bit)
 
 

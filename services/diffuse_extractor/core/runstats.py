@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from . import kernels
+from .errors import InputError
 from .masks import MaskBit
 
 SCHEMA = "diffractflow.diffuse_pixel_stats"
@@ -156,15 +157,15 @@ def _read_file(path: Path, shapes=None) -> RunningPixelStats:
         with h5py.File(path, "r") as f:
             s = f.attrs.get("schema")
             if (s.decode() if isinstance(s, bytes) else s) != SCHEMA:
-                raise ValueError(f"{path} has schema {s!r}, expected {SCHEMA!r}")
+                raise InputError(f"{path} has schema {s!r}, expected {SCHEMA!r}")
             k = sorted(f["n"].keys())
             st = RunningPixelStats([f["n"][p][()] for p in k], [f["sum"][p][()] for p in k],
                                    [f["sumsq"][p][()] for p in k], [f["n_zero"][p][()] for p in k],
                                    json.loads(f.attrs["still_ids"]))
     except (OSError, KeyError) as exc:
-        raise ValueError(f"cannot read pixel statistics {path}: {exc}") from exc
+        raise InputError(f"cannot read pixel statistics {path}: {exc}") from exc
     if shapes is not None and [a.shape for a in st.n] != [tuple(x) for x in shapes]:
-        raise ValueError(f"pixel statistics {path} are for another detector ({[a.shape for a in st.n]})")
+        raise InputError(f"pixel statistics {path} are for another detector ({[a.shape for a in st.n]})")
     return st
 
 
@@ -201,7 +202,7 @@ def _sum(parts: Sequence[RunningPixelStats]) -> RunningPixelStats:
                             [a.copy() for a in first.sumsq], [a.copy() for a in first.n_zero], list(first.still_ids))
     for p in parts[1:]:
         if p.shapes != out.shapes:
-            raise ValueError(f"pixel statistics parts are for different detectors ({p.shapes} != {out.shapes})")
+            raise InputError(f"pixel statistics parts are for different detectors ({p.shapes} != {out.shapes})")
         for i in range(len(out.n)):
             out.n[i] += p.n[i]
             out.total[i] += p.total[i]
@@ -253,7 +254,7 @@ class _RunView:
             self.own = RunningPixelStats.empty(shapes)
             self.own_sig = None
         if self.own.shapes != [tuple(x) for x in shapes]:
-            raise ValueError(f"pixel statistics {self.path} are for another detector ({self.own.shapes})")
+            raise InputError(f"pixel statistics {self.path} are for another detector ({self.own.shapes})")
         return self.own
 
     def parts(self, shapes=None) -> list[RunningPixelStats]:
