@@ -35,12 +35,22 @@ def _opt(model: type[BaseModel], name: str, *decls: str, default: Any = ..., hel
                         help=" ".join(x for x in (f.description + ".", help) if x))
 
 
+#: model field -> its option, where the names differ
+FLAGS = {"convergence_tolerance": "--tolerance", "minimizer_type": "--minimizer", "q_range": "--q-min/--q-max",
+         "extra_formula": "--solvent"}
+
+
+def _flag(loc: tuple) -> str:
+    name = str(loc[0]) if loc else ""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 def _validated(model: type[BaseModel], **values: Any):
     """The model from the command line's values; exit 2 naming the option on a bad value."""
     try:
         return model(**values)
     except ValidationError as exc:
-        _fail("; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()), 2)
+        _fail("; ".join(f"{_flag(e['loc'])}: {e['msg']}" for e in exc.errors()), 2)
 
 
 R, A = RelativeParams, AbsoluteParams

@@ -26,14 +26,22 @@ app = service_app("voxel-merger", __version__, stage="voxel_merger.worker:STAGE"
                   help="Merge diffuse-scattering stills onto a global reciprocal grid (exposure-weighted, HDF5-backed).")
 
 
+#: MergeOptions field -> its option, where the names differ
+FLAGS = {"n_shells": "--shells", "write_table": "--table/--no-table"}
+
+
+def _flag(loc: tuple) -> str:
+    name = str(loc[0]) if loc else ""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 def _options(**values: Any) -> MergeOptions:
     """The library options from the command line's values; exit 2 naming the option on a bad value."""
     try:
         opt = MergeOptions(**values)
         check_subdivisions(opt.subdivisions)
     except ValidationError as exc:
-        typer.echo("error: " + "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                                         for e in exc.errors()), err=True)
+        typer.echo("error: " + "; ".join(f"{_flag(e['loc'])}: {e['msg']}" for e in exc.errors()), err=True)
         raise typer.Exit(2)
     except InputError as exc:
         typer.echo(f"error: --{exc}", err=True)

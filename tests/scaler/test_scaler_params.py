@@ -113,3 +113,26 @@ def test_a_bug_is_a_failure_retried_not_a_rejection(settings, volume, probe, mon
     asyncio.run(scenario())
     assert len(calls) == 2  # delivered twice: retried
     assert [(l.job_id, l.kind) for l in probe.dead_letters()] == [("bug", "failure")]
+
+
+def test_a_bad_formula_is_an_input_error_naming_it(tmp_path):
+    """The user's unit-cell contents are input: an unknown element is rejected (InputError), not retried."""
+    import h5py
+
+    from diffractflow.errors import InputError
+    from scaler.pipeline import run_absolute
+
+    mp = tmp_path / "map.h5"
+    with h5py.File(mp, "w") as f:
+        f["q_magnitude"] = np.linspace(0.05, 0.5, 200)
+        f["intensity"] = np.full(200, 100.0)
+    with pytest.raises(InputError, match="unknown element 'Qq'"):
+        run_absolute(mp, tmp_path / "out", formula="C100Qq12", cell_volume=1e4)
+
+
+def test_cli_refuses_a_bad_option_value_naming_it(tmp_path):
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["run", "--observations", str(tmp_path / "x.h5"), "--out", str(tmp_path / "o"),
+                                 "--minimizer", "newton"])
+    assert r.exit_code == 2 and "--minimizer:" in r.output and "gauss_newton" in r.output

@@ -117,3 +117,13 @@ def test_a_bug_is_a_failure_retried_not_a_rejection(settings, volume, probe, mon
     asyncio.run(scenario())
     assert len(calls) == 2  # delivered twice: retried
     assert [(l.job_id, l.kind) for l in probe.dead_letters()] == [("bug", "failure")]
+
+
+def test_cli_refuses_a_bad_option_value_naming_it(tmp_path):
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, ["merge", str(tmp_path / "p.h5"), "--out", str(tmp_path / "o"), "--shells", "0"])
+    assert r.exit_code == 2 and "--shells:" in r.output and "greater than or equal to 1" in r.output
+    r = CliRunner().invoke(app, ["grid", str(tmp_path / "s.h5"), "--out", str(tmp_path / "g.json"),
+                                 "--subdivisions", "4"])
+    assert r.exit_code == 2 and "odd" in r.output
