@@ -40,10 +40,12 @@ The mapping, document by document:
 ``runs/<run_id>/bluesky.json`` records the run as the documents described it: start uid, plan, scan id, the
 frames dispatched and missing, the exit status, and why a run was refused.
 
-A document message is acknowledged once its work is done (for an event: after its frames are dispatched), so a
-dispatcher that dies while waiting for a frame gets that event again. The translator's index of open runs
-(descriptors, resources, datums) lives in memory; :meth:`BlueskyTranslator.recover` rebuilds it from the stream
-when a dispatcher starts. Documents are limited to the server's ``max_payload`` (1 MiB): detectors must write
+A document message is acknowledged once its work is done (for an event: after its frames are dispatched). The
+translator's index of open runs (descriptors, resources, datums) lives in memory; when a dispatcher starts,
+:meth:`BlueskyTranslator.recover` rebuilds it from the stream and takes over what the previous dispatcher left
+(stopped, or SIGKILLed mid-run): frames it was waiting for are dispatched, frames whose flows it may have had in hand
+are dispatched again (content-addressed jobs make that a reuse, not a second computation), a run whose stop it had
+received is ended; every frame is processed once and the end of the run comes once, after all its frames. Documents are limited to the server's ``max_payload`` (1 MiB): detectors must write
 their images to files (external data), not into events. ``stream_resource``/``stream_datum`` (ophyd-async's
 multi-frame HDF5 streams) are not translated.
 
@@ -190,6 +192,9 @@ class _Run:
     tasks: set[asyncio.Task] = field(default_factory=set)
     ready: asyncio.Task | None = None  # the run's start hook (background); frames wait for it
     saved_at: float = 0.0
+    replayed: list[tuple[str, Path]] = field(default_factory=list)  # recovery: frames the run's events named
+    stopped: bool = False  # recovery: its stop document was delivered to an earlier dispatcher
+    ending: asyncio.Task | None = None  # recovery: the end a stopped run was waiting for
 
 
 StartHook = Callable[[str], Awaitable[Any]]
@@ -216,14 +221,16 @@ class BlueskyTranslator:
     ``publish`` sends one DataEvent (the dispatcher binds it to its JetStream context); ``source`` limits the
     translator to one RunEngine's documents (None: every source); ``root_map`` maps a resource ``root`` as the
     detector host wrote it to the path on this host; ``settle_s``/``frame_timeout_s`` (seconds) decide when a frame
-    is complete or missing; ``on_start`` runs once per run before its frames are dispatched.
+    is complete or missing; ``on_start`` runs once per run before its frames are dispatched; ``durable``: the
+    dispatcher's consumer name (what :meth:`recover` asks about acknowledgements).
     """
 
     def __init__(self, volume: Volume, *, publish: Callable[[DataEvent], Awaitable[Any]] | None = None,
                  source: str | None = None, require_md: bool = True, settle_s: float = 1.0,
                  frame_timeout_s: float = 300.0, root_map: dict[str, str] | None = None,
-                 on_start: StartHook | None = None, validate_config: bool = True):
+                 on_start: StartHook | None = None, validate_config: bool = True, durable: str = "dispatcher"):
         self.volume = volume
+        self.durable = durable  # the dispatcher's consumer: its acknowledgement floor tells recovery what was done
         self.publish = publish
         self.source = source
         self.require_md = require_md
@@ -393,8 +400,6 @@ class BlueskyTranslator:
         if run is None:
             return None
         new = []
-        if replay:  # acknowledged events were dispatched; unacknowledged ones come back
-            return None
         for key in run.descriptors.get(doc["descriptor"], []):
             value = (doc.get("data") or {}).get(key)
             if value is None:
@@ -403,8 +408,13 @@ class BlueskyTranslator:
                 path = self.file_of(run, str(value))
                 rel = self.volume.relative(path)
             except Exception as exc:  # noqa: BLE001 - a frame we cannot place is reported, not fatal
+                if replay:
+                    continue
                 run.record["missing"].append({"datum": str(value), "reason": str(exc)})
                 log.error("frame not resolved", extra={"run_id": run.run_id, "error": str(exc)})
+                continue
+            if replay:  # recovery decides which of them were dispatched (see recover)
+                run.replayed.append((rel, path))
                 continue
             if rel in run.files:
                 continue
@@ -412,6 +422,9 @@ class BlueskyTranslator:
             new.append((rel, path))
         if not new:
             return None
+        return self._start_dispatch(run, new)
+
+    def _start_dispatch(self, run: _Run, new: list[tuple[str, Path]]) -> asyncio.Task:
         task = asyncio.ensure_future(self._dispatch_frames(run, new))
         run.tasks.add(task)
         task.add_done_callback(run.tasks.discard)
@@ -442,9 +455,8 @@ class BlueskyTranslator:
             return None
         run.record.update(exit_status=doc.get("exit_status"), reason=doc.get("reason") or "",
                           num_events=doc.get("num_events"), time_stop=doc.get("time"))
-        if replay:  # a run an earlier dispatcher ended is closed; an unacknowledged stop comes back and ends it
-            if str(run.record.get("status", "")).startswith("ended"):
-                self._forget(run)
+        if replay:  # recovery ends it unless an earlier dispatcher did
+            run.stopped = True
             return None
         return asyncio.ensure_future(self._end(run))
 
@@ -473,28 +485,88 @@ class BlueskyTranslator:
 
     # ------------------------------------------------------------------ dispatcher support
     async def recover(self, js, stream: str, until_seq: int) -> int:
-        """Rebuild the index of open runs (start, descriptors, resources, datums) from the documents the stream
-        holds up to ``until_seq`` (what an earlier dispatcher was delivered); nothing is published, and events
-        and stops are left to their redelivery if they were not acknowledged. Returns the documents read."""
-        from diffractflow import bus
+        """Take over the runs an earlier dispatcher left open (it stopped or was killed). Returns the documents read.
 
+        ``until_seq``: the last stream sequence that dispatcher was delivered. Its documents up to there rebuild the
+        index of open runs (start, descriptors, resources, datums); the stream's own ``DataEvent`` s say which frames
+        were dispatched and which runs ended (the run record on disk may lag behind). Then, per open run:
+
+        - frames its delivered events named but no ``DataEvent`` carries (the dispatcher died waiting for them) are
+          dispatched now;
+        - frames whose ``DataEvent`` the dispatcher may have had in hand (beyond its consumer's acknowledgement floor)
+          are dispatched again under a new event id, so the new dispatcher runs their flows (content-addressed jobs:
+          a finished job is reused, not recomputed) and the end of the run waits for them;
+        - a run whose stop was delivered is ended (its end-of-run event after those frames).
+
+        Documents after ``until_seq`` come to the new dispatcher as usual; those it had unacknowledged come back
+        with JetStream's redelivery and then find their frames dispatched (or their run ended) and do nothing.
+        """
+        from diffractflow import bus
+        from diffractflow.messages import MessageError
+
+        try:
+            floor = (await js.consumer_info(stream, self.durable)).ack_floor.stream_seq or 0
+        except Exception:  # noqa: BLE001 - no consumer state: every delivered frame may be unfinished
+            floor = 0
+        published: dict[str, dict[str, int]] = {}  # run id -> {frame path: stream seq of its DataEvent}
+        ended: set[str] = set()
         n = 0
-        async for seq, subject, data in bus.iter_stream(js, stream, subject=f"{SUBJECT_PREFIX}.>", limit=10 ** 7):
-            if seq > until_seq:
-                break
+        async for seq, subject, data in bus.iter_stream(js, stream, subject="events.>", limit=10 ** 7):
+            if subject.startswith("events.file.") or subject.startswith("events.end_of_run."):
+                try:
+                    ev = DataEvent.from_bytes(data)
+                except MessageError:
+                    continue
+                if ev.kind == "end_of_run":
+                    ended.add(ev.run_id)
+                else:
+                    published.setdefault(ev.run_id, {}).setdefault(ev.path, seq)
+                continue
             parsed = parse_subject(subject)
-            if parsed is None:
+            if parsed is None or seq > until_seq:
                 continue
             try:
                 await self.handle(parsed[1], decode(data), parsed[0], replay=True)
                 n += 1
             except Exception:  # noqa: BLE001 - a bad old document must not stop the recovery
                 log.warning("unreadable document skipped in recovery", extra={"seq": seq})
+        for run in list(self.runs.values()):
+            await self._take_over(run, published.get(run.run_id, {}), run.run_id in ended, floor, until_seq)
         return n
+
+    async def _take_over(self, run: _Run, published: dict[str, int], ended: bool, floor: int,
+                         until_seq: int) -> None:
+        """Recovery of one open run (see :meth:`recover`)."""
+        replayed, run.replayed = run.replayed, []
+        if ended or str(run.record.get("status", "")).startswith("ended"):
+            self._forget(run)
+            return
+        run.files = set(published)
+        done = sorted(published, key=published.get)
+        run.record["frames"] = done + [f for f in run.record.get("frames", []) if f not in published]
+        # DataEvents that may have been in hand: dispatched again, under a new id (the old one is deduplicated)
+        again = [rel for rel in done if floor < published[rel] <= until_seq]
+        for rel in again:
+            path = self.volume.resolve(rel)
+            await self.publish(DataEvent(run_id=run.run_id, kind="file", path=rel, size=path.stat().st_size,
+                                         event_id=f"{run.run_id}:{path.name}:again-{published[rel]}"))
+        new = []
+        for rel, path in replayed:
+            if rel not in run.files:
+                run.files.add(rel)
+                new.append((rel, path))
+        if new:
+            self._start_dispatch(run, new)
+        log.info("bluesky run taken over", extra={"run_id": run.run_id, "dispatched": len(done),
+                                                  "dispatched_again": len(again), "waiting": len(new),
+                                                  "stopped": run.stopped})
+        self._save(run)
+        if run.stopped:  # close() cancels it with the rest; the stop document comes back then
+            run.ending = asyncio.ensure_future(self._end(run))
 
     async def close(self) -> None:
         """Cancel what is still waiting for frames (their documents stay unacknowledged and come back)."""
-        pending = [t for r in self.runs.values() for t in (*r.tasks, *(filter(None, [r.ready])))]
+        pending = [t for r in self.runs.values() for t in (*r.tasks, *(filter(None, [r.ready, r.ending])))]
         for t in pending:
             t.cancel()
         if pending:
