@@ -161,7 +161,10 @@ async def _with_run_bragg_radius(volume: Volume, run_id: str, image: str, extrac
 
 
 def _summary_row(path: Path) -> dict:
-    """The first unit of a stills-processor summary.h5 (status, reason, spots, DIALS file paths)."""
+    """The first unit of a stills-processor summary.h5 (status, reason, spots, DIALS file paths).
+
+    Not used by the flows (they read the job's declared outputs and metrics, :func:`_still_outcome`); kept for
+    tests/reliability until they do the same."""
     with h5py.File(path, "r") as f:
         g = f["summary"]
 
@@ -178,6 +181,17 @@ def _summary_row(path: Path) -> dict:
     for k in ("expt_path", "refl_path", "indexed_refl_path"):
         row[k] = str(path.parent / row[k]) if row[k] else ""
     return row
+
+
+def _still_outcome(result: dict) -> dict:
+    """A one-still stills-processor result as the flow needs it: status, reason and counts from its metrics, its
+    DIALS files as the job's declared (hashed) outputs ``experiments``, ``reflections`` (integrated) and
+    ``indexed`` (indexed strong spots), each an artifact reference or None."""
+    m, out = result.get("metrics", {}), result.get("outputs", {})
+    return {"status": m.get("status", "failed"), "reason": m.get("reason") or "",
+            "n_spots": int(m.get("n_spots") or 0), "n_indexed": int(m.get("n_indexed_spots") or 0),
+            "strategy": m.get("strategy") or None, "validation_passed": m.get("validation_passed") is not False,
+            **{k: out.get(k) for k in ("experiments", "reflections", "indexed")}}
 
 
 async def extract_and_accumulate(volume: Volume, run_id: str, cfg: DiffuseRunConfig, image: str, inputs: dict,
@@ -226,9 +240,9 @@ async def _still(volume: Volume, run_id: str, cfg: DiffuseRunConfig, image: str,
     res = await run_stage("stills-processor", {"image0": image}, params, run_id,
                           job_id_for(run_id, "index", stem), timeout=cfg.stage_timeout_s)
     record["stage_seconds"]["stills-processor"] = round(time.monotonic() - t0, 2)
-    row = _summary_row(volume.open_ref(ArtifactRef(**res["outputs"]["summary"])))
-    record.update(n_spots=row["n_spots"], n_indexed=row["n_indexed"], strategy=row.get("strategy") or None,
-                  reflections=row["refl_path"] or None, experiments=row["expt_path"] or None, kind="still")
+    row = _still_outcome(res)
+    record.update(n_spots=row["n_spots"], n_indexed=row["n_indexed"], strategy=row["strategy"],
+                  reflections=row["reflections"], experiments=row["experiments"], kind="still")
     if row["status"] != "indexed":
         record.update(status=row["status"], reason=row["reason"] or "not indexed")
         log.warning(f"{image}: {record['status']} ({record['reason']})")
@@ -239,10 +253,10 @@ async def _still(volume: Volume, run_id: str, cfg: DiffuseRunConfig, image: str,
                              "spots onto their observed positions; the still is not merged")
         log.warning(f"{image}: {record['reason']}")
         return record
-    inputs = {"experiments": row["expt_path"]}
+    inputs = {"experiments": row["experiments"]}
     # the observed (strong) spots: their positions are masked as well as the predictions, and their extent
     # sizes the Bragg mask; the integrated reflections go to the scaler
-    spots = row["indexed_refl_path"] or row["refl_path"]
+    spots = row["indexed"] or row["reflections"]
     if spots:
         inputs["reflections"] = spots
     return await extract_and_accumulate(volume, run_id, cfg, image, inputs, record)
