@@ -19,6 +19,10 @@ app = service_app("diffuse-extractor", __version__, stage="diffuse_extractor.wor
                   help="Masks, physical corrections and per-still {q, I, sigma} tables from DIALS stills.")
 
 E, B = ExtractJob, BackgroundJob
+#: model field -> its option, where the names differ
+FLAGS = {"image_indices": "--image-index", "all_images": "--all", "mask_shapes": "--mask", "detect_arm": "--arm/--no-arm",
+         "bragg_radius_px": "--bragg-radius", "bragg_delpsi_max": "--bragg-delpsi", "pngs": "--png/--no-png",
+         "bin_px": "--bin", "smooth_bins": "--smooth"}
 
 
 def _beamstop(values: List[str]):
@@ -48,7 +52,7 @@ def run(
     pngs: bool = model_option(E, "pngs", "--png/--no-png"),
 ):
     """Extract the diffuse signal of one or more stills: per-pixel q, fractional hkl, corrected I and sigma."""
-    job = validated(ExtractJob, image_indices=list(image_index), all_images=all_images, beamstop=_beamstop(beamstop),
+    job = validated(ExtractJob, FLAGS, image_indices=list(image_index), all_images=all_images, beamstop=_beamstop(beamstop),
                     detect_arm=detect_arm, mask_shapes=list(mask_shape), background_scale=background_scale,
                     isotropic_background=isotropic_background, lorentz=lorentz, bragg_radius_px=bragg_radius,
                     bragg_delpsi_max=bragg_delpsi, outlier_nsigma=outlier_nsigma or None, gain=gain,
@@ -79,7 +83,7 @@ def background_cmd(
     gain: float = model_option(B, "gain", "--gain"),
 ):
     """Estimate a smooth background (counts per frame and its variance) from background-only frames."""
-    job = validated(BackgroundJob, bin_px=bin_px, smooth_bins=smooth, outlier_nsigma=outlier_nsigma,
+    job = validated(BackgroundJob, FLAGS, bin_px=bin_px, smooth_bins=smooth, outlier_nsigma=outlier_nsigma,
                     beamstop=_beamstop(beamstop), mask_shapes=list(mask_shape), gain=gain)
     try:
         path, info = pipeline.make_background(frames, out, job)

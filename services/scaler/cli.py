@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-from diffractflow.cli import service_app
-from pydantic import BaseModel, ValidationError
+from diffractflow.cli import model_option, service_app, validated
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -28,30 +27,9 @@ def _fail(msg: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def _opt(model: type[BaseModel], name: str, *decls: str, default: Any = ..., help: str = "") -> Any:
-    """A typer option for the model's field ``name``: its default and description (plus ``help``)."""
-    f = model.model_fields[name]
-    return typer.Option(f.default if default is ... else default, *decls,
-                        help=" ".join(x for x in (f.description + ".", help) if x))
-
-
 #: model field -> its option, where the names differ
 FLAGS = {"convergence_tolerance": "--tolerance", "minimizer_type": "--minimizer", "q_range": "--q-min/--q-max",
          "extra_formula": "--solvent"}
-
-
-def _flag(loc: tuple) -> str:
-    name = str(loc[0]) if loc else ""
-    return FLAGS.get(name, "--" + name.replace("_", "-"))
-
-
-def _validated(model: type[BaseModel], **values: Any):
-    """The model from the command line's values; exit 2 naming the option on a bad value."""
-    try:
-        return model(**values)
-    except ValidationError as exc:
-        _fail("; ".join(f"{_flag(e['loc'])}: {e['msg']}" for e in exc.errors()), 2)
-
 
 R, A = RelativeParams, AbsoluteParams
 
@@ -61,25 +39,25 @@ def run(
     observations: Path = typer.Option(..., "--observations", "-i", help="Observation table HDF5 (1-D still_id, voxel_id, "
                                       "q_magnitude [|s| = 1/d, 1/Å], intensity, sigma), e.g. voxel-merger observations.h5."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: scales.json, statistics.json, PNG plots."),
-    smoother: bool = _opt(R, "smoother", "--smoother/--no-smoother"),
-    n_control_points: int = _opt(R, "n_control_points", "--n-control-points"),
+    smoother: bool = model_option(R, "smoother", "--smoother/--no-smoother"),
+    n_control_points: int = model_option(R, "n_control_points", "--n-control-points"),
     q_min: Optional[float] = typer.Option(None, "--q-min", help="Smoother range start, |s| in 1/Å (default: data minimum)."),
     q_max: Optional[float] = typer.Option(None, "--q-max", help="Smoother range end, |s| in 1/Å (default: data maximum)."),
-    smoothness_weight: float = _opt(R, "smoothness_weight", "--smoothness-weight"),
-    max_iterations: int = _opt(R, "max_iterations", "--max-iterations"),
-    tolerance: float = _opt(R, "convergence_tolerance", "--tolerance"),
-    minimizer: str = _opt(R, "minimizer_type", "--minimizer"),
-    outlier_zmax: float = _opt(R, "outlier_zmax", "--outlier-zmax", help="0 = off."),
+    smoothness_weight: float = model_option(R, "smoothness_weight", "--smoothness-weight"),
+    max_iterations: int = model_option(R, "max_iterations", "--max-iterations"),
+    tolerance: float = model_option(R, "convergence_tolerance", "--tolerance"),
+    minimizer: str = model_option(R, "minimizer_type", "--minimizer"),
+    outlier_zmax: float = model_option(R, "outlier_zmax", "--outlier-zmax", help="0 = off."),
     refl: Optional[list[Path]] = typer.Option(None, "--refl", help="Bragg references: a stills-processor <name>.refl "
                                               "(its <name>.expt beside it); repeatable. Matched to the table's still_names."),
-    partiality_threshold: float = _opt(R, "partiality_threshold", "--partiality-threshold"),
-    rlp_sigma: Optional[float] = _opt(R, "rlp_sigma", "--rlp-sigma"),
-    space_group: Optional[str] = _opt(R, "space_group", "--space-group"),
-    min_information: float = _opt(R, "smoother_min_information", "--smoother-min-information"),
+    partiality_threshold: float = model_option(R, "partiality_threshold", "--partiality-threshold"),
+    rlp_sigma: Optional[float] = model_option(R, "rlp_sigma", "--rlp-sigma"),
+    space_group: Optional[str] = model_option(R, "space_group", "--space-group"),
+    min_information: float = model_option(R, "smoother_min_information", "--smoother-min-information"),
     sequences_file: Optional[Path] = typer.Option(None, "--sequences", help="JSON {sweep id: [still name, ...]} of "
                                                   "rotation sweeps (the table's still_names in rotation order); their "
                                                   "frame scales are restrained to vary smoothly along the rotation."),
-    rotation_smoothness: float = _opt(R, "rotation_smoothness", "--rotation-smoothness"),
+    rotation_smoothness: float = model_option(R, "rotation_smoothness", "--rotation-smoothness"),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -95,8 +73,8 @@ def run(
             _fail(f"{sequences_file}: not a JSON file of rotation sequences ({exc})", 2)
         if not isinstance(sequences, dict):
             _fail(f"{sequences_file}: expected a JSON object {{sweep id: [still name, ...]}}", 2)
-    params = _validated(
-        RelativeParams, smoother=smoother, n_control_points=n_control_points,
+    params = validated(
+        RelativeParams, FLAGS, smoother=smoother, n_control_points=n_control_points,
         q_range=(q_min, q_max) if q_min is not None else None, smoothness_weight=smoothness_weight,
         max_iterations=max_iterations, convergence_tolerance=tolerance, minimizer_type=minimizer,
         outlier_zmax=outlier_zmax or None, partiality_threshold=partiality_threshold, rlp_sigma=rlp_sigma,
@@ -127,19 +105,19 @@ def absolute(
     map_file: Path = typer.Option(..., "--map", "-m", help="Relatively scaled merged map (voxel-merger map.h5) or HDF5 "
                                   "with 1-D q_magnitude (1/Å) + intensity."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: absolute_map.h5, absolute.json, PNG."),
-    formula: Optional[str] = _opt(A, "formula", "--formula"),
-    sequence: Optional[str] = _opt(A, "sequence", "--sequence"),
+    formula: Optional[str] = model_option(A, "formula", "--formula"),
+    sequence: Optional[str] = model_option(A, "sequence", "--sequence"),
     pdb: Optional[Path] = typer.Option(None, "--pdb", help="PDB/mmCIF model: contents x space-group order, cell volume."),
-    copies: float = _opt(A, "copies", "--copies"),
-    extra_formula: Optional[str] = _opt(A, "extra_formula", "--solvent"),
-    cell_volume: Optional[float] = _opt(A, "cell_volume", "--cell-volume"),
-    wavelength: Optional[float] = _opt(A, "wavelength", "--wavelength"),
+    copies: float = model_option(A, "copies", "--copies"),
+    extra_formula: Optional[str] = model_option(A, "extra_formula", "--solvent"),
+    cell_volume: Optional[float] = model_option(A, "cell_volume", "--cell-volume"),
+    wavelength: Optional[float] = model_option(A, "wavelength", "--wavelength"),
     bragg: Optional[Path] = typer.Option(None, "--bragg", help="Bragg intensities on the same relative scale "
                                          "(DIALS .refl or HDF5 with intensity + d/q_magnitude)."),
-    n_shells: int = _opt(A, "n_shells", "--n-shells"),
+    n_shells: int = model_option(A, "n_shells", "--n-shells"),
 ):
     """Put a merged map on electron units per unit cell (Krogh-Moe / Norman) and subtract Compton scattering."""
-    params = _validated(AbsoluteParams, formula=formula, sequence=sequence, copies=copies, extra_formula=extra_formula,
+    params = validated(AbsoluteParams, FLAGS, formula=formula, sequence=sequence, copies=copies, extra_formula=extra_formula,
                         cell_volume=cell_volume, wavelength=wavelength, n_shells=n_shells)
     try:
         paths, res = run_absolute(map_file, out, params, pdb=pdb, bragg=bragg)

@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 import h5py
 import numpy as np
 import typer
-from diffractflow.cli import service_app
+from diffractflow.cli import model_option, service_app
 from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -60,8 +60,7 @@ def _progress():
 
 def _opt(name: str, *decls: str) -> Any:
     """A typer option for MergeOptions' field ``name``: its default and description."""
-    f = MergeOptions.model_fields[name]
-    return typer.Option(f.default, *decls, help=f"{f.description}.")
+    return model_option(MergeOptions, name, *decls)
 
 
 SUBDIV = _opt("subdivisions", "--subdivisions")

@@ -59,11 +59,16 @@ def model_option(model: type[BaseModel], name: str, *decls: str, default: Any = 
     return typer.Option(default, *decls, help=" ".join(x for x in ((f.description or "") + ".", help) if x != "."))
 
 
-def validated(model: type[BaseModel], **values: Any) -> Any:
-    """The model built from command-line values; on a bad value, exit 2 with a message naming the option."""
+def validated(model: type[BaseModel], flags: Optional[dict[str, str]] = None, /, **values: Any) -> Any:
+    """The model built from command-line values; on a bad value, exit 2 with a message naming the option as the
+    user typed it (``flags``: model field -> option, where they differ; else ``--field-name``)."""
     try:
         return model(**values)
     except ValidationError as exc:
-        msg = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        def flag(loc: tuple) -> str:
+            name = str(loc[0]) if loc else ""
+            return (flags or {}).get(name, "--" + name.replace("_", "-"))
+
+        msg = "; ".join(f"{flag(e['loc'])}: {e['msg']}" for e in exc.errors())
         typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
