@@ -45,9 +45,10 @@ translator's index of open runs (descriptors, resources, datums) lives in memory
 :meth:`BlueskyTranslator.recover` rebuilds it from the stream and takes over what the previous dispatcher left
 (stopped, or SIGKILLed mid-run): frames it was waiting for are dispatched, frames whose flows it may have had in hand
 are dispatched again (content-addressed jobs make that a reuse, not a second computation), a run whose stop it had
-received is ended; every frame is processed once and the end of the run comes once, after all its frames. Documents are limited to the server's ``max_payload`` (1 MiB): detectors must write
-their images to files (external data), not into events. ``stream_resource``/``stream_datum`` (ophyd-async's
-multi-frame HDF5 streams) are not translated.
+received is ended; every frame is processed once and the end of the run comes once, after all its frames. Recovery
+reads the whole ``EVENTS`` stream (kept 7 days) once per dispatcher start (0.14 ms per message on loopback). Documents are limited to the server's
+``max_payload`` (1 MiB): detectors must write their images to files (external data), not into events.
+``stream_resource``/``stream_datum`` (ophyd-async's multi-frame HDF5 streams) are not translated.
 
 NATS permissions: a RunEngine host needs only :func:`publisher_permissions` (publish its documents), never the
 admin user.
@@ -501,17 +502,17 @@ class BlueskyTranslator:
         Documents after ``until_seq`` come to the new dispatcher as usual; those it had unacknowledged come back
         with JetStream's redelivery and then find their frames dispatched (or their run ended) and do nothing.
         """
-        from diffractflow import bus
         from diffractflow.messages import MessageError
 
         try:
             floor = (await js.consumer_info(stream, self.durable)).ack_floor.stream_seq or 0
         except Exception:  # noqa: BLE001 - no consumer state: every delivered frame may be unfinished
             floor = 0
-        published: dict[str, dict[str, int]] = {}  # run id -> {frame path: stream seq of its DataEvent}
+        # run id -> {frame path: [stream seq of its first DataEvent, of its latest (a dispatch again)]}
+        published: dict[str, dict[str, list[int]]] = {}
         ended: set[str] = set()
         n = 0
-        async for seq, subject, data in bus.iter_stream(js, stream, subject="events.>", limit=10 ** 7):
+        async for seq, subject, data in _stream_history(js, stream, "events.>"):
             if subject.startswith("events.file.") or subject.startswith("events.end_of_run."):
                 try:
                     ev = DataEvent.from_bytes(data)
@@ -520,7 +521,7 @@ class BlueskyTranslator:
                 if ev.kind == "end_of_run":
                     ended.add(ev.run_id)
                 else:
-                    published.setdefault(ev.run_id, {}).setdefault(ev.path, seq)
+                    published.setdefault(ev.run_id, {}).setdefault(ev.path, [seq, seq])[1] = seq
                 continue
             parsed = parse_subject(subject)
             if parsed is None or seq > until_seq:
@@ -534,7 +535,7 @@ class BlueskyTranslator:
             await self._take_over(run, published.get(run.run_id, {}), run.run_id in ended, floor, until_seq)
         return n
 
-    async def _take_over(self, run: _Run, published: dict[str, int], ended: bool, floor: int,
+    async def _take_over(self, run: _Run, published: dict[str, list[int]], ended: bool, floor: int,
                          until_seq: int) -> None:
         """Recovery of one open run (see :meth:`recover`)."""
         replayed, run.replayed = run.replayed, []
@@ -542,14 +543,14 @@ class BlueskyTranslator:
             self._forget(run)
             return
         run.files = set(published)
-        done = sorted(published, key=published.get)
+        done = sorted(published, key=lambda rel: published[rel][0])
         run.record["frames"] = done + [f for f in run.record.get("frames", []) if f not in published]
         # DataEvents that may have been in hand: dispatched again, under a new id (the old one is deduplicated)
-        again = [rel for rel in done if floor < published[rel] <= until_seq]
+        again = [rel for rel in done if floor < published[rel][1] <= until_seq]
         for rel in again:
             path = self.volume.resolve(rel)
             await self.publish(DataEvent(run_id=run.run_id, kind="file", path=rel, size=path.stat().st_size,
-                                         event_id=f"{run.run_id}:{path.name}:again-{published[rel]}"))
+                                         event_id=f"{run.run_id}:{path.name}:again-{published[rel][1]}"))
         new = []
         for rel, path in replayed:
             if rel not in run.files:
@@ -573,6 +574,34 @@ class BlueskyTranslator:
             await asyncio.gather(*pending, return_exceptions=True)
 
 
+async def _stream_history(js, stream: str, subject: str):
+    """(sequence, subject, data) of the messages ``stream`` holds under ``subject`` now, oldest first, through one
+    ordered push consumer: 0.14 ms per message on loopback, 4 x faster than a request per message
+    (``bus.iter_stream``, 0.55 ms)."""
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.api import DeliverPolicy
+
+    state = (await js.stream_info(stream)).state
+    if not state.messages:
+        return
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL,
+                             inactive_threshold=60.0)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=5.0)
+            except NatsTimeout:  # nothing more under the filter
+                return
+            seq = msg.metadata.sequence.stream
+            if seq > state.last_seq:
+                return
+            yield seq, msg.subject, msg.data or b""
+            if seq == state.last_seq:
+                return
+    finally:
+        await sub.unsubscribe()
+
+
 async def serve(settings, flow: str, stop: asyncio.Event, *, source: str | None = None, require_md: bool = True,
                 settle_s: float = 1.0, frame_timeout_s: float = 300.0, root_map: dict[str, str] | None = None,
                 durable: str = "dispatcher", max_concurrent: int = 8) -> None:
@@ -587,7 +616,7 @@ async def serve(settings, flow: str, stop: asyncio.Event, *, source: str | None 
     on_file, on_end = FLOWS[flow]
     translator = BlueskyTranslator(Volume(settings.volume), source=source, require_md=require_md,
                                    settle_s=settle_s, frame_timeout_s=frame_timeout_s, root_map=root_map,
-                                   on_start=START_HOOKS.get(flow), validate_config=flow != "echo")
+                                   on_start=START_HOOKS.get(flow), validate_config=flow != "echo", durable=durable)
     await dispatch(settings, on_file, on_end, stop, durable=durable, max_concurrent=max_concurrent,
                    bluesky=translator)
 
