@@ -1,14 +1,15 @@
 """Reading the scaler's inputs and writing its outputs (JSON, PNG, HDF5 with provenance).
 
 Inputs
-- observation table (voxel-merger's ``observations.h5``): root 1-D datasets ``still_id`` (int),
-  ``voxel_id`` (int), ``q_magnitude`` (|s| = 1/d, 1/Å), ``intensity``, ``sigma``; optional
-  ``still_names``.
-- merged map (voxel-merger's ``map.h5``: ``entry/map/{intensity,h,k,l}``, ``entry/crystal/unit_cell``)
-  or any HDF5 with 1-D ``q_magnitude`` and ``intensity`` datasets.
+- observation table (voxel-merger's ``observations.h5``, :mod:`diffractflow.formats.observations`): root 1-D
+  datasets ``still_id`` (int), ``voxel_id`` (int), ``q_magnitude`` (|s| = 1/d, 1/Å), ``intensity``, ``sigma``;
+  version 2 also ``weight`` (exposure) and ``still_names``.
+- merged map (voxel-merger's ``map.h5``, :mod:`diffractflow.formats.merged_map`), or a flat HDF5 without that
+  schema holding 1-D ``q_magnitude`` (or ``d``) and ``intensity`` datasets.
 - Bragg intensities: DIALS ``.refl`` or HDF5 with 1-D ``intensity`` and ``d`` (Å) or ``q_magnitude``.
 
-Outputs (relative): ``scales.json`` {still id: b} with I_obs ~ b * I_ref, ``statistics.json``,
+Outputs (relative): ``scales.json`` {still id: b} with I_obs ~ b * I_ref (:mod:`diffractflow.formats.scales`
+version 2: keyed by the table's ``still_names``; a table without names gives its integer ids), ``statistics.json``,
 ``scales_per_still.png``, ``r_factor_per_iteration.png``.
 Outputs (absolute): ``absolute_map.h5`` (NeXus, schema ``diffractflow.scaler.absolute_map``),
 ``absolute.json`` and ``absolute_profile.png``.
@@ -26,12 +27,14 @@ import numpy as np
 from cctbx import uctbx
 from dials.array_family import flex
 from diffractflow.artifacts import atomic_write_json, atomic_write_path, nexus_data_group, write_provenance
+from diffractflow.formats import merged_map, observations
+from diffractflow.formats import scales as scales_format
 from diffractflow.reading import reader
 
 from . import __version__
 
 PRODUCER = "scaler"
-OBS_FIELDS = ("still_id", "voxel_id", "q_magnitude", "intensity", "sigma")
+OBS_FIELDS = tuple(n for n, _ in observations.FIELDS_BY_VERSION[1])
 ABSOLUTE_SCHEMA = "diffractflow.scaler.absolute_map"
 ABSOLUTE_SCHEMA_VERSION = "1.0"
 
@@ -44,37 +47,28 @@ class InputError(diffractflow.errors.InputError):
 
 
 @contextlib.contextmanager
-def _open_table(path: Path):
-    """An observation table opened and checked: the five columns present, numeric, 1-D, equal length, not empty."""
-    if not path.is_file():
-        raise InputError(f"{path}: observation file not found")
+def _own_errors():
+    """The formats' platform InputError re-raised as this service's (same message)."""
     try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: not an HDF5 file ({exc})") from exc
-    with f:
-        missing = [n for n in OBS_FIELDS if not isinstance(f.get(n), h5py.Dataset)]
-        if missing:
-            raise InputError(f"{path}: missing dataset(s) {missing}; expected 1-D datasets {list(OBS_FIELDS)}")
-        for name in OBS_FIELDS:
-            if f[name].dtype.kind not in "fiu":
-                raise InputError(f"{path}: dataset {name} must be numeric, got {f[name].dtype}")
-            if f[name].ndim != 1:
-                raise InputError(f"{path}: dataset {name} has shape {f[name].shape}; every column must be 1-D")
-        n = f["intensity"].shape[0]
-        for name in OBS_FIELDS:
-            if f[name].shape[0] != n:
-                raise InputError(f"{path}: dataset {name} has {f[name].shape[0]} rows, intensity has {n}; "
-                                 "the columns must have equal length")
-        if n == 0:
-            raise InputError(f"{path}: the observation table is empty")
+        yield
+    except InputError:
+        raise
+    except diffractflow.errors.InputError as exc:
+        raise InputError(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _open_table(path: Path):
+    """An observation table opened and checked (``diffractflow.formats.observations``: schema, version, columns
+    present, numeric, 1-D, equal length, not empty)."""
+    with _own_errors(), observations.open_observations(path) as f:
         yield f
 
 
 def _still_names(f) -> Optional[np.ndarray]:
     if "still_names" not in f:
         return None
-    return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in f["still_names"][()]])
+    return observations.decode_names(f["still_names"])
 
 
 @reader("observation table (HDF5)", InputError)
@@ -206,31 +200,37 @@ def _stream_columns(f, path: Path, keep_q: bool, float32: Optional[bool], chunk:
 
 
 def write_observations(path: str | Path, still_id, voxel_id, q_magnitude, intensity, sigma,
-                       still_names=None) -> Path:
-    """Write an observation table (used by tests, benchmarks and synthetic runs)."""
-    with atomic_write_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            write_provenance(f, schema="diffractflow.voxel_merger.observations", schema_version="1.0",
-                             producer=PRODUCER, producer_version=__version__)
-            for name, data in zip(OBS_FIELDS, (still_id, voxel_id, q_magnitude, intensity, sigma)):
-                f.create_dataset(name, data=np.asarray(data), chunks=True)
-            if still_names is not None:
-                f.create_dataset("still_names", data=np.array(still_names, dtype=h5py.string_dtype()))
-    return Path(path)
+                       still_names=None, weight=None) -> Path:
+    """Write an observation table (tests, benchmarks and synthetic runs): version 1, or version 2 with ``weight``
+    (exposures; then ``still_names`` too)."""
+    return observations.write_observations(path, still_id, voxel_id, q_magnitude, intensity, sigma, weight=weight,
+                                           still_names=still_names, producer=PRODUCER, producer_version=__version__)
 
 
 def write_relative_outputs(out_dir: str | Path, refined: Mapping[int, Mapping[str, float]], statistics: Mapping[str, Any],
                            still_names: Optional[np.ndarray] = None, plots: bool = True) -> dict[str, Path]:
-    """scales.json ({still id: b}), statistics.json and the two plots; returns name -> path."""
+    """scales.json ({still id: b}, still ids from the table's ``still_names``), statistics.json and the two plots;
+    returns name -> path. A table without ``still_names`` gives scales keyed by its integer still ids (the old
+    version-1 form, the only names such a table has)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scales = {str(k): float(v["multiplicative_scale"]) for k, v in refined.items()}
-    paths = {"scales": atomic_write_json(out / "scales.json", scales)}
+    order = sorted(refined)
+    if still_names is not None:
+        bad = [k for k in order if not 0 <= int(k) < len(still_names)]
+        if bad:
+            raise ValueError(f"still ids {bad[:5]} are outside the table's {len(still_names)} still_names")
+        scales = {str(still_names[int(k)]): float(refined[k]["multiplicative_scale"]) for k in order}
+        paths = {"scales": scales_format.write_scales(out / "scales.json", scales)}
+    else:
+        scales = {str(k): float(refined[k]["multiplicative_scale"]) for k in order}
+        paths = {"scales": atomic_write_json(out / "scales.json", scales)}
     stats = dict(statistics)
     stats["convention"] = "I_obs ~ b * g(|q|) * I_reference (DIALS convention); scales.json holds b"
     stats["producer"] = {"service": PRODUCER, "version": __version__}
-    if still_names is not None:
-        stats["still_names"] = {str(k): str(still_names[int(k)]) for k in refined if 0 <= int(k) < len(still_names)}
+    stats["scales_schema"] = {"schema": scales_format.SCHEMA,
+                              "schema_version": scales_format.VERSION if still_names is not None else 1}
+    if still_names is not None:  # table index -> still id (the keys of scales.json), for readers of old runs
+        stats["still_names"] = {str(k): str(still_names[int(k)]) for k in order}
     paths["statistics"] = atomic_write_json(out / "statistics.json", stats)
     if plots:
         paths.update(plot_relative(out, scales, stats))
@@ -249,12 +249,10 @@ def plot_relative(out: Path, scales: Mapping[str, float], stats: Mapping[str, An
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ids = np.array([int(k) for k in scales])
-    vals = np.array(list(scales.values()))
-    order = np.argsort(ids)
+    vals = np.array(list(scales.values()))  # in table order
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(ids[order], vals[order], ".", ms=3)
-    ax.set_xlabel("still id")
+    ax.plot(np.arange(vals.size), vals, ".", ms=3)
+    ax.set_xlabel("still (observation-table order)")
     ax.set_ylabel("scale b (I_obs ≈ b·I_ref)")
     ax.set_title(f"per-still scales ({len(vals)} stills)")
     fig.tight_layout()
@@ -282,28 +280,25 @@ def _s_from_fractional_hkl(unit_cell, h, k, l) -> np.ndarray:
 
 @reader("merged map (HDF5)", InputError)
 def read_map(path: str | Path) -> dict[str, Any]:
-    """Voxel values and |s| from a voxel-merger map.h5 or a flat HDF5 (q_magnitude, intensity)."""
+    """Voxel values and |s| from a voxel-merger map.h5 (:mod:`diffractflow.formats.merged_map`, told by its
+    schema) or from a flat HDF5 of another schema with 1-D ``q_magnitude`` (or ``d``) and ``intensity``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: map file not found")
+    if merged_map.is_map(path):
+        with _own_errors():
+            m = merged_map.read_map(path, ("intensity", "sigma", "h", "k", "l"))
+        inten = m["intensity"]
+        H, K, L = np.meshgrid(m["h"], m["k"], m["l"], indexing="ij")
+        if H.shape != inten.shape:
+            raise InputError(f"{path}: map shape {inten.shape} does not match its h,k,l axes {H.shape}")
+        s = _s_from_fractional_hkl(m["unit_cell"], H, K, L)
+        return {"intensity": inten, "s": s, "unit_cell": m["unit_cell"], "layout": "nexus", "sigma": m["sigma"]}
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise InputError(f"{path}: not an HDF5 file ({exc})") from exc
     with f:
-        if "entry/map/intensity" in f:
-            g = f["entry/map"]
-            inten = g["intensity"][()]
-            h, k, l = (g[a][()] for a in ("h", "k", "l"))
-            H, K, L = np.meshgrid(h, k, l, indexing="ij")
-            if H.shape != inten.shape:
-                raise InputError(f"{path}: map shape {inten.shape} does not match its h,k,l axes {H.shape}")
-            cell = f["entry/crystal/unit_cell"][()] if "entry/crystal/unit_cell" in f else None
-            if cell is None:
-                raise InputError(f"{path}: entry/crystal/unit_cell missing, cannot compute |s|")
-            s = _s_from_fractional_hkl(cell, H, K, L)
-            return {"intensity": inten, "s": s, "unit_cell": np.asarray(cell, dtype=float), "layout": "nexus",
-                    "sigma": g["sigma"][()] if "sigma" in g else None}
         if "intensity" in f and ("q_magnitude" in f or "d" in f):
             inten = f["intensity"][()]
             s = f["q_magnitude"][()] if "q_magnitude" in f else 1.0 / f["d"][()]
@@ -311,7 +306,8 @@ def read_map(path: str | Path) -> dict[str, Any]:
             return {"intensity": inten, "s": np.asarray(s, dtype=float),
                     "unit_cell": None if cell is None else np.asarray(cell, dtype=float), "layout": "flat",
                     "sigma": f["sigma"][()] if "sigma" in f else None}
-    raise InputError(f"{path}: expected entry/map/intensity (voxel-merger map) or 1-D q_magnitude + intensity")
+    raise InputError(f"{path}: expected a voxel-merger map (schema {merged_map.SCHEMA}) or a flat HDF5 with "
+                     "1-D q_magnitude (or d) and intensity")
 
 
 @reader("Bragg reference (HDF5)", InputError)

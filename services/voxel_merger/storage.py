@@ -19,6 +19,8 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
+from diffractflow.formats import accumulator as accumulator_format
+
 from .core.accumulate import (N_FIELDS, FIELDS, VoxelAccumulator, _SumStore, blocked_sums, block_shift_for,
                               scale_sums)
 from .core.grid import GlobalGrid
@@ -27,18 +29,10 @@ from .core.params import DEFAULTS
 __all__ = ["H5VoxelAccumulator", "ACCUMULATOR_SCHEMA", "ACCUMULATOR_SCHEMA_VERSION"]
 
 
-def _attr_text(v) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.ndarray) and v.shape == ():
-        return _attr_text(v[()])
-    return str(v)
-
-ACCUMULATOR_SCHEMA = "diffractflow.voxel_merger.accumulator"
-#: 2.0: fourth field Σw²σ² (was Σw·I² with w = 1/σ² in 1.0), crystal model of the still(s) in attrs
-ACCUMULATOR_SCHEMA_VERSION = "2.0"
+#: the file's schema and integer version are owned by :mod:`diffractflow.formats.accumulator`
+ACCUMULATOR_SCHEMA = accumulator_format.SCHEMA
+#: 2: fourth field Σw²σ² (was Σw·I² with w = 1/σ² in 1), crystal model of the still(s) in attrs
+ACCUMULATOR_SCHEMA_VERSION = accumulator_format.VERSION
 
 
 class H5VoxelAccumulator(_SumStore):
@@ -64,13 +58,11 @@ class H5VoxelAccumulator(_SumStore):
         self._dirty: set[int] = set()
         if exists and "accumulator" in self._f:
             g = self._f["accumulator"]
-            if g.attrs.get("schema") != ACCUMULATOR_SCHEMA:
-                raise ValueError(f"{self.path}: not a voxel-merger accumulator (schema={g.attrs.get('schema')!r})")
-            version = _attr_text(g.attrs.get("schema_version"))
-            if version != ACCUMULATOR_SCHEMA_VERSION:
-                raise ValueError(f"{self.path}: accumulator schema version {version!r} is not supported "
-                                 f"(this voxel-merger reads {ACCUMULATOR_SCHEMA_VERSION!r}: its sums are "
-                                 f"{list(FIELDS)}); re-accumulate the still with this version")
+            try:
+                accumulator_format.check(self.path, g, list(FIELDS))
+            except BaseException:
+                self._f.close()
+                raise
             self.grid = GlobalGrid.from_dict(json.loads(g.attrs["grid"]))
             if grid is not None and grid != self.grid:
                 raise ValueError(f"{self.path}: accumulator grid differs from the requested grid")
@@ -91,8 +83,7 @@ class H5VoxelAccumulator(_SumStore):
             self.block_shift = block_shift if block_shift is not None else block_shift_for(grid.n_voxels)
             self._init_meta()
             g = self._f.require_group("accumulator")
-            g.attrs["schema"] = ACCUMULATOR_SCHEMA
-            g.attrs["schema_version"] = ACCUMULATOR_SCHEMA_VERSION
+            accumulator_format.stamp(g)
             g.attrs["grid"] = json.dumps(grid.to_dict())
             g.attrs["n_halves"] = n_halves
             g.attrs["block_shift"] = self.block_shift
@@ -271,7 +262,7 @@ class H5VoxelAccumulator(_SumStore):
 
     def get_meta(self, key: str, default=None):
         v = self._f["accumulator"].attrs.get(f"meta_{key}")
-        return default if v is None else json.loads(_attr_text(v))
+        return default if v is None else json.loads(v.decode() if isinstance(v, bytes) else str(v))
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         if self._dense is not None:

@@ -163,11 +163,12 @@ def test_nexus_map_reader_s_and_absolute_worker(tmp_path):
     rng = np.random.default_rng(0)
     inten = rng.uniform(1, 2, (len(h), len(k), len(l_)))
     inten[4, 3, 5] = np.nan  # origin voxel without data
-    with h5py.File(mp, "w") as f:
-        g = f.create_group("entry/map")
-        g["intensity"] = inten
-        g["h"], g["k"], g["l"] = h, k, l_
-        f["entry/crystal/unit_cell"] = np.array(cell)
+    from voxel_merger.artifacts import write_map
+    from voxel_merger.core.grid import GlobalGrid
+
+    grid = GlobalGrid(ndiv=1, lo=(-4, -3, -5), shape=inten.shape, unit_cell=cell)
+    np.testing.assert_array_equal(grid.axis(0), h)
+    write_map(mp, grid, inten, np.ones_like(inten), np.isfinite(inten).astype(int))
     m = read_map(mp)
     uc = uctbx.unit_cell(cell)
     H, K, L = np.meshgrid(h, k, l_, indexing="ij")

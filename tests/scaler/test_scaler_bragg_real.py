@@ -78,7 +78,7 @@ def test_worker_recovers_planted_scale_from_bragg_alone(processed, tmp_path):
                              "max_iterations": 200})
     ctx = run_inline(STAGE, job, Settings(volume=vol))
     scales = json.loads(ctx.outputs["scales"].read_text())
-    assert scales["1"] / scales["0"] == pytest.approx(1.7, rel=1e-3)
+    assert scales["copy_0001.cbf#0"] / scales["thau_3_2_0001.cbf#0"] == pytest.approx(1.7, rel=1e-3)
     assert ctx.metrics["n_bragg"] > 600 and ctx.metrics["n_bragg_unmatched_stills"] == 0
     with h5py.File(ctx.outputs["bragg_merged"]) as f:
         assert f["intensity"].shape == f["d"].shape and f["intensity"].shape[0] > 100

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from diffractflow.formats import write_header
 from scaler.artifacts import write_observations
 from scaler.cli import app
 
@@ -25,8 +26,8 @@ def test_run_writes_scales_statistics_plots(tmp_path, obs_file, rms_rel):
     r = CliRunner().invoke(app, ["run", "--observations", str(path), "--out", str(out)])
     assert r.exit_code == 0, r.output
     scales = json.loads((out / "scales.json").read_text())
-    assert sorted(scales, key=int) == [str(i) for i in range(100, 160)]
-    b = np.array([scales[str(i + 100)] for i in range(60)])
+    assert sorted(scales) == [f"img_{i:03d}" for i in range(100, 160)]  # keyed by still id (the table's names)
+    b = np.array([scales[f"img_{i + 100:03d}"] for i in range(60)])
     assert rms_rel(b, d["b_true"]) <= 0.006
     stats = json.loads((out / "statistics.json").read_text())
     for key in ("n_iterations", "final_r_factor", "convergence_achieved", "parameter_shifts"):
@@ -38,7 +39,7 @@ def test_run_writes_scales_statistics_plots(tmp_path, obs_file, rms_rel):
     # voxel-merger reads these scales back
     from voxel_merger.artifacts import read_scales
 
-    assert read_scales(out / "scales.json")["100"] == pytest.approx(b[0])
+    assert read_scales(out / "scales.json")["img_100"] == pytest.approx(b[0])
 
 
 def test_run_with_smoother_and_errors(tmp_path, obs_file):
@@ -53,6 +54,7 @@ def test_run_with_smoother_and_errors(tmp_path, obs_file):
     assert r.exit_code == 2 and "v1 model parameter limit exceeded" in r.output
     bad = tmp_path / "bad.h5"
     with h5py.File(bad, "w") as f:
+        write_header(f, schema="diffractflow.voxel_merger.observations", version=1, producer="test")
         f["still_id"] = np.zeros(3, dtype=int)
         f["intensity"] = np.ones(3)
     r = CliRunner().invoke(app, ["run", "--observations", str(bad), "--out", str(tmp_path / "o4")])

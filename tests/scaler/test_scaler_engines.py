@@ -171,6 +171,8 @@ def test_refinement_same_with_both_engines_and_outlier_compaction(planted, monke
 
 def test_streamed_reader_refuses_bad_tables_naming_the_file(tmp_path):
     import h5py
+    from diffractflow.formats import write_header
+    from diffractflow.formats.observations import SCHEMA
 
     from scaler.artifacts import InputError
 
@@ -183,17 +185,19 @@ def test_streamed_reader_refuses_bad_tables_naming_the_file(tmp_path):
     for name, cols in cases.items():
         p = tmp_path / f"{name}.h5"
         with h5py.File(p, "w") as f:
+            write_header(f, schema=SCHEMA, version=1, producer="test")
             for k, v in cols.items():
                 f[k] = v
         with pytest.raises(InputError, match=f"{name}.h5"):
             stream_observations(p)
     (tmp_path / "group.h5").write_bytes(b"")
     with h5py.File(tmp_path / "group.h5", "w") as f:
+        write_header(f, schema=SCHEMA, version=1, producer="test")
         for k, v in good.items():
             f[k] = v
         del f["sigma"]
         f.create_group("sigma")
-    with pytest.raises(InputError, match="missing dataset"):
+    with pytest.raises(InputError, match=r"group\.h5.*lacks dataset\(s\) \['sigma'\]"):
         stream_observations(tmp_path / "group.h5")
     p = tmp_path / "trunc.h5"
     write_observations(p, **good)

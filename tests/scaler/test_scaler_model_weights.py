@@ -6,7 +6,6 @@ table holds I = counts / e, sigma from the observed counts (as the voxel-merger 
 """
 from __future__ import annotations
 
-import h5py
 import numpy as np
 
 from scaler.artifacts import write_observations
@@ -26,10 +25,8 @@ def _planted_table(path, mean_photons: float, seed: int = 3, n_stills: int = 16,
         rows.append((np.full(v.size, s), v, counts / e, np.sqrt(np.maximum(counts, 1)) / e, e))
     sid, vid, inten, sig, exp_ = (np.concatenate(c) for c in zip(*rows))
     q = 0.1 + 0.3 * (vid / n_voxels)
-    write_observations(path, sid, vid, q, inten, sig)
-    if with_exposure:
-        with h5py.File(path, "r+") as f:
-            f.create_dataset("weight", data=exp_)
+    names = [f"still_{s:02d}.cbf#0" for s in range(n_stills)]
+    write_observations(path, sid, vid, q, inten, sig, still_names=names, weight=exp_ if with_exposure else None)
     return b
 
 
@@ -38,7 +35,7 @@ def _scale_error(out_dir, planted) -> float:
 
     sc = json.loads((out_dir / "scales.json").read_text())
     sc = sc.get("scales", sc)
-    rec = np.array([sc[str(i)] for i in range(len(planted))])
+    rec = np.array([sc[f"still_{i:02d}.cbf#0"] for i in range(len(planted))])
     r = rec / planted
     r /= np.exp(np.mean(np.log(r)))
     return float(np.sqrt(np.mean((r - 1) ** 2)))

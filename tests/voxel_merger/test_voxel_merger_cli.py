@@ -84,7 +84,7 @@ def test_accumulate_then_merge_equals_run(stills, tmp_path):
     res = runner.invoke(app, ["run", *map(str, paths), "--out", str(tmp_path / "r"), "--symmetry", "auto",
                               "--scales", str(d / "scales.json")])
     assert res.exit_code == 0, res.output
-    # the scaler keys scales.json by the table's integer still_id; the table's still_names map them back
+    # old runs' scales.json (version 1) is keyed by the table's integer still_id; the table's still_names map them
     names = read_observation_table(tmp_path / "r" / "observations.h5")["still_names"]
     by_index = {str(i): json.loads((d / "scales.json").read_text())[n] for i, n in enumerate(names)}
     (tmp_path / "scales_int.json").write_text(json.dumps(by_index))
@@ -112,7 +112,7 @@ def test_bad_inputs_fail_with_clear_messages(stills, tmp_path):
     with h5py.File(bad, "w") as f:
         f["x"] = np.zeros(3)
     res = runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "o")])
-    assert res.exit_code != 0 and "bad.h5" in res.output and "intensity" in res.output
+    assert res.exit_code != 0 and "bad.h5" in res.output and "not a diffuse still table" in res.output
     res = runner.invoke(app, ["run", str(paths[0]), "--out", str(tmp_path / "o"), "--subdivisions", "4"])
     assert res.exit_code == 2
     (tmp_path / "scales.json").write_text(json.dumps({"other": 1.0}))
@@ -196,10 +196,12 @@ def test_worker_accumulate_and_merge_modes(stills, tmp_path):
 
 
 def test_reader_accepts_the_diffuse_extractor_layout(tmp_path):
-    """/entry/pixels with float32 columns, Blosc compression, crystal A + space_group attr, q components."""
+    """/entry/pixels with float32 columns, Blosc compression, crystal A + space_group attr; a missing column is
+    an input error naming the file (one layout: no alternative names are tried)."""
     import hdf5plugin
+    from diffractflow.formats.still_table import write_still_header
 
-    from voxel_merger.artifacts import open_still
+    from voxel_merger.artifacts import InputError, open_still
 
     rng = np.random.default_rng(3)
     s = synthetic_still("x", CELL, flat, rng, space_group="P 21 21 21", n_side=30, pixel=1.0)
@@ -208,12 +210,11 @@ def test_reader_accepts_the_diffuse_extractor_layout(tmp_path):
     for with_hkl in (True, False):
         p = tmp_path / f"ext_{with_hkl}.h5"
         with h5py.File(p, "w") as f:
+            write_still_header(f, producer="diffuse-extractor", producer_version="0")
             e = f.create_group("entry")
             e.attrs.update(image_path="/data/thau_3_2_0007.cbf", image_index=0, experiment_index=0)
             px = e.create_group("pixels")
-            cols = {"intensity": s.intensity, "sigma": s.sigma, "q": q}
-            svec = np.stack([s.h, s.k, s.l], 1) @ np.array(s.crystal.A_matrix).T
-            cols.update(qx=svec[:, 0], qy=svec[:, 1], qz=svec[:, 2])
+            cols = {"intensity": s.intensity, "sigma": s.sigma, "q": q, "exposure": np.ones(s.n_obs)}
             if with_hkl:
                 cols.update(h=s.h, k=s.k, l=s.l)
             for n, v in cols.items():
@@ -222,8 +223,12 @@ def test_reader_accepts_the_diffuse_extractor_layout(tmp_path):
             cg["A"] = np.array(s.crystal.A_matrix)
             cg["unit_cell"] = np.array(s.crystal.unit_cell)
             cg.attrs["space_group"] = "P 21 21 21"
+        if not with_hkl:
+            with pytest.raises(InputError, match=r"ext_False\.h5.*\['h', 'k', 'l'\]"):
+                open_still(p)
+            continue
         with open_still(p) as st:
-            assert st.still_id == "thau_3_2_0007.cbf#0" and st.n_obs == s.n_obs
+            assert st.still_id == "thau_3_2_0007.cbf#0" and st.n_obs == s.n_obs and st.has_weight
             assert st.crystal.space_group == "P 21 21 21"
             np.testing.assert_allclose(st.crystal.unit_cell, s.crystal.unit_cell, rtol=1e-9)
             (c,) = list(st.iter_chunks())

@@ -63,7 +63,8 @@ def test_partials_table_rows_are_per_still_voxel_means_and_scale_correctly(tmp_p
                                    "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     b = json.loads((tmp_path / "s" / "scales.json").read_text())
-    got = np.array([b[str(i)] for i in range(len(t["still_names"]))])
+    assert set(b) == set(t["still_names"])  # keyed by still id (scales version 2)
+    got = np.array([b[n] for n in t["still_names"]])
     want = np.array([planted[n] for n in t["still_names"]])
     ratio = got / want
     ratio /= np.exp(np.mean(np.log(ratio)))

@@ -1,0 +1,25 @@
+"""One owner per file that crosses a service boundary: schema name, integer version, writer and reader.
+
+=====================  ===========================================  =====================================
+module                 schema                                       written by -> read by
+=====================  ===========================================  =====================================
+``still_table``        ``diffractflow.diffuse_still`` v4 (1-4)      diffuse-extractor -> voxel-merger,
+                                                                    validation, report
+``observations``       ``diffractflow.voxel_merger.observations``   voxel-merger -> scaler
+                       v2 (1-2)
+``accumulator``        ``diffractflow.voxel_merger.accumulator`` v2 voxel-merger accumulate -> merge
+``merged_map``         ``diffractflow.voxel_merger.map`` v1         voxel-merger -> scaler (absolute),
+                                                                    validation, report
+``scales``             ``diffractflow.scaler.scales`` v2 (1-2)      scaler -> voxel-merger, validation,
+                                                                    report, demo
+=====================  ===========================================  =====================================
+
+Every writer stores an integer version; every reader checks schema and version and names the file in an
+:class:`diffractflow.errors.InputError` when either (or a field of that version) is wrong. Readers accept the
+string forms of a version that older writers stored (``"1.0"``, ``"1"``), listed per format in
+``LEGACY_VERSIONS``. There is one layout per version: no reader tries alternative names.
+"""
+from . import accumulator, merged_map, observations, scales, still_table
+from ._header import write_header
+
+__all__ = ["accumulator", "merged_map", "observations", "scales", "still_table", "write_header"]

@@ -1,0 +1,73 @@
+"""Schema name and integer version of a shared artifact: written once, checked by every reader.
+
+HDF5 artifacts carry the provenance attributes of :func:`diffractflow.artifacts.write_provenance` on the object
+that holds the schema (file root, or the accumulator group); this module writes ``schema_version`` as an integer
+and reads it back as one. Readers accept the string forms earlier releases wrote for the same version (``"1"``,
+``"1.0"``, ...) through each format's ``LEGACY_VERSIONS`` table, and nothing else.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..artifacts import write_provenance
+from ..errors import InputError
+
+
+def _text(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    if isinstance(v, np.ndarray) and v.shape == ():
+        return _text(v[()])
+    return str(v)
+
+
+def write_header(h5obj, *, schema: str, version: int, producer: str, producer_version: str = "0",
+                 job_id: str | None = None, parameters: Mapping[str, Any] | None = None,
+                 inputs: Mapping[str, str] | None = None) -> None:
+    """Provenance attributes on an open h5py File/Group, with ``schema_version`` an integer."""
+    write_provenance(h5obj, schema=schema, schema_version=int(version), producer=producer,
+                     producer_version=producer_version, job_id=job_id, parameters=parameters, inputs=inputs)
+    h5obj.attrs["schema_version"] = np.int64(version)
+
+
+def parse_version(raw, legacy: Mapping[str, int]) -> int | None:
+    """An attribute or JSON value as an integer version: integers as they are, strings through ``legacy``
+    (the exact string forms an older writer used for that version); anything else None."""
+    if isinstance(raw, np.ndarray) and raw.shape == ():
+        raw = raw[()]
+    if isinstance(raw, (bool, np.bool_)):
+        return None
+    if isinstance(raw, (int, np.integer)):
+        return int(raw)
+    s = _text(raw)
+    if s is None:
+        return None
+    return legacy.get(s.strip())
+
+
+def check_header(path: str | Path, attrs: Mapping[str, Any], *, schema: str, versions: tuple[int, ...],
+                 legacy: Mapping[str, int], what: str) -> int:
+    """The integer version of an artifact whose attributes are ``attrs``; InputError naming ``path`` when the
+    schema is another one (or missing) or the version is not one this reader knows."""
+    got = _text(attrs.get("schema"))
+    if got != schema:
+        raise InputError(f"{path}: not a {what} (schema {got!r}, expected {schema!r})")
+    raw = attrs.get("schema_version")
+    v = parse_version(raw, legacy)
+    if v is None or v not in versions:
+        raise InputError(f"{path}: {what} schema version {_text(raw)!r} is not supported "
+                         f"(this reader knows {schema} versions {list(versions)})")
+    return v
+
+
+def require(path: str | Path, group, names, what: str) -> None:
+    """InputError naming ``path`` unless every name in ``names`` exists in the h5py ``group``."""
+    missing = [n for n in names if n not in group]
+    if missing:
+        where = getattr(group, "name", "/")
+        raise InputError(f"{path}: {what} lacks {missing} in {where}")
