@@ -102,10 +102,19 @@ def test_cli_run_writes_a_page_chromium_renders_with_checks_warnings_figures_and
     maps = {c: v for c, v in imgs.items() if c.endswith(".tif)")}
     assert [c.rsplit("(", 1)[1] for c in maps] == ["realspace/E_mag.tif)", "realspace/E_angle.tif)",
                                                     "realspace/S_argmax.tif)", "realspace/S_confidence.tif)"]
-    # the cluster map shows the three clusters (and only the map's own pixels are coloured that way)
+    # the cluster map: one colour per cluster of the job's own argmax map, laid out as that map
+    import tifffile
+
+    argmax = tifffile.imread(out / "realspace/S_argmax.tif")
     cluster = shots.png_pixels(next(v for c, v in maps.items() if "cluster map" in c))
-    colours = {tuple(px) for px in cluster.reshape(-1, 3).astype(int) if np.ptp(px) > 60}
-    assert len(colours) >= 3
+    k = cluster.shape[0] // argmax.shape[0]
+    assert cluster.shape[:2] == (k * argmax.shape[0], k * argmax.shape[1]) and k >= 2
+    cells = cluster[::k, ::k].reshape(-1, 3)
+    assert sorted(np.unique(argmax)) == [1, 2, 4]
+    for c in (1, 2, 4):  # each cluster's positions share one colour, no other cluster's
+        mine = np.unique(cells[argmax.ravel() == c], axis=0)
+        others = cells[argmax.ravel() != c]
+        assert len(mine) == 1 and not (others == mine[0]).all(axis=1).any(), c
 
     rgb = shots.screenshot(page, tmp_path, size=(1300, 2600))
     assert rgb.std() > 30  # not blank
