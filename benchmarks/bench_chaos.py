@@ -1,6 +1,6 @@
 """Chaos runs of the diffuse pipeline (issue 20's figures): N runs of `diffractflow process diffuse` on rendered
 stills while random topology processes are SIGKILLed every few seconds (both stills-processor replicas, the
-single diffuse-extractor, voxel-merger and scaler, the nats-server; Prefect's server with ``--prefect``).
+single diffuse-extractor, voxel-merger and scaler, the nats-server, Prefect's server; ``--no-prefect`` spares it).
 
 Reports per run the kills survived, and across runs: the time to recover after each kind of kill (kill -> the
 supervisor's new process is running; kill -> the next job computed, by any service and by the killed one), jobs
@@ -11,7 +11,7 @@ runs with chaos against the undisturbed one.
 
 The chaos machinery is the test's (tests/reliability/test_chaos_diffuse.py). Writes benchmarks/results/chaos.json.
 Usage:
-    .venv/bin/python benchmarks/bench_chaos.py [--runs 10] [--stills 5] [--every 4 7] [--prefect]
+    .venv/bin/python benchmarks/bench_chaos.py [--runs 10] [--stills 4] [--every 4 7] [--max-kills K] [--no-prefect]
 """
 from __future__ import annotations
 
@@ -51,11 +51,10 @@ def _stat(xs: list[float]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--stills", type=int, default=5)
+    ap.add_argument("--stills", type=int, default=4)
     ap.add_argument("--every", type=float, nargs=2, default=(4.0, 7.0), help="seconds between kills (range)")
     ap.add_argument("--max-kills", type=int, default=None, help="at most this many kills per run")
-    ap.add_argument("--prefect", action="store_true", help="Prefect's server among the victims in every run")
-    ap.add_argument("--prefect-runs", type=int, default=0, help="... or in this many extra runs after the N")
+    ap.add_argument("--no-prefect", action="store_true", help="Prefect's server not among the victims")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
@@ -70,8 +69,7 @@ def main() -> int:
     render_s = time.monotonic() - t
     cfg = tmp / "config.json"
     cfg.write_text(json.dumps(h.chaos_config(truth, args.stills)))
-    kinds = list(h.KINDS) + (["prefect-server"] if args.prefect else [])
-    with_prefect = list(h.KINDS) + ["prefect-server"]
+    kinds = [k for k in h.KINDS if not (args.no_prefect and k == "prefect-server")]
     topo = h.up_for_chaos(tmp / "home", tmp / "volume")
     volume, logs = tmp / "volume", tmp / "home" / "logs"
     report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.node(),
@@ -92,10 +90,10 @@ def main() -> int:
                           "load_before": [round(x, 2) for x in load0]}
         print(f"calm run: {calm['wall_s']:.1f} s, {sum(calm_jobs.values())} jobs, supervisor "
               f"{cpu1 - cpu0:.2f} CPU-s", flush=True)
-        for i in range(args.runs + args.prefect_runs):
+        for i in range(args.runs):
             run_id = f"chaos{i}"
             load = os.getloadavg()
-            run_kinds = kinds if i < args.runs else with_prefect
+            run_kinds = kinds
             chaos = h.Chaos(topo, kinds=run_kinds, seed=100 + i, every_s=tuple(args.every), max_kills=args.max_kills)
             r = h.process_run(topo, tmp / "data", cfg, tmp / f"out-{run_id}", run_id, n_bkg, chaos=chaos)
             h.wait_settled(topo)
