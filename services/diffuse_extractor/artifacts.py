@@ -1,6 +1,7 @@
 """Inputs (DIALS experiments, images, reflections) and the per-still HDF5 artifact.
 
-HDF5 schema ``diffractflow.diffuse_still`` v4 (one file per still), readable with h5py after
+HDF5 schema ``diffractflow.diffuse_still`` v4 (one file per still; schema name, integer version and the part other
+services read are owned by :mod:`diffractflow.formats.still_table`), readable with h5py after
 ``import hdf5plugin`` (datasets are Blosc/LZ4 + byte-shuffle compressed, chunked):
 
 - ``/`` attributes: provenance (schema, producer, job id, parameters, input sha256s).
@@ -44,7 +45,8 @@ HDF5 schema ``diffractflow.diffuse_still`` v4 (one file per still), readable wit
   per-still isotropic background estimate B(|q|) and its standard error (corrected intensity
   units); always written (subtracted only when ``background_method`` is "isotropic").
 
-Background artifact ``diffractflow.diffuse_background`` v1 (:func:`write_background`): ``/entry``
+Background artifact ``diffractflow.diffuse_background`` v1 (:func:`write_background`; read only by this service,
+so its format stays here): ``/entry``
 (NXentry, attrs ``n_frames``, ``bin_px``, ``smooth_bins``, ``exposure_time_s``, ``transmission``,
 ``frame_paths``), ``/entry/background/panel_NNN`` (float32 (ny, nx): smoothed mean counts per frame,
 ADU, at that exposure and transmission), ``/entry/variance/panel_NNN`` (ADU^2, variance of that
@@ -57,6 +59,7 @@ q components to ~1e-7 1/angstrom, intensities and corrections to ~4e-7 relative)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -65,14 +68,30 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
+import diffractflow.errors
+from diffractflow.formats import check_header, still_table, write_header
+
 from .core.errors import InputError  # noqa: F401  (the service's one input error, re-exported)
 from .core.extract import COLUMNS, StillExtraction
 from .core.masks import MaskBit
 
-SCHEMA = "diffractflow.diffuse_still"
-SCHEMA_VERSION = 4
+SCHEMA = still_table.SCHEMA
+SCHEMA_VERSION = still_table.VERSION
 BACKGROUND_SCHEMA = "diffractflow.diffuse_background"
 BACKGROUND_SCHEMA_VERSION = 1
+#: the string forms earlier writers stored for the background's version
+BACKGROUND_LEGACY_VERSIONS = {"1": 1, "1.0": 1}
+
+
+@contextlib.contextmanager
+def _own_errors():
+    """The formats' platform InputError re-raised as this service's (same message)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except diffractflow.errors.InputError as exc:
+        raise InputError(str(exc)) from exc
 CHUNK = 1 << 18  # elements per chunk: 1 MB of float32
 CHECK_STRIDE = 4099  # v3: every CHECK_STRIDE-th value of each recomputed multiplier is kept as a check
 #: the multipliers whose product is ``correction``
@@ -246,7 +265,7 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
     geometric multipliers stored), for consumers that cannot read v4. The air parameters of the extraction (v3
     recomputes the air multiplier from them) default to ``parameters`` or the extraction defaults.
     """
-    from diffractflow.artifacts import atomic_write_path, write_provenance
+    from diffractflow.artifacts import atomic_write_path
 
     if schema_version not in DERIVED_BY_VERSION:
         raise ValueError(f"can write schema versions {sorted(DERIVED_BY_VERSION)}, not {schema_version}")
@@ -259,8 +278,9 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
         # no chunk cache: each full chunk goes straight through the filter to the file, without a copy
         # into the cache first (~15% less CPU per artifact; same file)
         with h5py.File(tmp, "w", rdcc_nbytes=0) as f:
-            write_provenance(f, schema=SCHEMA, schema_version=schema_version, producer="diffuse-extractor",
-                             producer_version=producer_version, job_id=job_id, parameters=parameters, inputs=inputs)
+            still_table.write_still_header(f, producer="diffuse-extractor", producer_version=producer_version,
+                                           version=schema_version, job_id=job_id, parameters=parameters,
+                                           inputs=inputs)
             f.attrs["default"] = "entry"
             e = f.create_group("entry")
             e.attrs.update(NX_class="NXentry", default="pixels", image_path=image_path,
@@ -383,8 +403,8 @@ def read_still(path: str | Path, columns: list[str] | None = None) -> dict[str, 
         raise InputError(f"{path} is not a readable HDF5 file: {exc}") from exc
     with f:
         prov = read_provenance(f)
-        if prov.get("schema") != SCHEMA:
-            raise InputError(f"{path} has schema {prov.get('schema')!r}, expected {SCHEMA!r}")
+        with _own_errors():
+            prov["schema_version"] = still_table.check_still(path, f)
         e = f["entry"]
         g = e["pixels"]
         stored = list(g.keys())
@@ -572,7 +592,7 @@ def write_background(path: str | Path, model, detector, beam, *, parameters: Map
                      transmission: float | None, job_id: str | None = None,
                      producer_version: str = "0.1.0") -> Path:
     """Write a ``core.background.FrameBackground`` atomically (schema in the module docstring)."""
-    from diffractflow.artifacts import atomic_write_path, write_provenance
+    from diffractflow.artifacts import atomic_write_path
     from dxtbx.model import Experiment
     from dxtbx.model.experiment_list import ExperimentList
 
@@ -580,9 +600,8 @@ def write_background(path: str | Path, model, detector, beam, *, parameters: Map
     path = Path(path)
     with atomic_write_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            write_provenance(f, schema=BACKGROUND_SCHEMA, schema_version=BACKGROUND_SCHEMA_VERSION,
-                             producer="diffuse-extractor", producer_version=producer_version, job_id=job_id,
-                             parameters=parameters, inputs=inputs)
+            write_header(f, schema=BACKGROUND_SCHEMA, version=BACKGROUND_SCHEMA_VERSION, producer="diffuse-extractor",
+                         producer_version=producer_version, job_id=job_id, parameters=parameters, inputs=inputs)
             f.attrs["default"] = "entry"
             e = f.create_group("entry")
             e.attrs.update(NX_class="NXentry", n_frames=int(model.n_frames), bin_px=int(model.bin_px),
@@ -636,9 +655,9 @@ def read_background_artifact(path: str | Path, detector=None) -> dict[str, Any]:
     if out is None:
         try:
             with h5py.File(path, "r") as f:
-                s = f.attrs.get("schema")
-                if (s.decode() if isinstance(s, bytes) else s) != BACKGROUND_SCHEMA:
-                    raise InputError(f"{path} has schema {s!r}, expected {BACKGROUND_SCHEMA!r}")
+                with _own_errors():
+                    check_header(path, f.attrs, schema=BACKGROUND_SCHEMA, versions=(BACKGROUND_SCHEMA_VERSION,),
+                                 legacy=BACKGROUND_LEGACY_VERSIONS, what="diffuse background artifact")
                 e = f["entry"]
                 names = sorted(e["background"].keys())
                 t, tr = float(e.attrs["exposure_time_s"]), float(e.attrs["transmission"])

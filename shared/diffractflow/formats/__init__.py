@@ -20,6 +20,6 @@ string forms of a version that older writers stored (``"1.0"``, ``"1"``), listed
 ``LEGACY_VERSIONS``. There is one layout per version: no reader tries alternative names.
 """
 from . import accumulator, merged_map, observations, scales, still_table
-from ._header import write_header
+from ._header import check_header, write_header
 
-__all__ = ["accumulator", "merged_map", "observations", "scales", "still_table", "write_header"]
+__all__ = ["accumulator", "merged_map", "observations", "scales", "still_table", "check_header", "write_header"]
