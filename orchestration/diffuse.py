@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
@@ -158,29 +157,6 @@ async def _with_run_bragg_radius(volume: Volume, run_id: str, image: str, extrac
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
     return await extract(radius)
-
-
-def _summary_row(path: Path) -> dict:
-    """The first unit of a stills-processor summary.h5 (status, reason, spots, DIALS file paths).
-
-    Not used by the flows (they read the job's declared outputs and metrics, :func:`_still_outcome`); kept for
-    tests/reliability until they do the same."""
-    with h5py.File(path, "r") as f:
-        g = f["summary"]
-
-        def col(name, default=""):
-            if name not in g:
-                return default
-            v = g[name][0]
-            return v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
-
-        row = {k: col(k) for k in ("status", "reason", "expt_path", "refl_path", "indexed_refl_path", "strategy")}
-        row["validation_passed"] = bool(col("validation_passed", True))
-        row["n_spots"] = int(col("n_spots", 0))
-        row["n_indexed"] = int(col("n_indexed", 0))
-    for k in ("expt_path", "refl_path", "indexed_refl_path"):
-        row[k] = str(path.parent / row[k]) if row[k] else ""
-    return row
 
 
 def _still_outcome(result: dict) -> dict:
@@ -320,7 +296,7 @@ async def diffuse_merge_flow(run_id: str) -> dict:
                                "failed": {r["image"]: f"{r['status']}: {r['reason']}" for r in records if r["status"] != "ok"},
                                "stage_seconds": {},
                                "background": {"method": "frames" if cfg.background_frames else
-                                              cfg.extractor.get("background", "none"),
+                                              "isotropic" if cfg.extractor.get("isotropic_background") else "none",
                                               "n_frames": len(cfg.background_frames)}}
     if not ok:
         raise RuntimeError(f"run {run_id}: no still was processed ({len(records)} failed)")

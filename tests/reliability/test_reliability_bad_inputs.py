@@ -9,7 +9,6 @@ import h5py
 import numpy as np
 
 from diffractflow.artifacts import Volume
-from orchestration.diffuse import _summary_row
 from orchestration.tasks import submit_and_wait
 
 
@@ -37,8 +36,8 @@ def test_stills_processor_bad_stills(expect_rejections, settings, volume, thauma
     # most of a serial run), and the worker goes on
     blank = thaumatin_cbf(volume / "incoming", 16)
     res = _ok(settings, "stills-processor", {"image0": blank}, {"nproc": 1}, "sp-blank")
-    row = _summary_row(Volume(volume).resolve(res.outputs["summary"].path))
-    assert row["status"] == "non_hit" and row["n_spots"] <= 1 and "spot" in row["reason"].lower(), row
+    m = res.metrics
+    assert m["status"] == "non_hit" and m["n_spots"] <= 1 and "spot" in m["reason"].lower(), m
     assert "sp-blank" not in {l.job_id for l in probe.dead_letters()}
 
 

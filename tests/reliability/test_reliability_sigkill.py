@@ -2,13 +2,12 @@
 which completes it once; outputs complete, hashes valid, nothing half-written left behind."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
 from diffractflow.artifacts import Volume
 from diffractflow.messages import ArtifactRef, JobRequest
-from orchestration.diffuse import DiffuseRunConfig, _summary_row, grid_spec
+from orchestration.diffuse import DiffuseRunConfig, grid_spec
 
 
 def _job(volume: Volume, service: str, job_id: str, inputs: dict, params: dict) -> JobRequest:
@@ -26,12 +25,11 @@ def test_sigkill_each_diffuse_stage_mid_job(kill_mid_job_and_recover, thaumatin_
     res = kill_mid_job_and_recover(_job(
         v, "stills-processor", "k-index", {"image0": cbf},
         {"space_group": cfg.space_group, "unit_cell": cfg.unit_cell, "nproc": 1}))
-    row = _summary_row(v.resolve(res.outputs["summary"].path))
-    assert row["status"] == "indexed", row
+    assert res.metrics["status"] == "indexed", res.metrics
 
     res = kill_mid_job_and_recover(_job(
         v, "diffuse-extractor", "k-extract",
-        {"experiments": Path(row["expt_path"]), "reflections": Path(row["refl_path"])}, {"pngs": False}))
+        {"experiments": res.outputs["experiments"], "reflections": res.outputs["reflections"]}, {"pngs": False}))
     still = res.outputs["still_0000"]
 
     res = kill_mid_job_and_recover(_job(
