@@ -63,8 +63,7 @@ def evaluate_run(rdir: Path, volume: Path, truth: dict, symmetry: str | None, n_
 
     out = rdir / "output"
     t = DiffuseTruth.load(truth)
-    names = json.loads((out / "statistics.json").read_text()).get("still_names", {})
-    rec = recovered_scales(out / "scales.json", names)
+    rec = recovered_scales(out / "scales.json")  # keyed by still id: no table needed
     planted = {s["file"]: s for s in truth["stills"]}
     sweep = truth.get("generator") == "diff_sim_refiner.datasets.sweep"
     if sweep:  # a rotation frame's pixels sweep through the oscillation: the truth averaged over phi sub-steps

@@ -1,7 +1,7 @@
 """Merged diffuse maps judged against planted truth and against each other (demo, tests, benchmarks).
 
 These checks read only the merged NeXus map (``/entry/map``: ``intensity``, ``counts`` and the voxel-centre
-axes ``h``, ``k``, ``l``) and a truth function evaluated in reciprocal space by the generator; they share no
+axes ``h``, ``k``, ``l``; read through :mod:`diffractflow.formats`, the files' owner) and a truth function evaluated in reciprocal space by the generator; they share no
 code with the services whose output they judge.
 
 The truth is a callable ``truth(hkl, ndiv)``: planted intensity averaged over the voxels of width 1/ndiv centred
@@ -23,21 +23,19 @@ on the rows of ``hkl`` (n, 3), e.g. ``diff_sim_refiner.datasets.stills.DiffuseTr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 
 def read_map(path: str | Path) -> dict:
-    """Intensity, counts, voxel-centre axes and (where the file has them, else None) the standard errors of a
-    merged map file."""
-    import h5py
+    """Intensity, counts, voxel-centre axes and standard errors (``intensity_errors``) of a merged map file
+    (:mod:`diffractflow.formats.merged_map`)."""
+    from diffractflow.formats.merged_map import read_map as read_merged_map
 
-    with h5py.File(path, "r") as f:
-        g = f["entry/map"]
-        return {"intensity": g["intensity"][()], "counts": g["counts"][()],
-                "h": g["h"][()], "k": g["k"][()], "l": g["l"][()],
-                "intensity_errors": g["intensity_errors"][()] if "intensity_errors" in g else None}
+    m = read_merged_map(path, ("intensity", "counts", "sigma", "h", "k", "l"))
+    m["intensity_errors"] = m.pop("sigma")
+    return m
 
 
 def voxel_centres(m: dict, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,19 +106,18 @@ def sampled_reference(map_path: str | Path, stills: list[dict], truth: Callable,
     rotation frame a list of them across its oscillation, averaged) and
     ``scale`` (the still's scale as merged). ``pixel_q``: true q = s1 - s0 of every pixel (slow, fast, 3).
     """
-    import h5py
-    import hdf5plugin  # noqa: F401  (the extractor's tables are Blosc-compressed)
+    from diffractflow.formats.still_table import StillTable
 
     m = read_map(map_path)
     ndiv = subdivisions(m)
     ops = laue_rotations(symmetry)
     keys_all, wt_all, w_all = [], [], []
     for st in stills:
-        with h5py.File(st["table"], "r") as f:
-            px = f["entry/pixels"]
-            hkl = np.stack([px[c][()].astype(np.float64) for c in ("h", "k", "l")])
-            x, y = px["x"][()].astype(np.int64), px["y"][()].astype(np.int64)
-            w = px["exposure"][()].astype(np.float64) if "exposure" in px else 1.0 / px["sigma"][()].astype(np.float64) ** 2
+        with StillTable(st["table"]) as table:  # the merger's weight: the exposure (v4), else 1/sigma^2
+            px = table.read_columns(["h", "k", "l", "x", "y", "exposure" if table.has_exposure else "sigma"])
+        hkl = np.stack([px[c].astype(np.float64) for c in ("h", "k", "l")])
+        x, y = px["x"].astype(np.int64), px["y"].astype(np.int64)
+        w = px["exposure"].astype(np.float64) if "exposure" in px else 1.0 / px["sigma"].astype(np.float64) ** 2
         q = pixel_q[y, x]
         As = np.asarray(st["A"], float)  # one U B (a still), or several across a rotation frame's oscillation
         t = 0.0
@@ -217,14 +214,16 @@ def map_ratio_flatness(map_a: str | Path, map_b: str | Path, unit_cell, min_coun
     return out
 
 
-def recovered_scales(scales_json: str | Path, still_names: dict[str, str]) -> dict[str, float]:
-    """Image file name -> recovered scale; ``still_names`` maps the keys of scales.json to the merger's still ids
-    (``<image path>#<index>``)."""
-    import json
+def recovered_scales(scales_json: str | Path, still_names: Mapping[str, str] | Sequence[str] | None = None
+                     ) -> dict[str, float]:
+    """Image file name -> recovered scale from a scales file (:mod:`diffractflow.formats.scales`: keyed by still id
+    ``<image path>#<index>``). ``still_names`` (the observation table's names, or statistics.json's {index: name})
+    is needed only for an old run's scales keyed by table index."""
+    from diffractflow.formats.scales import read_scales
 
-    scales = json.loads(Path(scales_json).read_text())
-    scales = scales.get("scales", scales)
-    return {Path(str(still_names.get(k, k)).split("#")[0]).name: float(v) for k, v in scales.items()}
+    if isinstance(still_names, Mapping):
+        still_names = [still_names.get(str(i), str(i)) for i in range(1 + max((int(k) for k in still_names), default=-1))]
+    return {Path(k.split("#")[0]).name: v for k, v in read_scales(scales_json, still_names).items()}
 
 
 def scale_errors(recovered: dict[str, float], planted: dict[str, float]) -> dict:

@@ -56,7 +56,8 @@ def check_header(path: str | Path, attrs: Mapping[str, Any], *, schema: str, ver
     schema is another one (or missing) or the version is not one this reader knows."""
     got = _text(attrs.get("schema"))
     if got != schema:
-        raise InputError(f"{path}: not a {what} (schema {got!r}, expected {schema!r})")
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise InputError(f"{path}: not {article} {what} (schema {got!r}, expected {schema!r})")
     raw = attrs.get("schema_version")
     v = parse_version(raw, legacy)
     if v is None or v not in versions:

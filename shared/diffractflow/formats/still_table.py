@@ -133,6 +133,15 @@ class StillTable:
             z = min(a + chunk, self.n_pixels)
             yield {c: np.asarray(d[a:z], dtype=np.float64) for c, d in self._cols.items()}
 
+    def read_columns(self, names) -> dict[str, np.ndarray]:
+        """Whole stored columns of ``/entry/pixels`` by name, as stored (e.g. the extractor's ``x``, ``y``);
+        InputError naming the file for a column the table does not store."""
+        g = self._f[PIXELS]
+        missing = [c for c in names if c not in g]
+        if missing:
+            raise InputError(f"{self.path}: {WHAT} stores no column(s) {missing} in /{PIXELS}")
+        return {c: g[c][()] for c in names}
+
     def close(self) -> None:
         self._f.close()
 
