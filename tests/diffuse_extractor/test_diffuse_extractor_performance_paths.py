@@ -170,6 +170,17 @@ def test_artifact_v2_round_trip_and_voxel_merger_reader(synthetic_still, tmp_pat
                           ("q", "q_magnitude")):
             got = np.concatenate([getattr(c, col) for c in chunks])
             np.testing.assert_array_equal(got, t[name].astype(np.float64), err_msg=name)
+        assert st.has_weight  # v4: the exposure column is the merger's weight
+        np.testing.assert_array_equal(np.concatenate([c.weight for c in chunks]), t["exposure"].astype(np.float64))
+    # the shared part of the layout, read by its owner (diffractflow.formats.still_table): integer version
+    from diffractflow.formats.still_table import StillTable
+
+    with h5py.File(path, "r") as f:
+        assert isinstance(f.attrs["schema_version"], np.integer)
+    with StillTable(path) as tab:
+        assert tab.version == 4 and tab.producer == "diffuse-extractor"
+        if "background_profile" in a:
+            np.testing.assert_array_equal(tab.background_profile(), a["background_profile"])
 
 
 def test_v1_artifacts_with_stored_derived_columns_still_read(synthetic_still, tmp_path):

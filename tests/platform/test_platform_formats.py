@@ -67,6 +67,10 @@ def test_still_table_round_trip_streams_the_columns(tmp_path):
         assert [len(c["h"]) for c in chunks] == [20, 20, 10]
         for c in cols:
             np.testing.assert_array_equal(np.concatenate([ch[c] for ch in chunks]), cols[c])
+        np.testing.assert_array_equal(t.read_columns(["q"])["q"], cols["q"])
+        assert t.background_profile() is None  # written by the extractor only
+        with pytest.raises(InputError, match=r"still\.h5.*no column\(s\) \['x'\]"):
+            t.read_columns(["x"])
 
 
 def test_still_table_id_from_the_image_when_no_still_id(tmp_path):

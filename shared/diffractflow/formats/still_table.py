@@ -11,7 +11,9 @@ documented with its writer, ``diffuse_extractor.artifacts.write_still``; the par
   ``exposure`` (1/correction: the weight that turns intensities back into net counts; absent in versions 1-3 and
   in tables whose writer knew no correction, whose pixels are then weighted 1/sigma^2);
 - ``/entry/crystal`` (optional): ``A`` (3x3 U B, 1/angstrom), ``unit_cell`` (angstrom, degrees), attr
-  ``space_group``.
+  ``space_group``;
+- ``/entry/background_profile`` (version 4, extractor tables): (n_shells, 3) |q| shell centre (1/angstrom), the
+  still's isotropic background estimate and its standard error.
 
 :class:`StillTable` streams the columns in chunks (bounded memory); :func:`write_still_table` writes a minimal
 version-4 table from arrays (tests, demos, benchmarks); :func:`write_still_header` and :func:`check_still` are the
@@ -141,6 +143,11 @@ class StillTable:
         if missing:
             raise InputError(f"{self.path}: {WHAT} stores no column(s) {missing} in /{PIXELS}")
         return {c: g[c][()] for c in names}
+
+    def background_profile(self) -> np.ndarray | None:
+        """The (n_shells, 3) isotropic background profile of an extractor table (version 4), else None."""
+        e = self._f["entry"]
+        return np.asarray(e["background_profile"][()], dtype=float) if "background_profile" in e else None
 
     def close(self) -> None:
         self._f.close()
