@@ -14,6 +14,7 @@ end-of-run events (see :mod:`orchestration.bluesky` for the mapping).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import logging
@@ -157,14 +158,21 @@ async def watch(rule: WatchRule, settings: Settings, stop: asyncio.Event, poll_s
 FileHandler = Callable[[DataEvent], Awaitable[object]]
 
 
+#: seconds before JetStream gives an unacknowledged event to another dispatcher: a dispatcher heartbeats the events
+#: whose flows it is running, so this bounds only the recovery time after a dispatcher dies
+DISPATCH_ACK_WAIT_S = 60.0
+
+
 async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler | None, stop: asyncio.Event,
                    durable: str = "dispatcher", max_concurrent: int = 8,
-                   bluesky: "BlueskyTranslator | None" = None) -> None:
+                   bluesky: "BlueskyTranslator | None" = None, ack_wait_s: float = DISPATCH_ACK_WAIT_S) -> None:
     """Consume events and start a flow run per event (at most ``max_concurrent`` at once).
 
     ``on_end`` runs only after every file flow of that run has finished. With ``bluesky``, Bluesky documents
     are translated into file and end-of-run events on the bus (each document acknowledged once its work is
-    done); without it they are acknowledged and left alone.
+    done); without it they are acknowledged and left alone. The events in hand are heartbeaten: those of a
+    dispatcher that died come back to the next one after ``ack_wait_s`` (the durable consumer keeps the value it was
+    created with).
     """
     nc = await bus.connect(settings, name=durable)
     js = nc.jetstream()
@@ -182,17 +190,19 @@ async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler
             pass
     sub = await js.pull_subscribe("events.>", durable=durable, stream=bus.EVENTS,
                                   config=ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
-                                                        ack_wait=3600, deliver_policy=DeliverPolicy.ALL,
+                                                        ack_wait=ack_wait_s, deliver_policy=DeliverPolicy.ALL,
                                                         max_deliver=3))
     slots = asyncio.Semaphore(max_concurrent)
     per_run: dict[str, set[asyncio.Task]] = {}
 
     async def _run(handler, ev, msg):
+        beat = asyncio.create_task(_keep_in_progress(msg, ack_wait_s))
         try:
             await handler(ev)
         except Exception:
             log.exception("flow for event failed", extra={"path": ev.path, "run_id": ev.run_id})
         finally:
+            beat.cancel()
             slots.release()
             await msg.ack()
 
@@ -204,7 +214,7 @@ async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler
                 continue
             for msg in msgs:
                 if msg.subject.startswith("events.bluesky."):
-                    await _bluesky_document(bluesky, msg)
+                    await _bluesky_document(bluesky, msg, ack_wait_s)
                     continue
                 try:
                     ev = DataEvent.from_bytes(msg.data)
@@ -232,10 +242,22 @@ async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler
         pending = [t for ts in per_run.values() for t in ts]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(Exception):  # an open pull subscription would hold drain() for its full timeout
+            await sub.unsubscribe()
         await nc.drain()
 
 
-async def _bluesky_document(translator: "BlueskyTranslator | None", msg) -> None:
+async def _keep_in_progress(msg, ack_wait_s: float = DISPATCH_ACK_WAIT_S) -> None:
+    """Tell JetStream every third of the ack wait that the event's flow is still running, so that only the events
+    of a dispatcher that died come back (after the ack wait), never those of a long flow."""
+    while True:
+        await asyncio.sleep(ack_wait_s / 3)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+
+
+async def _bluesky_document(translator: "BlueskyTranslator | None", msg,
+                            ack_wait_s: float = DISPATCH_ACK_WAIT_S) -> None:
     """Hand one Bluesky document to the translator; acknowledge it when its work is done."""
     from .bluesky import BlueskyError, decode, parse_subject
 
@@ -253,7 +275,10 @@ async def _bluesky_document(translator: "BlueskyTranslator | None", msg) -> None
         await msg.ack()
         return
 
+    beat = asyncio.create_task(_keep_in_progress(msg, ack_wait_s))
+
     def _ack(t: asyncio.Task) -> None:
+        beat.cancel()
         if not t.cancelled():  # cancelled: the dispatcher is stopping; the document comes back
             asyncio.ensure_future(msg.ack())
 
