@@ -26,9 +26,14 @@ from typing import Any, Optional
 
 import numpy as np
 
+from diffractflow.errors import InputError
+
 from . import __version__
 from .core.config import BeamConfig, CrystalConfig, DetectorConfig
 from .core.io import FormatError, HKLTable, read_hkl, read_mosflm_raw
+from .core.params import check_section
+from .nbargs import build_job, parse_args
+from .nbrun import load_structure_factors
 
 SCHEMA = "diffractflow.diff_sim_refiner.simulation"
 SCHEMA_VERSION = 1
@@ -43,56 +48,85 @@ class SimJob:
     inputs: dict = dataclasses.field(default_factory=dict)   # name -> path
 
 
-def _fields(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+class ConfigError(InputError):
+    """A simulation config (mapping or file) that cannot give a model: unknown section or key, a value the
+    simulator's config refuses, or an input file (``hkl``, ``mat``) that does not hold its format (message names it).
+    An input error: the worker rejects the job, the CLI exits 2."""
 
 
-def _check_keys(section: str, d: dict, cls) -> None:
-    bad = sorted(set(d) - _fields(cls))
-    if bad:
-        raise ValueError(f"unknown key(s) in '{section}': {', '.join(bad)} (allowed: {', '.join(sorted(_fields(cls)))})")
+def _section(section: str, d: dict, cls):
+    """The config dataclass ``cls`` built from the user's section ``d``."""
+    try:
+        check_section(section, d, cls)
+        # the dataclasses validate their values in __post_init__ and raise ValueError (TypeError: a key given a value
+        # of the wrong kind, e.g. a string for a number); only the construction from user data is translated here
+        return cls(**d)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"'{section}': {exc}") from exc
 
 
 def job_from_mapping(cfg: dict, base: Path = Path("."), inputs: Optional[dict] = None) -> SimJob:
     """Build a :class:`SimJob` from a parsed config mapping; ``inputs`` overrides file paths (worker)."""
     inputs = dict(inputs or {})
     if not isinstance(cfg, dict):
-        raise ValueError("config must be a mapping with crystal/detector/beam sections or a 'nanobragg' list")
+        raise ConfigError("config must be a mapping with crystal/detector/beam sections or a 'nanobragg' list")
     if "nanobragg" in cfg:
-        from .nbargs import build_job, parse_args
-        from .nbrun import load_structure_factors
-
         argv = [str(x) for x in cfg["nanobragg"]]
         cwd = os.getcwd()
         try:
             os.chdir(base)
-            nb = build_job(parse_args(argv))
+            nb = build_job(parse_args(argv))       # FlagError (an InputError) names the flag
             table = load_structure_factors(nb, write_dump=False, log=lambda m: None)
+        except FormatError as exc:
+            raise ConfigError(str(exc)) from exc
         finally:
             os.chdir(cwd)
         return SimJob(nb.crystal, nb.detector, nb.beam, table, inputs)
     unknown = sorted(set(cfg) - {"crystal", "detector", "beam", "mat", "hkl"})
     if unknown:
-        raise ValueError(f"unknown section(s): {', '.join(unknown)}")
+        raise ConfigError(f"unknown section(s): {', '.join(unknown)} (allowed: beam, crystal, detector, hkl, mat, "
+                          "nanobragg)")
     c = dict(cfg.get("crystal") or {})
     d = dict(cfg.get("detector") or {})
     b = dict(cfg.get("beam") or {})
-    _check_keys("crystal", c, CrystalConfig)
-    _check_keys("detector", d, DetectorConfig)
-    _check_keys("beam", b, BeamConfig)
     mat = inputs.get("mat") or (base / cfg["mat"] if cfg.get("mat") else None)
-    if mat is not None:
-        c["mosflm_matrix"] = read_mosflm_raw(mat)
-        inputs["mat"] = Path(mat)
-    crystal = CrystalConfig(**c)
-    detector = DetectorConfig(**d)
-    beam = BeamConfig(**b)
-    hkl_path = inputs.get("hkl") or (base / cfg["hkl"] if cfg.get("hkl") else None)
-    table = None
-    if hkl_path is not None:
-        table = read_hkl(hkl_path, default_F=float(crystal.default_F))
-        inputs["hkl"] = Path(hkl_path)
+    try:
+        if mat is not None:
+            c["mosflm_matrix"] = read_mosflm_raw(mat)
+            inputs["mat"] = Path(mat)
+        crystal = _section("crystal", c, CrystalConfig)
+        detector = _section("detector", d, DetectorConfig)
+        beam = _section("beam", b, BeamConfig)
+        hkl_path = inputs.get("hkl") or (base / cfg["hkl"] if cfg.get("hkl") else None)
+        table = None
+        if hkl_path is not None:
+            table = read_hkl(hkl_path, default_F=float(crystal.default_F))
+            inputs["hkl"] = Path(hkl_path)
+    except FormatError as exc:   # the readers' error (core.io) is not an InputError subclass; the message names the file
+        raise ConfigError(str(exc)) from exc
     return SimJob(crystal, detector, beam, table, inputs)
+
+
+def job_from_params(params, inputs: dict, base: Path = Path(".")) -> SimJob:
+    """The model of a bus job (:class:`~.core.params.SimulateParams` or :class:`~.core.params.RefineParams`): its
+    sections or nanoBragg flags, whose ``-hkl``/``-mat`` name the job's ``inputs`` (name -> path); refuses a detector
+    larger than ``params.max_pixels``. Raises input errors only (:class:`ConfigError`, :class:`~.nbargs.FlagError`)."""
+    files = {k: v for k, v in inputs.items() if k in ("hkl", "mat")}
+    if params.nanobragg is not None:
+        argv = list(params.nanobragg)
+        for i, tok in enumerate(argv[:-1]):
+            if tok in ("-hkl", "-mat"):
+                if tok[1:] not in files:
+                    raise ConfigError(f"flag {tok} needs the job input {tok[1:]!r}")
+                argv[i + 1] = str(files[tok[1:]])
+        cfg: dict = {"nanobragg": argv}
+    else:
+        cfg = {"crystal": params.crystal, "detector": params.detector, "beam": params.beam}
+    job = job_from_mapping(cfg, base=base, inputs=files)
+    npx = job.detector.fpixels * job.detector.spixels
+    if npx > params.max_pixels:
+        raise ConfigError(f"detector has {npx} pixels, more than max_pixels={params.max_pixels}")
+    return job
 
 
 def load_job_config(path: str | os.PathLike) -> SimJob:
@@ -182,5 +216,5 @@ def read_simulation(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     return img, cfg
 
 
-__all__ = ["SimJob", "job_from_mapping", "load_job_config", "write_simulation", "read_simulation", "SCHEMA",
+__all__ = ["ConfigError", "SimJob", "job_from_mapping", "job_from_params", "load_job_config", "write_simulation", "read_simulation", "SCHEMA",
            "SCHEMA_VERSION"]

@@ -1,18 +1,28 @@
-"""diff-sim-refiner command line: ``nanobragg`` (nanoBragg's own flags), ``run`` (config file -> HDF5), ``serve``.
+"""diff-sim-refiner command line: ``nanobragg`` (nanoBragg's own flags), ``run`` (config file -> HDF5), ``serve``,
+and the refinement commands (:mod:`.refine_cli`). Option defaults come from :mod:`.core.params`.
 
-Imports of torch and the simulator happen inside the commands so ``--help`` and flag errors are fast.
+torch, the simulator (it imports torch) and rich are imported inside the commands so ``--help`` and flag errors are
+fast (torch alone costs about a second of start-up).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from diffractflow.cli import service_app
+from diffractflow.cli import model_option, service_app, validated
+from diffractflow.errors import InputError
 
 from . import __version__
+from .artifacts import load_job_config, write_simulation
+from .core.io import FormatError
+from .core.params import SimulateParams
+from .nbargs import FlagError, build_job, parse_args
+from .nbrun import run_nanobragg, tune_malloc
+from .refine_cli import register as register_refine
 
 app = service_app(
     "diff-sim-refiner", __version__, stage="diff_sim_refiner.worker:STAGE",
@@ -39,8 +49,6 @@ def _fast_exit() -> None:
     console script (every output file is closed by then): the interpreter's normal teardown with torch
     loaded (module clean-up, libtorch's static destructors) costs about 0.4 s of CPU for nothing.
     In-process callers (tests, ``CliRunner``) and DIFF_SIM_REFINER_NO_FAST_EXIT=1 keep the normal exit."""
-    import os
-
     if os.path.basename(sys.argv[0]) != "diff-sim-refiner" or os.environ.get("DIFF_SIM_REFINER_NO_FAST_EXIT"):
         return
     for stream in (sys.stdout, sys.stderr):
@@ -68,10 +76,6 @@ def nanobragg(ctx: typer.Context):
     -spot_local K (render only the pixels within K fringes of a reflection; the others are 0), -float64, -threads N (default: torch's, or 1 when the machine is saturated).  Unknown or malformed
     flags exit with code 2.
     """
-    from .core.io import FormatError
-    from .nbargs import FlagError
-    from .nbrun import run_nanobragg
-
     argv = list(ctx.args)
     if not argv:
         typer.echo(ctx.get_help())
@@ -95,29 +99,28 @@ def run(
     config: Path = typer.Argument(..., exists=False, help="YAML or JSON simulation config (crystal/detector/beam "
                                   "sections in the units of the Python API: Angstrom, degrees, mm, photons/m^2)."),
     output: Path = typer.Option(Path("simulation.h5"), "--output", "-o", help="HDF5 artifact to write."),
-    float64: bool = typer.Option(False, "--float64", help="Render in double precision (default float32)."),
-    spot_cutoff: Optional[float] = typer.Option(None, "--spot-cutoff", help="Evaluate only within this many "
-                                                "fringes (1/N) of Bragg peaks; see the docs for the error bound."),
+    float64: bool = typer.Option(SimulateParams.model_fields["dtype"].default == "float64", "--float64",
+                                 help="Render in double precision (default float32; the artifact is float32)."),
+    spot_cutoff: Optional[float] = model_option(SimulateParams, "spot_cutoff", "--spot-cutoff",
+                                                help="See the docs for the error bound."),
 ):
     """Render a simulation described by a config file into an HDF5 artifact (photons/pixel)."""
-    from .artifacts import load_job_config, write_simulation
-    from .core.io import FormatError
-    from .nbrun import tune_malloc
-
+    params = validated(SimulateParams, {"dtype": "--float64"}, dtype="float64" if float64 else "float32",
+                       spot_cutoff=spot_cutoff)
     tune_malloc()
 
     try:
         job = load_job_config(config)
-    except (FormatError, ValueError, OSError) as exc:
+    except (FormatError, InputError, OSError) as exc:
         typer.echo(f"error: {config}: {exc}", err=True)
         raise typer.Exit(2)
     import torch
 
     from .core.simulator import simulate
 
-    dtype = torch.float64 if float64 else torch.float32
+    dtype = torch.float64 if params.dtype == "float64" else torch.float32
     with torch.no_grad():
-        img = simulate(job.crystal, job.detector, job.beam, job.hkl, dtype=dtype, spot_cutoff=spot_cutoff)
+        img = simulate(job.crystal, job.detector, job.beam, job.hkl, dtype=dtype, spot_cutoff=params.spot_cutoff)
     write_simulation(output, img.to(torch.float32).numpy(), job)
     typer.echo(f"wrote {output}: {img.shape[1]}x{img.shape[0]} pixels, sum {float(img.sum()):.6g} photons")
 
@@ -127,8 +130,6 @@ def geometry(
     args: Optional[List[str]] = typer.Argument(None, help="nanoBragg flags after '--', e.g. -- -xds -distance 150"),
 ):
     """Print the lab-frame detector vectors nanoBragg's flags give (m), without rendering."""
-    from .nbargs import FlagError, build_job, parse_args
-
     try:
         job = build_job(parse_args(list(args or [])), read_tables=False)
     except FlagError as exc:
@@ -144,8 +145,6 @@ def geometry(
                f"ORGX {g.orgx:.6g}  ORGY {g.orgy:.6g}")
 
 
+register_refine(app)
+
 __all__ = ["app"]
-
-from .refine_cli import register as _register_refine  # noqa: E402  (refinement commands, issue 4)
-
-_register_refine(app)

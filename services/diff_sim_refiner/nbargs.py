@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from diffractflow.errors import InputError
+
 from .core.config import (
     resolve_steps,
     DEFAULT_FLUENCE,
@@ -27,8 +29,16 @@ from .core.config import (
 )
 
 
-class FlagError(ValueError):
-    """A bad command line (message names the flag)."""
+class FlagError(InputError):
+    """A bad command line (message names the flag): an input error (the worker rejects the job, the CLI exits 2)."""
+
+
+def _config(cls, kw: dict):
+    """``cls(**kw)``: a value the simulator's config refuses (its __post_init__ raises ValueError) is a FlagError."""
+    try:
+        return cls(**kw)
+    except ValueError as exc:
+        raise FlagError(f"inconsistent flags: {exc}") from exc
 
 
 @dataclass
@@ -485,20 +495,20 @@ def build_job(a: NanoBraggArgs, read_tables: bool = True) -> NanoBraggJob:
                       custom_odet_vector=v.get("odet"), custom_beam_vector=v.get("beam"),
                       custom_polar_vector=v.get("polar"), custom_spindle_vector=v.get("spindle"),
                       twotheta_axis=v.get("twotheta_axis"), pix0_override_m=_pix0(a))
-    detector = DetectorConfig(**det_kw)
+    detector = _config(DetectorConfig, det_kw)
 
     osc, phistep, phisteps = _phi_steps(a)
     hr, hs, hn = _sane(resolve_steps(a.hdivrange, a.hdivstep, a.hdivsteps))
     vr, vs, vn = _sane(resolve_steps(a.vdivrange, a.vdivstep, a.vdivsteps))
     dr, ds, dn = _sane(resolve_steps(a.dispersion_pct, a.dispstep_pct, a.dispsteps))
-    beam = BeamConfig(
+    beam = _config(BeamConfig, dict(
         wavelength_A=a.lambda_A, fluence=a.fluence, flux=a.flux, exposure=a.exposure, beamsize_mm=a.beamsize_mm,
         polarization_factor=a.polar, nopolar=a.nopolar,
         hdiv_range_mrad=hr, hdiv_step_mrad=hs if hn > 1 else None, hdiv_steps=hn,
         vdiv_range_mrad=vr, vdiv_step_mrad=vs if vn > 1 else None, vdiv_steps=vn,
         dispersion_pct=dr, dispersion_step_pct=ds if dn > 1 else None, dispersion_steps=dn,
         round_div=a.round_div, dmin_A=a.dmin_A,
-    )
+    ))
 
     if a.mosaic_domains <= 0:
         domains = 1 if a.mosaic_deg <= 0.0 else 10
@@ -527,7 +537,7 @@ def build_job(a: NanoBraggArgs, read_tables: bool = True) -> NanoBraggJob:
                         else (a.seed if a.seed is not None else int(time.time())))
     elif a.misset is not None:
         cryst_kw["misset_deg"] = a.misset
-    crystal = CrystalConfig(**cryst_kw)
+    crystal = _config(CrystalConfig, cryst_kw)
     if a.xtalsize_mm is not None:
         lens = _cell_lengths(crystal, a.lambda_A)
         N = [a.Na, a.Nb, a.Nc]

@@ -1,6 +1,8 @@
 """Refinement commands of diff-sim-refiner: ``refine-demo`` (seed 001) and ``refine`` (general refiner).
 
-Registered onto the service's typer app by :func:`register`.  torch is imported inside the commands.
+Registered onto the service's typer app by :func:`register`. ``refine``'s defaults and checks are
+:class:`~.core.params.RefineParams`'s, the bus job's model. torch, the refine package (it imports torch) and rich are
+imported inside the commands so the CLI starts fast.
 """
 from __future__ import annotations
 
@@ -8,7 +10,20 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
+
+from diffractflow.artifacts import sha256_file
+from diffractflow.cli import model_option, validated
+from diffractflow.errors import InputError
+
+from .artifacts import load_job_config
+from .core.io import FormatError
+from .core.params import RefineParams
+from .nbrun import tune_malloc
+
+#: RefineParams field -> the option as typed, where they differ
+_FLAGS = {"dtype": "--float32"}
 
 
 def _parse_init(items: List[str]) -> dict:
@@ -64,11 +79,9 @@ def register(app: typer.Typer) -> None:
         """Seed 001: recover mosaic spread (0.8 deg) and misset (5, 3, -2) deg from a synthetic image,
         starting at 0.2 deg and (0, 0, 0). Exit 0 only if the seed's success criteria hold."""
         import torch
-
-        from .nbrun import tune_malloc
+        from rich.console import Console
 
         tune_malloc()
-        from rich.console import Console
 
         from .refine.demo import results_table, run_demo, write_demo_outputs
 
@@ -96,44 +109,46 @@ def register(app: typer.Typer) -> None:
                                     ".h5 (e.g. a simulation artifact), .tif, .img/.smv or raw float32 .bin."),
         config: Path = typer.Option(..., "--config", help="Starting model: the YAML/JSON simulation config of "
                                     "`run` (Angstrom, degrees, mm, photons/m^2)."),
-        params: str = typer.Option("misset,mosaic", "--params", help="Comma-separated groups to refine: cell, "
-                                   "misset, phi, mosaic, N, distance, beam_center, scale."),
+        params: str = model_option(RefineParams, "params", "--params",
+                                   default=",".join(RefineParams.model_fields["params"].get_default(
+                                       call_default_factory=True)), help="Comma-separated."),
         mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image, non-zero = use the pixel."),
-        optimizer: str = typer.Option("adam", "--optimizer", help="adam, lbfgs or adam+lbfgs."),
-        iterations: int = typer.Option(100, "--iterations", help="Adam iterations."),
-        lr: float = typer.Option(0.05, "--lr", help="Adam learning rate, in units of each parameter's step "
-                                 "(1 deg angles, 0.1 A / 0.1 deg cell, 1 cell N, 1 mm distance, 0.1 mm beam "
-                                 "centre, log-scale)."),
-        lbfgs_steps: int = typer.Option(10, "--lbfgs-steps", help="L-BFGS steps (each up to 10 evaluations)."),
-        loss: str = typer.Option("mse", "--loss", help="mse or poisson."),
+        optimizer: str = model_option(RefineParams, "optimizer", "--optimizer"),
+        iterations: int = model_option(RefineParams, "iterations", "--iterations"),
+        lr: float = model_option(RefineParams, "lr", "--lr", help="(1 deg angles, 0.1 A / 0.1 deg cell, 1 cell N, "
+                                 "1 mm distance, 0.1 mm beam centre, log-scale)"),
+        lbfgs_steps: int = model_option(RefineParams, "lbfgs_steps", "--lbfgs-steps"),
+        loss: str = model_option(RefineParams, "loss", "--loss"),
         init: Optional[List[str]] = typer.Option(None, "--init", help="Override a start value: NAME=V[,V...], "
                                                  "e.g. --init misset=0,0,0 (physical units)."),
         bounds: Optional[List[str]] = typer.Option(None, "--bounds", help="NAME=LO:HI[,LO:HI...]"),
-        float32: bool = typer.Option(False, "--float32", help="Compute in float32 (default float64)."),
+        float32: bool = typer.Option(RefineParams.model_fields["dtype"].default == "float32", "--float32",
+                                     help="Compute in float32 (default float64)."),
         out: Path = typer.Option(Path("refinement"), "--out", "-o", help="Output directory: refined_model.h5, "
                                  "history.json, convergence.png, summary.json."),
     ):
         """Refine chosen simulator parameters against a target image (masked MSE or Poisson loss)."""
-        import numpy as np
+        try:
+            init_d, bounds_d = _parse_init(init), _parse_bounds(bounds)
+        except ValueError as exc:   # float() of the user's text, or a malformed NAME=... item
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        p = validated(RefineParams, _FLAGS, params=[t for t in params.split(",") if t.strip()], optimizer=optimizer,
+                      iterations=iterations, lr=lr, lbfgs_steps=lbfgs_steps, loss=loss, init=init_d, bounds=bounds_d,
+                      dtype="float32" if float32 else "float64")
         import torch
         from rich.console import Console
         from rich.table import Table
 
-        from diffractflow.artifacts import sha256_file
-
-        from .artifacts import load_job_config
-        from .core.io import FormatError
-        from .nbrun import tune_malloc
-
-        tune_malloc()
         from .refine.artifacts import plot_convergence, write_history, write_refinement
         from .refine.images import read_image, read_mask
         from .refine.refiner import Refiner, RefinementError, RefineSettings
 
+        tune_malloc()
         console = Console()
         try:
             job = load_job_config(config)
-        except (FormatError, ValueError, OSError) as exc:
+        except (FormatError, InputError, OSError) as exc:
             typer.echo(f"error: {config}: {exc}", err=True)
             raise typer.Exit(2)
         shape = (job.detector.spixels, job.detector.fpixels)
@@ -143,16 +158,16 @@ def register(app: typer.Typer) -> None:
         except FormatError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
+        settings = RefineSettings(optimizer=p.optimizer, iterations=p.iterations, lr=p.lr, lbfgs_steps=p.lbfgs_steps)
         try:
-            settings = RefineSettings(optimizer=optimizer, iterations=iterations, lr=lr, lbfgs_steps=lbfgs_steps)
-            refiner = Refiner(job.crystal, job.detector, job.beam, tgt, params, hkl=job.hkl, mask=m,
-                              init=_parse_init(init), bounds=_parse_bounds(bounds), loss=loss,
-                              dtype=torch.float32 if float32 else torch.float64)
-        except ValueError as exc:
+            refiner = Refiner(job.crystal, job.detector, job.beam, tgt, p.params, hkl=job.hkl, mask=m,
+                              init=p.init, bounds={k: [tuple(b) for b in v] for k, v in p.bounds.items()},
+                              scale=p.scale, loss=p.loss, dtype=torch.float32 if p.dtype == "float32" else torch.float64)
+        except ValueError as exc:   # the constructor's refusals of its arguments (as in refine.worker)
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
-        n_steps = (iterations if "adam" in settings.optimizer else 0) + \
-            (lbfgs_steps if "lbfgs" in settings.optimizer else 0) + 1
+        n_steps = (p.iterations if "adam" in settings.optimizer else 0) + \
+            (p.lbfgs_steps if "lbfgs" in settings.optimizer else 0) + 1
         bar, cb = _progress(n_steps, "refining")
         try:
             with bar:

@@ -1,74 +1,36 @@
-"""Bus handler: render a simulation job to an HDF5 artifact (``serve``).
+"""Bus handler (``serve``): ``kind="simulate"`` renders a model to an HDF5 artifact, ``kind="refine"`` refines a model
+against a target image (:mod:`diff_sim_refiner.refine.worker`). Parameters: :mod:`diff_sim_refiner.core.params`.
 
-Job parameters: the simulation config (``crystal``/``detector``/``beam`` sections in API units, or
-``nanobragg`` flags); optional inputs ``hkl`` (h k l F text) and ``mat`` (MOSFLM A.mat) from the volume.
-Output ``image``: ``simulation.h5`` (schema diffractflow.diff_sim_refiner.simulation v1).
+Simulate: the model as ``crystal``/``detector``/``beam`` sections in API units, or ``nanobragg`` flags; optional
+inputs ``hkl`` (h k l F text) and ``mat`` (MOSFLM A.mat) from the volume. Output ``image``: ``simulation.h5``
+(schema diffractflow.diff_sim_refiner.simulation v1).
+
+Errors: a config the simulator refuses, a bad flag or an unreadable ``hkl``/``mat`` is an input error
+(:class:`~diff_sim_refiner.artifacts.ConfigError`, :class:`~diff_sim_refiner.nbargs.FlagError`): the job is rejected.
+Anything else (a bug) is a failure that the runtime retries and then dead-letters with its traceback.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, Field
+import torch
 
-from diffractflow.runtime import BadInput, JobContext, Stage
+from diffractflow.runtime import JobContext, Stage
 
 from . import __version__
+from .artifacts import job_from_params, write_simulation
+from .core.params import DiffSimRefinerParams, RefineParams, SimulateParams
+from .core.simulator import prepare, render
+from .nbrun import tune_malloc
+from .refine.worker import handle_refine
+
+#: the worker's parameter model (kept under the old name for callers)
+Params = DiffSimRefinerParams
 
 
-class Params(BaseModel):
-    kind: Literal["simulate", "refine"] = Field(
-        "simulate", description="simulate: render to HDF5; refine: refine a model against a target image "
-                                "(parameters as diff_sim_refiner.refine.worker.RefineParams)")
-    crystal: dict[str, Any] = Field(default_factory=dict, description="CrystalConfig fields (Angstrom, degrees)")
-    detector: dict[str, Any] = Field(default_factory=dict, description="DetectorConfig fields (mm)")
-    beam: dict[str, Any] = Field(default_factory=dict, description="BeamConfig fields (Angstrom, photons/m^2)")
-    nanobragg: Optional[list[str]] = Field(None, description="nanoBragg flags instead of the three sections "
-                                                           "(file flags refer to the job's inputs)")
-    dtype: Literal["float32", "float64"] = "float32"
-    spot_cutoff: Optional[float] = Field(None, gt=0, description="evaluate only within this many fringes of peaks")
-    max_pixels: int = Field(20_000_000, gt=0, description="refuse detectors larger than this")
-
-
-def handle(ctx: JobContext, params: Params) -> None:
-    from .nbrun import tune_malloc
-
-    tune_malloc()  # chunk buffers re-used instead of re-faulted, as in `nanobragg` (idempotent)
-    if params.kind == "refine":
-        from .refine.worker import handle_refine_job
-
-        return handle_refine_job(ctx)
-    import torch
-
-    from .artifacts import job_from_mapping, write_simulation
-    from .core.io import FormatError
-    from .core.simulator import prepare, render
-    from .nbargs import FlagError
-
-    inputs = {}
-    for name in ("hkl", "mat"):
-        if name in ctx.job.inputs:
-            inputs[name] = ctx.input_path(name)
-    cfg: dict[str, Any]
-    if params.nanobragg is not None:
-        argv = list(params.nanobragg)
-        # file flags name job inputs
-        for i, tok in enumerate(argv[:-1]):
-            if tok in ("-hkl", "-mat"):
-                key = tok[1:]
-                if key not in inputs:
-                    raise BadInput(f"flag {tok} needs the job input {key!r}")
-                argv[i + 1] = str(inputs[key])
-        cfg = {"nanobragg": argv}
-    else:
-        cfg = {"crystal": params.crystal, "detector": params.detector, "beam": params.beam}
-    try:
-        job = job_from_mapping(cfg, base=ctx.out_dir, inputs=inputs)
-    except (FlagError, FormatError, ValueError, TypeError) as exc:
-        raise BadInput(f"bad simulation config: {exc}") from exc
-    npx = job.detector.fpixels * job.detector.spixels
-    if npx > params.max_pixels:
-        raise BadInput(f"detector has {npx} pixels, more than max_pixels={params.max_pixels}")
+def handle_simulate(ctx: JobContext, params: SimulateParams) -> None:
+    inputs = {name: ctx.input_path(name) for name in ("hkl", "mat") if name in ctx.job.inputs}
+    job = job_from_params(params, inputs, base=ctx.out_dir)
     dtype = torch.float64 if params.dtype == "float64" else torch.float32
     t0 = time.perf_counter()
     last = [0.0]
@@ -92,4 +54,14 @@ def handle(ctx: JobContext, params: Params) -> None:
                        orientations=p.n_orient, oversample=p.oversample)
 
 
-STAGE = Stage(service="diff-sim-refiner", params_model=Params, handler=handle, version=__version__)
+def handle(ctx: JobContext, params: DiffSimRefinerParams | SimulateParams | RefineParams) -> None:
+    p = params.root if isinstance(params, DiffSimRefinerParams) else params
+    tune_malloc()  # chunk buffers re-used instead of re-faulted, as in `nanobragg` (idempotent)
+    if isinstance(p, RefineParams):
+        return handle_refine(ctx, p)
+    return handle_simulate(ctx, p)
+
+
+STAGE = Stage(service="diff-sim-refiner", params_model=DiffSimRefinerParams, handler=handle, version=__version__)
+
+__all__ = ["STAGE", "Params", "handle", "handle_simulate"]

@@ -137,7 +137,8 @@ def test_worker_handler_renders_job_to_artifact(tmp_path):
     from diffractflow.messages import JobRequest
     from diffractflow.runtime import BadInput, JobContext
 
-    from diff_sim_refiner.worker import STAGE, Params
+    from diff_sim_refiner.core.params import SimulateParams as Params
+    from diff_sim_refiner.worker import STAGE
 
     vol = Volume(tmp_path)
     out_dir = vol.job_dir("diff-sim-refiner", "j1")

@@ -241,13 +241,12 @@ def test_worker_refine_handler(tmp_path, small_target):
     assert ctx.metrics["loss_final"] < 1e-8 * ctx.metrics["loss_initial"]
     with pytest.raises(ValueError, match="unknown parameter"):
         RefineParams(params=["wobble"])
-    from diff_sim_refiner.refine.worker import handle_refine_job
+    from pydantic import ValidationError
 
-    bad_job = job.model_copy(update={"job_id": "r3", "params": {"kind": "refine", "optimizer": "sgd"}})
-    ctx3 = JobContext(job=bad_job, volume=vol, out_dir=vol.job_dir("diff-sim-refiner", "r3"),
-                      settings=Settings(volume=tmp_path))
-    with pytest.raises(BadInput, match="optimizer"):
-        handle_refine_job(ctx3)
+    from diff_sim_refiner.worker import STAGE
+
+    with pytest.raises(ValidationError, match="optimizer"):   # the runtime rejects the job (bad_params)
+        STAGE.params_model.model_validate({"kind": "refine", "optimizer": "sgd"})
     bad = params.model_copy(update={"detector": dict(params.detector, fpixels=40)})
     ctx2 = JobContext(job=job.model_copy(update={"job_id": "r2"}), volume=vol,
                       out_dir=vol.job_dir("diff-sim-refiner", "r2"), settings=Settings(volume=tmp_path))
