@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import yaml
 
 from diffractflow.errors import InputError
 
@@ -141,8 +142,6 @@ def load_job_config(path: str | os.PathLike) -> SimJob:
         except json.JSONDecodeError as exc:
             raise FormatError(f"{p}: invalid JSON ({exc})") from exc
     else:
-        import yaml
-
         try:
             cfg = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -173,6 +172,7 @@ def config_json(job: SimJob) -> dict[str, str]:
 def write_simulation(path: str | os.PathLike, image: np.ndarray, job: SimJob, job_id: Optional[str] = None,
                      extra_metrics: Optional[dict] = None) -> Path:
     """Write the rendered image (photons/pixel) and its configs as an HDF5 artifact, atomically."""
+    # h5py and diffractflow.artifacts (0.5-0.7 s to import) only when writing: the CLI imports this module at start-up
     import h5py
 
     from diffractflow.artifacts import atomic_write_path, nexus_data_group, sha256_file, write_provenance

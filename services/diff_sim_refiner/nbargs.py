@@ -12,11 +12,16 @@ re-use of the previous phi step for a step at exactly phi = 0 is reproduced, and
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
+
+import numpy as np
 
 from diffractflow.errors import InputError
 
+from .core import io as nbio
 from .core.config import (
     resolve_steps,
     DEFAULT_FLUENCE,
@@ -439,16 +444,12 @@ def _sane(t: tuple[float, float, int]) -> tuple[float, float, int]:
 
 def build_job(a: NanoBraggArgs, read_tables: bool = True) -> NanoBraggJob:
     """Apply nanoBragg's defaults and rules to parsed flags and build the configs."""
-    from .core import io as nbio
-
     if a.mat is None and a.cell is None:
         raise FlagError("no crystal: give -mat A.mat or -cell a b c alpha beta gamma")
     hkl_source = None
     if a.hkl is not None:
         hkl_source = "hkl"
     elif a.default_F == 0.0 and read_tables:
-        from pathlib import Path
-
         if Path(a.dump).is_file():
             hkl_source = "dump"
         else:
@@ -531,8 +532,6 @@ def build_job(a: NanoBraggArgs, read_tables: bool = True) -> NanoBraggJob:
         cryst_kw["mosflm_matrix"] = nbio.read_mosflm_raw(a.mat)
         cryst_kw["rescale_to_cell"] = a.cell is not None
     if a.misset == "random":
-        import time
-
         cryst_kw.update(misset_random=True, misset_seed=a.misset_seed if a.misset_seed is not None
                         else (a.seed if a.seed is not None else int(time.time())))
     elif a.misset is not None:
@@ -560,8 +559,6 @@ def _pix0(a: NanoBraggArgs):
 
 
 def _cell_lengths(crystal: CrystalConfig, lam: float) -> list[float]:
-    import numpy as np
-
     if crystal.mosflm_matrix is not None:
         recip = np.asarray(crystal.mosflm_matrix, float).T / lam
         real = np.linalg.inv(recip).T

@@ -1,5 +1,5 @@
 """Indexing robustness (issue 16 item 0): rendered P 43 21 2 stills at a high dose with strong diffuse halos,
-a water-like ring, module gaps and Poisson noise (``diff_sim_refiner.diffuse_dataset.generate``, a renderer
+a water-like ring, module gaps and Poisson noise (``diff_sim_refiner.datasets.analytic.generate``, a renderer
 this service does not share code with). There DIALS' stills defaults fail (spot finding merges halos and
 Bragg spots or trips the strong-pixel limit; no lattice; sigma_b above 0.1 deg), so the strategy cascade
 must take over. Reference: the plain DIALS command-line chain (``dials.import`` -> ``dials.find_spots`` ->
@@ -23,12 +23,29 @@ N_STILLS = 4
 
 
 def _spec():
-    from diff_sim_refiner.diffuse_dataset import DatasetSpec, DiffuseModel
+    from diff_sim_refiner.datasets.analytic import DatasetSpec, DiffuseModel
 
     # ~3 photons of diffuse, ring and background each at dose 1 (the issue's level), here x16
     diffuse = DiffuseModel(halo_amplitude=3 * DOSE, ring_amplitude=3 * DOSE, floor=3 * DOSE, ring_q=0.30)
     return DatasetSpec(n_stills=N_STILLS, unit_cell=CELL, space_group="P 43 21 2", bragg_peak=400.0 * DOSE,
                        diffuse=diffuse, seed=11)
+
+
+def _pixel_model(image_path: Path):
+    """(detector, beam, q_lab (3, slow, fast) in 1/Å, correction (slow, fast)) of a generated still, from the models
+    dxtbx reads back from the file; ``correction`` is the diffuse-extractor's multiplier (the generator divides the
+    planted signal by it)."""
+    import dxtbx
+
+    from diffuse_extractor.core.extract import ExtractionParams, static_pixels
+
+    img = dxtbx.load(str(image_path))
+    det, beam = img.get_detector(), img.get_beam()
+    nf, ns = det[0].get_image_size()
+    pix = static_pixels(det, beam, ExtractionParams(beamstop="none"))[0]
+    u = pix.u.reshape(3, ns, nf).astype(np.float64)
+    q_lab = u / beam.get_wavelength() - np.asarray(beam.get_s0())[:, None, None]
+    return det, beam, q_lab, pix.correction.reshape(ns, nf).astype(np.float64)
 
 
 def _dials_chain(image: Path, work: Path) -> bool:
@@ -69,14 +86,14 @@ def _misorientation_deg(A_obs: np.ndarray, A_true: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def high_dose(tmp_path_factory):
     """The stills, our `run_job` (2 processes) and the DIALS chain's outcome per still."""
-    from diff_sim_refiner.diffuse_dataset import generate
+    from diff_sim_refiner.datasets.analytic import generate
 
     from stills_processor.artifacts import read_summary
     from stills_processor.batch import run_job
     from stills_processor.core.params import ProcessingSettings, Symmetry
 
     d = tmp_path_factory.mktemp("cascade")
-    truth = generate(d / "images", _spec())
+    truth = generate(d / "images", _pixel_model, _spec())
     images = [d / "images" / s["file"] for s in truth["stills"]]
     settings = ProcessingSettings(symmetry=Symmetry("P 43 21 2", CELL))
     rows, summary, metrics = run_job(images, d / "out", settings, nproc=2)

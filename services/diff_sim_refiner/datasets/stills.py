@@ -149,6 +149,7 @@ def pixel_q(spec: StillsSpec) -> tuple[np.ndarray, np.ndarray]:
 
 def air_mu_per_mm(wavelength_A: float) -> float:
     """Linear attenuation coefficient (1/mm) of dry air from cctbx's NIST tables (Hubbell & Seltzer)."""
+    # cctbx (about 1 s to import) in the functions that need it, so reading a truth back stays light
     from cctbx.eltbx import attenuation_coefficient
 
     mu_rho = sum(w * attenuation_coefficient.get_table(el).mu_rho_at_angstrom(wavelength_A)
@@ -306,6 +307,8 @@ class StillsRenderer:
     """
 
     def __init__(self, spec: StillsSpec, threads: int = 1):
+        # torch and the simulator only to render: reading a truth back (DiffuseTruth, pixel_q, the demo's checks)
+        # stays light, and a caller that loaded DIALS first is the caller's import order to get right (tests/conftest)
         import torch
 
         from diff_sim_refiner.core.config import R_E_SQR, BeamConfig, CrystalConfig, DetectorConfig

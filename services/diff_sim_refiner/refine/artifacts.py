@@ -18,10 +18,14 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import h5py
 import numpy as np
+
+from diffractflow.artifacts import atomic_write_path, write_provenance
 
 from .. import __version__
 from ..artifacts import _jsonable
+from ..core.io import FormatError
 
 SCHEMA = "diffractflow.diff_sim_refiner.refinement"
 SCHEMA_VERSION = 1
@@ -31,10 +35,6 @@ def write_refinement(path, result, model: np.ndarray, target: np.ndarray, mask: 
                      job_id: Optional[str] = None, inputs: Optional[dict] = None,
                      extra: Optional[dict] = None) -> Path:
     """Write the refined model, its image, the target, the mask and the history, atomically."""
-    import h5py
-
-    from diffractflow.artifacts import atomic_write_path, write_provenance
-
     path = Path(path)
     cfgs = {name: json.dumps(_jsonable(getattr(result, name))) for name in ("crystal", "detector", "beam")}
     settings = dataclasses.asdict(result.settings)
@@ -87,14 +87,12 @@ def write_refinement(path, result, model: np.ndarray, target: np.ndarray, mask: 
 
 def read_refinement(path) -> dict:
     """{'final': {label: value}, 'history': {...}, 'crystal'/'detector'/'beam': dicts, 'model': image, ...}."""
-    import h5py
-
     with h5py.File(path, "r") as fh:
         schema = fh.attrs.get("schema")
         if isinstance(schema, bytes):
             schema = schema.decode()
         if schema != SCHEMA:
-            raise ValueError(f"{path} is not a {SCHEMA} artifact (schema={schema!r})")
+            raise FormatError(f"{path} is not a {SCHEMA} artifact (schema={schema!r})")
         mod = fh["entry/model"]
         out = {
             "final": {k: float(mod[k][()]) for k in mod.keys()},
@@ -114,8 +112,6 @@ def read_refinement(path) -> dict:
 
 
 def write_history(path, history: dict) -> Path:
-    from diffractflow.artifacts import atomic_write_path
-
     path = Path(path)
     with atomic_write_path(path) as tmp:
         Path(tmp).write_text(json.dumps(history, indent=2))
@@ -124,12 +120,11 @@ def write_history(path, history: dict) -> Path:
 
 def plot_convergence(result, path, truth: Optional[dict] = None) -> Path:
     """Loss (log) and every refined component against the iteration, one panel each, as PNG."""
+    # matplotlib (about 2 s to import) only for the figure; a headless backend before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from diffractflow.artifacts import atomic_write_path
 
     h = result.history
     n = 1 + len(result.labels)

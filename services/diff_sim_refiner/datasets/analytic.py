@@ -9,14 +9,29 @@ scales, the diffuse model's parameters) is written beside the images as ``truth.
 
 The diffuse model is a function of fractional Miller indices (and |q|), so the merged map can be
 compared with it voxel by voxel: :func:`diffuse_truth`.
+
+Unlike :mod:`.stills` (nanoBragg physics), the counts here are the analytic model divided by a per-pixel
+``correction`` that the caller supplies (``pixel_model``): tests pass the diffuse-extractor's own multiplier, so the
+pipeline divides out exactly what was planted. This package does not import the extractor (a service imports no
+other service); the caller, which may, does.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+from cctbx import crystal, uctbx
+from dials.array_family import flex
+from dxtbx.format.FormatCBFMini import FormatCBFMini
+from dxtbx.model import BeamFactory, DetectorFactory
+from scipy.spatial.transform import Rotation
+
+#: image path -> (dxtbx detector, dxtbx beam, q_lab (3, slow, fast) in 1/Å, correction (slow, fast)): the models
+#: dxtbx reads back from a written still and the multiplier the extraction applies to its counts
+PixelModel = Callable[[Path], tuple]
 
 PILATUS_MODULE = (487, 195)  # fast, slow pixels
 PILATUS_GAP = (7, 17)  # fast, slow gap pixels between modules
@@ -62,8 +77,6 @@ def diffuse_truth(h, k, l, q_mag, model: DiffuseModel) -> np.ndarray:
 
 
 def _detector(spec: DatasetSpec):
-    from dxtbx.model import DetectorFactory
-
     nf = spec.modules[0] * PILATUS_MODULE[0] + (spec.modules[0] - 1) * PILATUS_GAP[0]
     ns = spec.modules[1] * PILATUS_MODULE[1] + (spec.modules[1] - 1) * PILATUS_GAP[1]
     beam_centre = (nf * spec.pixel_mm * 0.47, ns * spec.pixel_mm * 0.53)  # mm, slightly off-centre
@@ -92,30 +105,9 @@ def _bragg_table(rng: np.random.Generator, hmax: int) -> np.ndarray:
     return rng.exponential(1.0, size=(n, n, n))
 
 
-def pixel_geometry(image_path: str | Path):
-    """(detector, beam, q_lab (3, slow, fast) in 1/Angstrom, correction (slow, fast)) of a generated still,
-    from the models dxtbx reads back from the file; ``correction`` is the diffuse-extractor's multiplier."""
-    import dxtbx
-
-    from diffuse_extractor.core.extract import ExtractionParams, static_pixels
-
-    img = dxtbx.load(str(image_path))
-    det, beam = img.get_detector(), img.get_beam()
-    nf, ns = det[0].get_image_size()
-    pix = static_pixels(det, beam, ExtractionParams(beamstop="none"))[0]
-    u = pix.u.reshape(3, ns, nf).astype(np.float64)
-    q_lab = u / beam.get_wavelength() - np.asarray(beam.get_s0())[:, None, None]
-    return det, beam, q_lab, pix.correction.reshape(ns, nf).astype(np.float64)
-
-
-def generate(out_dir: str | Path, spec: DatasetSpec | None = None, progress=None) -> dict:
-    """Write ``spec.n_stills`` CBF stills and ``truth.json`` into ``out_dir``; return the truth."""
-    from cctbx import crystal, uctbx
-    from dials.array_family import flex
-    from dxtbx.format.FormatCBFMini import FormatCBFMini
-    from dxtbx.model import BeamFactory
-    from scipy.spatial.transform import Rotation
-
+def generate(out_dir: str | Path, pixel_model: PixelModel, spec: DatasetSpec | None = None, progress=None) -> dict:
+    """Write ``spec.n_stills`` CBF stills and ``truth.json`` into ``out_dir``; return the truth. ``pixel_model``
+    gives the geometry and per-pixel correction of a still as the pipeline will read it (:data:`PixelModel`)."""
     spec = spec or DatasetSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +123,7 @@ def generate(out_dir: str | Path, spec: DatasetSpec | None = None, progress=None
     staging.mkdir(exist_ok=True)
     probe = staging / "geometry_0001.cbf"
     FormatCBFMini.as_file(det, beam, None, None, flex.int(flex.grid(ns, nf), 0), str(probe))
-    det, beam, q_lab, correction = pixel_geometry(probe)
+    det, beam, q_lab, correction = pixel_model(probe)
     probe.unlink()
     panel = det[0]
     q_mag = np.linalg.norm(q_lab, axis=0)
@@ -183,3 +175,6 @@ def generate(out_dir: str | Path, spec: DatasetSpec | None = None, progress=None
              "image_size_fast_slow": [nf, ns]}
     (out / "truth.json").write_text(json.dumps(truth, indent=2))
     return truth
+
+
+__all__ = ["DiffuseModel", "DatasetSpec", "PixelModel", "diffuse_truth", "generate"]
