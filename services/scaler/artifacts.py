@@ -26,8 +26,8 @@ import h5py
 import numpy as np
 from cctbx import uctbx
 from dials.array_family import flex
-from diffractflow.artifacts import atomic_write_json, atomic_write_path, nexus_data_group, write_provenance
-from diffractflow.formats import merged_map, observations
+from diffractflow.artifacts import atomic_write_json, atomic_write_path, nexus_data_group
+from diffractflow.formats import merged_map, observations, write_header
 from diffractflow.formats import scales as scales_format
 from diffractflow.reading import reader
 
@@ -36,7 +36,7 @@ from . import __version__
 PRODUCER = "scaler"
 OBS_FIELDS = tuple(n for n, _ in observations.FIELDS_BY_VERSION[1])
 ABSOLUTE_SCHEMA = "diffractflow.scaler.absolute_map"
-ABSOLUTE_SCHEMA_VERSION = "1.0"
+ABSOLUTE_SCHEMA_VERSION = 1
 
 
 class InputError(diffractflow.errors.InputError):
@@ -338,8 +338,8 @@ def write_absolute_map(path: str | Path, values: np.ndarray, s: np.ndarray, comp
     """NeXus HDF5: entry/absolute/{intensity (e.u./cell, Compton removed), s, compton}."""
     with atomic_write_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            write_provenance(f, schema=ABSOLUTE_SCHEMA, schema_version=ABSOLUTE_SCHEMA_VERSION, producer=PRODUCER,
-                             producer_version=__version__, job_id=job_id, parameters=parameters, inputs=inputs)
+            write_header(f, schema=ABSOLUTE_SCHEMA, version=ABSOLUTE_SCHEMA_VERSION, producer=PRODUCER,
+                         producer_version=__version__, job_id=job_id, parameters=parameters, inputs=inputs)
             g = nexus_data_group(f, "absolute", signal="intensity")
             e = f["entry"]
             d = g.create_dataset("intensity", data=np.asarray(values, dtype=np.float64), compression="gzip")
@@ -390,8 +390,8 @@ def write_bragg_merged(path: str | Path, hkl: np.ndarray, q_magnitude: np.ndarra
     ok = np.isfinite(intensity) & (n_obs > 0)
     with atomic_write_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            write_provenance(f, schema="diffractflow.scaler.bragg_merged", schema_version="1.0", producer=PRODUCER,
-                             producer_version=__version__, parameters={"partiality_threshold": partiality_threshold})
+            write_header(f, schema="diffractflow.scaler.bragg_merged", version=1, producer=PRODUCER,
+                         producer_version=__version__, parameters={"partiality_threshold": partiality_threshold})
             for i, a in enumerate("hkl"):
                 f.create_dataset(a, data=np.asarray(hkl, dtype=np.int32)[ok, i])
             f.create_dataset("q_magnitude", data=np.asarray(q_magnitude, dtype=float)[ok]).attrs["units"] = "1/angstrom"
