@@ -167,7 +167,7 @@ void nb_render_rows(const nb_spec *sp, int s_begin, int s_end, int f_begin, int 
     }
 }
 
-int nb_abi_version(void) { return 1; }
+int nb_abi_version(void) { return 2; }
 
 /* ---------------------------------------------------------------------------------------------------------
  * The fused kernel's forward under autograd (simulator._FusedFastChunk), one source at a time: from unit
@@ -264,5 +264,242 @@ void nb_fused_source(const nb_spec *sp, long M, const float *diff, int si, float
                 }
             }
         }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Forward + derivatives in one pass for render_loss (the refiner's route): for an explicit list of pixels
+ * (fast index fi[p], slow index si[p]), the photons out[p] (float, the same float ops and summation order as
+ * nb_render_rows, so equal to the forward image bit for bit) and, per pixel, the derivatives
+ *   J[p*K + k] = d out[p] / d theta_k,  theta_k entering only through the orientation matrices, given
+ *   D (n_orient, K, 3, 3) = d A_o / d theta_k,  so d H / d theta_k = D_ok Q (float64),
+ *   JN[p*3 + i] = d out[p] / d N_i (may be NULL),
+ * accumulated in float64.  Per term: dt/dH_i = 2 F^2 prod_{j!=i} r_j^2 r_i dr_i/dx_i pi with r = sin(N x) /
+ * sin(x), x = pi d, dr/dx = (N cos Nx - r cos x) / sin x (its series x (c1 + c3 x^2) where |N x| < 0.1),
+ * dr/dN = x cos Nx / sin x.  Each pixel is computed on its own in one fixed order: results do not depend on
+ * how the pixel list is split between threads.
+ * ------------------------------------------------------------------------------------------------------- */
+#include <stdlib.h>
+
+#define NB_GB 256  /* pixels per block */
+
+/* sin(pi d), cos(pi d) for |d| <= 1/2 (no range reduction; the same polynomial as sinpi_red / sinpi_s) */
+static inline float sinpi_half(float d, float *c)
+{
+    const float x = d * 3.14159265358979f, x2 = x * x;
+    float p = -2.5052108e-08f;
+    p = p * x2 + 2.7557319e-06f;
+    p = p * x2 - 1.9841270e-04f;
+    p = p * x2 + 8.3333333e-03f;
+    p = p * x2 - 1.6666667e-01f;
+    float q = 2.0876757e-09f;
+    q = q * x2 - 2.7557319e-07f;
+    q = q * x2 + 2.4801587e-05f;
+    q = q * x2 - 1.3888889e-03f;
+    q = q * x2 + 4.1666667e-02f;
+    q = q * x2 - 0.5f;
+    *c = 1.0f + x2 * q;
+    return x + x * x2 * p;
+}
+
+/* one orientation's terms over M sub-pixels: acc += term, g0..g2 = d term / dH, jn += d term / dN (need_N) */
+static inline void grad_terms(const double *a, long M, const double *qx, const double *qy, const double *qz,
+                              const nb_spec *sp, const float *Nf, const float *c1, const float *c3, float *acc,
+                              float *g0, float *g1, float *g2, double *jn, const int need_N,
+                              const int KC, const float *Df, const float *fx, const float *fy, const float *fz,
+                              float *jk)
+{
+    const int hr = sp->dims[0], kr = sp->dims[1], lr = sp->dims[2];
+    const int hm = sp->mins[0], km = sp->mins[1], lm = sp->mins[2];
+    const float *Fp = sp->F;
+    const float dF = sp->default_F;
+    const float PI = 3.14159265358979f;
+#pragma GCC ivdep
+    for (long m = 0; m < M; m++) {
+        const double h = a[0] * qx[m] + a[1] * qy[m] + a[2] * qz[m];
+        const double k = a[3] * qx[m] + a[4] * qy[m] + a[5] * qz[m];
+        const double l = a[6] * qx[m] + a[7] * qy[m] + a[8] * qz[m];
+        const double h0 = ceil(h - 0.5), k0 = ceil(k - 0.5), l0 = ceil(l - 0.5);
+        const float d[3] = {(float)(h - h0) + 1e-30f, (float)(k - k0) + 1e-30f, (float)(l - l0) + 1e-30f};
+        float r[3], cN[3], cx[3], sx[3];
+        for (int i = 0; i < 3; i++) {
+            sx[i] = sinpi_half(d[i], &cx[i]);
+            r[i] = sinpi_s(Nf[i] * d[i], &cN[i]) / sx[i];
+        }
+        float f = dF;
+        if (Fp) {
+            const int i = (int)h0 - hm, jj = (int)k0 - km, kk = (int)l0 - lm;
+            const int inside = (i >= 0) & (i < hr) & (jj >= 0) & (jj < kr) & (kk >= 0) & (kk < lr);
+            f = inside ? Fp[((long)i * kr + jj) * lr + kk] : dF;
+        }
+        const float F2 = f * f;
+        const float r2[3] = {r[0] * r[0], r[1] * r[1], r[2] * r[2]};
+        acc[m] += r2[0] * r2[1] * r2[2] * F2;
+        const float oth[3] = {r2[1] * r2[2], r2[0] * r2[2], r2[0] * r2[1]};
+        float g[3];
+        for (int i = 0; i < 3; i++) {
+            const float common = 2.0f * F2 * oth[i] * r[i];
+            const float x = d[i] * PI;
+            const float Nx = Nf[i] * x;
+            const float drdx = fabsf(Nx) < 0.1f ? x * (c1[i] + c3[i] * x * x)
+                                                : (Nf[i] * cN[i] - r[i] * cx[i]) / sx[i];
+            g[i] = common * drdx * PI;
+            if (need_N) jn[i * M + m] += (double)(common * (x * cN[i] / sx[i]));
+        }
+        if (KC) {   /* d term / d theta_k = g . (D_ok Q), fused for small K (compile-time KC) */
+            for (int kk = 0; kk < KC; kk++) {
+                const float *e = Df + kk * 9;
+                const float dh = e[0] * fx[m] + e[1] * fy[m] + e[2] * fz[m];
+                const float dk = e[3] * fx[m] + e[4] * fy[m] + e[5] * fz[m];
+                const float dl = e[6] * fx[m] + e[7] * fy[m] + e[8] * fz[m];
+                jk[kk * M + m] += g[0] * dh + g[1] * dk + g[2] * dl;
+            }
+        } else {
+            g0[m] = g[0]; g1[m] = g[1]; g2[m] = g[2];
+        }
+    }
+}
+
+int nb_grad_pixels(const nb_spec *sp, long P, const int64_t *fi, const int64_t *si_, const double *D, int K,
+                   float *out, double *J, double *JN)
+{
+    const int ov = sp->ov, n = ov * ov;
+    const long Mb = (long)NB_GB * n;
+    const int nK = K > 0 ? K : 1;
+    double *buf = (double *)malloc(sizeof(double) * (Mb * (6 + 3) + NB_GB) + sizeof(float) * Mb * (7 + nK));
+    if (!buf) return -1;
+    double *dx = buf, *dy = buf + Mb, *dz = buf + 2 * Mb;
+    double *qx = buf + 3 * Mb, *qy = buf + 4 * Mb, *qz = buf + 5 * Mb;
+    double *jn = buf + 6 * Mb;              /* (3, Mb) */
+    double *air0 = jn + 3 * Mb;             /* (NB_GB) */
+    float *acc = (float *)(air0 + NB_GB);   /* (Mb) */
+    float *g0 = acc + Mb, *g1 = acc + 2 * Mb, *g2 = acc + 3 * Mb;
+    float *fx = acc + 4 * Mb, *fy = acc + 5 * Mb, *fz = acc + 6 * Mb;   /* Q in float, for d H / d theta */
+    float *jk = acc + 7 * Mb;               /* (K, Mb): per sub-pixel sums over orientations, like acc */
+    const double sub = sp->px / ov;
+    float Nf[3], c1[3], c3[3];
+    for (int i = 0; i < 3; i++) {
+        Nf[i] = (float)sp->N[i];
+        const float N2 = Nf[i] * Nf[i];
+        c1[i] = -Nf[i] * (N2 - 1.0f) / 3.0f;
+        c3[i] = Nf[i] * (N2 - 1.0f) * (3.0f * N2 - 7.0f) / 90.0f;
+    }
+    /* d A / d theta in float, scaled to O(1): the products D Q are derivatives (float precision suffices; the
+     * sums are float64); the scale is taken out again per pixel */
+    const long nD = (long)sp->n_orient * K * 9;
+    float *Df = (float *)malloc(sizeof(float) * (nD > 0 ? nD : 1));
+    double *Ds = (double *)malloc(sizeof(double) * nK);
+    if (!Df || !Ds) { free(buf); free(Df); free(Ds); return -1; }
+    for (int kk = 0; kk < K; kk++) {
+        double mx = 0.0;
+        for (int o = 0; o < sp->n_orient; o++)
+            for (int e = 0; e < 9; e++) mx = fmax(mx, fabs(D[((long)o * K + kk) * 9 + e]));
+        Ds[kk] = mx > 0 ? mx : 1.0;
+        for (int o = 0; o < sp->n_orient; o++)
+            for (int e = 0; e < 9; e++) Df[((long)o * K + kk) * 9 + e] = (float)(D[((long)o * K + kk) * 9 + e] / Ds[kk]);
+    }
+    for (long p0 = 0; p0 < P; p0 += NB_GB) {
+        const int B = (int)(P - p0 < NB_GB ? P - p0 : NB_GB);
+        const long M = (long)B * n;
+        for (int j = 0; j < B; j++) {
+            const double Fb = (double)fi[p0 + j] * sp->px, Sb = (double)si_[p0 + j] * sp->px;
+            for (int a = 0; a < ov; a++) {
+                for (int b = 0; b < ov; b++) {
+                    const double Fd = Fb + (b + 0.5) * sub, Sd = Sb + (a + 0.5) * sub;
+                    const double x = sp->pix0[0] + sp->fdet[0] * Fd + sp->sdet[0] * Sd;
+                    const double y = sp->pix0[1] + sp->fdet[1] * Fd + sp->sdet[1] * Sd;
+                    const double z = sp->pix0[2] + sp->fdet[2] * Fd + sp->sdet[2] * Sd;
+                    const double R = sqrt(x * x + y * y + z * z);
+                    const int m = j * n + a * ov + b;
+                    dx[m] = x / R; dy[m] = y / R; dz[m] = z / R;
+                    if (a == 0 && b == 0) air0[j] = R;
+                }
+            }
+        }
+        for (long m = 0; m < M; m++) acc[m] = 0.0f;
+        for (long m = 0; m < (long)K * M; m++) jk[m] = 0.0f;
+        if (JN) for (long m = 0; m < 3 * M; m++) jn[m] = 0.0;
+        for (int s = 0; s < sp->n_src; s++) {
+            const double *inc = sp->dirs + 3 * s;
+            const double il = 1.0 / sp->lams[s];
+            for (long m = 0; m < M; m++) {
+                qx[m] = (dx[m] - inc[0]) * il;
+                qy[m] = (dy[m] - inc[1]) * il;
+                qz[m] = (dz[m] - inc[2]) * il;
+                fx[m] = (float)qx[m]; fy[m] = (float)qy[m]; fz[m] = (float)qz[m];
+            }
+            for (int o = 0; o < sp->n_orient; o++) {
+                const double *ao = sp->A + 9 * o;
+                const float *Do = Df + (long)o * K * 9;
+#define NB_GT(NN, KK) grad_terms(ao, M, qx, qy, qz, sp, Nf, c1, c3, acc, g0, g1, g2, jn, NN, KK, Do, fx, fy, fz, jk)
+                if (K >= 1 && K <= 3) {
+                    if (JN) { if (K == 1) NB_GT(1, 1); else if (K == 2) NB_GT(1, 2); else NB_GT(1, 3); }
+                    else { if (K == 1) NB_GT(0, 1); else if (K == 2) NB_GT(0, 2); else NB_GT(0, 3); }
+                    continue;
+                }
+                if (JN) NB_GT(1, 0); else NB_GT(0, 0);
+#undef NB_GT
+                for (int kk = 0; kk < K; kk++) {
+                    const float *e = Df + ((long)o * K + kk) * 9;
+                    float *jrow = jk + (long)kk * M;
+#pragma GCC ivdep
+                    for (long m = 0; m < M; m++) {
+                        const float dh = e[0] * fx[m] + e[1] * fy[m] + e[2] * fz[m];
+                        const float dk = e[3] * fx[m] + e[4] * fy[m] + e[5] * fz[m];
+                        const float dl = e[6] * fx[m] + e[7] * fy[m] + e[8] * fz[m];
+                        jrow[m] += g0[m] * dh + g1[m] * dk + g2[m] * dl;
+                    }
+                }
+            }
+        }
+        const double *inc0 = sp->dirs;
+        for (int j = 0; j < B; j++) {
+            double I = 0.0;
+            for (int u = 0; u < n; u++) I += acc[j * n + u];
+            const double R = air0[j];
+            const double om = sp->point_pixel ? 1.0 / (R * R) : sp->px * sp->px * sp->close_distance / (R * R * R);
+            double pol = 1.0;
+            if (sp->polar_mode) {
+                const int m = j * n;
+                const double c = dx[m] * inc0[0] + dy[m] * inc0[1] + dz[m] * inc0[2];
+                const double c2 = c * c;
+                if (sp->polar_mode == 1) {
+                    pol = 0.5 * (1.0 + c2);
+                } else {
+                    const double E = dx[m] * sp->E_in[0] + dy[m] * sp->E_in[1] + dz[m] * sp->E_in[2];
+                    const double Bv = dx[m] * sp->B_in[0] + dy[m] * sp->B_in[1] + dz[m] * sp->B_in[2];
+                    const double den = E * E + Bv * Bv;
+                    const double cos2psi = den > 0 ? (E * E - Bv * Bv) / den : 1.0;
+                    pol = 0.5 * (1.0 + c2 - sp->kahn * cos2psi * (1.0 - c2));
+                }
+            }
+            const double fac = sp->scale * om * pol;
+            out[p0 + j] = (float)(I * sp->scale * om * pol);   /* nb_render_rows' order of products */
+            for (int kk = 0; kk < K; kk++) {
+                double t = 0.0;
+                for (int u = 0; u < n; u++) t += jk[(long)kk * M + j * n + u];
+                J[(p0 + j) * K + kk] = t * fac * Ds[kk];
+            }
+            if (JN) {
+                for (int i = 0; i < 3; i++) {
+                    double t = 0.0;
+                    for (int u = 0; u < n; u++) t += jn[(long)i * M + j * n + u];
+                    JN[(p0 + j) * 3 + i] = t * fac;
+                }
+            }
+        }
+    }
+    free(Df);
+    free(Ds);
+    free(buf);
+    return 0;
+}
+
+/* out[k] += sum_p g[p] J[p*K + k] in pixel order (float64): the chain rule's last step, deterministic */
+void nb_grad_reduce(long P, int K, const double *g, const double *J, double *out)
+{
+    for (long p = 0; p < P; p++) {
+        const double gp = g[p];
+        for (int k = 0; k < K; k++) out[k] += gp * J[p * K + k];
     }
 }

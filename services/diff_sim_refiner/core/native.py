@@ -123,7 +123,11 @@ def _load():
             lib.nb_abi_version.restype = I
             lib.nb_fused_source.argtypes = [ctypes.POINTER(_Spec), L, V, I, V, V, V, V]
             lib.nb_fused_source.restype = None
-            if lib.nb_abi_version() != 1:
+            lib.nb_grad_pixels.argtypes = [ctypes.POINTER(_Spec), L, V, V, V, I, V, V, V]
+            lib.nb_grad_pixels.restype = I
+            lib.nb_grad_reduce.argtypes = [L, I, V, V, V]
+            lib.nb_grad_reduce.restype = None
+            if lib.nb_abi_version() != 2:
                 raise RuntimeError("native kernel ABI mismatch")
             _lib, _status = lib, "loaded"
         except Exception as exc:  # noqa: BLE001 - any failure means "use the torch kernel"
@@ -145,18 +149,10 @@ def _vec(t) -> tuple:
     return tuple(float(x) for x in np.asarray(t.detach().cpu().numpy(), dtype=np.float64).reshape(-1))
 
 
-def render_native(p, fmin: int, fmax: int, smin: int, smax: int, out: np.ndarray,
-                  mask: Optional[np.ndarray] = None, threads: int = 1, rows_per_task: int = 8) -> np.ndarray:
-    """Render ROI rows ``smin..smax`` x columns ``fmin..fmax`` (inclusive) of :class:`Prepared` ``p`` into the
-    float32 array ``out`` (shape (smax - smin + 1, fmax - fmin + 1), C order); pixels where the bool/uint8
-    ``mask`` (same shape) is 0 are left untouched.  ``threads`` Python threads take blocks of rows (the C call
-    releases the GIL)."""
+def _make_spec(p):
+    """The C spec of :class:`Prepared` ``p`` and the arrays it points to (keep them alive during the calls)."""
     import torch
 
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"native kernel {_status}")
-    assert out.dtype == np.float32 and out.flags.c_contiguous
     sp = _Spec()
     sp.ov = int(p.oversample)
     sp.n_src = int(p.src_dirs.shape[0])
@@ -201,10 +197,24 @@ def render_native(p, fmin: int, fmax: int, smin: int, smax: int, out: np.ndarray
         sp.F = None
     dF = ft.default_F
     sp.default_F = float(dF.detach()) if isinstance(dF, torch.Tensor) else float(dF)
+    return sp, (dirs, lams, A, Fa)
+
+
+def render_native(p, fmin: int, fmax: int, smin: int, smax: int, out: np.ndarray,
+                  mask: Optional[np.ndarray] = None, threads: int = 1, rows_per_task: int = 8) -> np.ndarray:
+    """Render ROI rows ``smin..smax`` x columns ``fmin..fmax`` (inclusive) of :class:`Prepared` ``p`` into the
+    float32 array ``out`` (shape (smax - smin + 1, fmax - fmin + 1), C order); pixels where the bool/uint8
+    ``mask`` (same shape) is 0 are left untouched.  ``threads`` Python threads take blocks of rows (the C call
+    releases the GIL)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native kernel {_status}")
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    sp, keep = _make_spec(p)
     W = fmax - fmin + 1
     n = sp.ov * sp.ov
     mk = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
-    keep = (dirs, lams, A, Fa, mk)  # noqa: F841 - alive until the calls return
+    keep = (keep, mk)  # noqa: F841 - alive until the calls return
 
     def task(s0: int) -> None:
         s1 = min(s0 + rows_per_task, smax + 1)
@@ -220,6 +230,60 @@ def render_native(p, fmin: int, fmax: int, smin: int, smax: int, out: np.ndarray
     else:
         with ThreadPoolExecutor(max_workers=threads) as ex:
             list(ex.map(task, starts))
+    return out
+
+
+def grad_pixels(p, f: np.ndarray, s: np.ndarray, D: Optional[np.ndarray], need_N: bool, threads: int = 1,
+                block: int = 4096):
+    """Photons and their derivatives at the pixels (``f``, ``s``: int64 fast / slow indices) of :class:`Prepared`
+    ``p`` in one pass (``nb_grad_pixels``): ``(out (P,) float32, J (P, K) float64, JN (P, 3) float64 or None)``
+    with ``J[:, k] = d out / d theta_k`` for ``D`` (n_orient, K, 3, 3) = d A_o / d theta_k (float64; None: K = 0)
+    and ``JN = d out / d N``.  ``out`` equals :func:`render_native`'s image at those pixels.  ``threads`` Python
+    threads take blocks of ``block`` pixels; every pixel is computed alone, so the results do not depend on it."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native kernel {_status}")
+    sp, keep = _make_spec(p)
+    f = np.ascontiguousarray(f, dtype=np.int64)
+    s = np.ascontiguousarray(s, dtype=np.int64)
+    P = int(f.shape[0])
+    if D is None:
+        D = np.zeros((sp.n_orient, 0, 3, 3))
+    D = np.ascontiguousarray(D, dtype=np.float64)
+    K = int(D.shape[1])
+    if D.shape != (sp.n_orient, K, 3, 3):
+        raise ValueError(f"grad_pixels: D must be (n_orient={sp.n_orient}, K, 3, 3), got {D.shape}")
+    out = np.empty(P, dtype=np.float32)
+    J = np.empty((P, K), dtype=np.float64)
+    JN = np.empty((P, 3), dtype=np.float64) if need_N else None
+    keep = (keep, f, s, D)  # noqa: F841 - alive until the calls return
+
+    def task(p0: int) -> None:
+        nb = min(block, P - p0)
+        off8 = p0 * 8
+        rc = lib.nb_grad_pixels(ctypes.byref(sp), nb, f.ctypes.data + off8, s.ctypes.data + off8, D.ctypes.data, K,
+                                out.ctypes.data + p0 * 4, J.ctypes.data + off8 * K,
+                                JN.ctypes.data + off8 * 3 if JN is not None else None)
+        if rc != 0:
+            raise MemoryError("nb_grad_pixels: out of memory")
+
+    starts = range(0, P, block)
+    if threads <= 1 or P <= block:
+        for p0 in starts:
+            task(p0)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            list(ex.map(task, starts))
+    return out, J, JN
+
+
+def grad_reduce(g: np.ndarray, J: np.ndarray) -> np.ndarray:
+    """``g @ J`` (float64) summed in pixel order (``nb_grad_reduce``): the same bits for any thread count."""
+    lib = _load()
+    g = np.ascontiguousarray(g, dtype=np.float64)
+    J = np.ascontiguousarray(J, dtype=np.float64)
+    out = np.zeros(J.shape[1], dtype=np.float64)
+    lib.nb_grad_reduce(int(J.shape[0]), int(J.shape[1]), g.ctypes.data, J.ctypes.data, out.ctypes.data)
     return out
 
 
@@ -263,4 +327,4 @@ class FusedSource:
         return acc, G, Gq, GN
 
 
-__all__ = ["available", "status", "build", "cache_dir", "render_native", "FusedSource"]
+__all__ = ["available", "status", "build", "cache_dir", "render_native", "grad_pixels", "grad_reduce", "FusedSource"]

@@ -870,10 +870,110 @@ _PREPARED_TENSORS = ("A", "src_dirs", "src_lams", "N", "fudge", "recip", "kahn",
                      "fdet", "sdet", "px", "close_distance", "distance", "beam")
 
 
+#: Prepared fields the fast kernel does not read (their gradients, if any, stay zero on every route)
+_UNUSED_BY_FAST = ("fudge", "recip", "distance", "beam")
+
+
+def _graph_leaves(t: torch.Tensor) -> list:
+    """The leaf tensors (requiring grad) that ``t`` depends on, in a fixed order."""
+    if t.grad_fn is None:
+        return [t] if t.requires_grad else []
+    out, seen, todo = [], set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and all(v is not var for v in out):
+            out.append(var)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return out
+
+
+def _jacobian_columns(y: torch.Tensor, leaves: list) -> torch.Tensor:
+    """(y.numel(), K) float64 Jacobian of the 1-d tensor ``y`` with respect to the leaves' K elements, one column
+    per element by the double-backward trick (a vector-Jacobian product with a requires-grad cotangent u,
+    then its gradient with respect to u), so K small backward passes instead of one per element of ``y``."""
+    u = torch.zeros_like(y, requires_grad=True)
+    try:
+        vj = torch.autograd.grad(y, leaves, grad_outputs=u, retain_graph=True, create_graph=True, allow_unused=True)
+        cols = []
+        for v, g in zip(leaves, vj):
+            for j in range(v.numel()):
+                if g is None or not g.requires_grad:
+                    cols.append(torch.zeros_like(y))
+                else:
+                    c = torch.autograd.grad(g.reshape(-1)[j], u, retain_graph=True, allow_unused=True)[0]
+                    cols.append(torch.zeros_like(y) if c is None else c)
+        return torch.stack(cols, 1).to(torch.float64)
+    except RuntimeError:  # an op without double backward: one row per element of y
+        rows = []
+        for i in range(y.numel()):
+            gs = torch.autograd.grad(y[i], leaves, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(v)).reshape(-1)
+                                   for g, v in zip(gs, leaves)]))
+        return torch.stack(rows).to(torch.float64)
+
+
+def _native_grad_plan(p: Prepared, max_params: int = 64):
+    """For :func:`render_loss`: ``(leaves, D, need_N, need_scale)`` when the compiled forward + derivatives
+    kernel (:func:`.native.grad_pixels`) covers every gradient the render needs (fast kernel in float32 on the
+    CPU, no spot cutoff, gradients only through the orientation matrices, N and the fluence scale, at most
+    ``max_params`` parameter elements behind the orientation matrices), else None (the torch kernel then runs).
+    ``D`` (n_orient, K, 3, 3) = d A_o / d theta_k for the leaves' K elements, from ``prepare``'s float64 graph."""
+    if not p.native or not _fast_ok(p) or p.spot_cutoff is not None or p.dtype != torch.float32:
+        return None
+    if p.pix0.device.type != "cpu" or p.A64 is None or not p.fused_backward:
+        return None
+    for t in (p.ftable.F, p.ftable.default_F):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return None
+    needs = {n for n in _PREPARED_TENSORS if isinstance(getattr(p, n), torch.Tensor) and getattr(p, n).requires_grad}
+    if needs - {"A", "N", "scale", *_UNUSED_BY_FAST}:
+        return None
+    from . import native
+
+    if not native.available():
+        return None
+    O = p.n_orient
+    leaves, D = [], None
+    if "A" in needs:
+        src = p.A64 if p.A64.requires_grad else p.A
+        leaves = _graph_leaves(src)
+        K = sum(v.numel() for v in leaves)
+        if K == 0 or K > max_params:
+            return None
+        flat = src.reshape(-1)
+        Jac = _jacobian_columns(flat, leaves)
+        D = Jac.reshape(O, 3, 3, K).permute(0, 3, 1, 2).contiguous().cpu().numpy()
+    return leaves, D, "N" in needs, "scale" in needs
+
+
+def _loss_pixels(detector: DetectorConfig, device, pixel_mask: Optional[torch.Tensor], pixels) -> tuple:
+    """(f, s) int64 index vectors of the pixels a loss covers: ``pixels`` as given, else the ROI's pixels where
+    ``pixel_mask`` is set (slow-major), else the whole ROI."""
+    if pixels is not None:
+        f, s = (torch.as_tensor(x, device=device).reshape(-1).to(torch.int64) for x in pixels)
+        if f.shape != s.shape:
+            raise ValueError(f"render_loss: pixels (f, s) must have one length, got {tuple(f.shape)}, {tuple(s.shape)}")
+        if f.numel() and (int(f.min()) < 0 or int(f.max()) >= detector.fpixels or int(s.min()) < 0
+                          or int(s.max()) >= detector.spixels):
+            raise ValueError("render_loss: pixel indices outside the detector "
+                             f"({detector.fpixels} x {detector.spixels})")
+        return f, s
+    if pixel_mask is None:
+        f, s, _ = _roi_pixels(detector, device)
+        return f, s
+    fmin, fmax, smin, smax = detector.roi_bounds()
+    ss, fs = torch.nonzero(pixel_mask[smin:smax + 1, fmin:fmax + 1], as_tuple=True)
+    return fs + fmin, ss + smin
+
+
 def render_loss(p: Prepared, detector: DetectorConfig, loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                 torch.Tensor], *, pixel_mask: Optional[torch.Tensor] = None, pixel_batch_size: Optional[int] = None,
                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+                progress: Optional[Callable[[int, int], None]] = None, pixels=None) -> torch.Tensor:
     """A loss that is a sum over pixels, and its backward pass, evaluated chunk by chunk.
 
     ``loss_fn(pred, f, s)`` gets the photons ``pred`` (K,) of one chunk's pixels at fast / slow indices
@@ -883,7 +983,14 @@ def render_loss(p: Prepared, detector: DetectorConfig, loss_fn: Callable[[torch.
     size for any number of pixels, orientations and sources, with no re-computation (check-pointing
     renders every chunk twice).  One final backward then carries the summed gradients through
     ``prepare``'s small graph, so the leaves' ``.grad`` accumulate exactly as after ``loss.backward()``.
-    Returns the total loss (float64, detached).  ROI, ``pixel_mask`` and ``spot_cutoff`` as :func:`render`.
+    Returns the total loss (float64, detached).  ROI, ``pixel_mask`` and ``spot_cutoff`` as :func:`render`;
+    ``pixels = (f, s)`` (integer index vectors) gives the pixels explicitly instead (no per-detector set-up).
+
+    When the gradient flows only through the orientation matrices (phi, mosaic spread, misset, cell, A.mat),
+    N and the fluence, float32 on the CPU, each chunk's photons and their derivatives with respect to those
+    parameters come from one pass of the compiled kernel (:func:`.native.grad_pixels`, float64 accumulation,
+    the same photons as the forward render); the chunk's loss gradient is then contracted with them in pixel
+    order, so the result does not depend on the thread count.  Other cases use the fused torch kernel.
     """
     device = p.pix0.device
     names = [n for n in _PREPARED_TENSORS if isinstance(getattr(p, n), torch.Tensor) and getattr(p, n).requires_grad]
@@ -895,16 +1002,17 @@ def render_loss(p: Prepared, detector: DetectorConfig, loss_fn: Callable[[torch.
     if any(t is not None for t in ft_new):
         q.ftable = FTable(ft_new[0] if ft_new[0] is not None else ft.F, ft.mins,
                           ft_new[1] if ft_new[1] is not None else ft.default_F, ft.interpolate)
-    if p.spot_cutoff is not None and pixel_mask is None and not p.curved:
+    if p.spot_cutoff is not None and pixel_mask is None and pixels is None and not p.curved:
         pixel_mask = spot_block_mask(p, detector, p.spot_cutoff)
-    f_all, s_all, _ = _roi_pixels(detector, device)
-    if pixel_mask is not None:
-        m = pixel_mask[s_all, f_all].to(torch.bool)
-        f_all, s_all = f_all[m], s_all[m]
+    f_all, s_all = _loss_pixels(detector, device, pixel_mask, pixels)
     npx = f_all.numel()
     per_pixel = p.oversample ** 2 * p.n_orient * int(p.src_dirs.shape[0]) * (24 if p.ftable.interpolate else 1)
     batch = pixel_batch_size or max(1, chunk_elements // per_pixel)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    plan = _native_grad_plan(p)
+    if plan is not None:
+        return _render_loss_native(p, plan, loss_fn, f_all, s_all, pixel_batch_size or max(batch, 1 << 16),
+                                   progress)
     with torch.enable_grad():
         for start in range(0, npx, batch):
             f = f_all[start:start + batch]
@@ -921,6 +1029,59 @@ def render_loss(p: Prepared, detector: DetectorConfig, loss_fn: Callable[[torch.
             if new is not None and new.grad is not None:
                 outs.append(orig)
                 grads.append(new.grad)
+        if outs:
+            torch.autograd.backward(outs, grads)
+    return total
+
+
+def _render_loss_native(p: Prepared, plan, loss_fn, f_all: torch.Tensor, s_all: torch.Tensor, batch: int,
+                        progress) -> torch.Tensor:
+    """:func:`render_loss` through the compiled forward + derivatives kernel (see :func:`_native_grad_plan`)."""
+    from . import native
+
+    leaves, D, need_N, need_scale = plan
+    K = 0 if D is None else int(D.shape[1])
+    threads = torch.get_num_threads()
+    g_theta = np.zeros(K)
+    g_N = np.zeros(3)
+    g_scale = 0.0
+    total = torch.zeros((), dtype=torch.float64)
+    npx = f_all.numel()
+    fa, sa = f_all.cpu().numpy(), s_all.cpu().numpy()
+    with torch.enable_grad():
+        for start in range(0, npx, batch):
+            f, s = f_all[start:start + batch], s_all[start:start + batch]
+            out, J, JN = native.grad_pixels(p, fa[start:start + batch], sa[start:start + batch], D, need_N,
+                                            threads=threads)
+            pred = torch.from_numpy(out).requires_grad_()
+            loss = loss_fn(pred, f, s)
+            if loss.requires_grad:
+                loss.backward()
+            total += loss.detach().to(torch.float64)
+            del loss
+            if pred.grad is not None:
+                gp = pred.grad.numpy().astype(np.float64)
+                if K:
+                    g_theta += native.grad_reduce(gp, J)
+                if need_N:
+                    g_N += native.grad_reduce(gp, JN)
+                if need_scale:
+                    g_scale += float(native.grad_reduce(gp, out.astype(np.float64).reshape(-1, 1))[0])
+            if progress is not None:
+                progress(min(start + batch, npx), npx)
+        outs, grads = [], []
+        off = 0
+        for v in leaves:
+            k = v.numel()
+            outs.append(v)
+            grads.append(torch.from_numpy(g_theta[off:off + k].copy()).reshape(v.shape).to(v.dtype))
+            off += k
+        if need_N:
+            outs.append(p.N)
+            grads.append(torch.from_numpy(g_N).to(p.N.dtype))
+        if need_scale:
+            outs.append(p.scale)
+            grads.append(torch.tensor(g_scale / float(p.scale.detach()), dtype=p.scale.dtype))
         if outs:
             torch.autograd.backward(outs, grads)
     return total
