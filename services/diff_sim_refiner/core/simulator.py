@@ -1087,6 +1087,58 @@ def _render_loss_native(p: Prepared, plan, loss_fn, f_all: torch.Tensor, s_all: 
     return total
 
 
+class _NativePixels(torch.autograd.Function):
+    """Photons at given pixels from the compiled forward + derivatives kernel, differentiable in the leaves behind
+    the orientation matrices, N and the fluence scale: the forward keeps the (P, K) derivatives (float64), the
+    backward contracts the incoming gradient with them in pixel order (see :func:`_native_grad_plan`)."""
+
+    @staticmethod
+    def forward(ctx, p, plan, f, s, threads, N, scale, *leaves):
+        from . import native
+
+        _, D, need_N, need_scale = plan
+        out, J, JN = native.grad_pixels(p, f.cpu().numpy(), s.cpu().numpy(), D, need_N, threads=threads)
+        ctx.save = (J, JN, out, float(scale.detach()), [v.shape for v in leaves])
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        from . import native
+
+        J, JN, out, sc, shapes = ctx.save
+        nig = ctx.needs_input_grad
+        gp = g.detach().cpu().numpy().astype(np.float64)
+        g_N = g_scale = None
+        if nig[5] and JN is not None:
+            g_N = torch.from_numpy(native.grad_reduce(gp, JN))
+        if nig[6]:
+            g_scale = torch.tensor(float(native.grad_reduce(gp, out.astype(np.float64).reshape(-1, 1))[0]) / sc,
+                                   dtype=torch.float64)
+        gl = native.grad_reduce(gp, J) if J.shape[1] else np.zeros(0)
+        outs, off = [], 0
+        for shp in shapes:
+            k = int(np.prod(shp)) if len(shp) else 1
+            outs.append(torch.from_numpy(gl[off:off + k].copy()).reshape(shp))
+            off += k
+        return (None, None, None, None, None, g_N, g_scale, *outs)
+
+
+
+def native_pixels(p: Prepared, f: torch.Tensor, s: torch.Tensor) -> Optional[torch.Tensor]:
+    """Photons at pixels (f, s) through the compiled forward + derivatives kernel when it covers every gradient
+    the render needs (:func:`_native_grad_plan`; under autograd), else None.  Used by
+    :func:`.spot_pixels.render_pixels`; values as :func:`render`'s, gradients as :func:`render_loss`'s."""
+    if not torch.is_grad_enabled():
+        return None
+    plan = _native_grad_plan(p)
+    if plan is None:
+        return None
+    leaves = plan[0]
+    N = p.N if plan[2] else p.N.detach()
+    scale = p.scale if plan[3] else p.scale.detach()
+    return _NativePixels.apply(p, plan, f, s, torch.get_num_threads(), N, scale, *leaves)
+
+
 def simulate(crystal: CrystalConfig, detector: DetectorConfig, beam: BeamConfig | None = None, hkl=None, *,
              dtype=torch.float32, device=None, pixel_batch_size: Optional[int] = None,
              spot_cutoff: Optional[float] = None, checkpoint: Optional[bool] = None,
@@ -1180,5 +1232,5 @@ class Simulator:
 
 
 __all__ = ["simulate", "prepare", "render", "render_loss", "pixel_positions_and_q", "spot_block_mask", "Prepared",
-           "spot_local_mask", "spot_local_bound", "native_ok",
+           "spot_local_mask", "spot_local_bound", "native_ok", "native_pixels",
            "Crystal", "Detector", "Simulator", "auto_oversample"]

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .simulator import DEFAULT_CHUNK_ELEMENTS, Prepared, _chunk_intensity
+from .simulator import DEFAULT_CHUNK_ELEMENTS, Prepared, _chunk_intensity, native_pixels
 
 
 def near_spot_mask(images: Sequence[torch.Tensor], rel_threshold: float = 1e-4, dilate_px: int = 2,
@@ -64,11 +64,17 @@ def render_pixels(p: Prepared, f: torch.Tensor, s: torch.Tensor,
 
     Differentiable in every tensor of ``p`` (under autograd the default kernel is the fused one with analytic
     derivatives, which keeps about 32 values per pixel for the backward pass: ~13 MB per 100,000 pixels with
-    5 orientations).  Rendered in chunks of ``chunk_elements`` pixel x orientation x sub-pixel terms."""
+    5 orientations).  Rendered in chunks of ``chunk_elements`` pixel x orientation x sub-pixel terms.  When only
+    the crystal's parameters (through the orientation matrices), N and the fluence need gradients (float32, CPU),
+    the compiled kernel computes the photons and their derivatives in one pass and keeps K float64 values per
+    pixel for the backward (:func:`.simulator.native_pixels`)."""
     f = torch.as_tensor(f, dtype=torch.int64, device=p.pix0.device)
     s = torch.as_tensor(s, dtype=torch.int64, device=p.pix0.device)
     if f.shape != s.shape or f.dim() != 1:
         raise ValueError(f"render_pixels: f and s must be 1-D of one length, got {tuple(f.shape)} and {tuple(s.shape)}")
+    nat = native_pixels(p, f, s)
+    if nat is not None:   # compiled forward + derivatives (crystal parameters, N, fluence), float32 on the CPU
+        return nat
     per_pixel = p.oversample ** 2 * p.n_orient * int(p.src_dirs.shape[0]) * (24 if p.ftable.interpolate else 1)
     batch = max(1, chunk_elements // per_pixel)
     outs = [_chunk_intensity(p, f[i:i + batch], s[i:i + batch]) for i in range(0, f.numel(), batch)]
