@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -23,8 +22,9 @@ from diffractflow.messages import JobRequest, JobResult
 from diffractflow.natsserver import NatsServer
 from diffractflow.runtime import run_inline
 from diffractflow.toy import STAGE
+from harness import load_average, result_path, write_results
 
-OUT = Path(__file__).resolve().parent / "results" / "bus.json"
+OUT = result_path("bus")
 
 
 def start_workers(srv: NatsServer, volume: Path, n: int, logdir: Path) -> list[subprocess.Popen]:
@@ -104,7 +104,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-bus-"))
     volume = work / "volume"
     volume.mkdir()
-    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_at_start": load_average()}}
     d = np.array(direct(volume, a.latency_jobs)) * 1e3
     results["direct_call_ms"] = {"p50": float(np.percentile(d, 50)), "p99": float(np.percentile(d, 99))}
     for n_workers in (1, 2):
@@ -128,10 +128,8 @@ def main():
                 p.wait(20)
             srv.stop()
     results["targets"] = {"overhead_p50_ms": 5, "jobs_per_s": 500}
-    OUT.parent.mkdir(exist_ok=True)
-    results["machine"]["loadavg_at_end"] = os.getloadavg()
-    OUT.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    results["machine"]["loadavg_at_end"] = load_average()
+    write_results(OUT, results, echo=True)
 
 
 if __name__ == "__main__":

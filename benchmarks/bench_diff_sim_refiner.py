@@ -20,15 +20,23 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
+import torch
+
+from diff_sim_refiner.core import native
+from diff_sim_refiner.core.compare import compare
+from diff_sim_refiner.core.simulator import prepare, render, render_loss, spot_local_mask
+from diff_sim_refiner.nbargs import build_job, parse_args
+from diff_sim_refiner.nbrun import load_structure_factors
+from harness import REPO as ROOT, Clock, best_of, load_average, result_path, write_results
+
 DATA = ROOT.parent / "shared" / "data" / "nanobragg"
-OUT = ROOT / "benchmarks" / "results" / "diff_sim_refiner.json"
+OUT = result_path("diff_sim_refiner")
 
 
 THREADS = 0  # 0 = torch's default
@@ -53,30 +61,14 @@ def seed004_flags(phisteps: int = 1, domains: int = 1, roi: str | None = None) -
 
 
 def _job(flags):
-    from diff_sim_refiner.nbargs import build_job, parse_args
-    from diff_sim_refiner.nbrun import load_structure_factors
-
     job = build_job(parse_args(flags))
     return job, load_structure_factors(job, write_dump=False, log=lambda m: None)
 
 
-def timed(fn, repeats: int):
-    best_w = best_c = float("inf")
-    out = None
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        out = fn()
-        best_w = min(best_w, time.perf_counter() - w)
-        best_c = min(best_c, time.process_time() - c)
-    return out, best_w, best_c
+timed = best_of   # (result, best wall s, best CPU s) of repeated calls
 
 
 def bench_forward(repeats: int, only_full: bool = False) -> dict:
-    import torch
-
-    from diff_sim_refiner.core import native
-    from diff_sim_refiner.core.simulator import prepare, render, spot_local_mask
-
     job, tab = _job(seed004_flags())
 
     def fwd(cutoff=None, native=True, mask_cutoff=None):
@@ -102,8 +94,6 @@ def bench_forward(repeats: int, only_full: bool = False) -> dict:
             "wall_s": round(w2, 3), "cpu_s": round(c2, 3), "pixels_kept_fraction": round(float(kept.double().mean()), 4),
             "photons_left_out_fraction": float(1.0 - sl.double().sum() / img.double().sum()),
             "stated_bound_total": 6.0 / (3.141592653589793 ** 2 * cutoff)}
-    from diff_sim_refiner.core.compare import compare
-
     full = img.numpy()
     for cutoff in (4.0, 10.0):
         sp, w2, c2 = timed(lambda: fwd(cutoff), repeats)
@@ -119,10 +109,6 @@ def bench_forward(repeats: int, only_full: bool = False) -> dict:
 
 
 def bench_backward(repeats: int) -> dict:
-    import torch
-
-    from diff_sim_refiner.core.simulator import prepare, render, render_loss
-
     job, tab = _job(seed004_flags())
     with torch.no_grad():
         target = render(prepare(job.crystal, job.detector, job.beam, tab), job.detector)
@@ -193,16 +179,10 @@ def bench_backward(repeats: int) -> dict:
     return res
 
 
-def _child_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
 def _run_child(cmd, **kw) -> tuple[subprocess.CompletedProcess, float, float]:
-    c0 = _child_cpu()
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    return r, time.perf_counter() - t, _child_cpu() - c0
+    with Clock() as c:
+        r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    return r, c.wall_s, c.children_cpu_s
 
 
 def bench_startup_floor() -> dict:
@@ -257,8 +237,6 @@ def bench_c_side_by_side(exe: Path, phisteps: int, domains: int, repeats: int, t
     """nanoBragg C and ``diff-sim-refiner nanobragg`` on the same case, run back to back ``repeats`` times (C then
     ours, alternating, so a load change hits both); medians of wall and CPU seconds and of the per-pair ratios,
     plus the agreement of the two float images."""
-    import numpy as np
-
     threads = THREADS or 2
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd_c = [str(exe), *c_flags(seed004_flags(phisteps, domains)), "-floatfile", str(tmp / "c.bin"),
@@ -271,7 +249,7 @@ def bench_c_side_by_side(exe: Path, phisteps: int, domains: int, repeats: int, t
         ours = bench_cli(phisteps, domains, tmp)
         rows.append({"c_wall_s": round(wc, 2), "c_cpu_s": round(cc, 2), **ours,
                      "ratio_wall": round(ours["process_wall_s"] / wc, 3),
-                     "ratio_cpu": round(ours["process_cpu_s"] / cc, 3), "loadavg": os.getloadavg()[0]})
+                     "ratio_cpu": round(ours["process_cpu_s"] / cc, 3), "loadavg": load_average()[0]})
     med = lambda k: float(np.median([row[k] for row in rows if row[k] is not None]))  # noqa: E731
     a = np.fromfile(tmp / "img.bin", dtype=np.float32).astype(np.float64)
     b = np.fromfile(tmp / "c.bin", dtype=np.float32).astype(np.float64)
@@ -327,12 +305,8 @@ def main() -> None:
     THREADS = args.threads
     if not (DATA / "A.mat").is_file():
         sys.exit(f"seed 004 data not found in {DATA}")
-    import tempfile
-
-    import torch
-
     res: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                             "loadavg_at_start": os.getloadavg()},
+                             "loadavg_at_start": load_average()},
                  "reference_nanoBragg_C_2_threads": {"forward_1phi_1domain_wall_s": 0.5, "forward_5phi_4domain_wall_s": 9.0}}
     if args.nanobragg_c is not None:
         with tempfile.TemporaryDirectory() as td:
@@ -344,8 +318,7 @@ def main() -> None:
                                                                                           args.c_repeats, Path(td))
                 print(json.dumps(res[f"side_by_side_nanoBragg_C_{ph}phi_{dom}domain"], indent=1), flush=True)
         if args.only_c:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(res, indent=2))
+            write_results(args.out, res)
             return
     default_threads = torch.get_num_threads()
     fwd_default = bench_forward(args.repeats, only_full=True)["forward_1phi_1domain"]
@@ -360,10 +333,8 @@ def main() -> None:
             res["cli_nanobragg_1phi_1domain"] = bench_cli(1, 1, Path(td))
             res["cli_nanobragg_5phi_4domain"] = bench_cli(5, 4, Path(td))
     res.update(bench_memory(args.mem_roi_fraction))
-    res["machine"]["loadavg_at_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    res["machine"]["loadavg_at_end"] = load_average()
+    write_results(args.out, res, echo=True)
 
 
 if __name__ == "__main__":

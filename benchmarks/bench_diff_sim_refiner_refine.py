@@ -8,33 +8,30 @@ Writes benchmarks/results/diff_sim_refiner_refine.json.  Usage: python benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from diff_sim_refiner.core.config import BeamConfig, CrystalConfig, DetectorConfig
+from diff_sim_refiner.core.simulator import simulate
+from diff_sim_refiner.refine import Refiner, RefineSettings
+from diff_sim_refiner.refine.demo import run_demo
+from diff_sim_refiner.refine.stills import decompress, index_still, raw_image, refine_still, select_spots
+from harness import REPO, Clock, write_results
+
 SHARED = REPO.parent / "shared"
 
 
 def bench_demo() -> dict:
-    from diff_sim_refiner.refine.demo import run_demo
-
-    t = time.perf_counter()
-    o = run_demo()
+    with Clock() as t:
+        o = run_demo()
     r = o.result
-    return dict(iterations=r.iterations, evaluations=r.evaluations, wall_s=round(time.perf_counter() - t, 2),
+    return dict(iterations=r.iterations, evaluations=r.evaluations, wall_s=round(t.wall_s, 2),
                 loss_initial=r.loss_initial, loss_final=r.loss_final, errors=o.errors, passed=o.passed)
 
 
 def bench_general() -> dict:
-    from diff_sim_refiner.core.config import BeamConfig, CrystalConfig, DetectorConfig
-    from diff_sim_refiner.core.simulator import simulate
-    from diff_sim_refiner.refine import Refiner, RefineSettings
-
     crystal = CrystalConfig(cell_a=40.0, cell_b=50.0, cell_c=60.0, cell_alpha=90.0, cell_beta=100.0, cell_gamma=90.0,
                             N_cells=(6, 7, 8), default_F=50.0, misset_deg=(10.0, 20.0, 30.0), mosaic_spread_deg=0.5,
                             mosaic_domains=4, mosaic_seed=7)
@@ -53,26 +50,23 @@ def bench_general() -> dict:
     }
     out = {}
     for params, init in runs.items():
-        t = time.perf_counter()
-        ref = Refiner(crystal, detector, beam, target, params, init=init, scale=1.0 if "scale" in params else 3.0)
-        r = ref.run(RefineSettings(optimizer="adam+lbfgs", iterations=30, lr=0.05, lbfgs_steps=20))
+        with Clock() as t:
+            ref = Refiner(crystal, detector, beam, target, params, init=init, scale=1.0 if "scale" in params else 3.0)
+            r = ref.run(RefineSettings(optimizer="adam+lbfgs", iterations=30, lr=0.05, lbfgs_steps=20))
         out[params] = dict(iterations=r.iterations, evaluations=r.evaluations,
-                           wall_s=round(time.perf_counter() - t, 2), loss_initial=r.loss_initial,
+                           wall_s=round(t.wall_s, 2), loss_initial=r.loss_initial,
                            loss_final=r.loss_final,
                            max_abs_error={k: abs(v - truth[k]) for k, v in r.final.items()})
     return out
 
 
 def bench_still() -> dict:
-    from diff_sim_refiner.refine import RefineSettings
-    from diff_sim_refiner.refine.stills import decompress, index_still, raw_image, refine_still, select_spots
-
     src = SHARED / "data" / "thaumatin_grid" / "thau_3_2_0001.cbf.bz2"
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        experiments, refl = index_still(decompress(src, tmp))
-        out["dials_index_refine_s"] = round(time.perf_counter() - t, 2)
+        with Clock() as t:
+            experiments, refl = index_still(decompress(src, tmp))
+        out["dials_index_refine_s"] = round(t.wall_s, 2)
         image = raw_image(experiments[0])
         spots = select_spots(refl, image, n_spots=100, half=5, pixel_size_mm=experiments[0].detector[0].get_pixel_size()[0])
         for params in (("misset", "N", "mosaic"), ("misset", "N", "mosaic", "distance", "beam_center")):
@@ -96,10 +90,7 @@ def main() -> None:
            "demo_seed001": bench_demo(), "general": bench_general()}
     if not a.skip_still and SHARED.is_dir():
         res["still_thaumatin_0001"] = bench_still()
-    out = REPO / "benchmarks" / "results" / "diff_sim_refiner_refine.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=float))
-    print(json.dumps(res, indent=2, default=float))
+    write_results("diff_sim_refiner_refine", res, echo=True)
 
 
 if __name__ == "__main__":

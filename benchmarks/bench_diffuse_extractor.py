@@ -42,20 +42,19 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLOSC_
 
 import argparse  # noqa: E402
 import bz2  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, Clock, load_average, max_rss_bytes, result_path, write_results  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "thaumatin_grid"
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far (ru_maxrss), MiB."""
+    return max_rss_bytes() / 2**20
 
 
 def load_still(expt_path: str | None, tmp: Path):
@@ -88,17 +87,6 @@ def shifted(expt, dz_mm: float):
     return Experiment(imageset=expt.imageset, beam=expt.beam, detector=det, crystal=expt.crystal)
 
 
-class Clock:
-    def __init__(self):
-        self.cpu, self.wall = time.process_time(), time.perf_counter()
-
-    def lap(self) -> tuple[float, float]:
-        cpu, wall = time.process_time(), time.perf_counter()
-        out = (cpu - self.cpu, wall - self.wall)
-        self.cpu, self.wall = cpu, wall
-        return out
-
-
 def summary(rows: list[dict]) -> dict:
     keys = rows[0].keys()
     return {k: round(float(np.median([r[k] for r in rows])), 3) for k in keys}
@@ -118,10 +106,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="warm stills and new-geometry stills to time")
     ap.add_argument("--expt", default=None)
     ap.add_argument("--refl", default=None)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "diffuse_extractor.json"))
+    ap.add_argument("--out", default=str(result_path("diffuse_extractor")))
     args = ap.parse_args()
 
-    c = Clock()
+    c = Clock().start()
     import h5py  # noqa: F401
     import hdf5plugin  # noqa: F401
     from cctbx import miller  # noqa: F401
@@ -136,7 +124,7 @@ def main():
     except ImportError:  # an older diffuse_extractor (for before/after comparisons)
         WORKSPACE = None
 
-    c_w = Clock()
+    c_w = Clock().start()
     try:
         from diffuse_extractor.pipeline import warm_up
     except ImportError:  # an older diffuse_extractor (for before/after comparisons)
@@ -159,7 +147,7 @@ def main():
         counter = iter(range(10 ** 6))
 
         def one_still(experiment, cache, read: bool = False, stats_path=None) -> dict:
-            clock = Clock()
+            clock = Clock().start()
             if read:  # the job opens its still's image itself (a new imageset: no dxtbx image cache)
                 from dxtbx.model import Experiment
                 from dxtbx.model.experiment_list import ExperimentListFactory
@@ -283,13 +271,11 @@ def main():
         "workspace_arrays_allocated": WORKSPACE.allocated if WORKSPACE else None,
         "target_s_per_still": 0.5,
         "target_rss_mb": 2048,
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        "load_average_1min": load_average(2)[0],
         "cpu_count": os.cpu_count(),
         "note": "wall and CPU seconds on a possibly shared machine: CPU seconds are the fairer figure under load",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    write_results(args.out, out, echo=True)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,18 @@ import argparse
 import bz2
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, Clock, load_average, machine, read_results, result_path, write_results
+
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "thaumatin_grid"
 BIN = Path(sys.executable).parent
-RESULTS = REPO / "benchmarks" / "results" / "process_diffuse.json"
+RESULTS = result_path("process_diffuse")
 THAU_CONFIG = {"space_group": "P 41 21 2", "unit_cell": [57.8, 57.8, 150.3, 90, 90, 90], "d_min": 3.0,
                "symmetry": "P 41 21 2", "stills_nproc": 1}
 
@@ -44,12 +44,11 @@ def _env() -> dict:
 
 
 def _timed(cmd: list[str], log: Path) -> float:
-    t = time.perf_counter()
-    with open(log, "wb") as fh:
+    with Clock() as t, open(log, "wb") as fh:
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env()).returncode
     if rc:
         raise SystemExit(f"{' '.join(cmd[:3])} ... failed (exit {rc}); log: {log}")
-    return time.perf_counter() - t
+    return t.wall_s
 
 
 def bench_thaumatin(work: Path) -> dict:
@@ -79,6 +78,7 @@ def bench_thaumatin(work: Path) -> dict:
 def bench_synthetic(work: Path, n_stills: int) -> dict:
     """The same rendered stills at dose 1 and 1/16 through `process diffuse`, each judged against the truth, and
     the two maps against each other."""
+    # the synthetic case's own imports (the simulator's torch, Prefect through orchestration.demo): not for thaumatin
     from diff_sim_refiner.datasets.stills import DiffuseTruth, StillsSpec, dose_pair
 
     from orchestration.demo import demo_run_config, evaluate_run
@@ -111,8 +111,8 @@ def main() -> None:
     ap.add_argument("--case", default="all", choices=["thaumatin", "synthetic", "all"])
     ap.add_argument("--n-stills", type=int, default=20, help="stills per synthetic run")
     args = ap.parse_args()
-    out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()}
+    out = read_results(RESULTS, {})
+    out["machine"] = {"cpus": os.cpu_count(), "platform": machine()["platform"], "load_avg": load_average()}
     with tempfile.TemporaryDirectory(prefix="bench-process-") as tmp:
         work = Path(tmp)
         if args.case in ("thaumatin", "all"):
@@ -122,9 +122,7 @@ def main() -> None:
             out["synthetic"] = bench_synthetic(work, args.n_stills)
             print(json.dumps(out["synthetic"], indent=1))
     out["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
-    print(f"written {RESULTS}")
+    print(f"written {write_results(RESULTS, out, indent=1)}")
 
 
 if __name__ == "__main__":

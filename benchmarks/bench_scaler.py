@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import Clock, PeakRSS, load_average, machine, max_rss_bytes, read_results, result_path, rss_bytes, \
+    utc_now, write_results
 from scaler.core.model import DiffuseScalingModel, compact_ids
 from scaler.core.refine import DEFAULT_THREADS, ObservationSet, use_kernels_default
 from scaler.pipeline import build_config
@@ -64,37 +63,6 @@ def generate(n_stills: int, per_still: int, n_voxels: int, noise: float, seed: i
         inten[sl] = m + rng.standard_normal(per_still, dtype=np.float32) * sig
         w[sl] = 1.0 / (sig * sig)
     return still, vox, q, inten, w, b_true
-
-
-def rss_gb() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 1e9
-    except ImportError:  # pragma: no cover
-        return float("nan")
-
-
-class RssSampler:
-    """Highest RSS seen while the context is active (psutil, sampled every 10 ms)."""
-
-    def __enter__(self):
-        import threading
-
-        self.peak = rss_gb()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, rss_gb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_gb())
 
 
 def rms_vs_planted(b: np.ndarray, b_true: np.ndarray) -> float:
@@ -130,13 +98,12 @@ def run_in_memory(a, data: list) -> dict:
     if not a.smoother:
         del q  # |q| is not needed without the smoother (the CLI does not keep it either)
         q = None
-    rss0 = rss_gb()
-    with RssSampler() as sampler:
-        t1 = time.perf_counter()
-        cpu1 = time.process_time()
+    rss0 = rss_bytes() / 1e9
+    with PeakRSS() as sampler, Clock() as clock:
+        t1 = clock.wall0
         gidx, gkeys = compact_ids(vox)  # the voxel ids -> dense group index, as the CLI does
         del vox
-        t_index = time.perf_counter() - t1
+        t_index = clock.read().wall_s
         obs = ObservationSet(still, gidx, q, inten, w, np.arange(a.n_stills), len(gkeys), None, len(gkeys))
         cfg = build_config(smoother=a.smoother, n_control_points=5, q_range=(0.04, 0.61))
         model = DiffuseScalingModel(cfg, still_ids=list(range(a.n_stills)))
@@ -144,8 +111,7 @@ def run_in_memory(a, data: list) -> dict:
         refined, stats = model.refine_observation_set(
             obs, {"max_iterations": 30, "convergence_tolerance": 1e-6},
             progress=lambda it, r: iters.append((it, r, time.perf_counter() - t1)), reorder_inplace=True)
-        t_scale = time.perf_counter() - t1
-        cpu_scale = time.process_time() - cpu1
+    t_scale, cpu_scale = clock.wall_s, clock.cpu_s
     b = np.array([refined[i]["multiplicative_scale"] for i in range(a.n_stills)])
     return {"mode": "in_memory", "scaling_wall_s": round(t_scale, 2), "scaling_cpu_s": round(cpu_scale, 2),
             "index_wall_s": round(t_index, 2),
@@ -156,8 +122,8 @@ def run_in_memory(a, data: list) -> dict:
             "iteration_times_s": [round(t, 2) for _, _, t in iters],
             "iteration_times_note": "seconds since the start of scaling at the end of each LM iteration",
             "rss_before_scaling_gb": round(rss0, 2),
-            "peak_rss_during_scaling_gb": round(sampler.peak, 2),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
+            "peak_rss_during_scaling_gb": round(sampler.peak_gb, 2),
+            "peak_rss_gb": round(max_rss_bytes() / 1e9, 2),
             "peak_rss_note": "peak_rss_gb: whole process incl. data generation (ru_maxrss); during scaling: the "
                              "table (16 B/observation, 20 with |q| for the smoother) + indexing + refinement"}
 
@@ -169,20 +135,18 @@ def run_via_file(a, data: list) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_scaler_", dir=a.workdir))
     try:
         path = tmp / "obs.h5"
-        t0 = time.perf_counter()
-        write_table(path, still, vox, q, inten, w)
-        t_write = time.perf_counter() - t0
+        with Clock() as tw:
+            write_table(path, still, vox, q, inten, w)
+        t_write = tw.wall_s
         del still, vox, q, inten, w
         exe = Path(sys.executable).with_name("scaler")
         cmd = [str(exe) if exe.exists() else "scaler", "run", "--observations", str(path), "--out", str(tmp / "out"),
                "--no-plots"]
         if a.smoother:
             cmd += ["--smoother", "--n-control-points", "5", "--q-min", "0.04", "--q-max", "0.61"]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t1 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t1
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with Clock() as child:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = child.wall_s
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         stats = json.loads((tmp / "out" / "statistics.json").read_text())
@@ -192,13 +156,13 @@ def run_via_file(a, data: list) -> dict:
                                                         + cmd[6:]),
                 "write_obs_h5_s": round(t_write, 2), "obs_h5_gb": round(path.stat().st_size / 1e9, 2),
                 "scaling_wall_s": round(wall, 2),
-                "scaling_cpu_s": round((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), 2),
+                "scaling_cpu_s": round(child.children_cpu_s, 2),
                 "read_and_index_wall_s": stats["timing_s"]["read_and_index"],
                 "n_iterations": stats["n_iterations"], "convergence_achieved": stats["convergence_achieved"],
                 "final_r_factor": stats["final_r_factor"], "n_outliers_rejected": stats["n_outliers_rejected"],
                 "parameter_shifts": stats["parameter_shifts"],
                 "rms_scale_error_vs_planted": rms_vs_planted(b, b_true),
-                "peak_rss_gb": round(after.ru_maxrss * 1024 / 1e9, 2),
+                "peak_rss_gb": round(max_rss_bytes(children=True) / 1e9, 2),
                 "peak_rss_note": "the scaler run child process alone (ru_maxrss of children)"}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,13 +178,13 @@ def main():
     ap.add_argument("--via-file", action="store_true", help="time `scaler run` on an OBS.h5 written to --workdir")
     ap.add_argument("--workdir", type=Path, default=Path(__file__).parent / "work")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaler.json")
+    ap.add_argument("--out", type=Path, default=result_path("scaler"))
     a = ap.parse_args()
 
-    load0 = os.getloadavg()
-    t0 = time.perf_counter()
-    data = list(generate(a.n_stills, a.obs_per_still, a.n_voxels, a.noise, a.seed, a.smoother))
-    t_gen = time.perf_counter() - t0
+    load0 = load_average(2)
+    with Clock() as gen:
+        data = list(generate(a.n_stills, a.obs_per_still, a.n_voxels, a.noise, a.seed, a.smoother))
+    t_gen = gen.wall_s
     body = (run_via_file if a.via_file else run_in_memory)(a, data)
     n = a.n_stills * a.obs_per_still
     rec = {"n_stills": a.n_stills, "obs_per_still": a.obs_per_still, "n_observations": n, "n_voxels": a.n_voxels,
@@ -229,21 +193,20 @@ def main():
     rec.update({
         "engine": "numba kernels" if use_kernels_default() else "numpy",
         "threads": DEFAULT_THREADS,
-        "load_average_1_5_15_start": [round(x, 2) for x in load0],
-        "load_average_1_5_15_end": [round(x, 2) for x in os.getloadavg()],
-        "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_1_5_15_start": load0,
+        "load_average_1_5_15_end": load_average(2),
+        "cpu_count": machine()["cpu_count"], "machine": machine()["machine"],
+        "date": utc_now(),
         "meets_target": (rec["scaling_wall_s"] <= 60.0) if n >= 100_000_000 else None,
     })
     print(json.dumps(rec, indent=2))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(a.out.read_text()) if a.out.exists() else {"runs": []}
+    results = read_results(a.out, {"runs": []})
     key = ("n_stills", "obs_per_still", "smoother")
     results["runs"] = [x for x in results.get("runs", []) if not (
         all(x.get(k) == rec[k] for k in key) and x.get("mode", "in_memory") == rec["mode"])]
     results["runs"].append(rec)
     results["target"] = TARGET
-    a.out.write_text(json.dumps(results, indent=2))
+    write_results(a.out, results)
 
 
 if __name__ == "__main__":

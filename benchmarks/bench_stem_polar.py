@@ -28,16 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import REPO as ROOT, Clock, PeakRSS, load_average, machine, read_results, result_path, utc_now, \
+    write_results
 DENSE_OFFSET = 100
 
 
@@ -73,37 +72,14 @@ def make_file(path: Path, h: int, w: int, k: int, seed: int = 0, offset: int = 0
     os.replace(tmp, path)
 
 
-class PeakRSS:
-    def __init__(self):
-        import psutil
-
-        self.p = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.p.memory_info().rss)
-            time.sleep(0.02)
-
-    def __exit__(self, *a):
-        self._stop.set()
-        self.t.join()
-
-
 def best_of(fn, repeat):
     """(best wall s, all wall s, CPU s of the best run, all CPU s) over ``repeat`` runs."""
     ts, cs = [], []
     for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        ts.append(time.perf_counter() - t0)
-        cs.append(time.process_time() - c0)
+        with Clock() as c:
+            fn()
+        ts.append(c.wall_s)
+        cs.append(c.cpu_s)
     i = int(np.argmin(ts))
     return ts[i], ts, cs[i], cs
 
@@ -155,10 +131,10 @@ def bench(args) -> dict:
     out: dict = {"scan": [h, w], "detector": [k, k], "dtype": "uint16", "count_offset": offset,
                  "data_gb": gb, "chunk_frames": chunk,
                  "threads": threads, "file_generation_s": gen_s, "cpu_count": os.cpu_count(),
-                 "python": platform.python_version(), "numpy": np.__version__,
+                 "python": machine()["python"], "numpy": np.__version__,
                  "note": "figures are best-of runs; wall seconds are inflated when other jobs share the cores",
-                 "load_average_1min_at_start": os.getloadavg()[0],
-                 "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                 "load_average_1min_at_start": load_average()[0],
+                 "date_utc": utc_now()}
     out["read_only"] = entry(*best_of(read_only, args.repeat), gb, what="HDF5 read_direct into buffers")
     out["read_sum"] = entry(*best_of(read_sum, args.repeat), gb, what="read + numpy sum (baseline)")
 
@@ -189,7 +165,7 @@ def bench(args) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with PeakRSS() as mem:
+        with PeakRSS(interval=0.02) as mem:
             best = best_of(full, args.repeat)
     r = res_holder["r"]
     if args.libertem and args.rounds:
@@ -201,7 +177,7 @@ def bench(args) -> dict:
     src.close()
     if args.libertem:
         out["libertem_com"] = libertem_bench(path, work, args.repeat, gb)
-    out["load_average_1min_at_end"] = os.getloadavg()[0]
+    out["load_average_1min_at_end"] = load_average()[0]
     return out
 
 
@@ -368,7 +344,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=7,
                     help="with --libertem: rounds of the side-by-side comparison (ours, then LiberTEM, per round; "
                          "medians reported; 0 skips it)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/stem_polar.json"))
+    ap.add_argument("--out", default=str(result_path("stem_polar")))
     ap.add_argument("--dense", action="store_true",
                     help=f"add {DENSE_OFFSET} counts to every pixel: the worst case of the native kernels, whose log "
                          "takes a register table for vectors of counts below 32 (the dark field of counting "
@@ -391,12 +367,11 @@ def main():
     res["ratios_to_read_sum"] = {"gated_com": res["gated_com"]["gb_per_s"] / res["read_sum"]["gb_per_s"],
                                  "full_pipeline": res["full_pipeline"]["gb_per_s"] / res["read_sum"]["gb_per_s"]}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prev = json.loads(out.read_text()) if out.exists() else {}
+    prev = read_results(out, {})
     key = f"{args.scan}x{args.scan}x{args.det}x{args.det}" + ("_dense" if args.dense else "") + (
         f"_{args.kernels}_kernels" if args.kernels in ("numba", "numpy") else "")
     prev[key] = res
-    out.write_text(json.dumps(prev, indent=2))
+    write_results(out, prev)
     print(json.dumps(res, indent=2))
 
 

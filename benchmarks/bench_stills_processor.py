@@ -24,15 +24,14 @@ import asyncio
 import bz2
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import REPO, Clock, load_average, machine, result_path, write_results
+
 DATA = REPO.parent / "shared" / "data" / "thaumatin_grid"
 VENV_BIN = Path(sys.executable).parent
 SYMMETRY = ["--space-group", "P41212", "--unit-cell", "57.8,57.8,150,90,90,90"]
@@ -55,8 +54,7 @@ def bench_dials_cli(images: list[Path], work: Path) -> dict:
     for img in images:
         d = work / f"cli_{img.stem}"
         d.mkdir()
-        t = time.perf_counter()
-        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        clock = Clock().start()
         cmds = [
             ["dials.import", str(img), "convert_sequences_to_stills=True"],
             ["dials.find_spots", "imported.expt"],
@@ -68,9 +66,9 @@ def bench_dials_cli(images: list[Path], work: Path) -> dict:
             r = subprocess.run(c, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             ok = ok and r.returncode == 0
         indexed += int(ok and (d / "indexed.expt").exists())
-        per_image.append(time.perf_counter() - t)
-        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu.append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
+        clock.read()
+        per_image.append(clock.wall_s)
+        cpu.append(clock.children_cpu_s)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "per_image_s": per_image, "n_indexed": indexed,
             "stills_per_min": 60 * len(images) / wall, **_cpu_figures(cpu, nproc=2),
@@ -191,12 +189,12 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--skip-cli", action="store_true")
     ap.add_argument("--skip-service", action="store_true")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "stills_processor.json")
+    ap.add_argument("--out", type=Path, default=result_path("stills_processor"))
     a = ap.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} is absent")
-    result = {"benchmark": "stills_processor", "n_images": a.n, "host": platform.node(), "cpus": os.cpu_count(),
-              "load_avg_start": os.getloadavg()}
+    result = {"benchmark": "stills_processor", "n_images": a.n, "host": machine()["host"], "cpus": os.cpu_count(),
+              "load_avg_start": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         images = decompress(a.n, work)
@@ -208,14 +206,13 @@ def main() -> None:
         if not a.skip_service:
             result["service"] = bench_service(images, work, a.nproc)
             print("service", result["service"]["stills_per_min"], flush=True)
-    result["load_avg_end"] = os.getloadavg()
+    result["load_avg_end"] = load_average()
     for k in ("stills_per_min", "cpu_bound_stills_per_min"):
         if "dials_cli" in result:
             result[f"speedup_run_vs_cli_{k}"] = result["run"][k] / result["dials_cli"][k]
         if "service" in result:
             result[f"service_vs_run_{k}"] = result["service"][k] / result["run"][k]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2))
+    write_results(a.out, result)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
+
+from harness import Clock, PeakRSS, load_average, machine, result_path, write_results
 
 
 def _one_core():
@@ -30,30 +29,6 @@ def _one_core():
         pass
 
 
-class PeakRSS:
-    """Sample this process's resident memory every 20 ms."""
-
-    def __init__(self):
-        self.proc = psutil.Process()
-        self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __enter__(self):
-        self.start = self.proc.memory_info().rss
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n-side", type=int, default=2000, help="detector pixels per side of a synthetic still")
@@ -64,10 +39,11 @@ def main():
     ap.add_argument("--cache-mb", type=int, default=64, help="small HDF5 block cache for the bounded-memory run, MiB")
     ap.add_argument("--no-weight", action="store_true", help="weight 1/sigma^2 (no exposure column) instead of a "
                     "stored per-pixel exposure weight (the extractor's tables)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "voxel_merger.json")
+    ap.add_argument("--out", type=Path, default=result_path("voxel_merger"))
     args = ap.parse_args()
     _one_core()
 
+    # after _one_core(): OMP_NUM_THREADS must be set before torch (imported by the accumulator) starts its threads
     from voxel_merger.core.accumulate import VoxelAccumulator
     from voxel_merger.core.grid import CrystalModel, build_grid
     from voxel_merger.storage import H5VoxelAccumulator
@@ -81,8 +57,8 @@ def main():
     for s in stills:  # per-pixel exposure (1/correction) as the extractor stores it
         s.weight = None if args.no_weight else rng.uniform(0.5, 1.5, s.n_obs)
     n_per_pass = sum(s.n_obs for s in stills)
-    res = {"machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
-                       "load_avg_1min": os.getloadavg()[0]},
+    facts = machine()
+    res = {"machine": {"python": facts["python"], "cpu_count": facts["cpu_count"], "load_avg_1min": load_average()[0]},
            "grid": {"shape": list(grid.shape), "n_voxels": grid.n_voxels, "cell": list(cell), "subdivisions": 3,
                     "d_min_A": 2.0},
            "obs_per_still": stills[0].n_obs, "weight": "1/sigma^2" if args.no_weight else "exposure column"}
@@ -111,10 +87,10 @@ def main():
     timed(lambda: VoxelAccumulator(grid, kernel="vector"), "memory_torch_index_add_Mobs_per_s")
     timed(lambda: VoxelAccumulator(grid, kernel="vector", use_torch=False), "memory_numpy_bincount_Mobs_per_s")
     s0 = stills[0]
-    t0 = time.perf_counter()
-    for _ in range(args.repeats):
-        grid.voxel_ids(s0.h, s0.k, s0.l)
-    res["voxel_ids_only_Mobs_per_s"] = round(args.repeats * s0.n_obs / (time.perf_counter() - t0) / 1e6, 2)
+    with Clock() as ids:
+        for _ in range(args.repeats):
+            grid.voxel_ids(s0.h, s0.k, s0.l)
+    res["voxel_ids_only_Mobs_per_s"] = round(args.repeats * s0.n_obs / ids.wall_s / 1e6, 2)
 
     with tempfile.TemporaryDirectory() as td:
         grid_mb = grid.n_voxels * 4 * 8 / 2**20
@@ -125,16 +101,17 @@ def main():
         # stream many observations through the HDF5 backend and watch memory
         def stream(label, target, cache_mb):
             done = 0
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                with H5VoxelAccumulator(Path(td) / f"{label}.h5", grid, mode="w", cache_bytes=cache_mb * 2**20) as acc:
-                    i = 0
-                    while done < target:
-                        s = stills[i % len(stills)]
-                        acc.add(s.h, s.k, s.l, s.intensity, s.sigma, weight=s.weight)
-                        done += s.n_obs
-                        i += 1
-                dt = time.perf_counter() - t0
+            with PeakRSS(interval=0.02) as mem:
+                with Clock() as clock:
+                    with H5VoxelAccumulator(Path(td) / f"{label}.h5", grid, mode="w",
+                                            cache_bytes=cache_mb * 2**20) as acc:
+                        i = 0
+                        while done < target:
+                            s = stills[i % len(stills)]
+                            acc.add(s.h, s.k, s.l, s.intensity, s.sigma, weight=s.weight)
+                            done += s.n_obs
+                            i += 1
+                dt = clock.wall_s
             size = (Path(td) / f"{label}.h5").stat().st_size
             res[label] = {
                 "observations": done, "seconds": round(dt, 1), "Mobs_per_s": round(done / dt / 1e6, 2),
@@ -152,9 +129,7 @@ def main():
                        "still's arrays, whatever the number of observations streamed; with a cache smaller than the "
                        "touched grid every flush re-reads and re-writes the touched blocks, so throughput drops but "
                        "memory does not grow. Timings were taken on a shared 2-core machine (see load_avg_1min).")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_results(args.out, res)}")
 
 
 if __name__ == "__main__":
