@@ -19,7 +19,7 @@ from diffractflow.errors import InputError
 
 from .artifacts import load_job_config
 from .core.io import FormatError
-from .core.params import RefineParams
+from .core.params import DemoParams, RefineParams
 from .nbrun import tune_malloc
 
 #: RefineParams field -> the option as typed, where they differ
@@ -72,25 +72,26 @@ def register(app: typer.Typer) -> None:
     def refine_demo(
         out: Path = typer.Option(Path("refine_demo"), "--out", "-o", help="Output directory (history.json, "
                                  "summary.json, refinement_demo.png)."),
-        iterations: int = typer.Option(120, "--iterations", help="Adam iterations (seed 001's loop, lr in degrees)."),
-        lr: float = typer.Option(0.05, "--lr", help="Adam learning rate (degrees per step, roughly)."),
-        lbfgs_steps: int = typer.Option(6, "--lbfgs-steps", help="L-BFGS polish steps after Adam (0 = Adam only)."),
+        iterations: int = model_option(DemoParams, "iterations", "--iterations"),
+        lr: float = model_option(DemoParams, "lr", "--lr"),
+        lbfgs_steps: int = model_option(DemoParams, "lbfgs_steps", "--lbfgs-steps"),
     ):
         """Seed 001: recover mosaic spread (0.8 deg) and misset (5, 3, -2) deg from a synthetic image,
         starting at 0.2 deg and (0, 0, 0). Exit 0 only if the seed's success criteria hold."""
+        p = validated(DemoParams, iterations=iterations, lr=lr, lbfgs_steps=lbfgs_steps)
         import torch
         from rich.console import Console
 
-        tune_malloc()
-
         from .refine.demo import results_table, run_demo, write_demo_outputs
+
+        tune_malloc()
 
         console = Console()
         torch.set_num_threads(1)  # 64x64 pixels: threads only add overhead on a busy 2-core machine
-        total = iterations + lbfgs_steps + 1
+        total = p.iterations + p.lbfgs_steps + 1
         bar, cb = _progress(total, "refining")
         with bar:
-            outcome = run_demo(adam_iterations=iterations, lr=lr, lbfgs_steps=lbfgs_steps, callback=cb)
+            outcome = run_demo(adam_iterations=p.iterations, lr=p.lr, lbfgs_steps=p.lbfgs_steps, callback=cb)
         paths = write_demo_outputs(outcome, out)
         r = outcome.result
         console.print(results_table(outcome))

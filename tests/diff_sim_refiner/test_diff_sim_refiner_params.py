@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 import typer
 from pydantic import ValidationError
 
 from diff_sim_refiner.cli import app
-from diff_sim_refiner.core.params import REFINABLE_GROUPS, RefineParams, SimulateParams
+from diff_sim_refiner.core.params import REFINABLE_GROUPS, DemoParams, RefineParams, SimulateParams
 from diff_sim_refiner.worker import STAGE
 
 SMALL = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-lambda", "1.0",
@@ -65,7 +64,8 @@ CLI_NAMES = {"float64": "dtype", "float32": "dtype"}
 
 
 @pytest.mark.parametrize("command, model, flags", [("run", SimulateParams, {"float64": "float64"}),
-                                                   ("refine", RefineParams, {"float32": "float32"})])
+                                                   ("refine", RefineParams, {"float32": "float32"}),
+                                                   ("refine-demo", DemoParams, {})])
 def test_cli_defaults_are_the_models(command, model, flags):
     # the model sections come from the config file; init/bounds are NAME=... lists (empty by default); scale and
     # max_pixels are bus-only

@@ -118,6 +118,17 @@ class RefineParams(_ModelSections):
         return self
 
 
+class DemoParams(BaseModel):
+    """Seed 001's refinement demo (``diff-sim-refiner refine-demo``; not a bus job): Adam on mosaic spread and misset
+    from the seed's start (0.2°, (0, 0, 0)), then an optional L-BFGS polish."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(120, ge=0, le=100_000, description="Adam iterations (seed 001's loop), 0..100000")
+    lr: float = Field(0.05, gt=0, description="Adam learning rate, degrees per step roughly, > 0")
+    lbfgs_steps: int = Field(6, ge=0, le=10_000, description="L-BFGS polish steps after Adam (0 = Adam only)")
+
+
 def _kind(v: Any) -> str:
     return v.get("kind", "simulate") if isinstance(v, dict) else getattr(v, "kind", "simulate")
 
@@ -131,4 +142,4 @@ class DiffSimRefinerParams(RootModel):
                                   custom_error_message="kind must be 'simulate' or 'refine'")]
 
 
-__all__ = ["check_section", "SimulateParams", "RefineParams", "DiffSimRefinerParams", "REFINABLE_GROUPS"]
+__all__ = ["check_section", "SimulateParams", "RefineParams", "DemoParams", "DiffSimRefinerParams", "REFINABLE_GROUPS"]
