@@ -174,6 +174,11 @@ def test_observation_table_old_string_versions(tmp_path):
     np.testing.assert_array_equal(got["intensity"], want["intensity"])
     with pytest.raises(InputError, match=r"v10\.h5: no still_names"):
         observations.read_still_names(p)
+    # a table without any header (written by hand) is read as version 1, its exact layout
+    with h5py.File(p, "r+") as f:
+        for a in list(f.attrs):
+            del f.attrs[a]
+    np.testing.assert_array_equal(observations.read_observations(p)["voxel_id"], want["voxel_id"])
 
 
 # ---------------------------------------------------------------------------------------- partial accumulator

@@ -7,7 +7,8 @@ HDF5 schema ``diffractflow.voxel_merger.observations`` (root attributes: provena
   (|s| = 1/d, 1/angstrom), ``intensity`` and ``sigma`` (unscaled, as measured);
 - version 2 adds ``weight`` (float64: the row's merging weight before scaling, the exposure sum of the still in
   that voxel, or 1/sigma^2 for inputs without exposure) and requires ``still_names`` (strings, the stills' ids
-  ``<image file>#<index>``); version 1 has no ``weight`` and ``still_names`` is optional.
+  ``<image file>#<index>``); version 1 has no ``weight`` and ``still_names`` is optional. A file with no
+  ``schema``/``schema_version`` attributes at all (a table written by hand) is read as version 1.
 
 Written by :class:`ObservationTableWriter` (streamed, appended in chunks) or :func:`write_observations` (whole
 arrays, tests and benchmarks); read by :func:`open_observations` (checked, for streaming readers),
@@ -117,7 +118,12 @@ def write_observations(path: str | Path, still_id, voxel_id, q_magnitude, intens
 
 
 def _check(path: Path, f: h5py.File) -> int:
-    version = check_header(path, f.attrs, schema=SCHEMA, versions=VERSIONS, legacy=LEGACY_VERSIONS, what=WHAT)
+    if "schema" not in f.attrs and "schema_version" not in f.attrs:
+        # a table with no header at all, written by hand as the scaler's input documentation allowed before
+        # versions: read as version 1 (its exact layout); a header naming another schema or version is refused
+        version = 1
+    else:
+        version = check_header(path, f.attrs, schema=SCHEMA, versions=VERSIONS, legacy=LEGACY_VERSIONS, what=WHAT)
     fields = [n for n, _ in FIELDS_BY_VERSION[version]] + (["still_names"] if version >= 2 else [])
     missing = [n for n in fields if not isinstance(f.get(n), h5py.Dataset)]
     if missing:
