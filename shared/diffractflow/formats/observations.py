@@ -128,13 +128,15 @@ def _check(path: Path, f: h5py.File) -> int:
     missing = [n for n in fields if not isinstance(f.get(n), h5py.Dataset)]
     if missing:
         raise InputError(f"{path}: {WHAT} (version {version}) lacks dataset(s) {missing}")
-    n = f["intensity"].shape[0] if f["intensity"].ndim == 1 else -1
     for name, _ in FIELDS_BY_VERSION[version]:
         d = f[name]
         if d.dtype.kind not in "fiu":
             raise InputError(f"{path}: dataset {name} must be numeric, got {d.dtype}")
         if d.ndim != 1:
             raise InputError(f"{path}: dataset {name} has shape {d.shape}; every column must be 1-D")
+    n = f["intensity"].shape[0]
+    for name, _ in FIELDS_BY_VERSION[version]:
+        d = f[name]
         if d.shape[0] != n:
             raise InputError(f"{path}: dataset {name} has {d.shape[0]} rows, intensity has {n}; "
                              "the columns must have equal length")
