@@ -146,3 +146,25 @@ def test_render_pixels_native_route_matches_torch_route():
     assert (v32 - v64).abs().max() <= 1e-6 * v64.max()
     for k in START:
         assert g64[k] != 0.0 and g32[k] == pytest.approx(g64[k], rel=2e-4), k
+
+
+def test_sparse_mask_forward_equals_full_render_bit_for_bit():
+    """render(pixel_mask=...) with a sparse mask renders the listed pixels only (nb_render_pixels), with the
+    full render's bits, at 1 and 2 threads."""
+    p = _prepared(START, torch.float32)
+    mask = torch.zeros(DET.spixels, DET.fpixels, dtype=torch.bool)
+    mask[3:9, 4:12] = True
+    mask[30, 40] = True                                                    # 49 of 1920 pixels
+    saved = torch.get_num_threads()
+    try:
+        imgs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                imgs.append((render(p, DET).numpy(), render(p, DET, pixel_mask=mask).numpy()))
+    finally:
+        torch.set_num_threads(saved)
+    m = mask.numpy()
+    for full, sparse in imgs:
+        assert np.array_equal(sparse[m], full[m]) and not sparse[~m].any() and full[m].min() > 0
+    assert np.array_equal(imgs[0][1], imgs[1][1])

@@ -59,25 +59,117 @@ static inline float sincg3(float d0, float d1, float d2, float n0, float n1, flo
     return r0 * r1 * r2;
 }
 
+/* The terms of W pixels (n = ov^2 sub-pixels each, unit directions dx, dy, dz (M = W n), first-sub-pixel
+ * airpaths air0) summed into out[j] (j < W; skipped where mrow[j] == 0 when mrow is given).  One code path for
+ * nb_render_rows and nb_render_pixels, so both give the same bits. */
+static void render_block(const nb_spec *sp, int W, const double *dx, const double *dy, const double *dz,
+                         const double *air0, double *qx, double *qy, double *qz, float *acc, float *out,
+                         const uint8_t *mrow)
+{
+    const int n = sp->ov * sp->ov;
+    const int M = W * n;
+    const float n0 = (float)sp->N[0], n1 = (float)sp->N[1], n2 = (float)sp->N[2];
+    const int hr = sp->dims[0], kr = sp->dims[1], lr = sp->dims[2];
+    const int hm = sp->mins[0], km = sp->mins[1], lm = sp->mins[2];
+    const float *F = sp->F;
+    const float dF = sp->default_F;
+    for (int m = 0; m < M; m++) acc[m] = 0.0f;
+    for (int si = 0; si < sp->n_src; si++) {
+        const double *inc = sp->dirs + 3 * si;
+        const double il = 1.0 / sp->lams[si];
+        for (int m = 0; m < M; m++) {
+            qx[m] = (dx[m] - inc[0]) * il;
+            qy[m] = (dy[m] - inc[1]) * il;
+            qz[m] = (dz[m] - inc[2]) * il;
+        }
+        for (int o = 0; o < sp->n_orient; o++) {
+            const double *a = sp->A + 9 * o;
+            if (F) {
+#pragma GCC ivdep
+                for (int m = 0; m < M; m++) {
+                    const double h = a[0] * qx[m] + a[1] * qy[m] + a[2] * qz[m];
+                    const double k = a[3] * qx[m] + a[4] * qy[m] + a[5] * qz[m];
+                    const double l = a[6] * qx[m] + a[7] * qy[m] + a[8] * qz[m];
+                    const double h0 = ceil(h - 0.5), k0 = ceil(k - 0.5), l0 = ceil(l - 0.5);
+                    const float t = sincg3((float)(h - h0), (float)(k - k0), (float)(l - l0), n0, n1, n2);
+                    const int i = (int)h0 - hm, jj = (int)k0 - km, kk = (int)l0 - lm;
+                    const int inside = (i >= 0) & (i < hr) & (jj >= 0) & (jj < kr) & (kk >= 0) & (kk < lr);
+                    const float f = inside ? F[((long)i * kr + jj) * lr + kk] : dF;
+                    acc[m] += t * (f * f);
+                }
+            } else {
+                const float f2 = dF * dF;
+                for (int m = 0; m < M; m++) {
+                    const double h = a[0] * qx[m] + a[1] * qy[m] + a[2] * qz[m];
+                    const double k = a[3] * qx[m] + a[4] * qy[m] + a[5] * qz[m];
+                    const double l = a[6] * qx[m] + a[7] * qy[m] + a[8] * qz[m];
+                    const float t = sincg3((float)(h - ceil(h - 0.5)), (float)(k - ceil(k - 0.5)),
+                                           (float)(l - ceil(l - 0.5)), n0, n1, n2);
+                    acc[m] += t * f2;
+                }
+            }
+        }
+    }
+    const double *inc0 = sp->dirs;
+    for (int j = 0; j < W; j++) {
+        if (mrow && !mrow[j]) continue;
+        double I = 0.0;
+        for (int u = 0; u < n; u++) I += acc[j * n + u];
+        const double R = air0[j];
+        const double om = sp->point_pixel ? 1.0 / (R * R) : sp->px * sp->px * sp->close_distance / (R * R * R);
+        double pol = 1.0;
+        if (sp->polar_mode) {
+            const int m = j * n;
+            const double c = dx[m] * inc0[0] + dy[m] * inc0[1] + dz[m] * inc0[2];
+            const double c2 = c * c;
+            if (sp->polar_mode == 1) {
+                pol = 0.5 * (1.0 + c2);
+            } else {
+                const double E = dx[m] * sp->E_in[0] + dy[m] * sp->E_in[1] + dz[m] * sp->E_in[2];
+                const double B = dx[m] * sp->B_in[0] + dy[m] * sp->B_in[1] + dz[m] * sp->B_in[2];
+                const double den = E * E + B * B;
+                const double cos2psi = den > 0 ? (E * E - B * B) / den : 1.0;
+                pol = 0.5 * (1.0 + c2 - sp->kahn * cos2psi * (1.0 - c2));
+            }
+        }
+        out[j] = (float)(I * sp->scale * om * pol);
+    }
+}
+
+/* unit directions of pixel (f, s)'s sub-pixels into d*[j n ..], its first sub-pixel's airpath into air0[j] */
+static inline void pixel_dirs(const nb_spec *sp, int j, double f, double s, double *dx, double *dy, double *dz,
+                              double *air0)
+{
+    const int ov = sp->ov, n = ov * ov;
+    const double sub = sp->px / ov;
+    const double Fb = f * sp->px, Sb = s * sp->px;
+    for (int a = 0; a < ov; a++) {
+        for (int b = 0; b < ov; b++) {
+            const double Fd = Fb + (b + 0.5) * sub, Sd = Sb + (a + 0.5) * sub;
+            const double x = sp->pix0[0] + sp->fdet[0] * Fd + sp->sdet[0] * Sd;
+            const double y = sp->pix0[1] + sp->fdet[1] * Fd + sp->sdet[1] * Sd;
+            const double z = sp->pix0[2] + sp->fdet[2] * Fd + sp->sdet[2] * Sd;
+            const double R = sqrt(x * x + y * y + z * z);
+            const int m = j * n + a * ov + b;
+            dx[m] = x / R; dy[m] = y / R; dz[m] = z / R;
+            if (a == 0 && b == 0) air0[j] = R;
+        }
+    }
+}
+
 /* Render rows [s_begin, s_end) x columns [f_begin, f_end) into out (row stride `stride` floats, out[0] being
  * pixel (s_begin, f_begin)).  mask (same layout, may be NULL): pixels with 0 are skipped (left untouched).
  * work: scratch of at least 8 * (f_end - f_begin) * ov^2 doubles. */
 void nb_render_rows(const nb_spec *sp, int s_begin, int s_end, int f_begin, int f_end,
                     float *out, long stride, const uint8_t *mask, long mask_stride, double *work)
 {
-    const int ov = sp->ov, n = ov * ov;
+    const int n = sp->ov * sp->ov;
     const int W = f_end - f_begin;
     const int M = W * n;
     double *dx = work, *dy = work + M, *dz = work + 2 * M;
     double *qx = work + 3 * M, *qy = work + 4 * M, *qz = work + 5 * M;
     double *air0 = work + 6 * M;
     float *acc = (float *)(work + 7 * M);
-    const double sub = sp->px / ov;
-    const float n0 = (float)sp->N[0], n1 = (float)sp->N[1], n2 = (float)sp->N[2];
-    const int hr = sp->dims[0], kr = sp->dims[1], lr = sp->dims[2];
-    const int hm = sp->mins[0], km = sp->mins[1], lm = sp->mins[2];
-    const float *F = sp->F;
-    const float dF = sp->default_F;
     for (int s = s_begin; s < s_end; s++) {
         const uint8_t *mrow = mask ? mask + (long)(s - s_begin) * mask_stride : 0;
         if (mrow) {
@@ -85,86 +177,31 @@ void nb_render_rows(const nb_spec *sp, int s_begin, int s_end, int f_begin, int 
             for (int j = 0; j < W; j++) any |= mrow[j];
             if (!any) continue;
         }
-        /* sub-pixel directions, sub-pixel index = subS * ov + subF, slow-major within the pixel */
-        for (int j = 0; j < W; j++) {
-            const double Fb = (double)(f_begin + j) * sp->px;
-            const double Sb = (double)s * sp->px;
-            for (int a = 0; a < ov; a++) {
-                for (int b = 0; b < ov; b++) {
-                    const double Fd = Fb + (b + 0.5) * sub, Sd = Sb + (a + 0.5) * sub;
-                    const double x = sp->pix0[0] + sp->fdet[0] * Fd + sp->sdet[0] * Sd;
-                    const double y = sp->pix0[1] + sp->fdet[1] * Fd + sp->sdet[1] * Sd;
-                    const double z = sp->pix0[2] + sp->fdet[2] * Fd + sp->sdet[2] * Sd;
-                    const double R = sqrt(x * x + y * y + z * z);
-                    const int m = j * n + a * ov + b;
-                    dx[m] = x / R; dy[m] = y / R; dz[m] = z / R;
-                    if (a == 0 && b == 0) air0[j] = R;
-                }
-            }
-        }
-        for (int m = 0; m < M; m++) acc[m] = 0.0f;
-        for (int si = 0; si < sp->n_src; si++) {
-            const double *inc = sp->dirs + 3 * si;
-            const double il = 1.0 / sp->lams[si];
-            for (int m = 0; m < M; m++) {
-                qx[m] = (dx[m] - inc[0]) * il;
-                qy[m] = (dy[m] - inc[1]) * il;
-                qz[m] = (dz[m] - inc[2]) * il;
-            }
-            for (int o = 0; o < sp->n_orient; o++) {
-                const double *a = sp->A + 9 * o;
-                if (F) {
-#pragma GCC ivdep
-                    for (int m = 0; m < M; m++) {
-                        const double h = a[0] * qx[m] + a[1] * qy[m] + a[2] * qz[m];
-                        const double k = a[3] * qx[m] + a[4] * qy[m] + a[5] * qz[m];
-                        const double l = a[6] * qx[m] + a[7] * qy[m] + a[8] * qz[m];
-                        const double h0 = ceil(h - 0.5), k0 = ceil(k - 0.5), l0 = ceil(l - 0.5);
-                        const float t = sincg3((float)(h - h0), (float)(k - k0), (float)(l - l0), n0, n1, n2);
-                        const int i = (int)h0 - hm, jj = (int)k0 - km, kk = (int)l0 - lm;
-                        const int inside = (i >= 0) & (i < hr) & (jj >= 0) & (jj < kr) & (kk >= 0) & (kk < lr);
-                        const float f = inside ? F[((long)i * kr + jj) * lr + kk] : dF;
-                        acc[m] += t * (f * f);
-                    }
-                } else {
-                    const float f2 = dF * dF;
-                    for (int m = 0; m < M; m++) {
-                        const double h = a[0] * qx[m] + a[1] * qy[m] + a[2] * qz[m];
-                        const double k = a[3] * qx[m] + a[4] * qy[m] + a[5] * qz[m];
-                        const double l = a[6] * qx[m] + a[7] * qy[m] + a[8] * qz[m];
-                        const float t = sincg3((float)(h - ceil(h - 0.5)), (float)(k - ceil(k - 0.5)),
-                                               (float)(l - ceil(l - 0.5)), n0, n1, n2);
-                        acc[m] += t * f2;
-                    }
-                }
-            }
-        }
-        float *orow = out + (long)(s - s_begin) * stride;
-        const double *inc0 = sp->dirs;
-        for (int j = 0; j < W; j++) {
-            if (mrow && !mrow[j]) continue;
-            double I = 0.0;
-            for (int u = 0; u < n; u++) I += acc[j * n + u];
-            const double R = air0[j];
-            const double om = sp->point_pixel ? 1.0 / (R * R) : sp->px * sp->px * sp->close_distance / (R * R * R);
-            double pol = 1.0;
-            if (sp->polar_mode) {
-                const int m = j * n;
-                const double c = dx[m] * inc0[0] + dy[m] * inc0[1] + dz[m] * inc0[2];
-                const double c2 = c * c;
-                if (sp->polar_mode == 1) {
-                    pol = 0.5 * (1.0 + c2);
-                } else {
-                    const double E = dx[m] * sp->E_in[0] + dy[m] * sp->E_in[1] + dz[m] * sp->E_in[2];
-                    const double B = dx[m] * sp->B_in[0] + dy[m] * sp->B_in[1] + dz[m] * sp->B_in[2];
-                    const double den = E * E + B * B;
-                    const double cos2psi = den > 0 ? (E * E - B * B) / den : 1.0;
-                    pol = 0.5 * (1.0 + c2 - sp->kahn * cos2psi * (1.0 - c2));
-                }
-            }
-            orow[j] = (float)(I * sp->scale * om * pol);
-        }
+        for (int j = 0; j < W; j++) pixel_dirs(sp, j, (double)(f_begin + j), (double)s, dx, dy, dz, air0);
+        render_block(sp, W, dx, dy, dz, air0, qx, qy, qz, acc, out + (long)(s - s_begin) * stride, mrow);
     }
+}
+
+/* Render the P listed pixels (fast fi[p], slow si[p]) into out[p]: the same bits as nb_render_rows gives them
+ * (spot-local pixel sets without rendering whole rows). */
+int nb_render_pixels(const nb_spec *sp, long P, const int64_t *fi, const int64_t *si_, float *out)
+{
+    const int n = sp->ov * sp->ov;
+    const int Bmax = 256;
+    const long Mb = (long)Bmax * n;
+    double *work = (double *)malloc(sizeof(double) * (7 * Mb + Bmax) + sizeof(float) * Mb);
+    if (!work) return -1;
+    double *dx = work, *dy = work + Mb, *dz = work + 2 * Mb;
+    double *qx = work + 3 * Mb, *qy = work + 4 * Mb, *qz = work + 5 * Mb;
+    double *air0 = work + 6 * Mb;
+    float *acc = (float *)(air0 + Bmax);
+    for (long p0 = 0; p0 < P; p0 += Bmax) {
+        const int B = (int)(P - p0 < Bmax ? P - p0 : Bmax);
+        for (int j = 0; j < B; j++) pixel_dirs(sp, j, (double)fi[p0 + j], (double)si_[p0 + j], dx, dy, dz, air0);
+        render_block(sp, B, dx, dy, dz, air0, qx, qy, qz, acc, out + p0, 0);
+    }
+    free(work);
+    return 0;
 }
 
 int nb_abi_version(void) { return 2; }
@@ -321,10 +358,10 @@ static inline void grad_terms(const double *a, long M, const double *qx, const d
         const double l = a[6] * qx[m] + a[7] * qy[m] + a[8] * qz[m];
         const double h0 = ceil(h - 0.5), k0 = ceil(k - 0.5), l0 = ceil(l - 0.5);
         const float d[3] = {(float)(h - h0) + 1e-30f, (float)(k - k0) + 1e-30f, (float)(l - l0) + 1e-30f};
-        float r[3], cN[3], cx[3], sx[3];
+        float r[3], cN[3], cx[3], iv[3];
         for (int i = 0; i < 3; i++) {
-            sx[i] = sinpi_half(d[i], &cx[i]);
-            r[i] = sinpi_s(Nf[i] * d[i], &cN[i]) / sx[i];
+            iv[i] = 1.0f / sinpi_half(d[i], &cx[i]);
+            r[i] = sinpi_s(Nf[i] * d[i], &cN[i]) * iv[i];
         }
         float f = dF;
         if (Fp) {
@@ -342,9 +379,9 @@ static inline void grad_terms(const double *a, long M, const double *qx, const d
             const float x = d[i] * PI;
             const float Nx = Nf[i] * x;
             const float drdx = fabsf(Nx) < 0.1f ? x * (c1[i] + c3[i] * x * x)
-                                                : (Nf[i] * cN[i] - r[i] * cx[i]) / sx[i];
+                                                : (Nf[i] * cN[i] - r[i] * cx[i]) * iv[i];
             g[i] = common * drdx * PI;
-            if (need_N) jn[i * M + m] += (double)(common * (x * cN[i] / sx[i]));
+            if (need_N) jn[i * M + m] += (double)(common * (x * cN[i] * iv[i]));
         }
         if (KC) {   /* d term / d theta_k = g . (D_ok Q), fused for small K (compile-time KC) */
             for (int kk = 0; kk < KC; kk++) {

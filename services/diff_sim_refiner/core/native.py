@@ -125,6 +125,8 @@ def _load():
             lib.nb_fused_source.restype = None
             lib.nb_grad_pixels.argtypes = [ctypes.POINTER(_Spec), L, V, V, V, I, V, V, V]
             lib.nb_grad_pixels.restype = I
+            lib.nb_render_pixels.argtypes = [ctypes.POINTER(_Spec), L, V, V, V]
+            lib.nb_render_pixels.restype = I
             lib.nb_grad_reduce.argtypes = [L, I, V, V, V]
             lib.nb_grad_reduce.restype = None
             if lib.nb_abi_version() != 2:
@@ -200,6 +202,9 @@ def _make_spec(p):
     return sp, (dirs, lams, A, Fa)
 
 
+make_spec = _make_spec
+
+
 def render_native(p, fmin: int, fmax: int, smin: int, smax: int, out: np.ndarray,
                   mask: Optional[np.ndarray] = None, threads: int = 1, rows_per_task: int = 8) -> np.ndarray:
     """Render ROI rows ``smin..smax`` x columns ``fmin..fmax`` (inclusive) of :class:`Prepared` ``p`` into the
@@ -234,16 +239,18 @@ def render_native(p, fmin: int, fmax: int, smin: int, smax: int, out: np.ndarray
 
 
 def grad_pixels(p, f: np.ndarray, s: np.ndarray, D: Optional[np.ndarray], need_N: bool, threads: int = 1,
-                block: int = 4096):
+                block: Optional[int] = None, spec=None):
     """Photons and their derivatives at the pixels (``f``, ``s``: int64 fast / slow indices) of :class:`Prepared`
     ``p`` in one pass (``nb_grad_pixels``): ``(out (P,) float32, J (P, K) float64, JN (P, 3) float64 or None)``
     with ``J[:, k] = d out / d theta_k`` for ``D`` (n_orient, K, 3, 3) = d A_o / d theta_k (float64; None: K = 0)
-    and ``JN = d out / d N``.  ``out`` equals :func:`render_native`'s image at those pixels.  ``threads`` Python
-    threads take blocks of ``block`` pixels; every pixel is computed alone, so the results do not depend on it."""
+    and ``JN = d out / d N``.  ``out`` equals :func:`render_native`'s image at those pixels to float32 rounding.
+    ``threads`` Python threads take blocks of ``block`` pixels (default: the list in one call for one thread,
+    else 4 blocks per thread); every pixel is computed alone, so the results do not depend on either.
+    ``spec``: :func:`make_spec`'s result for ``p``, to build it once for many calls."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"native kernel {_status}")
-    sp, keep = _make_spec(p)
+    sp, keep = spec if spec is not None else _make_spec(p)
     f = np.ascontiguousarray(f, dtype=np.int64)
     s = np.ascontiguousarray(s, dtype=np.int64)
     P = int(f.shape[0])
@@ -257,6 +264,8 @@ def grad_pixels(p, f: np.ndarray, s: np.ndarray, D: Optional[np.ndarray], need_N
     J = np.empty((P, K), dtype=np.float64)
     JN = np.empty((P, 3), dtype=np.float64) if need_N else None
     keep = (keep, f, s, D)  # noqa: F841 - alive until the calls return
+    if block is None:
+        block = max(P, 1) if threads <= 1 else max(1024, -(-P // (4 * threads)))
 
     def task(p0: int) -> None:
         nb = min(block, P - p0)
@@ -275,6 +284,36 @@ def grad_pixels(p, f: np.ndarray, s: np.ndarray, D: Optional[np.ndarray], need_N
         with ThreadPoolExecutor(max_workers=threads) as ex:
             list(ex.map(task, starts))
     return out, J, JN
+
+
+def render_pixels_native(p, f: np.ndarray, s: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Photons (P,) float32 at the pixels (``f``, ``s``: fast / slow indices) of :class:`Prepared` ``p``, the same
+    bits as :func:`render_native` gives them (``nb_render_pixels``: one code path), for sparse pixel sets."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native kernel {_status}")
+    sp, keep = _make_spec(p)
+    f = np.ascontiguousarray(f, dtype=np.int64)
+    s = np.ascontiguousarray(s, dtype=np.int64)
+    P = int(f.shape[0])
+    out = np.empty(P, dtype=np.float32)
+    block = max(P, 1) if threads <= 1 else max(1024, -(-P // (4 * threads)))
+    keep = (keep, f, s)  # noqa: F841 - alive until the calls return
+
+    def task(p0: int) -> None:
+        nb = min(block, P - p0)
+        if lib.nb_render_pixels(ctypes.byref(sp), nb, f.ctypes.data + 8 * p0, s.ctypes.data + 8 * p0,
+                                out.ctypes.data + 4 * p0) != 0:
+            raise MemoryError("nb_render_pixels: out of memory")
+
+    starts = range(0, P, block)
+    if threads <= 1 or P <= block:
+        for p0 in starts:
+            task(p0)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            list(ex.map(task, starts))
+    return out
 
 
 def grad_reduce(g: np.ndarray, J: np.ndarray) -> np.ndarray:
@@ -327,4 +366,4 @@ class FusedSource:
         return acc, G, Gq, GN
 
 
-__all__ = ["available", "status", "build", "cache_dir", "render_native", "grad_pixels", "grad_reduce", "FusedSource"]
+__all__ = ["available", "status", "build", "cache_dir", "render_native", "make_spec", "render_pixels_native", "grad_pixels", "grad_reduce", "FusedSource"]

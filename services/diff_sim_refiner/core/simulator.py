@@ -777,7 +777,12 @@ def _render_native(p: Prepared, detector: DetectorConfig, crop: bool, pixel_mask
     mask = None
     if pixel_mask is not None:
         mask = pixel_mask[smin:smax + 1, fmin:fmax + 1].to(torch.bool).cpu().numpy()
-    native.render_native(p, fmin, fmax, smin, smax, box, mask=mask, threads=torch.get_num_threads())
+    if mask is not None and mask.mean() < 0.25:
+        # a sparse mask (spot-local pixels): the listed pixels only (rows would be rendered whole)
+        ss, fs = np.nonzero(mask)
+        box[ss, fs] = native.render_pixels_native(p, fs + fmin, ss + smin, threads=torch.get_num_threads())
+    else:
+        native.render_native(p, fmin, fmax, smin, smax, box, mask=mask, threads=torch.get_num_threads())
     if progress is not None:
         progress(box.size, box.size)
     t = torch.from_numpy(box)
@@ -1004,15 +1009,15 @@ def render_loss(p: Prepared, detector: DetectorConfig, loss_fn: Callable[[torch.
                           ft_new[1] if ft_new[1] is not None else ft.default_F, ft.interpolate)
     if p.spot_cutoff is not None and pixel_mask is None and pixels is None and not p.curved:
         pixel_mask = spot_block_mask(p, detector, p.spot_cutoff)
+    plan = _native_grad_plan(p)
+    if plan is not None:
+        return _render_loss_native(p, plan, loss_fn, detector, pixel_mask, pixels, pixel_batch_size or (1 << 16),
+                                   progress)
     f_all, s_all = _loss_pixels(detector, device, pixel_mask, pixels)
     npx = f_all.numel()
     per_pixel = p.oversample ** 2 * p.n_orient * int(p.src_dirs.shape[0]) * (24 if p.ftable.interpolate else 1)
     batch = pixel_batch_size or max(1, chunk_elements // per_pixel)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    plan = _native_grad_plan(p)
-    if plan is not None:
-        return _render_loss_native(p, plan, loss_fn, f_all, s_all, pixel_batch_size or max(batch, 1 << 16),
-                                   progress)
     with torch.enable_grad():
         for start in range(0, npx, batch):
             f = f_all[start:start + batch]
@@ -1034,10 +1039,30 @@ def render_loss(p: Prepared, detector: DetectorConfig, loss_fn: Callable[[torch.
     return total
 
 
-def _render_loss_native(p: Prepared, plan, loss_fn, f_all: torch.Tensor, s_all: torch.Tensor, batch: int,
+def _render_loss_native(p: Prepared, plan, loss_fn, detector: DetectorConfig, pixel_mask, pixels, batch: int,
                         progress) -> torch.Tensor:
-    """:func:`render_loss` through the compiled forward + derivatives kernel (see :func:`_native_grad_plan`)."""
+    """:func:`render_loss` through the compiled forward + derivatives kernel (see :func:`_native_grad_plan`).
+    A whole ROI's pixel indices are made chunk by chunk (no detector-sized index vectors)."""
     from . import native
+
+    if pixel_mask is None and pixels is None:
+        fmin, fmax, smin, smax = detector.roi_bounds()
+        W = fmax - fmin + 1
+        npx = W * (smax - smin + 1)
+        batch = max(1, batch // W) * W          # whole rows per chunk
+        fs = torch.arange(fmin, fmax + 1)
+
+        def chunk(start):
+            r0 = smin + start // W
+            r1 = min(smax + 1, r0 + batch // W)
+            return fs.repeat(r1 - r0), torch.arange(r0, r1).repeat_interleave(W)
+    else:
+        f_all, s_all = _loss_pixels(detector, p.pix0.device, pixel_mask, pixels)
+        npx = f_all.numel()
+
+        def chunk(start):
+            return f_all[start:start + batch], s_all[start:start + batch]
+    spec = native.make_spec(p)
 
     leaves, D, need_N, need_scale = plan
     K = 0 if D is None else int(D.shape[1])
@@ -1046,13 +1071,10 @@ def _render_loss_native(p: Prepared, plan, loss_fn, f_all: torch.Tensor, s_all: 
     g_N = np.zeros(3)
     g_scale = 0.0
     total = torch.zeros((), dtype=torch.float64)
-    npx = f_all.numel()
-    fa, sa = f_all.cpu().numpy(), s_all.cpu().numpy()
     with torch.enable_grad():
         for start in range(0, npx, batch):
-            f, s = f_all[start:start + batch], s_all[start:start + batch]
-            out, J, JN = native.grad_pixels(p, fa[start:start + batch], sa[start:start + batch], D, need_N,
-                                            threads=threads)
+            f, s = chunk(start)
+            out, J, JN = native.grad_pixels(p, f.numpy(), s.numpy(), D, need_N, threads=threads, spec=spec)
             pred = torch.from_numpy(out).requires_grad_()
             loss = loss_fn(pred, f, s)
             if loss.requires_grad:
