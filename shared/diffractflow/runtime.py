@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import shutil
 import signal
 import socket
 import traceback
@@ -234,15 +236,52 @@ class Worker:
 
         job_dir = self.volume.job_dir(self.stage.service, job.job_id)
         identity = job_identity(self.stage.service, self.stage.version, job.params, job.inputs)
+        lock = await self._lock_job_dir(msg, job_dir)
+        try:
+            await self._process_locked(msg, slot_free, job, params, job_dir, identity, deliveries, started)
+        finally:
+            os.close(lock)  # releases the lock (a SIGKILLed holder's lock goes with its process)
+
+    async def _lock_job_dir(self, msg, job_dir: Path) -> int:
+        """An exclusive lock on the job's directory (``flock`` on the directory itself: no lock file to leave
+        behind). A redelivery that arrives while an earlier delivery is still computing (its heartbeats starved,
+        e.g. by a native library holding the GIL) waits here, heartbeating, and then finds the manifest, so a
+        job is never computed twice at once. (``flock`` is local to one host; on NFS use one volume per host.)"""
+        fd = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        log.info("another delivery of this job is computing it; waiting for it to finish")
+        beat = asyncio.create_task(self._heartbeat(msg, asyncio.Event()))
+        try:
+            while True:
+                await asyncio.sleep(0.5)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    continue
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            beat.cancel()
+
+    async def _process_locked(self, msg, slot_free: asyncio.Event, job: JobRequest, params, job_dir: Path,
+                              identity: dict, deliveries: int, started) -> None:
         done = load_valid_manifest(self.volume, job_dir, identity)
         if done is not None:
             log.info("outputs already complete; acknowledging without recomputing")
             await self._publish(job, "ok", done["outputs"], done.get("metrics", {}), None, started, reused=True)
             await msg.ack()
             return
-        for stale in job_dir.glob(".*.part"):  # temp files of a killed earlier delivery
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        for stale in job_dir.glob(".*"):  # temp files and scratch directories of a killed earlier delivery
+            _remove(stale)
 
         loop = asyncio.get_running_loop()
         beat_now = asyncio.Event()
@@ -333,12 +372,14 @@ class Worker:
         await bus.publish_dead_letter(self.js, letter)
 
 
-def _clear_dir(d: Path) -> None:
-    import shutil
+def _remove(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
+
+def _clear_dir(d: Path) -> None:
     for p in d.iterdir():
-        with contextlib.suppress(OSError):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        _remove(p)
 
 
 def _run_handler(handler, ctx: JobContext, params: BaseModel) -> None:
