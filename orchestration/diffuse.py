@@ -340,8 +340,8 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     summary["stage_seconds"]["scale_relative"] = round(time.monotonic() - t, 2)
     summary["scaling"] = scaled["metrics"]
     t = time.monotonic()
-    final = await run_stage("voxel-merger", {**partials, "scales": ArtifactRef(**scaled["outputs"]["scales"]),
-                                             "observations": ArtifactRef(**first["outputs"]["observations"])},
+    # scales are keyed by still id (diffractflow.formats.scales): the merge needs no observation table to apply them
+    final = await run_stage("voxel-merger", {**partials, "scales": ArtifactRef(**scaled["outputs"]["scales"])},
                             merge_params, run_id, job_id_for(run_id, "merge", "scaled"), timeout=cfg.stage_timeout_s)
     summary["stage_seconds"]["merge_scaled"] = round(time.monotonic() - t, 2)
     summary["merging"] = final["metrics"]

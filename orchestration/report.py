@@ -274,7 +274,7 @@ _MAP_CACHE: dict[tuple, tuple] = {}
 def map_file_planes(path: Path):
     """(grid, {axis: plane}) of the h=0/k=0/l=0 planes of a voxel-merger map.h5 (read plane by plane; the last
     map read is kept, keyed by path, size and modification time)."""
-    import h5py
+    from diffractflow.formats.merged_map import open_map
     from voxel_merger.artifacts import map_planes
     from voxel_merger.core.grid import GlobalGrid
 
@@ -284,7 +284,7 @@ def map_file_planes(path: Path):
         hit = _MAP_CACHE.get(key)
     if hit is not None:
         return hit
-    with h5py.File(path, "r") as f:
+    with open_map(path) as f:
         grid = GlobalGrid.from_dict(json.loads(f["entry/crystal"].attrs["grid"]))
         out = grid, map_planes(grid, f["entry/map/intensity"])
     with _CACHE_LOCK:
@@ -448,7 +448,8 @@ def _vol_path(layout: RunLayout, ref) -> Path | None:
 
 
 def _background_profiles(layout: RunLayout, records: list[dict], limit: int = 40) -> dict[str, np.ndarray]:
-    import h5py
+    from diffractflow.errors import InputError
+    from diffractflow.formats.still_table import StillTable
 
     out = {}
     for r in records:
@@ -456,13 +457,12 @@ def _background_profiles(layout: RunLayout, records: list[dict], limit: int = 40
         if p is None or not p.is_file():
             continue
         try:
-            with h5py.File(p, "r") as f:
-                if "entry/background_profile" in f:
-                    a = np.asarray(f["entry/background_profile"][()], dtype=float)
-                    if a.ndim == 2 and a.shape[1] >= 2 and np.isfinite(a[:, 1]).any():
-                        out[Path(r.get("image", p.name)).stem] = a
-        except OSError:
+            with StillTable(p) as t:
+                a = t.background_profile()
+        except (InputError, OSError):
             continue
+        if a is not None and a.ndim == 2 and a.shape[1] >= 2 and np.isfinite(a[:, 1]).any():
+            out[Path(r.get("image", p.name)).stem] = a
         if len(out) >= limit:
             break
     return out
@@ -472,16 +472,16 @@ def _named_scales(out_dir: Path) -> dict[str, float]:
     f = out_dir / "scales.json"
     if not f.is_file():
         return {}
-    from voxel_merger.artifacts import InputError, read_scales, resolve_scales
+    from diffractflow.errors import InputError
+    from diffractflow.formats.scales import read_scales
 
+    names = (_read_json(out_dir / "statistics.json", {}) or {}).get("still_names")
+    if isinstance(names, dict):  # {index: name}: an old run's index-keyed scales
+        names = [names.get(str(i), str(i)) for i in range(1 + max((int(k) for k in names), default=-1))]
     try:
-        scales = read_scales(f)
+        return read_scales(f, names)
     except InputError:
         return {}
-    names = (_read_json(out_dir / "statistics.json", {}) or {}).get("still_names")
-    if isinstance(names, dict):  # {index: name}
-        return {names.get(k, k): v for k, v in scales.items()}
-    return resolve_scales(scales, names) or {}
 
 
 def _provenance(path: Path) -> dict:

@@ -25,7 +25,7 @@ from diffractflow.artifacts import atomic_write_path, write_provenance
 from . import __version__
 
 SUMMARY_SCHEMA = "diffractflow.stills_summary"
-SUMMARY_SCHEMA_VERSION = "2"  # 2: strategy and attempts columns
+SUMMARY_SCHEMA_VERSION = 2  # 2: strategy and attempts columns
 PRODUCER = "stills-processor"
 
 # column name -> (kind, units, description). kind: str, int, float, bool, or a shape tuple of floats.

@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
+
 from .errors import InputError
 from .messages import ArtifactRef
 from .reading import reader, reading  # noqa: F401  (re-exported for services)
@@ -86,16 +88,17 @@ def write_provenance(
     h5obj,
     *,
     schema: str,
-    schema_version: int | str = 1,
+    schema_version: int = 1,
     producer: str,
     producer_version: str,
     job_id: str | None = None,
     parameters: Mapping[str, Any] | None = None,
     inputs: Mapping[str, str] | None = None,
 ) -> None:
-    """Store provenance as attributes on an open h5py File or Group."""
+    """Store provenance as attributes on an open h5py File or Group (``schema_version``: an integer, one per layout
+    of the schema; readers may accept an older writer's string form of the same version)."""
     h5obj.attrs["schema"] = schema
-    h5obj.attrs["schema_version"] = str(schema_version)
+    h5obj.attrs["schema_version"] = np.int64(int(schema_version))
     h5obj.attrs["producer"] = producer
     h5obj.attrs["producer_version"] = producer_version
     h5obj.attrs["job_id"] = job_id or ""
@@ -105,7 +108,8 @@ def write_provenance(
 
 
 def read_provenance(h5obj) -> dict[str, Any]:
-    out = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5obj.attrs.items()}
+    out = {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
+           for k, v in h5obj.attrs.items()}
     for key in ("parameters", "inputs"):
         if isinstance(out.get(key), str):
             out[key] = json.loads(out[key])

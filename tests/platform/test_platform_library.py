@@ -100,7 +100,7 @@ def test_provenance_and_manifest(tmp_path):
             f["data"] = np.arange(3)
     with h5py.File(out) as f:
         prov = read_provenance(f)
-    assert prov["schema"] == "test" and prov["schema_version"] == "2" and prov["parameters"] == {"a": 1}
+    assert prov["schema"] == "test" and prov["schema_version"] == 2 and prov["parameters"] == {"a": 1}
     ref = vol.ref(out)
     write_manifest(out.parent, {"x": ref}, {"m": 1})
     assert load_valid_manifest(vol, out.parent)["outputs"]["x"] == ref
