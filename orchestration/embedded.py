@@ -114,6 +114,14 @@ class Topology:
 
         return temporary_settings(updates={PREFECT_API_URL: state["prefect"]["api_url"]})
 
+    def wait_prefect(self, timeout: float = 120.0) -> None:
+        """Wait until this topology's Prefect server answers its health check (it may be restarting after a crash:
+        a Prefect client fails at once on a server it has never reached, so a run waits here before its first
+        flow)."""
+        state = self.load()
+        if state and state.get("prefect"):
+            _wait_http(state["prefect"]["api_url"].rstrip("/") + "/health", timeout)
+
     def client_env(self) -> dict[str, str]:
         """Environment variables that point clients (bus, Prefect) at the running topology."""
         state = self.load()

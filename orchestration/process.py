@@ -284,6 +284,7 @@ def process_diffuse(directory: Path, out: Path, console, *, config: Path | None 
         atomic_write_json(rdir / "config.json", cfg.model_dump())
         from .progress import logs_to_file
 
+        topo.wait_prefect()
         with topo.prefect_settings(), logs_to_file(home / "logs" / f"flows-{run_id}.log", verbose) as log_file:
             if log_file is not None:
                 console.print(f"flow logs: {log_file} (-v shows them live); worker logs: {home / 'logs'}")
