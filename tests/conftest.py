@@ -106,6 +106,46 @@ def probe(settings) -> BusProbe:
     return BusProbe(settings)
 
 
+#: what a numpy shape bug raises: a ValueError that is no fault of the input
+PLANTED_BUG = "operands could not be broadcast together with shapes (3,) (4,)"
+
+
+@pytest.fixture
+def planted_bug(settings, probe, monkeypatch):
+    """``run(stage, target, attr, inputs, params)``: replace ``target.attr`` with a function raising a ValueError
+    (as a numpy bug would), submit one job to an in-process worker of ``stage`` (max_deliver 2) and return (how
+    often the bug ran, the dead letters as (job_id, kind)). A service must retry a bug and then dead-letter it as a
+    failure, ``(2, [("bug", "failure")])``, never reject it as bad input at once."""
+    from diffractflow.runtime import Worker
+    from orchestration.tasks import StageFailed, submit_and_wait
+
+    def run(stage, target, attr, inputs, params):
+        calls = []
+
+        def buggy(*args, **kwargs):
+            calls.append(1)
+            raise ValueError(PLANTED_BUG)
+
+        monkeypatch.setattr(target, attr, buggy)
+        s = settings.model_copy(update={"max_deliver": 2})
+
+        async def scenario():
+            w = Worker(stage, s)
+            task = asyncio.create_task(w.run())
+            try:
+                with pytest.raises(StageFailed, match="broadcast"):
+                    await submit_and_wait(stage.service, inputs, params, run_id="r", job_id="bug", timeout=60,
+                                          settings=s)
+            finally:
+                w.stop()
+                await task
+
+        asyncio.run(scenario())
+        return len(calls), [(letter.job_id, letter.kind) for letter in probe.dead_letters()]
+
+    return run
+
+
 @pytest.fixture
 def bus_env(settings, monkeypatch):
     """Point Settings() (as used inside Prefect tasks) at the test server and volume."""

@@ -3,8 +3,6 @@ bus and the CLI), the CLI's defaults are the model's, every params dict the orch
 in the handler is a failure the bus retries, not a rejection of the input."""
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import typer
 from pydantic import ValidationError
@@ -88,38 +86,14 @@ def test_orchestration_params_are_valid():
     assert isinstance(job, ExtractJob) and job.bragg_radius_px == 6.5 and job.isotropic_background
 
 
-def test_a_bug_is_a_failure_retried_not_a_rejection(settings, volume, probe, monkeypatch):
-    """A ValueError from a bug inside the extraction (here planted) is retried up to max_deliver, then
-    dead-lettered as a failure; the old worker turned any ValueError into a rejection (bad_input) at once."""
-    from diffractflow.runtime import Worker
-    from orchestration.tasks import StageFailed, submit_and_wait
-
+def test_a_bug_is_a_failure_retried_not_a_rejection(planted_bug, volume, monkeypatch):
+    """A ValueError from a bug inside the extraction is retried, then dead-lettered as a failure; the old worker
+    turned any ValueError into a rejection (bad_input) at once."""
     import diffuse_extractor.worker as worker
 
     expt = volume / "incoming" / "x.expt"
     expt.parent.mkdir(parents=True)
     expt.write_text("{}")
-    calls = []
-
-    def buggy(*args, **kwargs):
-        calls.append(1)
-        raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
-
     monkeypatch.setattr(worker, "load_experiments", lambda p: [None])
-    monkeypatch.setattr(worker.pipeline, "process", buggy)
-    s = settings.model_copy(update={"max_deliver": 2})
-
-    async def scenario():
-        w = Worker(STAGE, s)
-        task = asyncio.create_task(w.run())
-        try:
-            with pytest.raises(StageFailed, match="broadcast"):
-                await submit_and_wait("diffuse-extractor", {"experiments": expt}, {"all_images": True}, run_id="r",
-                                      job_id="bug", timeout=60, settings=s)
-        finally:
-            w.stop()
-            await task
-
-    asyncio.run(scenario())
-    assert len(calls) == 2  # delivered twice: retried
-    assert [(l.job_id, l.kind) for l in probe.dead_letters()] == [("bug", "failure")]
+    assert planted_bug(STAGE, worker.pipeline, "process", {"experiments": expt}, {"all_images": True}) == \
+        (2, [("bug", "failure")])

@@ -2,7 +2,6 @@
 orchestration sends is valid, and a bug in the handler is a failure the bus retries, not a rejection."""
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 import pytest
@@ -76,12 +75,9 @@ def test_orchestration_params_are_valid():
     assert isinstance(p, AbsoluteParams) and p.formula == "C400H640"
 
 
-def test_a_bug_is_a_failure_retried_not_a_rejection(settings, volume, probe, monkeypatch):
-    """A ValueError from a bug in the relative step (here planted) is retried up to max_deliver, then
-    dead-lettered as a failure; the old worker turned it into a rejection (bad_input) at once."""
-    from diffractflow.runtime import Worker
-    from orchestration.tasks import StageFailed, submit_and_wait
-
+def test_a_bug_is_a_failure_retried_not_a_rejection(planted_bug, volume):
+    """A ValueError from a bug in the relative step is retried, then dead-lettered as a failure; the old worker
+    turned it into a rejection (bad_input) at once."""
     import scaler.worker as worker
 
     rng = np.random.default_rng(0)
@@ -90,29 +86,7 @@ def test_a_bug_is_a_failure_retried_not_a_rejection(settings, volume, probe, mon
     obs.parent.mkdir(parents=True)
     write_observations(obs, np.repeat(np.arange(10), n // 10), rng.integers(0, 20, n), rng.uniform(0.1, 0.5, n),
                        rng.uniform(50, 60, n), np.full(n, 2.0))
-    calls = []
-
-    def buggy(*args, **kwargs):
-        calls.append(1)
-        raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
-
-    monkeypatch.setattr(worker, "run_relative", buggy)
-    s = settings.model_copy(update={"max_deliver": 2})
-
-    async def scenario():
-        w = Worker(STAGE, s)
-        task = asyncio.create_task(w.run())
-        try:
-            with pytest.raises(StageFailed, match="broadcast"):
-                await submit_and_wait("scaler", {"observations": obs}, {}, run_id="r", job_id="bug", timeout=60,
-                                      settings=s)
-        finally:
-            w.stop()
-            await task
-
-    asyncio.run(scenario())
-    assert len(calls) == 2  # delivered twice: retried
-    assert [(l.job_id, l.kind) for l in probe.dead_letters()] == [("bug", "failure")]
+    assert planted_bug(STAGE, worker, "run_relative", {"observations": obs}, {}) == (2, [("bug", "failure")])
 
 
 def test_a_bad_formula_is_an_input_error_naming_it(tmp_path):

@@ -3,7 +3,6 @@ hdf5 backend among them), every params dict the orchestration sends is valid, th
 CLI and bus, and a bug in the handler is a failure the bus retries, not a rejection."""
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 import pytest
@@ -81,42 +80,18 @@ def test_merge_outlier_rule():
     assert merge_reject_sigma(7.0, scaled=False) == 7.0
 
 
-def test_a_bug_is_a_failure_retried_not_a_rejection(settings, volume, probe, monkeypatch):
-    """A ValueError from a bug in accumulation (here planted) is retried up to max_deliver, then dead-lettered
-    as a failure, never a rejection (bad_input)."""
-    from diffractflow.runtime import Worker
-    from orchestration.tasks import StageFailed, submit_and_wait
-
+def test_a_bug_is_a_failure_retried_not_a_rejection(planted_bug, volume):
+    """A ValueError from a bug in accumulation is retried, then dead-lettered as a failure, never a rejection
+    (bad_input)."""
     import voxel_merger.worker as worker
 
     still = volume / "incoming" / "still.h5"
     still.parent.mkdir(parents=True)
     hkl = np.random.default_rng(0).uniform(-5, 5, (3, 100))
     write_still(still, "s0", *hkl, np.full(100, 10.0), np.full(100, 3.0))
-    calls = []
-
-    def buggy(*args, **kwargs):
-        calls.append(1)
-        raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
-
-    monkeypatch.setattr(worker, "accumulate_one", buggy)
-    s = settings.model_copy(update={"max_deliver": 2})
     spec = {"unit_cell": [50, 60, 70, 90, 90, 90], "space_group": "P 1", "d_min": 4.0, "subdivisions": 3}
-
-    async def scenario():
-        w = Worker(STAGE, s)
-        task = asyncio.create_task(w.run())
-        try:
-            with pytest.raises(StageFailed, match="broadcast"):
-                await submit_and_wait("voxel-merger", {"still": still}, {"mode": "accumulate", "grid_spec": spec},
-                                      run_id="r", job_id="bug", timeout=60, settings=s)
-        finally:
-            w.stop()
-            await task
-
-    asyncio.run(scenario())
-    assert len(calls) == 2  # delivered twice: retried
-    assert [(l.job_id, l.kind) for l in probe.dead_letters()] == [("bug", "failure")]
+    assert planted_bug(STAGE, worker, "accumulate_one", {"still": still}, {"mode": "accumulate", "grid_spec": spec}) \
+        == (2, [("bug", "failure")])
 
 
 def test_cli_refuses_a_bad_option_value_naming_it(tmp_path):
