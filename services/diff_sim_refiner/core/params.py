@@ -14,7 +14,9 @@ import dataclasses
 import math
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, Tag, field_validator, model_validator
+
+from diffractflow.params import job_kind
 
 from .config import BeamConfig, CrystalConfig, DetectorConfig
 
@@ -129,17 +131,12 @@ class DemoParams(BaseModel):
     lbfgs_steps: int = Field(6, ge=0, le=10_000, description="L-BFGS polish steps after Adam (0 = Adam only)")
 
 
-def _kind(v: Any) -> str:
-    return v.get("kind", "simulate") if isinstance(v, dict) else getattr(v, "kind", "simulate")
-
-
 class DiffSimRefinerParams(RootModel):
     """A diff-sim-refiner job's ``params``: :class:`SimulateParams` or :class:`RefineParams` by ``kind`` (default
     simulate). The worker's ``params_model``; the job kind's model is ``.root``."""
 
     root: Annotated[Union[Annotated[SimulateParams, Tag("simulate")], Annotated[RefineParams, Tag("refine")]],
-                    Discriminator(_kind, custom_error_type="invalid_kind",
-                                  custom_error_message="kind must be 'simulate' or 'refine'")]
+                    job_kind("kind", "simulate", "simulate", "refine")]
 
 
 __all__ = ["check_section", "SimulateParams", "RefineParams", "DemoParams", "DiffSimRefinerParams", "REFINABLE_GROUPS"]

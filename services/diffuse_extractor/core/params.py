@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, List, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_serializer,
+from pydantic import (BaseModel, ConfigDict, Field, RootModel, Tag, field_serializer,
                       field_validator)
+
+from diffractflow.params import job_kind
 
 from .corrections import DRY_AIR_DENSITY_G_CM3
 from .masks import Shape
@@ -130,17 +132,12 @@ class BackgroundJob(MaskParams):
                                   "the median / the smooth background (> 0)")
 
 
-def _mode(v: Any) -> str:
-    return v.get("mode", "extract") if isinstance(v, dict) else getattr(v, "mode", "extract")
-
-
 class ExtractorParams(RootModel):
     """A diffuse-extractor job's ``params``: :class:`ExtractJob` or :class:`BackgroundJob` by ``mode`` (default
     extract). The worker's ``params_model``; the job kind's model is ``.root``."""
 
     root: Annotated[Union[Annotated[ExtractJob, Tag("extract")], Annotated[BackgroundJob, Tag("background")]],
-                    Discriminator(_mode, custom_error_type="invalid_mode",
-                                  custom_error_message="mode must be 'extract' or 'background'")]
+                    job_kind("mode", "extract", "extract", "background")]
 
 
 def extraction_params(job: MaskParams) -> ExtractionParams:

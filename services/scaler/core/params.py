@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, Tag, field_validator, model_validator
+
+from diffractflow.params import job_kind
 
 from .errors import ParameterLimitExceeded
 
@@ -97,17 +99,12 @@ class AbsoluteParams(BaseModel):
     n_shells: int = Field(30, ge=3, le=1000, description="resolution shells for the sum rule, 3..1000")
 
 
-def _mode(v: Any) -> str:
-    return v.get("mode", "relative") if isinstance(v, dict) else getattr(v, "mode", "relative")
-
-
 class ScalerParams(RootModel):
     """A scaler job's ``params``: :class:`RelativeParams` or :class:`AbsoluteParams` by ``mode`` (default
     relative). The worker's ``params_model``; the job kind's model is ``.root``."""
 
     root: Annotated[Union[Annotated[RelativeParams, Tag("relative")], Annotated[AbsoluteParams, Tag("absolute")]],
-                    Discriminator(_mode, custom_error_type="invalid_mode",
-                                  custom_error_message="mode must be 'relative' or 'absolute'")]
+                    job_kind("mode", "relative", "relative", "absolute")]
 
 
 #: the defaults, for library code that takes a seed-003 configdict with keys left out

@@ -23,7 +23,9 @@ from typing import Annotated, Any, List, Literal, Optional, Sequence, Union
 
 from cctbx import sgtbx
 from libtbx.utils import Sorry
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, Tag, field_validator
+
+from diffractflow.params import job_kind
 
 from diffractflow.errors import InputError
 
@@ -330,17 +332,12 @@ class FrameModelJob(BaseModel):
     mode: Literal["frame_model"] = Field(description="a one-image rotation experiment from a sweep model")
 
 
-def _mode_of(v: Any) -> str:
-    return v.get("mode", "auto") if isinstance(v, dict) else getattr(v, "mode", "auto")
-
-
 class JobParams(RootModel):
     """A stills-processor job's parameters: the model of its ``mode`` (default ``auto``); ``.root`` is it."""
 
     root: Annotated[Union[Annotated[StillsJob, Tag("auto")], Annotated[SequenceJob, Tag("sequence")],
                           Annotated[FrameModelJob, Tag("frame_model")]],
-                    Discriminator(_mode_of, custom_error_type="mode",
-                                  custom_error_message="mode must be 'auto', 'sequence' or 'frame_model'")]
+                    job_kind("mode", "auto", "auto", "sequence", "frame_model")]
 
 
 def field_default(model: type[BaseModel], name: str) -> Any:

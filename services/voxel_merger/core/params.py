@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, RootModel, Tag
+from pydantic import BaseModel, ConfigDict, Field, RootModel, Tag
+
+from diffractflow.params import job_kind
 
 #: merge jobs: outlier threshold (σ) when ``reject_sigma`` is not given and the stills are scaled
 MERGE_REJECT_SIGMA = 5.0
@@ -103,17 +105,12 @@ class RunParams(GridOptions, MergingOptions, StorageOptions):
     mode: Literal["run"] = Field("run", description="job kind")
 
 
-def _mode(v: Any) -> str:
-    return v.get("mode", "run") if isinstance(v, dict) else getattr(v, "mode", "run")
-
-
 class VoxelMergerParams(RootModel):
     """A voxel-merger job's ``params``: the job kind's model by ``mode`` (default run), as ``.root``."""
 
     root: Annotated[Union[Annotated[AccumulateParams, Tag("accumulate")], Annotated[MergeParams, Tag("merge")],
                           Annotated[RunParams, Tag("run")]],
-                    Discriminator(_mode, custom_error_type="invalid_mode",
-                                  custom_error_message="mode must be 'accumulate', 'merge' or 'run'")]
+                    job_kind("mode", "run", "accumulate", "merge", "run")]
 
 
 def merge_reject_sigma(reject_sigma: Optional[float], scaled: bool) -> Optional[float]:
