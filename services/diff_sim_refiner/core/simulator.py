@@ -1011,7 +1011,7 @@ def render_loss(p: Prepared, detector: DetectorConfig, loss_fn: Callable[[torch.
         pixel_mask = spot_block_mask(p, detector, p.spot_cutoff)
     plan = _native_grad_plan(p)
     if plan is not None:
-        return _render_loss_native(p, plan, loss_fn, detector, pixel_mask, pixels, pixel_batch_size or (1 << 16),
+        return _render_loss_native(p, plan, loss_fn, detector, pixel_mask, pixels, pixel_batch_size or (1 << 18),
                                    progress)
     f_all, s_all = _loss_pixels(detector, device, pixel_mask, pixels)
     npx = f_all.numel()
