@@ -12,9 +12,11 @@ from typing import Optional
 
 import numpy as np
 
+from diffractflow.errors import InputError
 from diffractflow.reading import reader
 
-class FormatError(ValueError):
+
+class FormatError(InputError):
     """A file does not hold what its format promises (message names the file)."""
 
 

@@ -405,6 +405,11 @@ def _render_pixels(p, f: torch.Tensor, s: torch.Tensor, batch: Optional[int]) ->
     Avoids building a full-frame image when the mask holds a few boxes spread over a large detector.
     Returns None if the simulator's per-chunk kernel is not available.
     """
+    from ..core.simulator import native_pixels
+
+    v = native_pixels(p, f, s)  # the compiled photons + derivatives kernel, when it covers every gradient needed
+    if v is not None:
+        return v
     try:
         from torch.utils.checkpoint import checkpoint
 
