@@ -196,7 +196,7 @@ async def extract_and_accumulate(volume: Volume, run_id: str, cfg: DiffuseRunCon
         res = await _with_run_bragg_radius(volume, run_id, image, extract)
     record["bragg_radius_px"] = res.get("metrics", {}).get("bragg_radius_px")
     record["stage_seconds"]["diffuse-extractor"] = round(time.monotonic() - t1, 2)
-    still_ref = res["outputs"].get("still") or next(v for k, v in res["outputs"].items() if not k.endswith("_png"))
+    still_ref = res["outputs"][res["metrics"]["tables"][0]]  # the extractor names its tables in its metrics
     t2 = time.monotonic()
     res = await run_stage("voxel-merger", {"still": ArtifactRef(**still_ref)},
                           {"mode": "accumulate", "grid_spec": grid_spec(cfg)},

@@ -66,6 +66,8 @@ def _extract(ctx: JobContext, job: ExtractJob) -> None:
         ctx.add_output(f"still_{r['index']:04d}", r["artifact"])
         for name, p in r.get("pngs", {}).items():
             ctx.add_output(f"still_{r['index']:04d}_{name}_png", p)
+    #: the per-still tables among the outputs, in order (the rest are figures): what a flow passes on
+    ctx.metrics["tables"] = [f"still_{r['index']:04d}" for r in results]
     ctx.metrics["n_stills"] = len(results)
     ctx.metrics["n_pixels"] = int(sum(r["n_pixels"] for r in results))
     ctx.metrics["n_masked_bragg"] = int(sum(r.get("n_masked_bragg", 0) for r in results))

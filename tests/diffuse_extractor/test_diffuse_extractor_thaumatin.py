@@ -148,6 +148,7 @@ def test_worker_run_inline(thaumatin_indexed, tmp_path):
                      inputs={"experiments": ArtifactRef(path="in/still.expt", sha256=sha256_file(expt))},
                      params={"pngs": False, "beamstop": ["circle:0:1265,1300,40"], "bragg_radius_px": 4})
     ctx = run_inline(STAGE, job, Settings(volume=vol))
+    assert ctx.metrics["tables"] == ["still_0000"]  # the flow picks the table by this, not by output names
     out = ctx.outputs["still_0000"]
     a = read_still(out, columns=["intensity"])
     assert a["provenance"]["job_id"] == "de-1" and ctx.metrics["n_pixels"] == len(a["pixels"]["intensity"])
