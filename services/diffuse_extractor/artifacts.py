@@ -59,7 +59,6 @@ q components to ~1e-7 1/angstrom, intensities and corrections to ~4e-7 relative)
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -83,15 +82,9 @@ BACKGROUND_SCHEMA_VERSION = 1
 BACKGROUND_LEGACY_VERSIONS = {"1": 1, "1.0": 1}
 
 
-@contextlib.contextmanager
 def _own_errors():
     """The formats' platform InputError re-raised as this service's (same message)."""
-    try:
-        yield
-    except InputError:
-        raise
-    except diffractflow.errors.InputError as exc:
-        raise InputError(str(exc)) from exc
+    return diffractflow.errors.reraised_as(InputError)
 CHUNK = 1 << 18  # elements per chunk: 1 MB of float32
 CHECK_STRIDE = 4099  # v3: every CHECK_STRIDE-th value of each recomputed multiplier is kept as a check
 #: the multipliers whose product is ``correction``

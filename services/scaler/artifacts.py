@@ -46,15 +46,9 @@ class InputError(diffractflow.errors.InputError):
     problem."""
 
 
-@contextlib.contextmanager
 def _own_errors():
     """The formats' platform InputError re-raised as this service's (same message)."""
-    try:
-        yield
-    except InputError:
-        raise
-    except diffractflow.errors.InputError as exc:
-        raise InputError(str(exc)) from exc
+    return diffractflow.errors.reraised_as(InputError)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ wrappers around them, plus the grid JSON and the figures.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -43,15 +42,9 @@ class InputError(diffractflow.errors.InputError):
     problem."""
 
 
-@contextlib.contextmanager
 def _own_errors():
     """The formats' platform InputError re-raised as this service's (same message)."""
-    try:
-        yield
-    except InputError:
-        raise
-    except diffractflow.errors.InputError as exc:
-        raise InputError(str(exc)) from exc
+    return diffractflow.errors.reraised_as(InputError)
 
 
 # ====================================================================== stills

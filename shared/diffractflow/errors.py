@@ -8,9 +8,24 @@ numpy shape bug is never mistaken for bad input; only code that knows the input 
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class InputError(ValueError):
     """The job's input (files or parameters) cannot give a result; name the file and the problem."""
 
 
-__all__ = ["InputError"]
+@contextlib.contextmanager
+def reraised_as(cls: type[InputError]) -> Iterator[None]:
+    """Re-raise the platform's InputError (e.g. from :mod:`diffractflow.formats`) as a service's own subclass
+    ``cls``, same message, so that callers of the service catch one class."""
+    try:
+        yield
+    except cls:
+        raise
+    except InputError as exc:
+        raise cls(str(exc)) from exc
+
+
+__all__ = ["InputError", "reraised_as"]
