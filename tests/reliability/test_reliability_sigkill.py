@@ -69,8 +69,8 @@ def test_sigkill_stem_polar_mid_job(kill_mid_job_and_recover, volume):
 
 
 def test_sigkill_diff_sim_refiner_mid_job(kill_mid_job_and_recover, volume):
-    flags = ("-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 1.0 -distance 100 -detpixels 1024 "
-             "-pixel 0.1 -oversample 2 -misset 5 3 -2 -mosaic 0.5 -mosaic_domains 6 -mosaic_seed 7 "
+    flags = ("-cell 100 100 100 90 90 90 -default_F 100 -N 5 -lambda 1.0 -distance 100 -detpixels 2048 "
+             "-pixel 0.1 -oversample 4 -misset 5 3 -2 -mosaic 0.5 -mosaic_domains 6 -mosaic_seed 7 "
              "-phisteps 4 -osc 0.4").split()
     v = Volume(volume)
     res = kill_mid_job_and_recover(_job(v, "diff-sim-refiner", "k-sim", {}, {"nanobragg": flags}),
