@@ -98,7 +98,11 @@ def test_lab_server_starts_the_notebook_kernel_and_imports_the_package(tmp_path)
 
     kernel = json.loads(NOTEBOOK.read_text())["metadata"]["kernelspec"]["name"]
     port, token = _free_port(), secrets.token_hex(16)
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"))
+    # the environment a user's shell gives `make lab`, not this test process's (other tests may have run kernels and
+    # left variables behind in it)
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"))
     cmd = [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={REPO}", "--allow-root"]
     log = open(tmp_path / "server.log", "w")
