@@ -83,8 +83,10 @@ class ExtractionParams(MaskParams):
                                              "default: from the spot profile)")
     bragg_d_min: Optional[float] = Field(None, gt=0, description="predict Bragg spots to this resolution, Å "
                                          "(default: the detector's corner)")
-    bragg_delpsi_max: float = Field(0.003, gt=0, le=0.1, description="predicted-reflection window |Δψ|, rad "
-                                    "(0..0.1; DIALS' stills prediction keeps 0.0015): also masks weak partials")
+    bragg_delpsi_max: float = Field(0.01, gt=0, le=0.1, description="predicted-reflection window |Δψ|, rad "
+                                    "(0..0.1; DIALS' stills prediction keeps 0.0015). Wide enough for the mosaic "
+                                    "band (half-mosaicity + d/domain size): a partial outside it is masked only "
+                                    "where the outlier test sees it, which depends on the dose")
     outlier_nsigma: Optional[float] = Field(8.0, gt=0, description="mask unpredicted bright pixels this many "
                                             "Poisson σ above their |q| shell and their neighbourhood (> 0; None: off)")
     outlier_grow_px: float = Field(2.0, ge=0, description="grow each outlier mask by this many pixels (>= 0)")
