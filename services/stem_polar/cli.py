@@ -115,10 +115,11 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Cluster-guided polarisation mapping: templates, gates, matched filter, gated CoM, E-field maps."""
-    from .artifacts import DataError, load_labels, open_source, write_outputs
+    from .artifacts import DataError, write_outputs
     from .core.config import load_config
-    from .core.pipeline import InputError, PolarPipeline
+    from .core.pipeline import InputError
     from .core.xp import DeviceError
+    from .pipeline import run_files
 
     if interactive_kspace is False and known_spacing is not None:
         _fail("--known-spacing only applies with --interactive-kspace")
@@ -129,42 +130,35 @@ def run(
     if center is not None:
         cfg.calibration.center_y, cfg.calibration.center_x = center
     t0 = time.perf_counter()
-    src = ref = None
+    interactive = {}
+
+    def calibrate(pipe):  # between the centre detection and the passes: no data reload
+        if interactive_center:
+            from .core.interactive import pick_center
+
+            y, x = pick_center(pipe.mean_sample, (pipe.center.cy, pipe.center.cx))
+            pipe.set_center(y, x, "interactive")
+            interactive["center"] = {"y": y, "x": x}
+        if interactive_kspace:
+            interactive["kspace"] = apply_kspace_calibration(pipe, known_spacing, kspace_pairs, config)
+
     try:
-        src = open_source(data, dset, scan_shape)
-        lab, declared = load_labels(labels) if labels is not None else (None, None)
-        if reference is not None:
-            ref = open_source(reference, reference_dset or dset, src.scan_shape)
         with _Progress(quiet) as prog, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # collected in the report and shown in the summary
-            pipe = PolarPipeline(src, lab, cfg, device=device, chunk=chunks, reference=ref,
-                                 declared_ids=declared, progress=prog, threads=threads)
-            pipe.prepare()
-            interactive = {}
-            if interactive_center:
-                from .core.interactive import pick_center
-
-                y, x = pick_center(pipe.mean_sample, (pipe.center.cy, pipe.center.cx))
-                pipe.set_center(y, x, "interactive")
-                interactive["center"] = {"y": y, "x": x}
-            if interactive_kspace:
-                interactive["kspace"] = apply_kspace_calibration(pipe, known_spacing, kspace_pairs, config)
-            res = pipe.run()
+            done = run_files(data, cfg, dset=dset, scan_shape=scan_shape, labels=labels, reference=reference,
+                             reference_dset=reference_dset, device=device, chunks=chunks, threads=threads,
+                             progress=prog, before_run=calibrate)
     except (DataError, InputError, DeviceError) as exc:
         _fail(str(exc))
     except RuntimeError as exc:
         _fail(str(exc), 1)
-    finally:
-        for s in (src, ref):
-            if s is not None and hasattr(s, "close"):
-                s.close()
-    nbytes = src.n_frames * src.frame_shape[0] * src.frame_shape[1] * src.dtype.itemsize
+    res, pipe = done.result, done.pipeline
     run_info = {
         "service": "stem-polar", "version": __version__,
         "command": " ".join(sys.argv),
         "inputs": {"data": str(data), "dset": dset, "labels": str(labels) if labels else None,
                    "reference": str(reference) if reference else None, "config": str(config) if config else None},
-        "data_gb": nbytes / 1e9,
+        "data_gb": done.data_bytes / 1e9,
         "interactive": interactive,
         "wall_time_s": time.perf_counter() - t0,
     }

@@ -39,51 +39,40 @@ class Params(BaseModel):
 
 
 def handle(ctx: JobContext, params: Params) -> None:
-    from .artifacts import DataError, load_labels, open_source, write_h5_summary, write_outputs
+    from .artifacts import DataError, write_h5_summary, write_outputs
     from .core.config import load_config
-    from .core.pipeline import InputError, PolarPipeline
+    from .core.pipeline import InputError
     from .core.xp import DeviceError
+    from .pipeline import run_files
 
     inputs = ctx.job.inputs
-    data_path = ctx.input_path("data")
     try:
         cfg = load_config(ctx.input_path("config") if "config" in inputs else None, params.config)
     except (ValueError, FileNotFoundError) as exc:
         raise BadInput(f"config: {exc}") from exc
     if params.center is not None:
         cfg.calibration.center_y, cfg.calibration.center_x = params.center
-    src = ref = None
+    last = [0.0]
+
+    def progress(stage, done, total):  # heartbeat at most every 2 s while chunks stream
+        now = time.monotonic()
+        if now - last[0] > 2.0:
+            last[0] = now
+            ctx.heartbeat()
+
     try:
-        src = open_source(data_path, params.dset, params.scan_shape)
-        lab, declared = load_labels(ctx.input_path("labels")) if "labels" in inputs else (None, None)
-        n_scan = int(np.prod(src.scan_shape))
-        if lab is not None and lab.size != n_scan:  # name the file: the core only knows the array
-            raise BadInput(f"{inputs['labels'].path}: {lab.size} labels, expected one per scan position "
-                           f"(H*W = {' * '.join(map(str, src.scan_shape))} = {n_scan})")
-        if "reference" in inputs:
-            ref = open_source(ctx.input_path("reference"), params.reference_dset or params.dset, src.scan_shape)
-        last = [0.0]
-
-        def progress(stage, done, total):  # heartbeat at most every 2 s while chunks stream
-            now = time.monotonic()
-            if now - last[0] > 2.0:
-                last[0] = now
-                ctx.heartbeat()
-
-        pipe = PolarPipeline(src, lab, cfg, device=params.device, chunk=params.chunks, reference=ref,
-                             declared_ids=declared, progress=progress)
-        pipe.prepare()
-        res = pipe.run()
+        done = run_files(ctx.input_path("data"), cfg, dset=params.dset, scan_shape=params.scan_shape,
+                         labels=ctx.input_path("labels") if "labels" in inputs else None,
+                         reference=ctx.input_path("reference") if "reference" in inputs else None,
+                         reference_dset=params.reference_dset, device=params.device, chunks=params.chunks,
+                         progress=progress)
     except (DataError, InputError, DeviceError) as exc:
         raise BadInput(str(exc)) from exc
-    finally:
-        for s in (src, ref):
-            if s is not None and hasattr(s, "close"):
-                s.close()
+    res, pipe = done.result, done.pipeline
     hashes = {name: (ref_.sha256 or "") for name, ref_ in inputs.items()}
     run_info = {"service": "stem-polar", "version": __version__, "job_id": ctx.job.job_id,
                 "inputs": {n: r.path for n, r in inputs.items()}, "input_sha256": hashes,
-                "data_gb": src.n_frames * src.frame_shape[0] * src.frame_shape[1] * src.dtype.itemsize / 1e9}
+                "data_gb": done.data_bytes / 1e9}
     written = write_outputs(res, ctx.out_dir, pipe.cfg, run_info)
     h5 = write_h5_summary(res, ctx.out_dir / "polar_maps.h5", pipe.cfg, job_id=ctx.job.job_id, inputs=hashes)
     ctx.add_output("polar_maps", h5)

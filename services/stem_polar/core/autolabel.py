@@ -22,6 +22,7 @@ def _features(block: np.ndarray, b: int) -> np.ndarray:
 
 def autolabel(source, cfg, chunk: int, progress=None) -> tuple[np.ndarray, dict]:
     """Return (labels (N,) int64 in 0..n_clusters-1, info dict)."""
+    # imported at first use: scikit-learn takes 1.6 s to import and only runs without given labels
     from sklearn.cluster import KMeans
     from sklearn.decomposition import IncrementalPCA
 

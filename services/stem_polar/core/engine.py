@@ -44,6 +44,7 @@ import numpy as np
 
 from . import kernels
 from . import stages as st
+from .source import iter_chunks, prefetch_chunks
 
 # ----------------------------------------------------------------------------------------- frame blocks
 
@@ -82,9 +83,6 @@ def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch:
     block is taken. Zero-copy views (``source.frames_view()``) when available, else ring-buffer reads with a
     background prefetch thread. ``check(block, start)`` runs on every block (finiteness of float data).
     ``keep``: used pages of a mapped source stay mapped (for a following pass; see ``keep_mapped``)."""
-    from .pipeline import _prefetch
-    from .source import iter_chunks
-
     n = source.n_frames
     view = getattr(source, "frames_view", None)
     arr = view() if view is not None else None
@@ -115,7 +113,7 @@ def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch:
                 if not keep:
                     helper.submit(advise, "done", a, b)
         return
-    for a, b, block in _prefetch(iter_chunks(source, chunk, buffers=3), prefetch):
+    for a, b, block in prefetch_chunks(iter_chunks(source, chunk, buffers=3), prefetch):
         block = block.reshape(b - a, -1)
         if check is not None:
             check(block, a)

@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
+try:  # optional: without it the tile products may use several BLAS threads (same results)
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_limits = None
+
+from . import engine as eng
+from . import kernels
+from . import quality as q
 from . import stages as st
+from .autolabel import autolabel
 from .calibration import (
     CenterEstimate,
     deflection_to_field,
@@ -30,9 +38,8 @@ from .calibration import (
     radial_mask,
 )
 from .config import PolarConfig
-from .source import auto_chunk, iter_chunks
+from .source import auto_chunk, iter_chunks, prefetch_chunks
 from .xp import get_xp, to_numpy
-from . import engine as eng
 
 
 class InputError(ValueError):
@@ -72,22 +79,6 @@ class PolarResult:
         return np.degrees(np.arctan2(self.ey, self.ex))
 
 
-def _prefetch(gen, enabled: bool = True):
-    """Read the next chunk in a background thread while the current one is processed (I/O overlap)."""
-    if not enabled:
-        yield from gen
-        return
-    with ThreadPoolExecutor(max_workers=1) as ex:
-        it = iter(gen)
-        fut = ex.submit(next, it, None)
-        while True:
-            item = fut.result()
-            if item is None:
-                return
-            fut = ex.submit(next, it, None)
-            yield item
-
-
 def _frame_sum(block: np.ndarray) -> np.ndarray:
     """Sum of frames over the first axis as float64: small unsigned integers (uint8/16, fewer than 65537 frames)
     accumulate exactly in uint32 (a few x faster than converting every pixel to float64), others in float64."""
@@ -99,11 +90,7 @@ def _frame_sum(block: np.ndarray) -> np.ndarray:
 def _blas_one_thread(xp):
     """Single-threaded BLAS for the tile products on CPU: they are skinny (a few output columns or rows),
     memory-bound and faster without thread hand-offs; the second core reads the next chunk meanwhile."""
-    if xp is not np:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
+    if xp is not np or threadpool_limits is None:
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
 
@@ -289,8 +276,6 @@ class PolarPipeline:
         """Which code ran the passes (for run.json): the CPU engine and its kernels, or the array-module path."""
         if not self.fast:
             return {"path": "generic", "array_module": self.xp.__name__}
-        from . import kernels
-
         return {"path": "cpu-engine", "threads": self.threads,
                 "kernels": kernels.backend(dtype) if self.cfg.preprocess.log_transform else "numpy"}
 
@@ -313,8 +298,6 @@ class PolarPipeline:
 
         autolabel_info = None
         if self.labels is None:
-            from .autolabel import autolabel
-
             t0 = time.perf_counter()
             lab, autolabel_info = autolabel(src, cfg.autolabel, self.chunk, self.progress)
             self.labels = lab
@@ -352,7 +335,8 @@ class PolarPipeline:
                                    keep=eng.keep_mapped(src),
                                    progress=lambda b, n_: self.progress("pass 1/2: statistics", b, n_))
         # generic (array-module) path
-        for a, b, block in ([] if self.fast else _prefetch(iter_chunks(src, self.chunk, buffers=3), self.prefetch)):
+        chunks = [] if self.fast else prefetch_chunks(iter_chunks(src, self.chunk, buffers=3), self.prefetch)
+        for a, b, block in chunks:
             self._check_finite(block, a)
             flat = block.reshape(b - a, -1)
             acc = st.StatsAccumulator(xp, C, P, split)
@@ -427,7 +411,8 @@ class PolarPipeline:
                 gate_of_slot, lab_slot, prefetch=self.prefetch,
                 progress=lambda b, n_: self.progress("pass 2/2: matched filter + gated CoM", b, n_))
         # generic (array-module) path
-        for a, b, block in ([] if self.fast else _prefetch(iter_chunks(src, self.chunk, buffers=3), self.prefetch)):
+        chunks = [] if self.fast else prefetch_chunks(iter_chunks(src, self.chunk, buffers=3), self.prefetch)
+        for a, b, block in chunks:
             flat = block.reshape(b - a, -1)
             for u0, u1 in self.tiler.ranges(b - a):
                 x = self.tiler.load(flat[u0:u1])
@@ -441,10 +426,8 @@ class PolarPipeline:
                 cxp[i0:i1], cyp[i0:i1], valid[i0:i1] = to_numpy(ccx), to_numpy(ccy), to_numpy(ok)
             self.progress("pass 2/2: matched filter + gated CoM", b, n)
         if temp_auto:  # argmax does not depend on the temperature; the confidence is redone from S (n x C)
-            from .quality import auto_temperature, confidence_from_scores
-
-            temp = auto_temperature(S)
-            conf = confidence_from_scores(S, temp)
+            temp = q.auto_temperature(S)
+            conf = q.confidence_from_scores(S, temp)
         self.timings["pass2_maps"] = time.perf_counter() - t0
         self.timings["pass2_maps_cpu"] = time.process_time() - c0
         n_invalid = int((~valid).sum())
@@ -463,7 +446,7 @@ class PolarPipeline:
                                          check=self._check_finite, prefetch=self.prefetch,
                                          progress=lambda b, n_: self.progress("descan reference", b, n_))
             for a, b, block in ([] if self.fast else
-                                _prefetch(iter_chunks(self.reference, self.chunk, buffers=3), self.prefetch)):
+                                prefetch_chunks(iter_chunks(self.reference, self.chunk, buffers=3), self.prefetch)):
                 self._check_finite(block, a)
                 flat = block.reshape(b - a, -1)
                 for u0, u1 in self.tiler.ranges(b - a):
@@ -599,8 +582,6 @@ class PolarPipeline:
     def _quality(self, rx_, ry_, bcx, bcy, com_gates, ids_v, stats, cy, cx, conf, Cv, temp, temp_auto, coverage,
                  ex, ey) -> dict:
         """The checks of ``core.quality``; each failing one becomes a warning (the run still writes everything)."""
-        from . import quality as q
-
         cfg, val = self.cfg, self.cfg.validation
         gates = com_gates if cfg.dpc.gate_mode == "adaptive" else [com_gates[0]] * len(ids_v)
         checks = {
@@ -654,7 +635,7 @@ def stream_gated_com(source, gates, cy: float, cx: float, chunk: Optional[int] =
     n = source.n_frames
     cxs, cys, oks = np.empty(n), np.empty(n), np.empty(n, dtype=bool)
     with _blas_one_thread(xp):
-        for a, b, block in _prefetch(iter_chunks(source, chunk, buffers=3), prefetch):
+        for a, b, block in prefetch_chunks(iter_chunks(source, chunk, buffers=3), prefetch):
             flat = block.reshape(b - a, -1)
             for u0, u1 in tiler.ranges(b - a):
                 gx, gy, ok = com.apply(xp, tiler.load(flat[u0:u1]))

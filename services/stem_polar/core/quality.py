@@ -9,6 +9,8 @@ passing input for each).
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
+from skimage.metrics import structural_similarity
 
 from . import stages as st
 
@@ -40,8 +42,6 @@ def symmetrize_pattern(p: np.ndarray, cy: float, cx: float) -> np.ndarray:
     yy, xx = np.indices((ky, kx), dtype=np.float64)
     my, mx = 2.0 * cy - yy, 2.0 * cx - xx
     inside = (my >= 0) & (my <= ky - 1) & (mx >= 0) & (mx <= kx - 1)
-    from scipy import ndimage
-
     r = ndimage.map_coordinates(p, [my, mx], order=1, mode="nearest")
     return np.where(inside, 0.5 * (p + r), p)
 
@@ -141,8 +141,6 @@ def gate_signal_check(coverage: dict) -> dict:
 
 
 def _ssim(a, b):
-    from skimage.metrics import structural_similarity
-
     rng = float(max(a.max(), b.max()) - min(a.min(), b.min()))
     if rng == 0:
         return 1.0

@@ -6,6 +6,7 @@ returning an (stop - start, ky, kx) array. Only one block is in memory at a time
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -77,6 +78,23 @@ def iter_chunks(source, chunk: int, start: int = 0, stop: int | None = None,
             yield a, b, source.read_into(a, b, ring[i % len(ring)][:b - a])
         else:
             yield a, b, source.read(a, b)
+
+
+def prefetch_chunks(gen, enabled: bool = True):
+    """Items of ``gen`` with the next one read in a background thread while the current one is processed
+    (I/O overlap); ``enabled=False`` yields them in the caller's thread."""
+    if not enabled:
+        yield from gen
+        return
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        it = iter(gen)
+        fut = ex.submit(next, it, None)
+        while True:
+            item = fut.result()
+            if item is None:
+                return
+            fut = ex.submit(next, it, None)
+            yield item
 
 
 def auto_chunk(frame_shape, target_bytes: int = 64 << 20) -> int:
