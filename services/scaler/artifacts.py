@@ -9,7 +9,8 @@ Inputs
 - Bragg intensities: DIALS ``.refl`` or HDF5 with 1-D ``intensity`` and ``d`` (Å) or ``q_magnitude``.
 
 Outputs (relative): ``scales.json`` {still id: b} with I_obs ~ b * I_ref (:mod:`diffractflow.formats.scales`
-version 2: keyed by the table's ``still_names``; a table without names gives its integer ids), ``statistics.json``,
+version 2: keyed by the table's ``still_names``; a table without names gives version 1, keyed by its integer ids),
+``statistics.json``,
 ``scales_per_still.png``, ``r_factor_per_iteration.png``.
 Outputs (absolute): ``absolute_map.h5`` (NeXus, schema ``diffractflow.scaler.absolute_map``),
 ``absolute.json`` and ``absolute_profile.png``.
@@ -214,15 +215,15 @@ def write_relative_outputs(out_dir: str | Path, refined: Mapping[int, Mapping[st
         if bad:
             raise ValueError(f"still ids {bad[:5]} are outside the table's {len(still_names)} still_names")
         scales = {str(still_names[int(k)]): float(refined[k]["multiplicative_scale"]) for k in order}
-        paths = {"scales": scales_format.write_scales(out / "scales.json", scales)}
+        version = scales_format.VERSION
     else:
         scales = {str(k): float(refined[k]["multiplicative_scale"]) for k in order}
-        paths = {"scales": atomic_write_json(out / "scales.json", scales)}
+        version = 1
+    paths = {"scales": scales_format.write_scales(out / "scales.json", scales, version=version)}
     stats = dict(statistics)
     stats["convention"] = "I_obs ~ b * g(|q|) * I_reference (DIALS convention); scales.json holds b"
     stats["producer"] = {"service": PRODUCER, "version": __version__}
-    stats["scales_schema"] = {"schema": scales_format.SCHEMA,
-                              "schema_version": scales_format.VERSION if still_names is not None else 1}
+    stats["scales_schema"] = {"schema": scales_format.SCHEMA, "schema_version": version}
     if still_names is not None:  # table index -> still id (the keys of scales.json), for readers of old runs
         stats["still_names"] = {str(k): str(still_names[int(k)]) for k in order}
     paths["statistics"] = atomic_write_json(out / "statistics.json", stats)

@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 
 from diffractflow.artifacts import Volume, atomic_write_json
+from diffractflow.formats.scales import read_scales
 from orchestration.diffuse import DiffuseRunConfig, diffuse_merge_flow, diffuse_still_flow, run_dir
 from orchestration.embedded import Topology
 
@@ -130,5 +131,5 @@ def test_real_thaumatin_stills_through_the_flows(topology, tmp_path, shared_dir)
         counts = f["entry/map/counts"][()]
     measured = counts > 0
     assert measured.sum() > 10_000 and np.all(np.isfinite(intensity[measured]))
-    scales = json.loads(volume.resolve("runs/thau/output/scales.json").read_text())
+    scales = read_scales(volume.resolve("runs/thau/output/scales.json"))
     assert len(scales) == 3 and all(0.2 < v < 5 for v in scales.values())

@@ -305,9 +305,19 @@ def test_merged_map_old_string_version_reads_in_every_consumer(tmp_path):
 def test_scales_round_trip_and_version_1_keys(tmp_path):
     p = tmp_path / "scales.json"
     scales.write_scales(p, {"a.cbf#0": 1.5, "b.cbf#0": 0.5})
+    assert json.loads(p.read_text()) == {"schema": "diffractflow.scaler.scales", "schema_version": 2,
+                                         "scales": {"a.cbf#0": 1.5, "b.cbf#0": 0.5}}
     assert scales.read_scales(p) == {"a.cbf#0": 1.5, "b.cbf#0": 0.5}
     with pytest.raises(ValueError, match="still id"):
         scales.write_scales(tmp_path / "x.json", {"0": 1.0})
+    with pytest.raises(ValueError, match="table index"):
+        scales.write_scales(tmp_path / "x.json", {"a.cbf#0": 1.0}, version=1)
+    v1 = scales.write_scales(tmp_path / "v1.json", {"1": 0.5, "0": 1.5}, version=1)
+    assert json.loads(v1.read_text())["schema_version"] == 1
+    assert scales.read_scales(v1, ["a.cbf#0", "b.cbf#0"]) == {"a.cbf#0": 1.5, "b.cbf#0": 0.5}
+    bare = tmp_path / "bare_scales.json"  # the bare {still id: b} earlier releases wrote for version 2
+    bare.write_text(json.dumps({"a.cbf#0": 1.5, "b.cbf#0": 0.5}))
+    assert scales.read_scales(bare) == {"a.cbf#0": 1.5, "b.cbf#0": 0.5}
     old = tmp_path / "old_scales.json"
     old.write_text(json.dumps({"0": 1.5, "1": 0.5}))
     assert scales.read_scales(old, ["a.cbf#0", "b.cbf#0"]) == {"a.cbf#0": 1.5, "b.cbf#0": 0.5}
@@ -389,3 +399,17 @@ def test_scales_by_still_id_merge_to_the_same_map_as_index_keyed_scales(tmp_path
     assert np.median(np.abs(a.intensity[meas] / truth(H, K, L)[meas] - 1)) < 0.03
     unscaled = read_map(outputs["map"])
     assert np.median(np.abs(unscaled.intensity[meas] / truth(H, K, L)[meas] - 1)) > 0.1
+
+
+@pytest.mark.parametrize("open_", [
+    lambda p: merged_map.read_map(p),
+    lambda p: observations.read_observations(p),
+    lambda p: still_table.StillTable(p),
+], ids=["merged_map", "observations", "still_table"])
+def test_every_hdf5_reader_names_a_missing_or_non_hdf5_file(tmp_path, open_):
+    with pytest.raises(InputError, match=r"absent\.h5: .* not found"):
+        open_(tmp_path / "absent.h5")
+    text = tmp_path / "text.h5"
+    text.write_text("not HDF5")
+    with pytest.raises(InputError, match=r"text\.h5: .* is not a readable HDF5 file"):
+        open_(text)

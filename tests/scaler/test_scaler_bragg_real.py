@@ -7,6 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
+from diffractflow.formats.scales import read_scales
+
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 STILL = SHARED / "data" / "thaumatin_grid" / "thau_3_2_0001.cbf.bz2"
 
@@ -77,7 +79,7 @@ def test_worker_recovers_planted_scale_from_bragg_alone(processed, tmp_path):
                      params={"mode": "relative", "partiality_threshold": 0.1, "convergence_tolerance": 1e-10,
                              "max_iterations": 200})
     ctx = run_inline(STAGE, job, Settings(volume=vol))
-    scales = json.loads(ctx.outputs["scales"].read_text())
+    scales = read_scales(ctx.outputs["scales"])
     assert scales["copy_0001.cbf#0"] / scales["thau_3_2_0001.cbf#0"] == pytest.approx(1.7, rel=1e-3)
     assert ctx.metrics["n_bragg"] > 600 and ctx.metrics["n_bragg_unmatched_stills"] == 0
     with h5py.File(ctx.outputs["bragg_merged"]) as f:

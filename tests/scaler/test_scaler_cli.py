@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffractflow.formats import write_header
+from diffractflow.formats.scales import read_scales
 from scaler.artifacts import write_observations
 from scaler.cli import app
 
@@ -25,7 +26,7 @@ def test_run_writes_scales_statistics_plots(tmp_path, obs_file, rms_rel):
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["run", "--observations", str(path), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    scales = json.loads((out / "scales.json").read_text())
+    scales = read_scales(out / "scales.json")
     assert sorted(scales) == [f"img_{i:03d}" for i in range(100, 160)]  # keyed by still id (the table's names)
     b = np.array([scales[f"img_{i + 100:03d}"] for i in range(60)])
     assert rms_rel(b, d["b_true"]) <= 0.006
@@ -37,9 +38,9 @@ def test_run_writes_scales_statistics_plots(tmp_path, obs_file, rms_rel):
     for png in ("scales_per_still.png", "r_factor_per_iteration.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # voxel-merger reads these scales back
-    from voxel_merger.artifacts import read_scales
+    from voxel_merger.artifacts import read_scales as merger_read_scales
 
-    assert read_scales(out / "scales.json")["img_100"] == pytest.approx(b[0])
+    assert merger_read_scales(out / "scales.json")["img_100"] == pytest.approx(b[0])
 
 
 def test_run_with_smoother_and_errors(tmp_path, obs_file):
@@ -81,7 +82,7 @@ def test_worker_relative_and_bad_input(tmp_path, obs_file):
     ctx = run_inline(STAGE, job, settings)
     assert {"scales", "statistics"} <= set(ctx.outputs)
     assert ctx.metrics["convergence_achieved"] and ctx.metrics["n_stills"] == 60
-    scales = json.loads(ctx.outputs["scales"].read_text())
+    scales = read_scales(ctx.outputs["scales"])
     assert len(scales) == 60
     # absolute mode without a map input: bad input naming the missing input
     with pytest.raises(BadInput, match="no input named 'map'"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffractflow.formats.scales import read_scales
 from scaler.artifacts import write_observations
 from scaler.pipeline import run_relative
 
@@ -31,10 +32,7 @@ def _planted_table(path, mean_photons: float, seed: int = 3, n_stills: int = 16,
 
 
 def _scale_error(out_dir, planted) -> float:
-    import json
-
-    sc = json.loads((out_dir / "scales.json").read_text())
-    sc = sc.get("scales", sc)
+    sc = read_scales(out_dir / "scales.json")
     rec = np.array([sc[f"still_{i:02d}.cbf#0"] for i in range(len(planted))])
     r = rec / planted
     r /= np.exp(np.mean(np.log(r)))

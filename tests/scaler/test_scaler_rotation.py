@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from diffractflow.formats.scales import read_scales
 from scaler import DiffuseScalingModel, SmootherNotIdentifiable
 from scaler.core.refine import RotationRestraint
 from scaler.pipeline import build_config
@@ -179,11 +180,11 @@ def test_pipeline_and_worker_match_sequences_by_still_name(tmp_path):
     paths, stats = run_relative(obs, tmp_path / "out", sequences=p.sequences, rotation_smoothness=10.0, plots=False)
     rep = stats["rotation_restraint"]["sequences"]["sweep_1"]
     assert rep["n_frames_in_data"] == n_frames and rep["keys_not_in_table"] == ["sweep_0041.cbf#0"]
-    scales = json.loads(paths["scales"].read_text())
+    scales = read_scales(paths["scales"])
     assert set(scales) == set(names)  # keyed by still id
     b = np.array([scales[n] for n in names])
     _, free = run_relative(obs, tmp_path / "free", plots=False)
-    b_free = np.array([json.loads((tmp_path / "free" / "scales.json").read_text())[n] for n in names])
+    b_free = np.array([read_scales(tmp_path / "free" / "scales.json")[n] for n in names])
     assert rms(rel_errors(b[:n_frames], b_true[:n_frames])) < 0.7 * rms(rel_errors(b_free[:n_frames], b_true[:n_frames]))
     # CLI: --sequences FILE.json
     seq = tmp_path / "seq.json"

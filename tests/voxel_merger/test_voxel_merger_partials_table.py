@@ -4,6 +4,7 @@ import json
 import numpy as np
 from typer.testing import CliRunner
 
+from diffractflow.formats.scales import read_scales
 from voxel_merger.artifacts import read_observation_table, write_still
 from voxel_merger.cli import app
 from voxel_merger.core.grid import GlobalGrid
@@ -62,7 +63,7 @@ def test_partials_table_rows_are_per_still_voxel_means_and_scale_correctly(tmp_p
     r = runner.invoke(scaler_app, ["run", "--observations", str(tmp_path / "m" / "observations.h5"),
                                    "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
-    b = json.loads((tmp_path / "s" / "scales.json").read_text())
+    b = read_scales(tmp_path / "s" / "scales.json")
     assert set(b) == set(t["still_names"])  # keyed by still id (scales version 2)
     got = np.array([b[n] for n in t["still_names"]])
     want = np.array([planted[n] for n in t["still_names"]])

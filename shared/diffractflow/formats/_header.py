@@ -7,9 +7,11 @@ and reads it back as one. Readers accept the string forms earlier releases wrote
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
+import h5py
 import numpy as np
 
 from ..artifacts import write_provenance
@@ -51,9 +53,10 @@ def parse_version(raw, legacy: Mapping[str, int]) -> int | None:
 
 
 def check_header(path: str | Path, attrs: Mapping[str, Any], *, schema: str, versions: tuple[int, ...],
-                 legacy: Mapping[str, int], what: str) -> int:
+                 legacy: Mapping[str, int], what: str, hint: str = "") -> int:
     """The integer version of an artifact whose attributes are ``attrs``; InputError naming ``path`` when the
-    schema is another one (or missing) or the version is not one this reader knows."""
+    schema is another one (or missing) or the version is not one this reader knows (``hint``, if given, ends
+    that message: what the user can do about it)."""
     got = _text(attrs.get("schema"))
     if got != schema:
         article = "an" if what[:1].lower() in "aeiou" else "a"
@@ -62,7 +65,7 @@ def check_header(path: str | Path, attrs: Mapping[str, Any], *, schema: str, ver
     v = parse_version(raw, legacy)
     if v is None or v not in versions:
         raise InputError(f"{path}: {what} schema version {_text(raw)!r} is not supported "
-                         f"(this reader knows {schema} versions {list(versions)})")
+                         f"(this reader knows {schema} versions {list(versions)}){hint}")
     return v
 
 
@@ -72,3 +75,25 @@ def require(path: str | Path, group, names, what: str) -> None:
     if missing:
         where = getattr(group, "name", "/")
         raise InputError(f"{path}: {what} lacks {missing} in {where}")
+
+
+def open_h5(path: str | Path, what: str) -> h5py.File:
+    """``path`` opened read-only; InputError naming it when it is missing or not HDF5 (``what``: the artifact,
+    for the message). The caller closes the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: {what} is not a readable HDF5 file ({exc})") from exc
+
+
+@contextlib.contextmanager
+def open_checked(path: str | Path, what: str, check: Callable[[Path, h5py.File], Any]) -> Iterator[h5py.File]:
+    """The file open read-only after ``check(path, f)`` (the format's schema, version and layout checks, which
+    raise InputError naming the file); closed on exit, also when the check fails."""
+    path = Path(path)
+    with open_h5(path, what) as f:
+        check(path, f)
+        yield f

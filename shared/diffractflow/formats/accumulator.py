@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
-from ._header import parse_version, _text
+from ._header import check_header
 
 SCHEMA = "diffractflow.voxel_merger.accumulator"
 VERSION = 2
@@ -23,13 +25,12 @@ VERSIONS = (2,)
 #: string forms earlier writers used for the same versions
 LEGACY_VERSIONS = {"1": 1, "1.0": 1, "2": 2, "2.0": 2}
 GROUP = "accumulator"
+WHAT = "voxel-merger accumulator"
 REQUIRED_ATTRS = ("grid", "n_halves", "block_shift", "still_ids", "n_obs", "n_dropped")
 
 
 def stamp(group) -> None:
     """Mark an h5py group as an accumulator of this version (the store writes the rest)."""
-    import numpy as np
-
     group.attrs["schema"] = SCHEMA
     group.attrs["schema_version"] = np.int64(VERSION)
 
@@ -37,16 +38,10 @@ def stamp(group) -> None:
 def check(path: str | Path, group, fields: list[str]) -> int:
     """The version of an accumulator group; InputError naming ``path`` for another schema, an unreadable
     version or a missing attribute/dataset. ``fields``: the sums this reader expects (for the message)."""
-    got = _text(group.attrs.get("schema"))
-    if got != SCHEMA:
-        raise InputError(f"{path}: not a voxel-merger accumulator (schema={got!r})")
-    raw = group.attrs.get("schema_version")
-    v = parse_version(raw, LEGACY_VERSIONS)
-    if v not in VERSIONS:
-        raise InputError(f"{path}: accumulator schema version {_text(raw)!r} is not supported (this voxel-merger "
-                         f"reads version {VERSION}: its sums are {fields}); re-accumulate the still with this version")
+    v = check_header(path, group.attrs, schema=SCHEMA, versions=VERSIONS, legacy=LEGACY_VERSIONS, what=WHAT,
+                     hint=f"; its sums are {fields}: re-accumulate the still with this version")
     missing = [a for a in REQUIRED_ATTRS if a not in group.attrs] + \
         [d for d in ("sums", "block_nonempty") if d not in group]
     if missing:
-        raise InputError(f"{path}: accumulator lacks {missing}")
+        raise InputError(f"{path}: {WHAT} lacks {missing}")
     return v

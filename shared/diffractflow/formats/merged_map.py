@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from ..artifacts import atomic_write_path, nexus_data_group
 from ..errors import InputError
-from ._header import check_header, write_header
+from ._header import check_header, open_checked, write_header
 
 SCHEMA = "diffractflow.voxel_merger.map"
 VERSION = 1
@@ -101,20 +101,10 @@ def _check(path: Path, f: h5py.File) -> int:
     return version
 
 
-@contextlib.contextmanager
-def open_map(path: str | Path) -> Iterator[h5py.File]:
+def open_map(path: str | Path) -> contextlib.AbstractContextManager[h5py.File]:
     """The map file open read-only after its checks (schema, version, fields); read planes from
     ``f["entry/map/intensity"]`` without loading the whole map."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: {WHAT} not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: not an HDF5 file ({exc})") from exc
-    with f:
-        _check(path, f)
-        yield f
+    return open_checked(path, WHAT, _check)
 
 
 def read_map(path: str | Path, fields: Sequence[str] = MAP_FIELDS) -> dict[str, Any]:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import h5py
 import numpy as np
 
 from ..artifacts import atomic_write_path
 from ..errors import InputError
-from ._header import check_header, write_header
+from ._header import check_header, open_checked, write_header
 
 SCHEMA = "diffractflow.voxel_merger.observations"
 VERSION = 2
@@ -147,20 +147,10 @@ def _check(path: Path, f: h5py.File) -> int:
     return version
 
 
-@contextlib.contextmanager
-def open_observations(path: str | Path) -> Iterator[h5py.File]:
+def open_observations(path: str | Path) -> contextlib.AbstractContextManager[h5py.File]:
     """The table open read-only after its checks (schema, version, columns numeric, 1-D, equal length, not
-    empty); the file's ``version`` is in ``f.attrs`` as read, the checked one is ``check_observations``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: {WHAT} not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: not an HDF5 file ({exc})") from exc
-    with f:
-        _check(path, f)
-        yield f
+    empty)."""
+    return open_checked(path, WHAT, _check)
 
 
 def decode_names(ds) -> np.ndarray:

@@ -1,12 +1,12 @@
 """Per-still scales (scaler -> voxel-merger, validation, report): ``scales.json``.
 
-Schema ``diffractflow.scaler.scales``. The file is a JSON object {key: b}, b > 0 the still's multiplicative
-scale (I_obs ~ b * I_ref). Version 2 keys are still ids (``<image file>#<index>``, the ids the voxel-merger gives
-stills), so a merge applies them without the observation table. Version 1 (older runs) keyed them by the
-observation table's integer ``still_id``; reading one needs that table's ``still_names``.
+Schema ``diffractflow.scaler.scales``, written as ``{"schema": SCHEMA, "schema_version": 2, "scales": {key: b}}``,
+b > 0 the still's multiplicative scale (I_obs ~ b * I_ref). Version 2 keys are still ids (``<image file>#<index>``,
+the ids the voxel-merger gives stills), so a merge applies them without the observation table. Version 1 keyed them
+by the observation table's integer ``still_id``; reading one needs that table's ``still_names``.
 
-The bare object is what is written (consumers and old runs read it as such); a reader also accepts the
-self-describing form ``{"schema": ..., "schema_version": 1|2, "scales": {...}}`` and checks it.
+Readers also accept the bare object ``{key: b}`` that earlier releases wrote (old runs on users' disks): its
+version is told by its keys (integer-looking keys are version 1).
 """
 from __future__ import annotations
 
@@ -30,12 +30,18 @@ def _is_index(key: str) -> bool:
     return key.lstrip("-").isdigit()
 
 
-def write_scales(path: str | Path, scales: Mapping[str, float]) -> Path:
-    """Write {still id: b} (version 2) atomically; an integer-looking key is refused (that is version 1)."""
-    bad = [k for k in scales if _is_index(str(k))]
+def write_scales(path: str | Path, scales: Mapping[str, float], version: int = VERSION) -> Path:
+    """Write the scales atomically in the self-describing form: version 2 {still id: b} (an integer-looking key is
+    refused), or version 1 {table index: b} for a table that has no still names (every key an integer)."""
+    if version not in VERSIONS:
+        raise ValueError(f"{SCHEMA} has versions {list(VERSIONS)}, not {version}")
+    keys = [str(k) for k in scales]
+    bad = [k for k in keys if _is_index(k) != (version == 1)]
     if bad:
-        raise ValueError(f"scales must be keyed by still id, not table index: {bad[:3]}")
-    return atomic_write_json(path, {str(k): float(v) for k, v in scales.items()})
+        raise ValueError(f"version-{version} scales must be keyed by "
+                         f"{'table index' if version == 1 else 'still id, not table index'}: {bad[:3]}")
+    return atomic_write_json(path, {"schema": SCHEMA, "schema_version": int(version),
+                                    "scales": {str(k): float(v) for k, v in scales.items()}})
 
 
 def _load(path: Path) -> tuple[dict, int | None]:

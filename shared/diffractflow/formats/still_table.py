@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - a dependency
 
 from ..artifacts import atomic_write_path
 from ..errors import InputError
-from ._header import _text, check_header, write_header
+from ._header import _text, check_header, open_h5, write_header
 
 SCHEMA = "diffractflow.diffuse_still"
 VERSION = 4
@@ -89,12 +89,7 @@ class StillTable:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
-            raise InputError(f"input still not found: {self.path}")
-        try:
-            self._f = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise InputError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+        self._f = open_h5(self.path, WHAT)
         try:
             self._open()
         except BaseException:
