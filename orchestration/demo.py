@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 BIN = Path(sys.executable).parent
 
 
@@ -56,30 +54,22 @@ def evaluate_run(rdir: Path, volume: Path, truth: dict, symmetry: str | None, n_
     """The merged map of run directory ``rdir`` against the planted diffuse truth (map/truth in ``n_bins`` bins of
     equal population of true intensity: deciles by default), and recovered against planted per-still scales
     (see :mod:`orchestration.validation`)."""
-    from diff_sim_refiner.datasets.stills import DiffuseTruth, StillsSpec, pixel_q
-    from diff_sim_refiner.datasets.sweep import SweepSpec, rotation
+    from diff_sim_refiner.datasets.planted import planted_images, stills_spec
+    from diff_sim_refiner.datasets.stills import DiffuseTruth, pixel_q
 
     from .validation import map_vs_truth, recovered_scales, sampled_reference, scale_errors
 
     out = rdir / "output"
     t = DiffuseTruth.load(truth)
     rec = recovered_scales(out / "scales.json")  # keyed by still id: no table needed
-    planted = {s["file"]: s for s in truth["stills"]}
-    sweep = truth.get("generator") == "diff_sim_refiner.datasets.sweep"
-    if sweep:  # a rotation frame's pixels sweep through the oscillation: the truth averaged over phi sub-steps
-        sspec = SweepSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in truth["spec"].items()})
-        A0 = np.asarray(truth["A0"], float)
-        n = max(int(sspec.phi_steps), 4)
-        for fr in truth["frames"]:
-            a, b = fr["phi_start_deg"], fr["phi_end_deg"]
-            planted[fr["file"]] = {**fr, "A": [rotation(a + (b - a) * (j + 0.5) / n) @ A0 for j in range(n)]}
+    planted = planted_images(truth)  # a rotation frame's A: its orientations across the oscillation
     stills = []
     for p in sorted((rdir / "stills").glob("*.json")):
         r = json.loads(p.read_text())
         name = Path(r["image"]).name
         if r["status"] == "ok" and name in planted:
             stills.append({"table": volume / r["diffuse"]["path"], "A": planted[name]["A"], "scale": rec.get(name, 1.0)})
-    spec = sspec.stills_spec() if sweep else StillsSpec(**{k: v for k, v in truth["spec"].items()})
+    spec = stills_spec(truth)
     ref = sampled_reference(out / "map.h5", stills, t, pixel_q(spec)[1], symmetry)
     vs = map_vs_truth(out / "map.h5", ref, n_bins=n_bins)
     vox = map_vs_truth(out / "map.h5", t.on_voxels)

@@ -132,6 +132,14 @@ def rotation(phi_deg: float, axis=ROTATION_AXIS) -> np.ndarray:
     return Rotation.from_rotvec(a / np.linalg.norm(a) * math.radians(phi_deg)).as_matrix()
 
 
+def oscillation_orientations(A0: np.ndarray, phi_start_deg: float, phi_end_deg: float, n_steps: int) -> list[np.ndarray]:
+    """U B of a crystal (``A0`` at phi 0, 1/Angstrom) at the midpoints of ``n_steps`` equal sub-steps of the
+    oscillation [phi_start_deg, phi_end_deg] (degrees): the orientations a frame's ``<.>_i`` averages over."""
+    a, b = float(phi_start_deg), float(phi_end_deg)
+    A0 = np.asarray(A0, float)
+    return [rotation(a + (b - a) * (j + 0.5) / n_steps) @ A0 for j in range(int(n_steps))]
+
+
 def crystal_orientation(spec: SweepSpec) -> np.ndarray:
     """U at phi = 0: uniformly random, reproducible from ``seed``."""
     from scipy.spatial.transform import Rotation
