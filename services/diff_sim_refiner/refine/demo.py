@@ -18,6 +18,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..core.params import DemoParams
+
+#: the demo's settings and their defaults are the ``refine-demo`` model's
+_DEMO = DemoParams.model_fields
+
 TRUE_MOSAIC_SPREAD = 0.8
 TRUE_MISSET = (5.0, 3.0, -2.0)
 INIT_MOSAIC_SPREAD = 0.2
@@ -79,9 +84,11 @@ def check_criteria(result) -> tuple[dict, dict]:
     return errors, criteria
 
 
-def run_demo(adam_iterations: int = 120, lr: float = 0.05, lbfgs_steps: int = 6,
+def run_demo(adam_iterations: int = _DEMO["iterations"].default, lr: float = _DEMO["lr"].default,
+             lbfgs_steps: int = _DEMO["lbfgs_steps"].default,
              callback: Optional[Callable] = None, log: Optional[Callable[[str], None]] = print) -> DemoOutcome:
-    """Generate the 'experimental' image at the truth, refine from the seed's start, check the criteria.
+    """Generate the 'experimental' image at the truth, refine from the seed's start, check the criteria (defaults:
+    :class:`~diff_sim_refiner.core.params.DemoParams`, the ``refine-demo`` command's model).
 
     ``log`` (default ``print``; None: silent) receives the seed's phase output as the seed writes it: the generated data
     (phase 3), the initial parameters (phase 4), the start banner and every 10th iteration (phase 5)."""

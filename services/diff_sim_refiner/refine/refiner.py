@@ -12,14 +12,25 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, get_args
 
 import numpy as np
 import torch
 
 from ..core.config import BeamConfig, CrystalConfig, DetectorConfig, DetectorConvention, fval
+from ..core.params import RefineParams
 from ..core.simulator import DEFAULT_CHUNK_ELEMENTS, prepare, render
 from .params import PARAM_SPECS, ParamSpec, parse_param_list, resolve_bounds
+
+#: the job model's fields (``core.params.RefineParams``): the one place the defaults and choices are written
+_FIELDS = RefineParams.model_fields
+OPTIMIZERS = get_args(_FIELDS["optimizer"].annotation)
+LOSSES = get_args(_FIELDS["loss"].annotation)
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _default(name: str):
+    return _FIELDS[name].default
 
 
 class RefinementError(RuntimeError):
@@ -36,10 +47,10 @@ class RefineSettings:
     ``tol``: stop L-BFGS when the relative loss change of a step is below it.
     """
 
-    optimizer: str = "adam"
-    iterations: int = 100
-    lr: float = 0.05
-    lbfgs_steps: int = 10
+    optimizer: str = _default("optimizer")
+    iterations: int = _default("iterations")
+    lr: float = _default("lr")
+    lbfgs_steps: int = _default("lbfgs_steps")
     lbfgs_inner: int = 10
     lbfgs_lr: float = 1.0
     tol: float = 1e-10
@@ -47,12 +58,18 @@ class RefineSettings:
 
     def __post_init__(self):
         self.optimizer = self.optimizer.lower()
-        if self.optimizer not in ("adam", "lbfgs", "adam+lbfgs"):
-            raise ValueError(f"optimizer must be adam, lbfgs or adam+lbfgs, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.iterations < 0 or self.lbfgs_steps < 0:
             raise ValueError("iterations and lbfgs_steps must be >= 0")
         if not self.lr > 0:
             raise ValueError("lr must be > 0")
+
+    @classmethod
+    def from_params(cls, params: RefineParams) -> "RefineSettings":
+        """The optimiser settings of a refine job's validated parameters."""
+        return cls(optimizer=params.optimizer, iterations=params.iterations, lr=params.lr,
+                   lbfgs_steps=params.lbfgs_steps)
 
 
 @dataclass
@@ -126,7 +143,8 @@ class Refiner:
     def __init__(self, crystal: CrystalConfig, detector: DetectorConfig, beam: BeamConfig, target,
                  params: str | Sequence[str], *, hkl=None, mask=None, background=None,
                  init: Optional[dict] = None, steps: Optional[dict] = None, bounds: Optional[dict] = None,
-                 scale: float = 1.0, loss="mse", dtype=torch.float64, spot_cutoff: Optional[float] = None,
+                 scale: float = _default("scale"), loss=_default("loss"), dtype=TORCH_DTYPES[_default("dtype")],
+                 spot_cutoff: Optional[float] = None,
                  pixel_batch_size: Optional[int] = None):
         self.crystal, self.detector, self.beam, self.hkl = crystal, detector, beam, hkl
         self.dtype = dtype
@@ -160,8 +178,8 @@ class Refiner:
             bg = torch.as_tensor(np.asarray(background), dtype=dtype)
             self.background_values = bg[m] if bg.ndim == 2 else bg
         if isinstance(loss, str):
-            if loss not in ("mse", "poisson"):
-                raise ValueError(f"loss must be 'mse', 'poisson' or a callable, got {loss!r}")
+            if loss not in LOSSES:
+                raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))} or a callable, got {loss!r}")
         self.loss_kind = loss
         self.specs = [PARAM_SPECS[p] for p in self.params]
         init = dict(init or {})
@@ -211,6 +229,15 @@ class Refiner:
         self.evaluations = 0
 
     # ------------------------------------------------------------------ parametrisation
+    @classmethod
+    def from_params(cls, crystal: CrystalConfig, detector: DetectorConfig, beam: BeamConfig, target,
+                    params: RefineParams, *, hkl=None, mask=None) -> "Refiner":
+        """The refiner a refine job's validated parameters describe (groups, start values, bounds, scale, loss,
+        precision); ValueError as the constructor's for what the model cannot refine."""
+        return cls(crystal, detector, beam, target, params.params, hkl=hkl, mask=mask, init=params.init,
+                   bounds={k: [tuple(b) for b in v] for k, v in params.bounds.items()}, scale=params.scale,
+                   loss=params.loss, dtype=TORCH_DTYPES[params.dtype])
+
     def _check_effective(self) -> None:
         if "cell" in self.params and self.crystal.has_mosflm and not self.crystal.rescale_to_cell:
             raise ValueError("cell refinement needs a crystal given by its cell (this one uses a MOSFLM matrix, "
@@ -437,4 +464,5 @@ def refine(crystal: CrystalConfig, detector: DetectorConfig, beam: BeamConfig, t
     return Refiner(crystal, detector, beam, target, params, **kw).run(settings, callback)
 
 
-__all__ = ["Refiner", "RefineSettings", "RefineResult", "RefinementError", "refine", "default_beam_center"]
+__all__ = ["Refiner", "RefineSettings", "RefineResult", "RefinementError", "refine", "default_beam_center", "OPTIMIZERS",
+           "LOSSES", "TORCH_DTYPES"]

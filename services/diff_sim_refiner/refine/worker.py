@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from diffractflow.artifacts import sha256_file
 from diffractflow.errors import InputError
@@ -46,13 +45,9 @@ def handle_refine(ctx: JobContext, params: RefineParams) -> None:
     except FormatError as exc:   # core.io's reader error is not an InputError subclass; the message names the file
         raise RefineInputError(str(exc)) from exc
     # ranges and choices are already the model's (RefineParams), so the settings cannot refuse them
-    settings = RefineSettings(optimizer=params.optimizer, iterations=params.iterations, lr=params.lr,
-                              lbfgs_steps=params.lbfgs_steps)
+    settings = RefineSettings.from_params(params)
     try:
-        refiner = Refiner(job.crystal, job.detector, job.beam, target, params.params, hkl=job.hkl, mask=mask,
-                          init=params.init, bounds={k: [tuple(b) for b in v] for k, v in params.bounds.items()},
-                          scale=params.scale, loss=params.loss,
-                          dtype=torch.float64 if params.dtype == "float64" else torch.float32)
+        refiner = Refiner.from_params(job.crystal, job.detector, job.beam, target, params, hkl=job.hkl, mask=mask)
     except ValueError as exc:
         # The constructor only checks its arguments against the model (nothing is rendered yet) and raises
         # ValueError for each refusal: a mask selecting no pixel, a start outside its bounds, cell refinement of a
