@@ -277,7 +277,106 @@ def _to_asu(H: np.ndarray, space_group: str) -> np.ndarray:
     return np.asarray(ms.map_to_asu().indices(), dtype=np.int64).reshape(-1, 3)
 
 
-def compare_maps(ours_nxs, mdx2_map, truth) -> dict:
+def mdx2_sampled_truth(mdx2_dir: Path, truth_dir: Path, ndiv: int, centre: bool = False) -> dict:
+    """The planted truth as mdx2's map sampled it: per voxel of mdx2's grid (asymmetric unit), the mean of the truth
+    over the pixels mdx2 binned there (its peak mask ``mask.nxs`` and the detector's invalid pixels out).
+
+    mdx2 puts each pixel of a frame in the voxel of its Miller index at the frame's mid angle, evaluated at the
+    pixel's corner (dxtbx coordinate i, see ``_HALF_PIXEL``; ``centre``: at dxtbx's centre i + 0.5 instead); the
+    truth is taken at the pixel's true centre, averaged over the frame's oscillation (``phi_steps`` sub-steps),
+    with the generator's geometry (no refinement error). Pixels weigh equally (mdx2 sums counts over a voxel).
+    Returns ``keys`` (voxel keys, :func:`_vkey` of ASU indices) and ``mean`` (same order)."""
+    import h5py
+
+    from diff_sim_refiner.datasets.stills import DiffuseTruth, detector_frame, pixel_q
+    from diff_sim_refiner.datasets.sweep import SweepSpec, rotation
+
+    tr = json.loads((Path(truth_dir) / "truth.json").read_text())
+    T = DiffuseTruth.load(truth_dir)
+    spec = SweepSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in tr["spec"].items()})
+    sspec = spec.stills_spec()
+    q = pixel_q(sspec)[1]
+    if centre:
+        qa = q
+    else:
+        g = detector_frame(sspec)
+        nf, ns = sspec.image_size
+        pos = (g["origin_mm"] + (np.arange(ns) * sspec.pixel_mm)[:, None, None] * g["slow"]
+               + (np.arange(nf) * sspec.pixel_mm)[None, :, None] * g["fast"])
+        qa = (pos / np.linalg.norm(pos, axis=-1, keepdims=True) - g["beam"]) / sspec.wavelength_A
+    A0 = np.asarray(tr["A0"], float)
+    n_sub = max(int(spec.phi_steps), 4)
+    keys, sums, cnts = [], [], []
+    with h5py.File(Path(mdx2_dir) / "mask.nxs", "r") as fm, h5py.File(Path(mdx2_dir) / "data.nxs", "r") as fd:
+        mask, img = fm["entry/mask/signal"], fd["entry/image_series/data"]
+        for i, fr in enumerate(tr["frames"]):
+            a, b = fr["phi_start_deg"], fr["phi_end_deg"]
+            ok = (np.asarray(img[i]) >= 0) & ~np.asarray(mask[i], bool)
+            qt = q[ok]
+            t = np.zeros(len(qt))
+            for j in range(n_sub):
+                hkl = np.linalg.solve(rotation(a + (b - a) * (j + 0.5) / n_sub) @ A0, qt.T).T
+                t += T(hkl[:, 0], hkl[:, 1], hkl[:, 2])
+            H = np.rint(np.linalg.solve(rotation(0.5 * (a + b)) @ A0, qa[ok].T).T * ndiv).astype(np.int64)
+            u, inv = np.unique(_vkey(H), return_inverse=True)
+            keys.append(u)
+            sums.append(np.bincount(inv, weights=t / n_sub))
+            cnts.append(np.bincount(inv).astype(float))
+    u, inv = np.unique(np.concatenate(keys), return_inverse=True)
+    s, n = np.bincount(inv, weights=np.concatenate(sums)), np.bincount(inv, weights=np.concatenate(cnts))
+    ua, inva = np.unique(_vkey(_to_asu(_unkey(u), tr["space_group"])), return_inverse=True)
+    return {"keys": ua, "mean": np.bincount(inva, weights=s) / np.bincount(inva, weights=n)}
+
+
+def _vkey(H: np.ndarray) -> np.ndarray:
+    """One int64 per integer voxel index triple (each within +-2^19)."""
+    H = np.asarray(H, np.int64) + (1 << 19)
+    return (H[:, 0] << 40) | (H[:, 1] << 20) | H[:, 2]
+
+
+def _unkey(k: np.ndarray) -> np.ndarray:
+    return np.stack([(k >> 40) & 0xFFFFF, (k >> 20) & 0xFFFFF, k & 0xFFFFF], -1) - (1 << 19)
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray) -> np.ndarray:
+    pos = np.clip(np.searchsorted(keys, want), 0, max(len(keys) - 1, 0))
+    out = np.full(len(want), np.nan)
+    if len(keys):
+        f = keys[pos] == want
+        out[f] = values[pos[f]]
+    return out
+
+
+def ours_sampled_reference(run_out: Path, truth_dir: Path) -> np.ndarray:
+    """The planted truth as our map sampled it (shape of our map, NaN where nothing was merged): per voxel, the
+    exposure-weighted mean of the truth at the true indices of the merged pixels
+    (:func:`orchestration.validation.sampled_reference`, as ``evaluate_run`` uses)."""
+    from diff_sim_refiner.datasets.stills import DiffuseTruth, pixel_q
+    from diff_sim_refiner.datasets.sweep import SweepSpec, rotation
+    from orchestration.validation import recovered_scales, sampled_reference
+
+    tr = json.loads((Path(truth_dir) / "truth.json").read_text())
+    summary = json.loads((Path(run_out) / "summary.json").read_text())
+    vol = Path(run_out) / ".diffractflow" / "volume"
+    rdir = vol / "runs" / summary["run_id"]
+    spec = SweepSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in tr["spec"].items()})
+    n = max(int(spec.phi_steps), 4)
+    A0 = np.asarray(tr["A0"], float)
+    As = {fr["file"]: [rotation(fr["phi_start_deg"] + (fr["phi_end_deg"] - fr["phi_start_deg"]) * (j + 0.5) / n)
+                       @ A0 for j in range(n)] for fr in tr["frames"]}
+    rec = recovered_scales(rdir / "output" / "scales.json")
+    stills = []
+    for p in sorted((rdir / "stills").glob("*.json")):
+        r = json.loads(p.read_text())
+        name = Path(r["image"]).name
+        if r["status"] == "ok" and name in As:
+            stills.append({"table": vol / r["diffuse"]["path"], "A": As[name], "scale": rec.get(name, 1.0)})
+    return sampled_reference(rdir / "output" / "map.h5", stills, DiffuseTruth.load(truth_dir),
+                             pixel_q(spec.stills_spec())[1], tr["space_group"])
+
+
+def compare_maps(ours_nxs, mdx2_map, truth, ours_ref: np.ndarray | None = None,
+                 mdx2_ref: dict | None = None) -> dict:
     """CC of each map against the planted truth (voxel-averaged :class:`DiffuseTruth`) and CC between the two
     where both measured.
 
@@ -285,7 +384,13 @@ def compare_maps(ours_nxs, mdx2_map, truth) -> dict:
     table (npz with h, k, l, intensity, ndiv as :func:`run_mdx2` writes, or such a dict), or None; ``truth``: the
     sweep's truth dict or directory. The two maps meet on mdx2's grid (voxels 1/ndiv wide, asymmetric unit of
     the Laue group): our measured voxels are binned onto it (mean of those falling in a voxel) after mapping to
-    the asymmetric unit."""
+    the asymmetric unit.
+
+    Two truths, each the same for both maps: ``*_vs_truth`` the truth averaged uniformly over the voxel, and, when
+    ``ours_ref`` (:func:`ours_sampled_reference`) and ``mdx2_ref`` (:func:`mdx2_sampled_truth`) are given,
+    ``*_vs_sampled_truth`` the truth averaged over the pixels that map merged in each voxel. A map can only be
+    as close to the uniform average as its pixels cover the voxel: both tools mask pixels around Bragg peaks,
+    where the halos peak, so the uniform average is higher there than anything either map measured."""
     from diff_sim_refiner.datasets.stills import DiffuseTruth
 
     T = DiffuseTruth.load(truth)
@@ -301,6 +406,9 @@ def compare_maps(ours_nxs, mdx2_map, truth) -> dict:
         md["centres"], md["I"], md["nd"] = c[ok], np.asarray(md["intensity"], float)[ok], nd
         res["mdx2_vs_truth"] = _fit(md["I"], T.on_voxels(md["centres"], nd))
         res["mdx2_ndiv"] = nd
+        if mdx2_ref is not None:
+            md["S"] = _lookup(mdx2_ref["keys"], mdx2_ref["mean"], _vkey(np.round(md["centres"] * nd)))
+            res["mdx2_vs_sampled_truth"] = _fit(md["I"], md["S"])
     if ours_nxs is not None:
         o = _load_ours(ours_nxs)
         meas = (o["counts"] > 0) & np.isfinite(o["intensity"])
@@ -312,6 +420,10 @@ def compare_maps(ours_nxs, mdx2_map, truth) -> dict:
         res["ours_file"] = o["file"]
         res["ours_ndiv"] = [round(float(v), 3) for v in nd_o]
         res["ours_vs_truth"] = _fit(I, T.on_voxels(c, nd_o))
+        R = None
+        if ours_ref is not None:
+            R = np.asarray(ours_ref, float)[meas]
+            res["ours_vs_sampled_truth"] = _fit(I, R)
         if md is not None:
             nd = md["nd"]
             H = _to_asu(np.round(c * nd).astype(np.int64), sg)
@@ -329,6 +441,21 @@ def compare_maps(ours_nxs, mdx2_map, truth) -> dict:
                 t = T.on_voxels(md["centres"][idx], nd)
                 res["common"] = {"n_voxels": len(pairs), "cc_ours_vs_mdx2": round(float(np.corrcoef(a, b)[0, 1]), 4),
                                  "ours_vs_truth": _fit(a, t), "mdx2_vs_truth": _fit(b, t)}
+                if R is not None and "S" in md:
+                    ok = np.isfinite(R)
+                    rs = np.bincount(inv.ravel()[ok], weights=R[ok], minlength=len(keys_o))
+                    rn = np.bincount(inv.ravel()[ok], minlength=len(keys_o))
+                    pos = {tuple(k): j for j, k in enumerate(keys_o)}
+                    ro = np.array([rs[pos[tuple(Hm[i])]] / rn[pos[tuple(Hm[i])]] if rn[pos[tuple(Hm[i])]] else np.nan
+                                   for i in idx])
+                    sm = md["S"][idx]
+                    res["common"]["ours_vs_sampled_truth"] = _fit(a, ro)
+                    res["common"]["mdx2_vs_sampled_truth"] = _fit(b, sm)
+                    both = np.isfinite(ro) & np.isfinite(sm)
+                    # how much each tool's sampling departs from the uniform voxel average (slope < 1: the
+                    # voxel's brightest part, the halo centre under the Bragg peak, was masked)
+                    res["common"]["ours_sampled_vs_uniform"] = _fit(ro[both], t[both])
+                    res["common"]["mdx2_sampled_vs_uniform"] = _fit(sm[both], t[both])
             else:
                 res["common"] = {"n_voxels": 0}
     return res

@@ -7,7 +7,9 @@ indexed and refined by DIALS as one sequence (stills-processor ``mode=sequence``
 later ones, then gets its own one-image rotation experiment from that model (``mode=frame_model``: cheap, no
 spot finding) and goes through diffuse extraction and voxel accumulation as a still does. At the end of the run
 a complete sweep is refined again with a scan-varying crystal and its frames are re-extracted with it before
-the merge (``sweep_scan_varying``). State lives on the volume, under ``runs/<run>/sweeps/<sweep>/``.
+the merge (``sweep_scan_varying``). A sweep already complete on disk when its first frame is handled (every
+frame the run expects is there: ``process diffuse`` on a directory) is refined scan-varying over all its frames
+at once, and each frame is extracted once, with that model. State lives on the volume, under ``runs/<run>/sweeps/<sweep>/``.
 """
 from __future__ import annotations
 
@@ -91,6 +93,14 @@ async def index_sweep(volume: Volume, run_id: str, cfg, info: FrameInfo, frames:
             "increment_deg": info.increment_deg}
 
 
+def sweep_complete(cfg, frames: list[Path]) -> bool:
+    """True when ``frames`` (one sweep's frames on disk) are the whole run: the run's ``expected_stills`` are all
+    there and belong to this sweep, and the run refines sweeps scan-varying. A run still landing, or mixing stills
+    and sweeps, takes the live path (scan-static model from the first frames, scan-varying at the end)."""
+    n = getattr(cfg, "expected_stills", None)
+    return bool(cfg.sweep_scan_varying and n and len(frames) >= max(int(n), 2))
+
+
 async def sweep_model(volume: Volume, run_id: str, cfg, image: str, info: FrameInfo, log) -> dict:
     """The sweep's refined (scan-static) model, indexing it first if this frame is the one that completes the
     first ``cfg.sweep_index_frames``; waits (polling the volume) while too few frames have landed."""
@@ -105,6 +115,15 @@ async def sweep_model(volume: Volume, run_id: str, cfg, image: str, info: FrameI
         if (m := _read(record)) is not None:
             return m
         frames = sweep_frames(image_path, info)
+        if sweep_complete(cfg, frames):
+            # the whole sweep is on disk (e.g. `process diffuse` on a directory): refine it scan-varying now and
+            # extract every frame once with that model, instead of scan-static now and all frames again at the end
+            log.info(f"sweep {info.sweep_id}: all {len(frames)} frames on disk; indexing and scan-varying "
+                     f"refinement as one sequence")
+            m = await index_sweep(volume, run_id, cfg, info, frames, scan_varying=True)
+            atomic_write_json(sdir / SCAN_VARYING_RECORD, m)
+            atomic_write_json(record, m)
+            return m
         newest = max((p.stat().st_mtime for p in frames), default=time.time())
         settled = time.time() - newest >= cfg.sweep_settle_s
         if len(frames) < cfg.sweep_index_frames and not settled:
@@ -141,11 +160,12 @@ async def rotation_frame(volume: Volume, run_id: str, cfg, image: str, info: Fra
     """One rotation frame: the sweep's model, the frame's own experiment, then extraction and accumulation."""
     t0 = time.monotonic()
     model = await sweep_model(volume, run_id, cfg, image, info, log)
-    expt = await frame_experiment(volume, run_id, cfg, image, model)
+    varying = bool(model.get("scan_varying"))
+    expt = await frame_experiment(volume, run_id, cfg, image, model, tag=".sv" if varying else "")
     record["stage_seconds"]["stills-processor"] = round(time.monotonic() - t0, 2)
     phi = (info.start_angle_deg or 0.0) + 0.5 * (info.increment_deg or 0.0)
     record.update(sweep=info.sweep_id, frame=info.frame_number, phi_deg=phi, experiments=expt, kind="rotation",
-                  model="scan_static")
+                  model="scan_varying" if varying else "scan_static")
     await extract_and_accumulate({"experiments": expt})
     return record
 
@@ -159,10 +179,15 @@ async def refine_complete_sweeps(volume: Volume, run_id: str, cfg, records: list
 
     rdir = run_dir(volume, run_id)
     by_sweep: dict[str, list[dict]] = {}
+    done: dict[str, int] = {}
     for r in records:
-        if r.get("kind") == "rotation" and r["status"] == "ok" and r.get("model") != "scan_varying":
-            by_sweep.setdefault(r["sweep"], []).append(r)
-    report = {}
+        if r.get("kind") == "rotation" and r["status"] == "ok":
+            if r.get("model") != "scan_varying":
+                by_sweep.setdefault(r["sweep"], []).append(r)
+            else:
+                done[r["sweep"]] = done.get(r["sweep"], 0) + 1
+    report = {s: f"scan-varying model from the start (sweep complete on disk); {n} frames extracted once"
+              for s, n in done.items() if s not in by_sweep}
     for sweep, recs in by_sweep.items():
         recs.sort(key=lambda r: r.get("frame") or 0)
         frames = [volume.resolve(r["image"]) for r in recs]

@@ -22,7 +22,7 @@ from diffractflow.artifacts import atomic_write_json, atomic_write_path, write_p
 from . import __version__
 from .artifacts import (InputError, ObservationTableWriter, map_planes, open_still, read_scales, read_still_names,
                         resolve_scales, scale_for, write_grid, write_map, write_radial_png, write_slice_pngs)
-from .core.accumulate import VoxelAccumulator, half_of_still
+from .core.accumulate import VoxelAccumulator, block_shift_for, half_of_still
 from .core.grid import (CrystalModel, GlobalGrid, average_crystal_model, build_grid, hkl_change_of_basis_matrix,
                         reindex_to_reference, s_max_of_hkl)
 from .core.accumulate import observation_weights, scale_sums
@@ -340,13 +340,20 @@ def grid_from_inputs(inputs: Sequence[Path], opt: MergeOptions) -> tuple[GlobalG
         return define_grid(sources, opt)
 
 
+#: log2 of the block size (voxels) of a single-still partial, at least (see :func:`accumulate_one`)
+PARTIAL_BLOCK_SHIFT = 12
+
+
 def accumulate_one(still: Path, grid: GlobalGrid, out_path: Path, opt: MergeOptions,
                    input_hashes: Mapping[str, str] | None = None, job_id: str | None = None,
                    heartbeat: Callable[[], None] | None = None) -> dict:
     """One still -> a partial accumulator file (P1 voxels, one half, unscaled)."""
     out_path = Path(out_path)
     with open_still(still) as src, atomic_write_path(out_path) as tmp:
-        with H5VoxelAccumulator(tmp, grid, n_halves=1, mode="w", cache_bytes=opt.cache_mb * 2**20) as acc:
+        # small blocks: one still touches ~1 % of the grid's voxels, scattered along its Ewald shell, and the merge
+        # reads every touched block of every partial (2^12-voxel blocks: a third less to read than 2^16, same sums)
+        with H5VoxelAccumulator(tmp, grid, n_halves=1, mode="w", cache_bytes=opt.cache_mb * 2**20,
+                                block_shift=block_shift_for(grid.n_voxels, min_shift=PARTIAL_BLOCK_SHIFT)) as acc:
             info = accumulate_still(src, grid, acc, chunk=opt.chunk, reference_setting=opt.reference_setting,
                                     heartbeat=heartbeat, s_max=1.0 / opt.d_min if opt.d_min else None)
             if not acc.still_ids:
