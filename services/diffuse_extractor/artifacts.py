@@ -498,18 +498,24 @@ def _geometry_factors(entry, masks: Sequence[np.ndarray], names: Sequence[str]) 
         raise InputError(f"cannot recompute the geometric multipliers ({exc})") from exc
     if len(expt.detector) != len(masks):
         raise InputError(f"experiment has {len(expt.detector)} panels, /entry/masks {len(masks)}")
-    pixels = static_pixels(expt.detector, expt.beam, params, None)  # (no Lorentz: not among these factors)
-    attr = {"polarisation": "polarisation", "efficiency": "efficiency", "solid_angle": "solid_angle", "air": "air"}
-    out = {}
-    for name in names:
-        parts = [np.asarray(getattr(pp, attr[name]))[np.flatnonzero(np.asarray(m).ravel() == 0)]
-                 for pp, m in zip(pixels, masks)]
-        col = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
-        if not np.array_equal(col[::stride], checks[name]):
-            raise InputError(f"recomputed {name} multipliers differ from the values the writer kept; "
-                             f"read with the diffuse-extractor version that wrote the file")
-        out[name] = col
-    return out
+    sel = [np.flatnonzero(np.asarray(m).ravel() == 0) for m in masks]
+    # the interpolated radial functions first (the current writer's values); files written before them hold the
+    # exact evaluation's, which differ from them in a few float32 roundings at most: a failed check tries those
+    for tables in (True, False):
+        # (no Lorentz: not among these factors)
+        pixels = static_pixels(expt.detector, expt.beam, params, None, radial_tables=tables)
+        out = {}
+        for name in names:
+            parts = [np.asarray(getattr(pp, name))[idx] for pp, idx in zip(pixels, sel)]
+            col = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+            if not np.array_equal(col[::stride], checks[name]):
+                break
+            out[name] = col
+        else:
+            return out
+        del pixels
+    raise InputError(f"recomputed {name} multipliers differ from the values the writer kept; "
+                     f"read with the diffuse-extractor version that wrote the file")
 
 
 def _models_from_json(d: dict):

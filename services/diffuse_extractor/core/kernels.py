@@ -5,6 +5,7 @@ bits and |q|-shell sums with ``np.bincount`` (which converts uint8 / float32 inp
 float64 copies first) and bins the beamstop image through float32 and float64 temporaries. Each
 kernel here reads its inputs once, in memory order, and writes only its outputs:
 
+- ``static_flat``: a flat panel's static pixel geometry and multipliers (``extract.static_pixels``);
 - ``gather_panel``: the per-pixel table of one panel (q = u / lambda - s0, corrected intensity,
   sigma, the multipliers, raw, background, x, y) straight from the flags, no index array;
 - ``flag_histogram``: the 256-bin histogram of the uint8 flags;
@@ -117,6 +118,62 @@ if _HAVE_NUMBA:
                 sig[o] = np.sqrt(v) * c
                 o += 1
         return o - off
+
+    @_jit
+    def static_flat(a, b, b2, a2d, coef, s_lo, inv_h, fc, consts, eff_known, has_lor, u, pol, eff, sa, air, tot,
+                    lor, rbin):
+        """``extract._static_flat_numpy`` for a whole flat panel in one pass (same float64 operations): per
+        pixel ``s = b^2 + (a^2 + d0^2)``, the five radial functions from the local cubics of ``coef``
+        (``extract.radial_table``), the unit vector ``u_j = (b cb_j + a ca_j) g/|r'| + c_j/|r'|`` (rows 0-2 of
+        ``fc``; rows 3, 4, 5: polarisation normal, beam direction, Lorentz axis), the multipliers, their
+        product and the |q| shell."""
+        ny = b.shape[0]
+        nx = a.shape[0]
+        n_int = coef.shape[0]
+        p_a, p_b, p_c, qk, qs = consts[0], consts[1], consts[2], consts[3], consts[4]
+        # (the constants as scalars: stores to the outputs would otherwise make the compiler reload them)
+        c00, c01, c02, c10, c11, c12 = fc[0, 0], fc[0, 1], fc[0, 2], fc[1, 0], fc[1, 1], fc[1, 2]
+        c20, c21, c22, c30, c31, c32 = fc[2, 0], fc[2, 1], fc[2, 2], fc[3, 0], fc[3, 1], fc[3, 2]
+        c40, c41, c42, c50, c51, c52 = fc[4, 0], fc[4, 1], fc[4, 2], fc[5, 0], fc[5, 1], fc[5, 2]
+        for y in range(ny):
+            by = b[y]
+            b2y = b2[y]
+            row = y * nx
+            for x in range(nx):
+                p = row + x
+                ax = a[x]
+                t = (b2y + a2d[x] - s_lo) * inv_h
+                i = int(t)
+                if i > n_int - 1:
+                    i = n_int - 1
+                w = t - i
+                inv = coef[i, 0] + w * (coef[i, 1] + w * (coef[i, 2] + w * coef[i, 3]))
+                gi = coef[i, 4] + w * (coef[i, 5] + w * (coef[i, 6] + w * coef[i, 7]))
+                ev = coef[i, 8] + w * (coef[i, 9] + w * (coef[i, 10] + w * coef[i, 11]))
+                sv = coef[i, 12] + w * (coef[i, 13] + w * (coef[i, 14] + w * coef[i, 15]))
+                av = coef[i, 16] + w * (coef[i, 17] + w * (coef[i, 18] + w * coef[i, 19]))
+                u[0, p] = (by * c02 + ax * c01) * gi + inv * c00
+                u[1, p] = (by * c12 + ax * c11) * gi + inv * c10
+                u[2, p] = (by * c22 + ax * c21) * gi + inv * c20
+                p1 = (by * c32 + ax * c31) * gi + inv * c30
+                p3 = (by * c42 + ax * c41) * gi + inv * c40
+                pv = 1.0 / (p1 * p1 * p_b + p_a + p3 * p3 * p_c)
+                pol[p] = pv
+                tt = pv
+                if eff_known:
+                    eff[p] = ev
+                    tt = tt * ev
+                sa[p] = sv
+                tt = tt * sv
+                air[p] = av
+                tt = tt * av
+                if has_lor:
+                    lo = abs((by * c52 + ax * c51) * gi + inv * c50)
+                    lor[p] = lo
+                    tt = tt * lo
+                tot[p] = tt
+                qn = np.sqrt((1.0 - p3) * qk) * qs
+                rbin[p] = min(qn, 1999.0)
 
     @_jit
     def flag_histogram(flags, hist):
@@ -368,6 +425,10 @@ def warm_up() -> bool:
                  cols2,
                  u16, u16.copy(), one.copy(), one.copy(), one.copy(), one.copy())
     flag_histogram(flags, np.zeros(256, np.int64))
+    f64 = np.ones(2)
+    static_flat(f64, f64, f64, f64, np.zeros((1, 20)), 1.0, 1.0, np.zeros((6, 3)), np.ones(5), True, False,
+                np.empty((3, 4), f32), one.copy(), one.copy(), one.copy(), one.copy(), one.copy(), one.copy(),
+                np.empty(4, np.uint16))
     rbin = np.zeros(4, np.uint16)  # PanelPixels.radial_bin
     shell_sums(one, one, True, flags, rbin, np.zeros(1), np.zeros(1))
     shell_outliers(one, one, True, flags, rbin, np.zeros(1), np.zeros(4, np.int64))
