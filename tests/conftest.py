@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 # torch before anything that loads DIALS: dxtbx's import brings an OpenMP runtime, and torch initialised after it
@@ -231,3 +234,105 @@ def prefect_server(tmp_path_factory):
             drain_prefect_clients()  # while the server is still there to receive them
     finally:
         _stop_groups([proc.pid], 20)
+
+
+# ----------------------------------------------------------------------------- topologies, supervision, clusters
+class NatsMonitor:
+    """What a nats-server node itself reports on its monitoring port (/connz, /jsz), as an operator would query it.
+
+    A node is a :class:`diffractflow.natsserver.NatsServer` (a test's own cluster) or a node of a topology's state
+    (a dict with ``http_port``); an unreachable node raises OSError."""
+
+    @staticmethod
+    def endpoint(node, path: str) -> dict:
+        if isinstance(node, dict):
+            with urllib.request.urlopen(f"http://127.0.0.1:{node['http_port']}/{path}", timeout=5) as r:
+                return json.loads(r.read())
+        return node.monitor(path)
+
+    def stream(self, node, stream: str) -> dict | None:
+        """This node's own replica of ``stream`` (its /jsz stream detail), or None if it has none."""
+        jsz = self.endpoint(node, "jsz?accounts=true&streams=true")
+        for acc in jsz.get("account_details") or []:
+            for st in acc.get("stream_detail") or []:
+                if st.get("name") == stream:
+                    return st
+        return None
+
+    def messages(self, node, stream: str) -> int | None:
+        """Messages in this node's replica of ``stream`` (None: no replica)."""
+        st = self.stream(node, stream)
+        return None if st is None else st["state"]["messages"]
+
+    def leader(self, node, stream: str) -> str | None:
+        """The leader of ``stream`` as this node sees it."""
+        st = self.stream(node, stream)
+        return None if st is None else (st.get("cluster") or {}).get("leader")
+
+    def client_node(self, nodes, prefix: str):
+        """The node holding a client connection whose name starts with ``prefix`` (unreachable nodes skipped)."""
+        for node in nodes:
+            try:
+                conns = self.endpoint(node, "connz?limit=1000").get("connections") or []
+            except OSError:
+                continue
+            if any((c.get("name") or "").startswith(prefix) for c in conns):
+                return node
+        return None
+
+
+@pytest.fixture
+def nats_monitor() -> NatsMonitor:
+    return NatsMonitor()
+
+
+def _processes_under(home: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if (p.info["cwd"] or "").startswith(str(home)) or str(home) in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.fixture
+def processes_under():
+    """``processes_under(home)``: live processes of a topology (their cwd or command line names its home): what
+    ``down`` must leave at none."""
+    return _processes_under
+
+
+def _echo_job(topo, job_id: str, *, run_id: str = "echo", timeout: float = 60.0, retry: bool = False,
+              tries: list | None = None):
+    settings = topo.settings()
+    src = settings.volume / "incoming" / "x.dat"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("x")
+    from orchestration.tasks import submit_and_wait
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return asyncio.run(submit_and_wait("echo", {"data": src}, {"message": job_id}, run_id=run_id,
+                                               job_id=job_id, timeout=timeout, settings=settings))
+        except Exception as exc:  # noqa: BLE001 - with retry, anything repeats until the deadline
+            if not retry:
+                raise
+            if tries is not None:
+                tries.append(repr(exc)[:200])
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture
+def echo_job():
+    """``echo_job(topo, job_id, run_id=, timeout=, retry=False, tries=None)``: one echo job through a running
+    topology (:class:`orchestration.embedded.Topology`), its JobResult. With ``retry`` a failed submission is
+    repeated with the same job id until ``timeout`` (as a flow's task retry would; while a cluster elects new
+    stream leaders a JetStream request can time out), each failure appended to ``tries``."""
+    return _echo_job

@@ -39,38 +39,10 @@ def _input(volume: Path) -> dict:
     return {"data": Volume(volume).ref(p)}
 
 
-def _node_of_client(cluster: NatsCluster, prefix: str) -> str | None:
-    """The node (server name) holding the client connection whose name starts with ``prefix``, as the nodes'
-    own monitoring endpoints (/connz) report it."""
-    for node in cluster.nodes:
-        if not node.alive():
-            continue
-        try:
-            conns = node.monitor("connz?limit=1000").get("connections") or []
-        except OSError:
-            continue
-        if any((c.get("name") or "").startswith(prefix) for c in conns):
-            return node.name
-    return None
-
-
-def _stream_messages_on(node, stream: str) -> int | None:
-    """Messages of ``stream`` in this node's own replica (its /jsz report), or None if it has none."""
-    jsz = node.monitor("jsz?accounts=true&streams=true")
-    for acc in jsz.get("account_details") or []:
-        for st in acc.get("stream_detail") or []:
-            if st.get("name") == stream:
-                return st["state"]["messages"]
-    return None
-
-
-def _stream_leader_seen_by(node, stream: str) -> str | None:
-    jsz = node.monitor("jsz?accounts=true&streams=true")
-    for acc in jsz.get("account_details") or []:
-        for st in acc.get("stream_detail") or []:
-            if st.get("name") == stream:
-                return (st.get("cluster") or {}).get("leader")
-    return None
+def _client_node_name(monitor, cluster: NatsCluster) -> str | None:
+    """The node the echo worker is connected to, as the nodes' own /connz report it."""
+    node = monitor.client_node(cluster.nodes, "echo@")
+    return None if node is None else node.name
 
 
 async def _leader(js, stream: str) -> str:
@@ -145,7 +117,8 @@ def test_client_connects_past_a_dead_node(nats_server, settings, volume):
 
 
 @pytest.mark.parametrize("target", ["worker's node, JOBS leader", "JOBS leader, not the worker's node"])
-def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settings, workers, volume, target):
+def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settings, workers, volume, target,
+                                                            nats_monitor):
     cluster = nats_server
     n_jobs, kill_after = 60, 20
     inputs = _input(volume)
@@ -156,10 +129,10 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
         js = nc.jetstream()
         await bus.ensure_streams(js)
         deadline = time.monotonic() + 60
-        while _node_of_client(cluster, "echo@") is None or await bus.queue_status(js, "echo") is None:
+        while _client_node_name(nats_monitor, cluster) is None or await bus.queue_status(js, "echo") is None:
             assert time.monotonic() < deadline and worker.poll() is None, workers.log_text()[-3000:]
             await asyncio.sleep(0.1)
-        worker_node = _node_of_client(cluster, "echo@")
+        worker_node = _client_node_name(nats_monitor, cluster)
         victim = worker_node if target.startswith("worker's") else \
             next(n.name for n in cluster.nodes if n.name != worker_node)
         await _move_leaders(nc, js, victim)
@@ -186,7 +159,7 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
         while len(arrivals) < kill_after:
             assert time.monotonic() < deadline, workers.log_text()[-3000:]
             await asyncio.sleep(0.02)
-        assert _node_of_client(cluster, "echo@") == worker_node and await _leader(js, bus.JOBS) == victim
+        assert _client_node_name(nats_monitor, cluster) == worker_node and await _leader(js, bus.JOBS) == victim
         results_before = len(arrivals)
         cluster.node(victim).kill()
         t_kill = time.monotonic()
@@ -197,7 +170,7 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
             while True:
                 for n in survivors:
                     with contextlib.suppress(Exception):
-                        if await asyncio.to_thread(_stream_leader_seen_by, n, bus.JOBS) not in (None, victim):
+                        if await asyncio.to_thread(nats_monitor.leader, n, bus.JOBS) not in (None, victim):
                             return time.monotonic()
                 await asyncio.sleep(0.05)
 
@@ -206,7 +179,7 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
         # the worker shows up on a surviving node
         t_worker_back = None
         while t_worker_back is None and time.monotonic() - t_kill < 60:
-            node = _node_of_client(cluster, "echo@")
+            node = _client_node_name(nats_monitor, cluster)
             if node is not None and node != victim:
                 t_worker_back = time.monotonic()
             else:
@@ -275,14 +248,14 @@ def test_node_sigkilled_mid_run_loses_and_duplicates_nothing(nats_server, settin
     node = cluster.restart_node(victim, timeout=60)
     healthy_s = time.monotonic() - t0
     others = [n for n in cluster.nodes if n.name != victim]
-    want = _stream_messages_on(others[0], bus.RESULTS)
+    want = nats_monitor.messages(others[0], bus.RESULTS)
     # the rejoined node replays what it missed: the results, and the work queue's acknowledged (deleted) jobs
-    while (_stream_messages_on(node, bus.RESULTS) != want or _stream_messages_on(node, bus.JOBS) != 0) \
+    while (nats_monitor.messages(node, bus.RESULTS) != want or nats_monitor.messages(node, bus.JOBS) != 0) \
             and time.monotonic() - t0 < 30:
         time.sleep(0.2)
     caught_up_s = time.monotonic() - t0
-    assert _stream_messages_on(node, bus.RESULTS) == want == n_jobs
-    assert _stream_messages_on(node, bus.JOBS) == 0
+    assert nats_monitor.messages(node, bus.RESULTS) == want == n_jobs
+    assert nats_monitor.messages(node, bus.JOBS) == 0
 
     print(f"\ncluster, killed {victim} ({target}; worker was on {out['worker_node']}) after "
           f"{out['results_before']} of {n_jobs} results: worker on another node after "

@@ -11,76 +11,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 
 from diffractflow import bus
 from orchestration.embedded import Topology
-from orchestration.tasks import submit_and_wait
 
 BIN = Path(sys.executable).parent
 
 
-def _echo(topo: Topology, job_id: str, timeout: float = 90.0, tries: list | None = None):
-    """One echo job; while the cluster elects new stream leaders after a node's death a JetStream API request can
-    time out (nats: timeout): the submission is repeated with the same job id, as a flow's task retry would."""
-    settings = topo.settings()
-    src = settings.volume / "incoming" / "x.dat"
-    src.parent.mkdir(parents=True, exist_ok=True)
-    src.write_text("x")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return asyncio.run(submit_and_wait("echo", {"data": src}, {"message": job_id}, run_id="cl",
-                                               job_id=job_id, timeout=timeout, settings=settings))
-        except Exception as exc:  # noqa: BLE001 - the election's timeouts; anything else repeats until the deadline
-            if tries is not None:
-                tries.append(repr(exc)[:200])
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
-def _jsz_stream(node: dict, stream: str) -> dict | None:
-    """This node's own view of ``stream`` (its /jsz report), or None."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{node['http_port']}/jsz?accounts=true&streams=true",
-                                timeout=5) as r:
-        jsz = json.loads(r.read())
-    for acc in jsz.get("account_details") or []:
-        for st in acc.get("stream_detail") or []:
-            if st.get("name") == stream:
-                return st
-    return None
-
-
-def _under(home: Path) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
-        try:
-            if p.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if (p.info["cwd"] or "").startswith(str(home)) or str(home) in " ".join(p.info["cmdline"] or []):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
-
-
-def _connected_node(nodes: list[dict], prefix: str) -> dict | None:
-    for n in nodes:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{n['http_port']}/connz?limit=1000", timeout=3) as r:
-                conns = json.loads(r.read()).get("connections") or []
-        except OSError:
-            continue
-        if any((c.get("name") or "").startswith(prefix) for c in conns):
-            return n
-    return None
-
-
-def test_up_cluster_survives_a_node_kill_and_down_leaves_nothing(tmp_path):
+def test_up_cluster_survives_a_node_kill_and_down_leaves_nothing(tmp_path, echo_job, processes_under, nats_monitor):
     home = tmp_path / "home"
     env = dict(os.environ, COLUMNS="200")
     env.pop("DIFFRACTFLOW_NATS_PASSWORD", None)
@@ -94,7 +35,7 @@ def test_up_cluster_survives_a_node_kill_and_down_leaves_nothing(tmp_path):
         assert [n["name"] for n in nodes] == ["n1", "n2", "n3"] and all(n["pid"] for n in nodes)
         assert state["nats"]["url"] == ",".join(n["url"] for n in nodes)
         assert all(s["env"]["DIFFRACTFLOW_NATS_URL"] == state["nats"]["url"] for s in state["services"])
-        assert _echo(topo, "before").status == "ok"
+        assert echo_job(topo, "before", timeout=90, retry=True).status == "ok"
 
         async def replicas():
             nc = await bus.connect(topo.settings())
@@ -113,11 +54,11 @@ def test_up_cluster_survives_a_node_kill_and_down_leaves_nothing(tmp_path):
             assert f"nats-{n['name']} {n['url']}" in st.stdout, st.stdout
 
         # SIGKILL the node a worker is connected to (the worker must move to another node)
-        victim = _connected_node(nodes, "echo") or nodes[0]
+        victim = nats_monitor.client_node(nodes, "echo") or nodes[0]
         t0 = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
         tries: list[str] = []
-        assert _echo(topo, "after-node-kill", tries=tries).status == "ok"
+        assert echo_job(topo, "after-node-kill", timeout=90, retry=True, tries=tries).status == "ok"
         job_after_kill_s = time.monotonic() - t0
         deadline = time.monotonic() + 60
         while True:
@@ -132,14 +73,14 @@ def test_up_cluster_survives_a_node_kill_and_down_leaves_nothing(tmp_path):
         deadline = time.monotonic() + 60
         while True:
             try:
-                mine = _jsz_stream(new, bus.RESULTS)
+                mine = nats_monitor.stream(new, bus.RESULTS)
             except OSError:
                 mine = None
             if mine and mine["state"]["messages"] >= 2:
                 break
             assert time.monotonic() < deadline, mine
             time.sleep(0.2)
-        assert _echo(topo, "after-node-back").status == "ok"
+        assert echo_job(topo, "after-node-back", timeout=90, retry=True).status == "ok"
         events = [json.loads(x) for x in topo.supervisor_log.read_text().splitlines()]
         restarted = [e for e in events if e["event"] == "restarted"]
         assert [e["program"] for e in restarted] == [f"nats-{victim['name']}"]
@@ -156,4 +97,4 @@ def test_up_cluster_survives_a_node_kill_and_down_leaves_nothing(tmp_path):
     assert down.returncode == 0, down.stdout + down.stderr
     assert "1 restarts" in down.stdout, down.stdout
     assert not topo.state_file.exists()
-    assert _under(home) == []
+    assert processes_under(home) == []

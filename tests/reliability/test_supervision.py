@@ -23,24 +23,9 @@ from diffractflow import bus
 from diffractflow.artifacts import Volume
 from diffractflow.messages import JobRequest, JobResult
 from orchestration.embedded import Backoff, Topology
-from orchestration.tasks import submit_and_wait
 
 BIN = Path(sys.executable).parent
 QUIET = dict(log=lambda *a: None)
-
-
-def _processes_under(home: Path) -> list[psutil.Process]:
-    """Live processes of this topology: their cwd or their command line names its home."""
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
-        try:
-            if p.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if (p.info["cwd"] or "").startswith(str(home)) or str(home) in " ".join(p.info["cmdline"] or []):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
 
 
 def _alive(pid: int | None) -> bool:
@@ -61,15 +46,6 @@ def _wait_new_pid(topo: Topology, get, old: int, timeout: float = 60.0) -> tuple
     raise AssertionError(f"no new process within {timeout} s; supervisor log:\n{topo.supervisor_log.read_text()}")
 
 
-def _echo(topo: Topology, job_id: str, timeout: float = 60.0) -> JobResult:
-    settings = topo.settings()
-    src = settings.volume / "incoming" / "x.dat"
-    src.parent.mkdir(parents=True, exist_ok=True)
-    src.write_text("x")
-    return asyncio.run(submit_and_wait("echo", {"data": src}, {"message": job_id}, run_id="sup", job_id=job_id,
-                                       timeout=timeout, settings=settings))
-
-
 @pytest.fixture
 def topo(tmp_path):
     t = Topology(tmp_path / "home")
@@ -77,7 +53,7 @@ def topo(tmp_path):
     t.down(**QUIET)
 
 
-def test_restart_backoff_doubles_is_capped_and_resets_after_health(topo):
+def test_restart_backoff_doubles_is_capped_and_resets_after_health(topo, echo_job, processes_under):
     """A worker that dies again right after each restart waits base, 2 base, 4 base, then the cap; once it has
     stayed up for `healthy_s` the next restart is quick again. Delays measured from outside (kill -> new pid)."""
     pol = Backoff(base_s=0.4, cap_s=1.6, healthy_s=4.0)
@@ -97,7 +73,7 @@ def test_restart_backoff_doubles_is_capped_and_resets_after_health(topo):
         assert e <= w < e + 0.6, (waits, expected)
     assert 0.4 <= after_health < 1.0, after_health
     assert topo.load()["services"][0]["restarts"] == 6
-    assert _echo(topo, "after-backoff").status == "ok"
+    assert echo_job(topo, "after-backoff").status == "ok"
 
     # nats-server killed while something else grabs its port: the restart fails, is retried with backoff, and
     # once the port is free nats-server is back on it
@@ -117,7 +93,7 @@ def test_restart_backoff_doubles_is_capped_and_resets_after_health(topo):
         time.sleep(2.6)  # covers the attempts after 0.4 s and after 0.4 + 0.8 s
     _wait_new_pid(topo, lambda s: s["nats"]["pid"], nats["pid"])
     assert topo.load()["nats"]["port"] == nats["port"]
-    assert _echo(topo, "after-port-squat").status == "ok"
+    assert echo_job(topo, "after-port-squat").status == "ok"
     failed = [json.loads(x) for x in topo.supervisor_log.read_text().splitlines() if '"restart failed"' in x]
     assert failed and all(e["program"] == "nats-server" for e in failed)
     assert [e["restart_in_s"] for e in failed[:2]] == [0.8, 1.6]  # backing off while the port is taken
@@ -130,13 +106,13 @@ def test_restart_backoff_doubles_is_capped_and_resets_after_health(topo):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert topo.down(**QUIET) == []
-    assert _processes_under(topo.home) == []
+    assert processes_under(topo.home) == []
     events = [json.loads(x)["event"] for x in topo.supervisor_log.read_text().splitlines()]
     stop = events.index("stopping")
     assert events[stop - 1] == "died" and events[stop + 1:] == ["stopped"], events[-5:]
 
 
-def test_killed_worker_nats_and_prefect_come_back(topo, tmp_path):
+def test_killed_worker_nats_and_prefect_come_back(topo, tmp_path, echo_job, processes_under):
     """SIGKILL the worker, then nats-server, then Prefect's server: each is restarted (nats-server on its port with
     its JetStream store: results stored before the kill are still there; Prefect on its port with its database:
     a flow run recorded before the kill is still there), jobs and flows submitted afterwards complete, `status`
@@ -154,7 +130,7 @@ def test_killed_worker_nats_and_prefect_come_back(topo, tmp_path):
 
     home = tmp_path / "home"
     state = topo.up(["echo"], {}, prefect=True, backoff=Backoff(base_s=0.2, cap_s=2.0, healthy_s=60.0), **QUIET)
-    assert _echo(topo, "before").status == "ok"
+    assert echo_job(topo, "before").status == "ok"
     with topo.prefect_settings():
         before = probe(1, return_state=True)
         assert before.is_completed() and before.result() == 2
@@ -165,7 +141,7 @@ def test_killed_worker_nats_and_prefect_come_back(topo, tmp_path):
     t0 = time.monotonic()
     os.kill(old, signal.SIGKILL)
     _wait_new_pid(topo, lambda s: s["services"][0]["pid"], old)
-    assert _echo(topo, "after-worker-kill").status == "ok"
+    assert echo_job(topo, "after-worker-kill").status == "ok"
     latency["worker (kill -> job done)"] = time.monotonic() - t0
 
     # nats-server, with a job waiting in its store while it is down
@@ -174,7 +150,7 @@ def test_killed_worker_nats_and_prefect_come_back(topo, tmp_path):
     os.kill(nats["pid"], signal.SIGKILL)
     new_nats, _ = _wait_new_pid(topo, lambda s: s["nats"]["pid"], nats["pid"])
     assert topo.load()["nats"]["port"] == nats["port"] and topo.load()["nats"]["url"] == nats["url"]
-    assert _echo(topo, "after-nats-kill").status == "ok"  # the worker reconnected to the same URL
+    assert echo_job(topo, "after-nats-kill").status == "ok"  # the worker reconnected to the same URL
     latency["nats-server (kill -> job done)"] = time.monotonic() - t0
     # same JetStream store: the results published before the kill are still in the RESULTS stream
     kept = asyncio.run(_collect(topo.settings(), "", 3, timeout=30))
@@ -220,7 +196,7 @@ def test_killed_worker_nats_and_prefect_come_back(topo, tmp_path):
     assert down.returncode == 0, down.stdout + down.stderr
     assert "3 restarts" in down.stdout
     assert not _alive(sup)
-    assert _processes_under(home) == []
+    assert processes_under(home) == []
     assert not topo.state_file.exists()
     assert json.loads(topo.supervisor_log.read_text().splitlines()[-1])["event"] == "stopped"
     assert not [e for e in map(json.loads, topo.supervisor_log.read_text().splitlines()[len(events):])
@@ -249,7 +225,7 @@ async def _collect(settings, prefix: str, n: int, timeout: float) -> dict[str, J
     return seen
 
 
-def test_chaos_random_kills_during_a_job_stream(topo, monkeypatch):
+def test_chaos_random_kills_during_a_job_stream(topo, monkeypatch, processes_under):
     """Every ~2.5 s one of nats-server and the two echo workers is SIGKILLed while jobs are published (0.3 s of
     work each, one every 0.25 s); every job completes, each kill was followed by a restart."""
     monkeypatch.setenv("DIFFRACTFLOW_ACK_WAIT_S", "2")  # a killed worker's job is redelivered quickly
@@ -319,5 +295,5 @@ def test_chaos_random_kills_during_a_job_stream(topo, monkeypatch):
     # the supervisor itself SIGKILLed: nothing restarts any more, but `down` still stops what the state names
     os.kill(state["supervisor"]["pid"], signal.SIGKILL)
     assert topo.down(**QUIET) == []
-    assert _processes_under(topo.home) == []
+    assert processes_under(topo.home) == []
     print(f"chaos: {len(kills)} kills ({', '.join(kills)}), {n_jobs} jobs ok in {time.monotonic() - t0:.1f} s")
