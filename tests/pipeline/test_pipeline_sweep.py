@@ -3,8 +3,9 @@
 The frames are rendered by the simulator (nanoBragg's physics integrated over each frame's oscillation: Bragg
 spots of a mosaic crystal, diffuse halos, water ring and air, a smooth planted scale along phi, PILATUS gaps,
 Poisson noise), with blank frames for the background. They land one by one; the flow groups them into one
-sweep, indexes the first frames as a DIALS sequence, extracts every frame with its own rotation, refines the
-sweep scan-varying at the end and re-extracts it, and the scaler ties the frame scales along phi. Judged against
+sweep; the whole sweep being on disk, it is indexed and refined scan-varying as one DIALS sequence and every frame
+is extracted once with its own rotation (a sweep still landing is indexed from its first frames, extracted, then
+refined scan-varying at the end and re-extracted), and the scaler ties the frame scales along phi. Judged against
 the planted truth at the merged pixels' true Miller indices (averaged over each frame's oscillation) and the
 planted scales.
 """
@@ -55,10 +56,17 @@ def test_every_frame_of_the_sweep_is_merged_with_a_scan_varying_model(sweep_run)
     assert all(r["model"] == "scan_varying" for r in recs), [r.get("model") for r in recs]
     phis = [r["phi_deg"] for r in sorted(recs, key=lambda r: r["frame"])]
     assert np.allclose(np.diff(phis), 0.5)
+    # the whole sweep was on disk when its first frame came (`process diffuse` on a directory): one scan-varying
+    # refinement over all frames, and each frame extracted and accumulated once, with that model
     models = sorted((rdir / "sweeps").glob("*/model*.json"))
-    assert len(models) == 2  # scan-static from the first frames, scan-varying from all
+    assert len(models) == 2
     first = json.loads((models[0].parent / "model.json").read_text())
-    assert len(first["frames"]) == 6
+    assert first["scan_varying"] and len(first["frames"]) == sweep_run["n"]
+    jobs = sweep_run["volume"] / "jobs"
+    assert len(list(jobs.glob("diffuse-extractor/*extract*sweep_*"))) == sweep_run["n"]
+    assert len(list(jobs.glob("voxel-merger/*accumulate*sweep_*"))) == sweep_run["n"]
+    run_summary = json.loads((rdir / "output" / "run_summary.json").read_text())
+    assert "extracted once" in next(iter(run_summary["sweeps"].values()))
 
 
 def test_sweep_map_and_frame_scales_against_the_planted_truth(sweep_run):
