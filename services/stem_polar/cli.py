@@ -115,6 +115,7 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Cluster-guided polarisation mapping: templates, gates, matched filter, gated CoM, E-field maps."""
+    # the core is imported by the command, not the module: it loads numba (~0.9 s), which --help does not need
     from .artifacts import DataError, write_outputs
     from .core.config import load_config
     from .core.pipeline import InputError

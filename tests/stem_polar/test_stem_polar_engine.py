@@ -266,3 +266,81 @@ def test_small_mapped_scans_stay_mapped_between_the_passes(tmp_path, monkeypatch
     np.testing.assert_array_equal(runs[0].stats.sigma, runs[1].stats.sigma)
     np.testing.assert_array_equal(runs[0].com_x_raw, runs[1].com_x_raw)
     assert not eng.keep_mapped(ArraySource(np.zeros((4, 8, 8), np.uint16), scan_shape=(2, 2)))  # nothing to map
+
+
+class _RecordingSource(ArraySource):
+    """An in-memory scan that records when its pages would be released (``advise('done', ...)``)."""
+
+    def __init__(self, data, scan_shape, log):
+        super().__init__(data, scan_shape)
+        self.log = log
+
+    def advise(self, what, start, stop):
+        self.log.append((what, start, stop))
+
+
+def test_stream_runs_every_part_releases_a_chunk_only_after_its_parts_and_keeps_chunk_order():
+    """The workers take the next chunk's parts without waiting at chunk ends; per chunk, the results come back in
+    part order, ``chunk_done`` runs chunk by chunk in order, and a chunk is released only after all its parts
+    ran (they read its frames). Frame sums compared with numpy's, for 1 and 3 threads."""
+    import threading
+    import time as _time
+
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 1000, (300, 4, 4), dtype=np.uint16)
+    for threads in (1, 3):
+        log, lock = [], threading.Lock()
+        src = _RecordingSource(data, (15, 20), log)
+        pool = eng._Pool(threads, lambda: None)
+        sums = np.zeros(300)
+        done_chunks = []
+
+        def work(state, a, block, part):
+            _time.sleep(0.001 * (part[0][1].start % 3))  # parts finish out of order
+            out = []
+            for _, sel in part:
+                with lock:
+                    log.append(("part", a + sel.start, a + sel.stop))
+                out.append((a + sel.start, block[sel].reshape(len(block[sel]), -1).sum(axis=1, dtype=np.float64)))
+            return out
+
+        def chunk_done(a, b, block, results):
+            starts = [s for r in results for s, _ in r]
+            assert starts == sorted(starts)  # part order
+            for r in results:
+                for s, v in r:
+                    sums[s:s + len(v)] = v
+            done_chunks.append(a)
+            eng.release(src, a, b)
+
+        try:
+            pool.stream(eng.frame_blocks(src, 64, keep=True), lambda a, b: [(0, slice(u, min(u + 7, b - a)))
+                                                                         for u in range(0, b - a, 7)],
+                        work, chunk_done)
+        finally:
+            pool.close()
+        np.testing.assert_array_equal(sums, data.reshape(300, -1).sum(axis=1))
+        assert done_chunks == [0, 64, 128, 192, 256]
+        for what, a, b in [e for e in log if e[0] == "done"]:
+            last_part = max(i for i, e in enumerate(log) if e[0] == "part" and a <= e[1] < b)
+            assert log.index((what, a, b)) > last_part
+
+
+def test_stream_error_in_a_part_propagates_and_stops_the_pass():
+    """A failing part raises in the caller (no hang, no silent partial result); later chunks are not finished."""
+    data = np.zeros((256, 4, 4), dtype=np.uint16)
+    pool = eng._Pool(2, lambda: None)
+    finished = []
+
+    def work(state, a, block, part):
+        if a == 64:
+            raise RuntimeError("part failed")
+        return len(part)
+
+    try:
+        with pytest.raises(RuntimeError, match="part failed"):
+            pool.stream(eng.frame_blocks(ArraySource(data, (16, 16)), 32, keep=True),
+                        lambda a, b: [(0, slice(0, b - a))], work, lambda a, b, block, r: finished.append(a))
+    finally:
+        pool.close()
+    assert finished == [0, 32] and not pool.workers

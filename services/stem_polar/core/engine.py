@@ -36,8 +36,10 @@ while chunk i + 1 is processed.
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Optional
 
 import numpy as np
@@ -78,18 +80,20 @@ def keep_mapped(source) -> bool:
 
 
 def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch: bool = True,
-                 keep: bool = False):
+                 keep: bool = False, mapped: bool = False):
     """Yield (start, stop, block) with ``block`` a (stop - start, P) array of raw frames, valid until the next
-    block is taken. Zero-copy views (``source.frames_view()``) when available, else ring-buffer reads with a
-    background prefetch thread. ``check(block, start)`` runs on every block (finiteness of float data).
-    ``keep``: used pages of a mapped source stay mapped (for a following pass; see ``keep_mapped``)."""
+    block is taken (views of a mapped source: until released). Zero-copy views (``source.frames_view()``) when
+    available, else ring-buffer reads with a background prefetch thread (a block then stays valid while two
+    further blocks are taken). ``check(block, start)`` runs on every block (finiteness of float data).
+    ``keep``: used pages of a mapped source stay mapped (the caller releases them, ``release``, or a following
+    pass uses them; see ``keep_mapped``); ``mapped``: a previous pass left them mapped, no read-ahead hints."""
     n = source.n_frames
     view = getattr(source, "frames_view", None)
     arr = view() if view is not None else None
     if arr is not None and arr.flags.c_contiguous:
         arr = arr.reshape(n, -1)  # a view (no copy) of the contiguous frames
         advise = getattr(source, "advise", None)
-        if advise is None:
+        if advise is None or mapped:
             for a in range(0, n, chunk):
                 block = arr[a:min(a + chunk, n)]
                 if check is not None:
@@ -120,6 +124,13 @@ def frame_blocks(source, chunk: int, check: Optional[Callable] = None, prefetch:
         yield a, b, block
 
 
+def release(source, start: int, stop: int) -> None:
+    """Unmap frames [start, stop) of a memory-mapped source (the page cache keeps them); no-op otherwise."""
+    advise = getattr(source, "advise", None)
+    if advise is not None:
+        advise("done", start, stop)
+
+
 def group_tiles(keys: np.ndarray, tile: int):
     """Tiles of one group each: list of (group, selection) with selection a slice (consecutive frames) or an
     index array, over a chunk whose frames have group ``keys`` (local indices)."""
@@ -129,10 +140,8 @@ def group_tiles(keys: np.ndarray, tile: int):
         return out
     order = np.argsort(keys, kind="stable")
     sk = keys[order]
-    cuts = np.flatnonzero(sk[1:] != sk[:-1]) + 1
-    starts = np.r_[0, cuts]
-    stops = np.r_[cuts, n]
-    for s, e in zip(starts.tolist(), stops.tolist()):
+    cuts = (np.flatnonzero(sk[1:] != sk[:-1]) + 1).tolist()  # (np.r_ costs ~70 us a call: lists here)
+    for s, e in zip([0] + cuts, cuts + [n]):
         g = int(sk[s])
         for u in range(s, e, tile):
             v = min(u + tile, e)
@@ -222,13 +231,13 @@ class _Worker:
 
 
 class _Pool:
-    """A fixed set of worker threads, one ``_Worker`` state each.
+    """A fixed set of worker threads, one ``_Worker`` state each, fed from one task queue.
 
-    ``run_parts(fn, tiles)`` cuts a chunk's tiles into contiguous parts (several per thread, at most
-    ``PART_FRAMES`` frames each) that the threads pull from a shared queue, so a thread that gets less CPU
-    (other jobs on the machine) does not hold the chunk up; fn(state, part_index, part) must make its result
-    depend on the part only (per-part accumulators, merged in part order), which keeps results independent of
-    the scheduling."""
+    ``submit(fn, *args)`` queues fn(state, *args) for whichever thread is free (a thread that gets less CPU
+    because other jobs share the machine does not hold the others up) and returns a Future; with one thread
+    the task runs at once in the caller's thread. ``split(tiles)`` cuts a chunk's tiles into contiguous parts
+    (several per thread, at most ``PART_FRAMES`` frames each); results must depend on the part only
+    (per-part accumulators, merged in part order), which keeps them independent of the scheduling."""
 
     PARTS_PER_THREAD = 4
     PART_FRAMES = 256
@@ -236,42 +245,78 @@ class _Pool:
     def __init__(self, threads: int, make_state: Callable[[], object]):
         self.threads = max(1, int(threads))
         self.states = [make_state() for _ in range(self.threads)]
-        self.ex = ThreadPoolExecutor(max_workers=self.threads) if self.threads > 1 else None
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.workers = []
+        if self.threads > 1:
+            self.workers = [threading.Thread(target=self._loop, args=(s,), daemon=True) for s in self.states]
+            for t in self.workers:
+                t.start()
+
+    def _loop(self, state):
+        while True:
+            item = self.tasks.get()
+            if item is None:
+                return
+            fn, args, fut = item
+            if fut.set_running_or_notify_cancel():
+                _run_into(fut, fn, state, args)
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        if not self.workers:
+            fut.set_running_or_notify_cancel()
+            _run_into(fut, fn, self.states[0], args)
+        else:
+            self.tasks.put((fn, args, fut))
+        return fut
 
     def split(self, tiles):
         n = sum((s.stop - s.start) if isinstance(s, slice) else len(s) for _, s in tiles)
         parts = max(self.threads * self.PARTS_PER_THREAD if self.threads > 1 else 1, -(-n // self.PART_FRAMES))
         return _split_even(tiles, parts)
 
-    def run_parts(self, fn, tiles):
-        parts = self.split(tiles)
-        if self.ex is None or len(parts) == 1:
-            for i, p in enumerate(parts):
-                fn(self.states[0], i, p)
-            return len(parts)
-        queue = iter(enumerate(parts))
-        lock = threading.Lock()
+    def stream(self, blocks, tiles_of, work, chunk_done, depth: int = 2) -> None:
+        """Every part of every chunk through the workers, without a pause at chunk ends.
 
-        def work(state):
-            while True:
-                with lock:
-                    nxt = next(queue, None)
-                if nxt is None:
-                    return
-                fn(state, *nxt)
+        ``blocks`` yields (a, b, block); the parts of ``tiles_of(a, b)`` are queued as the chunk arrives and
+        ``chunk_done(a, b, block, results)`` (results = work(state, a, block, part) in part order) runs in the
+        calling thread, chunk by chunk in order, while the workers go on with the next chunk: at most ``depth``
+        chunks are queued or running, so a block is in use until its ``chunk_done`` returns and ``depth``
+        further blocks have not been taken (the sources' ring buffers hold three)."""
+        inflight: deque = deque()
 
-        futs = [self.ex.submit(work, st_) for st_ in self.states]
-        for f in futs:
-            f.result()
-        return len(parts)
+        def finish_oldest():
+            a, b, block, futs = inflight.popleft()
+            chunk_done(a, b, block, [f.result() for f in futs])
 
-    def map_tiles(self, fn, tiles):
-        """fn(state, part) over the parts of ``tiles`` (results written per frame: any order)."""
-        self.run_parts(lambda state, i, part: fn(state, part), tiles)
+        try:
+            for a, b, block in blocks:
+                parts = self.split(tiles_of(a, b))
+                inflight.append((a, b, block, [self.submit(work, a, block, p) for p in parts]))
+                if len(inflight) >= depth:
+                    finish_oldest()
+            while inflight:
+                finish_oldest()
+        finally:  # on an error: drop the queued parts, wait for the running ones (they read the blocks)
+            for *_, futs in inflight:
+                for f in futs:
+                    f.cancel()
+            for *_, futs in inflight:
+                wait(futs)
 
     def close(self):
-        if self.ex is not None:
-            self.ex.shutdown(wait=True)
+        for _ in self.workers:
+            self.tasks.put(None)
+        for t in self.workers:
+            t.join()
+        self.workers = []
+
+
+def _run_into(fut: Future, fn, state, args) -> None:
+    try:
+        fut.set_result(fn(state, *args))
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+        fut.set_exception(exc)
 
 
 # ----------------------------------------------------------------------------------------- pass 1
@@ -423,18 +468,19 @@ def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray
         run = _pass1_part(pre, ref32, nonneg, n_pix)
     pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype))
     tot = _GroupSums((C + 1) * hf, n_pix)
+
+    def chunk_done(a, b, block, results):
+        for r in results:  # part order: the float64 totals do not depend on the scheduling
+            tot.add_part(r)
+        if not keep:
+            release(source, a, b)
+        if progress:
+            progress(b, source.n_frames)
+
     try:
-        for a, b, block in frame_blocks(source, chunk, check, prefetch, keep):
-            results: dict = {}
-
-            def fn(state, i, part, block=block, results=results):
-                results[i] = run(state, block, part)
-
-            n_parts = pool.run_parts(fn, group_tiles(key[a:b], tile))
-            for i in range(n_parts):
-                tot.add_part(results[i])
-            if progress:
-                progress(b, source.n_frames)
+        pool.stream(frame_blocks(source, chunk, check, prefetch, keep=True),
+                    lambda a, b: group_tiles(key[a:b], tile), lambda state, a, block, part: run(state, block, part),
+                    chunk_done)
     finally:
         pool.close()
     return _to_partial(tot, C, hf)
@@ -469,12 +515,13 @@ def _to_partial(s: _GroupSums, C: int, hf: int) -> st.StatsPartial:
 
 def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedFilter, com: st.GatedCoM,
                softmax_temp: float, adaptive: bool, gate_of_slot: Optional[np.ndarray],
-               lab_slot: Optional[np.ndarray], progress=None, prefetch: bool = True):
+               lab_slot: Optional[np.ndarray], progress=None, prefetch: bool = True, mapped: bool = False):
     """Pass 2: matched-filter scores S (n, C), argmax index, max softmax probability, gated CoM (x, y, valid).
 
     S = e W - b - bg (1 W) with e = log1p(x) (or x) and bg = e . w_bg, evaluated as ONE product e [W | w_bg].
     CoM moments x M_g use the gate of the frame's label (``gate_of_slot[lab_slot]``, -1 = unknown: all gates)
     in adaptive mode and are recomputed for frames whose argmax picks another gate; union mode uses gate 0.
+    ``mapped``: pass 1 left a mapped source's pages mapped (``keep_mapped``); they are unmapped chunk by chunk.
     """
     n = source.n_frames
     n_pix = int(np.prod(source.frame_shape))
@@ -568,30 +615,22 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
 
     pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype, second=c.log_transform))
     work = run_fused if fused else run
-    finisher = ThreadPoolExecutor(max_workers=1) if pool.threads > 1 else None
-    pending = None
-    try:
-        for i, (a, bnd, block) in enumerate(frame_blocks(source, chunk, None, prefetch)):
-            bufs = (P_bufs[i % 2], R_bufs[i % 2])
-            tiles = group_tiles(key[a:bnd], tile)
-            pool.map_tiles(lambda state, part: work(state, part, block, *bufs), tiles)
-            if pending is not None:
-                pending.result()  # the previous chunk's finish (its buffers are the next chunk's)
-                pending = None
-                if progress:
-                    progress(a, n)
-            if finisher is None:
-                finish(a, bnd, block, *bufs)
-            else:
-                pending = finisher.submit(finish, a, bnd, block, *bufs)
-        if pending is not None:
-            pending.result()
-            pending = None
+
+    def bufs(a):  # chunk i's product buffers: two sets, chunk i + 2 is queued only after chunk i's finish
+        i = (a // chunk) % 2
+        return P_bufs[i], R_bufs[i]
+
+    def chunk_done(a, bnd, block, _):  # in this thread while the workers run the next chunk's products
+        finish(a, bnd, block, *bufs(a))
+        release(source, a, bnd)
         if progress:
-            progress(n, n)
+            progress(bnd, n)
+
+    try:
+        pool.stream(frame_blocks(source, chunk, None, prefetch, keep=True, mapped=mapped),
+                    lambda a, bnd: group_tiles(key[a:bnd], tile),
+                    lambda state, a, block, part: work(state, part, block, *bufs(a)), chunk_done)
     finally:
-        if finisher is not None:
-            finisher.shutdown(wait=True)
         pool.close()
     return S, amax, conf, cxp, cyp, valid
 
@@ -606,27 +645,31 @@ def com_pass(source, chunk: int, tile: int, threads: int, com: st.GatedCoM, all_
     n_pix = int(np.prod(source.frame_shape))
     K = com.n_gates if all_gates else 1
     MT = np.ascontiguousarray(com.M[:, :3 * K].T)
-    R_chunk = np.empty((chunk, 3 * K), dtype=np.float32)
+    R_bufs = [np.empty((chunk, 3 * K), dtype=np.float32) for _ in range(2)]  # chunk i: R_bufs[i % 2]
 
-    def run(state, tiles, block):
+    def run(state, a, block, tiles):
+        R_chunk = R_bufs[(a // chunk) % 2]
         for _, sel in tiles:
             R_chunk[sel] = rmm(MT, state.load(block, sel))
 
     cx, cy = np.empty((n, K)), np.empty((n, K))
     ok_all = np.empty((n, K), dtype=bool)
+
+    def chunk_done(a, b, block, _):
+        m = b - a
+        r = R_bufs[(a // chunk) % 2][:m].reshape(m, K, 3)
+        den = r[..., 2]
+        ok = den > 0
+        safe = np.where(ok, den, 1)
+        cx[a:b], cy[a:b], ok_all[a:b] = np.where(ok, r[..., 0] / safe, 0), np.where(ok, r[..., 1] / safe, 0), ok
+        release(source, a, b)
+        if progress:
+            progress(b, n)
+
     pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype))
     try:
-        for a, b, block in frame_blocks(source, chunk, check, prefetch):
-            m = b - a
-            pool.map_tiles(lambda state, part: run(state, part, block),
-                           [(0, slice(u, min(u + tile, m))) for u in range(0, m, tile)])
-            r = R_chunk[:m].reshape(m, K, 3)
-            den = r[..., 2]
-            ok = den > 0
-            safe = np.where(ok, den, 1)
-            cx[a:b], cy[a:b], ok_all[a:b] = np.where(ok, r[..., 0] / safe, 0), np.where(ok, r[..., 1] / safe, 0), ok
-            if progress:
-                progress(b, n)
+        pool.stream(frame_blocks(source, chunk, check, prefetch, keep=True),
+                    lambda a, b: [(0, slice(u, min(u + tile, b - a))) for u in range(0, b - a, tile)], run, chunk_done)
     finally:
         pool.close()
     if not all_gates:

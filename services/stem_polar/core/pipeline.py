@@ -21,9 +21,9 @@ from typing import Callable, Optional
 import numpy as np
 
 try:  # optional: without it the tile products may use several BLAS threads (same results)
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 except ImportError:  # pragma: no cover
-    threadpool_limits = None
+    ThreadpoolController = None
 
 from . import engine as eng
 from . import kernels
@@ -90,9 +90,15 @@ def _frame_sum(block: np.ndarray) -> np.ndarray:
 def _blas_one_thread(xp):
     """Single-threaded BLAS for the tile products on CPU: they are skinny (a few output columns or rows),
     memory-bound and faster without thread hand-offs; the second core reads the next chunk meanwhile."""
-    if xp is not np or threadpool_limits is None:
+    global _BLAS_CONTROLLER
+    if xp is not np or ThreadpoolController is None:
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    if _BLAS_CONTROLLER is None:  # finding the loaded BLAS libraries takes ~10 ms: once per process
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+_BLAS_CONTROLLER = None
 
 
 class Tiler:
@@ -329,10 +335,10 @@ class PolarPipeline:
         half_x = xp.asarray(half)
 
         nonneg = np.dtype(src.dtype).kind in "ub"
+        kept_mapped = self.fast and eng.keep_mapped(src)  # pages mapped by pass 1 stay mapped for pass 2
         if self.fast:
             part = eng.pass1_stats(src, self.chunk, self.tile, self.threads, lab_idx, C, half if split else None,
-                                   pre, ref, check=self._check_finite, prefetch=self.prefetch,
-                                   keep=eng.keep_mapped(src),
+                                   pre, ref, check=self._check_finite, prefetch=self.prefetch, keep=kept_mapped,
                                    progress=lambda b, n_: self.progress("pass 1/2: statistics", b, n_))
         # generic (array-module) path
         chunks = [] if self.fast else prefetch_chunks(iter_chunks(src, self.chunk, buffers=3), self.prefetch)
@@ -408,7 +414,7 @@ class PolarPipeline:
             lab_slot = np.where(lab_idx >= 0, lab_idx, C)
             S, amax, conf, cxp, cyp, valid = eng.pass2_maps(
                 src, self.chunk, self.tile, self.threads, pre, mf, com, temp, adaptive,
-                gate_of_slot, lab_slot, prefetch=self.prefetch,
+                gate_of_slot, lab_slot, prefetch=self.prefetch, mapped=kept_mapped,
                 progress=lambda b, n_: self.progress("pass 2/2: matched filter + gated CoM", b, n_))
         # generic (array-module) path
         chunks = [] if self.fast else prefetch_chunks(iter_chunks(src, self.chunk, buffers=3), self.prefetch)
