@@ -7,28 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
-
 from diffractflow.natsserver import SERVICES
 
 BIN = Path(sys.executable).parent
 
 
-def _processes_under(home: Path) -> list[psutil.Process]:
-    """Every live process started for this topology: its state names them, their cwd or argv point at home."""
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
-        try:
-            if p.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if (p.info["cwd"] or "").startswith(str(home)) or str(home) in " ".join(p.info["cmdline"] or []):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
-
-
-def test_up_status_down_leaves_nothing(tmp_path):
+def test_up_status_down_leaves_nothing(tmp_path, processes_under):
     home = tmp_path / "df"
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
@@ -53,11 +37,11 @@ def test_up_status_down_leaves_nothing(tmp_path):
         with urllib.request.urlopen(ui, timeout=60) as r:  # the UI page itself is served there
             assert r.status == 200 and b"<html" in r.read(4096).lower()
         assert st.stdout.count("yes") == len(SERVICES) + 1 + 2  # 7 worker processes, nats-server, prefect
-        alive = [p for p in _processes_under(home)]
+        alive = [p for p in processes_under(home)]
         assert len(alive) >= len(SERVICES) + 2  # services, nats-server, prefect server
     finally:
         down = subprocess.run([BIN / "diffractflow", "down", "--home", home], capture_output=True, text=True,
                               env=env, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert _processes_under(home) == []
+    assert processes_under(home) == []
     assert not (home / "state.json").exists()
