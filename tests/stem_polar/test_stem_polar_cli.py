@@ -142,6 +142,7 @@ def test_wrong_label_length_and_bad_dims(files, tmp_path):
     r = run_cli("run", "--data", files / "patterns4d.h5", "--dset", "patterns", "--labels", tmp_path / "short.npy",
                 "--out", tmp_path / "o")
     assert r.exit_code == 2 and "575 entries, expected 576" in r.output
+    assert "short.npy" in r.output.replace("\n", "")  # the file is named (pipeline.run_files, shared with the worker)
     with h5py.File(tmp_path / "flat.h5", "w") as f:
         f["x"] = np.zeros((24, 32))
     r = run_cli("run", "--data", tmp_path / "flat.h5", "--dset", "x", "--labels", tmp_path / "short.npy",
@@ -258,6 +259,12 @@ def test_worker_inline(files, tmp_path, scan):
                      params={"dset": "patterns", "scan_shape": [20, 20]})
     with pytest.raises(BadInput, match="does not match"):
         run_inline(STAGE, bad, settings)
+    np.save(vol / "in/short.npy", np.zeros(575, int))  # the same check and message as the CLI's (run_files)
+    short = JobRequest(job_id="sp3", service="stem-polar", inputs={"data": {"path": "in/p.h5"},
+                                                                   "labels": {"path": "in/short.npy"}},
+                       params={"dset": "patterns"})
+    with pytest.raises(BadInput, match=r"short\.npy: labels have 575 entries, expected 576"):
+        run_inline(STAGE, short, settings)
     with pytest.raises(Exception, match="top_percnt"):
         STAGE.params_model.model_validate({"config": {"templates": {"top_percnt": 1}}})
 
