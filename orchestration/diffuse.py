@@ -16,9 +16,7 @@ run completes with the others.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -54,10 +52,14 @@ class DiffuseRunConfig(BaseModel):
                                    "references besides the diffuse voxels (seed 003)")
     partiality_threshold: float = Field(0.1, ge=0, le=1, description="seed 003's P_min: Bragg reflections of lower "
                                         "partiality are not used as references")
-    bragg_radius_px: float | None = Field(None, gt=0, description="Bragg-mask disk radius (pixels) for every still; "
-                                          "None: estimated on the run's first still and kept for the run")
+    bragg_radius_px: float | None = Field(6.0, gt=0, description="Bragg-mask disk radius (pixels) around every "
+                                          "predicted reflection, the same for every still of the run (observed spots "
+                                          "are masked by their own bounding boxes besides); None: each still's own "
+                                          "estimate from its spots, which grows with the still's brightness")
     hot_dead_pixels: bool = Field(True, description="mask hot and dead pixels found from running per-pixel "
-                                  "statistics over the run's stills (from the 3rd still on)")
+                                  "statistics over the run's stills (from the 3rd still on). The one mask rule "
+                                  "that depends on the extraction order: a still is masked with the statistics "
+                                  "of the stills extracted before it (the run's first two with none)")
     exclude_bragg_voxels: bool = Field(True, description="leave the voxel centred on each integer hkl out of the map "
                                        "(the Bragg spot and the halo's centre share it; what the Bragg mask misses of a "
                                        "spot lands there, and how much a dose-dependent outlier test catches of it "
@@ -99,6 +101,8 @@ def grid_spec(cfg: DiffuseRunConfig) -> dict:
 
 
 BACKGROUND_RECORD = "background.json"
+#: the run's auto-detected beamstop shadow (diffuse-extractor ``beamstop_record``): one for every still
+BEAMSTOP_RECORD = "beamstop.npz"
 
 
 def background_ref(volume: Volume, run_id: str) -> dict | None:
@@ -110,53 +114,23 @@ def background_ref(volume: Volume, run_id: str) -> dict | None:
 @flow(name="diffuse-background", flow_run_name="background-{run_id}")
 async def diffuse_background_flow(run_id: str) -> dict:
     """Background-only frames of the run -> one binned, smoothed background (diffuse-extractor), recorded in
-    ``runs/<run>/background.json`` for every extraction of the run to subtract."""
+    ``runs/<run>/background.json`` for every extraction of the run to subtract; with an auto-detected beamstop,
+    the shadow on the frames' mean is the run's beamstop record (``runs/<run>/beamstop.npz``), written before any
+    still is extracted."""
     volume = Volume(Settings().volume)
     cfg = load_config(volume, run_id)
     if not cfg.background_frames:
         raise ValueError(f"run {run_id}: config.json names no background_frames")
     inputs = {f"frame{i:04d}": p for i, p in enumerate(cfg.background_frames)}
-    res = await run_stage("diffuse-extractor", inputs, {"mode": "background"}, run_id,
+    params: dict[str, Any] = {"mode": "background"}
+    if cfg.extractor.get("beamstop", "auto") == "auto":  # the run's one shadow, found on the mean frame
+        params["beamstop_record"] = f"runs/{run_id}/{BEAMSTOP_RECORD}"
+    res = await run_stage("diffuse-extractor", inputs, params, run_id,
                           job_id_for(run_id, "background", "frames"), timeout=cfg.stage_timeout_s)
     record = {"artifact": res["outputs"]["background"], "n_frames": len(cfg.background_frames),
               "metrics": res.get("metrics", {})}
     atomic_write_json(run_dir(volume, run_id) / BACKGROUND_RECORD, record)
     return record
-
-
-BRAGG_RADIUS_RECORD = "bragg_radius.json"
-
-
-async def _with_run_bragg_radius(volume: Volume, run_id: str, image: str, extract):
-    """Run ``extract(radius)`` with the run's one Bragg-mask radius.
-
-    A radius estimated per still from its own spots grows with the still's brightness (spot tails rise above the
-    threshold), so brighter stills would lose more of each halo's centre and their scales would come out low.
-    The first still to get here estimates the radius (extractor default) and records it; every other still of the
-    run waits for that record (a file lock, so flows in other processes agree) and uses the same radius.
-    """
-    rdir = run_dir(volume, run_id)
-    record = rdir / BRAGG_RADIUS_RECORD
-    if record.exists():
-        rec = json.loads(record.read_text())
-        # the still it was estimated on keeps its own (estimating) job, so a re-run of the run finds it again
-        return await extract(None if rec.get("estimated_on") == image else rec["bragg_radius_px"])
-    fd = os.open(rdir / f".{BRAGG_RADIUS_RECORD}.lock", os.O_CREAT | os.O_RDWR, 0o640)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        if record.exists():
-            rec = json.loads(record.read_text())
-            radius = None if rec.get("estimated_on") == image else rec["bragg_radius_px"]
-        else:
-            res = await extract(None)
-            radius = res.get("metrics", {}).get("bragg_radius_px")
-            if radius is not None:
-                atomic_write_json(record, {"bragg_radius_px": radius, "estimated_on": image})
-            return res
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-    return await extract(radius)
 
 
 def _still_outcome(result: dict) -> dict:
@@ -183,17 +157,14 @@ async def extract_and_accumulate(volume: Volume, run_id: str, cfg: DiffuseRunCon
     ex_params = {**cfg.extractor, "pngs": False}
     if cfg.hot_dead_pixels and not tag:  # a re-extraction must not count its pixels twice in the run statistics
         ex_params.setdefault("pixel_stats", f"runs/{run_id}/pixel_stats.h5")
-
-    async def extract(radius):
-        p = ex_params if radius is None else {**ex_params, "bragg_radius_px": radius}
-        return await run_stage("diffuse-extractor", inputs, p, run_id, job_id_for(run_id, f"extract{tag}", stem),
-                               timeout=cfg.stage_timeout_s)
-
-    if "bragg_radius_px" in ex_params or cfg.bragg_radius_px is not None:
+    # the same mask rules for every still, whichever is extracted first and by which process: one Bragg radius
+    # from the configuration (not estimated on the run's first still) and one recorded beamstop shadow
+    if cfg.bragg_radius_px is not None:
         ex_params.setdefault("bragg_radius_px", cfg.bragg_radius_px)
-        res = await extract(None)
-    else:
-        res = await _with_run_bragg_radius(volume, run_id, image, extract)
+    if ex_params.get("beamstop", "auto") == "auto":
+        ex_params.setdefault("beamstop_record", f"runs/{run_id}/{BEAMSTOP_RECORD}")
+    res = await run_stage("diffuse-extractor", inputs, ex_params, run_id, job_id_for(run_id, f"extract{tag}", stem),
+                          timeout=cfg.stage_timeout_s)
     record["bragg_radius_px"] = res.get("metrics", {}).get("bragg_radius_px")
     record["stage_seconds"]["diffuse-extractor"] = round(time.monotonic() - t1, 2)
     still_ref = res["outputs"][res["metrics"]["tables"][0]]  # the extractor names its tables in its metrics

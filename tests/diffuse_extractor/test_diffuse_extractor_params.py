@@ -59,8 +59,9 @@ CLI_NAMES = {"run": {"image_index": "image_indices", "all_images": "all_images",
 
 @pytest.mark.parametrize("command, model, skip", [
     ("run", ExtractJob, {"mode", "bragg_d_min", "outlier_grow_px", "use_observed_spots", "air_density_g_cm3",
-                         "beamstop_ratio", "pixel_stats", "pixel_stats_min_stills", "beamstop_per_run"}),
-    ("background", BackgroundJob, {"mode", "detect_arm", "beamstop_ratio"})])
+                         "beamstop_ratio", "pixel_stats", "pixel_stats_min_stills", "beamstop_per_run",
+                         "beamstop_record"}),
+    ("background", BackgroundJob, {"mode", "detect_arm", "beamstop_ratio", "beamstop_record"})])
 def test_cli_defaults_are_the_models(command, model, skip):
     cmd = typer.main.get_command(app).commands[command]
     checked = set()

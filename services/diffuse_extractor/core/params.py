@@ -118,6 +118,10 @@ class ExtractJob(ExtractionParams):
                                        "volume root (e.g. runs/RUN/pixel_stats.h5): each still is added to it")
     pixel_stats_min_stills: int = Field(3, ge=2, description="hot/dead masking from this many stills in the "
                                         "statistics on (>= 2)")
+    beamstop_record: Optional[str] = Field(None, description="with beamstop='auto': the run's beamstop record, "
+                                           "relative to the volume root (e.g. runs/RUN/beamstop.npz); the run's "
+                                           "first still to get there finds the shadow and records it (under a "
+                                           "lock), every other still of the run, in any process, uses it")
     beamstop_per_run: bool = Field(True, description="with beamstop='auto': the beamstop found in a run's first "
                                    "still (on this worker) serves the run's later stills; False searches every still")
     pngs: bool = Field(True, description="write diagnostic PNGs (raw, masks, corrected, radial profile)")
@@ -132,6 +136,9 @@ class BackgroundJob(MaskParams):
     smooth_bins: float = Field(0.5, ge=0, le=50, description="Gaussian smoothing σ, bins (0 = none)")
     outlier_nsigma: float = Field(6.0, gt=0, description="drop zingers and hot pixels this many Poisson σ above "
                                   "the median / the smooth background (> 0)")
+    beamstop_record: Optional[str] = Field(None, description="with beamstop='auto': write the run's beamstop "
+                                           "record (relative to the volume root, e.g. runs/RUN/beamstop.npz) from "
+                                           "the shadow on the mean frame, for every extraction of the run to use")
 
 
 class ExtractorParams(RootModel):
