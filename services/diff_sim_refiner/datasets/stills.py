@@ -47,16 +47,16 @@ STRUCTURE_FACTORS_FILE = "structure_factors.npz"
 
 
 @dataclass
-class StillsSpec:
-    """What to render. Lengths in mm, wavelength and cell in Angstrom, angles in degrees, |q| = 1/d in 1/Angstrom.
+class SceneSpec:
+    """The crystal, detector, background and photon levels every generator of this package renders (the stills
+    here, the rotation sweep in :mod:`.sweep`). Lengths in mm, wavelength and cell in Angstrom, angles in degrees,
+    |q| = 1/d in 1/Angstrom.
 
     Photon levels are "per reference pixel" (a pixel of solid angle ``pixel_mm^2 / distance_mm^2`` at
-    normal incidence), for unit per-still scale, before polarisation, solid-angle and air factors, at dose 1;
+    normal incidence), for unit per-image scale, before polarisation, solid-angle and air factors, at dose 1;
     ``dose`` multiplies everything (crystal and background).
     """
 
-    n_stills: int = 20
-    n_background_frames: int = 2
     unit_cell: tuple[float, float, float, float, float, float] = (40.0, 40.0, 60.0, 90.0, 90.0, 90.0)
     space_group: str = "P 43 21 2"
     modules: tuple[int, int] = (2, 3)            # PILATUS modules along fast, slow
@@ -66,11 +66,8 @@ class StillsSpec:
     #: direct-beam position as fractions of the array (fast, slow): off the array centre
     beam_centre_frac: tuple[float, float] = (0.431, 0.562)
     exposure_s: float = 0.1
-    #: exposure of the background-only frames (None: exposure_s); their counts scale with it, and their header says it
-    background_exposure_s: Optional[float] = None
     polarization_fraction: float = 0.999         # dxtbx's convention (Kahn factor K = 2 f - 1)
     dose: float = 1.0
-    scale_sigma: float = 0.2                     # log-normal sigma of the per-still scales
     seed: int = 2026                             # structure factors, orientations, scales
     noise_seed: int = 0                          # Poisson draws (dose_pair changes only this)
     wilson_B: float = 10.0                       # A^2: <|F|^2> = exp(-B |q|^2 / 2)
@@ -85,7 +82,7 @@ class StillsSpec:
     diffuse_cells: tuple[int, int, int] = (4, 4, 4)
     #: diffuse photons averaged over reciprocal space at q -> 0 (the halo peak is this / mean halo profile)
     diffuse_mean_photons: float = 7.0
-    # background (isotropic in |q|, same in every still)
+    # background (isotropic in |q|, same in every image)
     water_ring_photons: float = 4.0
     water_ring_q: float = 0.32
     water_ring_width: float = 0.05
@@ -97,8 +94,6 @@ class StillsSpec:
     def __post_init__(self):
         for name in ("unit_cell", "modules", "beam_centre_frac", "bragg_cells", "diffuse_cells"):
             setattr(self, name, tuple(getattr(self, name)))
-        if self.n_stills < 0 or self.n_background_frames < 0:
-            raise ValueError("n_stills and n_background_frames must be >= 0")
         if self.dose <= 0:
             raise ValueError(f"dose must be > 0, got {self.dose}")
 
@@ -114,6 +109,23 @@ class StillsSpec:
         """Beam centre in pixels from the outer corner of pixel (0, 0), rounded as the CBF header writes it."""
         nf, ns = self.image_size
         return round(self.beam_centre_frac[0] * nf, 3), round(self.beam_centre_frac[1] * ns, 3)
+
+
+@dataclass
+class StillsSpec(SceneSpec):
+    """What to render: ``n_stills`` randomly oriented stills with log-normal scales and ``n_background_frames``
+    background-only frames of the scene (:class:`SceneSpec`: units, levels)."""
+
+    n_stills: int = 20
+    n_background_frames: int = 2
+    #: exposure of the background-only frames (None: exposure_s); their counts scale with it, and their header says it
+    background_exposure_s: Optional[float] = None
+    scale_sigma: float = 0.2                     # log-normal sigma of the per-still scales
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_stills < 0 or self.n_background_frames < 0:
+            raise ValueError("n_stills and n_background_frames must be >= 0")
 
 
 # ----------------------------------------------------------------------------- geometry (dxtbx's lab frame)
@@ -411,6 +423,39 @@ def _orientations(spec: StillsSpec) -> tuple[list[np.ndarray], np.ndarray]:
     return U, np.asarray(scales)
 
 
+def start_truth(out: Path, generator: str, spec: SceneSpec, geometry: SceneSpec, r: StillsRenderer, *, units: str,
+                conventions: str) -> dict:
+    """Save the renderer's structure factors in ``out`` and return the truth keys every generator writes (what
+    :class:`DiffuseTruth` loads): ``spec`` (the generator's, as a dict), crystal, detector (``geometry``: the
+    renderer's), reference solid angle, air, the diffuse truth's constants and their ``units``, ``conventions``."""
+    np.savez_compressed(out / STRUCTURE_FACTORS_FILE, F=r.F, mins=np.asarray(r.F_mins))
+    nf, ns = spec.image_size
+    return {
+        "generator": generator,
+        "spec": asdict(spec),
+        "out_dir": str(out),
+        "unit_cell": list(spec.unit_cell),
+        "space_group": spec.space_group,
+        "dose": spec.dose,
+        "image_size_fast_slow": [nf, ns],
+        "beam_xy_px": list(geometry.beam_xy_px),
+        "detector_origin_mm": detector_frame(geometry)["origin_mm"].tolist(),
+        "reference_solid_angle_sr": r.omega_ref,
+        "air_mu_per_mm": air_mu_per_mm(spec.wavelength_A),
+        "structure_factors_file": STRUCTURE_FACTORS_FILE,
+        "diffuse_truth": {"B": r.B.tolist(), "cells": list(spec.diffuse_cells),
+                          "peak_photons": r.diffuse_peak * spec.dose, "units": units},
+        "conventions": conventions,
+    }
+
+
+def write_frame(path: Path, expected: np.ndarray, gaps: np.ndarray, rng: np.random.Generator, header: CBFHeader):
+    """Poisson counts of ``expected`` photons as a mini-CBF, gap pixels -1."""
+    counts = rng.poisson(np.maximum(expected, 0.0)).astype(np.int64)
+    counts[gaps] = -1
+    write_minicbf(path, counts, header)
+
+
 def generate_stills(out_dir: str | Path, spec: Optional[StillsSpec] = None,
                     progress: Optional[Callable[[int, int], None]] = None,
                     renderer: Optional[StillsRenderer] = None) -> dict:
@@ -431,31 +476,12 @@ def generate_stills(out_dir: str | Path, spec: Optional[StillsSpec] = None,
     header = CBFHeader(pixel_mm=spec.pixel_mm, distance_mm=spec.distance_mm, wavelength_A=spec.wavelength_A,
                        beam_xy_px=spec.beam_xy_px, exposure_s=spec.exposure_s,
                        polarization=spec.polarization_fraction)
-    np.savez_compressed(out / STRUCTURE_FACTORS_FILE, F=r.F, mins=np.asarray(r.F_mins))
-    g = detector_frame(spec)
-    nf, ns = spec.image_size
-    truth = {
-        "generator": "diff_sim_refiner.datasets.stills",
-        "spec": asdict(spec),
-        "out_dir": str(out),
-        "unit_cell": list(spec.unit_cell),
-        "space_group": spec.space_group,
-        "dose": spec.dose,
-        "image_size_fast_slow": [nf, ns],
-        "beam_xy_px": list(spec.beam_xy_px),
-        "detector_origin_mm": g["origin_mm"].tolist(),
-        "reference_solid_angle_sr": r.omega_ref,
-        "air_mu_per_mm": air_mu_per_mm(spec.wavelength_A),
-        "structure_factors_file": STRUCTURE_FACTORS_FILE,
-        "diffuse_truth": {"B": r.B.tolist(), "cells": list(spec.diffuse_cells),
-                          "peak_photons": r.diffuse_peak * spec.dose,
-                          "units": "photons per reference pixel (pixel^2/distance^2 sr), polarisation and air "
-                                   "removed, unit scale, background and Bragg excluded, at this dose"},
-        "conventions": "dxtbx lab frame (beam along -z); A = U B maps h to q = s1 - s0 (1/Angstrom); "
-                       "columns of A are a*, b*, c*",
-        "stills": [],
-        "background_frames": [],
-    }
+    truth = start_truth(out, "diff_sim_refiner.datasets.stills", spec, spec, r,
+                        units="photons per reference pixel (pixel^2/distance^2 sr), polarisation and air removed, "
+                              "unit scale, background and Bragg excluded, at this dose",
+                        conventions="dxtbx lab frame (beam along -z); A = U B maps h to q = s1 - s0 (1/Angstrom); "
+                                    "columns of A are a*, b*, c*")
+    truth.update(stills=[], background_frames=[])
     (out / "truth.json").write_text(json.dumps(truth, indent=2))
     total = spec.n_stills + spec.n_background_frames
     done = 0
@@ -464,7 +490,7 @@ def generate_stills(out_dir: str | Path, spec: Optional[StillsSpec] = None,
         A = U[i] @ r.B
         expected = spec.dose * scales[i] * (r.diffuse(A) + r.bragg(A)) + bkg
         name = f"still_{i + 1:04d}.cbf"
-        _write_frame(out / name, expected, r.gaps, noise, header)
+        write_frame(out / name, expected, r.gaps, noise, header)
         truth["stills"].append({"file": name, "scale": float(scales[i]), "U": U[i].tolist(), "A": A.tolist()})
         done += 1
         if progress:
@@ -473,19 +499,13 @@ def generate_stills(out_dir: str | Path, spec: Optional[StillsSpec] = None,
     bkg_header = replace(header, exposure_s=bkg_exposure)
     for j in range(spec.n_background_frames):
         name = f"bkg_{j + 1:04d}.cbf"
-        _write_frame(out / name, bkg * (bkg_exposure / spec.exposure_s), r.gaps, noise, bkg_header)
+        write_frame(out / name, bkg * (bkg_exposure / spec.exposure_s), r.gaps, noise, bkg_header)
         truth["background_frames"].append(name)
         done += 1
         if progress:
             progress(done, total)
     (out / "truth.json").write_text(json.dumps(truth, indent=2))
     return truth
-
-
-def _write_frame(path: Path, expected: np.ndarray, gaps: np.ndarray, rng: np.random.Generator, header: CBFHeader):
-    counts = rng.poisson(np.maximum(expected, 0.0)).astype(np.int64)
-    counts[gaps] = -1
-    write_minicbf(path, counts, header)
 
 
 def dose_pair(out_dir: str | Path, spec: Optional[StillsSpec] = None, factor: float = 16.0,

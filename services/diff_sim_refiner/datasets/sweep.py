@@ -27,28 +27,29 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from .cbf import CBFHeader, write_minicbf
-from .stills import (STRUCTURE_FACTORS_FILE, StillsRenderer, StillsSpec, air_mu_per_mm, detector_frame)
+from .cbf import CBFHeader
+from .stills import SceneSpec, StillsRenderer, StillsSpec, start_truth, write_frame
 
 #: the goniometer axis: the detector's fast axis in dxtbx's lab frame (FormatCBFMini's single_axis())
 ROTATION_AXIS = (1.0, 0.0, 0.0)
 
 
 @dataclass
-class SweepSpec:
-    """What to render. Units as :class:`~.stills.StillsSpec` (mm, Angstrom, degrees); the crystal, background
-    and photon-level fields mean the same and default to the same values, photons are per frame.
+class SweepSpec(SceneSpec):
+    """What to render: the scene of :class:`~.stills.SceneSpec` (crystal, detector, levels; photons are per frame)
+    on a rotation sweep.
 
     Defaults: 60 frames of 0.5 deg from 0 deg, a 2 x 5 module (981 x 1043 pixel) PILATUS-style detector,
     3 blank frames spanning the same 30 deg.
     """
 
+    modules: tuple[int, int] = (2, 5)
     n_frames: int = 60
     osc_deg: float = 0.5
     start_deg: float = 0.0
@@ -60,54 +61,18 @@ class SweepSpec:
     scale_amplitude: float = 0.15
     scale_period_deg: float = 40.0
     scale_phase: float = 0.7
-    # crystal, detector and levels (as StillsSpec)
-    unit_cell: tuple[float, float, float, float, float, float] = (40.0, 40.0, 60.0, 90.0, 90.0, 90.0)
-    space_group: str = "P 43 21 2"
-    modules: tuple[int, int] = (2, 5)
-    pixel_mm: float = 0.172
-    distance_mm: float = 150.0
-    wavelength_A: float = 1.0
-    beam_centre_frac: tuple[float, float] = (0.431, 0.562)
-    exposure_s: float = 0.1
-    polarization_fraction: float = 0.999
-    dose: float = 1.0
-    seed: int = 2026                          # structure factors, orientation
-    noise_seed: int = 0
-    wilson_B: float = 10.0
-    bragg_cells: tuple[int, int, int] = (12, 12, 8)
-    mosaic_spread_deg: float = 0.4
-    mosaic_domains: int = 20
-    bragg_oversample: int = 3
-    bragg_peak_photons: float = 10000.0
-    diffuse_cells: tuple[int, int, int] = (4, 4, 4)
-    diffuse_mean_photons: float = 7.0
-    water_ring_photons: float = 4.0
-    water_ring_q: float = 0.32
-    water_ring_width: float = 0.05
-    air_scatter_photons: float = 6.0
-    air_scatter_q0: float = 0.12
-    flat_photons: float = 2.0
-    air_path_fraction: float = 1.0
 
     def __post_init__(self):
-        for name in ("unit_cell", "modules", "beam_centre_frac", "bragg_cells", "diffuse_cells"):
-            setattr(self, name, tuple(getattr(self, name)))
+        super().__post_init__()
         if self.n_frames < 1 or self.n_blank_frames < 0:
             raise ValueError("n_frames must be >= 1 and n_blank_frames >= 0")
         if self.osc_deg <= 0 or self.phi_steps < 1:
             raise ValueError(f"osc_deg must be > 0 and phi_steps >= 1, got {self.osc_deg}, {self.phi_steps}")
-        if self.dose <= 0:
-            raise ValueError(f"dose must be > 0, got {self.dose}")
 
     def stills_spec(self) -> StillsSpec:
         """The stills generator's spec with this sweep's crystal, detector and levels (no stills of its own)."""
-        shared = {f.name for f in fields(StillsSpec)} & {f.name for f in fields(SweepSpec)}
-        return StillsSpec(n_stills=0, n_background_frames=0, **{k: getattr(self, k) for k in shared})
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(fast, slow) pixels including the gaps."""
-        return self.stills_spec().image_size
+        return StillsSpec(n_stills=0, n_background_frames=0,
+                          **{f.name: getattr(self, f.name) for f in fields(SceneSpec)})
 
     @property
     def blank_osc(self) -> float:
@@ -262,28 +227,12 @@ def generate_sweep(out_dir: str | Path, spec: Optional[SweepSpec] = None,
     U0 = crystal_orientation(spec)
     A0 = U0 @ sr.B
     noise = np.random.default_rng([spec.seed, 5, spec.noise_seed])
-    np.savez_compressed(out / STRUCTURE_FACTORS_FILE, F=r.F, mins=np.asarray(r.F_mins))
-    g = detector_frame(r.spec)
-    nf, ns = spec.image_size
-    truth = {
-        "generator": "diff_sim_refiner.datasets.sweep",
-        "spec": asdict(spec),
-        "out_dir": str(out),
-        "unit_cell": list(spec.unit_cell),
-        "space_group": spec.space_group,
-        "dose": spec.dose,
-        "image_size_fast_slow": [nf, ns],
-        "beam_xy_px": list(r.spec.beam_xy_px),
-        "detector_origin_mm": g["origin_mm"].tolist(),
-        "reference_solid_angle_sr": r.omega_ref,
-        "air_mu_per_mm": air_mu_per_mm(spec.wavelength_A),
-        "structure_factors_file": STRUCTURE_FACTORS_FILE,
-        "diffuse_truth": {"B": r.B.tolist(), "cells": list(spec.diffuse_cells),
-                          "peak_photons": r.diffuse_peak * spec.dose,
-                          "units": "photons per reference pixel (pixel^2/distance^2 sr) per frame, polarisation "
-                                   "and air removed, unit scale, background and Bragg excluded, at this dose"},
-        "conventions": "dxtbx lab frame (beam along -z); q = s1 - s0 (1/Angstrom) = R(phi) A0 h, R right-handed "
-                       "about rotation_axis; columns of A are a*, b*, c*",
+    truth = start_truth(out, "diff_sim_refiner.datasets.sweep", spec, r.spec, r,
+                        units="photons per reference pixel (pixel^2/distance^2 sr) per frame, polarisation and air "
+                              "removed, unit scale, background and Bragg excluded, at this dose",
+                        conventions="dxtbx lab frame (beam along -z); q = s1 - s0 (1/Angstrom) = R(phi) A0 h, R "
+                                    "right-handed about rotation_axis; columns of A are a*, b*, c*")
+    truth.update({
         "rotation_axis": list(ROTATION_AXIS),
         "scan": {"start_deg": spec.start_deg, "osc_deg": spec.osc_deg, "n_frames": spec.n_frames,
                  "phi_steps": spec.phi_steps, "template": "sweep_####.cbf"},
@@ -295,7 +244,7 @@ def generate_sweep(out_dir: str | Path, spec: Optional[SweepSpec] = None,
         "frames": [],
         "stills": [],
         "background_frames": [],
-    }
+    })
     (out / "truth.json").write_text(json.dumps(truth, indent=2))
     total = spec.n_frames + spec.n_blank_frames
 
@@ -309,7 +258,7 @@ def generate_sweep(out_dir: str | Path, spec: Optional[SweepSpec] = None,
         a, b = spec.frame_phi(i)
         expected = sr.frame(A0, i)
         name = f"sweep_{i + 1:04d}.cbf"
-        _write_frame(out / name, expected, sr.gaps, noise, header(a, spec.osc_deg, i * spec.exposure_s))
+        write_frame(out / name, expected, sr.gaps, noise, header(a, spec.osc_deg, i * spec.exposure_s))
         truth["frames"].append({"file": name, "phi_start_deg": a, "phi_end_deg": b,
                                 "scale": float(spec.scale_at(0.5 * (a + b))),
                                 "A": (rotation(0.5 * (a + b)) @ A0).tolist()})
@@ -319,18 +268,12 @@ def generate_sweep(out_dir: str | Path, spec: Optional[SweepSpec] = None,
     for j in range(spec.n_blank_frames):
         name = f"blank_{j + 1:04d}.cbf"
         phi0 = spec.start_deg + j * spec.blank_osc
-        _write_frame(out / name, bkg, sr.gaps, noise, header(phi0, spec.blank_osc, 3600.0 + j * spec.exposure_s))
+        write_frame(out / name, bkg, sr.gaps, noise, header(phi0, spec.blank_osc, 3600.0 + j * spec.exposure_s))
         truth["background_frames"].append(name)
         if progress:
             progress(spec.n_frames + j + 1, total)
     (out / "truth.json").write_text(json.dumps(truth, indent=2))
     return truth
-
-
-def _write_frame(path: Path, expected: np.ndarray, gaps: np.ndarray, rng: np.random.Generator, header: CBFHeader):
-    counts = rng.poisson(np.maximum(expected, 0.0)).astype(np.int64)
-    counts[gaps] = -1
-    write_minicbf(path, counts, header)
 
 
 __all__ = ["SweepSpec", "SweepRenderer", "generate_sweep", "crystal_orientation", "rotation", "ROTATION_AXIS"]
