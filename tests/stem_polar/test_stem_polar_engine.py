@@ -327,20 +327,33 @@ def test_stream_runs_every_part_releases_a_chunk_only_after_its_parts_and_keeps_
 
 
 def test_stream_error_in_a_part_propagates_and_stops_the_pass():
-    """A failing part raises in the caller (no hang, no silent partial result); later chunks are not finished."""
+    """A failing part raises in the caller (no hang, no silent partial result); later chunks are not finished, and
+    no part is still running (reading a block that may be unmapped) when the error reaches the caller."""
+    import threading
+    import time as _time
+
     data = np.zeros((256, 4, 4), dtype=np.uint16)
     pool = eng._Pool(2, lambda: None)
-    finished = []
+    finished, running, lock = [], [0], threading.Lock()
 
     def work(state, a, block, part):
-        if a == 64:
-            raise RuntimeError("part failed")
-        return len(part)
+        with lock:
+            running[0] += 1
+        try:
+            if a == 64 and part[0][1].start == 0:
+                raise RuntimeError("part failed")
+            _time.sleep(0.05 if a == 64 else 0)  # the failing chunk's other part is still running
+            return len(part)
+        finally:
+            with lock:
+                running[0] -= 1
 
     try:
         with pytest.raises(RuntimeError, match="part failed"):
             pool.stream(eng.frame_blocks(ArraySource(data, (16, 16)), 32, keep=True),
-                        lambda a, b: [(0, slice(0, b - a))], work, lambda a, b, block, r: finished.append(a))
+                        lambda a, b: [(0, slice(0, 16)), (0, slice(16, b - a))], work,
+                        lambda a, b, block, r: finished.append(a))
+        assert running[0] == 0
     finally:
         pool.close()
     assert finished == [0, 32] and not pool.workers

@@ -286,8 +286,9 @@ class _Pool:
         inflight: deque = deque()
 
         def finish_oldest():
-            a, b, block, futs = inflight.popleft()
+            a, b, block, futs = inflight[0]  # stays listed until done: the error path below waits for its parts
             chunk_done(a, b, block, [f.result() for f in futs])
+            inflight.popleft()
 
         try:
             for a, b, block in blocks:
