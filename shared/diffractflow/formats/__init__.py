@@ -14,12 +14,15 @@ module                 schema                                       written by -
                                                                     report, demo
 =====================  ===========================================  =====================================
 
-Every writer stores an integer version; every reader checks schema and version and names the file in an
-:class:`diffractflow.errors.InputError` when either (or a field of that version) is wrong. Readers accept the
-string forms of a version that older writers stored (``"1.0"``, ``"1"``), listed per format in
-``LEGACY_VERSIONS``. There is one layout per version: no reader tries alternative names.
+Every writer stores an integer version (``scales.json`` as ``{"schema", "schema_version", "scales"}``); every
+reader checks schema and version and names the file in an :class:`diffractflow.errors.InputError` when either (or
+a field of that version) is wrong. Readers accept the string forms of a version that older writers stored
+(``"1.0"``, ``"1"``), listed per format in ``LEGACY_VERSIONS``, and the bare ``{still: b}`` scales of old runs.
+There is one layout per version: no reader tries alternative names. HDF5 readers open files through
+:func:`open_checked` (missing file, not HDF5, the format's checks: one InputError naming the file).
 """
 from . import accumulator, merged_map, observations, scales, still_table
-from ._header import check_header, write_header
+from ._header import check_header, open_checked, open_h5, write_header
 
-__all__ = ["accumulator", "merged_map", "observations", "scales", "still_table", "check_header", "write_header"]
+__all__ = ["accumulator", "merged_map", "observations", "scales", "still_table", "check_header", "open_checked",
+           "open_h5", "write_header"]
