@@ -16,7 +16,9 @@
 5. The merged map against the planted truth (:class:`DiffuseTruth` averaged over each voxel): Pearson CC, the
    fit map = a truth + b; with ``--ours RUN_OUTPUT_DIR`` (a ``diffractflow process diffuse`` output holding
    ``map.nxs`` or any ``*.nxs`` with ``/entry/map``) also ours vs truth and ours vs mdx2 where both measured
-   (:func:`compare_maps`).
+   (:func:`compare_maps`). Both maps are also judged against the truth as each one sampled it (the mean over the
+   pixels it merged in a voxel: :func:`ours_sampled_reference`, :func:`mdx2_sampled_truth`), which separates how
+   faithfully a map measures what it saw from which pixels its masks let it see.
 
 Writes benchmarks/results/mdx2_side_by_side.json. Usage:
     .venv/bin/python benchmarks/bench_mdx2.py [--data DIR] [--work DIR] [--ours RUN_OUTPUT_DIR] [--ndiv 3]
@@ -554,7 +556,23 @@ def main(argv=None) -> dict:
         result["ours_run"] = describe_ours(Path(args.ours), data, truth)
     elif args.skip_mdx2 and RESULTS.exists() and "ours_run" in json.loads(RESULTS.read_text()):
         result["ours_run"] = json.loads(RESULTS.read_text())["ours_run"]
-    result["maps"] = compare_maps(args.ours, merged if merged.exists() else None, data)
+    mref = oref = None
+    if merged.exists() and (work / "mdx2" / "mask.nxs").exists():
+        cache = work / "mdx2" / "sampled_truth.npz"  # the truth as mdx2 sampled it (minutes): kept beside its map
+        if cache.exists() and cache.stat().st_mtime > merged.stat().st_mtime:
+            z = np.load(cache)
+            mref = {k: z[k] for k in z.files}
+        else:
+            mref = mdx2_sampled_truth(work / "mdx2", data, args.ndiv)
+            np.savez(cache, **mref)
+    if args.ours is not None and (Path(args.ours) / "summary.json").is_file():
+        cache = Path(args.ours) / "sampled_reference.npy"  # minutes on 60 frames: kept beside the run's map
+        if cache.exists() and cache.stat().st_mtime > (Path(args.ours) / "summary.json").stat().st_mtime:
+            oref = np.load(cache)
+        else:
+            oref = ours_sampled_reference(Path(args.ours), data)
+            np.save(cache, oref)
+    result["maps"] = compare_maps(args.ours, merged if merged.exists() else None, data, ours_ref=oref, mdx2_ref=mref)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["maps"], indent=2))
