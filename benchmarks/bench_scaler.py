@@ -31,6 +31,7 @@ import numpy as np
 
 from harness import Clock, PeakRSS, load_average, machine, max_rss_bytes, read_results, result_path, rss_bytes, \
     utc_now, write_results
+from diffractflow.formats.scales import read_scales_raw
 from scaler.core.model import DiffuseScalingModel, compact_ids
 from scaler.core.refine import DEFAULT_THREADS, ObservationSet, use_kernels_default
 from scaler.pipeline import build_config
@@ -150,7 +151,7 @@ def run_via_file(a, data: list) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         stats = json.loads((tmp / "out" / "statistics.json").read_text())
-        scales = json.loads((tmp / "out" / "scales.json").read_text())
+        scales = read_scales_raw(tmp / "out" / "scales.json")
         b = np.array([scales[str(i)] for i in range(a.n_stills)])
         return {"mode": "via_file", "command": " ".join(cmd[:1] + ["run", "--observations", "OBS.h5", "--out", "DIR"]
                                                         + cmd[6:]),

@@ -137,7 +137,6 @@ def register(app: typer.Typer) -> None:
         p = validated(RefineParams, _FLAGS, params=[t for t in params.split(",") if t.strip()], optimizer=optimizer,
                       iterations=iterations, lr=lr, lbfgs_steps=lbfgs_steps, loss=loss, init=init_d, bounds=bounds_d,
                       dtype="float32" if float32 else "float64")
-        import torch
         from rich.console import Console
         from rich.table import Table
 
@@ -159,11 +158,9 @@ def register(app: typer.Typer) -> None:
         except FormatError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
-        settings = RefineSettings(optimizer=p.optimizer, iterations=p.iterations, lr=p.lr, lbfgs_steps=p.lbfgs_steps)
+        settings = RefineSettings.from_params(p)
         try:
-            refiner = Refiner(job.crystal, job.detector, job.beam, tgt, p.params, hkl=job.hkl, mask=m,
-                              init=p.init, bounds={k: [tuple(b) for b in v] for k, v in p.bounds.items()},
-                              scale=p.scale, loss=p.loss, dtype=torch.float32 if p.dtype == "float32" else torch.float64)
+            refiner = Refiner.from_params(job.crystal, job.detector, job.beam, tgt, p, hkl=job.hkl, mask=m)
         except ValueError as exc:   # the constructor's refusals of its arguments (as in refine.worker)
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
