@@ -58,9 +58,9 @@ def test_still_table_round_trip_streams_the_columns(tmp_path):
     p = tmp_path / "still.h5"
     cols, A = _still(p)
     with h5py.File(p) as f:
-        assert f.attrs["schema_version"] == 4 and isinstance(f.attrs["schema_version"], np.integer)
+        assert f.attrs["schema_version"] == 5 and isinstance(f.attrs["schema_version"], np.integer)
     with still_table.StillTable(p) as t:
-        assert (t.still_id, t.version, t.n_pixels, t.has_exposure) == ("img_0001.cbf#0", 4, 50, True)
+        assert (t.still_id, t.version, t.n_pixels, t.has_exposure) == ("img_0001.cbf#0", 5, 50, True)
         assert t.crystal["unit_cell"] == CELL and t.crystal["space_group"] == "P 21 21 21"
         np.testing.assert_array_equal(t.crystal["A"], A)
         chunks = list(t.iter_chunks(chunk=20))
@@ -85,7 +85,7 @@ def test_still_table_id_from_the_image_when_no_still_id(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda p: _set_attr(p, "schema", "diffractflow.something_else"), "not a diffuse still table"),
-    (lambda p: _set_attr(p, "schema_version", np.int64(5)), "schema version '5' is not supported"),
+    (lambda p: _set_attr(p, "schema_version", np.int64(6)), "schema version '6' is not supported"),
     (lambda p: _set_attr(p, "schema_version", "4.0"), "schema version '4.0' is not supported"),
     (lambda p: _delete(p, "entry/pixels/sigma"), r"lacks column\(s\) \['sigma'\]"),
 ])

@@ -1,6 +1,6 @@
 """The diffuse still table (diffuse-extractor -> voxel-merger, validation, report): one HDF5 file per still.
 
-Schema ``diffractflow.diffuse_still``, versions 1-4 (integers; older files wrote "1".."4"). The full layout is
+Schema ``diffractflow.diffuse_still``, versions 1-5 (integers; older files wrote "1".."4"). The full layout is
 documented with its writer, ``diffuse_extractor.artifacts.write_still``; the part other services read is:
 
 - ``/entry`` attrs ``image_path``, ``image_index``, ``experiment_index`` (the still's id is
@@ -10,13 +10,18 @@ documented with its writer, ``diffuse_extractor.artifacts.write_still``; the par
   Miller indices), ``intensity``, ``sigma`` (corrected), optional ``q`` (|q| = 1/d, 1/angstrom) and, from version 4,
   ``exposure`` (1/correction: the weight that turns intensities back into net counts; absent in versions 1-3 and
   in tables whose writer knew no correction, whose pixels are then weighted 1/sigma^2);
+  version 5 (extractor tables with a crystal) does not store ``q``, ``x``, ``y`` (named in the pixels' attribute
+  ``derived_columns``): :class:`StillTable` derives ``q = |A (h, k, l)|`` (``setting_matrix`` for a rotation
+  frame; float64 from the float32 indices: within 3e-7 relative of the extractor's float32 ``q``) and ``x``,
+  ``y`` from ``/entry/masks`` (uint8 (ny, nx) flags per panel ``panel_NNN``: the table's rows
+  are the pixels with flag 0 of each panel in row-major order, panels in order);
 - ``/entry/crystal`` (optional): ``A`` (3x3 U B, 1/angstrom), ``unit_cell`` (angstrom, degrees), attr
   ``space_group``;
 - ``/entry/background_profile`` (version 4, extractor tables): (n_shells, 3) |q| shell centre (1/angstrom), the
   still's isotropic background estimate and its standard error.
 
 :class:`StillTable` streams the columns in chunks (bounded memory); :func:`write_still_table` writes a minimal
-version-4 table from arrays (tests, demos, benchmarks); :func:`write_still_header` and :func:`check_still` are the
+version-5 table from arrays (tests, demos, benchmarks); :func:`write_still_header` and :func:`check_still` are the
 extractor's writer's and reader's header.
 """
 from __future__ import annotations
@@ -37,12 +42,13 @@ from ..errors import InputError
 from ._header import _text, check_header, open_h5, write_header
 
 SCHEMA = "diffractflow.diffuse_still"
-VERSION = 4
-VERSIONS = (1, 2, 3, 4)
+VERSION = 5
+VERSIONS = (1, 2, 3, 4, 5)
 LEGACY_VERSIONS = {str(v): v for v in VERSIONS}
 WHAT = "diffuse still table"
 PIXELS = "entry/pixels"
 CRYSTAL = "entry/crystal"
+MASKS = "entry/masks"
 #: columns every version stores (and ``q`` and ``exposure`` where present)
 REQUIRED = ("h", "k", "l", "intensity", "sigma")
 
@@ -82,10 +88,24 @@ def still_id_of(path: str | Path, entry) -> str:
     return Path(path).stem
 
 
+def _derived(group) -> set[str]:
+    """Names of the columns a writer left to be derived (the extractor's ``derived_columns`` attribute: JSON
+    object keyed by comma-separated column names)."""
+    import json
+
+    text = _text(group.attrs.get("derived_columns", "")) if "derived_columns" in group.attrs else ""
+    try:
+        keys = json.loads(text) if text else {}
+    except ValueError:
+        return set()
+    return {c.strip() for k in keys for c in str(k).split(",")}
+
+
 class StillTable:
     """A still table opened for streaming: ``still_id``, ``version``, ``producer``, ``n_pixels``, ``crystal``
     (dict with ``A`` (3x3 or None), ``unit_cell`` (6 floats or None), ``space_group``; or None), ``has_exposure``
-    and ``has_q``; :meth:`iter_chunks` yields the columns as float64 arrays."""
+    and ``has_q`` (stored, or from version 5 on derived from ``A`` and the indices); :meth:`iter_chunks` yields
+    the columns as float64 arrays."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -110,6 +130,14 @@ class StillTable:
                 raise InputError(f"{self.path}: /{PIXELS}/{c} has shape {d.shape}, intensity has {self.n_pixels} rows")
         self.still_id = still_id_of(self.path, f["entry"])
         self.crystal = self._crystal()
+        #: v5 derives |q| from the setting matrix (U B, or the rotation frame's S R F U B) and the indices
+        self._q_from_A = None
+        if not self.has_q and self.version >= 5 and CRYSTAL in f and "q" in _derived(g):
+            c = f[CRYSTAL]
+            A = c["setting_matrix"][()] if "setting_matrix" in c else (c["A"][()] if "A" in c else None)
+            if A is not None:
+                self._q_from_A = np.asarray(A, dtype=float).reshape(3, 3)
+                self.has_q = True
 
     def _crystal(self) -> dict | None:
         if CRYSTAL not in self._f:
@@ -128,16 +156,53 @@ class StillTable:
         """{column: float64 array} for consecutive row ranges of at most ``chunk`` rows."""
         for a in range(0, self.n_pixels, chunk):
             z = min(a + chunk, self.n_pixels)
-            yield {c: np.asarray(d[a:z], dtype=np.float64) for c, d in self._cols.items()}
+            out = {c: np.asarray(d[a:z], dtype=np.float64) for c, d in self._cols.items()}
+            if self._q_from_A is not None:
+                out["q"] = self._q_of(out["h"], out["k"], out["l"])
+            yield out
+
+    def _q_of(self, h, k, l) -> np.ndarray:
+        """|q| = |A (h, k, l)| (1/angstrom) in float64."""
+        q = self._q_from_A @ np.stack([np.asarray(h, np.float64), np.asarray(k, np.float64),
+                                       np.asarray(l, np.float64)])
+        return np.sqrt(np.einsum("ij,ij->j", q, q))
 
     def read_columns(self, names) -> dict[str, np.ndarray]:
-        """Whole stored columns of ``/entry/pixels`` by name, as stored (e.g. the extractor's ``x``, ``y``);
-        InputError naming the file for a column the table does not store."""
+        """Whole columns of ``/entry/pixels`` by name, as stored (e.g. the extractor's ``x``, ``y``; in version 5
+        ``x``, ``y`` (uint16) from ``/entry/masks`` and ``q`` (float64) from ``A``); InputError naming the file
+        for a column the table has not."""
         g = self._f[PIXELS]
-        missing = [c for c in names if c not in g]
+        derivable = set()
+        if self.version >= 5 and MASKS in self._f:
+            derivable |= {"x", "y"}
+        if self._q_from_A is not None:
+            derivable.add("q")
+        missing = [c for c in names if c not in g and c not in derivable]
         if missing:
             raise InputError(f"{self.path}: {WHAT} stores no column(s) {missing} in /{PIXELS}")
-        return {c: g[c][()] for c in names}
+        out = {c: g[c][()] for c in names if c in g}
+        if any(c in names and c not in g for c in ("x", "y")):
+            x, y = self._pixel_xy()
+            out.update({c: v for c, v in (("x", x), ("y", y)) if c in names and c not in g})
+        if "q" in names and "q" not in g:
+            out["q"] = self._q_of(g["h"][()], g["k"][()], g["l"][()])
+        return {c: out[c] for c in names}
+
+    def _pixel_xy(self) -> tuple[np.ndarray, np.ndarray]:
+        """Column and row (uint16) of every row of the table, from the flags in ``/entry/masks``."""
+        mg = self._f[MASKS]
+        xs, ys = [], []
+        for name in sorted(mg.keys()):
+            m = np.asarray(mg[name][()])
+            if m.ndim != 2:
+                raise InputError(f"{self.path}: /{MASKS}/{name} has shape {m.shape}, expected (ny, nx)")
+            idx = np.flatnonzero(m.ravel() == 0)
+            ys.append((idx // m.shape[1]).astype(np.uint16))
+            xs.append((idx % m.shape[1]).astype(np.uint16))
+        x = np.concatenate(xs) if xs else np.zeros(0, np.uint16)
+        if x.shape[0] != self.n_pixels:
+            raise InputError(f"{self.path}: /{MASKS} has {x.shape[0]} unflagged pixels, the table {self.n_pixels} rows")
+        return x, np.concatenate(ys) if ys else np.zeros(0, np.uint16)
 
     def background_profile(self) -> np.ndarray | None:
         """The (n_shells, 3) isotropic background profile of an extractor table (version 4), else None."""
@@ -156,7 +221,7 @@ class StillTable:
 
 def write_still_table(path: str | Path, still_id: str, columns: Mapping[str, Any], *, crystal: Mapping | None = None,
                       producer: str, producer_version: str = "0") -> Path:
-    """A minimal version-4 table from arrays: ``columns`` holds :data:`REQUIRED` and optionally ``q`` and
+    """A minimal version-5 table from arrays: ``columns`` holds :data:`REQUIRED` and optionally ``q`` and
     ``exposure`` (float64 as given); ``crystal``: ``unit_cell`` and/or ``A``, ``space_group``."""
     missing = [c for c in REQUIRED if columns.get(c) is None]
     if missing:
