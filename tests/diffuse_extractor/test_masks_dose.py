@@ -37,7 +37,7 @@ def rendered(tmp_path_factory):
     for i in range(spec.n_stills):
         A = U[i] @ r.B
         stills.append({"A": A, "bragg": scales[i] * r.bragg(A), "diffuse": scales[i] * r.diffuse(A)})
-    return {"expt": expt, "stills": stills, "background": r.background, "gaps": r.gaps,
+    return {"expt": expt, "cbf": out / "still_0001.cbf", "stills": stills, "background": r.background, "gaps": r.gaps,
             "shell": np.digitize(np.linalg.norm(q, axis=-1), EDGES) - 1}
 
 
@@ -74,3 +74,34 @@ def test_the_narrow_dials_window_leaks_at_low_dose_only(rendered):
     """The same check with the old window: it must fail, or the test above could not tell."""
     high, low = (_leak(rendered, d, bragg_delpsi_max=0.003) for d in DOSES)
     assert low[-1] > 0.015 and low[-1] > 5 * high[-1], (high, low)
+
+
+@pytest.mark.parametrize("level", [0.3, 5.0])
+def test_auto_beamstop_at_a_few_photons_per_pixel(rendered, level):
+    """Flat Poisson images (``level`` counts per pixel) on the rendered detector, without and with a planted
+    beamstop disk (40 px radius, no counts) at the direct beam: the auto-detected shadow is the disk at both levels
+    and nothing without it. A 3 x 3 box reads below half its expected level by chance for ~1/3 of its positions at
+    0.3 counts per pixel: connected, those chance dips made a "shadow" near the beam that grew as the dose fell."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from diffuse_extractor.core.extract import extract_still
+    from diffuse_extractor.core.params import ExtractionParams
+
+    expt = ExperimentListFactory.from_filenames([str(rendered["cbf"])])[0]  # no crystal: no Bragg mask
+    ny, nx = rendered["gaps"].shape
+    bx, by = expt.detector[0].get_beam_centre_px(expt.beam.get_s0())
+    yy, xx = np.mgrid[:ny, :nx]
+    disk = (xx + 0.5 - bx) ** 2 + (yy + 0.5 - by) ** 2 <= 40.0 ** 2
+    rng = np.random.default_rng(3)
+    found = {}
+    for planted in (False, True):
+        counts = rng.poisson(level, size=(ny, nx)).astype(np.float64)
+        if planted:
+            counts[disk] = 0
+        counts[rendered["gaps"]] = -1
+        res = extract_still(expt, [counts], None, params=ExtractionParams(outlier_nsigma=None))
+        found[planted] = (res.flags[0] & 2) != 0  # MaskBit.BEAMSTOP
+    assert found[False].sum() < 0.05 * disk.sum(), found[False].sum()
+    hit = found[True][disk].mean()
+    extra = (found[True] & ~disk).sum() / disk.sum()
+    assert hit > 0.95 and extra < 0.5, (hit, extra)
