@@ -110,11 +110,24 @@ STORED_COLUMNS = tuple(c for c in COLUMNS if c not in DERIVED_COLUMNS)
 
 
 
-def _compression() -> dict:
+#: environment variable naming the still table's filter when ``write_still`` gets none: "lz4" (default) or "none"
+COMPRESSION_ENV = "DIFFUSE_EXTRACTOR_COMPRESSION"
+COMPRESSIONS = ("lz4", "none")
+
+
+def _compression(name: str | None = None) -> dict:
+    """h5py dataset options of the still table's filter. "lz4": Blosc/LZ4 level 1 with byte shuffle (PILATUS 6M
+    still, v5: 84 MB, 0.13 CPU-s to write); "none": plain chunks (133 MB, 0.08 CPU-s; readers decode nothing)."""
+    import os
+
+    name = (name or os.environ.get(COMPRESSION_ENV) or "lz4").lower()
+    if name not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, not {name!r}")
+    if name == "none":
+        return {}
     try:
         import hdf5plugin
 
-        # LZ4 at level 1 with byte shuffle: ~2x smaller than raw float32 at ~1 GB/s on one core
         return dict(hdf5plugin.Blosc(cname="lz4", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE))
     except ImportError:  # pragma: no cover - hdf5plugin is a dependency
         return dict(compression="lzf", shuffle=True)
@@ -278,12 +291,14 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
                 inputs: Mapping[str, str], image_path: str = "", image_index: int = 0,
                 experiment_index: int = 0, job_id: str | None = None, producer_version: str = "0.1.0",
                 schema_version: int = SCHEMA_VERSION, air_path_fraction: float | None = None,
-                air_density_g_cm3: float | None = None) -> Path:
+                air_density_g_cm3: float | None = None, compression: str | None = None) -> Path:
     """Write one still's artifact atomically (see the module docstring for the schema).
 
     ``schema_version`` 2, 3 or 4 writes a previous layout (4: ``q``, ``x``, ``y`` stored; 3: also no
-    ``exposure`` column; 2: also the four geometric multipliers stored), for consumers that cannot read v5. The air parameters of the extraction (v3
-    recomputes the air multiplier from them) default to ``parameters`` or the extraction defaults.
+    ``exposure`` column; 2: also the four geometric multipliers stored), for consumers that cannot read v5.
+    The air parameters of the extraction (v3 recomputes the air multiplier from them) default to
+    ``parameters`` or the extraction defaults.
+    ``compression``: "lz4" or "none" (default: ``$DIFFUSE_EXTRACTOR_COMPRESSION``, else "lz4"), see ``_compression``.
     """
     from diffractflow.artifacts import atomic_write_path
 
@@ -294,7 +309,7 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
         derived_cols = tuple(c for c in derived_cols if c != "q")
     stored_cols = tuple(c for c in COLUMNS if c not in derived_cols)
     path = Path(path)
-    comp = _compression()
+    comp = _compression(compression)
     n = len(result)
     with atomic_write_path(path) as tmp:
         # no chunk cache: each full chunk goes straight through the filter to the file, without a copy

@@ -265,3 +265,23 @@ def test_a_fully_masked_still_writes_an_empty_table(synthetic_still, tmp_path):
     assert len(res) == 0 and all((f & mk.MaskBit.USER).all() for f in res.flags)
     px = read_still(write_still(tmp_path / "empty.h5", res, s.experiment, parameters={}, inputs={}))["pixels"]
     assert all(v.shape == (0,) for v in px.values()) and {"h", "intensity", "qx", "raw"} <= set(px)
+
+
+def test_uncompressed_artifact_reads_the_same(synthetic_still, tmp_path, monkeypatch):
+    """``compression="none"`` (or the environment variable): plain chunks, the same columns read back."""
+    from diffuse_extractor import artifacts as art
+
+    s = synthetic_still
+    res = extract_still(s.experiment, s.data, s.reflections, params=ExtractionParams(beamstop="none"))
+    lz4 = art.write_still(tmp_path / "lz4.h5", res, s.experiment, parameters={}, inputs={})
+    plain = art.write_still(tmp_path / "plain.h5", res, s.experiment, parameters={}, inputs={}, compression="none")
+    monkeypatch.setenv(art.COMPRESSION_ENV, "none")
+    env = art.write_still(tmp_path / "env.h5", res, s.experiment, parameters={}, inputs={})
+    with h5py.File(plain, "r") as f, h5py.File(env, "r") as g:
+        assert not f["entry/pixels/h"]._filters and not g["entry/pixels/h"]._filters
+    a, b = art.read_still(lz4), art.read_still(plain)
+    for c in a["pixels"]:
+        np.testing.assert_array_equal(a["pixels"][c], b["pixels"][c], err_msg=c)
+    monkeypatch.setenv(art.COMPRESSION_ENV, "zip")
+    with pytest.raises(ValueError, match="compression"):
+        art.write_still(tmp_path / "bad.h5", res, s.experiment, parameters={}, inputs={})
