@@ -162,6 +162,37 @@ FileHandler = Callable[[DataEvent], Awaitable[object]]
 #: whose flows it is running, so this bounds only the recovery time after a dispatcher dies
 DISPATCH_ACK_WAIT_S = 60.0
 
+#: waits (s) before the retries of a flow whose run the Prefect API could not create or track (HTTP 5xx/429,
+#: connection errors: a server busy under load); the flow's stages are idempotent, so a retry redoes nothing done
+DISPATCH_API_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+
+
+def transient_api_error(exc: BaseException) -> bool:
+    """True for an error of the orchestrator's HTTP API that a later try may not meet (server busy or restarting,
+    connection refused or reset), False for everything else (a failed stage, bad input, a bug)."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    return isinstance(exc, httpx.TransportError)
+
+
+async def run_with_api_retries(handler: "FileHandler", ev: DataEvent, waits_s: tuple[float, ...] | None = None):
+    """``await handler(ev)``, tried again after each of ``waits_s`` (default ``DISPATCH_API_RETRY_WAITS_S``) while it
+    fails with a transient API error (:func:`transient_api_error`); any other error, or the last transient one, is
+    raised."""
+    waits_s = DISPATCH_API_RETRY_WAITS_S if waits_s is None else waits_s
+    for attempt in range(len(waits_s) + 1):
+        try:
+            return await handler(ev)
+        except Exception as exc:
+            if attempt == len(waits_s) or not transient_api_error(exc):
+                raise
+            log.warning("flow run not created or tracked (orchestrator API busy); trying again",
+                        extra={"path": ev.path, "run_id": ev.run_id, "error": repr(exc)[:300],
+                               "wait_s": waits_s[attempt], "attempt": attempt + 1})
+            await asyncio.sleep(waits_s[attempt])
+
 
 async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler | None, stop: asyncio.Event,
                    durable: str = "dispatcher", max_concurrent: int = 8,
@@ -198,7 +229,7 @@ async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler
     async def _run(handler, ev, msg):
         beat = asyncio.create_task(_keep_in_progress(msg, ack_wait_s))
         try:
-            await handler(ev)
+            await run_with_api_retries(handler, ev)
         except Exception:
             log.exception("flow for event failed", extra={"path": ev.path, "run_id": ev.run_id})
         finally:

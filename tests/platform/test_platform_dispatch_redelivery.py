@@ -109,3 +109,50 @@ def test_events_of_a_killed_dispatcher_come_back_to_the_next(bus_env, tmp_path):
     asyncio.run(scenario())
     assert [g[0] for g in got] == [ev.event_id], got
     assert got[0][1] < ACK_WAIT_S + 10, json.dumps(got)
+
+
+def _api_error(status: int) -> Exception:
+    """The error Prefect's client raises when its server answers ``status`` (e.g. 503 under load)."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    req = httpx.Request("POST", "http://127.0.0.1:4200/api/flow_runs/")
+    return PrefectHTTPStatusError.from_httpx_error(
+        httpx.HTTPStatusError("busy", request=req, response=httpx.Response(status, request=req)))
+
+
+def test_a_flow_whose_run_the_api_could_not_create_is_tried_again(bus_env, monkeypatch):
+    """A 503 from the orchestrator's API (its server busy) must not lose the file: the flow is tried again; a flow
+    that fails for another reason (here bad input) is tried once and its event acknowledged."""
+    from orchestration import watcher
+    from orchestration.watcher import dispatch
+
+    monkeypatch.setattr(watcher, "DISPATCH_API_RETRY_WAITS_S", (0.2, 0.2, 0.2))
+    busy, gone = _api_error(503), _api_error(404)  # made here: importing Prefect would block the event loop
+    tries: dict[str, int] = {}
+
+    async def on_file(ev):
+        name = Path(ev.path).name
+        tries[name] = tries.get(name, 0) + 1
+        if name == "busy.cbf" and tries[name] <= 2:
+            raise busy
+        if name == "bad.cbf":
+            raise ValueError("not an image")
+        if name == "gone.cbf":
+            raise gone  # a client error is not transient
+
+    async def scenario():
+        stop = asyncio.Event()
+        disp = asyncio.create_task(dispatch(bus_env, on_file, None, stop, durable="d-api", ack_wait_s=2 * ACK_WAIT_S))
+        await _publish(bus_env, *(DataEvent(run_id="api", path=f"incoming/{n}")
+                                  for n in ("busy.cbf", "bad.cbf", "gone.cbf")))
+        deadline = time.monotonic() + 30
+        while (tries.get("busy.cbf", 0) < 3 or "bad.cbf" not in tries or "gone.cbf" not in tries) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(5 * ACK_WAIT_S)  # an unacknowledged event would come back by now
+        stop.set()
+        await asyncio.wait_for(disp, 60)
+
+    asyncio.run(scenario())
+    assert tries == {"busy.cbf": 3, "bad.cbf": 1, "gone.cbf": 1}, tries
