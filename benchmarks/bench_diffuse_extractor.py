@@ -20,6 +20,8 @@ file each time, durable write as in production). Reports CPU and wall seconds of
 - ``bus_job_with_read``: ``bus_job`` plus opening the still's CBF with dxtbx and reading it into arrays
   (what a worker does per job; ``read_cpu_s`` in its row),
 - ``read_image``: reading the CBF into arrays (outside the per-still figure, for reference),
+- ``bus_job_with_pixel_stats_uncompressed``: the same with the still table written without compression
+  (``DIFFUSE_EXTRACTOR_COMPRESSION=none``; ``artifact_uncompressed_mb``),
 - ``bus_job_with_pixel_stats``: what the diffuse flow's job does per still (``pipeline.process`` with
   ``pixel_stats`` and ``run_key``): read the CBF, add the still to the run's pixel statistics
   (``core.runstats.update_run_stats``: this worker's part file), HOT/DEAD flags from them (from the run's
@@ -216,6 +218,15 @@ def main():
         ps = [one_still(shifted(expt, 4.0 + 0.05 * k), run_cache(), read=True, stats_path=tmp / "pixel_stats.h5")
               for k in range(args.repeats + 2)][2:]
         n_used, size_mb = one_still.n_used, one_still.size_mb
+        # the same with the still table written without compression (write_still's "none" filter)
+        os.environ["DIFFUSE_EXTRACTOR_COMPRESSION"] = "none"
+        try:
+            run_store = {}
+            psu = [one_still(shifted(expt, 5.0 + 0.05 * k), run_cache(), read=True,
+                             stats_path=tmp / "pixel_stats_u.h5") for k in range(args.repeats + 2)][2:]
+            size_mb_plain = one_still.size_mb
+        finally:
+            del os.environ["DIFFUSE_EXTRACTOR_COMPRESSION"]
     n_pix = sum(d.size for d in data)
     ws = summary(warm)
     ns = summary(newg)
@@ -223,6 +234,7 @@ def main():
     br = summary(bus_read)
     bsr = summary(bus_run)
     pss = summary(ps)
+    psus = summary(psu)
     out = {
         "service": "diffuse-extractor",
         "version": __version__,
@@ -248,6 +260,7 @@ def main():
         "bus_job_with_read_wall_s_median": br["total_wall_s"],
         "bus_job_with_pixel_stats_cpu_s_median": pss["total_cpu_s"],
         "bus_job_with_pixel_stats_wall_s_median": pss["total_wall_s"],
+        "bus_job_with_pixel_stats_uncompressed_cpu_s_median": psus["total_cpu_s"],
         "cold": {k: round(v, 3) for k, v in cold.items()},
         "warm_median": ws,
         "new_geometry_median": ns,
@@ -255,6 +268,8 @@ def main():
         "bus_job_same_run_median": bsr,
         "bus_job_with_read_median": br,
         "bus_job_with_pixel_stats_median": pss,
+        "bus_job_with_pixel_stats_uncompressed_median": psus,
+        "bus_job_with_pixel_stats_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in ps],
         "bus_job_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in bus],
         "warm_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in warm],
         "new_geometry_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in newg],
@@ -264,6 +279,7 @@ def main():
         "read_image_cpu_s": round(read_cpu, 3),
         "read_image_wall_s": round(read_wall, 3),
         "artifact_mb": round(size_mb, 1),
+        "artifact_uncompressed_mb": round(size_mb_plain, 1),
         "peak_rss_mb": round(rss_mb(), 1),
         "rss_before_extraction_mb": round(rss0, 1),
         "rss_after_cold_still_mb": round(rss_cold, 1),
