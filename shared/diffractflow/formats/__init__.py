@@ -3,7 +3,7 @@
 =====================  ===========================================  =====================================
 module                 schema                                       written by -> read by
 =====================  ===========================================  =====================================
-``still_table``        ``diffractflow.diffuse_still`` v4 (1-4)      diffuse-extractor -> voxel-merger,
+``still_table``        ``diffractflow.diffuse_still`` v5 (1-5)      diffuse-extractor -> voxel-merger,
                                                                     validation, report
 ``observations``       ``diffractflow.voxel_merger.observations``   voxel-merger -> scaler
                        v2 (1-2)
