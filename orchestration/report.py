@@ -606,7 +606,7 @@ def _diffuse_page(layout: RunLayout, refresh_s: float | None) -> Page:
     S.append("<h2>Versions</h2>" + _kv_table(versions))
     files = []
     if layout.run_dir is not None:
-        files += [layout.run_dir / n for n in ("config.json", "background.json", "bragg_radius.json")]
+        files += [layout.run_dir / n for n in ("config.json", "background.json", "beamstop.npz")]
         bkg = _vol_path(layout, (_read_json(layout.run_dir / "background.json", {}) or {}).get("artifact"))
         if bkg:
             files.append(bkg)

@@ -71,6 +71,10 @@ def test_process_writes_the_run_a_user_needs(dose_runs):
     s = dose_runs["runs"]["high"]["summary"]
     assert s["stills_total"] == dose_runs["n"] and s["stills_processed"] == dose_runs["n"], s["failed"]
     assert s["background"]["method"] == "frames" and s["background"]["n_frames"] == 2
+    # one beamstop for the whole run, found on the background frames before any still (order independence)
+    from diffuse_extractor.pipeline import read_beamstop_record
+
+    assert read_beamstop_record(dose_runs["volume"] / "runs" / "high" / "beamstop.npz")
     assert len(s["stills"]) == dose_runs["n"] and all(r["status"] == "ok" for r in s["stills"])
     assert s["cc_half_overall"] is not None and 0.3 < s["cc_half_overall"] <= 1.0
     out = dose_runs["runs"]["high"]["out"]
