@@ -3,6 +3,8 @@
 The public API (``simulate``, ``Simulator``, ``CrystalConfig``, ``DetectorConfig``, ``BeamConfig`` ...)
 is re-exported lazily so that importing the package (e.g. for the CLI's start-up) does not import torch.
 """
+from . import core  # light: core resolves its names lazily, torch loads only with the simulator
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -14,8 +16,6 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        from . import core
-
         return getattr(core, name)
     raise AttributeError(f"module 'diff_sim_refiner' has no attribute {name!r}")
 

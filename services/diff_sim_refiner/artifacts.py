@@ -27,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from diffractflow.artifacts import atomic_write_path, nexus_data_group, sha256_file, write_provenance
 from diffractflow.errors import InputError
 
 from . import __version__
@@ -172,10 +173,8 @@ def config_json(job: SimJob) -> dict[str, str]:
 def write_simulation(path: str | os.PathLike, image: np.ndarray, job: SimJob, job_id: Optional[str] = None,
                      extra_metrics: Optional[dict] = None) -> Path:
     """Write the rendered image (photons/pixel) and its configs as an HDF5 artifact, atomically."""
-    # h5py and diffractflow.artifacts (0.5-0.7 s to import) only when writing: the CLI imports this module at start-up
+    # h5py only when writing or reading an artifact: the CLI imports this module at start-up
     import h5py
-
-    from diffractflow.artifacts import atomic_write_path, nexus_data_group, sha256_file, write_provenance
 
     path = Path(path)
     cfgs = config_json(job)
@@ -205,7 +204,7 @@ def write_simulation(path: str | os.PathLike, image: np.ndarray, job: SimJob, jo
 
 def read_simulation(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     """(image, {crystal, detector, beam} dicts) from an artifact written by :func:`write_simulation`."""
-    import h5py
+    import h5py  # only when reading an artifact (see write_simulation)
 
     with h5py.File(path, "r") as fh:
         if fh.attrs.get("schema") not in (SCHEMA, SCHEMA.encode()):

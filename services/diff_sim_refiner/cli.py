@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 import typer
 
 from diffractflow.cli import model_option, service_app, validated
@@ -31,8 +32,6 @@ app = service_app(
 
 
 def _progress_factory():
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     bar = Progress(TextColumn("rendering"), BarColumn(), TextColumn("{task.completed}/{task.total} px"),
                    TimeElapsedColumn(), transient=True)
     bar.__enter__()
@@ -114,6 +113,7 @@ def run(
     except (FormatError, InputError, OSError) as exc:
         typer.echo(f"error: {config}: {exc}", err=True)
         raise typer.Exit(2)
+    # torch and the simulator (~1 s) only when rendering, not for --help or the other commands
     import torch
 
     from .core.simulator import simulate
@@ -135,7 +135,7 @@ def geometry(
     except FlagError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
-    from .core.geometry import detector_geometry
+    from .core.geometry import detector_geometry  # imports torch (~1 s): only for this command
 
     g = detector_geometry(job.detector, job.beam)
     for name in ("fdet", "sdet", "odet", "pix0", "beam", "polar", "spindle"):

@@ -1,7 +1,9 @@
 """Run a nanoBragg-style job end to end: read inputs, render, write nanoBragg's output files."""
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,8 +135,6 @@ def tune_malloc() -> None:
     about as much system time as the 1 x 1 render itself).  Peak memory is unchanged (freed memory is only
     kept for re-use, never added to the peak)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-8, 1)            # M_ARENA_MAX
         libc.mallopt(-3, 32 << 20)     # M_MMAP_THRESHOLD (fixed: no dynamic adjustment)
@@ -147,8 +147,6 @@ def tune_malloc() -> None:
 def choose_threads(requested: int) -> int:
     """-threads N, else torch's default unless the machine is already saturated (load >= CPUs): then 1,
     because OpenMP threads spinning against other processes cost more than they gain."""
-    import os
-
     if requested > 0:
         return requested
     try:
@@ -173,14 +171,13 @@ def run_nanobragg(argv: list[str], out=None, progress_factory=None) -> dict:
     tune_malloc()
     # CPU only: skip torch's scan of every installed distribution's entry points for out-of-tree device
     # backends (~60 ms of start-up with Debian's system site-packages); an explicit setting still wins
-    import os
-
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
-    import torch
+    import torch  # here, after the setting above, and not at the top: the CLI imports this module at start-up
 
     nthreads = choose_threads(a.threads)
     if nthreads:
         torch.set_num_threads(nthreads)
+    # the simulator imports torch: only when rendering (see above)
     from .core import native
     from .core.simulator import native_ok, prepare, render, spot_local_bound, spot_local_mask
 

@@ -1,7 +1,7 @@
 """Refinement commands of diff-sim-refiner: ``refine-demo`` (seed 001) and ``refine`` (general refiner).
 
 Registered onto the service's typer app by :func:`register`. ``refine``'s defaults and checks are
-:class:`~.core.params.RefineParams`'s, the bus job's model. torch, the refine package (it imports torch) and rich are
+:class:`~.core.params.RefineParams`'s, the bus job's model. torch and the refine package (it imports torch) are
 imported inside the commands so the CLI starts fast.
 """
 from __future__ import annotations
@@ -12,7 +12,9 @@ from typing import List, Optional
 
 import numpy as np
 import typer
-
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from diffractflow.artifacts import sha256_file
 from diffractflow.cli import model_option, validated
 from diffractflow.errors import InputError
@@ -53,8 +55,6 @@ def _parse_bounds(items: List[str]) -> dict:
 
 def _progress(total: int, label: str):
     """A rich progress bar and a refinement callback advancing it (shows the loss)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                    TimeElapsedColumn(), transient=False, disable=not sys.stderr.isatty())
     task = bar.add_task(label, total=total, loss="-")
@@ -79,8 +79,8 @@ def register(app: typer.Typer) -> None:
         """Seed 001: recover mosaic spread (0.8 deg) and misset (5, 3, -2) deg from a synthetic image,
         starting at 0.2 deg and (0, 0, 0). Exit 0 only if the seed's success criteria hold."""
         p = validated(DemoParams, iterations=iterations, lr=lr, lbfgs_steps=lbfgs_steps)
+        # torch and the refiner (~1-2 s) only when a command runs, not for --help
         import torch
-        from rich.console import Console
 
         from .refine.demo import results_table, run_demo, write_demo_outputs
 
@@ -137,9 +137,8 @@ def register(app: typer.Typer) -> None:
         p = validated(RefineParams, _FLAGS, params=[t for t in params.split(",") if t.strip()], optimizer=optimizer,
                       iterations=iterations, lr=lr, lbfgs_steps=lbfgs_steps, loss=loss, init=init_d, bounds=bounds_d,
                       dtype="float32" if float32 else "float64")
-        from rich.console import Console
-        from rich.table import Table
 
+        # the refiner imports torch (~1-2 s): only when the command runs, not for --help
         from .refine.artifacts import plot_convergence, write_history, write_refinement
         from .refine.images import read_image, read_mask
         from .refine.refiner import Refiner, RefinementError, RefineSettings

@@ -242,7 +242,7 @@ def plot_relative(out: Path, scales: Mapping[str, float], stats: Mapping[str, An
     import matplotlib  # heavy, and only for the optional PNGs: imported when a plot is made
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     vals = np.array(list(scales.values()))  # in table order
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -358,7 +358,7 @@ def plot_absolute(path: Path, edges, profile_abs, theory_coh, theory_inc) -> Pat
     import matplotlib  # heavy, and only for the optional PNGs: imported when a plot is made
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     centres = 0.5 * (edges[1:] + edges[:-1])
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -33,6 +33,7 @@ log = logging.getLogger("stills_processor.batch")
 def warm_up() -> None:
     """Import DIALS once per process (a few seconds), so no image pays for it (the forkserver runs it through
     ``_preload.py`` before it forks the pool's workers; elsewhere DIALS is imported where it is used)."""
+    # DIALS (a few seconds) here on purpose: the point is to pay for it once, at the worker's start
     import dials.algorithms.indexing.indexer  # noqa: F401
     import dials.algorithms.integration.integrator  # noqa: F401
     import dials.algorithms.refinement  # noqa: F401

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cctbx import crystal as cctbx_crystal
+from cctbx import uctbx
 from scipy.special import erf
 
 # dxtbx and DIALS are imported inside the functions that use them: they take ~3 s (dxtbx) to ~4 s (DIALS'
@@ -58,8 +60,7 @@ def write_rotation_sequence(
     stem: str = "synth",
 ) -> SyntheticSequence:
     """Write ``n_frames`` oscillation images ``<stem>_0001.cbf``... and return the planted truth."""
-    from cctbx import crystal as cctbx_crystal
-    from cctbx import uctbx
+    # DIALS/dxtbx (~3 s) only when images are written; cctbx is loaded with the package anyway
     from dials.array_family import flex
     from dxtbx.format.FormatCBFMini import FormatCBFMini
     from dxtbx.model import BeamFactory, Crystal, DetectorFactory, GoniometerFactory, ScanFactory

@@ -41,6 +41,7 @@ def service_app(name: str, version: str, stage: str, help: str = "") -> typer.Ty
 
         Credentials come from DIFFRACTFLOW_NATS_USER and DIFFRACTFLOW_NATS_PASSWORD(_FILE).
         """
+        # the worker runtime (NATS client, pydantic-settings: ~0.2 s) only for `serve`, not every --help
         from .config import Settings
         from .runtime import serve_stage
 

@@ -8,6 +8,7 @@ itself (dxtbx).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,6 @@ class FrameInfo:
     @property
     def sweep_id(self) -> str:
         """A short, file-system-safe name for the sweep: the template's stem plus a hash of the key."""
-        import hashlib
-
         stem = Path(self.sweep_key.split("|")[1] if "|" in self.sweep_key else "sweep").name
         stem = re.sub(r"[^A-Za-z0-9]+", "_", stem.split("#")[0]).strip("_") or "sweep"
         return f"{stem}_{hashlib.sha1(self.sweep_key.encode()).hexdigest()[:8]}"

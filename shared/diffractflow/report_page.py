@@ -15,6 +15,7 @@ import datetime as _dt
 import functools
 import html
 import html.parser
+import importlib.metadata as md
 import io
 import json
 import os
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from .artifacts import atomic_write_path
+
 
 REPORT_NAME = "report.html"
 
@@ -105,14 +109,14 @@ def img_file(path: Path, caption: str) -> str:
 # ============================================================================ figures
 def figure(w: float, h: float):
     """A matplotlib figure (inches) without pyplot: no global state, safe in a server's threads."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib (~0.5 s) only when a page draws a figure
 
     return Figure(figsize=(w, h))
 
 
 def png_b64(fig, dpi: int = 90) -> str:
     """The figure as base64 PNG text."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib only when a page draws a figure
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -128,6 +132,7 @@ def map_png(a: np.ndarray, cmap: str = "viridis", discrete: bool = False, label:
     colour per integer class (legend: a swatch per class); else the colour map over the 1st-99th percentile
     (legend: a colour bar with its range and ``label``). Written with Pillow, no figure: a few ms per map, where a
     matplotlib figure with axes costs a quarter of a second."""
+    # matplotlib (colour maps) and Pillow only when a page has a map
     import matplotlib
     from PIL import Image
 
@@ -174,8 +179,6 @@ DEFAULT_PACKAGES = ("diffractflow", "numpy", "h5py", "matplotlib")
 @functools.lru_cache(maxsize=8)
 def software_versions(packages: tuple[str, ...] = DEFAULT_PACKAGES) -> dict[str, str]:
     """Python's and the installed distributions' versions (those of ``packages`` that are installed)."""
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for name in packages:
         try:
@@ -214,8 +217,6 @@ def render_html(page: Page, generator: str = "diffractflow report") -> str:
 
 def write_page(page: Page, path: Path) -> Path:
     """Write the page atomically (readers never see half a page); returns ``path``."""
-    from .artifacts import atomic_write_path
-
     path = Path(path)
     with atomic_write_path(path) as tmp:
         Path(tmp).write_text(render_html(page), encoding="utf-8")
@@ -293,7 +294,7 @@ def _read_json(path: Path, default=None):
 
 def _read_map(path: Path) -> np.ndarray | None:
     try:
-        import tifffile
+        import tifffile  # only for pages with maps (stem-polar)
 
         a = np.asarray(tifffile.imread(path))
     except Exception:  # noqa: BLE001 - a map that cannot be read is left out of the page, not fatal

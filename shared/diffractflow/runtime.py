@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import traceback
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -389,8 +391,6 @@ def _run_handler(handler, ctx: JobContext, params: BaseModel) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
-    import json
-
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
@@ -399,8 +399,6 @@ def serve_stage(stage: Stage, settings: Settings | None = None) -> None:
     settings = settings or Settings()
     setup_logging(stage.service, settings.log_level)
     if stage.warm_up is not None:
-        import time
-
         t0 = time.perf_counter()
         try:
             stage.warm_up()

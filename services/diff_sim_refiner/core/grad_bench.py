@@ -16,6 +16,13 @@ import resource
 import time
 from pathlib import Path
 
+import torch
+
+from ..nbargs import build_job, parse_args
+from ..nbrun import load_structure_factors
+from .simulator import prepare, render, render_loss
+from .spot_pixels import near_spot_mask
+
 
 def seed004_flags(data: Path) -> list[str]:
     """nanoBragg flags of seed 004 with 5 phi steps over 0.5 deg and 4 mosaic domains (0.2 deg, seed 42)."""
@@ -29,13 +36,6 @@ def seed004_flags(data: Path) -> list[str]:
 
 
 def run(data: Path, threads: int, repeats: int = 4) -> dict:
-    import torch
-
-    from ..nbargs import build_job, parse_args
-    from ..nbrun import load_structure_factors
-    from .simulator import prepare, render, render_loss
-    from .spot_pixels import near_spot_mask
-
     torch.set_num_threads(threads)
     job = build_job(parse_args(seed004_flags(data)))
     tab = load_structure_factors(job, write_dump=False, log=lambda m: None)

@@ -183,7 +183,7 @@ def read_hkl(path: str | os.PathLike, default_F: float = 0.0, cache: bool = True
 
 def read_hkl_file(path: str | os.PathLike, default_F: float = 0.0):
     """Seed-style helper: (grid tensor, metadata dict) for an ``h k l F`` file."""
-    import torch
+    import torch  # io stays torch-free for the CLI and the readers; only this helper returns a tensor
 
     t = read_hkl(path, default_F=default_F)
     return torch.from_numpy(t.F.copy()), t.metadata()

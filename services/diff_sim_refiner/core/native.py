@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
+
+from .physics import polarization_basis
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
@@ -153,8 +156,6 @@ def _vec(t) -> tuple:
 
 def _make_spec(p):
     """The C spec of :class:`Prepared` ``p`` and the arrays it points to (keep them alive during the calls)."""
-    import torch
-
     sp = _Spec()
     sp.ov = int(p.oversample)
     sp.n_src = int(p.src_dirs.shape[0])
@@ -175,7 +176,6 @@ def _make_spec(p):
         if kahn == 0.0:
             sp.polar_mode = 1
         else:
-            from .physics import polarization_basis
             E_in, B_in = polarization_basis(p.polar_axis.detach().to(torch.float64),
                                             p.src_dirs[0].detach().to(torch.float64))
             sp.polar_mode = 2
@@ -331,8 +331,6 @@ class FusedSource:
     (simulator._FusedFastChunk): ``nb_fused_source`` of native.c on float32 unit directions (3, M)."""
 
     def __init__(self, A, N, dirs, lams, ftable):
-        import torch
-
         self.sp = sp = _Spec()
         self.A = np.ascontiguousarray(A.detach().cpu().numpy(), dtype=np.float64).reshape(-1, 3, 3)
         self.dirs = np.ascontiguousarray(dirs.detach().cpu().numpy(), dtype=np.float64)
@@ -351,8 +349,6 @@ class FusedSource:
 
     def source(self, diff, si: int, need_G: bool, need_Gq: bool, need_GN: bool):
         """(acc (M,), G (O*3, M) or None, Gq (3, M) or None, GN (3, M) or None) as float32 torch tensors."""
-        import torch
-
         lib = _load()
         d = diff.detach().contiguous()
         M = int(d.shape[1])

@@ -39,6 +39,7 @@ from .geometry import (
     orientation_matrices,
     t64,
 )
+from . import native
 from .io import HKLTable
 from .physics import (FTable, lattice_factor_sq, polarization_basis, polarization_factor,
                       polarization_factor_in_frame, rotate_about)
@@ -481,8 +482,6 @@ class _FusedFastChunk(torch.autograd.Function):
         per_src = []
         nat = None
         if spec.native:
-            from . import native
-
             nat = native.FusedSource(A2, N, dirs, lams, ft)
         for si in range(dirs.shape[0]):
             inc = dirs[si]
@@ -662,8 +661,6 @@ def _chunk_fused(p: Prepared, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         E_in, B_in = polarization_basis(p.polar_axis, p.src_dirs[0])
     use_native = False
     if p.native and dt == torch.float32 and p.pix0.device.type == "cpu":
-        from . import native
-
         use_native = native.available()
     spec = _FusedSpec(ov=p.oversample, n_orient=O, point_pixel=p.point_pixel, nopolar=p.nopolar,
                       kahn=None if kahn_t is not None else float(p.kahn), ftable=p.ftable, native=use_native)
@@ -763,15 +760,12 @@ def native_ok(p: Prepared) -> bool:
         ts = [getattr(p, n) for n in _PREPARED_TENSORS] + [p.ftable.F, p.ftable.default_F]
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
             return False
-    from . import native
 
     return native.available()
 
 
 def _render_native(p: Prepared, detector: DetectorConfig, crop: bool, pixel_mask: Optional[torch.Tensor],
                    progress) -> torch.Tensor:
-    from . import native
-
     fmin, fmax, smin, smax = detector.roi_bounds()
     box = np.zeros((smax - smin + 1, fmax - fmin + 1), dtype=np.float32)
     mask = None
@@ -937,7 +931,6 @@ def _native_grad_plan(p: Prepared, max_params: int = 64):
     needs = {n for n in _PREPARED_TENSORS if isinstance(getattr(p, n), torch.Tensor) and getattr(p, n).requires_grad}
     if needs - {"A", "N", "scale", *_UNUSED_BY_FAST}:
         return None
-    from . import native
 
     if not native.available():
         return None
@@ -1043,8 +1036,6 @@ def _render_loss_native(p: Prepared, plan, loss_fn, detector: DetectorConfig, pi
                         progress) -> torch.Tensor:
     """:func:`render_loss` through the compiled forward + derivatives kernel (see :func:`_native_grad_plan`).
     A whole ROI's pixel indices are made chunk by chunk (no detector-sized index vectors)."""
-    from . import native
-
     if pixel_mask is None and pixels is None:
         fmin, fmax, smin, smax = detector.roi_bounds()
         W = fmax - fmin + 1
@@ -1116,8 +1107,6 @@ class _NativePixels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, plan, f, s, threads, N, scale, *leaves):
-        from . import native
-
         _, D, need_N, need_scale = plan
         out, J, JN = native.grad_pixels(p, f.cpu().numpy(), s.cpu().numpy(), D, need_N, threads=threads)
         ctx.save = (J, JN, out, float(scale.detach()), [v.shape for v in leaves])
@@ -1125,8 +1114,6 @@ class _NativePixels(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        from . import native
-
         J, JN, out, sc, shapes = ctx.save
         nig = ctx.needs_input_grad
         gp = g.detach().cpu().numpy().astype(np.float64)

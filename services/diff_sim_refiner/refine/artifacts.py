@@ -124,7 +124,7 @@ def plot_convergence(result, path, truth: Optional[dict] = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     h = result.history
     n = 1 + len(result.labels)

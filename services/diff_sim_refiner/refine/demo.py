@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
+from diffractflow.artifacts import atomic_write_path
+
+from ..core.config import BeamConfig, CrystalConfig, DetectorConfig
 from ..core.params import DemoParams
+from ..core.simulator import simulate
+from .refiner import Refiner, RefineSettings
 
 #: the demo's settings and their defaults are the ``refine-demo`` model's
 _DEMO = DemoParams.model_fields
@@ -37,8 +43,6 @@ HISTORY_KEYS = ("iteration", "loss", "mosaic_spread", "misset_x", "misset_y", "m
 
 def demo_configs(mosaic=TRUE_MOSAIC_SPREAD, misset=TRUE_MISSET):
     """(crystal, detector, beam) of seed 001 with the given mosaic spread (deg) and misset (deg)."""
-    from ..core.config import BeamConfig, CrystalConfig, DetectorConfig
-
     crystal = CrystalConfig(**FIXED_PARAMS, mosaic_spread_deg=mosaic, misset_deg=tuple(misset))
     detector = DetectorConfig(fpixels=64, spixels=64, pixel_size_mm=0.1, distance_mm=100.0)
     beam = BeamConfig(wavelength_A=1.0, fluence=1e28)
@@ -93,10 +97,6 @@ def run_demo(adam_iterations: int = _DEMO["iterations"].default, lr: float = _DE
     ``log`` (default ``print``; None: silent) receives the seed's phase output as the seed writes it: the generated data
     (phase 3), the initial parameters (phase 4), the start banner and every 10th iteration (phase 5)."""
     say = log or (lambda line: None)
-    import torch
-
-    from ..core.simulator import simulate
-    from .refiner import Refiner, RefineSettings
 
     torch.manual_seed(42)
     crystal, detector, beam = demo_configs()
@@ -156,10 +156,10 @@ def results_table(outcome: DemoOutcome) -> str:
 
 def plot_demo(outcome: DemoOutcome, path: Path) -> Path:
     """Seed 001's 2x3 figure: experimental / initial / refined images, loss, mosaic and misset curves."""
-    import matplotlib
+    import matplotlib  # matplotlib (about 2 s to import) only for the figure
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     h = outcome.history
     fig, axes = plt.subplots(2, 3, figsize=(15, 10))
@@ -194,8 +194,6 @@ def plot_demo(outcome: DemoOutcome, path: Path) -> Path:
 
 def write_demo_outputs(outcome: DemoOutcome, out: Path) -> dict[str, Path]:
     """history.json (seed keys), summary.json and refinement_demo.png in ``out``."""
-    from diffractflow.artifacts import atomic_write_path
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"history": out / "history.json", "summary": out / "summary.json", "figure": out / "refinement_demo.png"}

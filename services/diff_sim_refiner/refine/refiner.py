@@ -16,10 +16,11 @@ from typing import Callable, Optional, Sequence, get_args
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..core.config import BeamConfig, CrystalConfig, DetectorConfig, DetectorConvention, fval
 from ..core.params import RefineParams
-from ..core.simulator import DEFAULT_CHUNK_ELEMENTS, prepare, render
+from ..core.simulator import DEFAULT_CHUNK_ELEMENTS, _chunk_intensity, native_pixels, prepare, render
 from .params import PARAM_SPECS, ParamSpec, parse_param_list, resolve_bounds
 
 #: the job model's fields (``core.params.RefineParams``): the one place the defaults and choices are written
@@ -430,19 +431,10 @@ def _render_pixels(p, f: torch.Tensor, s: torch.Tensor, batch: Optional[int]) ->
     """Photons of the listed pixels only (chunked, check-pointed under autograd as the simulator's render).
 
     Avoids building a full-frame image when the mask holds a few boxes spread over a large detector.
-    Returns None if the simulator's per-chunk kernel is not available.
     """
-    from ..core.simulator import native_pixels
-
     v = native_pixels(p, f, s)  # the compiled photons + derivatives kernel, when it covers every gradient needed
     if v is not None:
         return v
-    try:
-        from torch.utils.checkpoint import checkpoint
-
-        from ..core.simulator import _chunk_intensity
-    except ImportError:  # pragma: no cover - depends on the simulator's internals
-        return None
     per_pixel = p.oversample ** 2 * p.n_orient * int(p.src_dirs.shape[0]) * (24 if p.ftable.interpolate else 1)
     batch = batch or max(1, DEFAULT_CHUNK_ELEMENTS // per_pixel)
     diff = [t for t in (p.A, p.pix0, p.fdet, p.sdet, p.px, p.close_distance, p.N, p.scale, p.src_dirs, p.src_lams,

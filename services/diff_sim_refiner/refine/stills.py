@@ -24,6 +24,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..core.config import fval
+from ..core.geometry import detector_geometry, lattice_vectors
+from ..core.simulator import prepare
+from .dials_geometry import configs_from_experiment
+from .refiner import Refiner, RefineSettings, _render_pixels
 THAUMATIN_SYMMETRY = ("P41212", (57.8, 57.8, 150.0, 90.0, 90.0, 90.0))
 
 
@@ -45,6 +50,7 @@ def index_still(cbf_path, space_group: str = THAUMATIN_SYMMETRY[0],
     indexing.stills.indexer=sequences`` with known symmetry (the stills indexer's default candidate
     refinement needs an extension Debian's cctbx lacks).  Returns (experiments, indexed reflections).
     """
+    # DIALS/dxtbx (1-2 s) only for the stills route, not for the general refiner
     from dials.algorithms.indexing.indexer import Indexer
     from dials.array_family import flex
     from dials.command_line.stills_process import phil_scope
@@ -77,7 +83,7 @@ def index_still(cbf_path, space_group: str = THAUMATIN_SYMMETRY[0],
     sel = refl.get_flags(refl.flags.indexed) & (refl["miller_index"] != (0, 0, 0)) & (refl["id"] == 0)
     experiments, refl = idxr.refined_experiments[0:1], refl.select(sel)
     if refine:
-        from dials.algorithms.refinement import RefinerFactory
+        from dials.algorithms.refinement import RefinerFactory  # DIALS, see index_still
 
         refiner = RefinerFactory.from_parameters_data_experiments(params, refl, experiments)
         refiner.run()
@@ -252,9 +258,6 @@ def predict_positions(crystal, detector, beam, hkl: np.ndarray) -> np.ndarray:
     rotation, by "delta psi") onto the Ewald sphere, |q + s0| = |s0|, and the diffracted ray s1 = s0 + q'
     meets the detector plane.  No parallax (the simulator models none): compare with DIALS' mm positions.
     """
-    from ..core.config import fval
-    from ..core.geometry import detector_geometry, lattice_vectors
-
     with torch.no_grad():
         lat = lattice_vectors(crystal, beam.wavelength_A)
         g = detector_geometry(detector, beam)
@@ -279,9 +282,6 @@ def predict_positions(crystal, detector, beam, hkl: np.ndarray) -> np.ndarray:
 def model_centroids(crystal, detector, beam, centres_px: np.ndarray, half: int = 8, dtype=torch.float64) -> np.ndarray:
     """(n, 2) centroids of the simulated spots in (2 half + 1)^2 boxes centred on ``centres_px`` (the model's own
     predictions, so the boxes carry no information from the observations); pixel i spans [i, i+1)."""
-    from ..core.simulator import prepare
-    from .refiner import _render_pixels
-
     c = np.floor(np.asarray(centres_px, float)).astype(np.int64)
     o = np.arange(-half, half + 1)
     df, ds = np.meshgrid(o, o, indexing="xy")
@@ -308,7 +308,7 @@ def parallax_shifts_px(panel, centres_px: np.ndarray) -> np.ndarray:
 def parallax_corrected_boxes(image: np.ndarray, spots: "SpotBoxes", panel, margin: int = 3) -> np.ndarray:
     """Copy of ``image`` whose spot boxes are resampled (bilinear) to undo the sensor parallax, so that the
     measured counts sit where the parallax-free simulator puts them; pixels outside boxes are unchanged."""
-    from scipy.ndimage import shift as nd_shift
+    from scipy.ndimage import shift as nd_shift  # scipy (~0.2 s) only for the parallax resampling
 
     out = image.copy()
     centres = np.stack([(spots.boxes[:, 0] + spots.boxes[:, 1] + 1) / 2.0,
@@ -366,9 +366,6 @@ def refine_still(experiment, image: np.ndarray, spots: SpotBoxes,
     boxes are first resampled by dxtbx's parallax displacement so that the (parallax-free) simulator is
     fitted to counts in that same frame.
     """
-    from .dials_geometry import configs_from_experiment
-    from .refiner import Refiner, RefineSettings
-
     t0 = time.perf_counter()
     panel = experiment.detector[0]
     if spots.obs_mm_px is None:

@@ -165,6 +165,7 @@ def _interpret(master, args: Sequence[str]):
 
 def stills_params(settings: ProcessingSettings, strategy: str = "default"):
     """The working ``dials.stills_process`` parameters (a scope_extract) for one still and strategy."""
+    # DIALS (1-2 s) only when parameters are built: the CLI and the worker's params model load without it
     from dials.command_line.stills_process import phil_scope
 
     user = list(settings.phil)
@@ -174,6 +175,7 @@ def stills_params(settings: ProcessingSettings, strategy: str = "default"):
 
 
 def _stills_unknown(args: Sequence[str]) -> list[str]:
+    # DIALS only when phil arguments are checked (see stills_params)
     from dials.command_line.stills_process import phil_scope
 
     return _interpret(phil_scope, args)[1]
@@ -194,6 +196,7 @@ def sequence_params(settings: ProcessingSettings) -> SequenceParams:
 
     Each KEY=VALUE is applied to every program scope that has it (stills-only keys are skipped).
     """
+    # DIALS only when parameters are built (see stills_params)
     from dials.command_line import find_spots, index, integrate, refine
 
     scopes = {
@@ -208,6 +211,7 @@ def sequence_params(settings: ProcessingSettings) -> SequenceParams:
 
 
 def _sequence_unknown(args: Sequence[str]) -> list[str]:
+    # DIALS only when phil arguments are checked (see stills_params)
     from dials.command_line import find_spots, index, integrate, refine
 
     unknown = set(args)

@@ -79,6 +79,7 @@ class Outcome:
 # ------------------------------------------------------------------------------------ import
 def import_still(path: str, frame: int = 0):
     """One image of ``path`` as a still ExperimentList (no scan, no goniometer)."""
+    # dxtbx (~2 s) and DIALS (~1.5 s more) only when an image is processed: the CLI imports this module
     from dxtbx.imageset import ImageSetFactory
     from dxtbx.model.experiment_list import Experiment, ExperimentList, ExperimentListFactory
 
@@ -104,6 +105,7 @@ def import_still(path: str, frame: int = 0):
 
 def import_sequence(paths: list[str]):
     """A rotation sequence from its image files (one ImageSequence)."""
+    # dxtbx only when an image is processed (see import_still)
     from dxtbx.imageset import ImageSequence
     from dxtbx.model.experiment_list import ExperimentListFactory
 
@@ -256,6 +258,7 @@ def process_still(path: str, frame: int, settings: ProcessingSettings, params=No
 
 def _attempt_still(expts, params, settings: ProcessingSettings, strategy: str, strong=None) -> Outcome:
     """One strategy on one imported still (spots given by ``strong`` are reused, not found again)."""
+    # DIALS only when an image is processed (see import_still)
     from dials.algorithms.indexing.indexer import Indexer
     from dials.array_family import flex
 
@@ -287,6 +290,7 @@ def _attempt_still(expts, params, settings: ProcessingSettings, strategy: str, s
     if len(experiments) > 1:  # keep the lattice with the most spots (max_lattices > 1 requested)
         counts = [int((indexed["id"] == i).count(True)) for i in range(len(experiments))]
         best = int(np.argmax(counts))
+        # dxtbx (see import_still)
         from dxtbx.model.experiment_list import ExperimentList
 
         indexed = indexed.select(indexed["id"] == best)
@@ -333,6 +337,7 @@ def _attempt_still(expts, params, settings: ProcessingSettings, strategy: str, s
 
 def _refine(params, experiments, indexed):
     """Static refinement of the indexed still (``RefinerFactory``); updates predictions."""
+    # DIALS (see import_still)
     from dials.algorithms.refinement import RefinerFactory
 
     refiner = RefinerFactory.from_parameters_data_experiments(params, indexed, experiments)
@@ -350,6 +355,7 @@ def _integrate_stills(params, experiments, indexed, sigma_b_cutoff: float | None
     """Stills integration as ``dials.stills_process`` does it (summation, simple background).
 
     ``sigma_b_cutoff`` (deg) replaces the parameters' cut-off; :class:`ProfileTooWide` if exceeded."""
+    # DIALS (see import_still)
     from dials.algorithms.integration.integrator import create_integrator
     from dials.algorithms.profile_model.factory import ProfileModelFactory
     from dials.array_family import flex
@@ -384,6 +390,7 @@ def process_sequence(paths: list[str], settings: ProcessingSettings) -> Outcome:
     True), or static only (False). A ``refinement.parameterisation.scan_varying`` given in ``settings.phil``
     wins over ``settings.scan_varying``.
     """
+    # DIALS and dxtbx only when a sequence is processed (see import_still)
     from dials.array_family import flex
     from dials.command_line.index import index
     from dials.command_line.integrate import run_integration

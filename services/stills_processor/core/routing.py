@@ -54,6 +54,7 @@ def cbf_angle_increment(path: str | Path, head_bytes: int = 16384) -> float | No
 
 def _dxtbx_width_and_frames(path: str) -> tuple[float, int]:
     """Oscillation width (deg, 0 for stills) and number of images of a file, through dxtbx."""
+    # dxtbx (~2 s) only for files the name and header rules cannot route: the CLI imports this module
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     expts = ExperimentListFactory.from_filenames([path], load_models=False)
@@ -119,6 +120,7 @@ def plan(paths: Iterable[str | Path]) -> list[WorkUnit]:
 
 def group_sequences(files: list[str]) -> list[WorkUnit]:
     """Group oscillation images into rotation sequences with dxtbx (template + consecutive numbers)."""
+    # dxtbx only when sequences are grouped (see _dxtbx_width_and_frames)
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     units = []
@@ -220,6 +222,7 @@ def _cbf_frame_info(path: Path, head: bytes) -> FrameInfo | None:
 
 
 def _dxtbx_frame_info(path: Path) -> FrameInfo:
+    # dxtbx (see _dxtbx_width_and_frames)
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     el = ExperimentListFactory.from_filenames([str(path)])

@@ -48,6 +48,7 @@ class FrameModelInfo:
 
 def load_sweep_model(path: str | Path):
     """The single rotation experiment of a sequence ``.expt`` (beam, detector, goniometer, scan, crystal)."""
+    # dxtbx (~2 s) only when a sweep is read: the CLI imports this module
     from dxtbx.model.experiment_list import ExperimentList
 
     path = Path(path)
@@ -68,6 +69,7 @@ def load_sweep_model(path: str | Path):
 
 def import_frame(path: str | Path):
     """One rotation image as dxtbx reads it: an experiment with a one-image ImageSequence and its scan."""
+    # dxtbx (see load_sweep_model)
     from dxtbx.imageset import ImageSequence
     from dxtbx.model.experiment_list import ExperimentListFactory
 
@@ -136,6 +138,7 @@ def static_crystal_for_image(model, image_number: int):
     Scan-varying model and image inside its scan: A at the image centre, the mean of the A matrices at
     the image's two scan points (source ``scan_point``). Otherwise the model's static A (``static``).
     """
+    # dxtbx (see load_sweep_model)
     from dxtbx.model import Crystal
 
     xtal = Crystal(model.crystal)
@@ -157,6 +160,7 @@ def frame_experiment(model_path: str | Path, frame_path: str | Path):
     Returns (ExperimentList with one experiment, FrameModelInfo). Its identifier is the model's with
     ``_<frame number>`` appended (stable across re-runs).
     """
+    # dxtbx (see load_sweep_model)
     from dxtbx.model.experiment_list import Experiment, ExperimentList
 
     model = load_sweep_model(model_path)

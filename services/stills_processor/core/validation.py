@@ -44,6 +44,7 @@ class QValidation:
 
 
 def _vec2(xy: np.ndarray):
+    # DIALS (~3 s with dxtbx) only when reflections are validated: the CLI imports this module
     from dials.array_family import flex
 
     xy = np.asarray(xy, dtype=float)

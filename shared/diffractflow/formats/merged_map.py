@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from ..artifacts import atomic_write_path, nexus_data_group
+from ..artifacts import atomic_write_path, nexus_data_group, read_provenance
 from ..errors import InputError
 from ._header import check_header, open_checked, write_header
 
@@ -110,8 +110,6 @@ def open_map(path: str | Path) -> contextlib.AbstractContextManager[h5py.File]:
 def read_map(path: str | Path, fields: Sequence[str] = MAP_FIELDS) -> dict[str, Any]:
     """``{field: array for field in fields}`` of ``/entry/map`` plus ``unit_cell``, ``space_group``, ``grid``
     (dict), ``statistics`` (dict, empty if none) and ``provenance``."""
-    from ..artifacts import read_provenance
-
     unknown = [n for n in fields if n not in MAP_FIELDS]
     if unknown:
         raise ValueError(f"unknown map field(s) {unknown}; a map has {list(MAP_FIELDS)}")
