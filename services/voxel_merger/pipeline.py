@@ -29,7 +29,7 @@ from .core.accumulate import observation_weights, scale_sums
 from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, leave_one_out_z_sums, map_slabs,
                          radial_profile, symmetry_agreement, symmetry_merge)
 from .core.params import DEFAULTS, MergeOptions
-from .storage import ACCUMULATOR_SCHEMA, ACCUMULATOR_SCHEMA_VERSION, H5VoxelAccumulator
+from .storage import ACCUMULATOR_SCHEMA, ACCUMULATOR_SCHEMA_VERSION, H5VoxelAccumulator, write_sparse_partial
 
 log = logging.getLogger("voxel_merger")
 
@@ -340,32 +340,79 @@ def grid_from_inputs(inputs: Sequence[Path], opt: MergeOptions) -> tuple[GlobalG
         return define_grid(sources, opt)
 
 
-#: log2 of the block size (voxels) of a single-still partial, at least (see :func:`accumulate_one`)
+#: log2 of the voxel blocks in which readers of a single-still partial visit it (see :func:`accumulate_one`)
 PARTIAL_BLOCK_SHIFT = 12
+
+
+def still_voxel_sums(src, grid: GlobalGrid, *, chunk: int = 1 << 22, reference_setting: bool = True,
+                     s_max: float | None = None, heartbeat: Callable[[], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One still's observations summed per P1 voxel: (voxel ids increasing, sums (4, n), info).
+
+    The sums are those :func:`accumulate_still` adds to an accumulator (count, Σw, Σw·I, Σw²σ²; unscaled), with
+    no grid-sized array: one still touches ~1 % of the voxels. ``s_max`` (1/d_min, Å⁻¹): voxels whose centre lies
+    beyond are dropped with their observations (the grid is a box around the resolution sphere), as
+    :func:`accumulate_still` does per observation. ``info``: n_in, n_used, n_outside_grid (beyond d_min
+    included), n_beyond_d_min."""
+    from .core.accumulate import sparse_sums
+
+    M = _reindex_matrix(src.crystal, reference_setting)
+    parts = []
+    n_in = n_out = 0
+    for c in src.iter_chunks(chunk):
+        h, k, l = _apply_reindex(c.h, c.k, c.l, M)
+        ids = grid.voxel_ids(h, k, l)
+        n_in += ids.size
+        n_out += int((ids < 0).sum())
+        parts.append(sparse_sums(ids, c.intensity, c.sigma, grid.n_voxels, c.weight))
+        if heartbeat:
+            heartbeat()
+    if len(parts) == 1:
+        ids, sums, n_all, _ = parts[0]
+    elif parts:  # several chunks: their per-voxel sums add (order of addition per chunk)
+        ids, inv = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
+        cat = np.concatenate([p[1] for p in parts], axis=1)
+        sums = np.stack([np.bincount(inv, weights=cat[f], minlength=ids.size) for f in range(cat.shape[0])])
+        n_all = np.bincount(inv, weights=np.concatenate([p[2] for p in parts]), minlength=ids.size).astype(np.int64)
+    else:
+        ids, sums, n_all = np.zeros(0, np.int64), np.zeros((4, 0)), np.zeros(0, np.int64)
+    n_beyond = 0
+    if s_max is not None and ids.size:
+        beyond = grid.s_of_voxels(ids) > s_max
+        n_beyond = int(n_all[beyond].sum())
+        ids, sums = ids[~beyond], sums[:, ~beyond]
+    keep = sums[0] > 0  # voxels whose observations were all unusable hold nothing
+    ids, sums = ids[keep], np.ascontiguousarray(sums[:, keep])
+    info = {"n_in": n_in, "n_used": int(sums[0].sum()), "n_outside_grid": n_out + n_beyond,
+            "n_beyond_d_min": n_beyond}
+    return ids, sums, info
 
 
 def accumulate_one(still: Path, grid: GlobalGrid, out_path: Path, opt: MergeOptions,
                    input_hashes: Mapping[str, str] | None = None, job_id: str | None = None,
                    heartbeat: Callable[[], None] | None = None) -> dict:
-    """One still -> a partial accumulator file (P1 voxels, one half, unscaled)."""
+    """One still -> a partial accumulator file (P1 voxels, one half, unscaled), sparse (version 3): the ids and
+    sums of the voxels it touches (:func:`still_voxel_sums`)."""
     out_path = Path(out_path)
     with open_still(still) as src, atomic_write_path(out_path) as tmp:
-        # small blocks: one still touches ~1 % of the grid's voxels, scattered along its Ewald shell, and the merge
-        # reads every touched block of every partial (2^12-voxel blocks: a third less to read than 2^16, same sums)
-        with H5VoxelAccumulator(tmp, grid, n_halves=1, mode="w", cache_bytes=opt.cache_mb * 2**20,
-                                block_shift=block_shift_for(grid.n_voxels, min_shift=PARTIAL_BLOCK_SHIFT)) as acc:
-            info = accumulate_still(src, grid, acc, chunk=opt.chunk, reference_setting=opt.reference_setting,
-                                    heartbeat=heartbeat, s_max=1.0 / opt.d_min if opt.d_min else None)
-            if not acc.still_ids:
-                acc.still_ids.append(src.still_id)
-            if src.crystal is not None:  # the still's refined model: the merge averages them for |s|
-                acc.set_meta("crystal", _crystal_dict(src.crystal))
-            acc.set_meta("weighting", "exposure" if getattr(src, "has_weight", False) else "inverse_variance")
-            write_provenance(acc.h5file, schema=ACCUMULATOR_SCHEMA, schema_version=ACCUMULATOR_SCHEMA_VERSION,
+        ids, sums, info = still_voxel_sums(src, grid, chunk=opt.chunk, reference_setting=opt.reference_setting,
+                                           heartbeat=heartbeat, s_max=1.0 / opt.d_min if opt.d_min else None)
+        weighting = "exposure" if getattr(src, "has_weight", False) else "inverse_variance"
+        meta = {"weighting": weighting}
+        if src.crystal is not None:  # the still's refined model: the merge averages them for |s|
+            meta["crystal"] = _crystal_dict(src.crystal)
+        n_in = info.pop("n_in")
+        f = write_sparse_partial(tmp, grid, ids, sums, still_ids=[src.still_id], n_obs=info["n_used"],
+                                 n_dropped=n_in - info["n_used"], meta=meta,
+                                 block_shift=block_shift_for(grid.n_voxels, min_shift=PARTIAL_BLOCK_SHIFT))
+        try:
+            write_provenance(f, schema=ACCUMULATOR_SCHEMA, schema_version=ACCUMULATOR_SCHEMA_VERSION,
                              producer="voxel-merger", producer_version=__version__, job_id=job_id,
                              parameters=opt.params(), inputs=input_hashes or {})
-    info["still_id"] = src.still_id
-    info["weighting"] = "exposure" if getattr(src, "has_weight", False) else "inverse_variance"
+        finally:
+            f.close()
+    info = {"n_used": info["n_used"], "n_rejected": 0, "n_outside_grid": info["n_outside_grid"],
+            "n_beyond_d_min": info["n_beyond_d_min"], "still_id": src.still_id, "weighting": weighting}
     return info
 
 
@@ -406,20 +453,12 @@ def bragg_voxel_mask(grid: GlobalGrid, ids: np.ndarray) -> np.ndarray:
 def _read_sparse(path: Path, grid: GlobalGrid | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A single-still partial as (voxel ids, sums (4, n)) over its voxels with observations, scale not applied.
 
-    A partial is stored as a dense grid in compressed blocks; one still touches a small fraction of the voxels, so
-    the merge reads each partial once into this sparse form and makes all its passes (reference, rejection
-    rounds, final sums, observation table) on it."""
-    ids, cols = [], []
+    One still touches a small fraction of the voxels: an accumulate job stores only those (version 3; version 2
+    partials hold a dense grid in compressed blocks). The merge reads each partial once into this form and makes
+    all its passes (reference, rejection rounds, final sums, observation table) on it."""
     with _open_partial(path) as part:
-        for start, s in part.iter_blocks():
-            t = np.asarray(s, dtype=np.float64).sum(axis=1)
-            nz = np.flatnonzero(t[0] > 0)
-            if nz.size:
-                ids.append(start + nz)
-                cols.append(t[:, nz])
-    if not ids:
-        return np.zeros(0, dtype=np.int64), np.zeros((4, 0))
-    ids, cols = np.concatenate(ids), np.concatenate(cols, axis=1)
+        ids, cols = part.sparse()  # version 3 as stored; version 2 gathered from its blocks
+    cols = cols.sum(axis=1) if cols.shape[1] > 1 else cols[:, 0]
     if grid is not None:  # Bragg voxels left out (MergeOptions.exclude_bragg_voxels)
         keep = ~bragg_voxel_mask(grid, ids)
         ids, cols = ids[keep], cols[:, keep]

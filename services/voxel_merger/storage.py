@@ -26,12 +26,13 @@ from .core.accumulate import (N_FIELDS, FIELDS, VoxelAccumulator, _SumStore, blo
 from .core.grid import GlobalGrid
 from .core.params import DEFAULTS
 
-__all__ = ["H5VoxelAccumulator", "ACCUMULATOR_SCHEMA", "ACCUMULATOR_SCHEMA_VERSION"]
+__all__ = ["H5VoxelAccumulator", "write_sparse_partial", "ACCUMULATOR_SCHEMA", "ACCUMULATOR_SCHEMA_VERSION"]
 
 
 #: the file's schema and integer version are owned by :mod:`diffractflow.formats.accumulator`
 ACCUMULATOR_SCHEMA = accumulator_format.SCHEMA
-#: 2: fourth field Σw²σ² (was Σw·I² with w = 1/σ² in 1), crystal model of the still(s) in attrs
+#: 2: fourth field Σw²σ² (was Σw·I² with w = 1/σ² in 1), crystal model of the still(s) in attrs, blocked dense
+#: layout; 3: the same sums, sparse (voxel ids + sums of the touched voxels: :func:`write_sparse_partial`)
 ACCUMULATOR_SCHEMA_VERSION = accumulator_format.VERSION
 
 
@@ -59,7 +60,10 @@ class H5VoxelAccumulator(_SumStore):
         if exists and "accumulator" in self._f:
             g = self._f["accumulator"]
             try:
-                accumulator_format.check(self.path, g, list(FIELDS))
+                self.version = accumulator_format.check(self.path, g, list(FIELDS))
+                if accumulator_format.is_sparse(self.version) and not self.readonly:
+                    raise ValueError(f"{self.path}: a sparse (version {self.version}) accumulator is written once "
+                                     f"and read only; open it with mode='r'")
             except BaseException:
                 self._f.close()
                 raise
@@ -73,13 +77,19 @@ class H5VoxelAccumulator(_SumStore):
             self.n_obs = int(g.attrs["n_obs"])
             self.n_dropped = int(g.attrs["n_dropped"])
             self._dset = g["sums"]
-            self._nonempty = np.array(g["block_nonempty"][()], dtype=bool)
+            if self._sparse_layout:
+                self._sparse = (np.asarray(g["voxel_ids"][()], dtype=np.int64), np.asarray(self._dset[()], float))
+                self._nonempty = np.zeros(self.n_blocks, dtype=bool)
+                self._nonempty[np.unique(self._sparse[0] >> self.block_shift)] = True
+            else:
+                self._nonempty = np.array(g["block_nonempty"][()], dtype=bool)
         else:
             if grid is None:
                 raise ValueError(f"{self.path}: a grid is needed to create a new accumulator")
             if n_halves not in (1, 2):
                 raise ValueError(f"n_halves must be 1 or 2, got {n_halves}")
             self.grid, self.n_halves = grid, n_halves
+            self.version = accumulator_format.BLOCKED_VERSION
             self.block_shift = block_shift if block_shift is not None else block_shift_for(grid.n_voxels)
             self._init_meta()
             g = self._f.require_group("accumulator")
@@ -107,6 +117,26 @@ class H5VoxelAccumulator(_SumStore):
 
     # ---------------------------------------------------------------- blocks
     @property
+    def _sparse_layout(self) -> bool:
+        return accumulator_format.is_sparse(getattr(self, "version", accumulator_format.BLOCKED_VERSION))
+
+    def sparse(self) -> tuple[np.ndarray, np.ndarray]:
+        """(voxel ids (n,) increasing, sums (4, n_halves, n)) of the voxels holding observations: as stored by
+        a sparse (version 3) file; gathered block by block from a blocked one."""
+        if self._sparse_layout:
+            return self._sparse
+        ids, cols = [], []
+        for start, s in self.iter_blocks():
+            s = np.asarray(s, dtype=np.float64)
+            nz = np.flatnonzero(s[0].sum(axis=0) > 0)
+            if nz.size:
+                ids.append(start + nz)
+                cols.append(s[:, :, nz])
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros((N_FIELDS, self.n_halves, 0))
+        return np.concatenate(ids), np.concatenate(cols, axis=2)
+
+    @property
     def n_blocks(self) -> int:
         return -(-self.grid.n_voxels // (1 << self.block_shift))
 
@@ -118,6 +148,12 @@ class H5VoxelAccumulator(_SumStore):
         start, stop = self._block_range(blk)
         if blk in self._cache:
             return self._cache[blk]
+        if self._nonempty[blk] and self._sparse_layout:
+            ids, sums = self._sparse
+            a, z = np.searchsorted(ids, [start, stop])
+            out = np.zeros((N_FIELDS, self.n_halves, stop - start))
+            out[:, :, ids[a:z] - start] = sums[:, :, a:z]
+            return out
         if self._nonempty[blk]:
             return self._dset[:, :, start:stop]
         return np.zeros((N_FIELDS, self.n_halves, stop - start))
@@ -279,6 +315,8 @@ class H5VoxelAccumulator(_SumStore):
                 lo, hi = max(b0, start), min(b1, stop)
                 if blk in self._cache:
                     out[:, :, lo - start:hi - start] = self._cache[blk][:, :, lo - b0:hi - b0]
+                elif self._sparse_layout:
+                    out[:, :, lo - start:hi - start] = self._read_block(blk)[:, :, lo - b0:hi - b0]
                 else:
                     out[:, :, lo - start:hi - start] = self._dset[:, :, lo:hi]
             blk += 1
@@ -382,3 +420,40 @@ class H5VoxelAccumulator(_SumStore):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_sparse_partial(path: str | Path, grid: GlobalGrid, ids: np.ndarray, sums: np.ndarray, *,
+                         still_ids: Sequence[str], n_obs: int, n_dropped: int, meta: dict | None = None,
+                         block_shift: int = 12) -> h5py.File:
+    """Write a sparse (version 3) accumulator: ``ids`` (n,) strictly increasing voxel ids, ``sums`` (4, n) or
+    (4, n_halves, n). Returns the open file (for provenance attributes); the caller closes it.
+
+    One still touches ~1 % of a grid's voxels: ~20 k voxels x 40 bytes instead of a chunked dense grid
+    (a sweep frame: 0.25 CPU-s to write blocked, ~0.01 sparse), and the merge reads it in one call."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    sums = np.asarray(sums, dtype=np.float64)
+    if sums.ndim == 2:
+        sums = sums[:, None, :]
+    if sums.shape[0] != N_FIELDS or sums.shape[2] != ids.size or sums.shape[1] not in (1, 2):
+        raise ValueError(f"sums of shape {sums.shape} do not match {ids.size} voxel ids")
+    if ids.size and (ids[0] < 0 or ids[-1] >= grid.n_voxels or np.any(np.diff(ids) <= 0)):
+        raise ValueError("voxel ids must be strictly increasing and inside the grid")
+    f = h5py.File(path, "w")
+    try:
+        g = f.create_group("accumulator")
+        accumulator_format.stamp(g, accumulator_format.SPARSE_VERSION)
+        g.attrs["grid"] = json.dumps(grid.to_dict())
+        g.attrs["n_halves"] = int(sums.shape[1])
+        g.attrs["block_shift"] = int(block_shift)
+        g.attrs["fields"] = json.dumps(list(FIELDS))
+        g.attrs["still_ids"] = json.dumps([str(x) for x in still_ids])
+        g.attrs["n_obs"] = int(n_obs)
+        g.attrs["n_dropped"] = int(n_dropped)
+        for k, v in (meta or {}).items():
+            g.attrs[f"meta_{k}"] = json.dumps(v)
+        g.create_dataset("voxel_ids", data=ids)
+        g.create_dataset("sums", data=sums)
+    except BaseException:
+        f.close()
+        raise
+    return f

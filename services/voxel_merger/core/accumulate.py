@@ -36,6 +36,7 @@ __all__ = [
     "block_shift_for",
     "half_of_still",
     "scale_sums",
+    "sparse_sums",
 ]
 
 FIELDS = ("count", "sum_w", "sum_wi", "sum_w2v")
@@ -113,6 +114,33 @@ def blocked_sums(ids: np.ndarray, weights: Sequence[np.ndarray | None], shift: i
         yield blk, length, [np.bincount(local, weights=None if w is None else w[a:z],
                                         minlength=length).astype(np.float64, copy=False) for w in sw]
 
+
+
+def sparse_sums(ids: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, n_voxels: int, weight=None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Sums of one batch of observations per voxel they touch, without a grid-sized array.
+
+    ``ids``: voxel ids (-1 or >= ``n_voxels``: outside); ``weight`` as in :meth:`_SumStore.add_ids`. Returns
+    ``(voxel ids (m,) increasing, sums (4, m) count, Σw, Σw·I, Σw²σ², observations per voxel usable or not (m,),
+    usable observations)``; a voxel whose observations are all unusable has zero sums. The sums equal, bit for
+    bit, what :class:`VoxelAccumulator` adds for the same observations (same arithmetic, same order)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if kernels.available():
+        uids, s, n_all, used = kernels.sparse_ids(ids, intensity, sigma, n_voxels, weight)
+        order = np.argsort(uids)
+        return uids[order], np.ascontiguousarray(s[order].T), n_all[order], used
+    inside = (ids >= 0) & (ids < n_voxels)
+    uids, inv, n_all = np.unique(ids[inside], return_inverse=True, return_counts=True)
+    I, sig = np.asarray(intensity)[inside], np.asarray(sigma)[inside]
+    wt = None if weight is None else np.asarray(weight)[inside]
+    ok = _valid_mask(np.zeros(inv.size, np.int64), I, sig, wt)
+    if ok is not None:
+        inv, I, sig = inv[ok], I[ok], sig[ok]
+        wt = None if wt is None else wt[ok]
+    w, wi, w2v = observation_weights(I, sig, None, wt)
+    s = np.stack([np.bincount(inv, weights=x, minlength=uids.size).astype(np.float64, copy=False)
+                  for x in (None, w, wi, w2v)])
+    return uids, s, n_all, int(inv.size)
 
 _TORCH = None
 

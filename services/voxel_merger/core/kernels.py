@@ -10,6 +10,7 @@ cannot be imported; callers then use torch/np.bincount.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -20,7 +21,7 @@ try:  # pragma: no cover - depends on the machine
 except Exception:  # noqa: BLE001 - any import problem means "not available"
     _HAVE_NUMBA = False
 
-__all__ = ["available", "accumulate_hkl", "accumulate_ids"]
+__all__ = ["available", "accumulate_hkl", "accumulate_ids", "sparse_ids"]
 
 
 def available() -> bool:
@@ -96,6 +97,38 @@ if _HAVE_NUMBA:
             used += 1
         return used
 
+    @njit(nogil=True, cache=True)
+    def _sparse_kernel(ids, I, sig, wt, has_w, nvox, slot, uids, sums, n_all):
+        """Voxels in first-seen order: ``slot[vid]`` (-1 = not seen) -> row of ``uids``/``sums``/``n_all``.
+        ``n_all``: observations per voxel whether usable or not. Returns (touched voxels, usable obs)."""
+        n = ids.shape[0]
+        m = 0
+        used = 0
+        for i in range(n):
+            vid = ids[i]
+            if not (vid >= 0 and vid < nvox):
+                continue
+            r = slot[vid]
+            if r < 0:
+                r = m
+                slot[vid] = m
+                uids[m] = vid
+                sums[m, 0] = 0.0
+                sums[m, 1] = 0.0
+                sums[m, 2] = 0.0
+                sums[m, 3] = 0.0
+                n_all[m] = 0
+                m += 1
+            n_all[r] += 1
+            w = _weight(sig[i], I[i], wt, has_w, i)
+            if w == 0.0:
+                continue
+            _add_one(sums, r, I[i], sig[i], w, 1.0, False)
+            used += 1
+        for j in range(m):  # leave the slot map as found (all -1) for the next still
+            slot[uids[j]] = -1
+        return m, used
+
 
 def _scale_args(scale, n):
     if scale is None or (np.ndim(scale) == 0 and float(scale) == 1.0):
@@ -140,3 +173,38 @@ def accumulate_ids(sums: np.ndarray, ids, intensity, sigma, scale=None, weight=N
     return int(_ids_kernel(ids, np.ascontiguousarray(intensity, dtype=np.float64),
                            np.ascontiguousarray(sigma, dtype=np.float64), wt, has_w, sc, is_arr, b0, use_b,
                            sums.shape[0], sums))
+
+
+#: slot maps of :func:`sparse_ids` (int32 per voxel, all -1 between calls), reused across stills; one per
+#: concurrent call (a worker may run jobs in threads)
+_SLOTS: list = []
+_SLOTS_LOCK = threading.Lock()
+
+
+def sparse_ids(ids, intensity, sigma, n_voxels: int, weight=None):
+    """One still's sums per touched voxel without a grid-sized sum array (needs numba: :func:`available`).
+
+    Returns ``(voxel ids, sums (m, 4), observations per voxel (m,) usable or not, usable observations)`` with the
+    voxels in first-seen order (voxels whose observations are all unusable keep zero sums). The sums are
+    those :func:`accumulate_ids` adds (same arithmetic, same order of addition per voxel: bit-identical).
+    Memory: an int32 slot map of the grid (kept for the next still) and O(observations)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    wt, has_w = _weight_args(weight, ids.size)
+    n_voxels = int(n_voxels)
+    with _SLOTS_LOCK:
+        j = next((j for j, a in enumerate(_SLOTS) if a.size == n_voxels), None)
+        slot = _SLOTS.pop(j) if j is not None else None
+    if slot is None:
+        slot = np.full(n_voxels, -1, dtype=np.int32)
+    cap = min(ids.size, n_voxels)
+    uids = np.empty(cap, np.int64)
+    sums = np.empty((cap, 4), np.float64)
+    n_all = np.empty(cap, np.int64)
+    # an exception leaves the map dirty: it is then not put back
+    m, used = _sparse_kernel(ids, np.ascontiguousarray(intensity, dtype=np.float64),
+                             np.ascontiguousarray(sigma, dtype=np.float64), wt, has_w, n_voxels, slot, uids,
+                             sums, n_all)
+    with _SLOTS_LOCK:
+        _SLOTS.append(slot)
+        del _SLOTS[:-2]  # at most two grids' maps kept
+    return uids[:m], sums[:m], n_all[:m], int(used)
