@@ -60,13 +60,22 @@ import json
 import logging
 import os
 import re
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import nats
+import ormsgpack
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import DeliverPolicy
+
+from diffractflow import bus
 from diffractflow.artifacts import Volume, atomic_write_json
-from diffractflow.messages import DataEvent
+from diffractflow.config import Settings
+from diffractflow.messages import DataEvent, MessageError
 
 log = logging.getLogger("diffractflow.bluesky")
 
@@ -101,8 +110,6 @@ def parse_subject(subject: str) -> tuple[str, str] | None:
 
 def decode(data: bytes) -> dict:
     """A document as ``bluesky-nats`` packs it (msgpack)."""
-    import ormsgpack
-
     try:
         doc = ormsgpack.unpackb(data)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad message
@@ -119,12 +126,10 @@ class BlueskyPublisher:
     acknowledge raises in the RunEngine instead of being lost."""
 
     def __init__(self, url: str, user: str, password: str, source: str = "beamline", timeout: float = 10.0):
-        import nats
+        # bluesky-nats only on the beamline side (a RunEngine's process), not in the dispatcher
         from bluesky_nats.nats_publisher import NATSPublisher
         from bluesky_nats.nats_runtime import NatsRuntime
         from bluesky_nats.outbox import Delivery, Outbox
-
-        from diffractflow import bus
 
         self.subject = documents_subject(source)
         self.runtime = NatsRuntime(f"bluesky-nats-{source}")
@@ -203,8 +208,7 @@ StartHook = Callable[[str], Awaitable[Any]]
 
 async def diffuse_background_if_configured(run_id: str) -> Any:
     """Start hook of the diffuse pipeline: make the run's smoothed background first if its config names frames."""
-    from diffractflow.config import Settings
-
+    # diffuse imports prefect (~1 s): only when a run starts
     from .diffuse import diffuse_background_flow, load_config
 
     if load_config(Volume(Settings().volume), run_id).background_frames:
@@ -253,12 +257,14 @@ class BlueskyTranslator:
         if self.source is not None and source is not None and source != self.source:
             return None
         if name == "event_page":
+            # event_model (~0.1 s) only for paged documents
             import event_model
 
             tasks = [await self.handle("event", ev, source, replay) for ev in event_model.unpack_event_page(doc)]
             tasks = [t for t in tasks if t is not None]
             return asyncio.ensure_future(asyncio.gather(*tasks)) if tasks else None
         if name == "datum_page":
+            # event_model (see above)
             import event_model
 
             for d in event_model.unpack_datum_page(doc):
@@ -323,6 +329,7 @@ class BlueskyTranslator:
     def _write_config(self, run_id: str, cfg: dict | None, num_points: Any) -> None:
         """``runs/<run_id>/config.json`` from the start document's configuration (validated as a diffuse run
         configuration when the translator validates); without one, a configuration already there is kept."""
+        # diffuse imports prefect (see diffuse_background_if_configured)
         from .diffuse import DiffuseRunConfig
 
         rdir = self.volume.resolve(f"runs/{run_id}")
@@ -502,8 +509,6 @@ class BlueskyTranslator:
         Documents after ``until_seq`` come to the new dispatcher as usual; those it had unacknowledged come back
         with JetStream's redelivery and then find their frames dispatched (or their run ended) and do nothing.
         """
-        from diffractflow.messages import MessageError
-
         try:
             floor = (await js.consumer_info(stream, self.durable)).ack_floor.stream_seq or 0
         except Exception:  # noqa: BLE001 - no consumer state: every delivered frame may be unfinished
@@ -578,9 +583,6 @@ async def _stream_history(js, stream: str, subject: str):
     """(sequence, subject, data) of the messages ``stream`` holds under ``subject`` now, oldest first, through one
     ordered push consumer: 0.14 ms per message on loopback, 4 x faster than a request per message
     (``bus.iter_stream``, 0.55 ms)."""
-    from nats.errors import TimeoutError as NatsTimeout
-    from nats.js.api import DeliverPolicy
-
     state = (await js.stream_info(stream)).state
     if not state.messages:
         return
@@ -608,6 +610,7 @@ async def serve(settings, flow: str, stop: asyncio.Event, *, source: str | None 
     """Run the dispatcher with Bluesky documents as an event source until ``stop`` is set: every opted-in run
     of ``source`` (None: any) goes through ``flow`` (a name of :data:`orchestration.flows.FLOWS`). File events
     keep working through the same dispatcher."""
+    # flows import prefect (~1 s); watcher imports this module at its top (a cycle)
     from .flows import FLOWS
     from .watcher import dispatch
 
@@ -641,9 +644,8 @@ def _detector_class():
     global _DETECTOR_CLASS
     if _DETECTOR_CLASS is not None:
         return _DETECTOR_CLASS
-    import threading
-    import uuid
 
+    # ophyd (~1 s) only when a simulated detector is made (demos and tests)
     from ophyd import Component, Device, Signal
     from ophyd.status import Status
 

@@ -3,17 +3,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from diffractflow import __version__
+from diffractflow import __version__, bus
+from diffractflow.artifacts import Volume, atomic_write_json
+from diffractflow.messages import DeadLetter, JobRequest, new_id
+from diffractflow.natsserver import CLUSTER_NODES, env_var_for
 
-from .embedded import SERVICE_COMMANDS, SERVICES, Topology, default_home
+from .bluesky import serve as serve_bluesky
+from .demo import run_demo
+from .embedded import SERVICE_COMMANDS, SERVICES, Topology, _group_alive, default_home, nats_programs
+from .gc import collect
+from .process import ProcessError, process_diffuse
+from .progress import RunProgress, logs_to_file
+from .watcher import WatchRule, dispatch as run_dispatch, watch as run_watch
 
 app = typer.Typer(name="diffractflow", help="Operate the diffractflow platform: start/stop the embedded topology, "
                   "inspect queues and dead letters, watch a directory for new data.",
@@ -115,7 +126,6 @@ def status(home: Optional[Path] = HomeOpt, runs: int = typer.Option(10, help="Re
         console.print("nothing is up (no state file in %s)" % topo.home)
         raise typer.Exit(1)
     topo.apply_env()
-    from .embedded import _group_alive
 
     sup = state.get("supervisor") or {}
     if sup.get("pid"):
@@ -128,8 +138,6 @@ def status(home: Optional[Path] = HomeOpt, runs: int = typer.Option(10, help="Re
     def row(name: str, e: dict) -> None:
         t.add_row(name, str(e.get("pid") or "-"), _yes(bool(e.get("pid")) and _group_alive(e["pid"])),
                   str(e.get("restarts", 0)), e.get("last_exit", ""))
-
-    from .embedded import nats_programs
 
     for name, entry in nats_programs(state):  # one nats-server, or a cluster's nodes (nats-n1 ...)
         row(name if name == "nats-server" else f"{name} {entry['url']}", entry)
@@ -163,8 +171,6 @@ def _yes(b: bool) -> str:
 
 
 async def _queues(topo: Topology, services):
-    from diffractflow import bus
-
     nc = await bus.connect(topo.settings(), name="status")
     js = nc.jetstream()
     try:
@@ -176,6 +182,7 @@ async def _queues(topo: Topology, services):
 
 
 def _flow_runs_table(limit: int) -> Table:
+    # prefect's client (~1 s) only for the flow-run table
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import FlowRunSort
 
@@ -211,8 +218,6 @@ def dlq_list(home: Optional[Path] = HomeOpt, service: Optional[str] = typer.Opti
 
 
 async def _dlq_rows(topo: Topology, service, limit):
-    from diffractflow import bus
-
     nc = await bus.connect(topo.settings(), name="dlq")
     js = nc.jetstream()
     rows = []
@@ -251,9 +256,6 @@ def dlq_reinject(seq: int, home: Optional[Path] = HomeOpt):
 
 
 async def _reinject(topo: Topology, seq: int) -> str:
-    from diffractflow import bus
-    from diffractflow.messages import DeadLetter, JobRequest
-
     nc = await bus.connect(topo.settings(), name="dlq")
     js = nc.jetstream()
     try:
@@ -286,8 +288,7 @@ def submit(
     home: Optional[Path] = HomeOpt,
 ):
     """Submit one job to a service on the bus and print its result (debugging)."""
-    from diffractflow.messages import new_id
-
+    # tasks, flows and diffuse import prefect (~1 s): only for the commands that run flows, not for --help
     from .tasks import JobRejected, StageFailed, submit_and_wait
 
     topo = _topo(home)
@@ -340,8 +341,8 @@ def watch(
     diffractflow watch VOLUME/incoming/thau --run-id thau --flow diffuse-pipeline --pattern '*.cbf' --config thau.yaml
     with thau.yaml holding space_group: P41212, unit_cell: [57.8, 57.8, 150.3, 90, 90, 90], d_min: 3.0.
     """
+    # flows import prefect (see submit)
     from .flows import FLOWS
-    from .watcher import WatchRule, dispatch as run_dispatch, watch as run_watch
 
     if flow not in FLOWS:
         raise typer.BadParameter(f"unknown flow {flow!r}; known: {', '.join(FLOWS)}")
@@ -365,8 +366,6 @@ def watch(
         if dispatch:
             tasks.append(asyncio.create_task(run_dispatch(settings, on_file, on_end, stop)))
             if flow == "diffuse-pipeline" and not verbose:
-                from .progress import RunProgress
-
                 root = directory.resolve()
                 prog = RunProgress(console, settings.volume, run_id, expected,
                                    landed_fn=lambda: sum(1 for f in root.glob(pattern)
@@ -382,8 +381,6 @@ def watch(
             prog.stop()
             await shown
 
-    from .progress import logs_to_file
-
     quiet = flow == "diffuse-pipeline" and dispatch and not verbose
     with topo.prefect_settings(), logs_to_file(topo.home / "logs" / f"flows-{run_id}.log",
                                                verbose=not quiet):
@@ -392,10 +389,7 @@ def watch(
 
 def _store_run_config(settings, run_id: str, config: Path) -> None:
     """Validate a run configuration and store it where the flows look for it."""
-    import yaml
-
-    from diffractflow.artifacts import Volume, atomic_write_json
-
+    # diffuse imports prefect (see submit)
     from .diffuse import DiffuseRunConfig, run_dir
 
     try:
@@ -408,8 +402,6 @@ def _store_run_config(settings, run_id: str, config: Path) -> None:
 
 async def _drain_events(settings, stop, poll: float = 0.5):
     """Wait until the dispatcher has taken (and acked) every event."""
-    from diffractflow import bus
-
     nc = await bus.connect(settings, name="watch-drain")
     js = nc.jetstream()
     try:
@@ -428,6 +420,7 @@ def serve_flows(home: Optional[Path] = HomeOpt, limit: int = typer.Option(8, hel
 
     Start runs from Prefect's UI or `prefect deployment run diffuse-merge/diffuse-merge -p run_id=RUN`.
     """
+    # prefect (see submit)
     from prefect import serve
 
     from .diffuse import diffuse_merge_flow, diffuse_still_flow
@@ -469,8 +462,6 @@ def process_diffuse_cmd(
 
     Example: diffractflow process diffuse /data/thau --config thau.yaml --out thau-out
     """
-    from .process import ProcessError, process_diffuse
-
     cell = None
     if unit_cell:
         try:
@@ -496,10 +487,6 @@ def process_diffuse_cmd(
 def compose_env(cluster: bool = typer.Option(False, "--cluster", help="Also the settings of the three-node "
                                              "JetStream cluster (docker compose --profile cluster up): R3 streams.")):
     """Print a fresh .env for compose.yaml: random passwords for NATS users and PostgreSQL."""
-    import secrets
-
-    from diffractflow.natsserver import CLUSTER_NODES, env_var_for
-
     for user in ["admin", *[f"svc-{s}" for s in SERVICES]]:
         typer.echo(f"{env_var_for(user)}={secrets.token_urlsafe(24)}")
     typer.echo(f"POSTGRES_PASSWORD={secrets.token_urlsafe(24)}")
@@ -518,8 +505,6 @@ def demo(
                                  "progress display."),
 ):
     """Run the platform's demos on embedded defaults (what `make demo` runs)."""
-    from .demo import run_demo
-
     raise typer.Exit(run_demo(what, out.resolve(), console, verbose=verbose))
 
 
@@ -532,8 +517,6 @@ def gc(
                                     "seconds (a run still collecting may not have recorded them yet)."),
 ):
     """Remove job outputs no run references (old results of re-runs with another config or input set)."""
-    from .gc import collect
-
     if volume is None:
         topo = Topology(home or default_home())
         state = topo.load()
@@ -561,8 +544,6 @@ def bluesky_cmd(
 ):
     """Process Bluesky runs: a RunEngine's documents (published by bluesky-nats as user `bluesky`) open a run,
     name its frames and end it; file events keep working."""
-    from .bluesky import serve
-
     topo = _topo(home)
     topo.apply_env()
     settings = topo.settings()
@@ -573,8 +554,8 @@ def bluesky_cmd(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, flow, stop, source=source, require_md=not all_runs, settle_s=settle,
-                    frame_timeout_s=frame_timeout, root_map=rmap)
+        await serve_bluesky(settings, flow, stop, source=source, require_md=not all_runs, settle_s=settle,
+                            frame_timeout_s=frame_timeout, root_map=rmap)
 
     with topo.prefect_settings():
         asyncio.run(_main())

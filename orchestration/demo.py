@@ -17,6 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from diff_sim_refiner.datasets.planted import planted_images, stills_spec
+from diff_sim_refiner.datasets.stills import DiffuseTruth, StillsSpec, generate_stills, pixel_q
+from diffractflow.artifacts import atomic_write_json
+
+from .process import process_diffuse
+from .validation import map_vs_truth, recovered_scales, sampled_reference, scale_errors
+
 BIN = Path(sys.executable).parent
 
 
@@ -54,11 +61,6 @@ def evaluate_run(rdir: Path, volume: Path, truth: dict, symmetry: str | None, n_
     """The merged map of run directory ``rdir`` against the planted diffuse truth (map/truth in ``n_bins`` bins of
     equal population of true intensity: deciles by default), and recovered against planted per-still scales
     (see :mod:`orchestration.validation`)."""
-    from diff_sim_refiner.datasets.planted import planted_images, stills_spec
-    from diff_sim_refiner.datasets.stills import DiffuseTruth, pixel_q
-
-    from .validation import map_vs_truth, recovered_scales, sampled_reference, scale_errors
-
     out = rdir / "output"
     t = DiffuseTruth.load(truth)
     rec = recovered_scales(out / "scales.json")  # keyed by still id: no table needed
@@ -86,10 +88,6 @@ def evaluate_run(rdir: Path, volume: Path, truth: dict, symmetry: str | None, n_
 def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo", verbose: bool = False) -> int:
     """Render stills with nanoBragg's physics (planted diffuse, Bragg, background frames, scales, noise), process
     them with ``diffractflow process diffuse`` and judge the map and scales against the truth."""
-    from diff_sim_refiner.datasets.stills import StillsSpec, generate_stills
-
-    from .process import process_diffuse
-
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -104,7 +102,6 @@ def demo_diffuse(out: Path, console, n_stills: int = 20, run_id: str = "demo", v
     summary.update(evaluate_run(volume / "runs" / run_id, volume, truth, truth["space_group"]))
     summary["wall_seconds"] = round(time.monotonic() - t_start, 1)
     brief = {k: v for k, v in summary.items() if k not in ("stills", "files")}
-    from diffractflow.artifacts import atomic_write_json
 
     atomic_write_json(out / "summary.json", summary)
     console.print_json(json.dumps(brief))

@@ -28,6 +28,8 @@ a dead node on its own ports and JetStream store, where it catches up with the o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import json
 import os
 import signal
@@ -105,11 +107,10 @@ class Topology:
     def prefect_settings(self):
         """A context in which Prefect clients talk to this topology's server (settings are read at import,
         so changing the environment afterwards is not enough)."""
-        import contextlib
-
         state = self.load()
         if not state or not state.get("prefect"):
             return contextlib.nullcontext()
+        # prefect (~1 s) only when a topology runs flows: the CLI's --help imports this module
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         return temporary_settings(updates={PREFECT_API_URL: state["prefect"]["api_url"]})
@@ -504,8 +505,6 @@ def drain_prefect_clients(timeout: float = 20.0) -> None:
     """
     for path, name in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
         try:
-            import importlib
-
             getattr(importlib.import_module(path), name).drain_all(timeout=timeout, at_exit=False)
         except Exception:  # best effort: never block a shutdown on it
             pass

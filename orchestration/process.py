@@ -19,7 +19,14 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import yaml
+
+from diffractflow.artifacts import Volume, atomic_write_json
+
 from .embedded import Topology
+from .progress import RunProgress, logs_to_file
+from .report import write_report
+from .watcher import WatchRule, dispatch, watch
 
 #: the services a diffuse run needs, and replicas on a small workstation (DIALS indexing is the slow stage)
 DIFFUSE_SERVICES = ["stills-processor", "diffuse-extractor", "voxel-merger", "scaler"]
@@ -78,8 +85,8 @@ async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: 
     """Land ``files`` in ``incoming`` one by one while a watcher and a dispatcher (in this process) turn them into
     flow runs; return once the end-of-run flow has finished. Unless ``verbose``, one progress display
     (:class:`orchestration.progress.RunProgress`) shows the run instead of a line per file."""
+    # flows and diffuse import prefect (~1 s): only when a run is processed, not for the CLI's --help
     from .flows import FLOWS
-    from .watcher import WatchRule, dispatch, watch
 
     settings = topo.settings()
     stop = asyncio.Event()
@@ -98,8 +105,6 @@ async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: 
     watcher = asyncio.create_task(watch(rule, settings, stop, poll_s=0.25))
     prog = shown = None
     if not verbose:
-        from .progress import RunProgress
-
         prog = RunProgress(console, settings.volume, run_id, len(files))
         shown = asyncio.create_task(prog.run())
     for i, f in enumerate(files):
@@ -123,8 +128,7 @@ async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: 
 
 def load_run_config(path: Path | None, **overrides):
     """A ``DiffuseRunConfig`` from a YAML/JSON file (or defaults) with ``overrides`` applied."""
-    import yaml
-
+    # diffuse imports prefect (see feed_and_dispatch)
     from .diffuse import DiffuseRunConfig
 
     data = {}
@@ -165,8 +169,6 @@ def start_rerun(rdir: Path, incoming: Path) -> int:
         for p in incoming.iterdir():
             if p.is_file():
                 p.unlink()
-    from diffractflow.artifacts import atomic_write_json
-
     atomic_write_json(record, {"generation": generation})
     return generation
 
@@ -243,8 +245,7 @@ def process_diffuse(directory: Path, out: Path, console, *, config: Path | None 
 
     ``background``: a glob (relative to ``directory``) of background-only frames. Returns the summary.
     """
-    from diffractflow.artifacts import Volume, atomic_write_json
-
+    # diffuse imports prefect (see feed_and_dispatch)
     from .diffuse import run_dir
 
     directory = Path(directory).resolve()
@@ -282,13 +283,13 @@ def process_diffuse(directory: Path, out: Path, console, *, config: Path | None 
             landed = [land(f, incoming / "background") for f in bkg_files]
             cfg = cfg.model_copy(update={"background_frames": [vol.relative(p) for p in landed]})
         atomic_write_json(rdir / "config.json", cfg.model_dump())
-        from .progress import logs_to_file
 
         topo.wait_prefect()
         with topo.prefect_settings(), logs_to_file(home / "logs" / f"flows-{run_id}.log", verbose) as log_file:
             if log_file is not None:
                 console.print(f"flow logs: {log_file} (-v shows them live); worker logs: {home / 'logs'}")
             if bkg_files:
+                # diffuse imports prefect (see feed_and_dispatch)
                 from .diffuse import diffuse_background_flow
 
                 console.print(f"background: {len(bkg_files)} frames -> one smoothed background")
@@ -302,8 +303,6 @@ def process_diffuse(directory: Path, out: Path, console, *, config: Path | None 
         summary["files"] = copy_results(rdir / "output", out)
     atomic_write_json(out / "summary.json", summary)
     try:  # the run's page for a browser; a failure here must not lose the run's results
-        from .report import write_report
-
         summary["report"] = str(write_report(out))
         console.print(f"report: {summary['report']}")
     except Exception as exc:  # noqa: BLE001

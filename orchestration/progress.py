@@ -16,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
 #: stage label -> (service, job-id stage) of the per-still jobs counted
 STAGES = {"indexed": ("stills-processor", ("index", "frame-model")),
           "extracted": ("diffuse-extractor", ("extract",)),
@@ -55,8 +57,6 @@ class RunProgress:
 
     def __init__(self, console, volume: Path, run_id: str, total: int | None, interval_s: float = 0.5,
                  landed_fn=None):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         self.volume, self.run_id, self.total, self.interval_s = Path(volume), run_id, total, interval_s
         self.landed = 0
         self.landed_fn = landed_fn  # () -> files landed so far (a watcher counts them on disk)
@@ -108,6 +108,7 @@ def logs_to_file(path: Path, verbose: bool = False):
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     changed: list[tuple[logging.Logger, logging.Handler]] = []
     added: list[logging.Logger] = []
+    # prefect (~1 s) only when flows log: the CLI's --help imports this module
     from prefect.logging.configuration import setup_logging
 
     setup_logging()  # Prefect's own configuration first (it is set up lazily), then its console handlers are replaced

@@ -35,12 +35,17 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence  # Optional: the CLI's annotations
 
 import numpy as np
+import typer
 
+from diffractflow.artifacts import atomic_write_path
+from diffractflow.errors import InputError
 from diffractflow.report_page import (REPORT_NAME, Linker as _Linker, Page, check_links, esc as _esc,  # noqa: F401
                                       figure as _figure, fmt as _fmt, img as _img, job_page,
                                       kv_table as _kv_table, png_b64 as _png_b64, render_html, table as _table,
                                       write_page)
 from diffractflow.report_page import software_versions as _platform_versions
+
+from .embedded import default_home
 
 #: seconds between refreshes of the served page while a run is collecting
 REFRESH_S = 10.0
@@ -123,7 +128,6 @@ def locate(target: str | os.PathLike, home: str | os.PathLike | None = None) -> 
                               f"name one: report RUN_ID --home {p / '.diffractflow'}")
         raise ReportError(f"{p}: not a run directory (no stills/ or config.json), process output (summary.json) "
                           f"or stem-polar job (logs/run.json)")
-    from .embedded import default_home
 
     h = Path(home).resolve() if home else default_home()
     rdir = _run_in_homes(str(target), [h])
@@ -194,6 +198,7 @@ def _asu_ids(grid, symmetry: str | None, ids: np.ndarray) -> np.ndarray:
     """Voxel ids -> their asymmetric-unit voxel (the voxel-merger's own mapper), identity without symmetry."""
     if not symmetry:
         return np.asarray(ids, dtype=np.int64)
+    # the voxel-merger's code (cctbx, numba: seconds) only for a run's live map; the CLI imports this module
     from voxel_merger.core.merge import AsuMapper
 
     key = (json.dumps(grid.to_dict(), sort_keys=True), symmetry)
@@ -210,6 +215,7 @@ def _partial_sums_at(path: Path, grid, symmetry: str | None, targets: np.ndarray
 
     Every occupied voxel of the partial is mapped onto its ASU voxel as the merge does; cached by path, size and
     modification time, so a refresh reads only the partials that are new."""
+    # voxel-merger (see _asu_ids)
     from voxel_merger.core.accumulate import N_FIELDS
     from voxel_merger.storage import H5VoxelAccumulator
 
@@ -245,6 +251,7 @@ def live_map(partials: Sequence[Path], symmetry: str | None = None) -> LiveMap |
 
     Equal to the voxel-merger's ``merge`` of the same partials without scales and without outlier rejection
     (``symmetry``: merge onto that space group's asymmetric unit and expand, as the final map does)."""
+    # voxel-merger (see _asu_ids)
     from voxel_merger.core.merge import merge_sums
     from voxel_merger.storage import H5VoxelAccumulator
 
@@ -274,6 +281,7 @@ _MAP_CACHE: dict[tuple, tuple] = {}
 def map_file_planes(path: Path):
     """(grid, {axis: plane}) of the h=0/k=0/l=0 planes of a voxel-merger map.h5 (read plane by plane; the last
     map read is kept, keyed by path, size and modification time)."""
+    # voxel-merger and h5py (see _asu_ids)
     from diffractflow.formats.merged_map import open_map
     from voxel_merger.artifacts import map_planes
     from voxel_merger.core.grid import GlobalGrid
@@ -448,7 +456,7 @@ def _vol_path(layout: RunLayout, ref) -> Path | None:
 
 
 def _background_profiles(layout: RunLayout, records: list[dict], limit: int = 40) -> dict[str, np.ndarray]:
-    from diffractflow.errors import InputError
+    # h5py (with the table reader) only for a run's page, not for the CLI's start
     from diffractflow.formats.still_table import StillTable
 
     out = {}
@@ -472,7 +480,7 @@ def _named_scales(out_dir: Path) -> dict[str, float]:
     f = out_dir / "scales.json"
     if not f.is_file():
         return {}
-    from diffractflow.errors import InputError
+    # h5py (see _background_profiles)
     from diffractflow.formats.scales import read_scales
 
     names = (_read_json(out_dir / "statistics.json", {}) or {}).get("still_names")
@@ -485,6 +493,7 @@ def _named_scales(out_dir: Path) -> dict[str, float]:
 
 
 def _provenance(path: Path) -> dict:
+    # h5py (see _background_profiles)
     import h5py
 
     try:
@@ -725,8 +734,6 @@ class ReportServer:
                 self._html, self._sig = text.encode("utf-8"), sig
                 self.renders += 1
                 if self.write:
-                    from diffractflow.artifacts import atomic_write_path
-
                     with atomic_write_path(self.layout.page) as tmp:
                         Path(tmp).write_bytes(self._html)
             return self._html
@@ -791,8 +798,6 @@ class ReportServer:
 # ============================================================================ CLI
 def register(app) -> None:
     """Add ``report`` to a typer app: ``diffractflow report RUN_DIR_OR_ID [--home H] [--serve --port N]``."""
-    import typer
-
     @app.command("report")
     def report_cmd(
         run: str = typer.Argument(..., help="A run directory (volume runs/<run_id>), the output directory of "

@@ -31,6 +31,7 @@ import numpy as np
 def read_map(path: str | Path) -> dict:
     """Intensity, counts, voxel-centre axes and standard errors (``intensity_errors``) of a merged map file
     (:mod:`diffractflow.formats.merged_map`)."""
+    # h5py and the format readers only when a map is read: the CLI's demo command imports this module
     from diffractflow.formats.merged_map import read_map as read_merged_map
 
     m = read_merged_map(path, ("intensity", "counts", "sigma", "h", "k", "l"))
@@ -82,6 +83,7 @@ def laue_rotations(symmetry: str | None) -> np.ndarray:
     """Integer matrices (n_ops, 3, 3) acting on column hkl: the Laue group of ``symmetry`` (identity if None)."""
     if not symmetry:
         return np.eye(3, dtype=np.int64)[None]
+    # cctbx (~0.5 s) only when symmetry is applied
     from cctbx import sgtbx
 
     laue = sgtbx.space_group_info(symmetry).group().build_derived_laue_group()
@@ -106,6 +108,7 @@ def sampled_reference(map_path: str | Path, stills: list[dict], truth: Callable,
     rotation frame a list of them across its oscillation, averaged) and
     ``scale`` (the still's scale as merged). ``pixel_q``: true q = s1 - s0 of every pixel (slow, fast, 3).
     """
+    # h5py (see read_map)
     from diffractflow.formats.still_table import StillTable
 
     m = read_map(map_path)
@@ -183,6 +186,7 @@ def map_ratio_flatness(map_a: str | Path, map_b: str | Path, unit_cell, min_coun
     noisy (at a few photons per voxel the weakest fifth holds a few % of the map's counts): judge a bin's
     deviation against its error (``*_errors``, ``significance`` = the largest |ratio - 1| / error), not alone.
     """
+    # cctbx (see laue_rotations)
     from cctbx import uctbx
 
     a, b = read_map(map_a), read_map(map_b)
@@ -219,6 +223,7 @@ def recovered_scales(scales_json: str | Path, still_names: Mapping[str, str] | S
     """Image file name -> recovered scale from a scales file (:mod:`diffractflow.formats.scales`: keyed by still id
     ``<image path>#<index>``). ``still_names`` (the observation table's names, or statistics.json's {index: name})
     is needed only for an old run's scales keyed by table index."""
+    # h5py (see read_map)
     from diffractflow.formats.scales import read_scales
 
     if isinstance(still_names, Mapping):

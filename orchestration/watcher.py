@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -30,8 +30,7 @@ from diffractflow.artifacts import Volume, atomic_write_json
 from diffractflow.config import Settings
 from diffractflow.messages import DataEvent, MessageError
 
-if TYPE_CHECKING:
-    from .bluesky import BlueskyTranslator
+from .bluesky import SUBJECT_PREFIX, BlueskyError, BlueskyTranslator, decode, parse_subject
 
 log = logging.getLogger("diffractflow.watcher")
 END_MARKERS = ("END_OF_RUN", "end_of_run", "*.end")
@@ -170,6 +169,7 @@ DISPATCH_API_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 def transient_api_error(exc: BaseException) -> bool:
     """True for an error of the orchestrator's HTTP API that a later try may not meet (server busy or restarting,
     connection refused or reset), False for everything else (a failed stage, bad input, a bug)."""
+    # httpx (prefect's HTTP client, ~70 ms) only when a flow call failed
     import httpx
 
     if isinstance(exc, httpx.HTTPStatusError):
@@ -209,8 +209,6 @@ async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler
     js = nc.jetstream()
     await bus.ensure_streams(js)
     if bluesky is not None:
-        from .bluesky import SUBJECT_PREFIX
-
         bluesky.publish = lambda ev: bus.publish_event(js, ev)
         try:  # the index of runs an earlier dispatcher left open
             info = await js.consumer_info(bus.EVENTS, durable)
@@ -290,8 +288,6 @@ async def _keep_in_progress(msg, ack_wait_s: float = DISPATCH_ACK_WAIT_S) -> Non
 async def _bluesky_document(translator: "BlueskyTranslator | None", msg,
                             ack_wait_s: float = DISPATCH_ACK_WAIT_S) -> None:
     """Hand one Bluesky document to the translator; acknowledge it when its work is done."""
-    from .bluesky import BlueskyError, decode, parse_subject
-
     parsed = parse_subject(msg.subject)
     if translator is None or parsed is None:
         await msg.ack()

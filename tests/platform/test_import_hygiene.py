@@ -5,8 +5,9 @@ before it, or on the line before the block of imports it opens) says so. The rea
 
 * the module is heavy or optional: its top package is in :data:`HEAVY` (DIALS/cctbx, torch, numba,
   matplotlib, prefect, h5py, scipy, the Bluesky/NATS clients...), or it is one of the project's modules that
-  imports such a package when it is imported (found by following the module-level imports of the tree), so a
-  CLI's ``--help`` or a worker's start does not pay for it;
+  imports such a package when it is imported (found by following the module-level imports of the tree), and
+  the importing module does not load that package already; so a CLI's ``--help`` or a worker's start does not
+  pay for it;
 * a real import cycle: the comment says "cycle" (or "circular") and the imported module does import, at
   module level and perhaps through others, the module that holds the function.
 
@@ -169,9 +170,11 @@ def reachable(name: str) -> set[str]:
     return seen
 
 
-def heavy_reason(name: str) -> str | None:
-    """The heavy package importing ``name`` loads (None if it loads none)."""
-    for m in sorted(reachable(name)):
+def heavy_reason(name: str, importer: str | None = None) -> str | None:
+    """A heavy package importing ``name`` loads that importing ``importer`` (a tree module) does not already load
+    (None if there is none)."""
+    already = reachable(importer) if importer is not None else set()
+    for m in sorted(reachable(name) - already):
         if m.split(".")[0] in HEAVY:
             return m
     return None
@@ -247,14 +250,14 @@ def scan_file(path: Path) -> list[Finding]:
             if not commented:
                 found.append(Finding(path, imp.lineno, target, "no comment says why it is not at the top"))
                 continue
-            if heavy_reason(target) is not None:
+            if heavy_reason(target, here) is not None:
                 continue
             text = "\n".join(source.splitlines()[max(start - 2, 0): imp.lineno]).lower()
             if ("cycle" in text or "circular" in text) and here is not None and here in reachable(target):
                 continue
             found.append(Finding(path, imp.lineno, target,
-                                 "neither heavy (nothing in HEAVY is loaded by it) nor a real import cycle; "
-                                 "move it to the top of the module"))
+                                 "neither heavy (it loads nothing in HEAVY that the module does not load "
+                                 "already) nor a real import cycle; move it to the top of the module"))
     return found
 
 
