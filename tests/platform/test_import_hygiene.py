@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import io
+import subprocess
 import sys
 import tokenize
 from dataclasses import dataclass
@@ -329,3 +330,22 @@ if __name__ == "__main__":  # the list without pytest: python tests/platform/tes
         for f in scan_file(p):
             print(f)
     sys.exit(0)
+
+
+# What each CLI's start (and so its --help) must not import: the reason the imports above stay in functions.
+CLI_MUST_NOT_LOAD = {
+    "orchestration.cli": {"prefect", "torch", "dials", "dxtbx", "matplotlib", "h5py", "ophyd", "bluesky_nats"},
+    "stills_processor.cli": {"dials", "dxtbx", "torch", "matplotlib", "prefect"},
+    "diff_sim_refiner.cli": {"torch", "h5py", "matplotlib", "dials", "prefect"},
+}
+
+
+def test_cli_start_stays_light():
+    """Import each CLI module in a fresh interpreter and list the heavy packages it loaded."""
+    code = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    for mod, banned in CLI_MUST_NOT_LOAD.items():
+        out = subprocess.run([sys.executable, "-c", code, mod], capture_output=True, text=True, check=True,
+                             timeout=120).stdout.split()
+        assert mod.split(".")[0] in out
+        assert not banned & set(out), f"{mod} loads {sorted(banned & set(out))} at start"
