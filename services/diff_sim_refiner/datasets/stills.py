@@ -43,6 +43,8 @@ AIR_MASS_FRACTIONS = {"C": 0.000124, "N": 0.755268, "O": 0.231781, "Ar": 0.01282
 AIR_DENSITY_G_CM3 = 1.20479e-3
 #: nanoBragg's gauss_xtal constant: F_latt = N exp(-|dq|^2 N^2 / 0.63), N = Na Nb Nc, dq in 1/Angstrom
 GAUSS_XTAL_C = 0.63
+#: the polarisation fraction dxtbx gives a PILATUS mini-CBF (its header's ``# Polarization`` is not read)
+DXTBX_MINICBF_POLARIZATION = 0.999
 STRUCTURE_FACTORS_FILE = "structure_factors.npz"
 
 
@@ -66,7 +68,11 @@ class SceneSpec:
     #: direct-beam position as fractions of the array (fast, slow): off the array centre
     beam_centre_frac: tuple[float, float] = (0.431, 0.562)
     exposure_s: float = 0.1
-    polarization_fraction: float = 0.999         # dxtbx's convention (Kahn factor K = 2 f - 1)
+    #: dxtbx's convention (Kahn factor K = 2 f - 1). Only 0.999 is allowed: dxtbx's mini-CBF reader ignores the
+    #: header's ``# Polarization`` line and gives every PILATUS frame 0.999 (``BeamFactory.simple``), so frames
+    #: rendered with another fraction would be corrected with 0.999 by DIALS and by the extractor (a 1-5 %
+    #: azimuth- and resolution-dependent error at f = 0.8)
+    polarization_fraction: float = DXTBX_MINICBF_POLARIZATION
     dose: float = 1.0
     seed: int = 2026                             # structure factors, orientations, scales
     noise_seed: int = 0                          # Poisson draws (dose_pair changes only this)
@@ -96,6 +102,10 @@ class SceneSpec:
             setattr(self, name, tuple(getattr(self, name)))
         if self.dose <= 0:
             raise ValueError(f"dose must be > 0, got {self.dose}")
+        if abs(self.polarization_fraction - DXTBX_MINICBF_POLARIZATION) > 1e-9:
+            raise ValueError(f"polarization_fraction {self.polarization_fraction}: dxtbx reads every mini-CBF as "
+                             f"{DXTBX_MINICBF_POLARIZATION} whatever its header says, so frames rendered with another "
+                             "fraction would be corrected with the wrong one")
 
     @property
     def image_size(self) -> tuple[int, int]:
