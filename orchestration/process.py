@@ -153,7 +153,7 @@ def start_rerun(rdir: Path, incoming: Path) -> int:
     """Prepare a finished run to be processed again; returns its new generation number.
 
     The run's records (per-still records, sweep models, the background record) and its landed files are removed so
-    the run goes through the flows again (the run's Bragg-mask radius is kept: a property of its data, estimated
+    the run goes through the flows again (the run's beamstop record is kept: a property of its data, found
     once); its previous output is kept as ``previous-output``. The
     job directories stay: jobs are content-addressed, so every stage whose service, parameters and inputs are
     unchanged finds its finished job and reuses it, and a changed configuration makes new jobs."""

@@ -253,21 +253,16 @@ N_STILLS, N_BKG = 4, 1
 
 
 def chaos_config(truth: dict, n: int) -> dict:
-    """The demo's run configuration with the three choices pinned that make a run's map depend on the order in
-    which stills are extracted, and on which extractor process extracts them:
-
-    - the Bragg-mask radius: by default estimated on whichever still is extracted first;
-    - hot/dead pixels: by default from running statistics over the stills extracted so far;
-    - the beamstop: by default (``beamstop_per_run``) found on the first still a diffuse-extractor *process*
-      handles and kept in its memory for the run's later stills; a restarted (or second) extractor finds it
-      again on the next still it gets, with a shadow of a different size (measured: 22 307 vs 31 554 masked pixels).
-
-    With the defaults a chaos run's map differs from the undisturbed run's (CC 0.992-0.995, measured) for these
-    reasons alone; pinned, each still's work depends on that still only and the maps can be compared bit for bit."""
+    """The demo's run configuration with hot/dead pixels off: they come from running statistics over the stills
+    extracted so far, so with them a chaos run's map would depend on the order in which stills are extracted.
+    The other two order-dependent choices of earlier versions are now fixed by the flow itself and left at their
+    defaults here: one Bragg-mask radius for every still (it was estimated on whichever still came first) and
+    one beamstop record per run, found on the background frames before any still (each extractor *process*
+    used to find its own on its first still: 22 307 vs 31 554 masked pixels). Each still's work then depends
+    on that still only, and the maps can be compared bit for bit."""
     from orchestration.demo import demo_run_config
 
-    return {**demo_run_config(truth, n), "bragg_radius_px": 6.0, "hot_dead_pixels": False,
-            "extractor": {"beamstop_per_run": False}}
+    return {**demo_run_config(truth, n), "hot_dead_pixels": False}
 
 
 @pytest.fixture(scope="module")
