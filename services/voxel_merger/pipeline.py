@@ -205,7 +205,7 @@ def finalize(acc, grid: GlobalGrid, out_dir: Path, opt: MergeOptions, *, symmetr
              extra_stats: Mapping | None = None, inputs: Mapping[str, str] | None = None,
              job_id: str | None = None, workdir: Path | None = None, already_asu: bool = False,
              progress: Callable[[], None] | None = None) -> dict[str, Path]:
-    """Symmetry-merge (if asked), compute statistics, write map.h5, PNGs and stats.json."""
+    """Symmetry-merge (if asked), compute statistics, write map.h5, stats.json and (``opt.figures``) PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mapper = AsuMapper(grid, symmetry) if symmetry else None
     store = acc
@@ -244,16 +244,21 @@ def finalize(acc, grid: GlobalGrid, out_dir: Path, opt: MergeOptions, *, symmetr
     if streamed:
         outputs["map"] = write_map(out_dir / "map.h5", grid, None, None, None, statistics=stats,
                                    parameters=opt.params(), inputs=inputs, job_id=job_id, slabs=map_slabs(view))
-        with h5py.File(outputs["map"], "r") as f:
-            planes = map_planes(grid, f["entry/map/intensity"])
+        planes = None
+        if opt.figures:
+            with h5py.File(outputs["map"], "r") as f:
+                planes = map_planes(grid, f["entry/map/intensity"])
         if view is not store:
             _close(view)
-        outputs.update(write_slice_pngs(out_dir, grid, planes))
+        if opt.figures:
+            outputs.update(write_slice_pngs(out_dir, grid, planes))
     else:
         outputs["map"] = write_map(out_dir / "map.h5", grid, mean, sigma, counts, statistics=stats,
                                    parameters=opt.params(), inputs=inputs, job_id=job_id)
-        outputs.update(write_slice_pngs(out_dir, grid, mean))
-    outputs["radial_profile"] = write_radial_png(out_dir / "radial_profile.png", stats["radial_profile"])
+        if opt.figures:
+            outputs.update(write_slice_pngs(out_dir, grid, mean))
+    if opt.figures:
+        outputs["radial_profile"] = write_radial_png(out_dir / "radial_profile.png", stats["radial_profile"])
     outputs["stats"] = atomic_write_json(out_dir / "stats.json", stats)
     if store is not acc:
         _close(store)
@@ -581,6 +586,7 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     grid = None
     seen: set = set()
     plan = []  # (path, single, still id, scale, half)
+    books = []  # (still ids, n_obs, n_dropped) of each partial
     models = []
     weighting = set()
     for p in partials:
@@ -603,6 +609,7 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
             sid = part.still_ids[0] if part.still_ids else None
             b = scale_for(scales, sid) if (scales is not None and single) else None
             plan.append((p, single, sid, b, half_of_still(sid, opt.half_seed) if single else None))
+            books.append((list(part.still_ids), int(part.n_obs), int(part.n_dropped)))
             m = _crystal_from_dict(part.get_meta("crystal"))
             if m is not None:
                 models.append(m)
@@ -645,36 +652,37 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
         n_rej = n_rej_obs = 0
         per_still_rejected = {}
         for i, (p, single, sid, b, half) in enumerate(plan):
-            with _open_partial(p) as part:
-                if table is not None and not single:  # per-still rows need per-still partials
-                    log.info("no observation table: %s holds %d stills", p, len(part.still_ids))
-                    table.close(ok=False)
-                    table = None
-                t_index = table.still_index(sid) if table is not None else None
-                n_still = 0
-                if single:
-                    ids, t = stills.get(i, b)
-                    if i in excluded:
-                        bad = np.isin(ids, excluded[i], assume_unique=True)
-                        if bad.any():
-                            n_still += int(bad.sum())
-                            n_rej_obs += int(t[0, bad].sum())
-                            ids, t = ids[~bad], t[:, ~bad]
-                    merged.add_sums(ids, half, [t[0], t[1], t[2], t[3]])
-                    if table is not None:
-                        _append_partial_rows(table, t_index, ids, t, b, metric, mapper)
-                else:  # keep the partial's own halves
+            part_ids, part_obs, part_dropped = books[i]
+            if table is not None and not single:  # per-still rows need per-still partials
+                log.info("no observation table: %s holds %d stills", p, len(part_ids))
+                table.close(ok=False)
+                table = None
+            t_index = table.still_index(sid) if table is not None else None
+            n_still = 0
+            if single:  # its sparse sums (kept from the scan, or read again)
+                ids, t = stills.get(i, b)
+                if i in excluded:
+                    bad = np.isin(ids, excluded[i], assume_unique=True)
+                    if bad.any():
+                        n_still += int(bad.sum())
+                        n_rej_obs += int(t[0, bad].sum())
+                        ids, t = ids[~bad], t[:, ~bad]
+                merged.add_sums(ids, half, [t[0], t[1], t[2], t[3]])
+                if table is not None:
+                    _append_partial_rows(table, t_index, ids, t, b, metric, mapper)
+            else:  # keep the partial's own halves
+                with _open_partial(p) as part:
                     for start, s in part.iter_blocks():
                         s = np.array(s, dtype=np.float64)
                         if opt.exclude_bragg_voxels:
                             s[:, :, bragg_voxel_mask(metric, start + np.arange(s.shape[-1]))] = 0.0
                         merged.add_block(start, s, half=None)
-                merged.still_ids.extend(x for x in part.still_ids if x not in merged.still_ids)
-                merged.n_obs += part.n_obs
-                merged.n_dropped += part.n_dropped
-                n_rej += n_still
-                if n_still:
-                    per_still_rejected[sid] = n_still
+            merged.still_ids.extend(x for x in part_ids if x not in merged.still_ids)
+            merged.n_obs += part_obs
+            merged.n_dropped += part_dropped
+            n_rej += n_still
+            if n_still:
+                per_still_rejected[sid] = n_still
             if heartbeat:
                 heartbeat()
         for ref in refs:

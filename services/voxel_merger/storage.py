@@ -11,6 +11,7 @@ observations streamed through (10⁹ and more).
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -77,11 +78,7 @@ class H5VoxelAccumulator(_SumStore):
             self.n_obs = int(g.attrs["n_obs"])
             self.n_dropped = int(g.attrs["n_dropped"])
             self._dset = g["sums"]
-            if self._sparse_layout:
-                self._sparse = (np.asarray(g["voxel_ids"][()], dtype=np.int64), np.asarray(self._dset[()], float))
-                self._nonempty = np.zeros(self.n_blocks, dtype=bool)
-                self._nonempty[np.unique(self._sparse[0] >> self.block_shift)] = True
-            else:
+            if not self._sparse_layout:
                 self._nonempty = np.array(g["block_nonempty"][()], dtype=bool)
         else:
             if grid is None:
@@ -119,6 +116,19 @@ class H5VoxelAccumulator(_SumStore):
     @property
     def _sparse_layout(self) -> bool:
         return accumulator_format.is_sparse(getattr(self, "version", accumulator_format.BLOCKED_VERSION))
+
+    @functools.cached_property
+    def _sparse(self) -> tuple[np.ndarray, np.ndarray]:
+        """A sparse file's (voxel ids, sums), read on first use (a metadata scan does not read them)."""
+        g = self._f["accumulator"]
+        return np.asarray(g["voxel_ids"][()], dtype=np.int64), np.asarray(g["sums"][()], dtype=np.float64)
+
+    @functools.cached_property
+    def _nonempty(self) -> np.ndarray:
+        """Blocks holding observations (a sparse file's, from its voxel ids; a blocked file sets it when opened)."""
+        out = np.zeros(self.n_blocks, dtype=bool)
+        out[np.unique(self._sparse[0] >> self.block_shift)] = True
+        return out
 
     def sparse(self) -> tuple[np.ndarray, np.ndarray]:
         """(voxel ids (n,) increasing, sums (4, n_halves, n)) of the voxels holding observations: as stored by
@@ -279,6 +289,14 @@ class H5VoxelAccumulator(_SumStore):
                     arr[:, half, lo - b0:hi - b0] += part[:, 0]
                 self._mark(blk)
             blk += 1
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Total sums (4, n) at the given voxel ids (all valid); one fancy index while the grid is in memory."""
+        if self._dense is not None:
+            if self._staged:
+                self._apply_staged()
+            return self._dense.gather(ids)
+        return super().gather(ids)
 
     def add_block(self, start: int, s: np.ndarray, half: int | None = None) -> None:
         """Add sums ``s`` (4, h, n) covering voxels [start, start+n) (see ``VoxelAccumulator.add_block``)."""

@@ -137,3 +137,19 @@ def test_sparse_partial_is_read_only_and_checked(tmp_path):
         del f["accumulator/voxel_ids"]
     with h5py.File(p, "r") as f, pytest.raises(Exception, match=r"p\.h5.*lacks \['voxel_ids'\]"):
         accumulator_format.check(p, f["accumulator"], [])
+
+
+def test_merge_without_figures_writes_the_same_map_and_no_pngs(tmp_path):
+    grid = GlobalGrid(ndiv=3, lo=(-7, -7, -7), shape=(15, 15, 15), unit_cell=CELL, space_group="P 1")
+    rng = np.random.default_rng(4)
+    parts = []
+    for i in range(3):
+        _still(tmp_path / f"s{i}.h5", f"img_{i:04d}.cbf#0", rng)
+        parts.append(tmp_path / f"p{i}.h5")
+        accumulate_one(tmp_path / f"s{i}.h5", grid, parts[-1], MergeOptions())
+    with_figs, _ = merge_partials(parts, tmp_path / "a", MergeOptions(symmetry="P 1"))
+    without, _ = merge_partials(parts, tmp_path / "b", MergeOptions(symmetry="P 1", figures=False))
+    assert any(str(p).endswith(".png") for p in with_figs.values())
+    assert not any(str(p).endswith(".png") for p in without.values()) and not list((tmp_path / "b").glob("*.png"))
+    with h5py.File(with_figs["map"], "r") as fa, h5py.File(without["map"], "r") as fb:
+        np.testing.assert_array_equal(fa["entry/map/intensity"][()], fb["entry/map/intensity"][()])

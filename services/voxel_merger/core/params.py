@@ -70,7 +70,12 @@ class BraggVoxelOption(_Forbid):
                                        "subdivisions >= 3")
 
 
-class MergeOptions(GridOptions, StorageOptions, MergingOptions, BraggVoxelOption):
+class FigureOption(_Forbid):
+    figures: bool = Field(True, description="write the slice and radial-profile PNGs beside the map (~1.5 CPU-s a "
+                          "merge); an intermediate map (e.g. the unscaled merge that feeds the scaler) can skip them")
+
+
+class MergeOptions(GridOptions, StorageOptions, MergingOptions, BraggVoxelOption, FigureOption):
     """Every option of the library's workflows (:mod:`voxel_merger.pipeline`); units: d_min Å, reject_sigma σ."""
 
     chunk: int = Field(1 << 20, ge=1, description="observations read per chunk (bounds the memory of reading)")
@@ -92,14 +97,14 @@ class AccumulateParams(GridOptions, CacheOption):
                                       "subdivisions}: the merger builds the grid (reference setting, sphere 1/d_min)")
 
 
-class MergeParams(MergingOptions, StorageOptions, BraggVoxelOption):
+class MergeParams(MergingOptions, StorageOptions, BraggVoxelOption, FigureOption):
     """Bus ``mode="merge"``: partial accumulators (inputs ``partial*``; optional ``scales`` and ``observations``,
     whose still_names map integer scale keys) -> the merged map."""
 
     mode: Literal["merge"] = Field("merge", description="job kind")
 
 
-class RunParams(GridOptions, MergingOptions, StorageOptions):
+class RunParams(GridOptions, MergingOptions, StorageOptions, FigureOption):
     """Bus ``mode="run"``: stills (inputs ``still*``; optional ``scales``) -> grid, accumulation, map."""
 
     mode: Literal["run"] = Field("run", description="job kind")
@@ -130,5 +135,5 @@ def merge_options(params: BaseModel, **overrides: Any) -> MergeOptions:
 
 DEFAULTS = MergeOptions()
 
-__all__ = ["MERGE_REJECT_SIGMA", "GridOptions", "StorageOptions", "CacheOption", "MergingOptions", "BraggVoxelOption", "MergeOptions",
+__all__ = ["MERGE_REJECT_SIGMA", "GridOptions", "StorageOptions", "CacheOption", "MergingOptions", "BraggVoxelOption", "FigureOption", "MergeOptions",
            "AccumulateParams", "MergeParams", "RunParams", "VoxelMergerParams", "merge_options", "merge_reject_sigma", "DEFAULTS"]
