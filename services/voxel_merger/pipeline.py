@@ -26,7 +26,8 @@ from .core.accumulate import VoxelAccumulator, block_shift_for, half_of_still
 from .core.grid import (CrystalModel, GlobalGrid, average_crystal_model, build_grid, hkl_change_of_basis_matrix,
                         reindex_to_reference, s_max_of_hkl)
 from .core.accumulate import observation_weights, scale_sums
-from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, leave_one_out_z_sums, map_slabs,
+from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, intrinsic_spread, leave_one_out_terms,
+                         leave_one_out_z_sums, map_slabs,
                          radial_profile, symmetry_agreement, symmetry_merge)
 from .core.params import DEFAULTS, MergeOptions
 from .storage import ACCUMULATOR_SCHEMA, ACCUMULATOR_SCHEMA_VERSION, H5VoxelAccumulator, write_sparse_partial
@@ -497,12 +498,14 @@ class _SparseStills:
         return ids, t
 
 
-def _still_voxel_z(ids: np.ndarray, t: np.ndarray, ref, excluded: np.ndarray | None, poisson_floor: bool = False):
+def _still_voxel_z(ids: np.ndarray, t: np.ndarray, ref, excluded: np.ndarray | None, poisson_floor: bool = False,
+                   intrinsic_rel: float = 0.0):
     """(voxel ids, |z|, voxels' still counts, own sums (4, m)) of one still's sparse sums ``t`` (4, n) at ``ids``.
 
     Each still's voxel estimate (Σw·I/Σw, σ = √Σw²σ²/Σw) is compared with the merged estimate
     of the other stills kept in ``ref`` (sums with count = stills); a still-voxel already
     excluded (``excluded``: sorted voxel ids) is absent from ``ref`` and compared with all of it.
+    ``intrinsic_rel``: the relative spread still-voxels show for real (:func:`_run_intrinsic_spread`).
     """
     sel = np.flatnonzero((t[0] > 0) & (t[1] > 0))
     own = t[:, sel].copy()
@@ -513,13 +516,37 @@ def _still_voxel_z(ids: np.ndarray, t: np.ndarray, ref, excluded: np.ndarray | N
     if excluded is not None and excluded.size:
         out = np.isin(ids, excluded, assume_unique=True)
         tot[:, out] += own[:, out]
-    z = np.abs(leave_one_out_z_sums(own, tot, poisson_floor))
+    z = np.abs(leave_one_out_z_sums(own, tot, poisson_floor, intrinsic_rel))
     z[out] = np.nan  # already excluded: not a candidate again
     return ids, z, tot[0], own
 
 
+#: still-voxels per still sampled for the intrinsic-spread estimate (deterministic: the first of a fixed shuffle)
+SPREAD_SAMPLE_PER_STILL = 20000
+
+
+def _run_intrinsic_spread(plan, stills: "_SparseStills", ref, opt: MergeOptions, poisson_floor: bool) -> float:
+    """The relative spread κ that the run's still-voxels show beyond counting (:func:`core.merge.intrinsic_spread`)
+    over voxels with >= reject_min_count stills: one more pass over the stills' sparse sums."""
+    devs, vars_, means = [], [], []
+    for i, (_p, _single, _sid, b, _half) in enumerate(plan):
+        ids, t = stills.get(i, b)
+        sel = np.flatnonzero((t[0] > 0) & (t[1] > 0))
+        own = t[:, sel].copy()
+        own[0] = 1.0
+        tot = ref.gather(ids[sel])
+        keep = np.flatnonzero(tot[0] >= opt.reject_min_count)
+        if keep.size > SPREAD_SAMPLE_PER_STILL:
+            keep = np.sort(np.random.default_rng(i).permutation(keep)[:SPREAD_SAMPLE_PER_STILL])
+        dev, var, mean = leave_one_out_terms(own[:, keep], tot[:, keep], poisson_floor)
+        devs.append(dev), vars_.append(var), means.append(mean)
+    if not devs:
+        return 0.0
+    return intrinsic_spread(np.concatenate(devs), np.concatenate(vars_), np.concatenate(means))
+
+
 def _reject_rounds(plan, stills: _SparseStills, ref, opt: MergeOptions, heartbeat=None, poisson_floor: bool = False
-                   ) -> dict[int, np.ndarray]:
+                   ) -> tuple[dict[int, np.ndarray], float]:
     """Still-voxels to drop: per round, in every voxel with >= reject_min_count stills, the still whose
     estimate deviates most from the others' mean, if by more than reject_sigma (|z|).
 
@@ -527,14 +554,16 @@ def _reject_rounds(plan, stills: _SparseStills, ref, opt: MergeOptions, heartbea
     the good stills beside it (their leave-one-out means include it); ``reject_rounds`` rounds
     remove up to that many stills per voxel.  Each round is one pass over the stills' sparse sums;
     memory holds only the candidates.  ``ref`` (all still-voxels) is updated in place.
-    Returns plan index -> sorted voxel ids dropped.
+    A still-voxel's error includes the relative spread the run's still-voxels show for real (one more pass first,
+    :func:`_run_intrinsic_spread`). Returns (plan index -> sorted voxel ids dropped, that spread).
     """
     excluded: dict[int, np.ndarray] = {}
+    kappa = _run_intrinsic_spread(plan, stills, ref, opt, poisson_floor)
     for _ in range(opt.reject_rounds):
         cand_v, cand_z, cand_s, cand_own = [], [], [], []
         for i, (_p, _single, _sid, b, _half) in enumerate(plan):
             ids, t = stills.get(i, b)
-            ids, z, n, own = _still_voxel_z(ids, t, ref, excluded.get(i), poisson_floor)
+            ids, z, n, own = _still_voxel_z(ids, t, ref, excluded.get(i), poisson_floor, kappa)
             sel = (z > opt.reject_sigma) & (n >= opt.reject_min_count)
             if sel.any():
                 cand_v.append(ids[sel])
@@ -555,7 +584,7 @@ def _reject_rounds(plan, stills: _SparseStills, ref, opt: MergeOptions, heartbea
         for i in np.unique(st[worst]).tolist():
             new = v[worst][st[worst] == i]
             excluded[i] = np.union1d(excluded.get(i, np.zeros(0, dtype=np.int64)), new)
-    return excluded
+    return excluded, kappa
 
 
 def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, scales_path: Path | None = None,
@@ -633,6 +662,7 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     try:
         mapper = AsuMapper(metric, symmetry) if symmetry else None
         excluded: dict[int, np.ndarray] = {}
+        intrinsic = 0.0
         stills = _SparseStills([p for p, *_ in plan], opt.cache_mb << 22,  # 4x the block cache: sparse sums
                                exclude_bragg_of=metric if opt.exclude_bragg_voxels else None)
         if reject:  # reference: per voxel (number of stills, Σw, Σw·I, Σw²σ²) over every still-voxel
@@ -644,7 +674,8 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                 if heartbeat:
                     heartbeat()
             # exposure weights (every partial): Poisson floor on a still-voxel's variance (see leave_one_out_z_sums)
-            excluded = _reject_rounds(plan, stills, ref, opt, heartbeat, poisson_floor=weighting == {"exposure"})
+            excluded, intrinsic = _reject_rounds(plan, stills, ref, opt, heartbeat,
+                                                 poisson_floor=weighting == {"exposure"})
         merged = _new_acc(metric, 2, opt, tmpdir, "merged")
         if opt.write_table:
             table = ObservationTableWriter(out_dir / "observations.h5", metric, parameters=opt.params(),
@@ -694,6 +725,7 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
             table, table_done = None, out_dir / "observations.h5"
         extra = {"n_partials": len(partials), "scales_applied": scales is not None,
                  "reject_sigma": opt.reject_sigma if reject else None,
+                 "reject_intrinsic_spread": round(intrinsic, 4) if reject else None,
                  "n_rejected": n_rej, "n_rejected_observations": n_rej_obs,
                  "n_stills_with_rejections": len(per_still_rejected),
                  "weighting": sorted(weighting), "bragg_voxels_excluded": bool(opt.exclude_bragg_voxels),

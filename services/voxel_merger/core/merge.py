@@ -21,6 +21,8 @@ __all__ = [
     "AsuMapper",
     "symmetry_merge",
     "expand_from_asu",
+    "intrinsic_spread",
+    "leave_one_out_terms",
     "leave_one_out_z",
     "leave_one_out_z_sums",
     "cc_half_by_shell",
@@ -158,13 +160,18 @@ def expand_from_asu(store, ids: np.ndarray, mapper: AsuMapper) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ outliers
-def leave_one_out_z_sums(own: np.ndarray, totals: np.ndarray, poisson_floor: bool = False) -> np.ndarray:
-    """Deviation of one member (an observation, or one still's voxel sums) from the others in its voxel.
+#: median of a chi-square variable with one degree of freedom: the median of z² when counting explains the scatter
+CHI2_1_MEDIAN = 0.454936
+
+
+def leave_one_out_terms(own: np.ndarray, totals: np.ndarray, poisson_floor: bool = False):
+    """(I − m_o, σ² + var_o, m_o) of one member (an observation, or one still's voxel sums) against the others in
+    its voxel.
 
     ``own`` (4, n): the member's (count, w, w·I, w²σ²), scale already applied (w → b·w);
     ``totals`` (4, n): the voxel sums including the member.  With I = w·I/w, σ² = w²σ²/w² and
-    the others' mean m_o = (Σw·I − w·I)/(Σw − w), var_o = (Σw²σ² − w²σ²)/(Σw − w)²:
-    z = (I − m_o)/√(σ² + var_o).  NaN where no other member exists.
+    the others' mean m_o = (Σw·I − w·I)/(Σw − w), var_o = (Σw²σ² − w²σ²)/(Σw − w)².  NaN where no other member
+    exists.
 
     ``poisson_floor`` (weights are exposures, so w·I is in counts): σ² is at least m_o/w, the
     Poisson variance the member would have at the others' mean.  σ² from the member's own counts
@@ -184,8 +191,48 @@ def leave_one_out_z_sums(own: np.ndarray, totals: np.ndarray, poisson_floor: boo
         own_var = w2v / (w * w)
         if poisson_floor:
             own_var = np.maximum(own_var, np.maximum(mean_o, 0.0) / w)
-        var = own_var + np.where(has, sw2v_o / (so * so), np.nan)
-        return (wi / w - mean_o) / np.sqrt(var)
+        return wi / w - mean_o, own_var + np.where(has, sw2v_o / (so * so), np.nan), mean_o
+
+
+def leave_one_out_z_sums(own: np.ndarray, totals: np.ndarray, poisson_floor: bool = False,
+                         intrinsic_rel: float = 0.0) -> np.ndarray:
+    """Deviation of one member from the others in its voxel (:func:`leave_one_out_terms`) in units of its error:
+    z = (I − m_o)/√(σ² + var_o + (κ·m_o)²), κ = ``intrinsic_rel`` the relative spread members show for real
+    (:func:`intrinsic_spread`).  NaN where no other member exists."""
+    dev, var, mean_o = leave_one_out_terms(own, totals, poisson_floor)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return dev / np.sqrt(var + (intrinsic_rel * np.maximum(mean_o, 0.0)) ** 2)
+
+
+def intrinsic_spread(dev: np.ndarray, var: np.ndarray, mean: np.ndarray, max_rel: float = 4.0) -> float:
+    """Relative spread κ that members of one voxel show beyond their counting errors, from many voxels' members
+    (``dev``, ``var``, ``mean`` of :func:`leave_one_out_terms`): the κ for which the median of
+    dev²/(var + κ²·mean²) is the χ²₁ median, 0 when counting errors explain the scatter.
+
+    Why: each still (or rotation frame) samples its own slice of a voxel, and a diffuse halo can change 2x across
+    a 1/3-cell voxel, so at high counts the members of a voxel differ by many counting σ for real. A rendered
+    sweep's 5σ test on counting errors alone rejected 3.6 % of all pixels, mostly low members at low resolution,
+    and lifted the map there by 1.7 % against its sampled truth. The median ignores the few real outliers
+    (zingers, Bragg leaks, streaks) that the test is there to catch.
+    """
+    dev, var, mean = (np.asarray(a, dtype=np.float64) for a in (dev, var, mean))
+    ok = np.isfinite(dev) & np.isfinite(var) & np.isfinite(mean) & (var > 0) & (mean > 0)
+    if ok.sum() < 50:
+        return 0.0
+    d2, v, m2 = dev[ok] ** 2, var[ok], mean[ok] ** 2
+
+    def median_z2(k2: float) -> float:
+        return float(np.median(d2 / (v + k2 * m2)))
+
+    if median_z2(0.0) <= CHI2_1_MEDIAN:
+        return 0.0
+    lo, hi = 0.0, max_rel ** 2
+    if median_z2(hi) > CHI2_1_MEDIAN:
+        return float(max_rel)
+    for _ in range(60):  # the median falls monotonically with κ²
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if median_z2(mid) > CHI2_1_MEDIAN else (lo, mid)
+    return float(np.sqrt(0.5 * (lo + hi)))
 
 
 def leave_one_out_z(intensity: np.ndarray, sigma: np.ndarray, totals: np.ndarray, scale=None,
