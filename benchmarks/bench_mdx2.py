@@ -20,8 +20,11 @@
    pixels it merged in a voxel: :func:`ours_sampled_reference`, :func:`mdx2_sampled_truth`), which separates how
    faithfully a map measures what it saw from which pixels its masks let it see.
 
+6. With ``--cpu``: our diffuse steps' CPU seconds per frame on one core, per stage (:func:`cpu_per_frame`: the
+   run's frames replayed job by job through the platform runtime, each service in one warm process).
+
 Writes benchmarks/results/mdx2_side_by_side.json. Usage:
-    .venv/bin/python benchmarks/bench_mdx2.py [--data DIR] [--work DIR] [--ours RUN_OUTPUT_DIR] [--ndiv 3]
+    .venv/bin/python benchmarks/bench_mdx2.py [--data DIR] [--work DIR] [--ours RUN_OUTPUT_DIR] [--ndiv 3] [--cpu]
 """
 from __future__ import annotations
 
@@ -463,6 +466,130 @@ def compare_maps(ours_nxs, mdx2_map, truth, ours_ref: np.ndarray | None = None,
     return res
 
 
+# ----------------------------------------------------------------------------- our CPU per frame
+def _cpu_plan(run_out: Path, scratch: Path) -> dict:
+    """What :func:`cpu_per_frame` replays from a ``process diffuse`` output: each merged frame's experiment list,
+    the run's background artifact and configuration, copied into a scratch volume (frames are read where the
+    experiment lists point)."""
+    summary = json.loads((run_out / "summary.json").read_text())
+    vol = run_out / ".diffractflow" / "volume"
+    rdir = vol / "runs" / summary["run_id"]
+    cfg = json.loads((rdir / "config.json").read_text())
+    shutil.rmtree(scratch, ignore_errors=True)
+    (scratch / "volume" / "src").mkdir(parents=True)
+    frames = []
+    for rp in sorted((rdir / "stills").glob("*.json")):
+        r = json.loads(rp.read_text())
+        if r.get("status") != "ok":
+            continue
+        dst = scratch / "volume" / "src" / f"{rp.stem}.expt"
+        shutil.copy(vol / r["experiments"]["path"], dst)
+        frames.append({"stem": rp.stem, "experiments": str(dst)})
+    bkg = None
+    if (rdir / "background.json").exists():
+        bkg = scratch / "volume" / "src" / "background.h5"
+        shutil.copy(vol / json.loads((rdir / "background.json").read_text())["artifact"]["path"], bkg)
+    plan = {"frames": frames, "background": str(bkg) if bkg else None, "config": cfg,
+            "scales": str(rdir / "output" / "scales.json"), "volume": str(scratch / "volume")}
+    (scratch / "plan.json").write_text(json.dumps(plan, indent=1))
+    return plan
+
+
+def _cpu_stage(stage: str, scratch: Path) -> dict:
+    """One service's jobs of the run, in this process (meant to be pinned to one core), through the platform
+    runtime (``run_inline``: input hash checks, outputs hashed, manifest), after the service's warm-up: CPU
+    seconds per job (``process_time``). ``merge``: the run's two merges (unscaled, then with its scales)."""
+    from diffractflow.artifacts import Volume
+    from diffractflow.config import Settings
+    from diffractflow.messages import JobRequest
+    from diffractflow.runtime import run_inline
+
+    plan = json.loads((scratch / "plan.json").read_text())
+    cfg, root = plan["config"], Path(plan["volume"])
+    vol, settings = Volume(root), Settings(volume=root)
+    run = "cpu"
+    spec = {"unit_cell": cfg["unit_cell"], "space_group": cfg["space_group"], "d_min": cfg["d_min"],
+            "subdivisions": cfg["subdivisions"]}
+    cpu, jobs = [], []
+    if stage == "extract":
+        from diffuse_extractor.worker import STAGE
+
+        params = {**cfg.get("extractor", {}), "pngs": False, "bragg_radius_px": cfg.get("bragg_radius_px") or 6.0,
+                  "beamstop_record": f"runs/{run}/beamstop.npz"}
+        if cfg.get("hot_dead_pixels", True):
+            params["pixel_stats"] = f"runs/{run}/pixel_stats.h5"
+        for f in plan["frames"]:
+            inputs = {"experiments": vol.ref(f["experiments"])}
+            if plan["background"]:
+                inputs["background"] = vol.ref(plan["background"])
+            jobs.append(JobRequest(job_id=f"{run}.extract.{f['stem']}", run_id=run, service="diffuse-extractor",
+                                   inputs=inputs, params=params))
+    elif stage == "accumulate":
+        from voxel_merger.worker import STAGE
+
+        for f in plan["frames"]:
+            still = next((root / "jobs" / "diffuse-extractor" / f"{run}.extract.{f['stem']}").glob("*.h5"))
+            jobs.append(JobRequest(job_id=f"{run}.accumulate.{f['stem']}", run_id=run, service="voxel-merger",
+                                   inputs={"still": vol.ref(still)}, params={"mode": "accumulate", "grid_spec": spec}))
+    elif stage == "merge":
+        from voxel_merger.worker import STAGE
+
+        parts = sorted((root / "jobs" / "voxel-merger").glob(f"{run}.accumulate.*/partial.h5"))
+        partials = {f"partial{i:05d}": vol.ref(p) for i, p in enumerate(parts)}
+        merge = {"mode": "merge", "symmetry": cfg.get("symmetry"), "reject_sigma": cfg.get("reject_sigma"),
+                 "exclude_bragg_voxels": bool(cfg.get("exclude_bragg_voxels")) and cfg["subdivisions"] >= 3}
+        scales = root / "src" / "scales.json"
+        shutil.copy(plan["scales"], scales)
+        jobs = [JobRequest(job_id=f"{run}.merge.warm", run_id=run, service="voxel-merger", inputs=partials,
+                           params={**merge, "reject_sigma": None}),
+                JobRequest(job_id=f"{run}.merge.unscaled", run_id=run, service="voxel-merger", inputs=partials,
+                           params={**merge, "reject_sigma": None}),
+                JobRequest(job_id=f"{run}.merge.unscaled-nofig", run_id=run, service="voxel-merger",
+                           inputs=partials, params={**merge, "reject_sigma": None, "figures": False}),
+                JobRequest(job_id=f"{run}.merge.scaled", run_id=run, service="voxel-merger",
+                           inputs={**partials, "scales": vol.ref(scales)}, params=merge)]
+    else:
+        raise SystemExit(f"unknown stage {stage}")
+    if STAGE.warm_up is not None:  # as `serve` does before taking jobs
+        STAGE.warm_up()
+    for job in jobs:
+        t = time.process_time()
+        run_inline(STAGE, job, settings)
+        cpu.append(time.process_time() - t)
+    out = {"jobs": [j.job_id for j in jobs], "cpu_seconds": [round(c, 4) for c in cpu]}
+    (scratch / f"cpu_{stage}.json").write_text(json.dumps(out))
+    return out
+
+
+def cpu_per_frame(run_out: Path, scratch: Path) -> dict:
+    """Our diffuse steps' CPU seconds per frame on one core: the run's frames replayed job by job
+    (:func:`_cpu_stage`), each service in one warm process pinned to core 0 (``taskset -c 0``), as a long-lived
+    worker handles them; the worker's one-off imports are excluded (its warm-up), its first job is not."""
+    plan = _cpu_plan(run_out, scratch)
+    res = {}
+    for stage in ("extract", "accumulate", "merge"):
+        subprocess.run(["taskset", "-c", "0", sys.executable, __file__, "--cpu-stage", stage, "--cpu-dir",
+                        str(scratch)], check=True, env=_env(DIALS_BIN))
+        res[stage] = json.loads((scratch / f"cpu_{stage}.json").read_text())["cpu_seconds"]
+    n = len(plan["frames"])
+    ex, acc = np.asarray(res["extract"]), np.asarray(res["accumulate"])
+    _, unscaled, unscaled_nofig, scaled = res["merge"]
+    out = {"how": "each service's jobs of the run through the platform runtime (run_inline: input hashes checked, "
+                  "outputs hashed, manifest) in one process pinned to one core (taskset -c 0) after the worker's "
+                  "warm-up, CPU time (process_time); merges: the run's unscaled and scaled merge (the first, "
+                  "unmeasured merge warms the process's imports); scaling not included (~0.05-0.1)",
+           "frames": n, "extraction": round(float(ex.mean()), 3),
+           "extraction_first_job": round(float(ex[0]), 3),
+           "accumulate": round(float(acc.mean()), 3), "accumulate_first_job": round(float(acc[0]), 3),
+           "merge_unscaled_cpu_s": round(unscaled, 2), "merge_unscaled_without_figures_cpu_s": round(unscaled_nofig, 2),
+           "merge_scaled_cpu_s": round(scaled, 2), "merges": round((unscaled + scaled) / n, 3),
+           "merges_unscaled_without_figures": round((unscaled_nofig + scaled) / n, 3)}
+    out["diffuse_steps_total"] = round(out["extraction"] + out["accumulate"] + out["merges"], 3)
+    out["diffuse_steps_total_unscaled_merge_without_figures"] = round(
+        out["extraction"] + out["accumulate"] + out["merges_unscaled_without_figures"], 3)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def describe_ours(out: Path, data: Path, truth: dict) -> dict:
     """Our run's figures: wall time, seconds per stage (per frame and end of run) and the map against the truth at
@@ -507,7 +634,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--resume", action="store_true", help="keep mdx2 steps whose log says they succeeded")
     ap.add_argument("--half-pixel", action="store_true",
                     help="also run mdx2 with its pixel-to-hkl mapping at dxtbx's pixel centres")
+    ap.add_argument("--cpu", action="store_true", help="with --ours (or --run-ours): replay our run's frame jobs "
+                    "and merges on one core and record CPU seconds per frame per stage (:func:`cpu_per_frame`)")
+    ap.add_argument("--cpu-stage", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.cpu_stage:  # one stage of cpu_per_frame, in its own pinned process
+        return _cpu_stage(args.cpu_stage, args.cpu_dir)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "mdx2 side by side on a rendered rotation sweep",
@@ -546,7 +679,7 @@ def main(argv=None) -> dict:
                                      "note": "mdx2 with pixel i mapped at dxtbx's pixel centre i + 0.5"}
     if args.skip_mdx2 and RESULTS.exists():
         prev = json.loads(RESULTS.read_text())
-        for k in ("mdx2_version", "dials", "mdx2", "render", "mdx2_half_pixel"):
+        for k in ("mdx2_version", "dials", "mdx2", "render", "mdx2_half_pixel", "ours_bragg_radius_3px"):
             if k in prev and k not in result:
                 result[k] = prev[k]
     if args.run_ours:
@@ -556,6 +689,18 @@ def main(argv=None) -> dict:
         result["ours_run"] = describe_ours(Path(args.ours), data, truth)
     elif args.skip_mdx2 and RESULTS.exists() and "ours_run" in json.loads(RESULTS.read_text()):
         result["ours_run"] = json.loads(RESULTS.read_text())["ours_run"]
+    if args.cpu and args.ours is not None and (Path(args.ours) / "summary.json").is_file():
+        result["ours_cpu_seconds_per_frame_one_core"] = cpu_per_frame(Path(args.ours), work / "cpu")
+        mdx2_cpu = (result.get("mdx2") or {}).get("cpu_seconds_per_frame")
+        if mdx2_cpu:
+            c = result["ours_cpu_seconds_per_frame_one_core"]
+            c["mdx2_cpu_seconds_per_frame"] = mdx2_cpu
+            c["ratio_to_mdx2"] = round(c["diffuse_steps_total"] / mdx2_cpu, 3)
+            c["ratio_to_mdx2_unscaled_merge_without_figures"] = round(
+                c["diffuse_steps_total_unscaled_merge_without_figures"] / mdx2_cpu, 3)
+            c["target_ratio"] = 0.5
+    elif args.skip_mdx2 and RESULTS.exists() and "ours_cpu_seconds_per_frame_one_core" in json.loads(RESULTS.read_text()):
+        result["ours_cpu_seconds_per_frame_one_core"] = json.loads(RESULTS.read_text())["ours_cpu_seconds_per_frame_one_core"]
     mref = oref = None
     if merged.exists() and (work / "mdx2" / "mask.nxs").exists():
         cache = work / "mdx2" / "sampled_truth.npz"  # the truth as mdx2 sampled it (minutes): kept beside its map
