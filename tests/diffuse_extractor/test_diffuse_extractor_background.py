@@ -409,7 +409,8 @@ def test_running_pixel_statistics_hot_dead_rule(tmp_path):
     hd = st.hot_dead_flags()
     assert hd[0][77, 33] & MaskBit.HOT and hd[1][12, 140] & MaskBit.DEAD
     assert not hd[0][50, 50] and int((hd[0] != 0).sum() + (hd[1] != 0).sum()) == 2
-    # one part file per process, no lock file shared between replicas
+    # one part file per process (written at the latest when the process flushes), no lock file shared
+    runstats.flush(path)
     assert not path.with_name(path.name + ".lock").exists()
     assert len(list(runstats.parts_dir(path).glob("*.h5"))) == 1
 
@@ -439,8 +440,10 @@ def test_running_pixel_statistics_from_several_workers(tmp_path, monkeypatch):
         runstats.update_run_stats(one, f"s{k}", frames[k], flags[k])
     many = tmp_path / "many" / "pixel_stats.h5"
     for k in range(6):
+        runstats.flush()  # the previous process wrote its part when it stopped
         runstats._VIEWS.clear()  # a new process (another replica, or a restarted worker): a new part file
         runstats.update_run_stats(many, f"s{k}", frames[k], flags[k])
+    runstats.flush()
     runstats._VIEWS.clear()
     st = runstats.update_run_stats(many, "s3", frames[3], flags[3])  # redelivered to yet another worker
     assert st.n_stills == 6 and len(list(runstats.parts_dir(many).glob("*.h5"))) == 6
@@ -461,6 +464,51 @@ def test_running_pixel_statistics_from_several_workers(tmp_path, monkeypatch):
     for x, y in ((a.n, c.n), (a.total, c.total), (a.sumsq, c.sumsq), (a.n_zero, c.n_zero)):
         assert all(np.array_equal(u, v) for u, v in zip(x, y))
     assert all(np.array_equal(u, v) for u, v in zip(fa, c.hot_dead_flags()))
+
+
+def test_running_pixel_statistics_deferred_write_and_crash_rule(tmp_path, monkeypatch):
+    """The part file is rewritten at most once per flush interval (by a timer, or at flush/exit), never half:
+    a worker killed before writing loses only its unwritten stills, which another worker then counts once;
+    the run's sums equal those of counting each still exactly once."""
+    import time
+
+    from diffuse_extractor.core import runstats
+
+    rng = np.random.default_rng(3)
+    shapes = [(40, 30)]
+    frames = [[rng.poisson(20.0, shapes[0]).astype(np.float32)] for _ in range(5)]
+    flags = [np.zeros(shapes[0], np.uint8)]
+    ref = runstats.RunningPixelStats.empty(shapes)
+    for k in range(5):
+        ref.add(frames[k], flags, f"s{k}")
+    path = tmp_path / "run" / "pixel_stats.h5"
+    runstats._VIEWS.clear()
+    monkeypatch.setattr(runstats, "FLUSH_INTERVAL_S", 3600.0)
+    for k in range(2):
+        st = runstats.update_run_stats(path, f"s{k}", frames[k], flags)
+    assert st.n_stills == 2 and not list(runstats.parts_dir(path).glob("*.h5"))  # counted, not yet written
+    runstats.flush(path)
+    (first,) = runstats.parts_dir(path).glob("*.h5")
+    runstats.update_run_stats(path, "s2", frames[2], flags)  # counted in memory only ...
+    view = runstats._VIEWS.popitem()[1]
+    view.timer.cancel()  # ... then the worker is killed (SIGKILL: no timer, no exit handler)
+    assert runstats._read_file(first).still_ids == ["s0", "s1"]  # the file holds exactly what it lists
+    monkeypatch.setattr(runstats, "FLUSH_INTERVAL_S", 0.2)  # another worker, the timer writes its part
+    for k in range(1, 5):  # s1 redelivered (already on disk: not again), s2 redelivered (lost: counted now)
+        st = runstats.update_run_stats(path, f"s{k}", frames[k], flags)
+    assert st.n_stills == 5 and len(list(runstats.parts_dir(path).glob("*.h5"))) == 1
+    deadline = time.monotonic() + 10.0
+    while len(list(runstats.parts_dir(path).glob("*.h5"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runstats._VIEWS.clear()  # a third process reads the run from the files alone
+    got = runstats.read_run_stats(path)
+    assert sorted(got.still_ids) == [f"s{k}" for k in range(5)]
+    for x, y in ((got.n, ref.n), (got.total, ref.total), (got.sumsq, ref.sumsq), (got.n_zero, ref.n_zero)):
+        assert np.array_equal(x[0], y[0])
+    monkeypatch.setattr(runstats, "FLUSH_INTERVAL_S", 0.0)  # 0: every still written at once
+    one = tmp_path / "one" / "pixel_stats.h5"
+    runstats.update_run_stats(one, "s0", frames[0], flags)
+    assert len(list(runstats.parts_dir(one).glob("*.h5"))) == 1
 
 
 def test_pipeline_masks_hot_pixel_from_the_third_still_on(tmp_path):

@@ -12,6 +12,18 @@ the pixel was trusted and not overloaded), ``sum`` and ``sumsq`` of its counts, 
 which it read 0). Parts are added in the order of their names; for integer counts (exact in float64)
 the sums do not depend on which worker counted which still.
 
+Writing the part (4 arrays of the detector's size, ~0.085 CPU-s for a 6M detector) is deferred: a still is
+added in memory at once (this process's flags use it from that still on) and the part file is rewritten at
+most once per ``FLUSH_INTERVAL_S`` (a timer thread writes it that long after the first unwritten still;
+:func:`flush` / process exit write it at once; ``DIFFUSE_EXTRACTOR_STATS_FLUSH_S=0`` writes every still).
+Crash rule: each part file is written whole and atomically and lists exactly the stills its sums hold, so a
+still is never counted twice in the files; a worker killed hard (SIGKILL, OOM) loses the stills it added in
+its last ``FLUSH_INTERVAL_S`` (2 s: about 3 stills at full speed) from the run's statistics. Its unacknowledged
+job is redelivered and counted by the next worker; an already acknowledged still just stays out of the
+statistics (the HOT/DEAD rule then sees one still fewer). The bus keeps a running job's lease alive and
+redelivers only after ``ack_wait_s`` (30 s) without it, far longer than the flush interval, so a redelivered
+still is already on disk in the first worker's part if that worker lived to count it.
+
 Rule (:meth:`RunningPixelStats.hot_dead_flags`), applied from the ``min_stills``-th still of the run on,
 with ``mean = sum / n``, ``var = sumsq / n - mean^2`` and ``local`` = the mean of ``mean`` over the
 seen pixels of the ``size`` x ``size`` neighbourhood, the pixel itself excluded:
@@ -28,6 +40,7 @@ arithmetic (the box filter replicates scipy's ``uniform_filter``): the same flag
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -47,6 +60,8 @@ from .masks import MaskBit
 SCHEMA = "diffractflow.diffuse_pixel_stats"
 SCHEMA_VERSION = 1
 PARTS_SUFFIX = ".parts"
+#: seconds a counted still may wait in memory before this process's part file is rewritten (0: every still)
+FLUSH_INTERVAL_S = float(os.environ.get("DIFFUSE_EXTRACTOR_STATS_FLUSH_S", "2.0"))
 
 
 @dataclass
@@ -224,6 +239,41 @@ class _RunView:
         self.own_sig = None
         self.others: dict[str, tuple[tuple, RunningPixelStats]] = {}
         self.lock = threading.Lock()
+        self.dirty = False  # stills in ``own`` not yet in ``own_file``
+        self.timer: threading.Timer | None = None
+
+    def write_own(self) -> None:
+        """Write this process's part now if it holds unwritten stills (call with ``lock`` held)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.dirty and self.own is not None and self.own.n_stills:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _write(self.own_file, self.own)
+            self.own_sig = _signature(self.own_file)
+        self.dirty = False
+
+    def flush(self) -> None:
+        with self.lock:
+            self.write_own()
+
+    def schedule(self, interval: float) -> None:
+        """Mark the part unwritten; write it now (``interval`` <= 0) or ``interval`` s after the first
+        unwritten still (call with ``lock`` held)."""
+        self.dirty = True
+        _register_exit_flush()
+        if interval <= 0:
+            self.write_own()
+        elif self.timer is None:
+            self.timer = threading.Timer(interval, self._timed_flush)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _timed_flush(self) -> None:
+        with self.lock:
+            self.timer = None
+            if self.dirty:
+                self.write_own()
 
     def refresh(self, shapes=None) -> list[tuple[str, RunningPixelStats]]:
         """The other parts (and a single-file statistics at ``path``), read again where they changed."""
@@ -250,6 +300,7 @@ class _RunView:
         """This process's part: kept in memory while its file is the one this process last wrote."""
         if self.own is not None and self.own_sig is not None and _signature(self.own_file) != self.own_sig:
             self.own = None  # the file was removed or replaced (e.g. the run's directory was cleared)
+            self.dirty = False
         if self.own is None:
             self.own = RunningPixelStats.empty(shapes)
             self.own_sig = None
@@ -276,8 +327,33 @@ def _view(path: Path) -> _RunView:
         v = _VIEWS.pop(key, None) or _RunView(path)
         _VIEWS[key] = v
         while len(_VIEWS) > VIEW_ENTRIES:
-            _VIEWS.popitem(last=False)
+            _, old = _VIEWS.popitem(last=False)
+            old.flush()  # its unwritten stills go to its part file before the view is dropped
         return v
+
+
+def flush(path: str | Path | None = None) -> None:
+    """Write this process's unwritten stills to its part file(s) now: of the statistics named ``path``, or of
+    every run it holds (called at process exit; a worker may call it when it goes idle or stops)."""
+    with _VIEWS_LOCK:
+        views = list(_VIEWS.values()) if path is None else \
+            [v for k, v in _VIEWS.items() if k == str(Path(path).resolve())]
+    for v in views:
+        v.flush()
+
+
+_AT_EXIT = []
+
+
+def _register_exit_flush() -> None:
+    """Flush at interpreter exit; registered after h5py is imported so that it runs before h5py's own exit
+    handler (atexit runs handlers last-in first-out)."""
+    if not _AT_EXIT:
+        import h5py  # noqa: F401
+        import hdf5plugin  # noqa: F401
+
+        atexit.register(flush)
+        _AT_EXIT.append(True)
 
 
 def read_run_stats(path: str | Path, shapes: Sequence[tuple[int, int]] | None = None) -> RunningPixelStats:
@@ -297,7 +373,8 @@ def read_run_stats(path: str | Path, shapes: Sequence[tuple[int, int]] | None = 
 def update_run_stats(path: str | Path, still_id: str, data: Sequence[np.ndarray],
                      flags: Sequence[np.ndarray]) -> RunningPixelStats:
     """Add one still to this process's part of the run's statistics (unless any part counted it already) and
-    write that part; returns the run's statistics (every part)."""
+    schedule the write of that part (module docstring: at most every ``FLUSH_INTERVAL_S``); returns the run's
+    statistics (every part, this process's with the still)."""
     path = Path(path)
     shapes = [np.shape(d) for d in data]
     v = _view(path)
@@ -306,8 +383,7 @@ def update_run_stats(path: str | Path, still_id: str, data: Sequence[np.ndarray]
         others = v.refresh(shapes)
         own = v.own_stats(shapes)
         if not any(still_id in st.still_ids for _, st in others) and own.add(data, flags, still_id):
-            _write(v.own_file, own)
-            v.own_sig = _signature(v.own_file)
+            v.schedule(FLUSH_INTERVAL_S)
         parts = [st for _, st in sorted(others + ([(v.own_file.name, own)] if own.n_stills else []),
                                         key=lambda t: t[0])]
     return _sum(parts) if parts else RunningPixelStats.empty(shapes)
