@@ -124,9 +124,10 @@ def warm_up() -> None:
     ~0.5 s) and the artifact writer's imports. A worker calls this when it starts."""
     from diffractflow import artifacts  # noqa: F401  (pydantic etc.)
 
-    from .core import kernels
+    from .core import kernels, mask_kernels
 
     kernels.warm_up()
+    mask_kernels.warm_up()
 
 
 def run_stats(experiments, indices: Sequence[int], path="<experiments>", progress: Callable | None = None):

@@ -663,10 +663,13 @@ def predict_reflections(experiment, d_min: float | None = None,
     table = predictor(_miller_flex(cand))
     if len(table) == 0:
         return empty
-    delpsi = np.abs(np.asarray(table["delpsical.rad"]))
-    x, y, _ = (np.asarray(c) for c in table["xyzcal.px"].parts())
-    panel = np.asarray(table["panel"], dtype=np.int64)
-    hkl = np.asarray(table["miller_index"].as_vec3_double(), dtype=np.int64).reshape(-1, 3)
+    from dxtbx import flumpy  # flex -> numpy without a Python object per element
+
+    delpsi = np.abs(flumpy.to_numpy(table["delpsical.rad"]))
+    xyz = flumpy.to_numpy(table["xyzcal.px"])
+    x, y = xyz[:, 0].copy(), xyz[:, 1].copy()
+    panel = flumpy.to_numpy(table["panel"]).astype(np.int64)
+    hkl = flumpy.to_numpy(table["miller_index"].as_vec3_double()).astype(np.int64).reshape(-1, 3)
     sel = delpsi < delpsi_max
     return panel[sel], x[sel], y[sel], hkl[sel]
 
@@ -774,12 +777,21 @@ def project_near_edges(experiment, hkl: np.ndarray, margin_px: float, delpsi_max
 def paint_disks(flags: list[np.ndarray], panel: np.ndarray, x: np.ndarray, y: np.ndarray,
                 radius: float, bit: int) -> int:
     """Set ``bit`` on every pixel whose centre is within ``radius`` px of a spot centre."""
+    from . import mask_kernels
+
     r = int(np.ceil(radius))
     oy, ox = np.mgrid[-r - 1:r + 2, -r - 1:r + 2]
     n = 0
+    fused = mask_kernels.enabled()
     for p in np.unique(panel):
         sel = panel == p
         f = flags[int(p)]
+        if fused and f.flags.c_contiguous:
+            mask_kernels.paint_disks_panel(f, np.ascontiguousarray(x[sel], dtype=np.float64),
+                                           np.ascontiguousarray(y[sel], dtype=np.float64), r, float(radius),
+                                           np.uint8(bit))
+            n += int(sel.sum())
+            continue
         ny, nx = f.shape
         cx = x[sel]
         cy = y[sel]
