@@ -78,13 +78,15 @@ def test_sparse_partial_holds_the_brute_force_sums(tmp_path, chunk):
         assert acc.get_meta("weighting") == "exposure"
 
 
-@pytest.mark.parametrize("numba", [True, False])  # the compiled kernel, and numpy without numba
-def test_sparse_partial_equals_the_streaming_accumulator_bit_for_bit(tmp_path, monkeypatch, numba):
+@pytest.mark.parametrize("path", ["kernel", "no numba", "grid too large for the slot map"])
+def test_sparse_partial_equals_the_streaming_accumulator_bit_for_bit(tmp_path, monkeypatch, path):
     """The accumulate job's sums are exactly those of the dense in-memory accumulator (same order of addition)."""
     from voxel_merger.core import accumulate
 
-    if not numba:
+    if path == "no numba":
         monkeypatch.setattr(accumulate.kernels, "available", lambda: False)
+    elif path != "kernel":
+        monkeypatch.setattr(accumulate, "SLOT_MAP_MAX_VOXELS", 100)
     grid = GlobalGrid(ndiv=3, lo=(-7, -7, -7), shape=(15, 15, 15), unit_cell=CELL)
     _still(tmp_path / "s.h5", "a", np.random.default_rng(5), n=20000)
     accumulate_one(tmp_path / "s.h5", grid, tmp_path / "p.h5", MergeOptions(d_min=15.0))

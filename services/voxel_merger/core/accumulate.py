@@ -116,6 +116,10 @@ def blocked_sums(ids: np.ndarray, weights: Sequence[np.ndarray | None], shift: i
 
 
 
+#: grids up to this many voxels use the compiled kernel's int32 slot map (256 MiB); larger ones sort the ids
+SLOT_MAP_MAX_VOXELS = 1 << 26
+
+
 def sparse_sums(ids: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, n_voxels: int, weight=None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Sums of one batch of observations per voxel they touch, without a grid-sized array.
@@ -123,9 +127,11 @@ def sparse_sums(ids: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, n_vox
     ``ids``: voxel ids (-1 or >= ``n_voxels``: outside); ``weight`` as in :meth:`_SumStore.add_ids`. Returns
     ``(voxel ids (m,) increasing, sums (4, m) count, Σw, Σw·I, Σw²σ², observations per voxel usable or not (m,),
     usable observations)``; a voxel whose observations are all unusable has zero sums. The sums equal, bit for
-    bit, what :class:`VoxelAccumulator` adds for the same observations (same arithmetic, same order)."""
+    bit, what :class:`VoxelAccumulator` adds for the same observations (same arithmetic, same order).
+    Memory: O(observations), plus the kernel's slot map (4 bytes per voxel, kept for the next still) on grids
+    up to :data:`SLOT_MAP_MAX_VOXELS`."""
     ids = np.asarray(ids, dtype=np.int64)
-    if kernels.available():
+    if kernels.available() and n_voxels <= SLOT_MAP_MAX_VOXELS:
         uids, s, n_all, used = kernels.sparse_ids(ids, intensity, sigma, n_voxels, weight)
         order = np.argsort(uids)
         return uids[order], np.ascontiguousarray(s[order].T), n_all[order], used
