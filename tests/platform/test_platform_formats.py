@@ -212,7 +212,7 @@ def test_partial_accumulator_round_trip_equals_in_memory_sums(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda p: _set_attr(p, "schema", "other", "accumulator"), "not a voxel-merger accumulator"),
-    (lambda p: _set_attr(p, "schema_version", np.int64(3), "accumulator"), "schema version '3' is not supported"),
+    (lambda p: _set_attr(p, "schema_version", np.int64(4), "accumulator"), "schema version '4' is not supported"),
     (lambda p: _set_attr(p, "schema_version", "1.0", "accumulator"), "schema version '1.0' is not supported"),
     (lambda p: _set_attr(p, "n_obs", None, "accumulator"), r"lacks \['n_obs'\]"),
 ])
