@@ -23,14 +23,15 @@ def _frame_order(name: str) -> int:
         return 10 ** 9
 
 
-def _run_record(ctx: JobContext, ref: str | None):
-    """The run-level record ``ref`` (relative to the volume) as a path, or None; outside the volume: bad input."""
+def _run_record(ctx: JobContext, name: str, ref: str | None):
+    """The run-level record ``ref`` (parameter ``name``, relative to the volume) as a path, or None; outside the
+    volume: bad input naming the parameter."""
     if not ref:
         return None
     try:
         return ctx.volume.resolve(ref)
     except VolumeError as exc:
-        raise InputError(f"{ref}: {exc}") from exc
+        raise InputError(f"{name}: {exc}") from exc
 
 
 def _background(ctx: JobContext, job: BackgroundJob) -> None:
@@ -38,7 +39,8 @@ def _background(ctx: JobContext, job: BackgroundJob) -> None:
     if not names:
         raise InputError("mode=background needs inputs frame0, frame1, ... (background-only frames)")
     path, info = pipeline.make_background([ctx.input_path(n) for n in names], ctx.out_dir / "background.h5", job,
-                                          job_id=ctx.job.job_id, beamstop_record=_run_record(ctx, job.beamstop_record))
+                                          job_id=ctx.job.job_id,
+                                          beamstop_record=_run_record(ctx, "beamstop_record", job.beamstop_record))
     ctx.add_output("background", path)
     ctx.metrics["n_frames"] = len(names)
     ctx.metrics["background_mean_counts_per_frame"] = float(info["mean_counts_per_frame"])
@@ -61,13 +63,13 @@ def _extract(ctx: JobContext, job: ExtractJob) -> None:
     refl = ctx.input_path("reflections") if "reflections" in ctx.job.inputs else None
     bkg = ctx.input_path("background") if "background" in ctx.job.inputs else None
     indices = list(range(len(load_experiments(expt)))) if job.all_images else job.image_indices
-    stats_path = _run_record(ctx, job.pixel_stats)
+    stats_path = _run_record(ctx, "pixel_stats", job.pixel_stats)
     results = pipeline.process(expt, ctx.out_dir, refl_path=refl, image_indices=indices, params=extraction_params(job),
                                background_path=bkg, hot_dead=job.hot_dead, pngs=job.pngs, job_id=ctx.job.job_id,
                                progress=ctx.heartbeat,
                                run_key=ctx.job.run_id if job.beamstop_per_run and ctx.job.run_id != "adhoc" else None,
                                pixel_stats=stats_path, pixel_stats_min_stills=job.pixel_stats_min_stills,
-                               beamstop_record=_run_record(ctx, job.beamstop_record))
+                               beamstop_record=_run_record(ctx, "beamstop_record", job.beamstop_record))
     for r in results:
         ctx.add_output(f"still_{r['index']:04d}", r["artifact"])
         for name, p in r.get("pngs", {}).items():

@@ -7,7 +7,8 @@ module                 schema                                       written by -
                                                                     validation, report
 ``observations``       ``diffractflow.voxel_merger.observations``   voxel-merger -> scaler
                        v2 (1-2)
-``accumulator``        ``diffractflow.voxel_merger.accumulator`` v2 voxel-merger accumulate -> merge
+``accumulator``        ``diffractflow.voxel_merger.accumulator``    voxel-merger accumulate -> merge
+                       v3 (2-3; 3: sparse single-still partials)
 ``merged_map``         ``diffractflow.voxel_merger.map`` v1         voxel-merger -> scaler (absolute),
                                                                     validation, report
 ``scales``             ``diffractflow.scaler.scales`` v2 (1-2)      scaler -> voxel-merger, validation,
