@@ -30,7 +30,8 @@ from diffractflow.config import Settings
 from diffractflow.frames import ROTATION, frame_info
 from diffractflow.messages import ArtifactRef, DataEvent
 
-from .sweep import refine_complete_sweeps, rotation_frame
+from .report import write_report
+from .sweep import frame_experiment, refine_complete_sweeps, rotation_frame
 from .tasks import JobRejected, StageFailed, job_id_for, run_stage
 
 
@@ -241,8 +242,6 @@ async def _rerun_frame_scan_varying(volume: Volume, run_id: str, cfg: DiffuseRun
                                     model: dict) -> dict:
     """Re-extract one merged rotation frame with the sweep's scan-varying model; the record is replaced only when
     every stage succeeded (else the scan-static result stands)."""
-    from .sweep import frame_experiment
-
     image = record["image"]
     new = {**record, "stage_seconds": dict(record.get("stage_seconds", {}))}
     expt = await frame_experiment(volume, run_id, cfg, image, model, tag=".sv")
@@ -335,8 +334,6 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     atomic_write_json(out / "run_summary.json", summary)
     log.info(f"run {run_id}: {len(ok)}/{len(records)} stills merged; outputs in {out}")
     try:  # the run's page (runs/<run>/report.html) for live runs too; a failure must not fail the run
-        from .report import write_report
-
         log.info(f"run {run_id}: report {await asyncio.to_thread(write_report, rdir)}")
     except Exception as exc:  # noqa: BLE001
         log.warning(f"run {run_id}: report not written ({exc})")

@@ -2,43 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
+import importlib
 import json
 import mmap
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import yaml
 
+from diffractflow.artifacts import atomic_write_path, write_provenance
 from diffractflow.reading import reader
+
+from . import __version__
 from .core.source import check_scan_shape
+from .core.stages import hsv_image
 
 HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".nxs", ".emd", ".h5py"}
 
 
 class DataError(ValueError):
     """An input file is unreadable or has the wrong shape/content."""
-
-
-# ------------------------------------------------------------------------------------------ atomic writes
-try:  # platform helper (shared/diffractflow); a local equivalent keeps the service usable on its own
-    from diffractflow.artifacts import atomic_write_path  # type: ignore
-except Exception:  # pragma: no cover - exercised only without the platform library
-
-    @contextlib.contextmanager
-    def atomic_write_path(path):
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-        os.close(fd)
-        try:
-            yield Path(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -96,8 +81,6 @@ def _populate(view: np.ndarray, view_off: int, lo: int, hi: int) -> bool:
     False when not available (the caller falls back to MADV_WILLNEED)."""
     global _libc
     try:
-        import ctypes
-
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
             _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -111,6 +94,7 @@ class H5Source(_RowSource):
     """A dataset in an HDF5 file (any int/float dtype; compressed filters via hdf5plugin). Kept open."""
 
     def __init__(self, path, dset: str, scan_shape=None):
+        # h5py (and its filter plugins) only when an HDF5 file is opened: the CLI's --help does not pay for it
         import h5py
         import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4/... filters)
 
@@ -210,6 +194,7 @@ class ArinaSource:
     """Dectris (Arina/EIGER) master file: /entry/data/data_000001, ... linked datasets read in order."""
 
     def __init__(self, path, scan_shape):
+        # h5py only when an HDF5 file is opened (heavy; the CLI's --help does not need it)
         import h5py
         import hdf5plugin  # noqa: F401
 
@@ -270,7 +255,7 @@ class DaskSource(_RowSource):
 
 def find_datasets(f) -> list[str]:
     """Paths of the 3-D / 4-D numeric datasets in an open HDF5 file."""
-    import h5py
+    import h5py  # heavy: loaded only once an HDF5 file is read
 
     found = []
 
@@ -302,8 +287,6 @@ def open_source(path, dset: Optional[str] = None, scan_shape=None):
     if suf in (".h5", ".hdf5") and p.name.endswith(("_master.h5", "_master.hdf5")):
         return ArinaSource(p, scan_shape)
     if suf in _RSCIIO:
-        import importlib
-
         mod = importlib.import_module(_RSCIIO[suf])
         try:
             sigs = mod.file_reader(str(p), lazy=True)
@@ -316,7 +299,7 @@ def open_source(path, dset: Optional[str] = None, scan_shape=None):
             raise DataError(f"{p}: no 3-D/4-D signal found by rosettasciio")
         # e.g. a Prismatic EMD: rosettasciio stacks its depth datacubes into one 5-D signal; list the 4-D ones
     if suf in HDF5_SUFFIXES:
-        import h5py
+        import h5py  # heavy: loaded only once an HDF5 file is read
 
         with h5py.File(p, "r") as f:
             cands = find_datasets(f)
@@ -375,7 +358,7 @@ def _save_npy(path: Path, arr) -> None:
 
 
 def _save_tif(path: Path, arr, description: str = "") -> None:
-    import tifffile
+    import tifffile  # heavy image-format package, needed only when the maps are written
 
     # TIFF strings are 7-bit ASCII
     description = description.replace("Å", "A").encode("ascii", "replace").decode() if description else None
@@ -384,7 +367,7 @@ def _save_tif(path: Path, arr, description: str = "") -> None:
 
 
 def _save_fig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy (~0.5 s): only when figures are written
 
     with atomic_write_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
@@ -449,8 +432,6 @@ def write_outputs(res, out_dir, cfg, run_info: dict) -> dict[str, Path]:
         written[n] = fg / f"{n}.png"
 
     # logs
-    import yaml
-
     with atomic_write_path(lg / "config.yaml") as tmp:
         Path(tmp).write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
     run = dict(run_info)
@@ -508,8 +489,6 @@ def _montage(res, path):
 
 
 def _hsv(res, path):
-    from .core.stages import hsv_image
-
     fig = _figure(figsize=(7, 5))
     ax = fig.add_axes([0.02, 0.05, 0.72, 0.88])
     ax.imshow(hsv_image(res.ex, res.ey))
@@ -542,11 +521,7 @@ def _quiver(res, path, cfg):
 
 def write_h5_summary(res, path, cfg, *, job_id=None, inputs=None) -> Path:
     """All maps and k-space arrays in one NeXus-style HDF5 file with provenance (schema stem_polar.maps v1)."""
-    import h5py
-
-    from diffractflow.artifacts import write_provenance
-
-    from . import __version__
+    import h5py  # heavy: only when the summary file is written
 
     path = Path(path)
     with atomic_write_path(path) as tmp:

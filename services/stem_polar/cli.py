@@ -9,9 +9,25 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import numpy as np
 import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from diffractflow.report_page import write_job_report
 
 from . import __version__
+from .artifacts import DataError, open_source, write_outputs
+from .core.calibration import detect_center, radial_grid
+from .core.config import load_config
+from .core.interactive import pick_center, pick_kspace
+from .core.pipeline import InputError
+from .core.source import auto_chunk, iter_chunks
+from .core.xp import DeviceError
+from .pipeline import run_files
+from .synthetic import write_demo_dataset
 
 try:
     from diffractflow.cli import service_app
@@ -38,8 +54,6 @@ def _fail(msg: str, code: int = 2):
 
 
 def _parse_sets(items: List[str]) -> dict:
-    import yaml
-
     out: dict = {}
     for it in items or []:
         if "=" not in it:
@@ -63,8 +77,6 @@ class _Progress:
 
     def __enter__(self):
         if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), transient=False)
             self.bar.__enter__()
@@ -115,13 +127,6 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ):
     """Cluster-guided polarisation mapping: templates, gates, matched filter, gated CoM, E-field maps."""
-    # the core is imported by the command, not the module: it loads numba (~0.9 s), which --help does not need
-    from .artifacts import DataError, write_outputs
-    from .core.config import load_config
-    from .core.pipeline import InputError
-    from .core.xp import DeviceError
-    from .pipeline import run_files
-
     if interactive_kspace is False and known_spacing is not None:
         _fail("--known-spacing only applies with --interactive-kspace")
     try:
@@ -135,8 +140,6 @@ def run(
 
     def calibrate(pipe):  # between the centre detection and the passes: no data reload
         if interactive_center:
-            from .core.interactive import pick_center
-
             y, x = pick_center(pipe.mean_sample, (pipe.center.cy, pipe.center.cx))
             pipe.set_center(y, x, "interactive")
             interactive["center"] = {"y": y, "x": x}
@@ -164,12 +167,7 @@ def run(
         "wall_time_s": time.perf_counter() - t0,
     }
     write_outputs(res, out, pipe.cfg, run_info)
-    try:  # the job's page for a browser (report.html), from the platform library
-        from diffractflow.report_page import write_job_report
-    except ImportError:  # the platform library absent: the job's files without their page
-        pass
-    else:
-        write_job_report(out)
+    write_job_report(out)  # the job's page for a browser (report.html)
     _summary(res, out, quiet)
 
 
@@ -179,8 +177,6 @@ def apply_kspace_calibration(pipe, known_spacing, n_pairs, config_path=None, dri
     pixel_size_ky / pixel_size_kx given explicitly in the config file take precedence over the clicks
     (the clicked result is still logged).
     """
-    from .core.interactive import pick_kspace
-
     res = pick_kspace(pipe.mean_sample, (pipe.center.cy, pipe.center.cx), known_spacing, n_pairs, driver=driver)
     cal = pipe.cfg.calibration
     explicit = cal.pixel_size_ky is not None or cal.pixel_size_kx is not None
@@ -200,9 +196,6 @@ def apply_kspace_calibration(pipe, known_spacing, n_pairs, config_path=None, dri
 def _summary(res, out, quiet):
     if quiet:
         return
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"stem-polar -> {out}")
     t.add_column("item")
     t.add_column("value")
@@ -235,12 +228,6 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ):
     """Quick look at a dataset: shape, dtype, size, intensity range, beam centre and BF disk radius."""
-    import numpy as np
-
-    from .artifacts import DataError, open_source
-    from .core.calibration import detect_center, radial_grid
-    from .core.source import auto_chunk, iter_chunks
-
     try:
         src = open_source(data, dset, scan_shape)
     except DataError as exc:
@@ -293,7 +280,7 @@ def inspect(
         if hasattr(src, "close"):
             src.close()
     if png is not None:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # heavy (matplotlib): only for --png
 
         fig = Figure(figsize=(10 if full else 4, 4))
         k = 3 if full else 1
@@ -311,9 +298,6 @@ def inspect(
     if json_out:
         typer.echo(json.dumps(info, indent=2, default=str))
     else:
-        from rich.console import Console
-        from rich.table import Table
-
         t = Table(title=f"stem-polar inspect {data}")
         t.add_column("field")
         t.add_column("value")
@@ -337,14 +321,7 @@ def demo(
     the quality report passes, and the cluster map
     matches the planted domains on >= 95% of positions.
     """
-    import json
-
-    import numpy as np
-    import tifffile
-
-    from .synthetic import write_demo_dataset
-
-    import yaml
+    import tifffile  # heavy image-format package: only the demo's scoring reads the maps back
 
     ds = out / "dataset"
     truth = write_demo_dataset(ds, h=size, w=size)

@@ -9,6 +9,7 @@ The deflection is given in the scan frame (Fx, Fy, detector px) and rotated into
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -85,9 +86,7 @@ def make_scan(h=24, w=24, k=32, amp=0.8, smooth=0.35, rot_deg=0.0, flip=False, f
 
 def write_demo_dataset(out_dir, h: int = 48, w: int = 48, k: int = 32, seed: int = 0) -> dict:
     """patterns.h5 (dataset ``patterns``, (H, W, ky, kx) uint16) and labels.npy with planted domains."""
-    from pathlib import Path
-
-    import h5py
+    import h5py  # heavy: only the file writer needs it, not the in-memory scans
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,16 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from diffractflow.report_page import write_job_report
 from diffractflow.runtime import BadInput, JobContext, Stage
 
 from . import __version__
+from .artifacts import DataError, write_h5_summary, write_outputs
+from .core import kernels
+from .core.config import PolarConfig, load_config
+from .core.pipeline import InputError
+from .core.xp import DeviceError
+from .pipeline import run_files
 
 
 class Params(BaseModel):
@@ -32,19 +39,11 @@ class Params(BaseModel):
     @field_validator("config")
     @classmethod
     def _valid_config(cls, v):
-        from .core.config import PolarConfig
-
         PolarConfig.model_validate(v)  # bad keys/values reject the job before any work
         return v
 
 
 def handle(ctx: JobContext, params: Params) -> None:
-    from .artifacts import DataError, write_h5_summary, write_outputs
-    from .core.config import load_config
-    from .core.pipeline import InputError
-    from .core.xp import DeviceError
-    from .pipeline import run_files
-
     inputs = ctx.job.inputs
     try:
         cfg = load_config(ctx.input_path("config") if "config" in inputs else None, params.config)
@@ -78,8 +77,6 @@ def handle(ctx: JobContext, params: Params) -> None:
     ctx.add_output("polar_maps", h5)
     for name, p in written.items():
         ctx.add_output(name, p)
-    from diffractflow.report_page import write_job_report
-
     ctx.add_output("report", write_job_report(ctx.out_dir))  # the job's page for a browser (report.html)
     r = res.report
     ctx.metrics.update({
@@ -92,8 +89,6 @@ def handle(ctx: JobContext, params: Params) -> None:
 
 def warm_up() -> None:
     """Build or load the compiled pass kernels for uint16 frames once, when the worker starts (``serve``)."""
-    from .core import kernels
-
     kernels.warmup(np.uint16)
 
 

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 HEAVY = frozenset({
     "dials", "dxtbx", "cctbx", "iotbx", "scitbx", "mmtbx", "libtbx",  # DIALS/cctbx: 1-3 s
     "torch", "numba", "sklearn", "skimage", "scipy",                   # numerical stacks: 0.2-2 s
+    "cupy",                                                            # optional GPU arrays: CUDA init, seconds
     "matplotlib", "PIL", "tifffile", "imageio", "rsciio",              # plotting and image formats
     "h5py", "hdf5plugin",                                              # HDF5 (light CLIs skip it)
     "prefect", "fastapi", "uvicorn", "httpx",                          # orchestration server/client
@@ -52,11 +53,8 @@ PACKAGES["orchestration"] = REPO / "orchestration"
 NOT_YET = (
     "services/diffuse_extractor/",
     "services/voxel_merger/",
-    "services/stem_polar/",
-    "services/diff_sim_refiner/datasets/",
     "shared/diffractflow/formats/still_table.py",
     "shared/diffractflow/formats/accumulator.py",
-    "orchestration/diffuse.py",
     "orchestration/sweep.py",
 )
 
@@ -337,6 +335,7 @@ CLI_MUST_NOT_LOAD = {
     "orchestration.cli": {"prefect", "torch", "dials", "dxtbx", "matplotlib", "h5py", "ophyd", "bluesky_nats"},
     "stills_processor.cli": {"dials", "dxtbx", "torch", "matplotlib", "prefect"},
     "diff_sim_refiner.cli": {"torch", "h5py", "matplotlib", "dials", "prefect"},
+    "stem_polar.cli": {"torch", "h5py", "matplotlib", "tifffile", "dials", "prefect"},
 }
 
 

@@ -34,6 +34,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from diff_sim_refiner.core.config import R_E_SQR, BeamConfig, CrystalConfig, DetectorConfig
+from diff_sim_refiner.core.io import HKLTable
+
 from .cbf import CBFHeader, write_minicbf
 
 PILATUS_MODULE = (487, 195)   # fast, slow pixels of one module
@@ -181,7 +184,7 @@ def air_mu_per_mm(wavelength_A: float) -> float:
 
 def reciprocal_basis(unit_cell) -> np.ndarray:
     """B (3x3, 1/Angstrom): columns a*, b*, c* in the crystal's Cartesian frame (dxtbx/cctbx convention)."""
-    from cctbx import uctbx
+    from cctbx import uctbx  # DIALS/cctbx (1-3 s): only when a cell is built
 
     return np.asarray(uctbx.unit_cell(tuple(unit_cell)).fractionalization_matrix(), float).reshape(3, 3).T
 
@@ -200,6 +203,7 @@ def make_structure_factors(spec: StillsSpec, d_min: float) -> tuple[np.ndarray, 
     (so <|F|^2> -> 1 at q -> 0), expanded to P1 and Friedel mates by cctbx; systematic absences and F(000)
     are 0. Returns (grid F[h - hmin, k - kmin, l - lmin], (hmin, kmin, lmin)).
     """
+    # DIALS/cctbx (1-3 s) only to build the structure factors: reading a truth back stays light
     from cctbx import crystal, miller
     from cctbx.array_family import flex
 
@@ -333,8 +337,6 @@ class StillsRenderer:
         # stays light, and a caller that loaded DIALS first is the caller's import order to get right (tests/conftest)
         import torch
 
-        from diff_sim_refiner.core.config import R_E_SQR, BeamConfig, CrystalConfig, DetectorConfig
-        from diff_sim_refiner.core.io import HKLTable
         from diff_sim_refiner.core.simulator import prepare, render
 
         self.spec = spec
@@ -423,7 +425,7 @@ class StillsRenderer:
 def _orientations(spec: StillsSpec) -> tuple[list[np.ndarray], np.ndarray]:
     """Uniformly random U (dxtbx convention, q = U B h) and log-normal scales (median 1); still i's draw depends
     on (seed, i) only, so a run's first stills are the same whatever n_stills."""
-    from scipy.spatial.transform import Rotation
+    from scipy.spatial.transform import Rotation  # scipy (0.2 s): only when orientations are drawn
 
     U, scales = [], []
     for i in range(spec.n_stills):

@@ -91,7 +91,7 @@ class SweepSpec(SceneSpec):
 
 def rotation(phi_deg: float, axis=ROTATION_AXIS) -> np.ndarray:
     """Right-handed rotation matrix by ``phi_deg`` about ``axis`` (dxtbx's goniometer convention)."""
-    from scipy.spatial.transform import Rotation
+    from scipy.spatial.transform import Rotation  # scipy (0.2 s): only when orientations are drawn
 
     a = np.asarray(axis, float)
     return Rotation.from_rotvec(a / np.linalg.norm(a) * math.radians(phi_deg)).as_matrix()
@@ -107,7 +107,7 @@ def oscillation_orientations(A0: np.ndarray, phi_start_deg: float, phi_end_deg: 
 
 def crystal_orientation(spec: SweepSpec) -> np.ndarray:
     """U at phi = 0: uniformly random, reproducible from ``seed``."""
-    from scipy.spatial.transform import Rotation
+    from scipy.spatial.transform import Rotation  # scipy (0.2 s): only when orientations are drawn
 
     return Rotation.random(random_state=np.random.default_rng([spec.seed, 4])).as_matrix()
 

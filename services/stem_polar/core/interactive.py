@@ -22,6 +22,7 @@ class ClickCollector:
     """Show an image and collect ``n_clicks`` left clicks as (y, x) data coordinates."""
 
     def __init__(self, image: np.ndarray, title: str, n_clicks: int, center=None, circles=(), log: bool = False):
+        # matplotlib (~0.5 s, and a GUI backend) only when a window is shown: the CLI imports this module
         import matplotlib.pyplot as plt
         from matplotlib.patches import Circle
 
@@ -59,7 +60,7 @@ class ClickCollector:
         if driver is not None:
             driver(self.fig, self.ax)
         else:
-            import matplotlib
+            import matplotlib  # heavy: see ClickCollector
 
             backend = matplotlib.get_backend().lower()
             if backend in ("agg", "pdf", "svg", "ps", "cairo", "template") or "inline" in backend:
@@ -95,7 +96,7 @@ def pick_kspace(mean_pattern: np.ndarray, center: tuple[float, float], known_spa
 
 def click_driver(points_yx: list[tuple[float, float]]):
     """A driver that clicks the given data points (y, x) through the canvas' event system (no GUI needed)."""
-    from matplotlib.backend_bases import MouseEvent
+    from matplotlib.backend_bases import MouseEvent  # heavy: see ClickCollector
 
     def drive(fig, ax):
         fig.canvas.draw()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import numpy as np
 
@@ -287,8 +288,6 @@ def log_rows(block, idx, wide: bool, lut, ref, shift: bool, out) -> None:
 def warmup(dtype=np.uint16, n_pix: int = 64) -> float:
     """Compile (or load from the disk cache) the pass kernels for raw data of ``dtype`` (C-contiguous, writable
     and read-only, as memory-mapped files give); returns the seconds spent (paid once per process)."""
-    import time
-
     t0 = time.perf_counter()
     if np.dtype(dtype) == np.uint16:
         native.available()  # build (first run on this machine) or load the native library

@@ -34,7 +34,7 @@ def get_xp(device: str = "cpu"):
     if kind == "cpu":
         return np
     try:
-        import cupy  # type: ignore
+        import cupy  # type: ignore  # optional GPU package; its import initialises CUDA (seconds)
     except Exception as exc:  # ImportError or a broken CUDA install
         raise DeviceError(
             f"--device {device} asks for a GPU but CuPy is not importable ({exc.__class__.__name__}: {exc}); "
