@@ -522,7 +522,7 @@ def _still_voxel_z(ids: np.ndarray, t: np.ndarray, ref, excluded: np.ndarray | N
 
 
 #: still-voxels per still sampled for the intrinsic-spread estimate (deterministic: the first of a fixed shuffle)
-SPREAD_SAMPLE_PER_STILL = 20000
+SPREAD_SAMPLE_PER_STILL = 5000
 
 
 def _run_intrinsic_spread(plan, stills: "_SparseStills", ref, opt: MergeOptions, poisson_floor: bool) -> float:
