@@ -104,7 +104,7 @@ def sweep_complete(cfg, frames: list[Path]) -> bool:
 async def sweep_model(volume: Volume, run_id: str, cfg, image: str, info: FrameInfo, log) -> dict:
     """The sweep's refined (scan-static) model, indexing it first if this frame is the one that completes the
     first ``cfg.sweep_index_frames``; waits (polling the volume) while too few frames have landed."""
-    from .diffuse import run_dir
+    from .diffuse import run_dir  # cycle: orchestration.diffuse imports this module at module level
 
     sdir = sweep_dir(run_dir(volume, run_id), info)
     record = sdir / MODEL_RECORD
@@ -175,7 +175,7 @@ async def refine_complete_sweeps(volume: Volume, run_id: str, cfg, records: list
     """End of run: each sweep with merged frames is refined again with a scan-varying crystal over all its frames,
     and its frames are re-extracted and re-accumulated with that model (``reprocess(record, model)``).
     A sweep whose scan-varying refinement fails keeps its scan-static frames (reported)."""
-    from .diffuse import run_dir
+    from .diffuse import run_dir  # cycle: orchestration.diffuse imports this module at module level
 
     rdir = run_dir(volume, run_id)
     by_sweep: dict[str, list[dict]] = {}

@@ -64,18 +64,21 @@ q components to ~1e-7 1/angstrom, intensities and corrections to ~4e-7 relative)
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import h5py
+import hdf5plugin  # registers the Blosc filter the still table is written and read with
 import numpy as np
 
 import diffractflow.errors
+from diffractflow.artifacts import atomic_write_path, read_provenance
 from diffractflow.formats import check_header, still_table, write_header
 
 from .core.errors import InputError  # noqa: F401  (the service's one input error, re-exported)
-from .core.extract import COLUMNS, StillExtraction
+from .core.extract import COLUMNS, ExtractionParams, StillExtraction, static_pixels
 from .core.masks import MaskBit
 
 SCHEMA = still_table.SCHEMA
@@ -118,24 +121,18 @@ COMPRESSIONS = ("lz4", "none")
 def _compression(name: str | None = None) -> dict:
     """h5py dataset options of the still table's filter. "lz4": Blosc/LZ4 level 1 with byte shuffle (PILATUS 6M
     still, v5: 84 MB, 0.13 CPU-s to write); "none": plain chunks (133 MB, 0.08 CPU-s; readers decode nothing)."""
-    import os
-
     name = (name or os.environ.get(COMPRESSION_ENV) or "lz4").lower()
     if name not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, not {name!r}")
     if name == "none":
         return {}
-    try:
-        import hdf5plugin
-
-        return dict(hdf5plugin.Blosc(cname="lz4", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE))
-    except ImportError:  # pragma: no cover - hdf5plugin is a dependency
-        return dict(compression="lzf", shuffle=True)
+    return dict(hdf5plugin.Blosc(cname="lz4", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE))
 
 
 # --------------------------------------------------------------------------- inputs
 def load_experiments(path: str | Path):
     """Read a DIALS ``.expt`` with its images reachable (check_format)."""
+    # dxtbx (DIALS, ~1 s): only reading or writing a DIALS experiment needs it, not the CLI's start
     from dxtbx.model.experiment_list import ExperimentList
 
     path = Path(path)
@@ -231,6 +228,7 @@ def _image_path(experiment, image_index: int = 0) -> str:
 
 def load_reflections(path: str | Path, experiment_index: int | None = None, identifier: str | None = None):
     """Observed reflections of one experiment from a DIALS ``.refl`` (strong or integrated)."""
+    # DIALS (~1.5 s): only a job with a .refl needs it
     from dials.array_family import flex
 
     path = Path(path)
@@ -272,7 +270,7 @@ def read_background(path: str | Path, detector) -> list[np.ndarray]:
     if path.suffix == ".npy":
         arrays = [np.load(path).astype(np.float64)]
     else:
-        import dxtbx
+        import dxtbx  # DIALS' image reader (~1 s): only a background frame that is not .npy needs it
 
         try:
             raw = dxtbx.load(str(path)).get_raw_data()
@@ -300,8 +298,6 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
     ``parameters`` or the extraction defaults.
     ``compression``: "lz4" or "none" (default: ``$DIFFUSE_EXTRACTOR_COMPRESSION``, else "lz4"), see ``_compression``.
     """
-    from diffractflow.artifacts import atomic_write_path
-
     if schema_version not in DERIVED_BY_VERSION:
         raise ValueError(f"can write schema versions {sorted(DERIVED_BY_VERSION)}, not {schema_version}")
     derived_cols = DERIVED_BY_VERSION[schema_version]
@@ -348,8 +344,6 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
             if "x" in derived_cols:
                 derived["x, y"] = "the pixels with flag 0 in /entry/masks, per panel in row-major order, panels in order"
             if schema_version >= 3:
-                from .core.extract import ExtractionParams
-
                 dflt = ExtractionParams()
                 apf = air_path_fraction if air_path_fraction is not None else \
                     float(parameters.get("air_path_fraction", dflt.air_path_fraction))
@@ -404,6 +398,7 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
             bg["wavelength"].attrs["units"] = "angstrom"
             bg["polarization_normal"] = np.asarray(bm.get_polarization_normal(), dtype=float)
             bg.attrs["polarization_fraction"] = float(bm.get_polarization_fraction())
+            # dxtbx (~1 s), only with an experiment to store
             from dxtbx.model.experiment_list import ExperimentList
 
             el = ExperimentList([experiment])
@@ -432,9 +427,6 @@ def _jsonable(o):
 
 def read_still(path: str | Path, columns: list[str] | None = None) -> dict[str, Any]:
     """Read an artifact back: ``{"pixels": {col: array}, "masks": [flags], "info": dict, "provenance": dict, ...}``."""
-    import hdf5plugin  # noqa: F401  (registers the Blosc filter)
-    from diffractflow.artifacts import read_provenance
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"artifact {path} does not exist")
@@ -547,8 +539,6 @@ def _geometry_factors(entry, masks: Sequence[np.ndarray], names: Sequence[str]) 
     """The static multipliers of a v3 artifact at its unflagged pixels, recomputed with
     ``core.extract.static_pixels`` from the stored experiment (the extractor's own code path), and
     checked bit for bit against the sample of values the writer kept."""
-    from .core.extract import ExtractionParams, static_pixels
-
     g = entry["pixels"]
     try:
         expt = _models_from_json(json.loads(_as_str(entry["experiment_json"][()])))
@@ -583,6 +573,7 @@ def _geometry_factors(entry, masks: Sequence[np.ndarray], names: Sequence[str]) 
 def _models_from_json(d: dict):
     """An Experiment with the detector, beam (and goniometer, scan) of the first experiment of a
     DIALS experiment-list dict; no imageset (the images need not be reachable)."""
+    # dxtbx (DIALS, ~1 s): only reading or writing a DIALS experiment needs it, not the CLI's start
     from dxtbx.model import BeamFactory, DetectorFactory, Experiment, GoniometerFactory, ScanFactory
 
     e = d["experiment"][0]
@@ -616,7 +607,7 @@ def image_exposure(path: str | Path) -> dict[str, float | None]:
     not a CBF, gives None."""
     out: dict[str, float | None] = {"exposure_time_s": None, "transmission": None}
     try:
-        from dxtbx.format.FormatCBF import FormatCBF
+        from dxtbx.format.FormatCBF import FormatCBF  # dxtbx (~1 s): only a CBF header read needs it
 
         text = FormatCBF.get_cbf_header(str(path))
     except Exception:  # noqa: BLE001 - not a CBF (or unreadable): nothing known
@@ -653,7 +644,7 @@ def write_background(path: str | Path, model, detector, beam, *, parameters: Map
                      transmission: float | None, job_id: str | None = None,
                      producer_version: str = "0.1.0") -> Path:
     """Write a ``core.background.FrameBackground`` atomically (schema in the module docstring)."""
-    from diffractflow.artifacts import atomic_write_path
+    # dxtbx (DIALS, ~1 s): only reading or writing a DIALS experiment needs it, not the CLI's start
     from dxtbx.model import Experiment
     from dxtbx.model.experiment_list import ExperimentList
 
@@ -705,8 +696,6 @@ def read_background_artifact(path: str | Path, detector=None) -> dict[str, Any]:
     Checked against ``detector`` (panel count and sizes) when given. The last file read is kept in
     memory (keyed by path, size and mtime): a worker applies one background to many stills.
     """
-    import hdf5plugin  # noqa: F401
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"background artifact {path} does not exist")

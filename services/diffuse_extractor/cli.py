@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
 from rich.progress import Progress
 
 from diffractflow.cli import model_option, service_app, validated
 
-from . import __version__, pipeline
-from .artifacts import InputError, load_experiments
+from . import __version__, diagnostics, pipeline
+from .artifacts import InputError, load_experiments, read_still
 from .core.params import BackgroundJob, ExtractJob, extraction_params
 
 app = service_app("diffuse-extractor", __version__, stage="diffuse_extractor.worker:STAGE",
@@ -99,11 +100,6 @@ def inspect(
     png_dir: Optional[Path] = typer.Option(None, "--png", help="Also write masks / corrected / radial PNGs here."),
 ):
     """Summarise an artifact: provenance, mask counts, ranges of q, I, sigma and each correction."""
-    import numpy as np
-
-    from . import diagnostics
-    from .artifacts import read_still
-
     try:
         a = read_still(artifact)
     except InputError as exc:

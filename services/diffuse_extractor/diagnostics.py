@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffractflow.artifacts import atomic_write_path
+
 from .core.masks import MaskBit
 
 
@@ -24,13 +26,12 @@ def radial_profile(q: np.ndarray, intensity: np.ndarray, n_bins: int = 200):
 def write_pngs(out_dir: str | Path, raw: list[np.ndarray], flags: list[np.ndarray], table: dict,
                stem: str = "still") -> dict[str, Path]:
     """raw image, mask bits, corrected image and radial profile as PNGs; returns name -> path."""
+    # matplotlib (~0.5 s): only PNGs need it, not an extraction or the CLI's start
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    from diffractflow.artifacts import atomic_write_path
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg"), hence here
+    from matplotlib.colors import ListedColormap  # noqa: I001 - with pyplot, for the same reason
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

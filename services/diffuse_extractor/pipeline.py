@@ -13,12 +13,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from diffractflow.artifacts import sha256_file
 
-from . import __version__
+from . import __version__, diagnostics
 from . import artifacts as art
-from .core.extract import GeometryCache, extract_still
+from .core import background as bg
+from .core import kernels, mask_kernels, runstats
+from .core.extract import GeometryCache, _layout_key, extract_still, static_flags
+from .core.masks import MaskBit, RunPixelStatistics, untrusted_and_overload
 from .core.params import BackgroundJob, ExtractionParams, ExtractJob, extraction_params
-from .core.masks import RunPixelStatistics, untrusted_and_overload
 
 log = logging.getLogger("diffuse_extractor")
 
@@ -122,10 +125,6 @@ def run_beamstop_record(path: str | Path | None, store: dict):
 def warm_up() -> None:
     """Load what the first still would otherwise load: the compiled kernels (numba and its modules,
     ~0.5 s) and the artifact writer's imports. A worker calls this when it starts."""
-    from diffractflow import artifacts  # noqa: F401  (pydantic etc.)
-
-    from .core import kernels, mask_kernels
-
     kernels.warm_up()
     mask_kernels.warm_up()
 
@@ -166,8 +165,6 @@ def process(expt_path: str | Path, out_dir: str | Path, *, refl_path: str | Path
     ``beamstop_record``: the run's beamstop record file (:func:`run_beamstop_record`; with ``beamstop="auto"``):
     every process extracting the run's stills uses the one shadow recorded there.
     """
-    from diffractflow.artifacts import sha256_file
-
     params = params or ExtractionParams()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,10 +193,6 @@ def _extract_each(experiments, expt_path, out_dir, refl_path, image_indices, par
                   background_path, dyn, cache, inputs, pixel_stats, pixel_stats_min_stills, pngs, job_id, progress,
                   beamstop_done) -> list[dict]:
     """The loop of :func:`process` over the selected stills (``beamstop_done`` after the first)."""
-    from diffractflow.artifacts import sha256_file
-
-    from . import diagnostics
-
     results = []
     stem = Path(expt_path).stem
     for i in image_indices:
@@ -210,8 +203,6 @@ def _extract_each(experiments, expt_path, out_dir, refl_path, image_indices, par
         image_sha = sha256_file(image_path) if Path(image_path).is_file() else ""
         dyn_i = dyn
         if pixel_stats is not None:
-            from .core import runstats
-
             st = runstats.update_run_stats(pixel_stats, f"{image_sha or image_path}#{j}", data,
                                            untrusted_and_overload(expt.detector, data, fmask))
             if st.n_stills >= pixel_stats_min_stills:
@@ -271,13 +262,9 @@ def make_background(frame_paths: Sequence[str | Path], out_path: str | Path, job
     any still is extracted, it makes every still's shadow the same whatever the order of extraction: the mean of
     frames without a crystal is the cleanest image of the shadow a run has.
     """
+    # dxtbx (DIALS, ~1 s): only a background job reads frames with it; the CLI's start does not need it
     from dxtbx.model import Experiment
     from dxtbx.model.experiment_list import ExperimentListFactory
-
-    from diffractflow.artifacts import sha256_file
-
-    from .core import background as bg
-    from .core.extract import static_flags
 
     job = job or BackgroundJob()
     params = extraction_params(job)
@@ -306,13 +293,10 @@ def make_background(frame_paths: Sequence[str | Path], out_path: str | Path, job
     cache = GeometryCache(shared=False)
     pixels = cache.get(det, beam, params, None)
     stat, sinfo = static_flags(experiment, mean, pixels, params)
-    from .core.masks import MaskBit
 
     # beamstop and user shapes for every frame (untrusted/overloaded pixels are flagged per frame)
     static_bad = [(f & np.uint8(MaskBit.BEAMSTOP | MaskBit.USER)) != 0 for f in stat]
     if beamstop_record is not None and params.beamstop == "auto":
-        from .core.extract import _layout_key
-
         shadow = [(f & np.uint8(MaskBit.BEAMSTOP)).astype(np.uint8) for f in stat]
         binfo = {**{k: v for k, v in sinfo.items() if k.startswith("beamstop")},
                  "beamstop_source": f"the mean of {len(paths)} background frames"}

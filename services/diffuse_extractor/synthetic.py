@@ -11,11 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from cctbx.eltbx import attenuation_coefficient
+from dials.algorithms.integration import Corrections, CorrectionsMulti
+from dials.array_family import flex
+from dxtbx import flumpy
+from dxtbx.model import Beam, Crystal, Detector, Experiment, ParallaxCorrectedPxMmStrategy
+from scitbx import matrix
+
+from .core.corrections import air_attenuation_coefficient, reference_solid_angle
 
 
 def _beam(wavelength, pol_fraction):
-    from dxtbx.model import Beam
-
     b = Beam(direction=(0.0, 0.0, 1.0), wavelength=wavelength)
     b.set_polarization_normal((0.0, 1.0, 0.0))
     b.set_polarization_fraction(pol_fraction)
@@ -24,16 +30,12 @@ def _beam(wavelength, pol_fraction):
 
 def silicon_mu_per_mm(wavelength: float) -> float:
     """Linear attenuation coefficient of silicon (1/mm) from cctbx's tables, as dxtbx formats do."""
-    from cctbx.eltbx import attenuation_coefficient
-
     return attenuation_coefficient.get_table("Si").mu_at_angstrom(wavelength) / 10.0
 
 
 def make_detector(wavelength: float = 1.0, n: int = 160, pixel: float = 0.172, distance: float = 100.0,
                   tilt_deg: float = 25.0, thickness: float = 0.45, parallax: bool = True):
     """Two panels: panel 0 normal to the beam holding the direct beam, panel 1 tilted about y."""
-    from dxtbx.model import Detector, ParallaxCorrectedPxMmStrategy
-
     det = Detector()
     mu = silicon_mu_per_mm(wavelength)
     # panel 0: beam centre at pixel (40.3, 80.7); lab y up, fast +x, slow -y (PILATUS-like)
@@ -61,9 +63,6 @@ def make_detector(wavelength: float = 1.0, n: int = 160, pixel: float = 0.172, d
 
 def make_crystal(cell=(40.0, 50.0, 60.0), rot_deg=(20.0, 35.0, 10.0)):
     """A P1 crystal with the given cell (angstrom, 90 degree angles) and a fixed orientation."""
-    from dxtbx.model import Crystal
-    from scitbx import matrix
-
     R = (matrix.col((1, 0, 0)).axis_and_angle_as_r3_rotation_matrix(rot_deg[0], deg=True)
          * matrix.col((0, 1, 0)).axis_and_angle_as_r3_rotation_matrix(rot_deg[1], deg=True)
          * matrix.col((0, 0, 1)).axis_and_angle_as_r3_rotation_matrix(rot_deg[2], deg=True))
@@ -74,8 +73,6 @@ def make_crystal(cell=(40.0, 50.0, 60.0), rot_deg=(20.0, 35.0, 10.0)):
 
 
 def make_experiment(wavelength: float = 1.0, n: int = 160, **kw):
-    from dxtbx.model import Experiment
-
     return Experiment(beam=_beam(wavelength, 0.999), detector=make_detector(wavelength, n=n, **kw),
                       crystal=make_crystal())
 
@@ -103,12 +100,6 @@ def render(experiment, i0: float = 5000.0, sigma_px: float = 1.0, sigma_psi: flo
     Bragg peak height ``i0 exp(-(eps/|q|)^2 / (2 sigma_psi^2))`` for excitation error ``eps``:
     reflections outside DIALS' |delta psi| < 1.5 mrad prediction window are negligible.
     """
-    from dials.algorithms.integration import Corrections, CorrectionsMulti
-    from dxtbx import flumpy
-    from dials.array_family import flex
-
-    from .core.corrections import air_attenuation_coefficient, reference_solid_angle
-
     beam, det, cryst = experiment.beam, experiment.detector, experiment.crystal
     wl = beam.get_wavelength()
     s0 = np.asarray(beam.get_s0())

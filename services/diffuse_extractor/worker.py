@@ -90,8 +90,6 @@ def warm_up() -> None:
     that the first job does not pay for it: the kernels (~0.6 s) and what the first experiment list, Bragg
     prediction and background statistics import (dxtbx models, DIALS' reflection table, scipy.stats: ~4 CPU-s
     of the first job of a fresh process on a sweep frame, 0.23 CPU-s for the next ones)."""
-    from . import pipeline
-
     pipeline.warm_up()
     import dials.array_family.flex  # noqa: F401
     import dxtbx.model.experiment_list  # noqa: F401

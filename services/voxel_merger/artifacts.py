@@ -256,7 +256,7 @@ def write_slice_pngs(out_dir: Path, grid: GlobalGrid, intensity) -> dict[str, Pa
     """
     import matplotlib  # heavy, and only for the optional PNGs: imported when a plot is made
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg"), hence here
     out = {}
     names = "hkl"
     planes = intensity if isinstance(intensity, dict) else map_planes(grid, intensity)
@@ -283,7 +283,7 @@ def write_slice_pngs(out_dir: Path, grid: GlobalGrid, intensity) -> dict[str, Pa
 def write_radial_png(path: Path, profile: Mapping[str, Any]) -> Path:
     import matplotlib  # heavy, and only for the optional PNGs: imported when a plot is made
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg"), hence here
     s = np.asarray(profile["s_centres"], dtype=float)
     m = np.array([np.nan if v is None else v for v in profile["mean_intensity"]], dtype=float)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

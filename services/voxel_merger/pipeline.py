@@ -25,7 +25,7 @@ from .artifacts import (InputError, ObservationTableWriter, map_planes, open_sti
 from .core.accumulate import VoxelAccumulator, block_shift_for, half_of_still
 from .core.grid import (CrystalModel, GlobalGrid, average_crystal_model, build_grid, hkl_change_of_basis_matrix,
                         reindex_to_reference, s_max_of_hkl)
-from .core.accumulate import observation_weights, scale_sums
+from .core.accumulate import observation_weights, scale_sums, sparse_sums
 from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, intrinsic_spread, leave_one_out_terms,
                          leave_one_out_z_sums, map_slabs,
                          radial_profile, symmetry_agreement, symmetry_merge)
@@ -360,8 +360,6 @@ def still_voxel_sums(src, grid: GlobalGrid, *, chunk: int = 1 << 22, reference_s
     beyond are dropped with their observations (the grid is a box around the resolution sphere), as
     :func:`accumulate_still` does per observation. ``info``: n_in, n_used, n_outside_grid (beyond d_min
     included), n_beyond_d_min."""
-    from .core.accumulate import sparse_sums
-
     M = _reindex_matrix(src.crystal, reference_setting)
     parts = []
     n_in = n_out = 0

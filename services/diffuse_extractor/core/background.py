@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from scipy.ndimage import correlate1d, distance_transform_edt, gaussian_filter1d  # loaded by .masks already (the extractor's masks)
 
 from .errors import InputError
 
@@ -106,7 +107,7 @@ def isotropic_profile(q: np.ndarray, intensity: np.ndarray, exposure: np.ndarray
     b = np.minimum(((qs - lo) / width).astype(np.int64), n_shells - 1)
     cnt = np.bincount(b, minlength=n_shells).astype(np.float64)
     mean = np.bincount(b, I, minlength=n_shells) / np.maximum(cnt, 1)
-    from scipy.stats import poisson
+    from scipy.stats import poisson  # scipy.stats (~0.3 s): only this truncation correction needs it
 
     g = float(gain)
     keep = np.ones(m, bool)
@@ -134,14 +135,10 @@ def isotropic_profile(q: np.ndarray, intensity: np.ndarray, exposure: np.ndarray
     good = cnt >= min_pixels
     w = np.where(good, cnt, 0.0)
     if smooth_shells > 0:
-        from scipy.ndimage import gaussian_filter1d
-
         num = gaussian_filter1d(w * np.where(good, mean, 0.0), smooth_shells, mode="constant")
         den = gaussian_filter1d(w, smooth_shells, mode="constant")
         # variance of the weighted mean of shell means: sum k^2 w^2 var/w / (sum k w)^2
         k = _gauss_kernel(smooth_shells)
-        from scipy.ndimage import correlate1d
-
         vnum = correlate1d(np.where(good, w * var_pix, 0.0), k * k, mode="constant")
         with np.errstate(invalid="ignore", divide="ignore"):
             bsm = num / den
@@ -203,8 +200,6 @@ def _block_sums(a: np.ndarray, b: int) -> np.ndarray:
 
 def _smooth(sums: np.ndarray, counts: np.ndarray, sigma: float, gain: float):
     """Normalised convolution of the bin sums: value per pixel per frame and its variance."""
-    from scipy.ndimage import correlate1d
-
     if sigma > 0:
         k = _gauss_kernel(sigma, truncate=3.0)
         k2 = k * k
@@ -222,8 +217,6 @@ def _smooth(sums: np.ndarray, counts: np.ndarray, sigma: float, gain: float):
     if empty.all():
         raise InputError("no good pixel in any background frame")
     if empty.any():  # bins with no good pixel in reach: the nearest good bin's value
-        from scipy.ndimage import distance_transform_edt
-
         idx = distance_transform_edt(empty, return_distances=False, return_indices=True)
         val = val[tuple(idx)]
         var = var[tuple(idx)]

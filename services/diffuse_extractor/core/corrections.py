@@ -71,7 +71,7 @@ def air_attenuation_coefficient(
     mass_fractions: dict[str, float] | None = None,
 ) -> float:
     """Linear attenuation coefficient of air (1/mm) at ``wavelength_A`` from cctbx's NIST tables."""
-    from cctbx.eltbx import attenuation_coefficient
+    from cctbx.eltbx import attenuation_coefficient  # cctbx (~1 s): only the air correction needs it
 
     fractions = mass_fractions or DRY_AIR_MASS_FRACTIONS
     mu_rho = sum(w * attenuation_coefficient.get_table(el).mu_rho_at_angstrom(wavelength_A)

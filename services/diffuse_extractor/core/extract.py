@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import background as bg
 from . import corrections as corr
 from . import geometry as geo
 from . import kernels
@@ -559,7 +560,7 @@ def lab_setting_matrix(experiment, image_index: int = 0) -> np.ndarray:
     gonio = rotation_goniometer(experiment)
     if gonio is None:
         return A
-    from scitbx import matrix
+    from scitbx import matrix  # cctbx's scitbx (~1 s): only a rotation experiment needs it
 
     scan = experiment.scan
     # image_index counts from the imageset's first image, array indices from the scan's (e.g. frame 31 of a
@@ -704,8 +705,6 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
     exposure = WORKSPACE.get("table.exposure", n_used, np.float32, capacity=int(sum(f.size for f in flags)))
     np.divide(np.float32(1.0), table["correction"], out=exposure)  # float32: I * exposure = raw - background
     table["exposure"] = exposure
-    from . import background as bg
-
     profile = bg.isotropic_profile(table["q"], table["intensity"], exposure, gain=params.gain)
     info["isotropic_background"] = profile.summary()
     if params.isotropic_background:

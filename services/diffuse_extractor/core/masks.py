@@ -29,7 +29,9 @@ import numpy as np
 
 from scipy import ndimage as ndi
 
+from . import kernels, mask_kernels
 from .errors import InputError
+from .workspace import WORKSPACE
 
 
 class MaskBit(enum.IntFlag):
@@ -76,7 +78,7 @@ class Shape:
 
     def rasterise(self, shape_yx: tuple[int, int]) -> np.ndarray:
         """Boolean image of the pixels whose centres lie inside the shape."""
-        from skimage.draw import disk, polygon
+        from skimage.draw import disk, polygon  # scikit-image (~0.3 s): only user shapes need it
 
         out = np.zeros(shape_yx, dtype=bool)
         if self.kind == "circle":
@@ -215,8 +217,6 @@ def detect_beamstop(data: Sequence[np.ndarray], geoms, s0, good: Sequence[np.nda
     if binning is None:  # ~>= 300k binned pixels keep the azimuthal statistics smooth
         npx = sum(np.asarray(d).size for d in data)
         binning = 4 if npx > 5e6 else 2 if npx > 1.2e6 else 1
-    from . import kernels
-
     b = max(1, int(binning))
     bdata, bgood, bgeoms = [], [], []
     for i, (d, gd) in enumerate(zip(data, good)):
@@ -308,8 +308,6 @@ def _bin_count(mask: np.ndarray, b: int) -> np.ndarray:
 def _expand(f: np.ndarray, b: int, shape) -> np.ndarray:
     """Each binned pixel's value over its b x b block, cut to ``shape``."""
     ny, nx = shape
-    from . import kernels
-
     if kernels.enabled() and f.dtype == np.uint8:
         full = np.empty((ny, nx), dtype=f.dtype)
         kernels.expand_blocks(np.ascontiguousarray(f), int(b), full)
@@ -566,6 +564,7 @@ DIALS_STILLS_DELPSI_MAX = 0.0015
 
 def _miller_flex(hkl: np.ndarray):
     """A cctbx ``flex.miller_index`` from an (n, 3) integer array (no per-row Python objects)."""
+    # cctbx/dxtbx (DIALS, ~1 s): only Bragg prediction needs them, not the CLI's start
     from cctbx.array_family import flex as cflex
     from dxtbx import flumpy
 
@@ -586,6 +585,7 @@ def candidate_indices(experiment, d_min: float, delpsi_max: float = DIALS_STILLS
     intervals, found from the roots; only those (h, k, l) are tested exactly, in the order
     (l, h, k).
     """
+    # cctbx (~1 s): only Bragg prediction needs it
     from cctbx import crystal as cr_mod
     from cctbx import miller
 
@@ -650,6 +650,7 @@ def predict_reflections(experiment, d_min: float | None = None,
     by default), but DIALS predicts only a numpy-prefiltered candidate list instead of every index
     within ``d_min``, which is ~20x faster; ``delpsi_max`` may widen the selection.
     """
+    # DIALS (~1.5 s): only Bragg prediction needs it
     from dials.algorithms.spot_prediction import StillsReflectionPredictor
     from dials.array_family import flex
 
@@ -697,7 +698,7 @@ def rotation_pad_deg(experiment, delpsi_max: float = DIALS_STILLS_DELPSI_MAX) ->
 def _spots_of_frames(reflections, array_range):
     """The observed spots of a sweep's table that reach the frames ``array_range`` (array indices [a0, a1)): by
     their bounding box in z, else by the z of their centroid (within one frame)."""
-    from dials.array_family import flex
+    from dials.array_family import flex  # DIALS (~1.5 s): only a sweep's observed spots need it
 
     a0, a1 = array_range
     if "bbox" in reflections:
@@ -716,6 +717,7 @@ def predict_rotation(experiment, d_min: float | None = None, pad_deg: float = 0.
     reflections whose diffraction angle lies within the scan's oscillation range widened by ``pad_deg`` on
     each side (``ScanStaticReflectionPredictor(..., padding=pad_deg).for_ub(A)``, A at the goniometer datum),
     systematic absences of the crystal's space group removed."""
+    # DIALS (~1.5 s): only Bragg prediction on a rotation frame needs it
     from dials.algorithms.spot_prediction import ScanStaticReflectionPredictor
     from dials.array_family import flex  # noqa: F401 - registers the reflection_table converters the predictor returns
 
@@ -777,8 +779,6 @@ def project_near_edges(experiment, hkl: np.ndarray, margin_px: float, delpsi_max
 def paint_disks(flags: list[np.ndarray], panel: np.ndarray, x: np.ndarray, y: np.ndarray,
                 radius: float, bit: int) -> int:
     """Set ``bit`` on every pixel whose centre is within ``radius`` px of a spot centre."""
-    from . import mask_kernels
-
     r = int(np.ceil(radius))
     oy, ox = np.mgrid[-r - 1:r + 2, -r - 1:r + 2]
     n = 0
@@ -862,9 +862,6 @@ def outlier_flags(data: Sequence[np.ndarray], flags: Sequence[np.ndarray], radia
     (over unflagged pixels, bright values clipped) by ``nsigma`` Poisson sigmas.
     One pass of weighted ``bincount`` per panel (flagged pixels weigh 0), float32 values.
     """
-    from . import kernels
-    from .workspace import WORKSPACE
-
     nb = int(max(int(r.max()) for r in radial_bin)) + 1
     if kernels.enabled():
         return _outlier_flags_fused(data, flags, radial_bin, weights, nb, nsigma, grow_px, gain)
@@ -959,8 +956,6 @@ def local_outliers(values: np.ndarray, weights: np.ndarray | None, ok: np.ndarra
 def _outlier_flags_fused(data, flags, radial_bin, weights, nb, nsigma, grow_px, gain):
     """``outlier_flags`` with the shell sums and the threshold test as one pass each per panel
     (``kernels.shell_sums`` / ``shell_outliers``): the same sums in the same order, the same flags."""
-    from . import kernels
-
     num = np.zeros(nb)
     cnt = np.zeros(nb)
     args = []

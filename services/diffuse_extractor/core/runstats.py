@@ -51,7 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import h5py
+import hdf5plugin  # registers the Blosc filter of the statistics files
 import numpy as np
+from scipy.ndimage import uniform_filter
 
 from . import kernels
 from .errors import InputError
@@ -140,8 +143,6 @@ def _local_mean(values: np.ndarray, seen: np.ndarray, size: int) -> np.ndarray:
     """Mean of ``values`` over the seen pixels of the size x size square around each pixel, the pixel itself
     excluded (a box filter: ~20x cheaper than a median on a 6M detector; one hot pixel moves a neighbour's
     level by 1/(size^2 - 1) of its excess, far below the 5x factor of the rule)."""
-    from scipy.ndimage import uniform_filter
-
     w = seen.astype(np.float64)
     v = np.where(seen, values, 0.0)
     area = float(size * size)
@@ -165,8 +166,6 @@ def _signature(p: Path):
 
 
 def _read_file(path: Path, shapes=None) -> RunningPixelStats:
-    import h5py
-    import hdf5plugin  # noqa: F401
 
     try:
         with h5py.File(path, "r") as f:
@@ -187,8 +186,6 @@ def _read_file(path: Path, shapes=None) -> RunningPixelStats:
 def _write(path: Path, st: RunningPixelStats) -> None:
     """One statistics file, atomically (temporary file + ``os.replace``). Blosc/LZ4 in whole-row chunks
     (~4x smaller than raw, ~0.1 s for a 6M detector on one core)."""
-    import h5py
-    import hdf5plugin
 
     comp = dict(hdf5plugin.Blosc(cname="lz4", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -346,12 +343,9 @@ _AT_EXIT = []
 
 
 def _register_exit_flush() -> None:
-    """Flush at interpreter exit; registered after h5py is imported so that it runs before h5py's own exit
-    handler (atexit runs handlers last-in first-out)."""
+    """Flush at interpreter exit; registered after h5py is imported (at the top of this module) so that it runs
+    before h5py's own exit handler (atexit runs handlers last-in first-out)."""
     if not _AT_EXIT:
-        import h5py  # noqa: F401
-        import hdf5plugin  # noqa: F401
-
         atexit.register(flush)
         _AT_EXIT.append(True)
 

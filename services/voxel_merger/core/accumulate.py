@@ -156,7 +156,7 @@ def _torch():
     global _TORCH
     if _TORCH is None:
         try:
-            import torch
+            import torch  # torch (~1 s): optional fast path, loaded on the first accumulation only
 
             _TORCH = torch
         except ImportError:  # pragma: no cover - torch is a project dependency

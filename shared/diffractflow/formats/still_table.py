@@ -26,6 +26,7 @@ extractor's writer's and reader's header.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -91,8 +92,6 @@ def still_id_of(path: str | Path, entry) -> str:
 def _derived(group) -> set[str]:
     """Names of the columns a writer left to be derived (the extractor's ``derived_columns`` attribute: JSON
     object keyed by comma-separated column names)."""
-    import json
-
     text = _text(group.attrs.get("derived_columns", "")) if "derived_columns" in group.attrs else ""
     try:
         keys = json.loads(text) if text else {}
