@@ -331,6 +331,8 @@ CLI_MUST_NOT_LOAD = {
     "stills_processor.cli": {"dials", "dxtbx", "torch", "matplotlib", "prefect"},
     "diff_sim_refiner.cli": {"torch", "h5py", "matplotlib", "dials", "prefect"},
     "stem_polar.cli": {"torch", "h5py", "matplotlib", "tifffile", "dials", "prefect"},
+    "diffuse_extractor.cli": {"dials", "dxtbx", "cctbx", "skimage", "torch", "matplotlib", "prefect"},
+    "voxel_merger.cli": {"dials", "dxtbx", "torch", "matplotlib", "prefect"},
 }
 
 
