@@ -16,11 +16,7 @@ renders instead and :func:`status` says why.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from diffractflow.native import build_library
 
 from .physics import polarization_basis
 
@@ -50,62 +47,10 @@ class _Spec(ctypes.Structure):
                 ("mins", ctypes.c_int * 3), ("default_F", ctypes.c_float)]
 
 
-def _compiler() -> Optional[str]:
-    for cc in (os.environ.get("CC"), "cc", "gcc"):
-        if cc and shutil.which(cc):
-            return cc
-    return None
-
-
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(sorted({ln for ln in f if ln.startswith(("model name", "flags"))}))
-    except OSError:  # pragma: no cover - non-Linux
-        return os.uname().machine
-
-
-def cache_dir() -> Path:
-    """The first writable of the documented cache locations."""
-    cands = []
-    if os.environ.get("DIFF_SIM_REFINER_NATIVE_CACHE"):
-        cands.append(Path(os.environ["DIFF_SIM_REFINER_NATIVE_CACHE"]))
-    if os.environ.get("XDG_CACHE_HOME"):
-        cands.append(Path(os.environ["XDG_CACHE_HOME"]) / "diffractflow")
-    cands += [Path.home() / ".cache" / "diffractflow", Path(tempfile.gettempdir()) / f"diffractflow-{os.getuid()}"]
-    for d in cands:
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            if os.access(d, os.W_OK):
-                return d
-        except OSError:
-            continue
-    raise OSError("no writable cache directory for the diff-sim-refiner native kernel")
-
-
 def build() -> Path:
     """Compile ``native.c`` unless already cached; returns the library path, raises on failure."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()):
-        h.update(part)
-    path = cache_dir() / f"diff_sim_refiner_native_{h.hexdigest()[:16]}.so"
-    if path.exists():
-        return path
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {r.stderr.strip()[-500:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return build_library((SOURCE,), FLAGS, "diff_sim_refiner_native", "DIFF_SIM_REFINER_NATIVE_CACHE",
+                         "diff-sim-refiner native kernel")
 
 
 def _load():
@@ -362,4 +307,4 @@ class FusedSource:
         return acc, G, Gq, GN
 
 
-__all__ = ["available", "status", "build", "cache_dir", "render_native", "make_spec", "render_pixels_native", "grad_pixels", "grad_reduce", "FusedSource"]
+__all__ = ["available", "status", "build", "render_native", "make_spec", "render_pixels_native", "grad_pixels", "grad_reduce", "FusedSource"]

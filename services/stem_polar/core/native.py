@@ -17,16 +17,13 @@ detector format) and float32 frames use these kernels.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from diffractflow.native import build_library
 
 SOURCE = Path(__file__).with_name("native.c")
 SOURCES = (SOURCE, Path(__file__).with_name("native_passes.h"))  # the passes, included once per pixel type
@@ -40,71 +37,10 @@ _status = "not loaded yet"
 _zeros: dict = {}
 
 
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc"):
-        if cc and shutil.which(cc):
-            return cc
-    return None
-
-
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:  # pragma: no cover - non-Linux
-        return os.uname().machine
-
-
-def cache_dir() -> Path:
-    """Where the compiled library lives (the first writable of the documented locations)."""
-    cands = []
-    if os.environ.get("STEM_POLAR_NATIVE_CACHE"):
-        cands.append(Path(os.environ["STEM_POLAR_NATIVE_CACHE"]))
-    if os.environ.get("XDG_CACHE_HOME"):
-        cands.append(Path(os.environ["XDG_CACHE_HOME"]) / "diffractflow")
-    cands.append(Path.home() / ".cache" / "diffractflow")
-    cands.append(Path(tempfile.gettempdir()) / f"diffractflow-{os.getuid()}")
-    for d in cands:
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            if os.access(d, os.W_OK):
-                return d
-        except OSError:
-            continue
-    raise OSError("no writable cache directory for the stem-polar native kernels")
-
-
-def library_path(cc: str, flags=FLAGS) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-    h = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES), " ".join(flags).encode(), version.encode(),
-                 _cpu_signature().encode()):
-        h.update(part)
-    return cache_dir() / f"stem_polar_native_{h.hexdigest()[:16]}.so"
-
-
 def build(flags=FLAGS) -> Path:
     """Compile ``native.c`` (if not already in the cache) and return the library's path; raises on failure.
     ``flags``: the compiler flags (the tests also build a 256-bit variant with ``-mno-avx512f`` added)."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    path = library_path(cc, flags)
-    if path.exists():
-        return path
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                           timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {r.stderr.strip()[-500:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return build_library(SOURCES, flags, "stem_polar_native", "STEM_POLAR_NATIVE_CACHE", "stem-polar native kernels")
 
 
 def _load():
@@ -246,4 +182,4 @@ def log_rows(block, idx) -> np.ndarray:
     return out
 
 
-__all__ = ["available", "status", "log_method", "supports", "supports_dtype", "build", "pass1", "pass2", "log_rows", "cache_dir"]
+__all__ = ["available", "status", "log_method", "supports", "supports_dtype", "build", "pass1", "pass2", "log_rows"]
