@@ -23,8 +23,9 @@
 6. With ``--cpu``: our diffuse steps' CPU seconds per frame on one core, per stage (:func:`cpu_per_frame`: the
    run's frames replayed job by job through the platform runtime, each service in one warm process).
 
-Writes benchmarks/results/mdx2_side_by_side.json. Usage:
-    .venv/bin/python benchmarks/bench_mdx2.py [--data DIR] [--work DIR] [--ours RUN_OUTPUT_DIR] [--ndiv 3] [--cpu]
+Writes benchmarks/results/mdx2_side_by_side.json (``--case tetragonal``, the default sweep) or
+benchmarks/results/mdx2_side_by_side_<case>.json (another sweep of :data:`CASES`). Usage:
+    .venv/bin/python benchmarks/bench_mdx2.py [--case orthorhombic] [--data DIR] [--work DIR] [--ours RUN_OUTPUT_DIR] [--ndiv 3] [--cpu]
 """
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "mdx2_side_by_side.json"
+#: the rendered sweeps (SweepSpec overrides); "tetragonal" is the default sweep, its figures in RESULTS, the
+#: others' in mdx2_side_by_side_<case>.json
+CASES = {
+    "tetragonal": {},
+    # another crystal, lattice, orientation and geometry: orthorhombic, 1 deg frames over 60 deg, beam on the
+    # other side of the array centre, longer distance, sharper mosaicity, stronger diffuse halos
+    "orthorhombic": {"unit_cell": (52.0, 64.0, 78.0, 90.0, 90.0, 90.0), "space_group": "P 21 21 21",
+                     "osc_deg": 1.0, "n_frames": 60, "seed": 7, "noise_seed": 3,
+                     "beam_centre_frac": (0.58, 0.44), "distance_mm": 180.0, "mosaic_spread_deg": 0.25,
+                     "bragg_cells": (10, 8, 7), "diffuse_cells": (3, 3, 3), "scale_phase": 2.1},
+}
 MDX2_VENV = REPO / ".bench" / "mdx2-venv"
 MDX2_PACKAGES = ["mdx2", "nexusformat", "numexpr", "joblib", "simple-parsing", "loguru", "docstring-parser",
                  "colored", "hdf5plugin"]
@@ -105,11 +117,11 @@ def _parse_time(text: str, wall) -> dict:
 
 
 # ----------------------------------------------------------------------------- the runs
-def render(data: Path) -> dict:
+def render(data: Path, case: str = "tetragonal") -> dict:
     from diff_sim_refiner.datasets.sweep import SweepSpec, generate_sweep
 
     t = time.perf_counter()
-    generate_sweep(data, SweepSpec(), progress=lambda d, n: print(f"  rendered {d}/{n}", flush=True))
+    generate_sweep(data, SweepSpec(**CASES[case]), progress=lambda d, n: print(f"  rendered {d}/{n}", flush=True))
     return {"render_seconds": round(time.perf_counter() - t, 1)}
 
 
@@ -623,7 +635,10 @@ def run_ours(data: Path, out: Path, n_frames: int, truth: dict) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, help="a rendered sweep (sweep_*.cbf, blank_*.cbf, truth.json)")
-    ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "mdx2")
+    ap.add_argument("--case", choices=sorted(CASES), default="tetragonal",
+                    help="which sweep to render (see CASES); figures of a case other than 'tetragonal' go to "
+                    "benchmarks/results/mdx2_side_by_side_<case>.json")
+    ap.add_argument("--work", type=Path, help="work directory (default benchmarks/work/mdx2[-CASE])")
     ap.add_argument("--ours", type=Path, help="our `diffractflow process diffuse` output (or its merged .nxs)")
     ap.add_argument("--run-ours", action="store_true", help="also run `diffractflow process diffuse` on the sweep "
                     "(into WORK/ours) and compare")
@@ -641,7 +656,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.cpu_stage:  # one stage of cpu_per_frame, in its own pinned process
         return _cpu_stage(args.cpu_stage, args.cpu_dir)
-    work = args.work
+    global RESULTS
+    if args.case != "tetragonal":
+        RESULTS = RESULTS.with_name(f"mdx2_side_by_side_{args.case}.json")
+    work = args.work or REPO / "benchmarks" / "work" / ("mdx2" if args.case == "tetragonal" else f"mdx2-{args.case}")
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "mdx2 side by side on a rendered rotation sweep",
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -651,10 +669,10 @@ def main(argv=None) -> dict:
     if data is None:
         data = work / "data"
         if not (data / "truth.json").exists() or not any(data.glob("blank_*.cbf")):
-            result["render"] = render(data)
+            result["render"] = render(data, args.case)
     truth = json.loads((data / "truth.json").read_text())
     n_frames = len(truth["frames"])
-    result["sweep"] = {"dir": str(data), "frames": n_frames, "osc_deg": truth["scan"]["osc_deg"],
+    result["sweep"] = {"case": args.case, "dir": str(data), "frames": n_frames, "osc_deg": truth["scan"]["osc_deg"],
                        "image_size_fast_slow": truth["image_size_fast_slow"], "space_group": truth["space_group"],
                        "unit_cell": truth["unit_cell"], "blank_frames": len(truth["background_frames"]),
                        "generator": truth["generator"]}
