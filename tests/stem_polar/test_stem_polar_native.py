@@ -18,6 +18,7 @@ from stem_polar.core import kernels, native
 from stem_polar.core.config import PolarConfig
 from stem_polar.core.pipeline import run_pipeline
 from stem_polar.core.source import ArraySource
+from stem_polar.core.stages import GatedCoM
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status()}")
 
@@ -118,6 +119,59 @@ def test_pass2_equals_direct_products(n_rows, with_com, dtype):
         np.testing.assert_allclose(orr, r_ref, rtol=1e-5, atol=1e-5 * np.abs(r_ref).max())
     else:
         assert np.isnan(orr).all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("n_rows", [0, 1, 4, 5, 6, 11])  # moments only, one sweep of <= 5 rows, more sweeps
+@pytest.mark.parametrize("with_com", [True, False])
+@pytest.mark.parametrize("shape", [(20, 48), (3, 16)])
+def test_pass2_gate_equals_direct_products(n_rows, with_com, dtype, shape):
+    """The pass-2 kernel that forms the CoM moments from a gate row and the pixel offsets about an off-centre,
+    sub-pixel centre: the same products as the three moment rows of ``GatedCoM.M``."""
+    ky, kx = shape
+    if not native.gate_rows_fit(kx):
+        pytest.skip(f"vector width does not divide {kx}")
+    p = ky * kx
+    x = _frames(p=p, dtype=dtype)
+    rng = np.random.default_rng(5)
+    idx = np.r_[np.arange(5, 30), [3, 3, 40]].astype(np.int64)
+    W = rng.normal(size=(n_rows, p)).astype(np.float32)
+    g = rng.random((ky, kx))
+    cy, cx = 0.37 * ky, 0.61 * kx
+    com = GatedCoM(g, cy, cx)
+    op = np.full((len(idx), n_rows + 2), np.nan, dtype=np.float32)
+    orr = np.full((len(idx), 3), np.nan, dtype=np.float32)
+    native.pass2_gate(x, idx, (ky, kx), W, com.G[0], com.dx, com.dy, with_com, op, orr, np.empty(2 * p, np.float32))
+    raw = x[idx].astype(np.float64)
+    if n_rows:
+        s_ref = np.log1p(np.maximum(raw, 0)) @ W.T.astype(np.float64)
+        np.testing.assert_allclose(op[:, :n_rows], s_ref, rtol=1e-5, atol=1e-5 * np.abs(s_ref).max())
+    assert np.isnan(op[:, n_rows:]).all()
+    if with_com:
+        yy, xx = np.indices((ky, kx), dtype=np.float64)
+        r_ref = raw @ np.stack([(g * (xx - cx)).ravel(), (g * (yy - cy)).ravel(), g.ravel()], axis=1)
+        np.testing.assert_allclose(orr, r_ref, rtol=1e-5, atol=1e-5 * np.abs(r_ref).max())
+        np.testing.assert_allclose(orr, raw @ com.M.astype(np.float64), rtol=1e-5, atol=1e-5 * np.abs(r_ref).max())
+    else:
+        assert np.isnan(orr).all()
+
+
+def test_pass2_gate_needs_whole_vector_rows():
+    """A detector width the vector width does not divide: the native call refuses it, and ``kernels.pass2_gate``
+    takes the three moment rows instead (same products)."""
+    ky, kx = 7, 20
+    x = _frames(p=ky * kx)
+    idx = np.arange(9, dtype=np.int64)
+    com = GatedCoM(np.random.default_rng(6).random((ky, kx)), 3.2, 9.7)
+    W = np.ones((2, ky * kx), np.float32)
+    op, orr = np.empty((9, 2), np.float32), np.empty((9, 3), np.float32)
+    assert not native.gate_rows_fit(kx)
+    with pytest.raises(ValueError):
+        native.pass2_gate(x, idx, (ky, kx), W, com.G[0], com.dx, com.dy, True, op, orr,
+                          np.empty(2 * ky * kx, np.float32))
+    kernels.pass2_gate(x, idx, False, W, ((ky, kx), com.G[0], com.dx, com.dy), np.ascontiguousarray(com.M.T), True,
+                       op, orr, np.empty((4, ky * kx), np.float32))
+    np.testing.assert_allclose(orr, x[idx].astype(np.float64) @ com.M.astype(np.float64), rtol=1e-5)
 
 
 def test_native_equals_numba_kernels():

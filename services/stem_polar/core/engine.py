@@ -368,19 +368,20 @@ class _GroupSums:
         return self.scal[:, 2]
 
 
-def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int):
+def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int, bg_out: Optional[np.ndarray] = None):
     """As ``_pass1_part`` for integer data with ``log_transform``, with one compiled kernel per tile
     (``kernels.pass1_frames``): each raw frame is read once, e' = log1p(x) - ref comes from the log table into
     a cache-resident row, bg = e' . w_bg + ref . w_bg, and the float32 part sums of raw x, D = e' - bg and D^2
     are accumulated from it. The group sums then hold D directly: rows [raw, sum D, sum D^2, 0] with
     bg1 = bg2 = 0 give ``_to_partial`` the same first and second sums (without the sq - 2 sbe + bg2
-    cancellation)."""
+    cancellation). ``bg_out`` (one float64 per frame of the scan): each frame's bg is kept there (pass 2's
+    matched filter needs it; parts write disjoint frames)."""
     c = pre.cfg
     use_bg = bool(c.background_subtract)
     bgw = pre.bg_weights if use_bg else ref32
     c0 = float(np.dot(ref32.astype(np.float64), bgw.astype(np.float64))) if use_bg else 0.0
 
-    def run(state, block, tiles):
+    def run(state, a, block, tiles):
         part: dict = {}
         for g, sel in tiles:
             if g not in part:
@@ -388,6 +389,8 @@ def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int):
             idx = _as_index(sel)
             bg = np.full(len(idx), c0)
             kernels.pass1(block, idx, wide, ref32, bgw, use_bg, part[g][:3], bg, state.out4)
+            if bg_out is not None:
+                bg_out[a + idx] = bg
         out = {}
         for g, v in part.items():
             cnt = sum((sl.stop - sl.start) if isinstance(sl, slice) else len(sl) for gg, sl in tiles if gg == g)
@@ -402,7 +405,7 @@ def _pass1_part(pre, ref32, nonneg: bool, n_pix: int):
     c = pre.cfg
     bgw = pre.bg_weights if c.background_subtract else None
 
-    def run(state, block, tiles):
+    def run(state, a, block, tiles):
         part: dict = {}
         bgs: dict = {}
         tmp = state.out4  # rows raw, s1, sbe, sq of one tile (the order of _GroupSums.vec is raw, s1, sq, sbe)
@@ -446,13 +449,16 @@ def _pass1_part(pre, ref32, nonneg: bool, n_pix: int):
 
 def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray, n_clusters: int,
                 half: Optional[np.ndarray], pre, ref: np.ndarray, check=None, progress=None,
-                prefetch: bool = True, keep: bool = False) -> st.StatsPartial:
+                prefetch: bool = True, keep: bool = False,
+                bg_out: Optional[np.ndarray] = None) -> st.StatsPartial:
     """Pass 1 over the scan -> ``StatsPartial`` (the layout ``stages.finalize_stats`` expects).
 
     Groups: cluster slot s (0..C-1, C = unassigned label) times split half when ``half`` is given.
     Sums of D_i = e'_i - bg_i follow from the group sums exactly: sum D = s1 - bg1, sum D^2 = sq - 2 sbe + bg2.
     Each part of a chunk sums in float32 (<= 256 frames); parts are added in order into float64 totals.
     ``keep``: leave a mapped source's pages mapped for pass 2 (which unmaps them as it goes).
+    ``bg_out`` (float64, one per frame): filled with each frame's background level e . w_bg by the compiled
+    kernels (``pass1_keeps_background``), so that pass 2 need not form it again; untouched otherwise.
     """
     C = n_clusters
     n_pix = int(np.prod(source.frame_shape))
@@ -464,7 +470,7 @@ def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray
     fused = pre.cfg.log_transform and use_kernels(source.dtype)
     if fused:
         tile = max(tile, KERNEL_TILE)
-        run = _pass1_part_fused(pre, ref32, kernels.is_wide(source.dtype), n_pix)
+        run = _pass1_part_fused(pre, ref32, kernels.is_wide(source.dtype), n_pix, bg_out)
     else:
         run = _pass1_part(pre, ref32, nonneg, n_pix)
     pool = _Pool(threads, lambda: _Worker(tile, n_pix, source.dtype))
@@ -480,11 +486,17 @@ def pass1_stats(source, chunk: int, tile: int, threads: int, lab_idx: np.ndarray
 
     try:
         pool.stream(frame_blocks(source, chunk, check, prefetch, keep=True),
-                    lambda a, b: group_tiles(key[a:b], tile), lambda state, a, block, part: run(state, block, part),
+                    lambda a, b: group_tiles(key[a:b], tile), run,
                     chunk_done)
     finally:
         pool.close()
     return _to_partial(tot, C, hf)
+
+
+def pass1_keeps_background(pre, dtype) -> bool:
+    """True when ``pass1_stats`` fills ``bg_out``: the compiled kernels with the log and background on."""
+    c = pre.cfg
+    return bool(c.log_transform and c.background_subtract and use_kernels(dtype))
 
 
 def _to_partial(s: _GroupSums, C: int, hf: int) -> st.StatsPartial:
@@ -516,21 +528,27 @@ def _to_partial(s: _GroupSums, C: int, hf: int) -> st.StatsPartial:
 
 def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedFilter, com: st.GatedCoM,
                softmax_temp: float, adaptive: bool, gate_of_slot: Optional[np.ndarray],
-               lab_slot: Optional[np.ndarray], progress=None, prefetch: bool = True, mapped: bool = False):
+               lab_slot: Optional[np.ndarray], progress=None, prefetch: bool = True, mapped: bool = False,
+               bg_frames: Optional[np.ndarray] = None):
     """Pass 2: matched-filter scores S (n, C), argmax index, max softmax probability, gated CoM (x, y, valid).
 
     S = e W - b - bg (1 W) with e = log1p(x) (or x) and bg = e . w_bg, evaluated as ONE product e [W | w_bg].
     CoM moments x M_g use the gate of the frame's label (``gate_of_slot[lab_slot]``, -1 = unknown: all gates)
     in adaptive mode and are recomputed for frames whose argmax picks another gate; union mode uses gate 0.
     ``mapped``: pass 1 left a mapped source's pages mapped (``keep_mapped``); they are unmapped chunk by chunk.
+    ``bg_frames``: each frame's bg from pass 1 (``pass1_keeps_background``); the compiled kernels then skip the
+    w_bg column (one row fewer per sweep). With the native kernels and a detector width that is a multiple of
+    the SIMD width, the CoM moments come from the gate row and the pixel offsets (``native.pass2_gate``).
     """
     n = source.n_frames
     n_pix = int(np.prod(source.frame_shape))
     C = mf.W.shape[1]
     c = pre.cfg
     bgsub = c.background_subtract
-    W2T = np.ascontiguousarray((np.concatenate([mf.W, pre.bg_weights[:, None]], axis=1) if bgsub else mf.W).T,
-                               dtype=np.float32)  # (C [+1], P)
+    fused = c.log_transform and use_kernels(source.dtype)
+    bg_known = bool(bgsub and fused and bg_frames is not None)
+    W2T = np.ascontiguousarray((np.concatenate([mf.W, pre.bg_weights[:, None]], axis=1)
+                                if bgsub and not bg_known else mf.W).T, dtype=np.float32)  # (C [+1], P)
     b, colsum = mf.b, mf.colsum
     MT = np.ascontiguousarray(com.M.T)  # (3K, P)
     K = com.n_gates
@@ -553,8 +571,8 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
     P_bufs = [np.empty((chunk, nP), dtype=np.float32) for _ in range(2)]
     R_bufs = [np.empty((chunk, 3), dtype=np.float32) for _ in range(2)]
 
-    fused = c.log_transform and use_kernels(source.dtype)
     wide = kernels.is_wide(source.dtype)
+    gates = [(tuple(com.frame_shape), com.G[g], com.dx, com.dy) for g in range(K)]
     if fused:
         tile = max(tile, KERNEL_TILE)
 
@@ -565,7 +583,8 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
             idx = _as_index(sel)
             op = np.empty((len(idx), nP), dtype=np.float32)
             orr = np.empty((len(idx), 3), dtype=np.float32)
-            kernels.pass2(block, idx, wide, W2T, MgT[g] if g >= 0 else MgT[0], g >= 0, op, orr, state.out4)
+            gg = g if g >= 0 else 0
+            kernels.pass2_gate(block, idx, wide, W2T, gates[gg], MgT[gg], g >= 0, op, orr, state.out4)
             P_chunk[sel] = op
             if g >= 0:
                 R_chunk[sel] = orr
@@ -593,7 +612,9 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
         m = bnd - a
         p = P_chunk[:m]
         s = p[:, :C] - b[None, :]
-        if bgsub:
+        if bg_known:
+            s -= bg_frames[a:bnd, None].astype(np.float32) * colsum[None, :]
+        elif bgsub:
             s -= p[:, C:C + 1] * colsum[None, :]
         _, idx, cmax = st.softmax_confidence(np, s, softmax_temp)
         r = R_chunk[:m]

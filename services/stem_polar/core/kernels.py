@@ -278,6 +278,16 @@ def pass2(block, idx, wide: bool, WT, MT, with_com: bool, out_p, out_r, scratch)
         pass2_frames(block, idx, wide, log_table(), WT, MT, with_com, out_p, out_r, scratch[0])
 
 
+def pass2_gate(block, idx, wide: bool, WT, gate, MT, with_com: bool, out_p, out_r, scratch) -> None:
+    """As ``pass2`` with the native kernel that forms the CoM moments from one gate row when it applies
+    (``gate`` = (frame_shape, G, dx, dy), see ``native.pass2_gate``); else ``pass2`` with the moment rows MT."""
+    nb = _native_block(block) if gate is not None else None
+    if nb is not None and native.gate_rows_fit(gate[0][1]):
+        native.pass2_gate(nb, idx, gate[0], WT, gate[1], gate[2], gate[3], with_com, out_p, out_r, scratch[:2])
+    else:
+        pass2(block, idx, wide, WT, MT, with_com, out_p, out_r, scratch)
+
+
 def log_rows(block, idx, wide: bool, lut, ref, shift: bool, out) -> None:
     """out[t] = log(1 + block[idx[t]]) from the table (float32), minus ``ref`` when ``shift``.
 

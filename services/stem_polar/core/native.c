@@ -8,7 +8,8 @@
  *     series' values with one hardware gather (faster there, same bits);
  *   - frames are taken two (pass 2) or four (pass 1) at a time, so every template / moment / accumulator row
  *     loaded from cache serves several frames; pass 1 is one sweep after each frame's background level (from
- *     the outer-ring vectors only), pass 2 one sweep for up to five template rows and the three moment rows.
+ *     the outer-ring vectors only), pass 2 one sweep for up to five template rows and the three moment rows
+ *     (sp_pass2g: the moments from one gate row and the pixel offsets, one row streamed instead of three).
  * Written with GCC vector extensions (AVX-512 when the compiler targets it, else 256-bit), no intrinsics.
  * Rows of any length: the last partial vector is zero-padded (log1p(0) = 0 adds nothing to the sums).
  */

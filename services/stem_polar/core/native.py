@@ -54,8 +54,9 @@ def _load():
             for sfx in TYPES.values():
                 getattr(lib, f"sp_pass1_{sfx}").argtypes = [V, V, S, S, V, V, V, S, I, V, V]
                 getattr(lib, f"sp_pass2_{sfx}").argtypes = [V, V, S, S, V, S, V, V, I, V, S, V, V]
+                getattr(lib, f"sp_pass2g_{sfx}").argtypes = [V, V, S, S, S, V, S, V, V, V, I, V, S, V, V]
                 getattr(lib, f"sp_log_rows_{sfx}").argtypes = [V, V, S, S, V]
-                for name in ("sp_pass1", "sp_pass2", "sp_log_rows"):
+                for name in ("sp_pass1", "sp_pass2", "sp_pass2g", "sp_log_rows"):
                     getattr(lib, f"{name}_{sfx}").restype = None
             lib.sp_vector_pixels.argtypes = []
             lib.sp_vector_pixels.restype = I
@@ -173,6 +174,39 @@ def pass2(block, idx, WT, MT, with_com: bool, out_p, out_r, ebuf) -> None:
                            int(bool(with_com)), _ptr(out_p), out_p.shape[1], _ptr(out_r), _ptr(ebuf))
 
 
+def gate_rows_fit(width: int) -> bool:
+    """``pass2_gate`` takes frames whose detector rows are whole SIMD vectors (width a multiple of 16 or 8)."""
+    lib = _load()
+    return lib is not None and width > 0 and width % lib.sp_vector_pixels() == 0
+
+
+def pass2_gate(block, idx, frame_shape, WT, G, dx, dy, with_com: bool, out_p, out_r, ebuf) -> None:
+    """As ``pass2`` with the CoM moments from one gate row: out_r[t] = [x . (G dx), x . (G dy), x . G] with
+    dx[column], dy[row] the pixel offsets from the centre (``GatedCoM.M``'s three columns, formed in the kernel:
+    one row streamed instead of three). Frames of ``frame_shape`` (ky, kx) with kx a multiple of the vector
+    width (``gate_rows_fit``); WT may have 0 rows."""
+    _check_block(block)
+    n, p = len(idx), block.shape[1]
+    ky, kx = (int(v) for v in frame_shape)
+    if ky * kx != p or not gate_rows_fit(kx):
+        raise ValueError(f"pass2_gate: frames of {ky} x {kx} pixels with a width that is a multiple of "
+                         f"{_load().sp_vector_pixels()} expected, got rows of {p}")
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    nP = WT.shape[0]
+    _f32(WT, (nP, p))
+    _f32(G, (p,))
+    _f32(dx, (kx,))
+    _f32(dy, (ky,))
+    _f32(out_p, (n, out_p.shape[1]))
+    _f32(out_r, (n, 3))
+    if out_p.shape[1] < nP or ebuf.size < 2 * p or not ebuf.flags.c_contiguous:
+        raise ValueError("pass2_gate: out_p needs a column per template row, ebuf 2 * P contiguous floats")
+    if n and (idx.min() < 0 or idx.max() >= block.shape[0]):
+        raise IndexError("pass2_gate: frame index out of range")
+    _fn("sp_pass2g", block)(_ptr(block), _ptr(idx), n, ky, kx, _ptr(WT), nP, _ptr(G), _ptr(dx), _ptr(dy),
+                            int(bool(with_com)), _ptr(out_p), out_p.shape[1], _ptr(out_r), _ptr(ebuf))
+
+
 def log_rows(block, idx) -> np.ndarray:
     """log1p of frames block[idx] as the native passes compute it (float32 rows)."""
     _check_block(block)
@@ -182,4 +216,5 @@ def log_rows(block, idx) -> np.ndarray:
     return out
 
 
-__all__ = ["available", "status", "log_method", "supports", "supports_dtype", "build", "pass1", "pass2", "log_rows"]
+__all__ = ["available", "status", "log_method", "supports", "supports_dtype", "build", "pass1", "pass2", "pass2_gate",
+           "gate_rows_fit", "log_rows"]

@@ -244,3 +244,134 @@ void F(sp_log_rows)(const PIX *base, const int64_t *idx, size_t n, size_t P, flo
         SWEEP(P, { st_f(out + t * P + k, LOG_PX(LD_PX(r + k, n), tab), n); })
     }
 }
+
+/* ------------------------------------------------------------------------------- pass 2, moments from the gate */
+
+/* As pass2_sweep for frames whose rows are whole vectors (detector width Wd a multiple of VL) with the CoM
+ * moments taken from the gate row G and the pixel coordinates instead of three moment rows: g = x G, then
+ * sum g, sum g dx, sum g dy with dx = dxr[column] (one detector row of offsets, L1-resident) and dy = dyr[row]
+ * (a broadcast per detector row). NW (1..GROUP, a constant after inlining) template rows, no padding rows:
+ * each distinct row streamed from L2 costs more than its arithmetic. */
+INLINE void F(pass2g_sweep)(const PIX *ra, const PIX *rb, const PIX *na, const PIX *nb_, const int nb,
+                            const size_t H, const size_t Wd, const float *const *w, const int NW, const float *G,
+                            const float *dxr, const float *dyr, const int com, const int from_raw,
+                            const int keep_e, float *ebuf, float out_a[8], float out_b[8]) {
+    vf a[GROUP] = {{0}}, b[GROUP] = {{0}};
+    vf ma0 = {0}, ma1 = {0}, ma2 = {0}, mb0 = {0}, mb1 = {0}, mb2 = {0};
+    const size_t P = H * Wd;
+    float *ea = ebuf, *eb = ebuf + P;
+    const smalltab tab = load_small_table();
+    for (size_t r = 0; r < H; r++) {
+        const vf dy = (vf){0} + dyr[r];
+        for (size_t c = 0; c < Wd; c += VL) {
+            const size_t k = r * Wd + c, n = VL;
+            vf xa = {0}, xb = {0}, e1, e2 = {0};
+            if (from_raw) {
+                PREFETCH(na, nb_, k);
+                xa = LD_PX(ra + k, n);
+                e1 = LOG_PX(xa, tab);
+                if (nb == 2) {
+                    xb = LD_PX(rb + k, n);
+                    e2 = LOG_PX(xb, tab);
+                }
+                if (keep_e) {
+                    st_f(ea + k, e1, n);
+                    if (nb == 2) st_f(eb + k, e2, n);
+                }
+            } else {
+                e1 = ld_f(ea + k, n);
+                if (nb == 2) e2 = ld_f(eb + k, n);
+            }
+            for (int j = 0; j < NW; j++) {
+                vf wv = ld_f(w[j] + k, n);
+                a[j] += e1 * wv, b[j] += e2 * wv;
+            }
+            if (com) {
+                vf g = ld_f(G + k, n), dx = ld_f(dxr + c, n);
+                vf ga = xa * g, gb = xb * g;
+                ma2 += ga, mb2 += gb;
+                ma0 += ga * dx, mb0 += gb * dx;
+                ma1 += ga * dy, mb1 += gb * dy;
+            }
+        }
+    }
+    for (int j = 0; j < NW; j++) out_a[j] = hsum(a[j]), out_b[j] = hsum(b[j]);
+    if (com) {
+        out_a[5] = hsum(ma0), out_a[6] = hsum(ma1), out_a[7] = hsum(ma2);
+        out_b[5] = hsum(mb0), out_b[6] = hsum(mb1), out_b[7] = hsum(mb2);
+    }
+}
+
+/* One sweep specialised for its flags and row count (every branch inlines pass2g_sweep with constants). */
+#define P2G_SWEEP(NW_, COM_, RAW_, KEEP_) \
+    F(pass2g_sweep)(ra, rb, na, nb_, nb, H, Wd, w, NW_, G, dxr, dyr, COM_, RAW_, KEEP_, ebuf, oa, ob)
+#define P2G_ROWS(COM_, RAW_, KEEP_)                   \
+    switch (nw) {                                     \
+    case 1: P2G_SWEEP(1, COM_, RAW_, KEEP_); break;   \
+    case 2: P2G_SWEEP(2, COM_, RAW_, KEEP_); break;   \
+    case 3: P2G_SWEEP(3, COM_, RAW_, KEEP_); break;   \
+    case 4: P2G_SWEEP(4, COM_, RAW_, KEEP_); break;   \
+    default: P2G_SWEEP(5, COM_, RAW_, KEEP_); break;  \
+    }
+
+static void F(pass2g_frames_nb)(const PIX *ra, const PIX *rb, const PIX *na, const PIX *nb_, const int nb,
+                                size_t H, size_t Wd, const float *WT, size_t nP, const float *G, const float *dxr,
+                                const float *dyr, int com, float *ebuf, float *pa, float *pb, float *qa, float *qb) {
+    const size_t P = H * Wd;
+    float oa[8] = {0}, ob[8] = {0};
+    if (nP == 0 && com) { /* moments only */
+        const float *w[1] = {G};
+        F(pass2g_sweep)(ra, rb, na, nb_, nb, H, Wd, w, 0, G, dxr, dyr, 1, 1, 0, ebuf, oa, ob);
+    }
+    for (size_t c0 = 0; c0 < nP; c0 += GROUP) {
+        const float *w[GROUP];
+        const int nw = (int)(nP - c0 < GROUP ? nP - c0 : GROUP);
+        for (int j = 0; j < nw; j++) w[j] = WT + (c0 + j) * P;
+        for (int j = nw; j < GROUP; j++) w[j] = w[0];
+        const int first = c0 == 0, keep = first && nP > GROUP;
+        if (first && com && keep) {
+            P2G_ROWS(1, 1, 1)
+        } else if (first && com) {
+            P2G_ROWS(1, 1, 0)
+        } else if (first && keep) {
+            P2G_ROWS(0, 1, 1)
+        } else if (first) {
+            P2G_ROWS(0, 1, 0)
+        } else {
+            P2G_ROWS(0, 0, 0)
+        }
+        for (int j = 0; j < nw; j++) {
+            pa[c0 + j] = oa[j];
+            if (nb == 2) pb[c0 + j] = ob[j];
+        }
+    }
+    if (com) {
+        for (int j = 0; j < 3; j++) {
+            qa[j] = oa[GROUP + j];
+            if (nb == 2) qb[j] = ob[GROUP + j];
+        }
+    }
+}
+#undef P2G_ROWS
+#undef P2G_SWEEP
+
+/* Pass-2 products of frames base[idx[t]] (H x Wd pixels, Wd a multiple of the vector width):
+ * out_p[t * ldp + c] = log1p(x) . WT[c] for c < nP and, with com, out_r[t * 3 + .] = [x . (G dx), x . (G dy),
+ * x . G] with dx = dxr[column], dy = dyr[row] (the gated CoM moments about the centre). ebuf: 2 * P floats. */
+void F(sp_pass2g)(const PIX *base, const int64_t *idx, size_t n, size_t H, size_t Wd, const float *WT, size_t nP,
+                  const float *G, const float *dxr, const float *dyr, int com, float *out_p, size_t ldp,
+                  float *out_r, float *ebuf) {
+    const size_t P = H * Wd;
+    size_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+        const PIX *ra = base + idx[t] * P, *rb = base + idx[t + 1] * P;
+        const PIX *na = t + 2 < n ? base + idx[t + 2] * P : rb, *nb_ = t + 3 < n ? base + idx[t + 3] * P : rb;
+        F(pass2g_frames_nb)(ra, rb, na, nb_, 2, H, Wd, WT, nP, G, dxr, dyr, com, ebuf, out_p + t * ldp,
+                            out_p + (t + 1) * ldp, out_r + t * 3, out_r + (t + 1) * 3);
+    }
+    if (t < n) {
+        const PIX *ra = base + idx[t] * P;
+        F(pass2g_frames_nb)(ra, ra, ra, ra, 1, H, Wd, WT, nP, G, dxr, dyr, com, ebuf, out_p + t * ldp,
+                            out_p + t * ldp, out_r + t * 3, out_r + t * 3);
+    }
+}

@@ -336,10 +336,14 @@ class PolarPipeline:
 
         nonneg = np.dtype(src.dtype).kind in "ub"
         kept_mapped = self.fast and eng.keep_mapped(src)  # pages mapped by pass 1 stay mapped for pass 2
+        bg_frames = None  # each frame's background level, kept by pass 1's compiled kernels for pass 2
         if self.fast:
+            if eng.pass1_keeps_background(pre, src.dtype):
+                bg_frames = np.empty(n)
             part = eng.pass1_stats(src, self.chunk, self.tile, self.threads, lab_idx, C, half if split else None,
                                    pre, ref, check=self._check_finite, prefetch=self.prefetch, keep=kept_mapped,
-                                   progress=lambda b, n_: self.progress("pass 1/2: statistics", b, n_))
+                                   progress=lambda b, n_: self.progress("pass 1/2: statistics", b, n_),
+                                   bg_out=bg_frames)
         # generic (array-module) path
         chunks = [] if self.fast else prefetch_chunks(iter_chunks(src, self.chunk, buffers=3), self.prefetch)
         for a, b, block in chunks:
@@ -414,7 +418,7 @@ class PolarPipeline:
             lab_slot = np.where(lab_idx >= 0, lab_idx, C)
             S, amax, conf, cxp, cyp, valid = eng.pass2_maps(
                 src, self.chunk, self.tile, self.threads, pre, mf, com, temp, adaptive,
-                gate_of_slot, lab_slot, prefetch=self.prefetch, mapped=kept_mapped,
+                gate_of_slot, lab_slot, prefetch=self.prefetch, mapped=kept_mapped, bg_frames=bg_frames,
                 progress=lambda b, n_: self.progress("pass 2/2: matched filter + gated CoM", b, n_))
         # generic (array-module) path
         chunks = [] if self.fast else prefetch_chunks(iter_chunks(src, self.chunk, buffers=3), self.prefetch)

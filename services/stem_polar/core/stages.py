@@ -414,6 +414,11 @@ class GatedCoM:
             cols += [(g * (xx - cx)).ravel(), (g * (yy - cy)).ravel(), g.ravel()]
         self.M = np.stack(cols, axis=1).astype(np.float32)  # (P, 3K)
         self.n_gates = k
+        # the same moments from one gate row and the pixel offsets (the native pass-2 kernel forms the products)
+        self.frame_shape = (ky, kx)
+        self.G = gates.reshape(k, -1).astype(np.float32)
+        self.dx = (np.arange(kx) - cx).astype(np.float32)
+        self.dy = (np.arange(ky) - cy).astype(np.float32)
         self._dev: dict = {}
 
     def products(self, xp, x_raw):
