@@ -162,3 +162,15 @@ def test_sign_of_e_for_a_known_deflection_in_both_unit_systems():
     phys = run(data.astype(np.float32), lab, **common,
                physical={"enabled": True, "thickness_nm": 20, "mrad_per_px": 0.5})
     assert phys.ex[left].mean() < 0 and np.corrcoef(phys.ex.ravel(), px.ex.ravel())[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("cy, cx", [(15.3, 16.2), (7.0, 9.5), (-1.2, 30.7), (20.5, 3.0)])
+def test_mirror_bilinear_equals_general_interpolation(cy, cx):
+    """The point reflection as four shifted copies equals scipy's bilinear interpolation at the mirrored
+    coordinates (zero beyond the detector), for centres on and off the pixel grid and off the detector."""
+    from scipy import ndimage
+
+    g = np.random.default_rng(3).random((24, 32))
+    yy, xx = np.indices(g.shape, dtype=np.float64)
+    ref = ndimage.map_coordinates(g, [2 * cy - yy, 2 * cx - xx], order=1, mode="grid-constant", cval=0.0)
+    np.testing.assert_allclose(st.mirror_bilinear(g, cy, cx), ref, rtol=0, atol=1e-14)

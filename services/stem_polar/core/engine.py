@@ -44,7 +44,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import kernels
+from . import kernels, native
 from . import stages as st
 from .source import iter_chunks, prefetch_chunks
 
@@ -573,6 +573,12 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
 
     wide = kernels.is_wide(source.dtype)
     gates = [(tuple(com.frame_shape), com.G[g], com.dx, com.dy) for g in range(K)]
+    # frames whose argmax is not their guessed gate: redone in the calling thread with the native gate kernel
+    # (no float copy of the frames, 3 moment products instead of 3K) when it applies
+    gate_kernel = (fused and kernels.backend(source.dtype) == "native" and native.gate_rows_fit(com.frame_shape[1])
+                   and native.supports_dtype(source.dtype))
+    no_rows = np.empty((0, n_pix), dtype=np.float32)
+    redo_scratch = np.empty((2, n_pix), dtype=np.float32) if gate_kernel else None
     if fused:
         tile = max(tile, KERNEL_TILE)
 
@@ -620,7 +626,14 @@ def pass2_maps(source, chunk: int, tile: int, threads: int, pre, mf: st.MatchedF
         r = R_chunk[:m]
         if adaptive:
             bad = np.flatnonzero(idx != key[a:bnd])
-            if len(bad):
+            if len(bad) and gate_kernel:  # the moments of each frame's new gate only, from the raw frames
+                for g in np.unique(idx[bad]).tolist():
+                    sel = bad[idx[bad] == g]
+                    rg = np.empty((len(sel), 3), dtype=np.float32)
+                    kernels.pass2_gate(block, sel, wide, no_rows, gates[g], MgT[g], True,
+                                       np.empty((len(sel), 0), np.float32), rg, redo_scratch)
+                    r[sel] = rg
+            elif len(bad):
                 xb = np.empty((len(bad), n_pix), dtype=np.float32)
                 np.copyto(xb, block[bad], casting="unsafe")
                 rb = rmm(MT, xb).reshape(len(bad), K, 3)

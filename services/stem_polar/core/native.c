@@ -60,7 +60,9 @@ typedef uint16_t vu16 __attribute__((vector_size(VL * 2)));
 INLINE vf ld_u16(const uint16_t *p, size_t n) {
     vu16 u = {0};
     memcpy(&u, p, n * sizeof(uint16_t));
-    return __builtin_convertvector(u, vf);
+    /* through int32: one zero-extension and one conversion of the whole vector (GCC splits u16 -> float in
+     * two halves otherwise); exact either way */
+    return __builtin_convertvector(__builtin_convertvector(u, vi), vf);
 }
 INLINE vf ld_f(const float *p, size_t n) {
     vf v = {0};

@@ -9,7 +9,6 @@ passing input for each).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from . import stages as st
@@ -42,7 +41,7 @@ def symmetrize_pattern(p: np.ndarray, cy: float, cx: float) -> np.ndarray:
     yy, xx = np.indices((ky, kx), dtype=np.float64)
     my, mx = 2.0 * cy - yy, 2.0 * cx - xx
     inside = (my >= 0) & (my <= ky - 1) & (mx >= 0) & (mx <= kx - 1)
-    r = ndimage.map_coordinates(p, [my, mx], order=1, mode="nearest")
+    r = st.mirror_bilinear(p, cy, cx)  # = map_coordinates(order=1) where the mirror is on the detector
     return np.where(inside, 0.5 * (p + r), p)
 
 

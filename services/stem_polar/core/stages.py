@@ -251,6 +251,27 @@ def make_templates(mu_c: np.ndarray, mu: np.ndarray, sigma: np.ndarray, eps: flo
     return t, norms
 
 
+def mirror_bilinear(g: np.ndarray, cy: float, cx: float) -> np.ndarray:
+    """g(2 cy - y, 2 cx - x), bilinear, zero beyond the array (``ndimage.map_coordinates`` with order=1,
+    mode='grid-constant', to rounding). The mirrored coordinates of all pixels share one fractional part, so
+    this is four flipped, shifted copies of g: ~50x cheaper than the general interpolation at 128 x 128."""
+    g = np.asarray(g, dtype=np.float64)
+    ky, kx = g.shape
+    y0, x0 = np.floor(2.0 * cy), np.floor(2.0 * cx)
+    fy, fx = 2.0 * cy - y0, 2.0 * cx - x0
+    iy = int(y0) - np.arange(ky)
+    ix = int(x0) - np.arange(kx)
+
+    def take(a, idx, n, axis):  # a[idx] along axis, 0 where idx is off the array
+        ok = (idx >= 0) & (idx < n)
+        t = np.take(a, np.clip(idx, 0, n - 1), axis=axis)
+        return t * (ok[:, None] if axis == 0 else ok[None, :])
+
+    r0, r1 = take(g, iy, ky, 0), take(g, iy + 1, ky, 0)
+    c = [[take(r, ix + d, kx, 1) for d in (0, 1)] for r in (r0, r1)]
+    return (1.0 - fy) * ((1.0 - fx) * c[0][0] + fx * c[0][1]) + fy * ((1.0 - fx) * c[1][0] + fx * c[1][1])
+
+
 def symmetrize_gate(g: np.ndarray, cy: float, cx: float) -> np.ndarray:
     """Point-reflection symmetrisation of a gate about the (sub-pixel) beam centre: 0.5 (G + R G).
 
@@ -266,7 +287,7 @@ def symmetrize_gate(g: np.ndarray, cy: float, cx: float) -> np.ndarray:
     my, mx = 2.0 * cy - yy, 2.0 * cx - xx
     inside = (my >= 0) & (my <= ky - 1) & (mx >= 0) & (mx <= kx - 1)
     g = np.where(inside, g, 0.0)
-    r = ndimage.map_coordinates(g, [my, mx], order=1, mode="grid-constant", cval=0.0)
+    r = mirror_bilinear(g, cy, cx)
     out = 0.5 * (g + r)
     out[np.abs(out) < 1e-12] = 0.0  # interpolation round-off: keep empty pixels exactly empty
     return out
