@@ -2,7 +2,7 @@
 
 HDF5 schema ``diffractflow.diffuse_still`` v5 (one file per still; schema name, integer version and the part other
 services read are owned by :mod:`diffractflow.formats.still_table`), readable with h5py after
-``import hdf5plugin`` (datasets are Blosc/LZ4 + byte-shuffle compressed, chunked):
+``import hdf5plugin`` (datasets are Blosc/LZ4 + byte-shuffle compressed, chunked; ``intensity`` plain):
 
 - ``/`` attributes: provenance (schema, producer, job id, parameters, input sha256s).
 - ``/entry`` (NXentry), attrs ``image_path``, ``image_index``, ``experiment_index``, for a rotation frame
@@ -118,9 +118,17 @@ COMPRESSION_ENV = "DIFFUSE_EXTRACTOR_COMPRESSION"
 COMPRESSIONS = ("lz4", "none")
 
 
+#: still-table columns written without the filter even with "lz4": corrected intensities are noise down to their
+#: last bits, so LZ4 gains little on them (PILATUS 6M still: 21.0 -> 18.4 MB) for the most CPU of any column
+#: (~0.013 s of the ~0.05 s that compression costs); readers see plain chunks
+PLAIN_COLUMNS = ("intensity",)
+
+
 def _compression(name: str | None = None) -> dict:
-    """h5py dataset options of the still table's filter. "lz4": Blosc/LZ4 level 1 with byte shuffle (PILATUS 6M
-    still, v5: 84 MB, 0.13 CPU-s to write); "none": plain chunks (133 MB, 0.08 CPU-s; readers decode nothing)."""
+    """h5py dataset options of the still table's filter. "lz4": Blosc/LZ4 level 1 with byte shuffle, except for
+    :data:`PLAIN_COLUMNS` (PILATUS 6M still, v5: 86 MB, 0.10 CPU-s to write); "none": plain chunks (133 MB,
+    0.07 CPU-s; readers decode nothing). Other Blosc settings cost more CPU (measured: no shuffle, bitshuffle,
+    blosclz, zstd, higher levels, Blosc2, larger or smaller chunks)."""
     name = (name or os.environ.get(COMPRESSION_ENV) or "lz4").lower()
     if name not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, not {name!r}")
@@ -368,7 +376,8 @@ def write_still(path: str | Path, result: StillExtraction, experiment, *, parame
                                            fillvalue=np.asarray(value, dtype=dtype), **comp)
                     ds.attrs["constant"] = np.asarray(value, dtype=dtype)
                 else:
-                    ds = px.create_dataset(name, data=arr.astype(dtype, copy=False), chunks=chunks, **empty, **comp)
+                    ds = px.create_dataset(name, data=arr.astype(dtype, copy=False), chunks=chunks, **empty,
+                                           **({} if name in PLAIN_COLUMNS else comp))
                 ds.attrs["units"] = unit
             mg = e.create_group("masks")
             mg.attrs.update(NX_class="NXcollection", bits=json.dumps({b.name: int(b) for b in MaskBit}),

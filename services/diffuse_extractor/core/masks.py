@@ -636,10 +636,33 @@ def candidate_indices(experiment, d_min: float, delpsi_max: float = DIALS_STILLS
     hkl = hkl[:, sel].T.astype(np.int64)
     if len(hkl) == 0:
         return np.zeros((0, 3), dtype=np.int64)
-    sym = cr_mod.symmetry(unit_cell=uc, space_group=cryst.get_space_group())
-    ms = miller.set(sym, _miller_flex(hkl), anomalous_flag=True)
-    absent = np.asarray(ms.sys_absent_flags().data(), dtype=bool)
+    absent = sys_absent(cryst.get_space_group(), hkl)
+    if absent is None:  # a setting with fractional rotation parts: cctbx's own test
+        sym = cr_mod.symmetry(unit_cell=uc, space_group=cryst.get_space_group())
+        absent = np.asarray(miller.set(sym, _miller_flex(hkl), anomalous_flag=True).sys_absent_flags().data(),
+                            dtype=bool)
     return hkl[~absent]
+
+
+def sys_absent(space_group, hkl: np.ndarray) -> np.ndarray | None:
+    """Systematic absences of the (n, 3) integer indices ``hkl`` in a cctbx ``space_group``, as cctbx's
+    ``sys_absent_flags``: h is absent when some operation (R, t) of the group (centring and inversion included)
+    maps it onto itself (h R = h) with a phase shift h.t that is not a whole turn. Vectorised over the indices
+    (~10x less CPU than cctbx's per-index loop behind a flex array); None when a rotation part is fractional
+    (then ask cctbx). The tests compare it with cctbx in all 230 space groups."""
+    hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
+    absent = np.zeros(len(hkl), dtype=bool)
+    for op in space_group.all_ops():
+        r, t = op.r(), op.t()
+        if r.den() != 1:
+            return None
+        R = np.asarray(r.num(), dtype=np.int64).reshape(3, 3)
+        tn = np.asarray(t.num(), dtype=np.int64)
+        if not tn.any():
+            continue  # no phase shift: cannot make anything absent
+        fixed = hkl @ R == hkl
+        absent |= fixed.all(axis=1) & ((hkl @ tn) % int(t.den()) != 0)
+    return absent
 
 
 def predict_reflections(experiment, d_min: float | None = None,
