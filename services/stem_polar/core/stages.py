@@ -259,17 +259,21 @@ def mirror_bilinear(g: np.ndarray, cy: float, cx: float) -> np.ndarray:
     ky, kx = g.shape
     y0, x0 = np.floor(2.0 * cy), np.floor(2.0 * cx)
     fy, fx = 2.0 * cy - y0, 2.0 * cx - x0
-    iy = int(y0) - np.arange(ky)
-    ix = int(x0) - np.arange(kx)
+    # g(Y + dy - i, X + dx - j) = flipped g at (i + ky - 1 - Y - dy, j + kx - 1 - X - dx): shifted copies of the
+    # flipped array, zero where the shift leaves it
+    gf = g[::-1, ::-1]
+    sy, sx = ky - 1 - int(y0), kx - 1 - int(x0)
 
-    def take(a, idx, n, axis):  # a[idx] along axis, 0 where idx is off the array
-        ok = (idx >= 0) & (idx < n)
-        t = np.take(a, np.clip(idx, 0, n - 1), axis=axis)
-        return t * (ok[:, None] if axis == 0 else ok[None, :])
+    def shifted(oy, ox):  # out[i, j] = gf[i + oy, j + ox], 0 off the array
+        out = np.zeros((ky, kx))
+        i0, i1 = max(0, -oy), min(ky, ky - oy)
+        j0, j1 = max(0, -ox), min(kx, kx - ox)
+        if i1 > i0 and j1 > j0:
+            out[i0:i1, j0:j1] = gf[i0 + oy:i1 + oy, j0 + ox:j1 + ox]
+        return out
 
-    r0, r1 = take(g, iy, ky, 0), take(g, iy + 1, ky, 0)
-    c = [[take(r, ix + d, kx, 1) for d in (0, 1)] for r in (r0, r1)]
-    return (1.0 - fy) * ((1.0 - fx) * c[0][0] + fx * c[0][1]) + fy * ((1.0 - fx) * c[1][0] + fx * c[1][1])
+    c00, c01, c10, c11 = shifted(sy, sx), shifted(sy, sx - 1), shifted(sy - 1, sx), shifted(sy - 1, sx - 1)
+    return (1.0 - fy) * ((1.0 - fx) * c00 + fx * c01) + fy * ((1.0 - fx) * c10 + fx * c11)
 
 
 def symmetrize_gate(g: np.ndarray, cy: float, cx: float) -> np.ndarray:
