@@ -250,3 +250,54 @@ def test_paint_disks_kernel_matches_numpy_path_and_lattice_count(monkeypatch):
     one = [np.zeros((20, 20), np.uint8)]
     paint_disks(one, np.array([0]), np.array([10.5]), np.array([7.5]), 2.0, MaskBit.BRAGG)
     assert int((one[0] != 0).sum()) == 13 and one[0][7, 10] and one[0][7, 12] and not one[0][9, 12]
+
+
+@needs_numba
+@pytest.mark.parametrize("lam", [0.3, 3.0, 40.0])
+def test_isotropic_profile_clipping_kernel_matches_numpy(monkeypatch, lam):
+    """``kernels.shell_clip_sums`` gives ``background.isotropic_profile`` the numpy path's shells, values, errors and
+    pixel counts bit for bit (Poisson counts with bright outliers to clip, a sample stride, a gain, NaN pixels)."""
+    from diffuse_extractor.core import background as bg
+
+    rng = np.random.default_rng(int(lam * 10))
+    n = 200_000
+    q = rng.uniform(0.05, 0.6, n).astype(np.float32)
+    e = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    inten = (rng.poisson(lam * e * (1 + q)) / e).astype(np.float32)
+    inten[rng.random(n) < 0.02] *= 40
+    inten[:50] = np.nan
+    for kw in ({}, {"gain": 1.7, "max_sample": 30_000}):
+        out = []
+        for engine in ("numba", "numpy"):
+            monkeypatch.setenv(kernels.ENV, engine)
+            out.append(bg.isotropic_profile(q, inten, e, **kw))
+        a, b = out
+        for name in ("q", "b", "sigma", "n_pixels"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        assert np.isfinite(a.b).sum() > 20 and a.n_pixels.sum() < min(n, kw.get("max_sample", n))  # some clipped
+
+
+@needs_numba
+def test_untrusted_and_overload_kernel_matches_numpy(monkeypatch):
+    """``kernels.trust_flags`` gives ``masks.untrusted_and_overload`` the numpy path's flags: values at and around the
+    trusted limits (a limit that float32 rounds), NaN, a format mask, untrusted rectangles, two panels."""
+    det = synthetic.make_detector()
+    rng = np.random.default_rng(2)
+    panels = list(det)
+    for p in panels:
+        p.set_trusted_range((-0.1, 1000.3))
+        p.add_mask(3, 4, 9, 6)  # an untrusted rectangle
+    data = [rng.normal(0, 400, tuple(p.get_image_size()[::-1])).astype(np.float32) for p in panels]
+    d = data[0]
+    d[0, :6] = [np.float32(-0.1), np.float32(1000.3), np.nan, np.nextafter(np.float32(1000.3), np.float32(0)), 2e6, -5]
+    good = [rng.random(x.shape) > 0.01 for x in data]
+    for fmask in (None, good, [None] * len(data)):
+        out = {}
+        for engine in ("numba", "numpy"):
+            monkeypatch.setenv(kernels.ENV, engine)
+            out[engine] = mk.untrusted_and_overload(det, data, fmask)
+        for a, b in zip(out["numba"], out["numpy"]):
+            np.testing.assert_array_equal(a, b)
+        f = out["numba"][0]
+        assert f[0, 0] == mk.MaskBit.UNTRUSTED and f[0, 1] == mk.MaskBit.OVERLOAD and f[0, 2] == 0
+        assert f[0, 3] == 0 and f[0, 4] == mk.MaskBit.OVERLOAD and f[0, 5] == mk.MaskBit.UNTRUSTED

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 from scipy.ndimage import correlate1d, distance_transform_edt, gaussian_filter1d  # loaded by .masks already (the extractor's masks)
 
+from . import kernels
 from .errors import InputError
 
 
@@ -113,15 +114,22 @@ def isotropic_profile(q: np.ndarray, intensity: np.ndarray, exposure: np.ndarray
     keep = np.ones(m, bool)
     ep = e / g  # photons per unit intensity
     x = I * ep  # photons
+    fused = kernels.enabled()
     for _ in range(iterations):
-        lam = np.maximum(mean[b], 0.0) * ep
-        root = np.sqrt(np.maximum(lam, 1.0))
-        d = x - lam
-        keep = (d <= clip_nsigma * root) & (d >= -clip_low_nsigma * root)
-        cnt = np.bincount(b, keep, minlength=n_shells).astype(np.float64)
-        kept_mean = np.bincount(b, np.where(keep, I, 0.0), minlength=n_shells) / np.maximum(cnt, 1)
-        lam_shell = np.maximum(mean, 0.0) * np.bincount(b, np.where(keep, ep, 0.0), minlength=n_shells) \
-            / np.maximum(cnt, 1)
+        if fused:  # one pass instead of ~10 array operations (same sums, same order)
+            cnt, s_i, s_ep = np.zeros(n_shells), np.zeros(n_shells), np.zeros(n_shells)
+            kernels.shell_clip_sums(mean, b, x, ep, I, float(clip_nsigma), float(-clip_low_nsigma), keep, cnt, s_i,
+                                    s_ep)
+        else:
+            lam = np.maximum(mean[b], 0.0) * ep
+            root = np.sqrt(np.maximum(lam, 1.0))
+            d = x - lam
+            keep = (d <= clip_nsigma * root) & (d >= -clip_low_nsigma * root)
+            cnt = np.bincount(b, keep, minlength=n_shells).astype(np.float64)
+            s_i = np.bincount(b, np.where(keep, I, 0.0), minlength=n_shells)
+            s_ep = np.bincount(b, np.where(keep, ep, 0.0), minlength=n_shells)
+        kept_mean = s_i / np.maximum(cnt, 1)
+        lam_shell = np.maximum(mean, 0.0) * s_ep / np.maximum(cnt, 1)
         cut = np.floor(lam_shell + clip_nsigma * np.sqrt(np.maximum(lam_shell, 1.0)))
         with np.errstate(invalid="ignore", divide="ignore"):
             f = poisson.cdf(cut - 1, lam_shell) / poisson.cdf(cut, lam_shell)

@@ -241,6 +241,41 @@ if _HAVE_NUMBA:
             _sf_rbin(p3, qk, qs, rbin[row:row + nx])
 
     @_jit
+    def shell_clip_sums(mean, b, x, ep, inten, clip_hi, clip_lo, keep, cnt, s_i, s_ep):
+        """One clipping pass of ``background.isotropic_profile`` (its numpy operations, same float64 values):
+        per sampled pixel lam = max(mean[shell], 0) ep, kept when ``clip_lo sqrt(max(lam, 1)) <= x - lam <=
+        clip_hi sqrt(max(lam, 1))`` (``clip_lo`` negative); per shell the count of kept pixels and the sums of
+        their intensities and ``ep``, added in pixel order as ``np.bincount`` does."""
+        for p in range(b.shape[0]):
+            bi = b[p]
+            mv = mean[bi]
+            mv = mv if not (mv < 0.0) else 0.0  # np.maximum(mean, 0.0) (NaN propagates)
+            lam = mv * ep[p]
+            r = lam if not (lam < 1.0) else 1.0
+            root = np.sqrt(r)
+            d = x[p] - lam
+            k = (d <= clip_hi * root) and (d >= clip_lo * root)
+            keep[p] = k
+            if k:
+                cnt[bi] += 1.0
+                s_i[bi] += inten[p]
+                s_ep[bi] += ep[p]
+
+    @_jit
+    def trust_flags(d, lo, hi, overload_bit, good, has_good, out):
+        """``masks.untrusted_and_overload`` before the rectangles, in one pass over a float32 panel: 1 (UNTRUSTED)
+        where ``d <= lo`` or the format mask ``good`` is False, ``overload_bit`` where ``d >= hi`` (float32
+        comparisons, as numpy makes them with the limits rounded to float32)."""
+        for p in range(d.shape[0]):
+            v = d[p]
+            f = 1 if v <= lo else 0
+            if v >= hi:
+                f |= overload_bit
+            if has_good and not good[p]:
+                f |= 1
+            out[p] = f
+
+    @_jit
     def flag_histogram(flags, hist):
         """hist[v] += number of pixels with flag value v (uint8, flattened). Zeros (most pixels) are counted in a
         register: incrementing one memory slot pixel after pixel waits on the previous increment each time."""
@@ -549,6 +584,7 @@ def warm_up() -> bool:
                  cols2,
                  u16, u16.copy(), one.copy(), one.copy(), one.copy(), one.copy())
     flag_histogram(flags, np.zeros(256, np.int64))
+    trust_flags(one, f32(0.0), f32(1.0), 2, np.ones(4, np.bool_), True, flags.copy())
     f64 = np.ones(2)
     static_flat(f64, f64, f64, f64, np.zeros((1, 20)), 1.0, 1.0, np.zeros((6, 3)), np.ones(5), True, False,
                 np.empty((3, 4), f32), one.copy(), one.copy(), one.copy(), one.copy(), one.copy(), one.copy(),
@@ -562,4 +598,6 @@ def warm_up() -> bool:
     stats_add(one, flags, u8(3), np.zeros(4, np.uint16), np.zeros(4), np.zeros(4), np.zeros(4, np.uint16))
     hot_dead(np.ones((2, 2), np.uint16), np.ones((2, 2)), np.ones((2, 2)), np.zeros((2, 2), np.uint16), 7, 5.0, 8.0,
              4.0, 20.0, 1, 2, np.empty((2, 2), u8))
+    shell_clip_sums(np.ones(2), np.zeros(2, np.int64), np.ones(2), np.ones(2), np.ones(2), 2.5, -4.0,
+                    np.empty(2, np.bool_), np.zeros(2), np.zeros(2), np.zeros(2))
     return True

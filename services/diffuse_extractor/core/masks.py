@@ -110,6 +110,16 @@ def untrusted_and_overload(detector, data: Sequence[np.ndarray], format_mask=Non
     for i, panel in enumerate(detector):
         d = np.asarray(data[i])
         lo, hi = panel.get_trusted_range()
+        fm = format_mask[i] if format_mask is not None else None
+        if kernels.enabled() and d.dtype == np.float32 and (fm is None or np.shape(fm) == d.shape):  # one pass
+            f = np.empty(d.shape, np.uint8)
+            good = np.ascontiguousarray(fm, dtype=bool).ravel() if fm is not None else np.ones(1, bool)
+            kernels.trust_flags(np.ascontiguousarray(d).ravel(), np.float32(lo), np.float32(hi),
+                                int(MaskBit.OVERLOAD), good, fm is not None, f.ravel())
+            for x0, x1, y0, y1 in panel.get_mask():
+                f[max(y0, 0):y1, max(x0, 0):x1] |= MaskBit.UNTRUSTED
+            flags.append(f)
+            continue
         f = np.less_equal(d, lo).view(np.uint8)  # True -> 1 == UNTRUSTED
         over = np.greater_equal(d, hi).view(np.uint8)
         over *= np.uint8(MaskBit.OVERLOAD)
