@@ -380,6 +380,8 @@ def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int, bg_out: Optional[np.nd
     use_bg = bool(c.background_subtract)
     bgw = pre.bg_weights if use_bg else ref32
     c0 = float(np.dot(ref32.astype(np.float64), bgw.astype(np.float64))) if use_bg else 0.0
+    # the native kernel's list of background vectors: once per pass, not per call
+    bgv = native.background_vectors(bgw) if use_bg and native.available() else None
 
     def run(state, a, block, tiles):
         part: dict = {}
@@ -388,7 +390,7 @@ def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int, bg_out: Optional[np.nd
                 part[g] = np.zeros((4, n_pix), dtype=np.float32)  # rows raw, sum D, sum D^2, 0
             idx = _as_index(sel)
             bg = np.full(len(idx), c0)
-            kernels.pass1(block, idx, wide, ref32, bgw, use_bg, part[g][:3], bg, state.out4)
+            kernels.pass1(block, idx, wide, ref32, bgw, use_bg, part[g][:3], bg, state.out4, bgv)
             if bg_out is not None:
                 bg_out[a + idx] = bg
         out = {}

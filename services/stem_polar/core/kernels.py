@@ -258,12 +258,12 @@ def _native_block(block):
     return None
 
 
-def pass1(block, idx, wide: bool, ref, bgw, use_bg: bool, acc, bgs, scratch) -> None:
+def pass1(block, idx, wide: bool, ref, bgw, use_bg: bool, acc, bgs, scratch, bg_vectors=None) -> None:
     """Pass-1 sums of frames block[idx] (see ``pass1_frames``) with the fastest kernel for the block;
-    ``scratch``: a C-contiguous (>= 2, P) float32 array."""
+    ``scratch``: a C-contiguous (>= 2, P) float32 array; ``bg_vectors``: see ``native.pass1``."""
     nb = _native_block(block)
     if nb is not None:
-        native.pass1(nb, idx, ref, bgw, use_bg, acc, bgs)
+        native.pass1(nb, idx, ref, bgw, use_bg, acc, bgs, bg_vectors)
     else:
         pass1_frames(block, idx, wide, log_table(), ref, bgw, use_bg, acc, bgs, scratch[0])
 

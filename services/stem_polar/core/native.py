@@ -117,11 +117,12 @@ def _check_block(block) -> None:
                          f"{block.shape}")
 
 
-def pass1(block, idx, ref, wbg, use_bg: bool, acc, bgs) -> None:
+def pass1(block, idx, ref, wbg, use_bg: bool, acc, bgs, bg_vectors=None) -> None:
     """As ``kernels.pass1_frames`` for uint16 or float32 frames (float: the log clips negative values at 0):
     acc (3, P) += [x, D, D^2] of frames block[idx]; bgs (float64, one per frame) holds ref . wbg on entry and
     each frame's background on exit. No scratch rows: each frame's background comes from the outer-ring
-    vectors first, then one sweep per group of frames forms D."""
+    vectors first, then one sweep per group of frames forms D. ``bg_vectors``: ``background_vectors(wbg)``
+    when the caller keeps it (it is the same for every call of a pass)."""
     _check_block(block)
     n, p = len(idx), block.shape[1]
     idx = np.ascontiguousarray(idx, dtype=np.int64)
@@ -132,7 +133,7 @@ def pass1(block, idx, ref, wbg, use_bg: bool, acc, bgs) -> None:
         raise ValueError("pass1: bgs must be contiguous float64 with one value per frame")
     if n and (idx.min() < 0 or idx.max() >= block.shape[0]):
         raise IndexError("pass1: frame index out of range")
-    blk = background_vectors(wbg) if use_bg else _NO_BLOCKS
+    blk = (background_vectors(wbg) if bg_vectors is None else bg_vectors) if use_bg else _NO_BLOCKS
     _fn("sp_pass1", block)(_ptr(block), _ptr(idx), n, p, _ptr(ref), _ptr(wbg), _ptr(blk), len(blk),
                            int(bool(use_bg)), _ptr(acc), _ptr(bgs))
 
