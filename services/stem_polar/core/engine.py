@@ -336,7 +336,7 @@ class _GroupSums:
         """Add one part's float32 staging sums (at most ``_Pool.PART_FRAMES`` frames each)."""
         for g in sorted(part):
             v32, sc = part[g]
-            self.vec[g] += v32
+            self.vec[g, :len(v32)] += v32  # (the compiled pass 1 has no sbe row: 3 rows)
             self.scal[g] += sc
 
     @property
@@ -372,7 +372,7 @@ def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int, bg_out: Optional[np.nd
     """As ``_pass1_part`` for integer data with ``log_transform``, with one compiled kernel per tile
     (``kernels.pass1_frames``): each raw frame is read once, e' = log1p(x) - ref comes from the log table into
     a cache-resident row, bg = e' . w_bg + ref . w_bg, and the float32 part sums of raw x, D = e' - bg and D^2
-    are accumulated from it. The group sums then hold D directly: rows [raw, sum D, sum D^2, 0] with
+    are accumulated from it. The group sums then hold D directly: rows [raw, sum D, sum D^2] (sbe 0) with
     bg1 = bg2 = 0 give ``_to_partial`` the same first and second sums (without the sq - 2 sbe + bg2
     cancellation). ``bg_out`` (one float64 per frame of the scan): each frame's bg is kept there (pass 2's
     matched filter needs it; parts write disjoint frames)."""
@@ -387,10 +387,10 @@ def _pass1_part_fused(pre, ref32, wide: bool, n_pix: int, bg_out: Optional[np.nd
         part: dict = {}
         for g, sel in tiles:
             if g not in part:
-                part[g] = np.zeros((4, n_pix), dtype=np.float32)  # rows raw, sum D, sum D^2, 0
+                part[g] = np.zeros((3, n_pix), dtype=np.float32)  # rows raw, sum D, sum D^2 (sbe stays 0)
             idx = _as_index(sel)
             bg = np.full(len(idx), c0)
-            kernels.pass1(block, idx, wide, ref32, bgw, use_bg, part[g][:3], bg, state.out4, bgv)
+            kernels.pass1(block, idx, wide, ref32, bgw, use_bg, part[g], bg, state.out4, bgv)
             if bg_out is not None:
                 bg_out[a + idx] = bg
         out = {}
