@@ -702,9 +702,11 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
                 polarization_normal=list(beam.get_polarization_normal()))
     table = _tabulate(pixels, data, flags, params, background, Ainv, background_variance)
     n_used = int(table["intensity"].shape[0])
-    exposure = WORKSPACE.get("table.exposure", n_used, np.float32, capacity=int(sum(f.size for f in flags)))
-    np.divide(np.float32(1.0), table["correction"], out=exposure)  # float32: I * exposure = raw - background
-    table["exposure"] = exposure
+    if "exposure" not in table:  # (the fused kernel writes it in its pass)
+        exposure = WORKSPACE.get("table.exposure", n_used, np.float32, capacity=int(sum(f.size for f in flags)))
+        np.divide(np.float32(1.0), table["correction"], out=exposure)  # float32: I * exposure = raw - background
+        table["exposure"] = exposure
+    exposure = table["exposure"]
     profile = bg.isotropic_profile(table["q"], table["intensity"], exposure, gain=params.gain)
     info["isotropic_background"] = profile.summary()
     if params.isotropic_background:
@@ -813,7 +815,7 @@ def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.
     np.sqrt(var, out=var)
     var *= total
     if Ainv is not None:
-        hkl = np.matmul(Ainv.astype(f32), q, out=ws("table.hkl", (3, n)))
+        hkl = _hkl(Ainv, q, ws("table.hkl", (3, n)), ws("table.hkl_term", n))
         h, k, l = hkl[0], hkl[1], hkl[2]
     else:
         h = k = l = const(np.nan)
@@ -822,6 +824,17 @@ def _tabulate(pixels: list[PanelPixels], data: list[np.ndarray], flags: list[np.
             "x": cols["x"], "y": cols["y"], "polarisation": cols["polarisation"], "lorentz": cols["lorentz"],
             "efficiency": cols["efficiency"], "solid_angle": cols["solid_angle"], "air": cols["air"],
             "correction": total}
+
+
+def _hkl(Ainv, q, out, term):
+    """h_j = (a_j0 qx + a_j1 qy) + a_j2 qz in float32 (a = A^-1 rounded to float32), the operations of the fused
+    table kernel. (``np.matmul`` gave the same to float32 rounding, in an order of its BLAS's choosing.)"""
+    a = Ainv.astype(np.float32)
+    for j in range(3):
+        np.multiply(q[0], a[j, 0], out=out[j])
+        out[j] += np.multiply(q[1], a[j, 1], out=term)
+        out[j] += np.multiply(q[2], a[j, 2], out=term)
+    return out
 
 
 _FACTOR_NAMES = ("polarisation", "efficiency", "lorentz", "solid_angle", "air")
@@ -862,6 +875,10 @@ def _tabulate_fused(pixels: list[PanelPixels], data: list[np.ndarray], flags: li
     bvar2 = f32(params.background_scale ** 2)
     has_bgvar = has_bkg and background_variance is not None
     dummy = np.empty(1, f32)
+    expo = ws("table.exposure", n)
+    has_hkl = Ainv is not None
+    hkl = ws("table.hkl", (3, n)) if has_hkl else np.empty((3, 1), f32)
+    ainv = Ainv.astype(f32) if has_hkl else np.zeros((3, 3), f32)
     off = 0
     for i, (pp, d) in enumerate(zip(pixels, data)):
         srcs, mode = [], np.zeros(5, np.int64)
@@ -879,13 +896,12 @@ def _tabulate_fused(pixels: list[PanelPixels], data: list[np.ndarray], flags: li
         bv = np.ascontiguousarray(background_variance[i], dtype=f32).ravel() if has_bgvar else dummy
         m = kernels.gather_panel(flat[i], pp.u, pp.correction, *srcs, mode, np.ascontiguousarray(d).ravel(), b,
                                  has_bkg, bv, has_bgvar, pp.shape[1], inv_wl, s0, gain, bscale, bvar, bvar2, off, q,
-                                 cq, total, fac, x, y, raw, bkg, net, sig)
+                                 cq, total, fac, x, y, raw, bkg, net, sig, ainv, has_hkl, hkl, expo)
         if panel.strides[0] != 0:
             panel[off:off + m] = i
         off += m
     assert off == n
-    if Ainv is not None:
-        hkl = np.matmul(Ainv.astype(f32), q, out=ws("table.hkl", (3, n)))
+    if has_hkl:
         h, k, l = hkl[0], hkl[1], hkl[2]
     else:
         h = k = l = const(np.nan)
@@ -894,4 +910,4 @@ def _tabulate_fused(pixels: list[PanelPixels], data: list[np.ndarray], flags: li
             "sigma": sig, "raw": raw, "background": bkg if has_bkg else const(0.0), "panel": panel,
             "x": x, "y": y, "polarisation": cols["polarisation"], "lorentz": cols["lorentz"],
             "efficiency": cols["efficiency"], "solid_angle": cols["solid_angle"], "air": cols["air"],
-            "correction": total}
+            "correction": total, "exposure": expo}

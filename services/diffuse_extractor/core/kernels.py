@@ -66,7 +66,8 @@ if _HAVE_NUMBA:
 
     @_jit
     def gather_panel(flags, u, corr, pol, eff, lor, sa, air, mode, raw, bkg, has_bkg, bgvar, has_bgvar, nx, inv_wl,
-                     s0, gain, bscale, bvar, bvar2, off, q, qn, total, cols, x_out, y_out, raw_out, bkg_out, net, sig):
+                     s0, gain, bscale, bvar, bvar2, off, q, qn, total, cols, x_out, y_out, raw_out, bkg_out, net, sig,
+                     ainv, has_hkl, hkl, expo):
         """Table rows of the unflagged pixels of one panel, written from row ``off`` on; returns the count.
 
         Multipliers j = 0..4 (polarisation, efficiency, lorentz, solid_angle, air) go to ``cols[j]``
@@ -74,13 +75,18 @@ if _HAVE_NUMBA:
         array, 2 = filled with its element 0 (a constant panel in a varying column).
         float32 arithmetic as ``extract._tabulate``: q = u (1/lambda) - s0, |q| = sqrt((qx^2 + qy^2) + qz^2);
         var = gain max(raw, gain) [+ bvar max(bkg bscale, 0), or + bvar2 bgvar with a background variance];
-        I = (raw [- bkg bscale]) c; sigma = sqrt(var) c.
+        I = (raw [- bkg bscale]) c; sigma = sqrt(var) c; exposure 1 / c; with ``has_hkl`` the indices
+        h_j = (ainv[j, 0] qx + ainv[j, 1] qy) + ainv[j, 2] qz (``extract._hkl``'s float32 operations).
         """
         npix = flags.shape[0]
         o = off
         zero = np.float32(0.0)
         m0, m1, m2, m3, m4 = mode[0], mode[1], mode[2], mode[3], mode[4]
         s_0, s_1, s_2, s_3, s_4 = (m0 == 1) * 1, (m1 == 1) * 1, (m2 == 1) * 1, (m3 == 1) * 1, (m4 == 1) * 1
+        a00, a01, a02 = ainv[0, 0], ainv[0, 1], ainv[0, 2]
+        a10, a11, a12 = ainv[1, 0], ainv[1, 1], ainv[1, 2]
+        a20, a21, a22 = ainv[2, 0], ainv[2, 1], ainv[2, 2]
+        one = np.float32(1.0)
         ny = npix // nx
         for yy in range(ny):  # (two loops: no division per pixel for x and y)
             for xx in range(nx):
@@ -96,7 +102,12 @@ if _HAVE_NUMBA:
                 q[1, o] = qy
                 q[2, o] = qz
                 qn[o] = np.sqrt((qx * qx + qy * qy) + qz * qz)
+                if has_hkl:
+                    hkl[0, o] = (a00 * qx + a01 * qy) + a02 * qz
+                    hkl[1, o] = (a10 * qx + a11 * qy) + a12 * qz
+                    hkl[2, o] = (a20 * qx + a21 * qy) + a22 * qz
                 total[o] = c
+                expo[o] = one / c
                 # (written out: a loop over a tuple of arrays costs reference counting per pixel)
                 if m0 != 0:
                     cols[0, o] = pol[p * s_0]
@@ -582,7 +593,8 @@ def warm_up() -> bool:
                  False, one, False, 2, f32(1.0), np.zeros(3, f32), f32(1.0), f32(1.0), f32(1.0), f32(1.0), 0, q,
                  one.copy(), one.copy(),
                  cols2,
-                 u16, u16.copy(), one.copy(), one.copy(), one.copy(), one.copy())
+                 u16, u16.copy(), one.copy(), one.copy(), one.copy(), one.copy(), np.eye(3, dtype=f32), True,
+                 np.empty((3, 4), f32), one.copy())
     flag_histogram(flags, np.zeros(256, np.int64))
     trust_flags(one, f32(0.0), f32(1.0), 2, np.ones(4, np.bool_), True, flags.copy())
     f64 = np.ones(2)
