@@ -6,8 +6,8 @@ float64 copies first) and bins the beamstop image through float32 and float64 te
 kernel here reads its inputs once, in memory order, and writes only its outputs:
 
 - ``static_flat``: a flat panel's static pixel geometry and multipliers (``extract.static_pixels``);
-- ``gather_panel``: the per-pixel table of one panel (q = u / lambda - s0, corrected intensity,
-  sigma, the multipliers, raw, background, x, y) straight from the flags, no index array;
+- ``gather_panel``: the per-pixel table of one panel (q = u / lambda - s0, hkl, corrected intensity,
+  sigma, exposure, the multipliers, raw, background, x, y), row by row from the flags;
 - ``flag_histogram``: the 256-bin histogram of the uint8 flags;
 - ``shell_sums`` / ``shell_outliers``: the outlier test's per-|q|-shell counts and sums, and the
   pixels above the shell threshold;
@@ -64,6 +64,77 @@ def _jit_vec(fn):
 
 if _HAVE_NUMBA:
 
+    # gather_panel's passes over the unflagged pixels of one detector row (1-D arrays: they vectorise, see _hd_*)
+    @_jit_vec
+    def _gt_select(frow, idx):
+        """The columns of the row's unflagged pixels into ``idx`` (branch-free); returns how many."""
+        m = 0
+        for x in range(frow.shape[0]):
+            idx[m] = x
+            m += frow[x] == 0
+        return m
+
+    @_jit_vec
+    def _gt_take(src, idx, m, out):
+        for k in range(m):
+            out[k] = src[idx[k]]
+
+    @_jit_vec
+    def _gt_fill(out, v):
+        for k in range(out.shape[0]):
+            out[k] = v
+
+    @_jit_vec
+    def _gt_q(qc, inv_wl, s):
+        """One q component in place from the gathered unit-vector component: u (1/lambda) - s0."""
+        for k in range(qc.shape[0]):
+            qc[k] = qc[k] * inv_wl - s
+
+    @_jit_vec
+    def _gt_qn(qx, qy, qz, out):
+        for k in range(out.shape[0]):
+            out[k] = np.sqrt((qx[k] * qx[k] + qy[k] * qy[k]) + qz[k] * qz[k])
+
+    @_jit_vec
+    def _gt_hkl(qx, qy, qz, a0, a1, a2, out):
+        for k in range(out.shape[0]):
+            out[k] = (a0 * qx[k] + a1 * qy[k]) + a2 * qz[k]
+
+    @_jit_vec
+    def _gt_inv(c, out):
+        one = np.float32(1.0)
+        for k in range(out.shape[0]):
+            out[k] = one / c[k]
+
+    @_jit_vec
+    def _gt_net_sig(r, c, gain, net, sig):
+        for k in range(r.shape[0]):
+            rk = r[k]
+            ck = c[k]
+            v = rk if not (rk < gain) else gain  # np.maximum (NaN propagates)
+            v = v * gain
+            net[k] = rk * ck
+            sig[k] = np.sqrt(v) * ck
+
+    @_jit_vec
+    def _gt_net_sig_bkg(r, c, b, bgv, has_bgvar, gain, bscale, bvar, bvar2, net, sig):
+        """As ``_gt_net_sig`` with a background (``b`` scaled in place by ``bscale``) and its variance."""
+        zero = np.float32(0.0)
+        for k in range(r.shape[0]):
+            rk = r[k]
+            ck = c[k]
+            v = rk if not (rk < gain) else gain
+            v = v * gain
+            bk = b[k] * bscale
+            b[k] = bk
+            if has_bgvar:
+                v = v + bvar2 * bgv[k]
+            else:
+                bp = bk if not (bk < zero) else zero
+                v = v + bvar * bp
+            net[k] = (rk - bk) * ck
+            sig[k] = np.sqrt(v) * ck
+
     @_jit
     def gather_panel(flags, u, corr, pol, eff, lor, sa, air, mode, raw, bkg, has_bkg, bgvar, has_bgvar, nx, inv_wl,
                      s0, gain, bscale, bvar, bvar2, off, q, qn, total, cols, x_out, y_out, raw_out, bkg_out, net, sig,
@@ -77,66 +148,68 @@ if _HAVE_NUMBA:
         var = gain max(raw, gain) [+ bvar max(bkg bscale, 0), or + bvar2 bgvar with a background variance];
         I = (raw [- bkg bscale]) c; sigma = sqrt(var) c; exposure 1 / c; with ``has_hkl`` the indices
         h_j = (ainv[j, 0] qx + ainv[j, 1] qy) + ainv[j, 2] qz (``extract._hkl``'s float32 operations).
+        Row by row: the row's unflagged columns are listed, the inputs gathered at them straight into the output
+        columns (u into q, the correction, raw counts, multipliers, background), and the arithmetic runs in
+        passes over those contiguous rows, which vectorise (~1.3x less CPU than one scalar pass per pixel).
         """
         npix = flags.shape[0]
-        o = off
-        zero = np.float32(0.0)
-        m0, m1, m2, m3, m4 = mode[0], mode[1], mode[2], mode[3], mode[4]
-        s_0, s_1, s_2, s_3, s_4 = (m0 == 1) * 1, (m1 == 1) * 1, (m2 == 1) * 1, (m3 == 1) * 1, (m4 == 1) * 1
-        a00, a01, a02 = ainv[0, 0], ainv[0, 1], ainv[0, 2]
-        a10, a11, a12 = ainv[1, 0], ainv[1, 1], ainv[1, 2]
-        a20, a21, a22 = ainv[2, 0], ainv[2, 1], ainv[2, 2]
-        one = np.float32(1.0)
         ny = npix // nx
-        for yy in range(ny):  # (two loops: no division per pixel for x and y)
-            for xx in range(nx):
-                p = yy * nx + xx
-                if flags[p] != 0:
-                    continue
-                c = corr[p]
-                r = raw[p]
-                qx = u[0, p] * inv_wl - s0[0]
-                qy = u[1, p] * inv_wl - s0[1]
-                qz = u[2, p] * inv_wl - s0[2]
-                q[0, o] = qx
-                q[1, o] = qy
-                q[2, o] = qz
-                qn[o] = np.sqrt((qx * qx + qy * qy) + qz * qz)
-                if has_hkl:
-                    hkl[0, o] = (a00 * qx + a01 * qy) + a02 * qz
-                    hkl[1, o] = (a10 * qx + a11 * qy) + a12 * qz
-                    hkl[2, o] = (a20 * qx + a21 * qy) + a22 * qz
-                total[o] = c
-                expo[o] = one / c
-                # (written out: a loop over a tuple of arrays costs reference counting per pixel)
-                if m0 != 0:
-                    cols[0, o] = pol[p * s_0]
-                if m1 != 0:
-                    cols[1, o] = eff[p * s_1]
-                if m2 != 0:
-                    cols[2, o] = lor[p * s_2]
-                if m3 != 0:
-                    cols[3, o] = sa[p * s_3]
-                if m4 != 0:
-                    cols[4, o] = air[p * s_4]
-                x_out[o] = xx
-                y_out[o] = yy
-                raw_out[o] = r
-                v = r if not (r < gain) else gain  # np.maximum (NaN propagates)
-                v = v * gain
-                if has_bkg:
-                    b = bkg[p] * bscale
-                    bkg_out[o] = b
-                    if has_bgvar:
-                        v = v + bvar2 * bgvar[p]
-                    else:
-                        bp = b if not (b < zero) else zero
-                        v = v + bvar * bp
-                    net[o] = (r - b) * c
-                else:
-                    net[o] = r * c
-                sig[o] = np.sqrt(v) * c
-                o += 1
+        idx = np.empty(nx, np.int64)
+        bgv = np.empty(nx, np.float32)
+        o = off
+        for yy in range(ny):
+            row = yy * nx
+            end = row + nx
+            m = _gt_select(flags[row:end], idx)
+            if m == 0:
+                continue
+            e = o + m
+            _gt_take(u[0, row:end], idx, m, q[0, o:e])
+            _gt_take(u[1, row:end], idx, m, q[1, o:e])
+            _gt_take(u[2, row:end], idx, m, q[2, o:e])
+            _gt_take(corr[row:end], idx, m, total[o:e])
+            _gt_take(raw[row:end], idx, m, raw_out[o:e])
+            # (written out: a loop over a tuple of arrays costs reference counting)
+            if mode[0] == 1:
+                _gt_take(pol[row:end], idx, m, cols[0, o:e])
+            elif mode[0] == 2:
+                _gt_fill(cols[0, o:e], pol[0])
+            if mode[1] == 1:
+                _gt_take(eff[row:end], idx, m, cols[1, o:e])
+            elif mode[1] == 2:
+                _gt_fill(cols[1, o:e], eff[0])
+            if mode[2] == 1:
+                _gt_take(lor[row:end], idx, m, cols[2, o:e])
+            elif mode[2] == 2:
+                _gt_fill(cols[2, o:e], lor[0])
+            if mode[3] == 1:
+                _gt_take(sa[row:end], idx, m, cols[3, o:e])
+            elif mode[3] == 2:
+                _gt_fill(cols[3, o:e], sa[0])
+            if mode[4] == 1:
+                _gt_take(air[row:end], idx, m, cols[4, o:e])
+            elif mode[4] == 2:
+                _gt_fill(cols[4, o:e], air[0])
+            for k in range(m):
+                x_out[o + k] = idx[k]
+            _gt_fill(y_out[o:e], yy)
+            _gt_q(q[0, o:e], inv_wl, s0[0])
+            _gt_q(q[1, o:e], inv_wl, s0[1])
+            _gt_q(q[2, o:e], inv_wl, s0[2])
+            _gt_qn(q[0, o:e], q[1, o:e], q[2, o:e], qn[o:e])
+            if has_hkl:
+                for j in range(3):
+                    _gt_hkl(q[0, o:e], q[1, o:e], q[2, o:e], ainv[j, 0], ainv[j, 1], ainv[j, 2], hkl[j, o:e])
+            _gt_inv(total[o:e], expo[o:e])
+            if has_bkg:
+                _gt_take(bkg[row:end], idx, m, bkg_out[o:e])
+                if has_bgvar:
+                    _gt_take(bgvar[row:end], idx, m, bgv[:m])
+                _gt_net_sig_bkg(raw_out[o:e], total[o:e], bkg_out[o:e], bgv[:m], has_bgvar, gain, bscale, bvar,
+                                bvar2, net[o:e], sig[o:e])
+            else:
+                _gt_net_sig(raw_out[o:e], total[o:e], gain, net[o:e], sig[o:e])
+            o = e
         return o - off
 
     # static_flat's passes over one detector row (1-D arrays: LLVM vectorises them, see _hd_* below; the table
