@@ -555,9 +555,7 @@ def _cpu_stage(stage: str, scratch: Path) -> dict:
         jobs = [JobRequest(job_id=f"{run}.merge.warm", run_id=run, service="voxel-merger", inputs=partials,
                            params={**merge, "reject_sigma": None}),
                 JobRequest(job_id=f"{run}.merge.unscaled", run_id=run, service="voxel-merger", inputs=partials,
-                           params={**merge, "reject_sigma": None}),
-                JobRequest(job_id=f"{run}.merge.unscaled-nofig", run_id=run, service="voxel-merger",
-                           inputs=partials, params={**merge, "reject_sigma": None, "figures": False}),
+                           params={**merge, "reject_sigma": None, "figures": False, "table_only": True}),  # as the flow
                 JobRequest(job_id=f"{run}.merge.scaled", run_id=run, service="voxel-merger",
                            inputs={**partials, "scales": vol.ref(scales)}, params=merge)]
     else:
@@ -585,20 +583,18 @@ def cpu_per_frame(run_out: Path, scratch: Path) -> dict:
         res[stage] = json.loads((scratch / f"cpu_{stage}.json").read_text())["cpu_seconds"]
     n = len(plan["frames"])
     ex, acc = np.asarray(res["extract"]), np.asarray(res["accumulate"])
-    _, unscaled, unscaled_nofig, scaled = res["merge"]
+    _, unscaled, scaled = res["merge"]
     out = {"how": "each service's jobs of the run through the platform runtime (run_inline: input hashes checked, "
                   "outputs hashed, manifest) in one process pinned to one core (taskset -c 0) after the worker's "
-                  "warm-up, CPU time (process_time); merges: the run's unscaled and scaled merge (the first, "
-                  "unmeasured merge warms the process's imports); scaling not included (~0.05-0.1)",
+                  "warm-up, CPU time (process_time); merges: the run's unscaled merge (only the scaler's "
+                  "observation table, as the flow) and scaled merge (the first, unmeasured merge warms the process's "
+                  "imports); scaling not included (~0.05-0.1)",
            "frames": n, "extraction": round(float(ex.mean()), 3),
            "extraction_first_job": round(float(ex[0]), 3),
            "accumulate": round(float(acc.mean()), 3), "accumulate_first_job": round(float(acc[0]), 3),
-           "merge_unscaled_cpu_s": round(unscaled, 2), "merge_unscaled_without_figures_cpu_s": round(unscaled_nofig, 2),
-           "merge_scaled_cpu_s": round(scaled, 2), "merges": round((unscaled + scaled) / n, 3),
-           "merges_unscaled_without_figures": round((unscaled_nofig + scaled) / n, 3)}
+           "merge_unscaled_cpu_s": round(unscaled, 2), "merge_scaled_cpu_s": round(scaled, 2),
+           "merges": round((unscaled + scaled) / n, 3)}
     out["diffuse_steps_total"] = round(out["extraction"] + out["accumulate"] + out["merges"], 3)
-    out["diffuse_steps_total_unscaled_merge_without_figures"] = round(
-        out["extraction"] + out["accumulate"] + out["merges_unscaled_without_figures"], 3)
     return out
 
 
@@ -714,8 +710,6 @@ def main(argv=None) -> dict:
             c = result["ours_cpu_seconds_per_frame_one_core"]
             c["mdx2_cpu_seconds_per_frame"] = mdx2_cpu
             c["ratio_to_mdx2"] = round(c["diffuse_steps_total"] / mdx2_cpu, 3)
-            c["ratio_to_mdx2_unscaled_merge_without_figures"] = round(
-                c["diffuse_steps_total_unscaled_merge_without_figures"] / mdx2_cpu, 3)
             c["target_ratio"] = 0.5
     elif args.skip_mdx2 and RESULTS.exists() and "ours_cpu_seconds_per_frame_one_core" in json.loads(RESULTS.read_text()):
         result["ours_cpu_seconds_per_frame_one_core"] = json.loads(RESULTS.read_text())["ours_cpu_seconds_per_frame_one_core"]

@@ -286,8 +286,9 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     merge_params = {"mode": "merge", "symmetry": cfg.symmetry, "reject_sigma": cfg.reject_sigma,
                     "exclude_bragg_voxels": cfg.exclude_bragg_voxels and cfg.subdivisions >= 3}
     t = time.monotonic()
-    # the unscaled merge is an intermediate (its observation table feeds the scaler): no figures
-    first = await run_stage("voxel-merger", partials, {**merge_params, "reject_sigma": None, "figures": False}, run_id,
+    # the unscaled merge is an intermediate: only its observation table feeds the scaler (no map, statistics, figures)
+    first = await run_stage("voxel-merger", partials, {**merge_params, "reject_sigma": None, "figures": False,
+                                                       "table_only": True}, run_id,
                             job_id_for(run_id, "merge", "unscaled"),
                             timeout=cfg.stage_timeout_s)
     summary["stage_seconds"]["merge_unscaled"] = round(time.monotonic() - t, 2)

@@ -37,6 +37,9 @@ log = logging.getLogger("voxel_merger")
 NO_SYMMETRY = ("", "none", "p1-nomerge", "off")
 
 
+#: memory for the stills' sparse sums kept between the merge's passes (re-read from their files beyond it)
+SPARSE_STILLS_CACHE_BYTES = 512 << 20  # with the dense grids (cache_mb) the merge stays within 2 GB
+
 def check_subdivisions(n: int) -> None:
     """Integer hkl must sit at voxel centres: ``subdivisions`` odd (the job's parameters are at fault if not)."""
     if n < 1 or n % 2 == 0:
@@ -609,6 +612,9 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
     if scales is not None and table_path is not None:
         scales = resolve_scales(scales, read_still_names(table_path))
     reject = bool(opt.reject_sigma)
+    if opt.table_only and (reject or not opt.write_table):
+        raise InputError("table_only writes the observation table of an unrejected merge: it needs write_table and "
+                         "no reject_sigma")
     # scan: grids, still ids, scales, crystal models (metadata only)
     grid = None
     seen: set = set()
@@ -633,6 +639,9 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
             if reject and not single:
                 raise InputError(f"{p}: outlier rejection compares stills and needs single-still partials, this "
                                  f"one holds {len(part.still_ids)} stills (merge without reject_sigma)")
+            if opt.table_only and not single:
+                raise InputError(f"{p}: table_only writes per-still rows and needs single-still partials, this one "
+                                 f"holds {len(part.still_ids)} stills")
             sid = part.still_ids[0] if part.still_ids else None
             b = scale_for(scales, sid) if (scales is not None and single) else None
             plan.append((p, single, sid, b, half_of_still(sid, opt.half_seed) if single else None))
@@ -661,7 +670,7 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
         mapper = AsuMapper(metric, symmetry) if symmetry else None
         excluded: dict[int, np.ndarray] = {}
         intrinsic = 0.0
-        stills = _SparseStills([p for p, *_ in plan], opt.cache_mb << 22,  # 4x the block cache: sparse sums
+        stills = _SparseStills([p for p, *_ in plan], SPARSE_STILLS_CACHE_BYTES,
                                exclude_bragg_of=metric if opt.exclude_bragg_voxels else None)
         if reject:  # reference: per voxel (number of stills, Σw, Σw·I, Σw²σ²) over every still-voxel
             ref = _new_acc(metric, 1, opt, tmpdir, "reference")
@@ -674,7 +683,7 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
             # exposure weights (every partial): Poisson floor on a still-voxel's variance (see leave_one_out_z_sums)
             excluded, intrinsic = _reject_rounds(plan, stills, ref, opt, heartbeat,
                                                  poisson_floor=weighting == {"exposure"})
-        merged = _new_acc(metric, 2, opt, tmpdir, "merged")
+        merged = None if opt.table_only else _new_acc(metric, 2, opt, tmpdir, "merged")
         if opt.write_table:
             table = ObservationTableWriter(out_dir / "observations.h5", metric, parameters=opt.params(),
                                            inputs=input_hashes, job_id=job_id)
@@ -696,7 +705,8 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                         n_still += int(bad.sum())
                         n_rej_obs += int(t[0, bad].sum())
                         ids, t = ids[~bad], t[:, ~bad]
-                merged.add_sums(ids, half, [t[0], t[1], t[2], t[3]])
+                if merged is not None:
+                    merged.add_sums(ids, half, [t[0], t[1], t[2], t[3]])
                 if table is not None:
                     _append_partial_rows(table, t_index, ids, t, b, metric, mapper)
             else:  # keep the partial's own halves
@@ -706,9 +716,10 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                         if opt.exclude_bragg_voxels:
                             s[:, :, bragg_voxel_mask(metric, start + np.arange(s.shape[-1]))] = 0.0
                         merged.add_block(start, s, half=None)
-            merged.still_ids.extend(x for x in part_ids if x not in merged.still_ids)
-            merged.n_obs += part_obs
-            merged.n_dropped += part_dropped
+            if merged is not None:
+                merged.still_ids.extend(x for x in part_ids if x not in merged.still_ids)
+                merged.n_obs += part_obs
+                merged.n_dropped += part_dropped
             n_rej += n_still
             if n_still:
                 per_still_rejected[sid] = n_still
@@ -728,6 +739,11 @@ def merge_partials(partials: Sequence[Path], out_dir: Path, opt: MergeOptions, s
                  "n_stills_with_rejections": len(per_still_rejected),
                  "weighting": sorted(weighting), "bragg_voxels_excluded": bool(opt.exclude_bragg_voxels),
                  **avg_info}
+        if merged is None:  # table only: the counts a user or a flow checks, no map
+            stats = {"n_stills": len(seen), "n_observations": int(sum(b[1] for b in books)), "table_only": True,
+                     **extra}
+            atomic_write_json(out_dir / "stats.json", stats)
+            return {"observations": table_done, "stats": out_dir / "stats.json"}, stats
         outputs = finalize(merged, metric, out_dir, opt, symmetry=symmetry, extra_stats=extra, inputs=input_hashes,
                            job_id=job_id, workdir=tmpdir, progress=heartbeat)
         _close(merged)

@@ -70,3 +70,40 @@ def test_partials_table_rows_are_per_still_voxel_means_and_scale_correctly(tmp_p
     ratio = got / want
     ratio /= np.exp(np.mean(np.log(ratio)))
     assert np.max(np.abs(ratio - 1)) < 0.01
+
+
+def test_table_only_merge_writes_the_same_table_and_no_map(tmp_path):
+    """The flow's unscaled merge only feeds the scaler: with table_only it writes the same observation table as a
+    full merge (row for row, ASU voxels included) and neither map nor figures."""
+    import pytest
+
+    from diffractflow.errors import InputError
+    from voxel_merger.core.params import MergeOptions
+    from voxel_merger.pipeline import merge_partials
+
+    rng = np.random.default_rng(11)
+    paths = []
+    for i in range(4):
+        s = synthetic_still(f"img_{i:03d}", CELL, smooth, rng, space_group="P 21 21 21", n_side=50, pixel=1.2,
+                            sigma0=0.5, scale=float(np.exp(rng.normal(0, 0.2))))
+        paths.append(write_still(tmp_path / f"still_{i}.h5", s.still_id, s.h, s.k, s.l, s.intensity, s.sigma,
+                                 s.q_magnitude, s.crystal))
+    assert runner.invoke(app, ["grid", *map(str, paths), "--out", str(tmp_path / "grid.json")]).exit_code == 0
+    partials = []
+    for i, p in enumerate(paths):
+        part = tmp_path / f"part_{i}.h5"
+        assert runner.invoke(app, ["accumulate", str(p), "--grid", str(tmp_path / "grid.json"), "--out",
+                                   str(part)]).exit_code == 0
+        partials.append(part)
+    opt = dict(symmetry="P 21 21 21", figures=False, backend="memory")
+    full, _ = merge_partials(partials, tmp_path / "full", MergeOptions(**opt))
+    only, stats = merge_partials(partials, tmp_path / "only", MergeOptions(**opt, table_only=True))
+    assert "map" in full and set(only) == {"observations", "stats"}
+    assert not (tmp_path / "only" / "map.h5").exists()
+    a, b = read_observation_table(full["observations"]), read_observation_table(only["observations"])
+    assert list(a["still_names"]) == list(b["still_names"]) and len(a["voxel_id"]) > 1000
+    for key in ("still_id", "voxel_id", "intensity", "sigma"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert stats["n_stills"] == 4 and stats["table_only"] is True
+    with pytest.raises(InputError, match="table_only"):
+        merge_partials(partials, tmp_path / "bad", MergeOptions(**opt, table_only=True, reject_sigma=5.0))
