@@ -3,14 +3,15 @@
  * Same contract as the numba kernels in kernels.py (pass1_frames / pass2_frames), about 2-3x faster per pass
  * on an AVX-512 core:
  *   - log(1 + x) is evaluated in SIMD registers instead of a scalar 65536-entry table gather: a register table
- *     for vectors whose counts are all below 32, else exponent/mantissa split, a 17-entry reduction and a short
- *     series (within 1 ulp of the exact value); AVX2 builds take those other vectors from a table of the
+ *     for vectors whose counts are all below 32, else exponent/mantissa split, a 32-entry reduction and a
+ *     degree-3 series (within 1 ulp of the exact value); AVX2 builds take those other vectors from a table of the
  *     series' values with one hardware gather (faster there, same bits);
  *   - frames are taken two (pass 2) or four (pass 1) at a time, so every template / moment / accumulator row
  *     loaded from cache serves several frames; pass 1 is one sweep after each frame's background level (from
  *     the outer-ring vectors only), pass 2 one sweep for up to five template rows and the three moment rows
  *     (sp_pass2g: the moments from one gate row and the pixel offsets, one row streamed instead of three).
- * Written with GCC vector extensions (AVX-512 when the compiler targets it, else 256-bit), no intrinsics.
+ * Written with GCC vector extensions (AVX-512 when the compiler targets it, else 256-bit); intrinsics only for
+ * the mask test, getexp/getmant and the AVX2 gather.
  * Rows of any length: the last partial vector is zero-padded (log1p(0) = 0 adds nothing to the sums).
  */
 #include <stddef.h>
@@ -246,8 +247,9 @@ INLINE vf vlog1p_counts(vf x, smalltab t) {
 /* Frames per pass-1 sweep: every accumulator row loaded serves four frames. */
 #define P1_FRAMES 4
 
-/* Template rows per sweep: 5 (four clusters and the background column of the usual case in one sweep); with the
- * 3 moment rows that is 16 vector accumulators for two frames. */
+/* Template rows per sweep: 5 (sp_pass2: four clusters and the background column of the usual case in one sweep;
+ * with the 3 moment rows 16 vector accumulators for two frames; sp_pass2g: up to five clusters, the background
+ * level comes from pass 1). */
 #define GROUP 5
 
 /* uint16 frames (the usual detector format): exact float conversion, the small-count table. */
