@@ -156,6 +156,7 @@ async def extract_and_accumulate(volume: Volume, run_id: str, cfg: DiffuseRunCon
     if bkg is not None:
         inputs["background"] = bkg
     ex_params = {**cfg.extractor, "pngs": False}
+    ex_params.setdefault("d_min", cfg.d_min)  # pixels beyond the map's resolution limit are not extracted
     if cfg.hot_dead_pixels and not tag:  # a re-extraction must not count its pixels twice in the run statistics
         ex_params.setdefault("pixel_stats", f"runs/{run_id}/pixel_stats.h5")
     # the same mask rules for every still, whichever is extracted first and by which process: one Bragg radius

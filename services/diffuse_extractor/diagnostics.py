@@ -64,7 +64,7 @@ def write_pngs(out_dir: str | Path, raw: list[np.ndarray], flags: list[np.ndarra
     fig.colorbar(im, ax=list(axes[:n]), shrink=0.6)
     save(fig, "raw")
     # masks: one colour per highest bit
-    colours = ["white", "black", "red", "orange", "magenta", "cyan", "yellow", "blue"]
+    colours = ["white", "black", "red", "orange", "magenta", "cyan", "yellow", "blue", "lightgrey"]
     cmap = ListedColormap(colours)
     fig, axes = grid("masks: " + ", ".join(f"{c}={b.name}" for c, b in zip(colours[1:], MaskBit)))
     for i in range(n):

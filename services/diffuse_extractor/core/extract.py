@@ -616,6 +616,18 @@ def static_flags(experiment, data, pixels: list[PanelPixels], params: "Extractio
     return flags, info
 
 
+def resolution_flags(pixels: list[PanelPixels], s0, d_min: float) -> list[np.ndarray]:
+    """RESOLUTION on every pixel whose centre lies beyond ``d_min`` (Å): |q| = 2 sin θ / λ > 1/d_min, i.e.
+    cos 2θ = u·ŝ0 < 1 - λ²/(2 d_min²) with ``u`` the cached unit vector to the pixel centre (no parallax, as
+    DIALS' resolution filters)."""
+    s0 = np.asarray(s0, dtype=float)
+    k = float(np.linalg.norm(s0))
+    cos_limit = np.float32(1.0 - 1.0 / (2.0 * (k * d_min) ** 2))
+    s0_hat = (s0 / k).astype(np.float32)
+    return [np.where(s0_hat @ pp.u < cos_limit, np.uint8(mk.MaskBit.RESOLUTION), np.uint8(0)).reshape(pp.shape)
+            for pp in pixels]
+
+
 def _layout_key(detector) -> str:
     """The detector's pixel layout (panel count and image sizes): what a beamstop shadow is tied to."""
     return "layout:" + ",".join(f"{p.get_image_size()[0]}x{p.get_image_size()[1]}" for p in detector)
@@ -666,13 +678,17 @@ def extract_still(experiment, data: Sequence[np.ndarray], reflections=None, *,
     pixels = cache.get(det, beam, params, lor_gonio, key=key)
 
     flags, info = static_flags(experiment, data, pixels, params, format_mask, cache.beamstop, _layout_key(det))
+    if params.d_min is not None:  # after the beamstop search, which wants the whole image
+        for i, f in enumerate(resolution_flags(pixels, beam.get_s0(), params.d_min)):
+            flags[i] |= f
     if dynamic_flags is not None:
         for i, f in enumerate(dynamic_flags):
             flags[i] |= f
     refl = reflections if params.use_observed_spots else None
     if crystal is not None:
         bragg, binfo = mk.bragg_flags(experiment, det, refl, radius_px=params.bragg_radius_px,
-                                      d_min=params.bragg_d_min, delpsi_max=params.bragg_delpsi_max)
+                                      d_min=params.bragg_d_min or (0.9 * params.d_min if params.d_min else None),
+                                      delpsi_max=params.bragg_delpsi_max)
         info.update(binfo)
         for i, f in enumerate(bragg):
             flags[i] |= f

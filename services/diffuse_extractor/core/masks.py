@@ -42,9 +42,11 @@ class MaskBit(enum.IntFlag):
     DEAD = 16
     OVERLOAD = 32
     BRAGG = 64
+    RESOLUTION = 128  # beyond the extraction's d_min: not extracted
 
 
 STATIC_BITS = MaskBit.UNTRUSTED | MaskBit.BEAMSTOP | MaskBit.USER
+
 DYNAMIC_BITS = MaskBit.HOT | MaskBit.DEAD | MaskBit.OVERLOAD
 
 

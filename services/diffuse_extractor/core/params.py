@@ -81,8 +81,12 @@ class ExtractionParams(MaskParams):
 
     bragg_radius_px: Optional[float] = Field(None, gt=0, description="Bragg-mask disk radius, pixels (> 0; "
                                              "default: from the spot profile)")
+    d_min: Optional[float] = Field(None, gt=0, description="extract only the pixels to this resolution, Å (> 0; "
+                                   "|q| <= 1/d_min; the rest are flagged RESOLUTION and skipped: a run's map stops "
+                                   "at its d_min anyway). None: the whole detector")
     bragg_d_min: Optional[float] = Field(None, gt=0, description="predict Bragg spots to this resolution, Å "
-                                         "(default: the detector's corner)")
+                                         "(default: 0.9 d_min with d_min, so spots just beyond it are masked where "
+                                         "their disks reach inside; else the detector's corner)")
     bragg_delpsi_max: float = Field(0.01, gt=0, le=0.1, description="predicted-reflection window |Δψ|, rad "
                                     "(0..0.1; DIALS' stills prediction keeps 0.0015). Wide enough for the mosaic "
                                     "band (half-mosaicity + d/domain size): a partial outside it is masked only "
