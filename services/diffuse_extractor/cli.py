@@ -44,6 +44,7 @@ def run(
     background_scale: float = model_option(E, "background_scale", "--background-scale"),
     isotropic_background: bool = model_option(E, "isotropic_background", "--isotropic-background"),
     lorentz: bool = model_option(E, "lorentz", "--lorentz/--no-lorentz"),
+    d_min: Optional[float] = model_option(E, "d_min", "--d-min"),
     bragg_radius: Optional[float] = model_option(E, "bragg_radius_px", "--bragg-radius"),
     bragg_delpsi: float = model_option(E, "bragg_delpsi_max", "--bragg-delpsi"),
     outlier_nsigma: float = model_option(E, "outlier_nsigma", "--outlier-nsigma", help="0 = off."),
@@ -57,7 +58,7 @@ def run(
                     detect_arm=detect_arm, mask_shapes=list(mask_shape), background_scale=background_scale,
                     isotropic_background=isotropic_background, lorentz=lorentz, bragg_radius_px=bragg_radius,
                     bragg_delpsi_max=bragg_delpsi, outlier_nsigma=outlier_nsigma or None, gain=gain,
-                    air_path_fraction=air_path_fraction, hot_dead=hot_dead, pngs=pngs)
+                    air_path_fraction=air_path_fraction, hot_dead=hot_dead, pngs=pngs, d_min=d_min)
     try:
         indices = list(range(len(load_experiments(expt)))) if job.all_images else job.image_indices
         with Progress(transient=True) as prog:
