@@ -153,3 +153,33 @@ def test_float_data_keeps_numpy_log_and_warmup_reports_time(monkeypatch):
     assert not kernels.supports(np.dtype(">u2"))  # non-native byte order: numpy path
     assert kernels.supports(np.uint16) and not kernels.is_wide(np.uint16) and kernels.is_wide(np.int16)
     assert kernels.warmup(np.uint16) >= 0.0
+
+
+@pytest.mark.parametrize("kern", ["auto", "numba"])
+def test_pass2_with_pass1_background_levels_equals_pass2_alone(scan, monkeypatch, kern):
+    """Pass 1's compiled kernels keep each frame's background level e . w_bg (``bg_out``, the direct float64
+    formula); pass 2 given them (no background column in its products) gives the maps of pass 2 alone."""
+    monkeypatch.setenv("STEM_POLAR_KERNELS", kern)
+    frames = scan["data"].reshape(-1, 32, 32)
+    n = len(frames)
+    lab = np.random.default_rng(7).integers(-1, 3, n)
+    src = ArraySource(frames, (24, 24))
+    pre = st.Preprocessor(PreprocessConfig(central_mask_px=3), (32, 32), 15.3, 16.2, bg_radius=12)
+    ref = np.random.default_rng(8).normal(2, 0.2, 1024).astype(np.float32)
+    rng = np.random.default_rng(9)
+    mf = st.MatchedFilter(rng.normal(size=(3, 32, 32)) * pre.keep.reshape(32, 32), rng.normal(2, 0.1, (32, 32)),
+                          rng.uniform(0.2, 1, (32, 32)), 1e-6, "diag")
+    com = st.GatedCoM(rng.uniform(0, 1, (3, 32, 32)), 15.3, 16.2)
+    assert eng.pass1_keeps_background(pre, frames.dtype)
+    bg = np.full(n, np.nan)
+    eng.pass1_stats(src, 50, 7, 2, lab, 3, None, pre, ref, bg_out=bg)
+    e = np.log1p(frames.reshape(n, -1).astype(np.float64))
+    np.testing.assert_allclose(bg, e @ pre.bg_weights.astype(np.float64), rtol=1e-6)
+    slot = np.where(lab >= 0, lab, 3)
+    args = (src, 50, 7, 2, pre, mf, com, 1.0, True, np.array([0, 1, 2, -1]), slot)
+    a, b = eng.pass2_maps(*args, bg_frames=bg), eng.pass2_maps(*args)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5 * np.abs(b[0]).max())  # S
+    np.testing.assert_array_equal(a[1], b[1])  # argmax
+    for x, y in zip(a[2:5], b[2:5]):  # confidence, com x, com y
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    np.testing.assert_array_equal(a[5], b[5])
