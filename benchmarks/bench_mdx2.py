@@ -528,6 +528,7 @@ def _cpu_stage(stage: str, scratch: Path) -> dict:
 
         params = {**cfg.get("extractor", {}), "pngs": False, "bragg_radius_px": cfg.get("bragg_radius_px") or 6.0,
                   "beamstop_record": f"runs/{run}/beamstop.npz"}
+        params.setdefault("d_min", cfg["d_min"])  # as the flow: pixels beyond the map's limit are not extracted
         if cfg.get("hot_dead_pixels", True):
             params["pixel_stats"] = f"runs/{run}/pixel_stats.h5"
         for f in plan["frames"]:
