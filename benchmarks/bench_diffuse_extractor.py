@@ -227,6 +227,12 @@ def main():
             size_mb_plain = one_still.size_mb
         finally:
             del os.environ["DIFFUSE_EXTRACTOR_COMPRESSION"]
+        # the statistics' unwritten stills go to their part files now (untimed): otherwise the flush timer can
+        # fire while the temporary directory is being removed ("Directory not empty")
+        from diffuse_extractor.core import runstats
+
+        if hasattr(runstats, "flush"):
+            runstats.flush()
     n_pix = sum(d.size for d in data)
     ws = summary(warm)
     ns = summary(newg)
