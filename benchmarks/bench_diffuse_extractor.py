@@ -22,6 +22,8 @@ file each time, durable write as in production). Reports CPU and wall seconds of
 - ``read_image``: reading the CBF into arrays (outside the per-still figure, for reference),
 - ``bus_job_with_pixel_stats_uncompressed``: the same with the still table written without compression
   (``DIFFUSE_EXTRACTOR_COMPRESSION=none``; ``artifact_uncompressed_mb``),
+- ``flow_job_d_min``: ``bus_job_with_pixel_stats`` with the run's ``d_min`` (``--d-min``, default 3.0 Å as the
+  thaumatin run), as the diffuse flow runs it: pixels beyond the map's limit are flagged and not extracted,
 - ``bus_job_with_pixel_stats``: what the diffuse flow's job does per still (``pipeline.process`` with
   ``pixel_stats`` and ``run_key``): read the CBF, add the still to the run's pixel statistics
   (``core.runstats.update_run_stats``: this worker's part file), HOT/DEAD flags from them (from the run's
@@ -109,6 +111,8 @@ def main():
     ap.add_argument("--expt", default=None)
     ap.add_argument("--refl", default=None)
     ap.add_argument("--out", default=str(result_path("diffuse_extractor")))
+    ap.add_argument("--d-min", type=float, default=3.0, help="the d_min (Å) of the flow_job_d_min row: the flow's job "
+                    "with the run's resolution limit (3.0: the thaumatin run's)")
     args = ap.parse_args()
 
     c = Clock().start()
@@ -227,6 +231,13 @@ def main():
             size_mb_plain = one_still.size_mb
         finally:
             del os.environ["DIFFUSE_EXTRACTOR_COMPRESSION"]
+        # the flow's job as the flow runs it: pixels beyond the run's d_min are not extracted (RESOLUTION flags)
+        params = ExtractionParams(d_min=args.d_min)
+        run_store = {}
+        psd = [one_still(shifted(expt, 6.0 + 0.05 * k), run_cache(), read=True, stats_path=tmp / "pixel_stats_d.h5")
+               for k in range(args.repeats + 2)][2:]
+        n_used_d, size_mb_d = one_still.n_used, one_still.size_mb
+        params = ExtractionParams()
         # the statistics' unwritten stills go to their part files now (untimed): otherwise the flush timer can
         # fire while the temporary directory is being removed ("Directory not empty")
         from diffuse_extractor.core import runstats
@@ -241,6 +252,7 @@ def main():
     bsr = summary(bus_run)
     pss = summary(ps)
     psus = summary(psu)
+    psds = summary(psd)
     out = {
         "service": "diffuse-extractor",
         "version": __version__,
@@ -267,6 +279,10 @@ def main():
         "bus_job_with_pixel_stats_cpu_s_median": pss["total_cpu_s"],
         "bus_job_with_pixel_stats_wall_s_median": pss["total_wall_s"],
         "bus_job_with_pixel_stats_uncompressed_cpu_s_median": psus["total_cpu_s"],
+        "flow_job_d_min": args.d_min, "flow_job_d_min_cpu_s_median": psds["total_cpu_s"],
+        "flow_job_d_min_wall_s_median": psds["total_wall_s"], "flow_job_d_min_pixels_used": int(n_used_d),
+        "flow_job_d_min_artifact_mb": round(size_mb_d, 1), "flow_job_d_min_median": psds,
+        "flow_job_d_min_total_cpu_s_all": [round(r["total_cpu_s"], 3) for r in psd],
         "cold": {k: round(v, 3) for k, v in cold.items()},
         "warm_median": ws,
         "new_geometry_median": ns,
