@@ -85,10 +85,15 @@ def handle(ctx: JobContext, params: VoxelMergerParams) -> None:
 def warm_up() -> None:
     """Load what the first accumulate job would otherwise load when the worker starts (``serve``): the compiled
     accumulation kernels (numba's cache); the still-table reader comes with this module's imports (together
-    ~0.27 CPU-s of a fresh process's first job)."""
+    ~0.27 CPU-s of a fresh process's first job), and matplotlib for the final merge's figures."""
     if kernels.available():
         kernels.sparse_ids(np.zeros(1, np.int64), np.ones(1), np.ones(1), 1)
         kernels.accumulate_ids(np.zeros((1, 4)), np.zeros(1, np.int64), np.ones(1), np.ones(1))
+    # matplotlib (~1.6 CPU-s) for the map's figures: at start, not in the run's final merge the user waits for
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
 
 
 STAGE = Stage(service="voxel-merger", params_model=VoxelMergerParams, handler=handle, version=__version__,

@@ -301,3 +301,21 @@ def test_stills_in_a_non_reference_setting_are_reindexed_onto_the_reference_grid
     truth = 100 + 20 * np.cos(hr[:, 0]) + 10 * np.sin(hr[:, 1] + 2 * hr[:, 2])
     z = (mean[ids] - truth) / sigma[ids]
     assert z.std() == pytest.approx(1.0, abs=0.1)
+
+
+def test_mappers_of_one_grid_and_symmetry_share_their_memo_and_others_do_not():
+    """A worker's merges of one run map each voxel once (the memo is shared per grid and symmetry); another
+    symmetry or grid gets its own memo and its own, correct mapping (cctbx's, without any memo)."""
+    cell = (50.0, 50.0, 70.0, 90, 90, 90)
+    grid = build_grid(CrystalModel(cell, "P 41 21 2"), ndiv=3, hkl_max=(3, 3, 3))
+    ids = np.random.default_rng(4).choice(grid.n_voxels, 2000, replace=False)
+    a, b = AsuMapper(grid, "P 41 21 2"), AsuMapper(grid, "P 41 21 2")
+    first = a(ids)
+    assert b._memo_array() is a._memo_array()
+    np.testing.assert_array_equal(b(ids), first)
+    other = AsuMapper(grid, "P 2 2 2")  # Laue mmm: another ASU on the same grid
+    mapped = other(ids)
+    assert other._memo_array() is not a._memo_array()
+    np.testing.assert_array_equal(mapped, other._map_ids(ids))
+    assert (mapped != first).any()
+    np.testing.assert_array_equal(AsuMapper(grid, "P 41 21 2")(ids), a._map_ids(ids))

@@ -5,6 +5,7 @@ so they work the same for the in-memory and the HDF5-backed accumulator.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import numpy as np
@@ -14,6 +15,11 @@ from cctbx.array_family import flex
 from .accumulate import N_FIELDS, observation_weights
 from .grid import GlobalGrid
 from .params import DEFAULTS
+
+#: the voxel -> ASU voxel memo of the last grid and symmetry mapped in this process (see AsuMapper._memo_array);
+#: concurrent jobs write the same values into it, so sharing needs no more than the lock around the lookup
+_SHARED_MEMO: dict = {}
+_MEMO_LOCK = threading.Lock()
 
 __all__ = [
     "merge_sums",
@@ -108,10 +114,23 @@ class AsuMapper:
         return self.grid.ids_from_scaled_hkl(self.map_scaled(self.grid.voxel_hkl_scaled(ids)))
 
     def _memo_array(self):
-        """Voxel -> ASU voxel memo (-2 = not yet mapped) when the grid is small enough (8 bytes per voxel)."""
+        """Voxel -> ASU voxel memo (-2 = not yet mapped) when the grid is small enough (8 bytes per voxel).
+
+        Shared by every mapper of the same grid and symmetry in the process (the most recent one is kept): a
+        worker's merges of one run (the table-only merge, then the scaled merge's rejection, table and symmetry
+        merge) map each voxel once instead of once per mapper."""
         if not hasattr(self, "_memo"):
             n = self.grid.n_voxels
-            self._memo = np.full(n, -2, dtype=np.int64) if n * 8 <= self.MEMO_MAX_BYTES else None
+            if n * 8 > self.MEMO_MAX_BYTES:
+                self._memo = None
+            else:
+                key = (repr(sorted(self.grid.to_dict().items())), self.sg_type.lookup_symbol())
+                with _MEMO_LOCK:
+                    memo = _SHARED_MEMO.get(key)
+                    if memo is None:
+                        _SHARED_MEMO.clear()
+                        memo = _SHARED_MEMO[key] = np.full(n, -2, dtype=np.int64)
+                self._memo = memo
         return self._memo
 
     def map_observations(self, ids: np.ndarray) -> np.ndarray:
