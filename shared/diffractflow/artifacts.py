@@ -13,6 +13,9 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import time
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -32,12 +35,43 @@ class VolumeError(InputError):
     """A reference that escapes the volume root, is missing, or does not match its hash."""
 
 
+# Content hashes this process has computed, keyed by the file's identity and change times (as git's index does).
+# A file enters the memo only when its last change is at least HASH_MEMO_SETTLE_NS old when it is hashed, so a
+# later change (even one of the same size within the file system's timestamp granularity) gets a later ctime and
+# is hashed again ("racy git"). Saves the repeated hashing of one input within a job (runtime check, service,
+# open_ref) and of a run's shared inputs (background) across a worker's jobs.
+HASH_MEMO_SETTLE_NS = 50_000_000
+HASH_MEMO_ENTRIES = 4096
+_hash_memo: "OrderedDict[tuple, str]" = OrderedDict()
+_hash_memo_lock = threading.Lock()
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
-    h = hashlib.sha256()
+    """The file's sha256 (hex). Memoised per process by (device, inode, size, mtime, ctime) for files that had
+    settled when hashed (see ``HASH_MEMO_SETTLE_NS``)."""
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = _stat_key(st)
+        with _hash_memo_lock:
+            digest = _hash_memo.get(key)
+            if digest is not None:
+                _hash_memo.move_to_end(key)
+                return digest
+        h = hashlib.sha256()
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+        digest = h.hexdigest()
+        settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) >= HASH_MEMO_SETTLE_NS
+        if settled and _stat_key(os.fstat(f.fileno())) == key:
+            with _hash_memo_lock:
+                _hash_memo[key] = digest
+                while len(_hash_memo) > HASH_MEMO_ENTRIES:
+                    _hash_memo.popitem(last=False)
+    return digest
 
 
 @contextlib.contextmanager

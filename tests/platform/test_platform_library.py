@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -88,6 +89,43 @@ def test_atomic_write_never_shows_half_a_file(tmp_path):
             tmp.write_bytes(b"partial")
             raise RuntimeError("disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
+
+
+def test_content_hash_memo_sees_every_change(tmp_path, monkeypatch):
+    """sha256_file memoises settled files by identity and change times: a repeated hash does not read the file
+    again, and any later change, even of the same size straight after hashing, gives the new content's hash."""
+    from diffractflow import artifacts
+
+    reads = []
+    real_sha = hashlib.sha256
+
+    def counting_sha():
+        reads.append(1)
+        return real_sha()
+
+    monkeypatch.setattr(artifacts.hashlib, "sha256", counting_sha)
+    f = tmp_path / "frame.bin"
+    f.write_bytes(b"a" * 4096)
+    # just written: hashed, but not remembered (it may still change within the timestamp granularity)
+    assert sha256_file(f) == real_sha(b"a" * 4096).hexdigest()
+    f.write_bytes(b"b" * 4096)  # same size, same instant
+    assert sha256_file(f) == real_sha(b"b" * 4096).hexdigest()
+    assert len(reads) == 2
+    # settled: the second hash comes from the memo
+    monkeypatch.setattr(artifacts, "HASH_MEMO_SETTLE_NS", 0)
+    sha256_file(f)
+    assert sha256_file(f) == real_sha(b"b" * 4096).hexdigest()
+    assert len(reads) == 3
+    # a same-size rewrite right after the memoised hash is seen (a later ctime), and so is a flipped byte
+    monkeypatch.setattr(artifacts, "HASH_MEMO_SETTLE_NS", 50_000_000)
+    time.sleep(0.06)
+    with open(f, "r+b") as fh:
+        fh.write(b"c")
+    assert sha256_file(f) == real_sha(b"c" + b"b" * 4095).hexdigest()
+    # a file replaced by another (atomic rename: a new inode) is hashed again
+    with atomic_write_path(f) as tmp:
+        tmp.write_bytes(b"d" * 4096)
+    assert sha256_file(f) == real_sha(b"d" * 4096).hexdigest()
 
 
 def test_provenance_and_manifest(tmp_path):

@@ -12,6 +12,7 @@ Conventions: ``s = A h`` with A the DIALS reciprocal orientation matrix (1/Å), 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -59,8 +60,24 @@ def _sym6(g: np.ndarray) -> tuple[float, ...]:
 
 def reindex_to_reference(model: CrystalModel):
     """Change-of-basis operator (cctbx) taking this still's setting to the reference setting of its space group."""
-    cs = crystal.symmetry(unit_cell=model.unit_cell, space_group_symbol=model.space_group)
-    return cs.change_of_basis_op_to_reference_setting()
+    crystal.symmetry(unit_cell=model.unit_cell, space_group_symbol=model.space_group)  # checks the cell fits
+    return _cb_op_to_reference(model.space_group)
+
+
+@functools.lru_cache(maxsize=64)
+def _cb_op_to_reference(space_group: str):
+    """The space group's change of basis to its reference setting (cctbx; its type look-up is ~1 ms, so a
+    worker does it once per symbol, not once per still)."""
+    return sgtbx.space_group_info(space_group).type().cb_op()
+
+
+@functools.lru_cache(maxsize=64)
+def _group_and_symbol(space_group: str, to_reference_setting: bool):
+    """(cctbx space group, its symbol) of ``space_group``, in its reference setting if asked."""
+    sgi = sgtbx.space_group_info(space_group)
+    if to_reference_setting:
+        sgi = sgi.reference_setting()
+    return sgi.group(), str(sgi)
 
 
 def hkl_change_of_basis_matrix(cb_op) -> np.ndarray:
@@ -86,17 +103,15 @@ def average_crystal_model(models: Sequence[CrystalModel], space_group: str | Non
     ops, gs = [], []
     for m in models:
         cs = crystal.symmetry(unit_cell=m.unit_cell, space_group_symbol=space_group or m.space_group)
-        cb = cs.change_of_basis_op_to_reference_setting() if to_reference_setting else sgtbx.change_of_basis_op()
+        cb = _cb_op_to_reference(space_group or m.space_group) if to_reference_setting else sgtbx.change_of_basis_op()
         ops.append(cb)
         gs.append(np.array(cs.change_basis(cb).unit_cell().metrical_matrix()))
     # correctly rounded sums (math.fsum): the average does not depend on the order of the stills
     gmean = [math.fsum(g[i] for g in gs) / len(gs) for i in range(6)]
     uc = uctbx.unit_cell(metrical_matrix=tuple(float(x) for x in gmean))
-    sgi = sgtbx.space_group_info(sg_symbol)
-    if to_reference_setting:
-        sgi = sgi.reference_setting()
-    uc = sgi.group().average_unit_cell(uc)
-    return CrystalModel(tuple(float(x) for x in uc.parameters()), str(sgi)), ops
+    group, symbol = _group_and_symbol(sg_symbol, to_reference_setting)
+    uc = group.average_unit_cell(uc)
+    return CrystalModel(tuple(float(x) for x in uc.parameters()), symbol), ops
 
 
 def s_max_of_hkl(unit_cell: Sequence[float], h: np.ndarray, k: np.ndarray, l: np.ndarray) -> float:
