@@ -696,9 +696,11 @@ def main(argv=None) -> dict:
         hp = run_mdx2(work, bin_dir, n_frames, args.ndiv, args.count_threshold, blank_osc, half_pixel=True)
         result["mdx2_half_pixel"] = {"maps": compare_maps(None, hp["merged_table"], data),
                                      "note": "mdx2 with pixel i mapped at dxtbx's pixel centre i + 0.5"}
-    if args.skip_mdx2 and RESULTS.exists():
+    if (args.skip_mdx2 or args.skip_dials) and RESULTS.exists():  # what this run reused keeps its recorded figures
         prev = json.loads(RESULTS.read_text())
-        for k in ("mdx2_version", "dials", "mdx2", "render", "mdx2_half_pixel", "ours_bragg_radius_3px"):
+        reused = ("mdx2_version", "dials", "mdx2", "render", "mdx2_half_pixel", "ours_bragg_radius_3px") \
+            if args.skip_mdx2 else ("dials", "render")
+        for k in reused:
             if k in prev and k not in result:
                 result[k] = prev[k]
     if args.run_ours:
