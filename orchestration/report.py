@@ -40,7 +40,7 @@ import typer
 from diffractflow.artifacts import atomic_write_path
 from diffractflow.errors import InputError
 from diffractflow.report_page import (REPORT_NAME, Linker as _Linker, Page, check_links, esc as _esc,  # noqa: F401
-                                      figure as _figure, fmt as _fmt, img as _img, job_page,
+                                      figure as _figure, fmt as _fmt, img as _img, img_file, job_page,
                                       kv_table as _kv_table, png_b64 as _png_b64, render_html, table as _table,
                                       write_page)
 from diffractflow.report_page import software_versions as _platform_versions
@@ -542,17 +542,27 @@ def _diffuse_page(layout: RunLayout, refresh_s: float | None) -> Page:
     # --- figures
     figs = []
     map_h5 = out / "map.h5" if out and (out / "map.h5").is_file() else None
+    # the services' own figures of a finished run are embedded as they are (drawing them again costs seconds of
+    # matplotlib layout at the end of every run); only what no service draws is drawn here
+    own = {name: out / f"{name}.png" for name in ("slice_h0", "slice_k0", "slice_l0", "radial_profile",
+                                                   "scales_per_still")} if out else {}
+    own = {k: v for k, v in own.items() if v.is_file()}
     if map_h5 is not None:
-        try:
-            grid, planes = map_file_planes(map_h5)
-            what = "merged map: " + ", ".join([
-                "scaled" if stats.get("scales_applied") else "unscaled",
-                f"merged in {stats['symmetry']}" if stats.get("symmetry") not in (None, "none") else "no symmetry",
-                f"outliers rejected at {stats['reject_sigma']}σ ({stats.get('n_rejected', 0)} still-voxels)"
-                if stats.get("reject_sigma") else "no outlier rejection"])
-            figs.append(_img(fig_slices(grid, planes, what), f"merged map slices h=0, k=0, l=0; {what}"))
-        except (OSError, KeyError, ValueError) as exc:
-            figs.append(f"<p class=warn>cannot read {_esc(map_h5)}: {_esc(exc)}</p>")
+        what = "merged map: " + ", ".join([
+            "scaled" if stats.get("scales_applied") else "unscaled",
+            f"merged in {stats['symmetry']}" if stats.get("symmetry") not in (None, "none") else "no symmetry",
+            f"outliers rejected at {stats['reject_sigma']}σ ({stats.get('n_rejected', 0)} still-voxels)"
+            if stats.get("reject_sigma") else "no outlier rejection"])
+        slices = [own.get(f"slice_{a}0") for a in "hkl"]
+        if any(slices):
+            figs += [img_file(f, f"merged map slice {f.stem[-2]}=0 (the voxel-merger's figure); {what}")
+                     for f in slices if f is not None]
+        else:
+            try:
+                grid, planes = map_file_planes(map_h5)
+                figs.append(_img(fig_slices(grid, planes, what), f"merged map slices h=0, k=0, l=0; {what}"))
+            except (OSError, KeyError, ValueError) as exc:
+                figs.append(f"<p class=warn>cannot read {_esc(map_h5)}: {_esc(exc)}</p>")
     else:
         partials = [p for p in (_vol_path(layout, r.get("partial")) for r in records if r.get("status") == "ok") if p]
         sym_name = config.get("symmetry")
@@ -564,10 +574,14 @@ def _diffuse_page(layout: RunLayout, refresh_s: float | None) -> Page:
                              f"current merged slices h=0, k=0, l=0 from the per-still partial sums; {what}"))
         else:
             figs.append("<p>no still accumulated yet</p>")
-    if stats.get("radial_profile"):
+    if "radial_profile" in own:
+        figs.append(img_file(own["radial_profile"], "radial profile of the merged map (the voxel-merger's figure)"))
+    elif stats.get("radial_profile"):
         figs.append(_img(fig_radial(stats["radial_profile"]), "radial profile"))
     figs.append(_img(fig_shells(stats), "CC½ and symmetry agreement by resolution shell"))
-    if out:
+    if "scales_per_still" in own:
+        figs.append(img_file(own["scales_per_still"], "per-still scales (relative scaling; the scaler's figure)"))
+    elif out:
         figs.append(_img(fig_scales(_named_scales(out)), "per-still scales (relative scaling)"))
     method = (summary.get("background") or {}).get("method") or (
         "frames" if config.get("background_frames") else (config.get("extractor") or {}).get("background", "none"))

@@ -194,10 +194,29 @@ async def run_with_api_retries(handler: "FileHandler", ev: DataEvent, waits_s: t
             await asyncio.sleep(waits_s[attempt])
 
 
+@contextlib.asynccontextmanager
+async def shared_prefect_clients():
+    """One Prefect API client pair (sync and async) for every flow run started inside, when an API is configured.
+
+    Without it each flow run builds its own clients, and each client a TLS context from the CA bundle even for a
+    plain-http API (~25-50 ms of CPU each, three per flow run: ~2-3 CPU-s on a 20-still run, on the cores DIALS
+    is using). The flow and task engines take the clients from these contexts (``get_or_create``)."""
+    from prefect.context import AsyncClientContext, SyncClientContext
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # no server configured: leave Prefect's own choice (ephemeral API) alone
+        yield
+        return
+    with SyncClientContext.get_or_create():
+        async with AsyncClientContext.get_or_create():
+            yield
+
+
 async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler | None, stop: asyncio.Event,
                    durable: str = "dispatcher", max_concurrent: int = 8,
                    bluesky: "BlueskyTranslator | None" = None, ack_wait_s: float = DISPATCH_ACK_WAIT_S) -> None:
-    """Consume events and start a flow run per event (at most ``max_concurrent`` at once).
+    """Consume events and start a flow run per event (at most ``max_concurrent`` at once), all through one
+    pair of Prefect API clients (:func:`shared_prefect_clients`).
 
     ``on_end`` runs only after every file flow of that run has finished. With ``bluesky``, Bluesky documents
     are translated into file and end-of-run events on the bus (each document acknowledged once its work is
@@ -205,6 +224,12 @@ async def dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler
     dispatcher that died come back to the next one after ``ack_wait_s`` (the durable consumer keeps the value it was
     created with).
     """
+    async with shared_prefect_clients():
+        await _dispatch(settings, on_file, on_end, stop, durable, max_concurrent, bluesky, ack_wait_s)
+
+
+async def _dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandler | None, stop: asyncio.Event,
+                    durable: str, max_concurrent: int, bluesky: "BlueskyTranslator | None", ack_wait_s: float) -> None:
     nc = await bus.connect(settings, name=durable)
     js = nc.jetstream()
     await bus.ensure_streams(js)

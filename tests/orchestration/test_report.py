@@ -246,11 +246,16 @@ def test_finished_run_page_renders_in_chromium_with_figures_and_no_broken_links(
     assert "complete: 6/7 stills merged" in text and "http-equiv" not in text  # no refresh once complete
     assert "merged map: scaled, merged in P 43 21 2, no outlier rejection" in text  # from the merger's stats
     p = parse(text)
-    # slices of the merged map, radial profile, CC½ + symmetry agreement, scales, timings
-    assert len(p.imgs) == 5, len(p.imgs)
-    for cap in ("merged map slices", "radial profile", "CC½ and symmetry agreement", "per-still scales",
-                "seconds per stage"):
+    # the three slices of the merged map, radial profile, CC½ + symmetry agreement, scales, timings
+    assert len(p.imgs) == 7, len(p.imgs)
+    for cap in ("merged map slice h=0", "merged map slice k=0", "merged map slice l=0", "radial profile",
+                "CC½ and symmetry agreement", "per-still scales", "seconds per stage"):
         assert cap in text
+    # the services' own figures are embedded as they are, not drawn again
+    import base64
+
+    for name in ("slice_h0.png", "slice_k0.png", "slice_l0.png", "radial_profile.png"):
+        assert f"data:image/png;base64,{base64.b64encode((out / name).read_bytes()).decode()}" in p.imgs, name
     targets = assert_links_resolve(page, expect_at_least=20)
     names = {t.name for t in targets}
     assert {"map.h5", "observations.h5", "scales.json", "stats.json", "config.json"} <= names
