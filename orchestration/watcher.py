@@ -201,6 +201,7 @@ async def shared_prefect_clients():
     Without it each flow run builds its own clients, and each client a TLS context from the CA bundle even for a
     plain-http API (~25-50 ms of CPU each, three per flow run: ~2-3 CPU-s on a 20-still run, on the cores DIALS
     is using). The flow and task engines take the clients from these contexts (``get_or_create``)."""
+    # prefect (~1 s): only a dispatcher that starts flow runs needs it, not the watcher or the CLI's --help
     from prefect.context import AsyncClientContext, SyncClientContext
     from prefect.settings import PREFECT_API_URL
 

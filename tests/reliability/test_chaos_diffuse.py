@@ -276,7 +276,8 @@ def chaos_run(tmp_path_factory):
     try:
         calm = process_run(topo, tmp / "data", cfg, tmp / "out-calm", "calm", N_BKG)
         assert calm["returncode"] == 0, calm["stdout"][-4000:]
-        chaos = Chaos(topo, seed=7, every_s=(4.0, 7.0), max_kills=9)
+        # a kill every 2-3.5 s: the four-still run lasts ~15 s from its first flow (2 kills at 4-7 s were too few)
+        chaos = Chaos(topo, seed=7, every_s=(2.0, 3.5), first_after_s=1.5, max_kills=9)
         wild = process_run(topo, tmp / "data", cfg, tmp / "out-chaos", "chaos", N_BKG, chaos=chaos)
         state = wait_settled(topo)
         logs = topo.home / "logs"
