@@ -69,16 +69,9 @@ def test_run_writes_nexus_map_figures_and_table(stills, tmp_path):
     assert res.exit_code == 0 and "CC1/2" in res.output
 
 
-def test_accumulate_then_merge_equals_run(stills, tmp_path):
+def test_accumulate_then_merge_equals_run(stills, tmp_path, cli_partials):
     d, paths, _ = stills
-    res = runner.invoke(app, ["grid", *map(str, paths), "--out", str(tmp_path / "grid.json")])
-    assert res.exit_code == 0, res.output
-    partials = []
-    for i, p in enumerate(paths):
-        part = tmp_path / f"part_{i}.h5"
-        res = runner.invoke(app, ["accumulate", str(p), "--grid", str(tmp_path / "grid.json"), "--out", str(part)])
-        assert res.exit_code == 0, res.output
-        partials.append(part)
+    partials = cli_partials(paths, tmp_path)
     res = runner.invoke(app, ["inspect", str(partials[0])])
     assert res.exit_code == 0 and "accumulator" in res.output
     res = runner.invoke(app, ["run", *map(str, paths), "--out", str(tmp_path / "r"), "--symmetry", "auto",

@@ -18,19 +18,7 @@ def smooth(h, k, l):
     return 80.0 + 20.0 * np.cos(0.7 * h) * np.cos(0.5 * k) + 5.0 * np.sin(0.3 * l)
 
 
-def _partials(paths, tmp_path):
-    """The stills' common grid (grid.json in tmp_path) and one partial accumulator per still, through the CLI."""
-    assert runner.invoke(app, ["grid", *map(str, paths), "--out", str(tmp_path / "grid.json")]).exit_code == 0
-    partials = []
-    for i, p in enumerate(paths):
-        part = tmp_path / f"part_{i}.h5"
-        r = runner.invoke(app, ["accumulate", str(p), "--grid", str(tmp_path / "grid.json"), "--out", str(part)])
-        assert r.exit_code == 0, r.output
-        partials.append(part)
-    return partials
-
-
-def test_partials_table_rows_are_per_still_voxel_means_and_scale_correctly(tmp_path):
+def test_partials_table_rows_are_per_still_voxel_means_and_scale_correctly(tmp_path, cli_partials):
     rng = np.random.default_rng(5)
     stills, paths, planted = [], [], {}
     for i in range(8):
@@ -41,7 +29,7 @@ def test_partials_table_rows_are_per_still_voxel_means_and_scale_correctly(tmp_p
         stills.append(s)
         paths.append(write_still(tmp_path / f"still_{i}.h5", s.still_id, s.h, s.k, s.l, s.intensity, s.sigma,
                                  s.q_magnitude, s.crystal))
-    partials = _partials(paths, tmp_path)
+    partials = cli_partials(paths, tmp_path)
     r = runner.invoke(app, ["merge", *map(str, partials), "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     t = read_observation_table(tmp_path / "m" / "observations.h5")
@@ -78,7 +66,7 @@ def test_partials_table_rows_are_per_still_voxel_means_and_scale_correctly(tmp_p
     assert np.max(np.abs(ratio - 1)) < 0.01
 
 
-def test_table_only_merge_writes_the_same_table_and_no_map(tmp_path):
+def test_table_only_merge_writes_the_same_table_and_no_map(tmp_path, cli_partials):
     """The flow's unscaled merge only feeds the scaler: with table_only it writes the same observation table as a
     full merge (row for row, ASU voxels included) and neither map nor figures."""
     import pytest
@@ -94,7 +82,7 @@ def test_table_only_merge_writes_the_same_table_and_no_map(tmp_path):
                             sigma0=0.5, scale=float(np.exp(rng.normal(0, 0.2))))
         paths.append(write_still(tmp_path / f"still_{i}.h5", s.still_id, s.h, s.k, s.l, s.intensity, s.sigma,
                                  s.q_magnitude, s.crystal))
-    partials = _partials(paths, tmp_path)
+    partials = cli_partials(paths, tmp_path)
     opt = dict(symmetry="P 21 21 21", figures=False, backend="memory")
     full, _ = merge_partials(partials, tmp_path / "full", MergeOptions(**opt))
     only, stats = merge_partials(partials, tmp_path / "only", MergeOptions(**opt, table_only=True))
