@@ -79,6 +79,8 @@ class DiffuseRunConfig(BaseModel):
                                               "smoothness restraint on frame scales along phi (None: its default)")
     stage_timeout_s: float = 900.0
     expected_stills: int | None = None
+    run_report: bool = Field(True, description="write runs/<run>/report.html at the end of the run (`process diffuse` "
+                                               "writes its page into --out instead)")
 
 
 def run_dir(volume: Volume, run_id: str) -> Path:
@@ -337,10 +339,11 @@ async def diffuse_merge_flow(run_id: str) -> dict:
     summary["outputs"] = sorted(p.name for p in out.iterdir())
     atomic_write_json(out / "run_summary.json", summary)
     log.info(f"run {run_id}: {len(ok)}/{len(records)} stills merged; outputs in {out}")
-    try:  # the run's page (runs/<run>/report.html) for live runs too; a failure must not fail the run
-        log.info(f"run {run_id}: report {await asyncio.to_thread(write_report, rdir)}")
-    except Exception as exc:  # noqa: BLE001
-        log.warning(f"run {run_id}: report not written ({exc})")
+    if cfg.run_report:
+        try:  # the run's page (runs/<run>/report.html) for live runs too; a failure must not fail the run
+            log.info(f"run {run_id}: report {await asyncio.to_thread(write_report, rdir)}")
+        except Exception as exc:  # noqa: BLE001
+            log.warning(f"run {run_id}: report not written ({exc})")
     return summary
 
 

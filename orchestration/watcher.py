@@ -165,6 +165,9 @@ DISPATCH_ACK_WAIT_S = 60.0
 #: connection errors: a server busy under load); the flow's stages are idempotent, so a retry redoes nothing done
 DISPATCH_API_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
+#: longest wait (s) of one pull for the next event; a stop request ends the wait at once
+DISPATCH_FETCH_WAIT_S = 0.5
+
 
 def transient_api_error(exc: BaseException) -> bool:
     """True for an error of the orchestrator's HTTP API that a later try may not meet (server busy or restarting,
@@ -261,12 +264,12 @@ async def _dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandle
             slots.release()
             await msg.ack()
 
+    stopping = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():
-            try:
-                msgs = await sub.fetch(1, timeout=0.5)
-            except (asyncio.TimeoutError, bus.NatsTimeoutError):
-                continue
+            msgs = await _next_events(sub, stopping)
+            if msgs is None:
+                break
             for msg in msgs:
                 if msg.subject.startswith("events.bluesky."):
                     await _bluesky_document(bluesky, msg, ack_wait_s)
@@ -292,6 +295,7 @@ async def _dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandle
                 per_run.setdefault(ev.run_id, set()).add(t)
                 t.add_done_callback(lambda t, r=ev.run_id: per_run.get(r, set()).discard(t))
     finally:
+        stopping.cancel()
         if bluesky is not None:
             await bluesky.close()
         pending = [t for ts in per_run.values() for t in ts]
@@ -300,6 +304,24 @@ async def _dispatch(settings: Settings, on_file: FileHandler, on_end: FileHandle
         with contextlib.suppress(Exception):  # an open pull subscription would hold drain() for its full timeout
             await sub.unsubscribe()
         await nc.drain()
+
+
+async def _next_events(sub, stopping: asyncio.Future) -> list | None:
+    """The next event (a list of at most one message; empty when none came within ``DISPATCH_FETCH_WAIT_S``), or
+    None once ``stopping`` is done: a stop does not wait for the pull to expire (at the end of `process diffuse`
+    that wait was on the run's critical path). An event the cancelled pull still receives is never acknowledged, so
+    JetStream gives it to the next dispatcher after the ack wait."""
+    fetch = asyncio.ensure_future(sub.fetch(1, timeout=DISPATCH_FETCH_WAIT_S))
+    await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not fetch.done():
+        fetch.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await fetch
+        return None
+    try:
+        return fetch.result()
+    except (asyncio.TimeoutError, bus.NatsTimeoutError):
+        return []
 
 
 async def _keep_in_progress(msg, ack_wait_s: float = DISPATCH_ACK_WAIT_S) -> None:

@@ -77,5 +77,6 @@ def test_bluesky_run_is_processed_into_a_diffuse_map(tmp_path, nats_server, volu
     run_summary = json.loads((rdir / "output" / "run_summary.json").read_text())
     assert run_summary["stills_processed"] == n, run_summary
     assert (rdir / "output" / "map.h5").is_file()
+    assert (rdir / "report.html").is_file()  # a live run's page, written by the end-of-run flow
     rec = json.loads((rdir / "bluesky.json").read_text())
     assert rec["status"] == "ended" and len(rec["frames"]) == n and rec["exit_status"] == "success"

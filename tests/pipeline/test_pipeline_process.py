@@ -78,8 +78,10 @@ def test_process_writes_the_run_a_user_needs(dose_runs):
     assert len(s["stills"]) == dose_runs["n"] and all(r["status"] == "ok" for r in s["stills"])
     assert s["cc_half_overall"] is not None and 0.3 < s["cc_half_overall"] <= 1.0
     out = dose_runs["runs"]["high"]["out"]
-    for name in ("map.h5", "scales.json", "slice_l0.png", "radial_profile.png", "run_summary.json"):
+    for name in ("map.h5", "scales.json", "slice_l0.png", "radial_profile.png", "run_summary.json", "report.html"):
         assert (out / name).is_file(), name
+    # the page is rendered once, into --out: the end-of-run flow was told not to write its own copy
+    assert not (dose_runs["volume"] / "runs" / "high" / "report.html").exists()
     with h5py.File(out / "map.h5", "r") as f:
         g = f["entry/map"]
         shape = g["intensity"].shape

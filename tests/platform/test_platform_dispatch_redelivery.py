@@ -156,3 +156,40 @@ def test_a_flow_whose_run_the_api_could_not_create_is_tried_again(bus_env, monke
 
     asyncio.run(scenario())
     assert tries == {"busy.cbf": 3, "bad.cbf": 1, "gone.cbf": 1}, tries
+
+
+def test_stop_ends_a_pending_pull_and_loses_no_event(bus_env, monkeypatch):
+    """A stop does not wait for the dispatcher's pull of the next event to expire (here 10 s), and an event that
+    arrives just after the stop, while the abandoned pull may still be open on the server, reaches the next
+    dispatcher."""
+    from orchestration import watcher
+    from orchestration.watcher import dispatch
+
+    monkeypatch.setattr(watcher, "DISPATCH_FETCH_WAIT_S", 10.0)
+    got: list[str] = []
+
+    async def on_file(e):
+        got.append(e.event_id)
+
+    async def scenario():
+        stop = asyncio.Event()
+        disp = asyncio.create_task(dispatch(bus_env, on_file, None, stop, durable="d-stop", ack_wait_s=ACK_WAIT_S))
+        await asyncio.sleep(1.5)  # idle: waiting in a pull
+        t0 = time.monotonic()
+        stop.set()
+        await asyncio.wait_for(disp, 60)
+        stop_s = time.monotonic() - t0
+        ev = DataEvent(run_id="after-stop", path="incoming/c.cbf")
+        await _publish(bus_env, ev)
+        stop = asyncio.Event()
+        disp = asyncio.create_task(dispatch(bus_env, on_file, None, stop, durable="d-stop", ack_wait_s=ACK_WAIT_S))
+        deadline = time.monotonic() + 2 * ACK_WAIT_S + 20
+        while not got and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(disp, 60)
+        return stop_s, ev.event_id
+
+    stop_s, event_id = asyncio.run(scenario())
+    assert stop_s < 5, f"the stop waited {stop_s:.1f} s for the pull to expire"
+    assert got == [event_id], got
