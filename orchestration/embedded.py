@@ -227,7 +227,9 @@ class Topology:
             log(f"prefect      {state['prefect']['api_url']}")
         admin = Settings(nats_url=state["nats"]["url"], nats_user="admin", nats_password=creds.users["admin"],
                          volume=volume)
-        asyncio.run(_wait_consumers(admin, services, timeout=max(deadline - time.monotonic(), 30)))
+        n_replicas = {s: sum(1 for x in state["services"] if x["service"] == s) for s in services}
+        asyncio.run(_wait_consumers(admin, services, timeout=max(deadline - time.monotonic(), 30),
+                                    replicas=n_replicas))
         return state
 
     def down(self, timeout: float = 25.0, log=print) -> list[int]:
@@ -536,19 +538,31 @@ def _wait_cluster_healthy(nodes: list[dict], timeout: float) -> None:
             time.sleep(0.1)
 
 
-async def _wait_consumers(settings: Settings, services: list[str], timeout: float) -> None:
-    """Each service creates its durable consumer when it starts serving: wait for all of them."""
+async def _wait_consumers(settings: Settings, services: list[str], timeout: float,
+                          replicas: dict[str, int] | None = None) -> None:
+    """Wait until every replica of every service is pulling jobs: its durable consumer exists (made by the first
+    replica that serves) and holds a pull request of each replica (``replicas``, default 1 per service). A
+    worker pulls only after its warm-up (DIALS, torch imports: seconds), so a run started after `up` does not share
+    the cores with replicas still importing."""
     nc = await bus.connect(settings, name="diffractflow-up")
     js = nc.jetstream()
     deadline = time.monotonic() + timeout
+    want = {s: max(1, (replicas or {}).get(s, 1)) for s in services}
+
+    async def not_ready(s: str) -> bool:
+        status = await bus.queue_status(js, s)
+        # a replica already busy with a job (queued before `up`) holds it unacknowledged instead of a pull request
+        return status is None or status.waiting + status.ack_pending < want[s]
+
     try:
         missing = list(services)
         while missing and time.monotonic() < deadline:
-            missing = [s for s in missing if await bus.queue_status(js, s) is None]
+            missing = [s for s in missing if await not_ready(s)]
             if missing:
                 await asyncio.sleep(0.3)
         if missing:
-            raise TimeoutError(f"services not serving after {timeout:.0f} s: {', '.join(missing)} (see the logs)")
+            raise TimeoutError(f"services not serving after {timeout:.0f} s: "
+                               f"{', '.join(f'{s} (of {want[s]} replicas)' for s in missing)} (see the logs)")
     finally:
         await nc.drain()
 

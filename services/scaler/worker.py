@@ -8,6 +8,7 @@ and smoother-identifiability errors) rejects the job; anything else (a refinemen
 that the runtime retries and then dead-letters with its traceback."""
 from __future__ import annotations
 
+from diffractflow.report_page import warm_up_figures
 from diffractflow.runtime import JobContext, Stage
 
 from . import __version__
@@ -67,4 +68,6 @@ def handle(ctx: JobContext, params: ScalerParams) -> None:
         raise InputError(exc.describe()) from exc
 
 
-STAGE = Stage(service="scaler", params_model=ScalerParams, handler=handle, version=__version__)
+# matplotlib's one-time costs (the scales and R-factor figures) at the worker's start, not in the first run's end
+STAGE = Stage(service="scaler", params_model=ScalerParams, handler=handle, version=__version__,
+              warm_up=warm_up_figures)

@@ -44,7 +44,7 @@ from diffractflow.errors import InputError
 from diffractflow.runtime import JobContext, Stage
 
 from . import __version__
-from .batch import default_nproc, run_job
+from .batch import default_nproc, run_job, warm_up
 from .core.params import FrameModelJob, JobParams, SequenceJob, StillsJob
 from .core.routing import SEQUENCE, plan
 from .core.sweep import frame_experiment
@@ -170,4 +170,6 @@ def _handle_frame_model(ctx: JobContext, params: FrameModelJob) -> None:
                        unit_cell=[float(v) for v in xtal.get_unit_cell().parameters()])
 
 
-STAGE = Stage(service="stills-processor", params_model=Params, handler=handle, version=__version__)
+# DIALS imported when the worker starts (~4 s), not by its first job: one-still jobs (nproc 1) run in the worker's
+# own process, where nothing else imports it ahead of the first image
+STAGE = Stage(service="stills-processor", params_model=Params, handler=handle, version=__version__, warm_up=warm_up)

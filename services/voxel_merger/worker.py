@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffractflow.report_page import warm_up_figures
 from diffractflow.runtime import JobContext, Stage
 
 from . import __version__
-from .core import kernels
+from .core import accumulate, kernels
 from .artifacts import InputError, read_grid
 from .core.grid import GlobalGrid, grid_from_spec
 from .core.params import (AccumulateParams, MergeParams, RunParams, VoxelMergerParams, merge_options,
@@ -85,15 +86,14 @@ def handle(ctx: JobContext, params: VoxelMergerParams) -> None:
 def warm_up() -> None:
     """Load what the first accumulate job would otherwise load when the worker starts (``serve``): the compiled
     accumulation kernels (numba's cache); the still-table reader comes with this module's imports (together
-    ~0.27 CPU-s of a fresh process's first job), and matplotlib for the final merge's figures."""
+    ~0.27 CPU-s of a fresh process's first job), torch and matplotlib for the final merge."""
     if kernels.available():
         kernels.sparse_ids(np.zeros(1, np.int64), np.ones(1), np.ones(1), 1)
         kernels.accumulate_ids(np.zeros((1, 4)), np.zeros(1, np.int64), np.ones(1), np.ones(1))
-    # matplotlib (~1.6 CPU-s) for the map's figures: at start, not in the run's final merge the user waits for
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    # torch (~2.5 CPU-s; the merges' scatter-add) and matplotlib (~2 CPU-s with its first figure) for the final
+    # merge: at start, not in the end of the first run after `up`, which the user waits for
+    accumulate._torch()
+    warm_up_figures()
 
 
 STAGE = Stage(service="voxel-merger", params_model=VoxelMergerParams, handler=handle, version=__version__,

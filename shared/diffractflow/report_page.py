@@ -124,6 +124,26 @@ def png_b64(fig, dpi: int = 90) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def warm_up_figures() -> None:
+    """Pay matplotlib's one-time costs (pyplot with the Agg backend, the font cache, text layout, the PNG writer)
+    once, when a worker starts: a service's first figure costs ~1 CPU-s more than the next ones, and with a
+    long-running worker that first figure would fall in a user's run (at the end of it, where nothing overlaps)."""
+    import matplotlib  # heavy: the whole point is to import it here, at the worker's start
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after the backend is chosen
+
+    fig, ax = plt.subplots(figsize=(2, 2), dpi=50)
+    im = ax.imshow(np.arange(16.0).reshape(4, 4), cmap="viridis")
+    ax.plot([0, 1], [0, 1], ".-")
+    ax.set_xlabel("h")
+    ax.set_ylabel("1/Å")
+    ax.set_title("warm-up")
+    fig.colorbar(im, ax=ax, label="intensity")
+    fig.savefig(io.BytesIO(), format="png")
+    plt.close(fig)
+
+
 def map_png(a: np.ndarray, cmap: str = "viridis", discrete: bool = False, label: str = "",
             min_px: int = 256) -> tuple[str, str]:
     """A 2-D map (scan rows down, as stored) as a base64 PNG without axes, and its legend as HTML.

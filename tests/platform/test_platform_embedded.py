@@ -24,6 +24,10 @@ def test_up_status_down_leaves_nothing(tmp_path, processes_under):
         started = {s["service"] for s in state["services"]}
         assert started == set(SERVICES)
         assert sum(s["service"] == "stills-processor" for s in state["services"]) == 2
+        # `up` returns once every replica pulls jobs, i.e. after its warm-up (DIALS imports), not when the first
+        # replica of each service is ready
+        for i in (0, 1):
+            assert "warm-up done" in (home / "logs" / f"stills-processor-{i}.log").read_text(), i
         st = subprocess.run([BIN / "diffractflow", "status", "--home", home], capture_output=True, text=True,
                             env=env, timeout=300)
         assert st.returncode == 0, st.stdout + st.stderr
@@ -45,3 +49,45 @@ def test_up_status_down_leaves_nothing(tmp_path, processes_under):
     assert down.returncode == 0, down.stdout + down.stderr
     assert processes_under(home) == []
     assert not (home / "state.json").exists()
+
+
+def test_up_waits_for_every_replica_to_pull(settings):
+    """`up`'s readiness wait counts the replicas pulling from a service's queue, not only that its consumer exists:
+    with one of two replicas pulling it times out, with both it returns."""
+    import asyncio
+
+    from diffractflow import bus
+    from orchestration.embedded import _wait_consumers
+
+    async def puller(stop: asyncio.Event) -> None:  # what a worker does once its warm-up is over
+        nc = await bus.connect(settings)
+        sub = await bus.work_subscription(nc.jetstream(), "echo", settings)
+        while not stop.is_set():
+            try:
+                await sub.fetch(1, timeout=1.0)
+            except (asyncio.TimeoutError, bus.NatsTimeoutError):
+                pass
+        await nc.close()
+
+    async def scenario():
+        nc = await bus.connect(settings)
+        await bus.ensure_streams(nc.jetstream())
+        await nc.close()
+        stop = asyncio.Event()
+        first = asyncio.create_task(puller(stop))
+        try:
+            await _wait_consumers(settings, ["echo"], timeout=10, replicas={"echo": 1})  # one replica: ready
+            try:
+                await _wait_consumers(settings, ["echo"], timeout=3, replicas={"echo": 2})
+                one_of_two = "returned"
+            except TimeoutError as exc:
+                one_of_two = str(exc)
+            second = asyncio.create_task(puller(stop))
+            await _wait_consumers(settings, ["echo"], timeout=10, replicas={"echo": 2})
+        finally:
+            stop.set()
+        await asyncio.gather(first, second, return_exceptions=True)
+        return one_of_two
+
+    one_of_two = asyncio.run(scenario())
+    assert "echo (of 2 replicas)" in one_of_two
