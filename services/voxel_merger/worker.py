@@ -92,7 +92,7 @@ def warm_up() -> None:
         kernels.accumulate_ids(np.zeros((1, 4)), np.zeros(1, np.int64), np.ones(1), np.ones(1))
     # torch (~2.5 CPU-s; the merges' scatter-add) and matplotlib (~2 CPU-s with its first figure) for the final
     # merge: at start, not in the end of the first run after `up`, which the user waits for
-    accumulate._torch()
+    accumulate.optional_torch()
     warm_up_figures()
 
 

@@ -151,7 +151,7 @@ def sparse_sums(ids: np.ndarray, intensity: np.ndarray, sigma: np.ndarray, n_vox
 _TORCH = None
 
 
-def _torch():
+def optional_torch():
     """torch if importable (in-place scatter-add without grid-sized temporaries), else False."""
     global _TORCH
     if _TORCH is None:
@@ -256,7 +256,7 @@ class _SumStore:
         weight = None if weight is None else np.asarray(weight)
         n = h.size
         if chunk is None:
-            chunk = (1 << 18) if getattr(self, "use_torch", False) and _torch() else (1 << 22)
+            chunk = (1 << 18) if getattr(self, "use_torch", False) and optional_torch() else (1 << 22)
         if n <= chunk:
             return self.add_ids(self.grid.voxel_ids(h, k, l), intensity, sigma, half, scale, still_id, weight)
         used = 0
@@ -367,7 +367,7 @@ class VoxelAccumulator(_SumStore):
         O(n), no grid-sized temporaries); otherwise np.bincount, dense or per voxel block.
         """
         n = self.grid.n_voxels
-        torch = _torch() if self.use_torch else False
+        torch = optional_torch() if self.use_torch else False
         if torch:
             if self._tsums is None:
                 self._tsums = torch.from_numpy(self._data)
