@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diffractflow import __version__, bus
+from diffractflow.cli import run_and_exit
 from diffractflow.artifacts import Volume, atomic_write_json
 from diffractflow.messages import DeadLetter, JobRequest, new_id
 from diffractflow.natsserver import CLUSTER_NODES, env_var_for
@@ -566,8 +567,9 @@ from .report import register as _register_report  # noqa: E402 - the report comm
 _register_report(app)
 
 
-def main():  # pragma: no cover
-    app()
+def main():  # pragma: no cover - the console script; tests call `app` (in process) or the installed program
+    """The ``diffractflow`` program: the app, then an exit without the interpreter's module teardown."""
+    run_and_exit(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import yaml
 
 from diffractflow.artifacts import Volume, atomic_write_json
+from diffractflow.report_page import warm_up_figures
 
 from .embedded import Topology
 from .progress import RunProgress, logs_to_file
@@ -31,6 +32,11 @@ from .watcher import WatchRule, dispatch, watch
 #: the services a diffuse run needs, and replicas on a small workstation (DIALS indexing is the slow stage)
 DIFFUSE_SERVICES = ["stills-processor", "diffuse-extractor", "voxel-merger", "scaler"]
 DIFFUSE_REPLICAS = {"stills-processor": 2, "diffuse-extractor": 1}
+
+
+#: seconds into a run before the command pays the run page's one-time costs (:func:`warm_up_report`): by then the
+#: first stills are in the workers' hands, so the warm-up does not delay the first flow runs
+REPORT_WARM_UP_DELAY_S = 5.0
 
 
 class ProcessError(RuntimeError):
@@ -79,6 +85,32 @@ def topology_for_run(home: Path, volume: Path | None, console, services: Sequenc
         topo.down(log=console.print)
 
 
+def warm_up_report() -> None:
+    """Pay the run page's one-time costs (matplotlib's first figure, the readers of the run's files: ~0.5 CPU-s)
+    while the run is going and the command only waits, instead of after the run's last stage, where nothing
+    overlaps them."""
+    from diffractflow.formats import merged_map, scales, still_table  # noqa: F401 - imported for their one-time cost
+
+    warm_up_figures()
+
+
+async def _warm_up_report_later(delay_s: float = REPORT_WARM_UP_DELAY_S) -> None:
+    await asyncio.sleep(delay_s)
+    try:
+        await asyncio.to_thread(warm_up_report)
+    except Exception:  # noqa: BLE001 - only a head start: the page is written (or its failure reported) at the end
+        pass
+
+
+def flows_in_flight(state: dict) -> int:
+    """How many still flows ``process`` runs at once: enough that every stills-processor replica always finds its
+    next job queued (a flow also holds its slot through extraction and accumulation, and a new flow run takes
+    ~1 s to start on a loaded machine), at least the dispatcher's default of 8; bounded, so a queued job
+    never waits long enough to reach its stage timeout."""
+    n_index = sum(1 for s in state.get("services", []) if s.get("service") == "stills-processor")
+    return max(8, 4 * n_index)
+
+
 async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: Sequence[Path], console,
                             pattern: str = "*.cbf", interval_s: float = 0.0, timeout_s: float = 6 * 3600,
                             verbose: bool = False, generation: int = 0) -> None:
@@ -102,8 +134,10 @@ async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: 
     # files are landed by an atomic rename (`land`), complete when they appear: no settling time beyond one poll
     rule = WatchRule(incoming, run_id, pattern=pattern, settle_s=0.0, expected=len(files), quiet_timeout_s=3600,
                      generation=generation)
-    disp = asyncio.create_task(dispatch(settings, on_file, on_end_and_signal, stop, max_concurrent=4))
+    disp = asyncio.create_task(dispatch(settings, on_file, on_end_and_signal, stop,
+                                        max_concurrent=flows_in_flight(topo.load() or {})))
     watcher = asyncio.create_task(watch(rule, settings, stop, poll_s=0.25))
+    warm = asyncio.create_task(_warm_up_report_later())
     prog = shown = None
     if not verbose:
         prog = RunProgress(console, settings.volume, run_id, len(files))
@@ -121,6 +155,7 @@ async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: 
         await asyncio.wait_for(done.wait(), timeout=timeout_s)
     finally:
         stop.set()
+        warm.cancel()
         await disp
         if prog is not None:
             prog.stop()

@@ -1,11 +1,42 @@
 """Shared command-line scaffolding: every service's typer app gets ``--version`` and ``serve``."""
 from __future__ import annotations
 
+import atexit
 import importlib
-from typing import Any, Optional
+import os
+import sys
+import threading
+from typing import Any, Callable, Optional
 
 import typer
 from pydantic import BaseModel, ValidationError
+
+
+def run_and_exit(app: Callable[[], Any]) -> None:
+    """Run a command-line app, then exit the way the interpreter would, minus tearing down every module.
+
+    What a normal exit does is done here: non-daemon threads are joined, ``atexit`` handlers run (Prefect drains its
+    logs and events there, logging flushes), the standard streams are flushed. Only the module teardown is skipped:
+    with Prefect, matplotlib, h5py and pydantic loaded it takes 0.3-0.6 s after a command has finished (at the end of
+    every ``process`` run). An exception that escapes ``app`` is left to the interpreter (traceback, normal exit)."""
+    try:
+        app()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()  # CPython's own exit sequence: what the interpreter would call next
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
+            pass
+    os._exit(code or 0)
 
 
 def load_stage(spec: str):

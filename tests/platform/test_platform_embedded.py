@@ -91,3 +91,30 @@ def test_up_waits_for_every_replica_to_pull(settings):
 
     one_of_two = asyncio.run(scenario())
     assert "echo (of 2 replicas)" in one_of_two
+
+
+def test_prefect_server_runs_without_the_services_the_platform_does_not_use(tmp_path, monkeypatch):
+    """Automations and the live event stream read every event the flows emit: off in the embedded server unless
+    the environment of `up` turns them on."""
+    from orchestration.embedded import PREFECT_SERVER_SERVICES_OFF, prefect_env
+
+    monkeypatch.delenv("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", raising=False)
+    monkeypatch.delenv("PREFECT_API_EVENTS_STREAM_OUT_ENABLED", raising=False)
+    env = prefect_env(tmp_path)
+    assert env["PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"] == "false"
+    assert env["PREFECT_API_EVENTS_STREAM_OUT_ENABLED"] == "false"
+    assert set(PREFECT_SERVER_SERVICES_OFF) == {"PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED",
+                                                "PREFECT_API_EVENTS_STREAM_OUT_ENABLED"}
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "true")  # a user who wants automations
+    assert prefect_env(tmp_path)["PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"] == "true"
+    # the names are Prefect's own: its settings read them (a renamed setting would silently stop working)
+    from prefect.settings import Settings as PrefectSettings
+
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_API_EVENTS_STREAM_OUT_ENABLED", "false")
+    s = PrefectSettings()
+    assert s.server.services.triggers.enabled is False and s.server.events.stream_out_enabled is False
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "true")
+    monkeypatch.setenv("PREFECT_API_EVENTS_STREAM_OUT_ENABLED", "true")
+    s = PrefectSettings()
+    assert s.server.services.triggers.enabled is True and s.server.events.stream_out_enabled is True
