@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from diffractflow import __version__, bus
-from diffractflow.cli import run_and_exit
 from diffractflow.artifacts import Volume, atomic_write_json
+from diffractflow.cli import run_and_exit
 from diffractflow.messages import DeadLetter, JobRequest, new_id
 from diffractflow.natsserver import CLUSTER_NODES, env_var_for
 

@@ -10,6 +10,7 @@ import pytest
 
 SCRIPT = textwrap.dedent('''
     import atexit, sys, threading, time
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
     from diffractflow.cli import run_and_exit
 
@@ -20,6 +21,8 @@ SCRIPT = textwrap.dedent('''
             time.sleep(0.3)
             (out / "thread").write_text("done")
         threading.Thread(target=late).start()
+        pool = ThreadPoolExecutor(2)  # never shut down: its idle workers must be told to stop, as at a normal exit
+        pool.submit(time.sleep, 0.01).result()
         atexit.register(lambda: (out / "atexit").write_text("ran"))
         sys.stdout.write("unflushed output")  # no newline, no flush: must still reach the pipe
         if sys.argv[2] == "message":
