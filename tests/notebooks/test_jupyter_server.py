@@ -68,28 +68,37 @@ def _traceback_after_interrupt(ws, timeout: float = 15.0) -> str:
 
 
 def _execute(ws, session: str, code: str, timeout: float = 120.0) -> tuple[str, str]:
-    """Run ``code`` on the kernel through the websocket; (stdout text, final status)."""
+    """Run ``code`` on the kernel through the websocket; (stdout text, final status).
+
+    The reply (shell channel) and the kernel's return to idle (iopub channel) come over different sockets, so
+    either may arrive first: wait for both. On a timeout the message says which of the request's messages came."""
     msg_id = uuid.uuid4().hex
     ws.send(json.dumps({"channel": "shell", "header": {"msg_id": msg_id, "msg_type": "execute_request",
                         "session": session, "username": "test", "version": "5.3", "date": ""},
                         "parent_header": {}, "metadata": {}, "buffers": [],
                         "content": {"code": code, "silent": False, "store_history": False,
                                     "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}}))
-    out, status, deadline = [], None, time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = json.loads(ws.recv(timeout=deadline - time.monotonic()))
+    out, status, idle, seen, deadline = [], None, False, [], time.monotonic() + timeout
+    while time.monotonic() < deadline and (status is None or not idle):
+        try:
+            m = json.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.01)))
+        except TimeoutError:
+            break
         if m.get("parent_header", {}).get("msg_id") != msg_id:
             continue
-        if m["msg_type"] == "stream":
+        kind = m["msg_type"]
+        seen.append(kind if kind != "status" else f"status:{m['content']['execution_state']}")
+        if kind == "stream":
             out.append(m["content"]["text"])
-        elif m["msg_type"] == "error":
+        elif kind == "error":
             out.append("\n".join(m["content"]["traceback"]))
-        elif m["msg_type"] == "execute_reply":
+        elif kind == "execute_reply":
             status = m["content"]["status"]
-        elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle" and status is not None:
-            break
-    if status is None:
-        raise TimeoutError(f"no execute_reply within {timeout:.0f} s")
+        elif kind == "status" and m["content"]["execution_state"] == "idle":
+            idle = True
+    if status is None or not idle:
+        raise TimeoutError(f"no execute_reply and idle status within {timeout:.0f} s; the request's messages: "
+                           f"{seen or 'none'}")
     return "".join(out), status
 
 
@@ -133,9 +142,9 @@ def test_lab_server_starts_the_notebook_kernel_and_imports_the_package(tmp_path)
                                                          "print(sys.executable); print(diff_sim_refiner.__version__)",
                                             timeout=60)
                     break
-                except TimeoutError:  # where it hangs, for the log: interrupt and keep the traceback
+                except TimeoutError as e:  # where it hangs, for the log: interrupt and keep the traceback
                     _api(base, token, f"/api/kernels/{k['id']}/interrupt", "POST", {})
-                    hung.append(_traceback_after_interrupt(ws))
+                    hung.append(f"{e}\n{_traceback_after_interrupt(ws)}")
                     print(f"\n[jupyter] kernel hung on the import; traceback after interrupt:\n{hung[-1]}")
             _api(base, token, f"/api/kernels/{k['id']}", "DELETE")
         else:
