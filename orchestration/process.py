@@ -26,7 +26,7 @@ from diffractflow.report_page import warm_up_figures
 
 from .embedded import Topology
 from .progress import RunProgress, logs_to_file
-from .report import write_report
+from .report import locate, predraw_still_figures, write_report
 from .watcher import WatchRule, dispatch, watch
 
 #: the services a diffuse run needs, and replicas on a small workstation (DIALS indexing is the slow stage)
@@ -94,12 +94,20 @@ def warm_up_report() -> None:
     warm_up_figures()
 
 
-async def _warm_up_report_later(delay_s: float = REPORT_WARM_UP_DELAY_S) -> None:
+async def prepare_report(rdir: Path, n_stills: int, delay_s: float = REPORT_WARM_UP_DELAY_S,
+                         poll_s: float = 0.5) -> bool:
+    """The run page's head start, while the command only waits: its one-time costs (:func:`warm_up_report`)
+    ``delay_s`` into the run; then, once every still has its record (the end-of-run merge and scaling are running,
+    on one core), the figures drawn from the per-still records. Returns whether those were drawn."""
     await asyncio.sleep(delay_s)
     try:
         await asyncio.to_thread(warm_up_report)
+        while sum(1 for _ in (rdir / "stills").glob("*.json")) < n_stills:
+            await asyncio.sleep(poll_s)
+        await asyncio.to_thread(predraw_still_figures, locate(rdir))
+        return True
     except Exception:  # noqa: BLE001 - only a head start: the page is written (or its failure reported) at the end
-        pass
+        return False
 
 
 def flows_in_flight(state: dict) -> int:
@@ -137,7 +145,10 @@ async def feed_and_dispatch(topo: Topology, incoming: Path, run_id: str, files: 
     disp = asyncio.create_task(dispatch(settings, on_file, on_end_and_signal, stop,
                                         max_concurrent=flows_in_flight(topo.load() or {})))
     watcher = asyncio.create_task(watch(rule, settings, stop, poll_s=0.25))
-    warm = asyncio.create_task(_warm_up_report_later())
+    # diffuse is loaded with the flows above
+    from .diffuse import run_dir
+
+    warm = asyncio.create_task(prepare_report(run_dir(Volume(settings.volume), run_id), len(files)))
     prog = shown = None
     if not verbose:
         prog = RunProgress(console, settings.volume, run_id, len(files))
@@ -341,7 +352,7 @@ def process_diffuse(directory: Path, out: Path, console, *, config: Path | None 
         summary["files"] = copy_results(rdir / "output", out)
     atomic_write_json(out / "summary.json", summary)
     try:  # the run's page for a browser; a failure here must not lose the run's results
-        summary["report"] = str(write_report(out))
+        summary["report"] = str(write_report(out, home=home))  # home: the run's records and tables are linked
         console.print(f"report: {summary['report']}")
     except Exception as exc:  # noqa: BLE001
         console.print(f"[yellow]report not written: {exc}[/yellow]")

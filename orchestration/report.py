@@ -389,10 +389,34 @@ def fig_scales(scales: dict[str, float]) -> str | None:
     return _png_b64(fig)
 
 
+#: figures drawn from a run's per-still records, by their inputs: :func:`predraw_still_figures` draws them while the
+#: end-of-run stages run, and the final page takes them from here (the same inputs give the same figure)
+_STILL_FIGURES: dict[tuple, str | None] = {}
+_STILL_FIGURES_LOCK = threading.Lock()
+_STILL_FIGURES_MAX = 8
+
+
+def _memo_figure(key: tuple, draw) -> str | None:
+    with _STILL_FIGURES_LOCK:
+        if key in _STILL_FIGURES:
+            return _STILL_FIGURES[key]
+    png = draw()
+    with _STILL_FIGURES_LOCK:
+        while len(_STILL_FIGURES) >= _STILL_FIGURES_MAX:
+            _STILL_FIGURES.pop(next(iter(_STILL_FIGURES)))
+        _STILL_FIGURES[key] = png
+    return png
+
+
 def fig_background(profiles: dict[str, np.ndarray]) -> str | None:
     """Per-still isotropic background B(|q|) (the extractor's estimate, corrected intensity units)."""
     if not profiles:
         return None
+    key = ("background",) + tuple((n, a.shape, a.tobytes()) for n, a in profiles.items())
+    return _memo_figure(key, lambda: _draw_background(profiles))
+
+
+def _draw_background(profiles: dict[str, np.ndarray]) -> str:
     fig = _figure(5.5, 3.6)
     ax = fig.add_subplot()
     for name, p in profiles.items():
@@ -411,6 +435,13 @@ def fig_timings(rows: list[dict]) -> str | None:
     rows = [r for r in rows if r.get("stage_seconds")]
     if not rows:
         return None
+    key = ("timings",) + tuple((Path(r.get("image", "?")).stem, tuple(sorted((k, float(v)) for k, v in
+                                                                          r["stage_seconds"].items())))
+                               for r in rows)
+    return _memo_figure(key, lambda: _draw_timings(rows))
+
+
+def _draw_timings(rows: list[dict]) -> str:
     stages = sorted({k for r in rows for k in r["stage_seconds"]})
     fig = _figure(min(11, 2 + 0.3 * len(rows)), 3.6)
     ax = fig.add_subplot()
@@ -455,18 +486,25 @@ def _vol_path(layout: RunLayout, ref) -> Path | None:
     return p if layout.volume.resolve() in p.parents else None
 
 
-def _background_profiles(layout: RunLayout, records: list[dict], limit: int = 40) -> dict[str, np.ndarray]:
+@functools.lru_cache(maxsize=1024)
+def _background_profile(path: str, _mtime_ns: int, _size: int) -> np.ndarray | None:
+    """A still table's background profile (cached by the file's modification time and size)."""
     # h5py (with the table reader) only for a run's page, not for the CLI's start
     from diffractflow.formats.still_table import StillTable
 
+    with StillTable(path) as t:
+        return t.background_profile()
+
+
+def _background_profiles(layout: RunLayout, records: list[dict], limit: int = 40) -> dict[str, np.ndarray]:
     out = {}
     for r in records:
         p = _vol_path(layout, r.get("diffuse"))
         if p is None or not p.is_file():
             continue
         try:
-            with StillTable(p) as t:
-                a = t.background_profile()
+            st = p.stat()
+            a = _background_profile(str(p), st.st_mtime_ns, st.st_size)
         except (InputError, OSError):
             continue
         if a is not None and a.ndim == 2 and a.shape[1] >= 2 and np.isfinite(a[:, 1]).any():
@@ -662,6 +700,14 @@ def _describe(p: Path) -> str:
     if p.name in _DESCRIPTIONS:
         return _DESCRIPTIONS[p.name]
     return {".png": "figure", ".h5": "HDF5", ".json": "JSON", ".nxs": "NeXus"}.get(p.suffix, "")
+
+
+def predraw_still_figures(layout: RunLayout) -> None:
+    """Draw the figures made from the per-still records (background profiles, time per still) now, so the final
+    page finds them drawn: called once every still has its record, while the end-of-run stages still run."""
+    records = _records(layout, {})
+    fig_background(_background_profiles(layout, records))
+    fig_timings(records)
 
 
 # ============================================================================ HTML

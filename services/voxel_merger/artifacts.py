@@ -280,6 +280,15 @@ def write_slice_pngs(out_dir: Path, grid: GlobalGrid, intensity) -> dict[str, Pa
     return out
 
 
+def write_map_figures(out_dir: Path, grid: GlobalGrid, planes: dict[int, np.ndarray],
+                      profile: Mapping[str, Any]) -> dict[str, Path]:
+    """Every figure of a merged map: the h=0, k=0, l=0 planes (:func:`map_planes`) and the radial profile. One
+    function of picklable arguments, so a service can draw them in its figure process while it writes the map."""
+    out = write_slice_pngs(out_dir, grid, planes)
+    out["radial_profile"] = write_radial_png(out_dir / "radial_profile.png", profile)
+    return out
+
+
 def write_radial_png(path: Path, profile: Mapping[str, Any]) -> Path:
     import matplotlib  # heavy, and only for the optional PNGs: imported when a plot is made
     matplotlib.use("Agg")

@@ -15,20 +15,20 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import h5py
 import numpy as np
+from diffractflow import figure_process
 from diffractflow.artifacts import atomic_write_json, atomic_write_path, write_provenance
 
 from . import __version__
 from .artifacts import (InputError, ObservationTableWriter, map_planes, open_still, read_scales, read_still_names,
-                        resolve_scales, scale_for, write_grid, write_map, write_radial_png, write_slice_pngs)
+                        resolve_scales, scale_for, write_grid, write_map, write_map_figures)
 from .core.accumulate import VoxelAccumulator, block_shift_for, half_of_still
 from .core.grid import (CrystalModel, GlobalGrid, average_crystal_model, build_grid, hkl_change_of_basis_matrix,
                         reindex_to_reference, s_max_of_hkl)
 from .core.accumulate import observation_weights, scale_sums, sparse_sums
 from .core.merge import (AsuMapper, cc_half_by_shell, dense_map, expand_store, intrinsic_spread, leave_one_out_terms,
                          leave_one_out_z_sums, map_slabs,
-                         radial_profile, symmetry_agreement, symmetry_merge)
+                         radial_profile, store_planes, symmetry_agreement, symmetry_merge)
 from .core.params import DEFAULTS, MergeOptions
 from .storage import ACCUMULATOR_SCHEMA, ACCUMULATOR_SCHEMA_VERSION, H5VoxelAccumulator, write_sparse_partial
 
@@ -245,24 +245,20 @@ def finalize(acc, grid: GlobalGrid, out_dir: Path, opt: MergeOptions, *, symmetr
     if extra_stats:
         stats.update(extra_stats)
     outputs = {}
+    drawing = None
+    if opt.figures:  # from the planes in memory, drawn (in a service: by its figure process) while the map is written
+        planes = store_planes(view) if streamed else map_planes(grid, mean)
+        drawing = figure_process.draw_later(write_map_figures, out_dir, grid, planes, stats["radial_profile"])
     if streamed:
         outputs["map"] = write_map(out_dir / "map.h5", grid, None, None, None, statistics=stats,
                                    parameters=opt.params(), inputs=inputs, job_id=job_id, slabs=map_slabs(view))
-        planes = None
-        if opt.figures:
-            with h5py.File(outputs["map"], "r") as f:
-                planes = map_planes(grid, f["entry/map/intensity"])
         if view is not store:
             _close(view)
-        if opt.figures:
-            outputs.update(write_slice_pngs(out_dir, grid, planes))
     else:
         outputs["map"] = write_map(out_dir / "map.h5", grid, mean, sigma, counts, statistics=stats,
                                    parameters=opt.params(), inputs=inputs, job_id=job_id)
-        if opt.figures:
-            outputs.update(write_slice_pngs(out_dir, grid, mean))
-    if opt.figures:
-        outputs["radial_profile"] = write_radial_png(out_dir / "radial_profile.png", stats["radial_profile"])
+    if drawing is not None:
+        outputs.update(drawing.result())
     outputs["stats"] = atomic_write_json(out_dir / "stats.json", stats)
     if store is not acc:
         _close(store)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffractflow.report_page import warm_up_figures
+from diffractflow import figure_process
 from diffractflow.runtime import JobContext, Stage
 
 from . import __version__
@@ -86,14 +86,14 @@ def handle(ctx: JobContext, params: VoxelMergerParams) -> None:
 def warm_up() -> None:
     """Load what the first accumulate job would otherwise load when the worker starts (``serve``): the compiled
     accumulation kernels (numba's cache); the still-table reader comes with this module's imports (together
-    ~0.27 CPU-s of a fresh process's first job), torch and matplotlib for the final merge."""
+    ~0.27 CPU-s of a fresh process's first job), torch for the final merge, and the figure process."""
     if kernels.available():
         kernels.sparse_ids(np.zeros(1, np.int64), np.ones(1), np.ones(1), 1)
         kernels.accumulate_ids(np.zeros((1, 4)), np.zeros(1, np.int64), np.ones(1), np.ones(1))
-    # torch (~2.5 CPU-s; the merges' scatter-add) and matplotlib (~2 CPU-s with its first figure) for the final
-    # merge: at start, not in the end of the first run after `up`, which the user waits for
+    # torch (~2.5 CPU-s; the merges' scatter-add) at start, not in the end of the first run after `up`, which the
+    # user waits for; the map's figures are drawn by a helper process (matplotlib warm in it) while the map is written
     accumulate.optional_torch()
-    warm_up_figures()
+    figure_process.start()
 
 
 STAGE = Stage(service="voxel-merger", params_model=VoxelMergerParams, handler=handle, version=__version__,

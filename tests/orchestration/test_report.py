@@ -452,3 +452,33 @@ def test_an_out_directory_of_a_run_still_collecting_finds_its_run(collecting, tm
         locate(tmp_path / "out")
     with pytest.raises(ReportError, match="not a run directory"):
         locate(tmp_path)
+
+
+# ----------------------------------------------------------------------------- figures drawn ahead
+def test_still_figures_drawn_ahead_are_the_final_pages_and_redrawn_when_records_change(complete, monkeypatch):
+    """`process` draws the per-still figures while the end-of-run stages run (predraw_still_figures); the final page
+    of the out directory embeds exactly those, without drawing them again; a changed record is drawn anew."""
+    from orchestration import report
+
+    out, rdir = complete
+    report._STILL_FIGURES.clear()
+    drawn = []
+    draw = report._draw_timings
+    monkeypatch.setattr(report, "_draw_timings", lambda rows: drawn.append(len(rows)) or draw(rows))
+    report.predraw_still_figures(report.locate(rdir))
+    assert drawn == [7]
+    ahead = [png for key, png in report._STILL_FIGURES.items() if key[0] == "timings"]
+    assert len(ahead) == 1 and ahead[0]
+    page = report.write_report(out, home=out / ".diffractflow").read_text()
+    assert drawn == [7]  # not drawn again
+    assert f"data:image/png;base64,{ahead[0]}" in page
+    rec_path = sorted((rdir / "stills").glob("*.json"))[0]
+    rec = json.loads(rec_path.read_text())
+    try:
+        rec["stage_seconds"]["voxel-merger"] += 1.0
+        rec_path.write_text(json.dumps(rec))
+        page2 = report.write_report(out, home=out / ".diffractflow").read_text()
+    finally:
+        rec["stage_seconds"]["voxel-merger"] -= 1.0
+        rec_path.write_text(json.dumps(rec))
+    assert drawn == [7, 7] and f"data:image/png;base64,{ahead[0]}" not in page2

@@ -436,6 +436,23 @@ def map_slabs(store):
         yield i, mean.reshape(nk, nl), sigma.reshape(nk, nl), count.reshape(nk, nl)
 
 
+def store_planes(store) -> dict[int, np.ndarray]:
+    """The h=0, k=0 and l=0 planes of the map of a (P1 or expanded) store, NaN where empty (axis -> 2-D array):
+    the planes :func:`map_slabs` would write there, without the whole map."""
+    grid = store.grid
+    shape = grid.shape
+    planes = {}
+    for ax in range(3):
+        i0 = -grid.lo[ax]
+        if 0 <= i0 < shape[ax]:
+            index = [np.arange(n) for n in shape]
+            index[ax] = np.array([i0])
+            ids = np.ravel_multi_index(np.ix_(*index), shape).ravel()
+            mean, _sigma, _count = merge_sums(store.gather(ids))
+            planes[ax] = mean.reshape([n for a, n in enumerate(shape) if a != ax])
+    return planes
+
+
 def dense_map(store, mapper: AsuMapper | None = None, progress: Callable[[], None] | None = None):
     """Merged map on the whole grid: (mean, sigma, count) arrays of shape grid.shape, NaN where empty.
 
