@@ -209,13 +209,21 @@ async def _ensure_streams(settings):
 
 
 async def _all_delivered(settings) -> bool:
-    """The dispatcher's consumer was delivered everything the EVENTS stream holds, none of it acknowledged yet."""
+    """The dispatcher's consumer was delivered everything the EVENTS stream holds, none of it acknowledged yet
+    (False while the dispatcher has not made its consumer: it notes "up" before, and a loaded machine can take the
+    whole run to get from one to the other)."""
+    from nats.js.errors import NotFoundError
+
     from diffractflow import bus
 
     nc = await bus.connect(settings)
     try:
         js = nc.jetstream()
-        info, stream = await js.consumer_info(bus.EVENTS, "dispatcher"), await js.stream_info(bus.EVENTS)
+        try:
+            info = await js.consumer_info(bus.EVENTS, "dispatcher")
+        except NotFoundError:
+            return False
+        stream = await js.stream_info(bus.EVENTS)
         return info.delivered.stream_seq == stream.state.last_seq and info.num_ack_pending > 0
     finally:
         await nc.drain()
