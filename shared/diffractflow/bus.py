@@ -150,9 +150,10 @@ async def ensure_streams(js, replicas: int | None = None) -> None:
                 await js.update_stream(info.config)
 
 
-# what a publish meets while a node is down or a stream elects a new leader: worth another try
-_TRANSIENT = (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError,
-              ConnectionReconnectingError)
+#: what a request meets while a node is down, a client reconnects or a stream (or the cluster's meta layer)
+#: elects a leader: worth asking again
+TRANSIENT_ERRORS = (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError, NoStreamResponseError,
+                    ServiceUnavailableError, ConnectionReconnectingError)
 
 
 async def _publish_once_only(js, subject: str, data: bytes, msg_id: str, retry_s: float = PUBLISH_RETRY_S):
@@ -163,7 +164,7 @@ async def _publish_once_only(js, subject: str, data: bytes, msg_id: str, retry_s
     while True:
         try:
             return await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
-        except _TRANSIENT:
+        except TRANSIENT_ERRORS:
             if asyncio.get_running_loop().time() + delay > deadline:
                 raise
             await asyncio.sleep(delay)

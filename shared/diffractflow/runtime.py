@@ -126,8 +126,11 @@ class Worker:
         self.volume.root.mkdir(parents=True, exist_ok=True)
         self.nc = await bus.connect(self.settings, name=self.worker_name)
         self.js = self.nc.jetstream()
-        await self._wait_for_streams()
-        sub = await bus.work_subscription(self.js, self.stage.service, self.settings)
+        sub = await self._subscribe()
+        if sub is None:  # stopped before the bus was ready
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            return
         log.info("serving", extra={"worker": self.worker_name, "concurrency": self.settings.concurrency,
                                    "volume": str(self.volume.root)})
         pullers = [asyncio.create_task(self._pull_loop(sub)) for _ in range(self.settings.concurrency)]
@@ -153,19 +156,27 @@ class Worker:
             await self.nc.close()
         log.info("stopped")
 
-    async def _wait_for_streams(self) -> None:
-        """Create the streams if our credentials allow it, else wait for the operator to create them."""
+    async def _subscribe(self):
+        """The work subscription, once the streams exist (created here if our credentials allow it, else by the
+        operator). Waits, retrying every second, while the streams are missing or the bus cannot answer yet (a
+        cluster that just formed or lost its meta leader times out JetStream API requests): a worker started with
+        its bus must not die of that. ``None`` if stopped meanwhile."""
         waited = 0.0
         while not self._stopping.is_set():
             try:
                 await bus.ensure_streams(self.js)
-                return
             except Exception as exc:
                 if waited == 0.0:
                     log.warning("streams not there yet (created by `diffractflow up` or an admin); waiting",
                                 extra={"error": repr(exc)})
-                await asyncio.sleep(1.0)
-                waited += 1.0
+            else:
+                try:
+                    return await bus.work_subscription(self.js, self.stage.service, self.settings)
+                except bus.TRANSIENT_ERRORS as exc:
+                    log.warning("the bus did not answer the subscription yet; retrying", extra={"error": repr(exc)})
+            await asyncio.sleep(1.0)
+            waited += 1.0
+        return None
 
     def stop(self) -> None:
         self._stopping.set()

@@ -305,3 +305,43 @@ def test_replicas_can_be_set_by_the_deployment(nats_server, settings, monkeypatc
 
     info = asyncio.run(scenario())
     assert info.config.num_replicas == 2 and len(info.cluster.replicas or []) == 1
+
+
+def test_worker_started_without_a_quorum_waits_and_then_serves(nats_server, settings, workers, volume):
+    """A worker started while the cluster's JetStream cannot answer (two of three nodes down: no meta leader, so
+    API requests time out or are refused) waits for it instead of exiting, and serves once the nodes are back.
+    Seen in CI: an echo worker whose subscription request timed out on a cluster that had just formed exited."""
+    cluster = nats_server
+
+    async def make_streams():
+        nc = await bus.connect(settings)
+        try:
+            await bus.ensure_streams(nc.jetstream())
+        finally:
+            await nc.close()
+
+    asyncio.run(make_streams())  # as `up` does, before the workers start
+    down = cluster.nodes[1:]
+    for n in down:
+        n.kill()
+    worker = workers.start("echo")
+    deadline = time.monotonic() + 60
+    while "retrying" not in workers.log_text() and "waiting" not in workers.log_text():
+        assert worker.poll() is None, workers.log_text()[-3000:]
+        assert time.monotonic() < deadline, workers.log_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(3)  # several more tries, each refused or timed out
+    assert worker.poll() is None, workers.log_text()[-3000:]
+    assert "serving" not in workers.log_text()
+    for n in down:
+        cluster.restart_node(n.name)
+
+    from orchestration.tasks import submit_and_wait  # the flows' own submit (imports Prefect: only here)
+
+    async def one_job():
+        return await submit_and_wait("echo", _input(volume), {"message": "after quorum"}, run_id="quorum",
+                                     job_id="q-1", timeout=90, settings=settings)
+
+    result = asyncio.run(one_job())
+    assert result.status == "ok" and worker.poll() is None
+    assert "serving" in workers.log_text()
