@@ -272,6 +272,23 @@ def test_merged_map_round_trip_dense_and_streamed(tmp_path):
         np.testing.assert_array_equal(f["entry/map/intensity"][1], inten[1])
 
 
+@pytest.mark.parametrize("chunk_voxels", [merged_map.CHUNK_VOXELS, 7])
+def test_merged_map_chunks_are_h_planes_or_their_k_rows(tmp_path, monkeypatch, chunk_voxels):
+    """One chunk per h-plane when it fits; a plane larger than the chunk limit is split along k (whole l rows,
+    at least one per chunk), and the map reads back the same either way."""
+    monkeypatch.setattr(merged_map, "CHUNK_VOXELS", chunk_voxels)
+    g, inten, sig, counts = _map(tmp_path / "map.h5")
+    nk, nl = g.shape[1], g.shape[2]
+    want = (1, nk, nl) if nk * nl <= chunk_voxels else (1, max(1, chunk_voxels // nl), min(nl, chunk_voxels))
+    with merged_map.open_map(tmp_path / "map.h5") as f:
+        for name in ("intensity", "sigma", "counts"):
+            d = f[f"entry/map/{name}"]
+            assert d.chunks == want and d.compression == "gzip" and d.shuffle
+    m = merged_map.read_map(tmp_path / "map.h5")
+    np.testing.assert_array_equal(m["intensity"], inten)
+    np.testing.assert_array_equal(m["counts"], counts)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda p: _set_attr(p, "schema", "diffractflow.voxel_merger.observations"), "not a voxel-merger map"),
     (lambda p: _set_attr(p, "schema_version", np.int64(2)), "schema version '2' is not supported"),
