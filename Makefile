@@ -28,6 +28,7 @@ $(READY): pyproject.toml constraints.txt
 	@$(PY) -c "from stem_polar.core import native; s = native.status(); print('stem-polar native kernels:', s); assert s == 'loaded', s"
 	@$(PY) -c "from diff_sim_refiner.core import native; print('diff-sim-refiner native kernel:', native.build())"
 	$(PY) -m ipykernel install --sys-prefix --name diffractflow --display-name "Python (diffractflow)" >/dev/null
+	@$(PY) -m orchestration.embedded prefect-db-template | sed 's/^/Prefect database template: /'
 	@touch $(READY)
 
 test: setup

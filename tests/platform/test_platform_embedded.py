@@ -118,3 +118,56 @@ def test_prefect_server_runs_without_the_services_the_platform_does_not_use(tmp_
     monkeypatch.setenv("PREFECT_API_EVENTS_STREAM_OUT_ENABLED", "true")
     s = PrefectSettings()
     assert s.server.services.triggers.enabled is True and s.server.events.stream_out_enabled is True
+
+
+def test_prefect_server_starts_on_a_migrated_template(tmp_path, monkeypatch, processes_under):
+    """A new topology's Prefect server starts on a copy of a database migrated once per machine and Prefect
+    version (a fresh database costs ~6 s of migrations while the workers import DIALS); the copy is only made for
+    a home without a database, and a missing or unmigrated template leaves the server to migrate its own."""
+    import sqlite3
+    import urllib.request
+
+    from orchestration import embedded
+
+    monkeypatch.setenv("DIFFRACTFLOW_CACHE", str(tmp_path / "cache"))
+    template = embedded.prefect_db_template()
+    assert str(template).startswith(str(tmp_path / "cache"))
+    assert not embedded.seed_prefect_database(tmp_path / "a" / "prefect.db")  # no template yet: nothing made
+    assert not (tmp_path / "a" / "prefect.db").exists()
+    template.parent.mkdir(parents=True)
+    template.write_bytes(b"not a database")  # an unusable template is neither used nor kept as the template
+    assert not embedded.seed_prefect_database(tmp_path / "a" / "prefect.db")
+
+    assert embedded.build_prefect_db_template() == template
+    with sqlite3.connect(template) as c:  # Prefect's own migrations made it: its revision and its tables
+        assert len(c.execute("select version_num from alembic_version").fetchall()) == 1
+        tables = {r[0] for r in c.execute("select name from sqlite_master where type = 'table'")}
+    assert {"flow", "flow_run", "task_run", "log"} <= tables
+    mtime = template.stat().st_mtime_ns
+    assert embedded.build_prefect_db_template() == template and template.stat().st_mtime_ns == mtime  # kept
+
+    existing = tmp_path / "b" / "prefect.db"
+    existing.parent.mkdir()
+    existing.write_bytes(b"a user's database")
+    assert not embedded.seed_prefect_database(existing) and existing.read_bytes() == b"a user's database"
+
+    home = tmp_path / "df"
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    up = subprocess.run([BIN / "diffractflow", "up", "--home", home, "--service", "echo"], capture_output=True,
+                        text=True, env=env, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        events = [json.loads(x) for x in (home / "logs" / "supervisor.log").read_text().splitlines()]
+        seeded = [e for e in events if e["event"] == "prefect database from template"]
+        assert [e["template"] for e in seeded] == [str(template)]
+        api = json.loads((home / "state.json").read_text())["prefect"]["api_url"]
+        req = urllib.request.Request(api + "/flows/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:  # the server queries its database: none yet
+            assert r.status == 200 and json.loads(r.read()) == []
+    finally:
+        down = subprocess.run([BIN / "diffractflow", "down", "--home", home], capture_output=True, text=True,
+                              env=env, timeout=300)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert processes_under(home) == []
