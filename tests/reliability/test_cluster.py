@@ -333,8 +333,9 @@ def test_worker_started_without_a_quorum_waits_and_then_serves(nats_server, sett
     time.sleep(3)  # several more tries, each refused or timed out
     assert worker.poll() is None, workers.log_text()[-3000:]
     assert "serving" not in workers.log_text()
-    for n in down:
-        cluster.restart_node(n.name)
+    for n in down:  # both back at once, as after an outage (one at a time, the first may wait on the second)
+        n.launch()
+    cluster.wait_healthy(120, nodes=down)
 
     from orchestration.tasks import submit_and_wait  # the flows' own submit (imports Prefect: only here)
 
