@@ -557,6 +557,9 @@ def build_prefect_db_template(timeout: float = 300.0) -> Path | None:
     except BlockingIOError:  # another process is building it
         os.close(lock)
         return None
+    if target.exists() and _is_migrated(target):  # built by the holder of the lock before us
+        os.close(lock)
+        return target
     scratch = target.with_name(f".building-{os.getpid()}")
     scratch.mkdir(exist_ok=True)
     db = scratch / "prefect.db"
